@@ -1,0 +1,2 @@
+// libzstd (Debian: libzstd-dev), used for compressed checkpoint export.
+#include <zstd.h>

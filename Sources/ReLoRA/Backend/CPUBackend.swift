@@ -1,0 +1,380 @@
+import COpenBLAS
+import Foundation
+
+/// The CPU reference backend: fp32 everywhere, OpenBLAS sgemm for matrix products, plain loops for
+/// the rest (parallel over rows where that pays on a few cores). Readability first: this is the
+/// specification the CUDA kernels are checked against. Accumulations that span many terms
+/// (norms, losses) use Double.
+public final class CPUBackend: Backend {
+    public let name = "cpu"
+    public let ledger = MemoryLedger()
+
+    public init() {}
+
+    public func makeTensor(_ shape: [Int], tag: MemoryTag, zeroed: Bool) -> Tensor {
+        Tensor(shape: shape, tag: tag, ledger: ledger, zeroed: zeroed)
+    }
+
+    public func upload(_ values: [Float], to tensor: Tensor) { tensor.copy(from: values) }
+    public func download(_ tensor: Tensor) -> [Float] { tensor.toArray() }
+
+    public func copy(_ src: Tensor, to dst: Tensor) {
+        precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
+        dst.f32.update(from: src.f32, count: src.count)
+    }
+
+    public func zero(_ tensor: Tensor) { tensor.fill(0) }
+
+    // MARK: GEMM
+
+    public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float) {
+        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+        Self.sgemm(a.f32, b.f32, c.f32, m: m, n: n, k: k, lda: transA ? m : k, ldb: transB ? k : n, ldc: n,
+                   transA: transA, transB: transB, alpha: alpha, beta: beta)
+    }
+
+    /// Row-major sgemm on raw pointers with explicit leading dimensions (strided head views).
+    @inline(__always)
+    static func sgemm(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>,
+                      m: Int, n: Int, k: Int, lda: Int, ldb: Int, ldc: Int,
+                      transA: Bool, transB: Bool, alpha: Float, beta: Float) {
+        if m == 0 || n == 0 { return }
+        cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
+    // MARK: RMSNorm
+
+    public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
+        let xp = x.f32, wp = weight.f32, op = out.f32, rp = rstd.f32
+        parallelChunks(rows, minPerChunk: 16) { _, range in
+            for r in range {
+                let xr = xp + r * dim, orow = op + r * dim
+                var ss: Float = 0
+                for i in 0..<dim { ss += xr[i] * xr[i] }
+                let s = 1 / (ss / Float(dim) + eps).squareRoot()
+                rp[r] = s
+                for i in 0..<dim { orow[i] = xr[i] * s * wp[i] }
+            }
+        }
+    }
+
+    /// With g = w * dy and s = rstd: dx_i += s*g_i - s^3 * x_i * (sum_j g_j x_j) / dim; dw_i += dy_i x_i s.
+    public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
+                                dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
+        let dyp = dout.f32, xp = x.f32, wp = weight.f32, rp = rstd.f32, dxp = dx.f32
+        let chunks = parallelChunkCount(rows, minPerChunk: 16)
+        // Per-chunk partial dweight, summed in chunk order afterwards (deterministic).
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: chunks * dim)
+        partial.initialize(repeating: 0, count: chunks * dim)
+        defer { partial.deallocate() }
+        parallelChunks(rows, minPerChunk: 16) { chunk, range in
+            let dw = partial + chunk * dim
+            for r in range {
+                let dy = dyp + r * dim, xr = xp + r * dim, dxr = dxp + r * dim
+                let s = rp[r]
+                var dot: Float = 0
+                for i in 0..<dim { dot += wp[i] * dy[i] * xr[i] }
+                let c = s * s * s * dot / Float(dim)
+                for i in 0..<dim {
+                    dxr[i] += s * wp[i] * dy[i] - c * xr[i]
+                    dw[i] += dy[i] * xr[i] * s
+                }
+            }
+        }
+        let dwp = dweight.f32
+        for c in 0..<chunks { for i in 0..<dim { dwp[i] += partial[c * dim + i] } }
+    }
+
+    // MARK: RoPE
+
+    /// cos/sin tables `[seqLen, headDim/2]`, cached per (seqLen, headDim, theta).
+    private let ropeCacheLock = NSLock()
+    nonisolated(unsafe) private var ropeCache: [String: (cos: [Float], sin: [Float])] = [:]
+
+    func ropeTables(seqLen: Int, headDim: Int, theta: Float) -> (cos: [Float], sin: [Float]) {
+        let key = "\(seqLen)/\(headDim)/\(theta)"
+        ropeCacheLock.lock(); defer { ropeCacheLock.unlock() }
+        if let t = ropeCache[key] { return t }
+        let half = headDim / 2
+        var c = [Float](repeating: 0, count: seqLen * half), s = c
+        for p in 0..<seqLen {
+            for i in 0..<half {
+                // Hugging Face computes inv_freq = 1 / theta^(2i/d) in fp32; we compute the angle in
+                // Double and round once, which differs from it by < 1e-6 rad at the positions we use.
+                let invFreq = 1.0 / pow(Double(theta), Double(2 * i) / Double(headDim))
+                let angle = Double(p) * invFreq
+                c[p * half + i] = Float(cos(angle))
+                s[p * half + i] = Float(sin(angle))
+            }
+        }
+        ropeCache[key] = (c, s)
+        return (c, s)
+    }
+
+    public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
+        let (cosT, sinT) = ropeTables(seqLen: seqLen, headDim: headDim, theta: theta)
+        let half = headDim / 2, width = heads * headDim
+        let sign: Float = inverse ? -1 : 1
+        let xp = x.f32
+        cosT.withUnsafeBufferPointer { cp in
+            sinT.withUnsafeBufferPointer { sp in
+                let cb = cp.baseAddress!, sb = sp.baseAddress!
+                parallelChunks(batch * seqLen, minPerChunk: 8) { _, range in
+                    for n in range {
+                        let pos = n % seqLen
+                        let cr = cb + pos * half, sr = sb + pos * half
+                        for h in 0..<heads {
+                            let v = xp + n * width + h * headDim
+                            for i in 0..<half {
+                                let a = v[i], b = v[i + half], c = cr[i], s = sign * sr[i]
+                                v[i] = a * c - b * s
+                                v[i + half] = b * c + a * s
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // MARK: Attention
+
+    public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
+        let group = heads / kvHeads
+        let qs = heads * D, ks = kvHeads * D  // row strides
+        let scale = 1 / Float(D).squareRoot()
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
+        defer { scores.deallocate() }
+        let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32
+        for b in 0..<batch {
+            for h in 0..<heads {
+                let kvh = h / group
+                let qh = qp + b * T * qs + h * D
+                let kh = kp + b * T * ks + kvh * D
+                let vh = vp + b * T * ks + kvh * D
+                let oh = op + b * T * qs + h * D
+                // S = scale * Q K^T  [T, T]; only j <= i is used (causal).
+                Self.sgemm(qh, kh, scores, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                           transA: false, transB: true, alpha: scale, beta: 0)
+                let lrow = lp + (b * heads + h) * T
+                parallelChunks(T, minPerChunk: 32) { _, range in
+                    for i in range {
+                        let row = scores + i * T
+                        var mx = -Float.infinity
+                        for j in 0...i { mx = max(mx, row[j]) }
+                        var sum: Float = 0
+                        for j in 0...i { let e = expf(row[j] - mx); row[j] = e; sum += e }
+                        let inv = 1 / sum
+                        for j in 0...i { row[j] *= inv }
+                        for j in (i + 1)..<T { row[j] = 0 }
+                        lrow[i] = mx + logf(sum)
+                    }
+                }
+                // O = P V  [T, D]
+                Self.sgemm(scores, vh, oh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
+                           transA: false, transB: false, alpha: 1, beta: 0)
+            }
+        }
+    }
+
+    /// With P recomputed from the saved lse: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+    /// dQ = scale * dS K, dK = scale * dS^T Q. dK and dV sum over the query heads of a group.
+    public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  dq: Tensor, dk: Tensor, dv: Tensor,
+                                  batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
+        let group = heads / kvHeads
+        let qs = heads * D, ks = kvHeads * D
+        let scale = 1 / Float(D).squareRoot()
+        let probs = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
+        let dprobs = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
+        let rowDot = UnsafeMutablePointer<Float>.allocate(capacity: T)
+        defer { probs.deallocate(); dprobs.deallocate(); rowDot.deallocate() }
+        zero(dk); zero(dv)
+        let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32, dop = dout.f32
+        let dqp = dq.f32, dkp = dk.f32, dvp = dv.f32
+        for b in 0..<batch {
+            for h in 0..<heads {
+                let kvh = h / group
+                let qh = qp + b * T * qs + h * D, oh = op + b * T * qs + h * D, doh = dop + b * T * qs + h * D
+                let kh = kp + b * T * ks + kvh * D, vh = vp + b * T * ks + kvh * D
+                let dqh = dqp + b * T * qs + h * D
+                let dkh = dkp + b * T * ks + kvh * D, dvh = dvp + b * T * ks + kvh * D
+                let lrow = lp + (b * heads + h) * T
+                Self.sgemm(qh, kh, probs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                           transA: false, transB: true, alpha: scale, beta: 0)
+                // dP = dO V^T
+                Self.sgemm(doh, vh, dprobs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                           transA: false, transB: true, alpha: 1, beta: 0)
+                parallelChunks(T, minPerChunk: 32) { _, range in
+                    for i in range {
+                        var dot: Float = 0
+                        for d in 0..<D { dot += doh[i * qs + d] * oh[i * qs + d] }
+                        rowDot[i] = dot
+                        let p = probs + i * T, dp = dprobs + i * T
+                        let l = lrow[i]
+                        for j in 0...i {
+                            let pij = expf(p[j] - l)
+                            p[j] = pij
+                            dp[j] = pij * (dp[j] - dot)
+                        }
+                        for j in (i + 1)..<T { p[j] = 0; dp[j] = 0 }
+                    }
+                }
+                // dV += P^T dO   [T, D]
+                Self.sgemm(probs, doh, dvh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
+                           transA: true, transB: false, alpha: 1, beta: 1)
+                // dQ = scale * dS K   [T, D]
+                Self.sgemm(dprobs, kh, dqh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
+                           transA: false, transB: false, alpha: scale, beta: 0)
+                // dK += scale * dS^T Q   [T, D]
+                Self.sgemm(dprobs, qh, dkh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
+                           transA: true, transB: false, alpha: scale, beta: 1)
+            }
+        }
+    }
+
+    // MARK: SwiGLU
+
+    public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {
+        let g = gate.f32, u = up.f32, o = out.f32
+        parallelChunks(count, minPerChunk: 4096) { _, range in
+            for i in range {
+                let x = g[i]
+                o[i] = x / (1 + expf(-x)) * u[i]
+            }
+        }
+    }
+
+    /// silu(x) = x*sig(x); silu'(x) = sig(x) * (1 + x*(1 - sig(x))).
+    public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {
+        let dy = dout.f32, g = gate.f32, u = up.f32, dg = dgate.f32, du = dup.f32
+        parallelChunks(count, minPerChunk: 4096) { _, range in
+            for i in range {
+                let x = g[i]
+                let sig = 1 / (1 + expf(-x))
+                let silu = x * sig
+                du[i] = dy[i] * silu
+                dg[i] = dy[i] * u[i] * sig * (1 + x * (1 - sig))
+            }
+        }
+    }
+
+    // MARK: Embedding
+
+    public func embeddingForward(ids: [Int32], table: Tensor, out: Tensor, dim: Int) {
+        let tp = table.f32, op = out.f32
+        for (n, id) in ids.enumerated() {
+            (op + n * dim).update(from: tp + Int(id) * dim, count: dim)
+        }
+    }
+
+    public func embeddingBackward(ids: [Int32], dout: Tensor, dtable: Tensor, dim: Int) {
+        let dp = dout.f32, tp = dtable.f32
+        // Sequential over tokens so repeated ids accumulate in a fixed order; parallel over columns.
+        parallelChunks(dim, minPerChunk: 64) { _, cols in
+            for (n, id) in ids.enumerated() {
+                let src = dp + n * dim, dst = tp + Int(id) * dim
+                for c in cols { dst[c] += src[c] }
+            }
+        }
+    }
+
+    // MARK: Cross-entropy
+
+    public func crossEntropy(logits: Tensor, targets: [Int32], losses: Tensor, rows: Int, vocab: Int,
+                             gradScale: Float?) -> Double {
+        precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
+        let lp = logits.f32, lossp = losses.f32
+        let chunks = parallelChunkCount(rows, minPerChunk: 4)
+        var partial = [Double](repeating: 0, count: chunks)
+        targets.withUnsafeBufferPointer { tp in
+            partial.withUnsafeMutableBufferPointer { pp in
+                let tb = tp.baseAddress!, pb = pp.baseAddress!
+                parallelChunks(rows, minPerChunk: 4) { chunk, range in
+                    var acc = 0.0
+                    for r in range {
+                        let row = lp + r * vocab
+                        let target = Int(tb[r])
+                        if target < 0 {
+                            lossp[r] = 0
+                            if gradScale != nil { row.update(repeating: 0, count: vocab) }
+                            continue
+                        }
+                        var mx = -Float.infinity
+                        for j in 0..<vocab { mx = max(mx, row[j]) }
+                        var sum: Float = 0
+                        for j in 0..<vocab { sum += expf(row[j] - mx) }
+                        let loss = mx + logf(sum) - row[target]
+                        lossp[r] = loss
+                        acc += Double(loss)
+                        if let g = gradScale {
+                            let inv = g / sum
+                            for j in 0..<vocab { row[j] = expf(row[j] - mx) * inv }
+                            row[target] -= g
+                        }
+                    }
+                    pb[chunk] = acc
+                }
+            }
+        }
+        return partial.reduce(0, +)
+    }
+
+    // MARK: Elementwise
+
+    public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor) {
+        precondition(a.count == b.count)
+        let ap = a.f32, bp = b.f32
+        parallelChunks(a.count, minPerChunk: 1 << 15) { _, r in for i in r { ap[i] += alpha * bp[i] } }
+    }
+
+    public func add(_ a: Tensor, _ b: Tensor, _ out: Tensor) {
+        precondition(a.count == b.count && a.count == out.count)
+        let ap = a.f32, bp = b.f32, op = out.f32
+        parallelChunks(a.count, minPerChunk: 1 << 15) { _, r in for i in r { op[i] = ap[i] + bp[i] } }
+    }
+
+    public func scale(_ x: Tensor, by alpha: Float) {
+        let p = x.f32
+        parallelChunks(x.count, minPerChunk: 1 << 15) { _, r in for i in r { p[i] *= alpha } }
+    }
+
+    public func sumOfSquares(_ x: Tensor) -> Double {
+        let p = x.f32
+        var acc = 0.0
+        // Float partial sums over blocks of 256, Double across blocks: exact enough and vectorizes.
+        var i = 0
+        while i < x.count {
+            let end = min(x.count, i + 256)
+            var s: Float = 0
+            for j in i..<end { s += p[j] * p[j] }
+            acc += Double(s)
+            i = end
+        }
+        return acc
+    }
+
+    public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
+                      eps: Float, weightDecay: Float, step: Int) {
+        precondition(param.count == grad.count && m.count == param.count && v.count == param.count)
+        let p = param.f32, g = grad.f32, mp = m.f32, vp = v.f32
+        let bc1 = 1 - Float(pow(Double(beta1), Double(step)))
+        let bc2 = 1 - Float(pow(Double(beta2), Double(step)))
+        let stepSize = lr / bc1
+        let bc2Sqrt = bc2.squareRoot()
+        let decay = 1 - lr * weightDecay
+        parallelChunks(param.count, minPerChunk: 1 << 14) { _, r in
+            for i in r {
+                let gi = g[i]
+                let mi = beta1 * mp[i] + (1 - beta1) * gi
+                let vi = beta2 * vp[i] + (1 - beta2) * gi * gi
+                mp[i] = mi
+                vp[i] = vi
+                p[i] = p[i] * decay - stepSize * mi / (vi.squareRoot() / bc2Sqrt + eps)
+            }
+        }
+    }
+}
