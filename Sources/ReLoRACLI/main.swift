@@ -1,1 +1,100 @@
-print("relora")
+import Foundation
+import ReLoRA
+
+/// relora: ReLoRA pretraining. The CLI is thin: it parses arguments, calls the library and prints.
+
+let usage = """
+    relora: pretrain LLaMA-style models with ReLoRA (high-rank training through low-rank updates).
+
+    Usage: relora <command> [options]
+
+    Commands:
+      eval      Mean next-token loss and perplexity of a model on a token file
+      info      Print a model config's sizes and parameter count
+
+    Run `relora <command> --help` for a command's options.
+    """
+
+let evalUsage = """
+    Usage: relora eval --model DIR --data TOKENS.npy --seq-len N [--batch B] [--checkpointing none|block] [--json]
+
+    Splits the 1-D token array into consecutive windows of exactly N tokens (the remainder is dropped)
+    and reports the mean next-token cross-entropy over every predicted position of every window, its
+    perplexity and the number of predicted tokens. Equals Hugging Face's
+    LlamaForCausalLM(input_ids=window, labels=window).loss averaged over windows.
+
+      --model DIR       Hugging Face model directory (config.json + model.safetensors or a sharded index)
+      --data FILE       .npy file: 1-D little-endian uint16, uint32, int32 or int64 token ids
+      --seq-len N       window length in tokens (at most the model's max_position_embeddings)
+      --batch B         windows per forward pass (default 8)
+      --json            print {"loss": ..., "perplexity": ..., "tokens": ...} only
+    """
+
+let infoUsage = """
+    Usage: relora info CONFIG.json | MODEL_DIR
+
+    Prints the architecture and parameter count of a Hugging Face LLaMA config.
+    """
+
+func standardError(_ s: String) {
+    FileHandle.standardError.write((s + "\n").data(using: .utf8)!)
+}
+
+func runEval(_ args: [String]) throws {
+    if args.contains("--help") || args.contains("-h") { print(evalUsage); return }
+    let a = try Arguments(args, flagNames: ["json"])
+    try a.checkKnown(["model", "data", "seq-len", "batch", "json"])
+    let json = a.flag("json")
+    let model = try HFCheckpoint.load(directory: try a.required("model"), backend: CPUBackend(),
+                                      warn: { standardError("warning: \($0)") })
+    let tokens = try TokenArray(npyPath: try a.required("data"))
+    let seqLen = try a.int("seq-len")
+    let batch = try a.int("batch", default: 8)
+    let start = Date()
+    let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch) { done, total in
+        if !json { standardError("eval: \(done)/\(total) windows") }
+    }
+    if json {
+        let obj: [String: Any] = ["loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens]
+        let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+        print(String(decoding: data, as: UTF8.self))
+    } else {
+        print(String(format: "loss %.6f  perplexity %.4f  tokens %d  windows %d  (%.1f s)", result.loss,
+                     result.perplexity, result.tokens, result.windows, Date().timeIntervalSince(start)))
+    }
+}
+
+func runInfo(_ args: [String]) throws {
+    if args.isEmpty || args.contains("--help") { print(infoUsage); return }
+    var path = args[0]
+    var isDir: ObjCBool = false
+    if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
+        path = URL(fileURLWithPath: path).appendingPathComponent("config.json").path
+    }
+    let c = try LlamaConfig(contentsOf: path)
+    print("""
+        hidden \(c.hiddenSize)  intermediate \(c.intermediateSize)  layers \(c.numHiddenLayers)  \
+        heads \(c.numAttentionHeads) (kv \(c.numKeyValueHeads), head_dim \(c.headDim))  vocab \(c.vocabSize)
+        parameters \(c.parameterCount) (\(String(format: "%.1f", Double(c.parameterCount) / 1e6))M)\
+        \(c.tieWordEmbeddings ? ", tied embeddings" : "")
+        """)
+}
+
+let argv = Array(CommandLine.arguments.dropFirst())
+guard let command = argv.first, command != "--help", command != "-h", command != "help" else {
+    print(usage)
+    exit(argv.isEmpty ? 1 : 0)
+}
+do {
+    switch command {
+    case "eval": try runEval(Array(argv.dropFirst()))
+    case "info": try runInfo(Array(argv.dropFirst()))
+    default: throw ReLoRAError.usage("unknown command '\(command)'; run `relora --help`")
+    }
+} catch let error as ReLoRAError {
+    standardError("error: \(error)")
+    exit(2)
+} catch {
+    standardError("error: \(error)")
+    exit(1)
+}

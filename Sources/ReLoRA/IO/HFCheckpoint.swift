@@ -1,0 +1,100 @@
+import Foundation
+
+/// Hugging Face LLaMA checkpoints: a directory with `config.json` and either `model.safetensors` or
+/// a sharded `model.safetensors.index.json` (whose `weight_map` names each tensor's shard file).
+/// Tensor names are those of `LlamaForCausalLM` (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+public enum HFCheckpoint {
+    /// Reads the config and every weight into a new model on `backend`. F32, F16 and BF16 tensors are
+    /// converted to the backend's fp32. Missing tensors, wrong shapes and unreadable files are clear
+    /// errors; tensors the model does not use (e.g. old `rotary_emb.inv_freq` buffers) are reported
+    /// on `warn` and skipped.
+    public static func load(directory: String, backend: Backend,
+                            checkpointing: GradientCheckpointing = .none,
+                            warn: (String) -> Void = { _ in }) throws -> LlamaModel {
+        let dir = URL(fileURLWithPath: directory)
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDir), isDir.boolValue else {
+            throw ReLoRAError.invalidFile(path: directory, reason: "not a directory; pass a Hugging Face model directory with config.json and model.safetensors")
+        }
+        let configPath = dir.appendingPathComponent("config.json").path
+        guard FileManager.default.fileExists(atPath: configPath) else {
+            throw ReLoRAError.invalidFile(path: directory, reason: "no config.json in the model directory")
+        }
+        let configKeys = try readJSONObject(configPath)
+        for key in ["attention_bias", "mlp_bias"] {
+            if case .bool(true)? = configKeys.values[key] {
+                throw ReLoRAError.invalidFile(path: configPath, reason: "'\(key)': true is not supported (LLaMA has no biases)")
+            }
+        }
+        let config = try LlamaConfig(contentsOf: configPath)
+        let shards = try openShards(dir)
+
+        let model = LlamaModel(config: config, backend: backend, checkpointing: checkpointing)
+        var used = Set<String>()
+        for (name, tensor) in model.weights.named() {
+            guard let file = shards[name] else {
+                throw ReLoRAError.invalidFile(path: directory, reason: "tensor '\(name)' is missing from the checkpoint")
+            }
+            let info = file.info(name)!
+            if info.shape != tensor.shape {
+                throw ReLoRAError.invalidFile(
+                    path: file.path,
+                    reason: "tensor '\(name)' has shape \(info.shape) but config.json implies \(tensor.shape)")
+            }
+            backend.upload(try file.floats(name), to: tensor)
+            used.insert(name)
+        }
+        let unused = shards.keys.filter { !used.contains($0) }.sorted()
+        if config.tieWordEmbeddings, unused.contains("lm_head.weight") {
+            warn("lm_head.weight is ignored: tie_word_embeddings is true, so the head is the embedding")
+        }
+        let unknown = unused.filter { $0 != "lm_head.weight" && !$0.hasSuffix("rotary_emb.inv_freq") }
+        if !unknown.isEmpty {
+            warn("ignored \(unknown.count) tensor(s) a LLaMA model does not use: \(unknown.prefix(5).joined(separator: ", "))")
+        }
+        return model
+    }
+
+    /// Tensor name -> the opened file that holds it.
+    static func openShards(_ dir: URL) throws -> [String: SafetensorsFile] {
+        let single = dir.appendingPathComponent("model.safetensors").path
+        let indexPath = dir.appendingPathComponent("model.safetensors.index.json").path
+        var byName: [String: SafetensorsFile] = [:]
+        if FileManager.default.fileExists(atPath: single) {
+            let file = try SafetensorsFile(path: single)
+            for name in file.tensorNames { byName[name] = file }
+            return byName
+        }
+        guard FileManager.default.fileExists(atPath: indexPath) else {
+            throw ReLoRAError.invalidFile(path: dir.path, reason: "no model.safetensors or model.safetensors.index.json in the model directory")
+        }
+        let index = try readJSONObject(indexPath)
+        guard case .object(let weightMap)? = index.values["weight_map"] else {
+            throw ReLoRAError.invalidFile(path: indexPath, reason: "no 'weight_map' object in the shard index")
+        }
+        var files: [String: SafetensorsFile] = [:]
+        for (name, value) in weightMap {
+            guard case .string(let shard) = value, !shard.isEmpty, !shard.contains("/"), shard != "..", shard != "." else {
+                throw ReLoRAError.invalidFile(path: indexPath, reason: "weight_map entry for '\(name)' must be a file name in the same directory")
+            }
+            if files[shard] == nil { files[shard] = try SafetensorsFile(path: dir.appendingPathComponent(shard).path) }
+            guard files[shard]!.info(name) != nil else {
+                throw ReLoRAError.invalidFile(path: dir.appendingPathComponent(shard).path,
+                                              reason: "the shard index places '\(name)' in this file, but it is not there")
+            }
+            byName[name] = files[shard]
+        }
+        return byName
+    }
+
+    static func readJSONObject(_ path: String) throws -> JSONKeys {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot read the file")
+        }
+        do {
+            return try JSONKeys(data: data, what: "the file")
+        } catch ReLoRAError.invalidConfig(let message) {
+            throw ReLoRAError.invalidFile(path: path, reason: message)
+        }
+    }
+}
