@@ -45,11 +45,12 @@ func runEval(_ args: [String]) throws {
     let a = try Arguments(args, flagNames: ["json"])
     try a.checkKnown(["model", "data", "seq-len", "batch", "json"])
     let json = a.flag("json")
-    let model = try HFCheckpoint.load(directory: try a.required("model"), backend: CPUBackend(),
-                                      warn: { standardError("warning: \($0)") })
-    let tokens = try TokenArray(npyPath: try a.required("data"))
     let seqLen = try a.int("seq-len")
     let batch = try a.int("batch", default: 8)
+    let modelDir = try a.required("model"), dataPath = try a.required("data")
+    let model = try HFCheckpoint.load(directory: modelDir, backend: CPUBackend(),
+                                      warn: { standardError("warning: \($0)") })
+    let tokens = try TokenArray(npyPath: dataPath)
     let start = Date()
     let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch) { done, total in
         if !json { standardError("eval: \(done)/\(total) windows") }
