@@ -1,1 +1,132 @@
-print("bench")
+import COpenBLAS
+import Foundation
+import ReLoRA
+
+// relora-bench: CPU throughput of the LLaMA forward+backward, reported as a fraction of the OpenBLAS
+// sgemm rate measured in the same run (these machines are noisy; only same-run ratios mean much).
+//
+//   swift run -c release relora-bench [--config Configs/models/llama_20m.json] [--seq-len 256]
+//       [--batch 4] [--steps 5] [--checkpointing none|block] [--json OUT.json]
+
+struct Options {
+    var config = "Configs/models/llama_20m.json"
+    var seqLen = 256
+    var batch = 4
+    var steps = 5
+    var checkpointing = GradientCheckpointing.none
+    var json: String?
+}
+
+func parseOptions() -> Options {
+    var o = Options()
+    var args = Array(CommandLine.arguments.dropFirst())
+    func fail(_ m: String) -> Never {
+        FileHandle.standardError.write(Data("error: \(m)\n".utf8)); exit(2)
+    }
+    func positiveInt(_ s: String, _ key: String) -> Int {
+        guard let v = Int(s), v > 0 else { fail("\(key) must be a positive integer, got '\(s)'") }
+        return v
+    }
+    while !args.isEmpty {
+        let key = args.removeFirst()
+        if key == "--help" || key == "-h" {
+            print("usage: relora-bench [--config FILE] [--seq-len N] [--batch B] [--steps S] [--checkpointing none|block] [--json OUT]")
+            exit(0)
+        }
+        guard let value = args.first else { fail("\(key) needs a value") }
+        args.removeFirst()
+        switch key {
+        case "--config": o.config = value
+        case "--seq-len": o.seqLen = positiveInt(value, key)
+        case "--batch": o.batch = positiveInt(value, key)
+        case "--steps": o.steps = positiveInt(value, key)
+        case "--checkpointing":
+            guard let c = GradientCheckpointing(rawValue: value) else { fail("--checkpointing is none or block") }
+            o.checkpointing = c
+        case "--json": o.json = value
+        default: fail("unknown option \(key)")
+        }
+    }
+    return o
+}
+
+func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+/// Best GFLOP/s of OpenBLAS sgemm over a few repetitions of an m x n x k product.
+func sgemmGFLOPs(m: Int, n: Int, k: Int, transB: Bool = false, reps: Int = 5) -> Double {
+    let a = [Float](repeating: 0.5, count: m * k), b = [Float](repeating: 0.25, count: k * n)
+    var c = [Float](repeating: 0, count: m * n)
+    var best = 0.0
+    for _ in 0..<reps {
+        let t0 = now()
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, transB ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(k),
+                    1, a, Int32(k), b, Int32(transB ? k : n), 0, &c, Int32(n))
+        best = max(best, 2.0 * Double(m * n * k) / (now() - t0) / 1e9)
+    }
+    return best
+}
+
+let o = parseOptions()
+do {
+    let config = try LlamaConfig(contentsOf: o.config)
+    let tokens = o.batch * o.seqLen
+    // Model FLOPs of one training step (forward + backward, the PaLM/MFU convention): 6 per token per
+    // weight of every matmul (the 7 block linears and the LM head) plus 12 * layers * seqLen * (H*D)
+    // per token for the attention score and value products. Recomputation is not counted.
+    let linearParams = config.numHiddenLayers * (2 * config.hiddenSize * config.queryWidth
+        + 2 * config.hiddenSize * config.keyValueWidth + 3 * config.hiddenSize * config.intermediateSize)
+        + config.vocabSize * config.hiddenSize
+    let flopsPerToken = 6.0 * Double(linearParams)
+        + 12.0 * Double(config.numHiddenLayers * o.seqLen * config.queryWidth)
+    let stepFlops = flopsPerToken * Double(tokens)
+
+    // Same-run baseline: OpenBLAS sgemm on the model's own largest GEMM (the LM head, N x V x C) and on
+    // a square 2048^3 product; the better of the two is the peak we compare against.
+    let peakSquare = sgemmGFLOPs(m: 2048, n: 2048, k: 2048)
+    let peakHead = sgemmGFLOPs(m: tokens, n: config.vocabSize, k: config.hiddenSize, transB: true, reps: 3)
+    let peak = max(peakSquare, peakHead)
+
+    let backend = CPUBackend()
+    let model = LlamaModel(config: config, backend: backend, checkpointing: o.checkpointing)
+    model.weights.initializeRandom(seed: 1, backend: backend)
+    model.enableGradients()
+    var rng = SystemRandomNumberGenerator()
+    let inputs = (0..<tokens).map { _ in Int32.random(in: 0..<Int32(config.vocabSize), using: &rng) }
+    let targets = (0..<tokens).map { _ in Int32.random(in: 0..<Int32(config.vocabSize), using: &rng) }
+    // Warm-up step: allocates the workspace and faults in pages.
+    try model.forwardBackward(inputs: inputs, targets: targets, batch: o.batch, seqLen: o.seqLen, gradScale: 1 / Float(tokens))
+    var times: [Double] = []
+    var fwdTimes: [Double] = []
+    for _ in 0..<o.steps {
+        let t0 = now()
+        _ = try model.loss(inputs: inputs, targets: targets, batch: o.batch, seqLen: o.seqLen)
+        fwdTimes.append(now() - t0)
+        let t1 = now()
+        try model.forwardBackward(inputs: inputs, targets: targets, batch: o.batch, seqLen: o.seqLen, gradScale: 1 / Float(tokens))
+        times.append(now() - t1)
+    }
+    let median = times.sorted()[times.count / 2]
+    let fwdMedian = fwdTimes.sorted()[fwdTimes.count / 2]
+    let achieved = stepFlops / median / 1e9
+    let mem = backend.ledger.report()
+    print(String(format: "config %@  %d x %d tokens  checkpointing %@  threads %d", o.config, o.batch, o.seqLen,
+                 o.checkpointing.rawValue, cpuThreadCount))
+    print(String(format: "sgemm peak (same run): %.1f GFLOP/s (2048^3: %.1f, LM-head shape: %.1f)", peak, peakSquare, peakHead))
+    print(String(format: "forward+backward: %.3f s/step (median of %d), %.0f tokens/s, %.1f GFLOP/s model = %.1f%% of sgemm peak",
+                 median, o.steps, Double(tokens) / median, achieved, 100 * achieved / peak))
+    print(String(format: "forward only: %.3f s (%.0f%% of the step)", fwdMedian, 100 * fwdMedian / median))
+    print("memory:\n" + mem.formatted())
+    if let path = o.json {
+        let obj: [String: Any] = [
+            "config": o.config, "batch": o.batch, "seq_len": o.seqLen, "checkpointing": o.checkpointing.rawValue,
+            "threads": cpuThreadCount, "step_seconds": median, "tokens_per_second": Double(tokens) / median,
+            "model_gflops": achieved, "sgemm_peak_gflops": peak, "fraction_of_sgemm_peak": achieved / peak,
+            "forward_seconds": fwdMedian, "peak_bytes": mem.peakTotal,
+        ]
+        try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
+            .write(to: URL(fileURLWithPath: path))
+    }
+} catch {
+    FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+    exit(2)
+}

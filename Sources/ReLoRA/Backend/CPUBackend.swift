@@ -305,16 +305,20 @@ public final class CPUBackend: Backend {
                         }
                         var mx = -Float.infinity
                         for j in 0..<vocab { mx = max(mx, row[j]) }
+                        let targetLogit = row[target]
                         var sum: Float = 0
-                        for j in 0..<vocab { sum += expf(row[j] - mx) }
-                        let loss = mx + logf(sum) - row[target]
+                        if let g = gradScale {
+                            // One exp per logit: keep exp(x - max) in place, then scale it into softmax.
+                            for j in 0..<vocab { let e = expf(row[j] - mx); row[j] = e; sum += e }
+                            let inv = g / sum
+                            for j in 0..<vocab { row[j] *= inv }
+                            row[target] -= g
+                        } else {
+                            for j in 0..<vocab { sum += expf(row[j] - mx) }
+                        }
+                        let loss = mx + logf(sum) - targetLogit
                         lossp[r] = loss
                         acc += Double(loss)
-                        if let g = gradScale {
-                            let inv = g / sum
-                            for j in 0..<vocab { row[j] = expf(row[j] - mx) * inv }
-                            row[target] -= g
-                        }
                     }
                     pb[chunk] = acc
                 }
