@@ -1,3 +1,4 @@
+import Foundation
 import ReLoRA
 
 /// A tiny `--key value` / `--flag` parser: no package dependencies, errors are `ReLoRAError.usage`.
@@ -55,4 +56,9 @@ struct Arguments {
             throw ReLoRAError.usage("unknown option --\(key); see --help")
         }
     }
+}
+
+/// Writes a line to stdout unbuffered (progress must show up even when stdout is a pipe).
+func printLine(_ s: String) {
+    FileHandle.standardOutput.write(Data((s + "\n").utf8))
 }

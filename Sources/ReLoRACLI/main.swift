@@ -9,6 +9,8 @@ let usage = """
     Usage: relora <command> [options]
 
     Commands:
+      train     Train a model from a recipe (or --resume a run)
+      export    Export a checkpoint as a Hugging Face model directory
       eval      Mean next-token loss and perplexity of a model on a token file
       info      Print a model config's sizes and parameter count
 
@@ -88,6 +90,8 @@ guard let command = argv.first, command != "--help", command != "-h", command !=
 }
 do {
     switch command {
+    case "train": try runTrain(Array(argv.dropFirst()))
+    case "export": try runExport(Array(argv.dropFirst()))
     case "eval": try runEval(Array(argv.dropFirst()))
     case "info": try runInfo(Array(argv.dropFirst()))
     default: throw ReLoRAError.usage("unknown command '\(command)'; run `relora --help`")

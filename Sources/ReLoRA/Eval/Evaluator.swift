@@ -16,15 +16,16 @@ public enum Evaluator {
     /// i.e. `LlamaForCausalLM(input_ids=window, labels=window).loss` averaged over windows (all windows
     /// have `seqLen - 1` predictions, so the mean of window means equals the mean over tokens).
     /// `progress(windowsDone, windowsTotal)` is called after each batch.
+    /// `maxWindows` limits the evaluation to the first windows (periodic evaluation during training).
     public static func evaluate(model: LlamaModel, tokens: TokenArray, seqLen: Int, batch: Int,
-                                progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
+                                maxWindows: Int? = nil, progress: ((Int, Int) -> Void)? = nil) throws -> EvalResult {
         guard seqLen >= 2 else { throw ReLoRAError.usage("--seq-len must be at least 2 to predict anything, got \(seqLen)") }
         guard batch >= 1 else { throw ReLoRAError.usage("--batch must be at least 1, got \(batch)") }
         guard seqLen <= model.config.maxPositionEmbeddings else {
             throw ReLoRAError.invalidData(
                 "sequence length \(seqLen) exceeds the model's max_position_embeddings \(model.config.maxPositionEmbeddings); use a shorter --seq-len")
         }
-        let windows = tokens.count / seqLen
+        let windows = min(tokens.count / seqLen, maxWindows ?? Int.max)
         guard windows > 0 else {
             throw ReLoRAError.invalidData("\(tokens.path) has \(tokens.count) tokens, fewer than one window of \(seqLen)")
         }

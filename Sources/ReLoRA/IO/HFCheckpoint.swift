@@ -87,6 +87,43 @@ public enum HFCheckpoint {
         return byName
     }
 
+    /// Writes a Hugging Face directory (`config.json`, `model.safetensors` with HF tensor names and,
+    /// if given, `tokenizer.json`) that `LlamaForCausalLM.from_pretrained` and
+    /// `AutoTokenizer.from_pretrained` load. `bfloat16` halves the size; `float32` is exact.
+    /// Written into a temporary directory and renamed into place; an existing `out` is replaced only
+    /// after the new export is complete.
+    public static func save(model: LlamaModel, to out: String, bfloat16: Bool = false, tokenizerJSON: Data? = nil) throws {
+        let fm = FileManager.default
+        let temp = out + ".tmp-\(getpid())"
+        try? fm.removeItem(atPath: temp)
+        try TrainingCheckpoint.createDirectory(temp)
+        do {
+            var config = model.config.jsonObject()
+            config["torch_dtype"] = bfloat16 ? "bfloat16" : "float32"
+            config["bos_token_id"] = NSNull()
+            config["eos_token_id"] = NSNull()
+            try TrainingCheckpoint.writeJSON(config, to: temp + "/config.json")
+            let entries: [SafetensorsEntry] = model.weights.named().map { name, t in
+                let values = model.backend.download(t)
+                return bfloat16 ? .bf16(name, shape: t.shape, values) : .f32(name, shape: t.shape, values)
+            }
+            try SafetensorsWriter.write(entries, metadata: ["format": "pt"], to: temp + "/model.safetensors")
+            if let tok = tokenizerJSON { try TrainingCheckpoint.writeData(tok, to: temp + "/tokenizer.json") }
+            if fm.fileExists(atPath: out) {
+                let old = out + ".old-\(getpid())"
+                try fm.moveItem(atPath: out, toPath: old)
+                try fm.moveItem(atPath: temp, toPath: out)
+                try? fm.removeItem(atPath: old)
+            } else {
+                try fm.moveItem(atPath: temp, toPath: out)
+            }
+        } catch {
+            try? fm.removeItem(atPath: temp)
+            if let e = error as? ReLoRAError { throw e }
+            throw ReLoRAError.invalidFile(path: out, reason: "export failed (\(error.localizedDescription))")
+        }
+    }
+
     static func readJSONObject(_ path: String) throws -> JSONKeys {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ReLoRAError.invalidFile(path: path, reason: "cannot read the file")

@@ -52,7 +52,7 @@ public enum TokenDType: String, Sendable, CaseIterable {
 
 /// A 1-D .npy array of token ids, memory-mapped read-only and validated in `init` (format, dtype, shape,
 /// and a data length that matches the shape exactly). Reads go straight to the map.
-public final class TokenArray: @unchecked Sendable {  // immutable after init; the map is read-only
+public final class TokenArray: Sendable {  // all lets; the map's own Sendable claim is the one unchecked
     public let path: String
     public let dtype: TokenDType
     public let count: Int
@@ -72,8 +72,11 @@ public final class TokenArray: @unchecked Sendable {  // immutable after init; t
         func invalid(_ reason: String) -> ReLoRAError { .invalidFile(path: path, reason: reason) }
 
         let magic: [UInt8] = [0x93] + Array("NUMPY".utf8)
-        guard bytes.count >= 8, bytes.prefix(6).elementsEqual(magic) else {
+        guard bytes.count >= 6, bytes.prefix(6).elementsEqual(magic) else {
             throw invalid("bad magic: the file does not start with \"\\x93NUMPY\", so it is not a .npy file")
+        }
+        guard bytes.count >= 8 else {
+            throw invalid("truncated header: the file ends inside the version field")
         }
         let major = bytes[6], minor = bytes[7]
         let lengthFieldSize: Int

@@ -63,7 +63,7 @@ public struct SafetensorsTensorInfo: Sendable, Equatable {
 ///
 /// Gaps between tensors and trailing bytes after the last one are tolerated (the reference reader is
 /// stricter); they cannot make a read go out of bounds.
-public final class SafetensorsFile: @unchecked Sendable {  // immutable after init; the map is read-only
+public final class SafetensorsFile: Sendable {  // all lets; the map's own Sendable claim is the one unchecked
     public let path: String
     public let metadata: [String: String]
     private let mapping: MemoryMappedFile
@@ -181,7 +181,8 @@ public final class SafetensorsFile: @unchecked Sendable {  // immutable after in
     }
 
     /// The tensor's raw little-endian bytes, without a copy: for quantized codes and other payloads that
-    /// should not be widened. The buffer is valid only inside `body`.
+    /// should not be widened. The buffer is valid only inside `body`, and is not necessarily aligned to the
+    /// element size (tensors are packed in the writer's order), so read it with `loadUnaligned`.
     public func withRawBytes<R>(_ name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         let info = try tensorInfo(name)
         return try body(UnsafeRawBufferPointer(rebasing: mapping.bytes[info.byteOffset ..< info.byteOffset + info.byteCount]))
@@ -205,7 +206,7 @@ public final class SafetensorsFile: @unchecked Sendable {  // immutable after in
         }
         let json: Any
         do {
-            json = try JSONSerialization.jsonObject(with: Data(headerBytes), options: [])
+            json = try JSONSerialization.jsonObject(with: Data(headerBytes), options: [.fragmentsAllowed])
         } catch {
             throw invalid("the header is not valid JSON; the file is corrupt or not a safetensors file")
         }
@@ -488,15 +489,15 @@ final class MemoryMappedFile: @unchecked Sendable {  // read-only after init
         self.path = path
         let descriptor = open(path, O_RDONLY | O_CLOEXEC)
         guard descriptor >= 0 else {
-            throw ReLoRAError.invalidFile(path: path, reason: "cannot open the file (\(AtomicFileWriter.systemError(errno)))")
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot open the file (\(systemErrorText(errno)))")
         }
         defer { close(descriptor) }
         var status = stat()
         guard fstat(descriptor, &status) == 0 else {
-            throw ReLoRAError.invalidFile(path: path, reason: "cannot read the file's size (\(AtomicFileWriter.systemError(errno)))")
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot read the file's size (\(systemErrorText(errno)))")
         }
         guard (status.st_mode & S_IFMT) == S_IFREG else {
-            throw ReLoRAError.invalidFile(path: path, reason: "is not a regular file (a directory or device?); give the path of a file")
+            throw ReLoRAError.invalidFile(path: path, reason: "the path is not a regular file (a directory or device?); give the path of a file")
         }
         let size = Int(status.st_size)
         guard size > 0 else {
@@ -505,7 +506,7 @@ final class MemoryMappedFile: @unchecked Sendable {  // read-only after init
         }
         let address = mmap(nil, size, PROT_READ, MAP_PRIVATE, descriptor, 0)
         guard let address, address != UnsafeMutableRawPointer(bitPattern: -1) else {
-            throw ReLoRAError.invalidFile(path: path, reason: "cannot memory-map the file's \(size) bytes (\(AtomicFileWriter.systemError(errno)))")
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot memory-map the file's \(size) bytes (\(systemErrorText(errno)))")
         }
         bytes = UnsafeRawBufferPointer(start: address, count: size)
     }
@@ -534,7 +535,7 @@ enum AtomicFileWriter {
                 let written = Glibc.write(descriptor, cursor, remaining)
                 if written < 0 {
                     if errno == EINTR { continue }
-                    throw fail("writing the temporary file failed (\(AtomicFileWriter.systemError(errno)))")
+                    throw fail("writing the temporary file failed (\(systemErrorText(errno)))")
                 }
                 cursor += written
                 remaining -= written
@@ -542,26 +543,22 @@ enum AtomicFileWriter {
         }
     }
 
-    /// The C library's text for an errno value, e.g. "No such file or directory".
-    static func systemError(_ code: Int32) -> String {
-        String(cString: strerror(code))
-    }
-
     static func write(to path: String, _ produce: (Sink) throws -> Void) throws {
+        // After the temporary file exists, every failure leaves the destination as it was; say so.
         let fail = { (what: String) in
-            ReLoRAError.invalidFile(path: path, reason: "cannot write: \(what); any previous file at this path is unchanged")
+            ReLoRAError.invalidFile(path: path, reason: "cannot write: \(what); the previous file at this path, if any, is unchanged")
         }
         let slash = path.lastIndex(of: "/")
         let fileName = slash.map { String(path[path.index(after: $0)...]) } ?? path
         guard !fileName.isEmpty, fileName != ".", fileName != ".." else {
-            throw fail("the path does not name a file")
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot write: the path names a directory, not a file")
         }
         let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
         let temporaryPath = (directory == "/" ? "" : directory) + "/.\(fileName).tmp-\(getpid())-\(UInt32.random(in: 0 ... .max))"
 
         let descriptor = open(temporaryPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard descriptor >= 0 else {
-            throw fail("cannot create a temporary file in directory '\(directory)' (\(AtomicFileWriter.systemError(errno))); check that it exists and is writable")
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot write: creating a temporary file in '\(directory)' failed (\(systemErrorText(errno))); check that the directory exists and is writable")
         }
         var descriptorOpen = true
         var renamed = false
@@ -572,14 +569,14 @@ enum AtomicFileWriter {
 
         try produce(Sink(descriptor: descriptor, fail: fail))
         guard fsync(descriptor) == 0 else {
-            throw fail("flushing the temporary file to disk failed (\(AtomicFileWriter.systemError(errno)))")
+            throw fail("flushing the temporary file to disk failed (\(systemErrorText(errno)))")
         }
         descriptorOpen = false
         guard close(descriptor) == 0 else {
-            throw fail("closing the temporary file failed (\(AtomicFileWriter.systemError(errno)))")
+            throw fail("closing the temporary file failed (\(systemErrorText(errno)))")
         }
         guard rename(temporaryPath, path) == 0 else {
-            throw fail("moving the temporary file over the destination failed (\(AtomicFileWriter.systemError(errno)))")
+            throw fail("moving the temporary file over the destination failed (\(systemErrorText(errno)))")
         }
         renamed = true
 
@@ -589,9 +586,13 @@ enum AtomicFileWriter {
         if directoryDescriptor >= 0 {
             defer { close(directoryDescriptor) }
             if fsync(directoryDescriptor) != 0, errno == EIO {
-                throw ReLoRAError.invalidFile(path: path, reason: "the file was written but syncing its directory failed (\(AtomicFileWriter.systemError(EIO))); check the disk")
+                throw ReLoRAError.invalidFile(path: path, reason: "the file was written but syncing its directory failed (\(systemErrorText(EIO))); check the disk")
             }
         }
     }
 }
 
+/// The C library's text for an errno value, e.g. "No such file or directory".
+private func systemErrorText(_ code: Int32) -> String {
+    String(cString: strerror(code))
+}

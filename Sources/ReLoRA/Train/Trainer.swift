@@ -1,0 +1,242 @@
+import Foundation
+
+/// One line of training progress (also a line of `metrics.jsonl`).
+public struct StepMetrics: Sendable {
+    public var step: Int
+    public var loss: Double
+    public var lr: Double
+    public var gradNorm: Double
+    public var tokensPerSecond: Double
+    public var milliseconds: Double
+    public var memoryBytes: Int
+    public var skipped: Bool
+}
+
+public struct TrainingSummary: Sendable {
+    public var steps: Int
+    public var skippedSteps: Int
+    public var lastLoss: Double
+    public var lastValLoss: Double?
+    public var checkpoint: String?
+    public var stoppedEarly: Bool
+}
+
+/// Full-rank training: the recipe's loop of micro-batches, gradient clipping, AdamW, warmup + cosine
+/// schedule, periodic evaluation and checkpoints. Deterministic: with the same recipe and backend, a run
+/// resumed from a checkpoint produces bit-identical losses to an uninterrupted one.
+public final class Trainer {
+    public let recipe: Recipe
+    public let model: LlamaModel
+    public let optimizer: AdamW
+    public private(set) var state: TrainingState
+    let sampler: WindowSampler
+    let valTokens: TokenArray?
+    let schedule: LRSchedule
+    let log: (String) -> Void
+    /// Checked between steps; when it returns true the trainer saves a checkpoint and stops.
+    public var shouldStop: () -> Bool = { false }
+
+    /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
+    /// the latest checkpoint of `recipe.runDir`.
+    public init(recipe: Recipe, resume: Bool, backend: Backend = CPUBackend(), log: @escaping (String) -> Void) throws {
+        self.recipe = recipe
+        self.log = log
+        let config = try LlamaConfig(contentsOf: recipe.model)
+        guard recipe.seqLen <= config.maxPositionEmbeddings else {
+            throw ReLoRAError.invalidConfig("seq_len \(recipe.seqLen) exceeds the model's max_position_embeddings \(config.maxPositionEmbeddings)")
+        }
+        let train = try TokenArray(npyPath: recipe.trainData)
+        try Self.checkVocabulary(train, config)
+        sampler = try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed)
+        if let v = recipe.valData {
+            let val = try TokenArray(npyPath: v)
+            try Self.checkVocabulary(val, config)
+            guard val.count >= recipe.seqLen else {
+                throw ReLoRAError.invalidData("\(v) has \(val.count) tokens, fewer than one evaluation window of seq_len \(recipe.seqLen)")
+            }
+            valTokens = val
+        } else {
+            valTokens = nil
+        }
+        schedule = LRSchedule(totalSteps: recipe.steps, warmupSteps: recipe.warmupSteps, minRatio: recipe.minLRRatio)
+
+        model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing)
+        model.enableGradients()
+        optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
+                          eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
+        let latest = try TrainingCheckpoint.latest(runDir: recipe.runDir)
+        if resume {
+            guard let path = latest else {
+                throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
+            }
+            state = try TrainingCheckpoint.load(path, into: model, optimizer: optimizer)
+            guard state.seed == recipe.seed else {
+                throw ReLoRAError.invalidData("the checkpoint was made with seed \(state.seed) but the recipe says \(recipe.seed)")
+            }
+            log("resumed from \(path) at step \(state.step)")
+            try truncateMetrics(after: state.step)
+        } else {
+            if latest != nil {
+                throw ReLoRAError.invalidData(
+                    "\(recipe.runDir) already holds checkpoints; continue it with `relora train --resume \(recipe.runDir)` or choose another run_dir")
+            }
+            model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)
+            state = TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: recipe.seed)
+            try TrainingCheckpoint.createDirectory(recipe.runDir)
+            try TrainingCheckpoint.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
+            try? FileManager.default.removeItem(atPath: metricsPath)
+            if let tok = recipe.tokenizer {
+                guard let data = FileManager.default.contents(atPath: tok) else {
+                    throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
+                }
+                try TrainingCheckpoint.writeData(data, to: recipe.runDir + "/tokenizer.json")
+            }
+        }
+    }
+
+    var metricsPath: String { recipe.runDir + "/metrics.jsonl" }
+
+    static func checkVocabulary(_ tokens: TokenArray, _ config: LlamaConfig) throws {
+        guard tokens.count > 0 else { throw ReLoRAError.invalidData("\(tokens.path) holds no tokens") }
+        let lo = tokens.minValue(), hi = tokens.maxValue()
+        if lo < 0 || hi >= Int64(config.vocabSize) {
+            throw ReLoRAError.invalidData(
+                "\(tokens.path) holds token ids in [\(lo), \(hi)] but the model's vocabulary is [0, \(config.vocabSize)); tokenize with the matching tokenizer or fix vocab_size")
+        }
+    }
+
+    /// Runs until `recipe.steps` (or a stop request). Returns a summary.
+    public func run() throws -> TrainingSummary {
+        let r = recipe
+        log("model \(r.model): \(model.config.parameterCount) parameters; \(r.tokensPerStep) tokens/step "
+            + "(\(r.microBatch) x \(r.seqLen) x \(r.gradAccum)); steps \(state.step)..<\(r.steps)")
+        var lastLoss = Double.nan, lastVal: Double? = nil, lastCheckpoint: String? = nil
+        var stoppedEarly = false
+        while state.step < r.steps {
+            let metrics = try trainStep()
+            lastLoss = metrics.loss
+            if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
+                log(format(metrics))
+            }
+            try appendMetrics(metricsJSON(metrics))
+            if metrics.skipped {
+                let allowed = max(2.0, r.maxSkippedFraction * Double(state.step))
+                if Double(state.skippedSteps) > allowed {
+                    lastCheckpoint = try saveCheckpoint()
+                    throw ReLoRAError.invalidData(
+                        "\(state.skippedSteps) of \(state.step) steps had a non-finite loss or gradient (allowed: \(Int(allowed))); lower lr or check the data. Last good state saved at \(lastCheckpoint!)")
+                }
+            }
+            if state.step % r.evalEvery == 0 || state.step == r.steps, valTokens != nil {
+                lastVal = try evaluate()
+            }
+            if state.step % r.checkpointEvery == 0 || state.step == r.steps {
+                lastCheckpoint = try saveCheckpoint()
+            }
+            if shouldStop() && state.step < r.steps {
+                if lastCheckpoint?.hasSuffix(TrainingCheckpoint.name(step: state.step)) != true {
+                    lastCheckpoint = try saveCheckpoint()
+                }
+                log("stopped at step \(state.step); continue with `relora train --resume \(r.runDir)`")
+                stoppedEarly = true
+                break
+            }
+        }
+        return TrainingSummary(steps: state.step, skippedSteps: state.skippedSteps, lastLoss: lastLoss,
+                               lastValLoss: lastVal, checkpoint: lastCheckpoint, stoppedEarly: stoppedEarly)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    func trainStep() throws -> StepMetrics {
+        let r = recipe
+        let start = DispatchTime.now().uptimeNanoseconds
+        model.zeroGradients()
+        let tokensInStep = r.tokensPerStep
+        var lossSum = 0.0
+        for micro in 0..<r.gradAccum {
+            let (inputs, targets) = sampler.batch(step: state.step, micro: micro, microBatch: r.microBatch)
+            let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
+                                              gradScale: 1 / Float(tokensInStep))
+            lossSum += l.sum
+        }
+        let loss = lossSum / Double(tokensInStep)
+        let norm = optimizer.gradientNorm()
+        let lr = r.lr * schedule.multiplier(step: state.step)
+        let skipped = !loss.isFinite || !norm.isFinite
+        if skipped {
+            state.skippedSteps += 1
+        } else {
+            if r.gradClip > 0 && norm > r.gradClip { optimizer.scaleGradients(by: Float(r.gradClip / norm)) }
+            optimizer.step(lr: Float(lr))
+            state.optimizerStep = optimizer.stepCount
+        }
+        state.step += 1
+        state.tokensSeen += tokensInStep
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        return StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
+                           tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
+                           memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped)
+    }
+
+    func evaluate() throws -> Double {
+        guard let val = valTokens else { return .nan }
+        let start = Date()
+        let windows = max(1, recipe.evalTokens / recipe.seqLen)
+        let result = try Evaluator.evaluate(model: model, tokens: val, seqLen: recipe.seqLen, batch: recipe.microBatch,
+                                            maxWindows: windows)
+        log(String(format: "eval step %d | val loss %.4f | val ppl %.2f | %d tokens | %.1f s", state.step, result.loss,
+                   result.perplexity, result.tokens, Date().timeIntervalSince(start)))
+        try appendMetrics(String(format: "{\"step\":%d,\"val_loss\":%.6f,\"val_perplexity\":%.4f,\"val_tokens\":%d}",
+                                 state.step, result.loss, result.perplexity, result.tokens))
+        return result.loss
+    }
+
+    func saveCheckpoint() throws -> String {
+        let start = Date()
+        let path = try TrainingCheckpoint.save(runDir: recipe.runDir, state: state, model: model, optimizer: optimizer,
+                                               recipe: recipe, keep: recipe.keepCheckpoints)
+        log(String(format: "checkpoint %@ (%.1f s)", path, Date().timeIntervalSince(start)))
+        return path
+    }
+
+    func format(_ m: StepMetrics) -> String {
+        if m.skipped {
+            return String(format: "step %d/%d | SKIPPED: non-finite loss %.4g or grad norm %.4g (%d skipped so far)",
+                          m.step, recipe.steps, m.loss, m.gradNorm, state.skippedSteps)
+        }
+        return String(format: "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.0f ms | mem %@", m.step,
+                      recipe.steps, m.loss, m.lr, m.gradNorm, m.tokensPerSecond, m.milliseconds, formatBytes(m.memoryBytes))
+    }
+
+    func metricsJSON(_ m: StepMetrics) -> String {
+        // Non-finite numbers are not JSON: write them as null.
+        func num(_ x: Double) -> String { x.isFinite ? String(format: "%.6g", x) : "null" }
+        return "{\"step\":\(m.step),\"loss\":\(num(m.loss)),\"lr\":\(num(m.lr)),\"grad_norm\":\(num(m.gradNorm)),"
+            + "\"tokens_per_second\":\(num(m.tokensPerSecond)),\"ms\":\(num(m.milliseconds)),"
+            + "\"memory_bytes\":\(m.memoryBytes),\"skipped\":\(m.skipped)}"
+    }
+
+    func appendMetrics(_ line: String) throws {
+        let data = Data((line + "\n").utf8)
+        if let handle = FileHandle(forWritingAtPath: metricsPath) {
+            defer { try? handle.close() }
+            try handle.seekToEnd()
+            try handle.write(contentsOf: data)
+        } else {
+            guard FileManager.default.createFile(atPath: metricsPath, contents: data) else {
+                throw ReLoRAError.invalidFile(path: metricsPath, reason: "cannot write the metrics file")
+            }
+        }
+    }
+
+    /// After a resume, drop metric lines of steps that will be redone.
+    func truncateMetrics(after step: Int) throws {
+        guard let text = try? String(contentsOfFile: metricsPath, encoding: .utf8) else { return }
+        let kept = text.split(separator: "\n").filter { line in
+            guard let d = try? JSONDecoder().decode([String: JSONValue].self, from: Data(line.utf8)),
+                  case .number(let s)? = d["step"] else { return false }
+            return Int(s) <= step
+        }
+        try TrainingCheckpoint.writeData(Data((kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).utf8), to: metricsPath)
+    }
+}

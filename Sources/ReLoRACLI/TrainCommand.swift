@@ -1,0 +1,113 @@
+import Foundation
+import ReLoRA
+
+let trainUsage = """
+    Usage: relora train RECIPE.json [--set key=value ...]
+           relora train --resume RUN_DIR [--set key=value ...]
+
+    Trains a model as the recipe says (see Configs/recipes/ for examples and README for every key).
+    Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory); metrics also go to
+    RUN_DIR/metrics.jsonl. Checkpoints are written atomically every checkpoint_every steps and at the end;
+    Ctrl-C saves a checkpoint and stops (press again to abort at once). --resume continues the latest
+    checkpoint of RUN_DIR with bit-identical results to an uninterrupted run.
+
+      --set key=value   override a recipe key (value parsed as JSON, else taken as a string), repeatable
+      --resume RUN_DIR  continue a run from its latest checkpoint (uses RUN_DIR/recipe.json)
+    """
+
+/// Set by SIGINT/SIGTERM; the trainer checks it between steps.
+nonisolated(unsafe) var stopRequested: sig_atomic_t = 0
+
+func installStopHandler() {
+    let handler: @convention(c) (Int32) -> Void = { sig in
+        stopRequested = 1
+        signal(sig, SIG_DFL)  // a second signal ends the process at once
+    }
+    signal(SIGINT, handler)
+    signal(SIGTERM, handler)
+}
+
+func runTrain(_ args: [String]) throws {
+    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(trainUsage); return }
+    var overrides: [String] = []
+    var resumeDir: String?
+    var recipePath: String?
+    var i = 0
+    while i < args.count {
+        switch args[i] {
+        case "--set":
+            guard i + 1 < args.count else { throw ReLoRAError.usage("--set needs key=value") }
+            overrides.append(args[i + 1]); i += 2
+        case "--resume":
+            guard i + 1 < args.count else { throw ReLoRAError.usage("--resume needs a run directory") }
+            resumeDir = args[i + 1]; i += 2
+        case let a where a.hasPrefix("--"):
+            throw ReLoRAError.usage("unknown option \(a); see `relora train --help`")
+        default:
+            guard recipePath == nil else { throw ReLoRAError.usage("give one recipe file, got '\(recipePath!)' and '\(args[i])'") }
+            recipePath = args[i]; i += 1
+        }
+    }
+    let recipe: Recipe
+    switch (recipePath, resumeDir) {
+    case (let path?, nil):
+        recipe = try Recipe(contentsOf: path, overrides: overrides)
+    case (nil, let dir?):
+        recipe = try Recipe(contentsOf: dir + "/recipe.json", overrides: overrides + ["run_dir=\(jsonQuoted(dir))"])
+    case (_?, _?):
+        throw ReLoRAError.usage("give either a recipe or --resume RUN_DIR, not both")
+    case (nil, nil):
+        throw ReLoRAError.usage("missing the recipe file; see `relora train --help`")
+    }
+    installStopHandler()
+    let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, log: { printLine($0) })
+    trainer.shouldStop = { stopRequested != 0 }
+    let summary = try trainer.run()
+    var line = String(format: "done: %d steps, last loss %.4f", summary.steps, summary.lastLoss)
+    if let v = summary.lastValLoss { line += String(format: ", val loss %.4f (ppl %.2f)", v, exp(v)) }
+    if summary.skippedSteps > 0 { line += ", \(summary.skippedSteps) skipped" }
+    if let c = summary.checkpoint { line += "; checkpoint \(c)" }
+    print(line)
+}
+
+func jsonQuoted(_ s: String) -> String {
+    let data = try! JSONSerialization.data(withJSONObject: [s])
+    return String(String(decoding: data, as: UTF8.self).dropFirst().dropLast())
+}
+
+let exportUsage = """
+    Usage: relora export CHECKPOINT|RUN_DIR --format hf --out DIR [--dtype float32|bfloat16]
+
+    Writes a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, and the run's
+    tokenizer.json) that transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.
+    A RUN_DIR exports its latest checkpoint.
+    """
+
+func runExport(_ args: [String]) throws {
+    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(exportUsage); return }
+    let a = try Arguments(args, flagNames: [])
+    try a.checkKnown(["format", "out", "dtype"])
+    guard a.positional.count == 1 else { throw ReLoRAError.usage("give one checkpoint or run directory") }
+    let format = a.string("format") ?? "hf"
+    guard format == "hf" else { throw ReLoRAError.usage("--format \(format) is not supported; use hf") }
+    let dtype = a.string("dtype") ?? "float32"
+    guard dtype == "float32" || dtype == "bfloat16" else { throw ReLoRAError.usage("--dtype is float32 or bfloat16") }
+    let out = try a.required("out")
+    let (checkpoint, runDir) = try resolveCheckpoint(a.positional[0])
+    let model = try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())
+    let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
+    if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
+    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer)
+    print("exported \(checkpoint) -> \(out) (\(dtype))")
+}
+
+/// A checkpoint directory (has state.json) or a run directory (its latest checkpoint), and the run directory.
+func resolveCheckpoint(_ path: String) throws -> (checkpoint: String, runDir: String) {
+    let fm = FileManager.default
+    if fm.fileExists(atPath: path + "/state.json") {
+        let run = URL(fileURLWithPath: path).deletingLastPathComponent().deletingLastPathComponent().path
+        return (path, run)
+    }
+    if let latest = try TrainingCheckpoint.latest(runDir: path) { return (latest, path) }
+    throw ReLoRAError.invalidFile(path: path, reason: "is neither a checkpoint directory nor a run directory with checkpoints")
+}
