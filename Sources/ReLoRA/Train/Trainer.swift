@@ -35,6 +35,8 @@ public final class Trainer {
     let log: (String) -> Void
     /// Checked between steps; when it returns true the trainer saves a checkpoint and stops.
     public var shouldStop: () -> Bool = { false }
+    /// Every step's metrics of this process, in order (tests compare runs with it).
+    public private(set) var history: [StepMetrics] = []
 
     /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
     /// the latest checkpoint of `recipe.runDir`.
@@ -114,6 +116,7 @@ public final class Trainer {
         var stoppedEarly = false
         while state.step < r.steps {
             let metrics = try trainStep()
+            history.append(metrics)
             lastLoss = metrics.loss
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics))
@@ -211,7 +214,9 @@ public final class Trainer {
     func metricsJSON(_ m: StepMetrics) -> String {
         // Non-finite numbers are not JSON: write them as null.
         func num(_ x: Double) -> String { x.isFinite ? String(format: "%.6g", x) : "null" }
-        return "{\"step\":\(m.step),\"loss\":\(num(m.loss)),\"lr\":\(num(m.lr)),\"grad_norm\":\(num(m.gradNorm)),"
+        // The loss is written with all 17 significant digits so runs can be compared bit for bit.
+        let loss = m.loss.isFinite ? String(format: "%.17g", m.loss) : "null"
+        return "{\"step\":\(m.step),\"loss\":\(loss),\"lr\":\(num(m.lr)),\"grad_norm\":\(num(m.gradNorm)),"
             + "\"tokens_per_second\":\(num(m.tokensPerSecond)),\"ms\":\(num(m.milliseconds)),"
             + "\"memory_bytes\":\(m.memoryBytes),\"skipped\":\(m.skipped)}"
     }
