@@ -116,12 +116,30 @@ do {
                  median, o.steps, Double(tokens) / median, achieved, 100 * achieved / peak))
     print(String(format: "forward only: %.3f s (%.0f%% of the step)", fwdMedian, 100 * fwdMedian / median))
     print("memory:\n" + mem.formatted())
+
+    // The whole training loop (sampler, forward+backward, grad norm, clipping, AdamW, logging) on random
+    // tokens written to a temporary .npy, through the same Trainer the CLI uses.
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("relora-bench-\(getpid())").path
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let randomTokens = (0..<200_000).map { _ in Int64.random(in: 0..<Int64(config.vocabSize), using: &rng) }
+    try NpyWriter.write(tokens: randomTokens, dtype: .uint32, to: dir + "/train.npy")
+    var recipe = Recipe(model: o.config, trainData: dir + "/train.npy", runDir: dir + "/run")
+    recipe.seqLen = o.seqLen; recipe.microBatch = o.batch; recipe.steps = o.steps + 1; recipe.warmupSteps = 0
+    recipe.checkpointing = o.checkpointing; recipe.evalEvery = 1_000_000; recipe.checkpointEvery = 1_000_000
+    let trainer = try Trainer(recipe: recipe, resume: false, backend: CPUBackend(), log: { _ in })
+    while trainer.state.step < recipe.steps { _ = try trainer.trainStep() }
+    let loopTimes = trainer.history.dropFirst().map { $0.milliseconds / 1000 }.sorted()
+    let loopMedian = loopTimes[loopTimes.count / 2]
+    print(String(format: "training loop: %.3f s/step, %.0f tokens/s = %.1f%% of the forward+backward rate (loop overhead %.1f%%)",
+                 loopMedian, Double(tokens) / loopMedian, 100 * median / loopMedian, 100 * (loopMedian - median) / median))
     if let path = o.json {
         let obj: [String: Any] = [
             "config": o.config, "batch": o.batch, "seq_len": o.seqLen, "checkpointing": o.checkpointing.rawValue,
             "threads": cpuThreadCount, "step_seconds": median, "tokens_per_second": Double(tokens) / median,
             "model_gflops": achieved, "sgemm_peak_gflops": peak, "fraction_of_sgemm_peak": achieved / peak,
-            "forward_seconds": fwdMedian, "peak_bytes": mem.peakTotal,
+            "forward_seconds": fwdMedian, "peak_bytes": mem.peakTotal, "train_step_seconds": loopMedian,
+            "train_tokens_per_second": Double(tokens) / loopMedian,
         ]
         try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys])
             .write(to: URL(fileURLWithPath: path))

@@ -279,3 +279,23 @@ final class CPUOpsTests: XCTestCase {
         XCTAssertEqual(after.peak[.trainable], 400)
     }
 }
+
+final class FastMathTests: XCTestCase {
+    /// simdExp against Double exp: relative error within 2 ulp (2 * 2^-23 ~ 2.4e-7) on [-87, 88].
+    func testSIMDExpAccuracy() {
+        var worst = 0.0
+        var x: Float = -87
+        while x < 88 {
+            let lanes = SIMD8<Float>((0..<8).map { x + Float($0) * 0.0123 })
+            let got = simdExp(lanes)
+            for i in 0..<8 {
+                let want = exp(Double(lanes[i]))
+                worst = max(worst, abs(Double(got[i]) - want) / want)
+            }
+            x += 0.0987
+        }
+        XCTAssertLessThan(worst, 2.4e-7)
+        XCTAssertEqual(simdExp(SIMD8(repeating: 0))[0], 1)
+        XCTAssertLessThan(simdExp(SIMD8(repeating: -1000))[0], 1e-37)  // clamped, not NaN
+    }
+}

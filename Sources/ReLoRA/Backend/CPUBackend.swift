@@ -303,18 +303,19 @@ public final class CPUBackend: Backend {
                             if gradScale != nil { row.update(repeating: 0, count: vocab) }
                             continue
                         }
-                        var mx = -Float.infinity
-                        for j in 0..<vocab { mx = max(mx, row[j]) }
+                        let mx = rowMax(row, vocab)
                         let targetLogit = row[target]
-                        var sum: Float = 0
+                        let sum: Float
                         if let g = gradScale {
                             // One exp per logit: keep exp(x - max) in place, then scale it into softmax.
-                            for j in 0..<vocab { let e = expf(row[j] - mx); row[j] = e; sum += e }
-                            let inv = g / sum
-                            for j in 0..<vocab { row[j] *= inv }
+                            sum = expShiftedSum(row, row, vocab, shift: mx)
+                            let inv = SIMD8<Float>(repeating: g / sum)
+                            var j = 0
+                            while j + 8 <= vocab { storeSIMD8(loadSIMD8(row + j) * inv, row + j); j += 8 }
+                            while j < vocab { row[j] *= inv[0]; j += 1 }
                             row[target] -= g
                         } else {
-                            for j in 0..<vocab { sum += expf(row[j] - mx) }
+                            sum = expShiftedSum(row, nil, vocab, shift: mx)
                         }
                         let loss = mx + logf(sum) - targetLogit
                         lossp[r] = loss
@@ -348,17 +349,32 @@ public final class CPUBackend: Backend {
 
     public func sumOfSquares(_ x: Tensor) -> Double {
         let p = x.f32
-        var acc = 0.0
-        // Float partial sums over blocks of 256, Double across blocks: exact enough and vectorizes.
-        var i = 0
-        while i < x.count {
-            let end = min(x.count, i + 256)
-            var s: Float = 0
-            for j in i..<end { s += p[j] * p[j] }
-            acc += Double(s)
-            i = end
+        let chunks = parallelChunkCount(x.count, minPerChunk: 1 << 16)
+        var partial = [Double](repeating: 0, count: chunks)
+        partial.withUnsafeMutableBufferPointer { out in
+            let o = out.baseAddress!
+            parallelChunks(x.count, minPerChunk: 1 << 16) { chunk, range in
+                // Float partial sums over blocks of 256 (SIMD lanes), Double across blocks.
+                var acc = 0.0
+                var i = range.lowerBound
+                while i < range.upperBound {
+                    let end = min(range.upperBound, i + 256)
+                    var s8 = SIMD8<Float>()
+                    var j = i
+                    while j + 8 <= end {
+                        let v = UnsafeRawPointer(p + j).loadUnaligned(as: SIMD8<Float>.self)
+                        s8 += v * v
+                        j += 8
+                    }
+                    var s = s8.sum()
+                    while j < end { s += p[j] * p[j]; j += 1 }
+                    acc += Double(s)
+                    i = end
+                }
+                o[chunk] = acc
+            }
         }
-        return acc
+        return partial.reduce(0, +)
     }
 
     public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
@@ -371,13 +387,32 @@ public final class CPUBackend: Backend {
         let bc2Sqrt = bc2.squareRoot()
         let decay = 1 - lr * weightDecay
         parallelChunks(param.count, minPerChunk: 1 << 14) { _, r in
-            for i in r {
+            // 8 lanes at a time (the pointers are distinct tensors, but the compiler cannot know
+            // that, so the scalar loop would not vectorize), then the scalar tail.
+            var i = r.lowerBound
+            let b1 = SIMD8<Float>(repeating: beta1), b2 = SIMD8<Float>(repeating: beta2)
+            let c1 = SIMD8<Float>(repeating: 1 - beta1), c2 = SIMD8<Float>(repeating: 1 - beta2)
+            let dec = SIMD8<Float>(repeating: decay), step8 = SIMD8<Float>(repeating: stepSize)
+            let bcs = SIMD8<Float>(repeating: bc2Sqrt), eps8 = SIMD8<Float>(repeating: eps)
+            while i + 8 <= r.upperBound {
+                let gi = UnsafeRawPointer(g + i).loadUnaligned(as: SIMD8<Float>.self)
+                let mi = b1 * UnsafeRawPointer(mp + i).loadUnaligned(as: SIMD8<Float>.self) + c1 * gi
+                let vi = b2 * UnsafeRawPointer(vp + i).loadUnaligned(as: SIMD8<Float>.self) + c2 * gi * gi
+                let pi = UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self)
+                let newP = pi * dec - step8 * mi / (vi.squareRoot() / bcs + eps8)
+                UnsafeMutableRawPointer(mp + i).storeBytes(of: mi, as: SIMD8<Float>.self)
+                UnsafeMutableRawPointer(vp + i).storeBytes(of: vi, as: SIMD8<Float>.self)
+                UnsafeMutableRawPointer(p + i).storeBytes(of: newP, as: SIMD8<Float>.self)
+                i += 8
+            }
+            while i < r.upperBound {
                 let gi = g[i]
                 let mi = beta1 * mp[i] + (1 - beta1) * gi
                 let vi = beta2 * vp[i] + (1 - beta2) * gi * gi
                 mp[i] = mi
                 vp[i] = vi
                 p[i] = p[i] * decay - stepSize * mi / (vi.squareRoot() / bc2Sqrt + eps)
+                i += 1
             }
         }
     }

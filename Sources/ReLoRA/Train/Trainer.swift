@@ -116,7 +116,6 @@ public final class Trainer {
         var stoppedEarly = false
         while state.step < r.steps {
             let metrics = try trainStep()
-            history.append(metrics)
             lastLoss = metrics.loss
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics))
@@ -149,8 +148,8 @@ public final class Trainer {
                                lastValLoss: lastVal, checkpoint: lastCheckpoint, stoppedEarly: stoppedEarly)
     }
 
-    /// One optimizer step over `grad_accum` micro-batches.
-    func trainStep() throws -> StepMetrics {
+    /// One optimizer step over `grad_accum` micro-batches (no logging, evaluation or checkpoint).
+    public func trainStep() throws -> StepMetrics {
         let r = recipe
         let start = DispatchTime.now().uptimeNanoseconds
         model.zeroGradients()
@@ -176,9 +175,11 @@ public final class Trainer {
         state.step += 1
         state.tokensSeen += tokensInStep
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-        return StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
-                           tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
-                           memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped)
+        let metrics = StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
+                                  tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
+                                  memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped)
+        history.append(metrics)
+        return metrics
     }
 
     func evaluate() throws -> Double {
