@@ -12,6 +12,9 @@ let usage = """
       train     Train a model from a recipe (or --resume a run)
       export    Export a checkpoint as a Hugging Face model directory
       eval      Mean next-token loss and perplexity of a model on a token file
+      sample    Generate text from a model
+      tokenizer train   Train a byte-level BPE tokenizer (tokenizer.json)
+      tokenize  Encode text / JSONL files into a .npy token file
       info      Print a model config's sizes and parameter count
 
     Run `relora <command> --help` for a command's options.
@@ -93,6 +96,9 @@ do {
     case "train": try runTrain(Array(argv.dropFirst()))
     case "export": try runExport(Array(argv.dropFirst()))
     case "eval": try runEval(Array(argv.dropFirst()))
+    case "sample": try runSample(Array(argv.dropFirst()))
+    case "tokenizer": try runTokenizer(Array(argv.dropFirst()))
+    case "tokenize": try runTokenize(Array(argv.dropFirst()))
     case "info": try runInfo(Array(argv.dropFirst()))
     default: throw ReLoRAError.usage("unknown command '\(command)'; run `relora --help`")
     }

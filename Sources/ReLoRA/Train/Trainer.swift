@@ -117,6 +117,7 @@ public final class Trainer {
         while state.step < r.steps {
             let metrics = try trainStep()
             lastLoss = metrics.loss
+            if history.count == 1 { log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()) }
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics))
             }
