@@ -1,35 +1,13 @@
 import Foundation
 import XCTest
+@testable import ReLoRA
 
 /// The `relora` executable end to end: exit codes and one-sentence errors on bad input.
 final class CLITests: XCTestCase {
-    /// `relora` sits next to the test runner (`.build/<config>/reloraPackageTests.xctest`) in the build directory.
-    var executable: String {
-        let candidates = [
-            URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent(),
-            Bundle(for: CLITests.self).bundleURL.deletingLastPathComponent(),
-            Bundle.main.bundleURL,
-        ].map { $0.appendingPathComponent("relora").path }
-        return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
-    }
-
-    func run(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-    }
-
     func testEvalJSONMatchesFixture() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "relora not built")
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let f = fixturesDirectory()
-        let r = try run(["eval", "--model", "\(f)/tiny_llama", "--data", "\(f)/eval_tokens.npy", "--seq-len", "16", "--json"])
+        let r = try runRelora(["eval", "--model", "\(f)/tiny_llama", "--data", "\(f)/eval_tokens.npy", "--seq-len", "16", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
         let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as! [String: Any]
         XCTAssertEqual(obj["loss"] as! Double, 5.135004917780559, accuracy: 1e-5)
@@ -38,7 +16,7 @@ final class CLITests: XCTestCase {
     }
 
     func testBadInputsExitNonZeroWithOneLine() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: executable), "relora not built")
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let f = fixturesDirectory()
         let dir = temporaryDirectory()
         let notNpy = "\(dir)/tokens.npy"
@@ -53,11 +31,86 @@ final class CLITests: XCTestCase {
             (["frobnicate"], "unknown command"),
         ]
         for (args, fragment) in cases {
-            let r = try run(args)
+            let r = try runRelora(args)
             XCTAssertNotEqual(r.status, 0, "\(args)")
             XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr '\(r.stderr)' should mention '\(fragment)'")
             XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): expected one line, got '\(r.stderr)'")
             XCTAssertFalse(r.stderr.contains("Fatal error"), "\(args) crashed")
         }
+    }
+}
+
+/// The whole user journey through the CLI on the committed Shakespeare slice: tokenizer, tokenize,
+/// train, resume, export, eval, sample, and the errors a user can cause along the way.
+final class CLIPipelineTests: XCTestCase {
+    func testTrainExportEvalSamplePipeline() throws {
+        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
+        let dir = temporaryDirectory()
+        let f = fixturesDirectory() + "/shakespeare"
+
+        var r = try runRelora(["tokenizer", "train", "--vocab-size", "400", "--in", "\(f)/train_slice.txt", "--out", "\(dir)/tok.json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        // Documents as JSONL and as a directory of text files.
+        let jsonl = "{\"text\": \"To be, or not to be.\"}\n\n{\"text\": \"That is the question.\"}\n"
+        try jsonl.write(toFile: "\(dir)/docs.jsonl", atomically: true, encoding: .utf8)
+        r = try runRelora(["tokenize", "--tokenizer", "\(dir)/tok.json", "--in", "\(dir)/docs.jsonl", "--out", "\(dir)/docs.npy"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let docs = try TokenArray(npyPath: "\(dir)/docs.npy")
+        let tokenizer = try BPETokenizer(contentsOf: "\(dir)/tok.json")
+        let eot = try XCTUnwrap(tokenizer.endOfTextId)
+        XCTAssertEqual((0..<docs.count).filter { docs[$0] == Int64(eot) }.count, 2, "one <|endoftext|> per document")
+        XCTAssertEqual(tokenizer.decode(docs.window(0, docs.count)), "To be, or not to be.<|endoftext|>That is the question.<|endoftext|>")
+        r = try runRelora(["tokenize", "--tokenizer", "\(dir)/tok.json", "--in", "\(f)/train_slice.txt", "--out", "\(dir)/train.npy"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("unigram entropy"), r.stdout)
+        r = try runRelora(["tokenize", "--tokenizer", "\(dir)/tok.json", "--in", "\(f)/val_slice.txt", "--out", "\(dir)/val.npy"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+
+        let config: [String: Any] = ["hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": 400, "max_position_embeddings": 64]
+        try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: "\(dir)/config.json"))
+        let recipe: [String: Any] = [
+            "model": "\(dir)/config.json", "train_data": "\(dir)/train.npy", "val_data": "\(dir)/val.npy",
+            "tokenizer": "\(dir)/tok.json", "run_dir": "\(dir)/run", "seq_len": 32, "micro_batch": 4, "steps": 6,
+            "warmup_steps": 1, "eval_every": 3, "eval_tokens": 256, "checkpoint_every": 3,
+        ]
+        try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: "\(dir)/recipe.json"))
+        r = try runRelora(["train", "\(dir)/recipe.json", "--set", "steps=3"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("step 3/3 | loss"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("eval step 3 | val loss"), r.stdout)
+        // Starting again over the same run is refused; --resume continues it to 6 steps.
+        r = try runRelora(["train", "\(dir)/recipe.json"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("--resume"), r.stderr)
+        r = try runRelora(["train", "--resume", "\(dir)/run", "--set", "steps=6"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("resumed from"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("step 6/6 | loss"), r.stdout)
+
+        r = try runRelora(["export", "\(dir)/run", "--format", "hf", "--out", "\(dir)/hf"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+            XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/hf/\(file)"), file)
+        }
+        r = try runRelora(["eval", "--model", "\(dir)/hf", "--data", "\(dir)/val.npy", "--seq-len", "32", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        r = try runRelora(["sample", "--model", "\(dir)/hf", "--prompt", "KING LEAR.", "--max-tokens", "8", "--seed", "3"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.hasPrefix("KING LEAR."), r.stdout)
+        let again = try runRelora(["sample", "--model", "\(dir)/run", "--prompt", "KING LEAR.", "--max-tokens", "8", "--seed", "3"])
+        XCTAssertEqual(again.stdout, r.stdout, "same seed, same checkpoint: same text")
+
+        // Errors: invalid UTF-8 names file and offset; bad --set key; a recipe with a typo.
+        try Data([0x41, 0x42, 0xFF, 0x43]).write(to: URL(fileURLWithPath: "\(dir)/bad.txt"))
+        r = try runRelora(["tokenize", "--tokenizer", "\(dir)/tok.json", "--in", "\(dir)/bad.txt", "--out", "\(dir)/bad.npy"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("bad.txt") && r.stderr.contains("byte offset 2"), r.stderr)
+        r = try runRelora(["train", "\(dir)/recipe.json", "--set", "learning_rate=1"])
+        XCTAssertTrue(r.status != 0 && r.stderr.contains("unknown recipe key 'learning_rate'"), r.stderr)
+        try "{\"model\": 1}".write(toFile: "\(dir)/broken.json", atomically: true, encoding: .utf8)
+        r = try runRelora(["train", "\(dir)/broken.json"])
+        XCTAssertTrue(r.status != 0 && r.stderr.contains("'model' must be a string"), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
     }
 }

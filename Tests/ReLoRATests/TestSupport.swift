@@ -78,3 +78,27 @@ func temporaryDirectory(_ name: String = #function) -> String {
     try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
     return dir.path
 }
+
+/// `relora` sits next to the test runner (`.build/<config>/reloraPackageTests.xctest`) in the build directory.
+var reloraExecutable: String {
+    let candidates = [
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent(),
+        Bundle(for: CLITests.self).bundleURL.deletingLastPathComponent(),
+        Bundle.main.bundleURL,
+    ].map { $0.appendingPathComponent("relora").path }
+    return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
+}
+
+func runRelora(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: reloraExecutable)
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
+
