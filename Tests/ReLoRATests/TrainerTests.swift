@@ -14,7 +14,9 @@ final class TrainerTests: XCTestCase {
         let val: String
     }
 
-    func makeByteData(hidden: Int = 32, layers: Int = 2) throws -> ByteData {
+    func makeByteData(hidden: Int = 32, layers: Int = 2) throws -> ByteData { try Self.makeByteData(hidden: hidden, layers: layers) }
+
+    static func makeByteData(hidden: Int = 32, layers: Int = 2) throws -> ByteData {
         let dir = temporaryDirectory()
         let fixtures = fixturesDirectory() + "/shakespeare"
         for (name, out) in [("train_slice.txt", "train.npy"), ("val_slice.txt", "val.npy")] {
@@ -29,7 +31,9 @@ final class TrainerTests: XCTestCase {
         return ByteData(dir: dir, model: "\(dir)/config.json", train: "\(dir)/train.npy", val: "\(dir)/val.npy")
     }
 
-    func recipe(_ data: ByteData, run: String, _ edit: (inout Recipe) -> Void = { _ in }) -> Recipe {
+    func recipe(_ data: ByteData, run: String, _ edit: (inout Recipe) -> Void = { _ in }) -> Recipe { Self.recipe(data, run: run, edit) }
+
+    static func recipe(_ data: ByteData, run: String, _ edit: (inout Recipe) -> Void = { _ in }) -> Recipe {
         var r = Recipe(model: data.model, trainData: data.train, valData: data.val, runDir: "\(data.dir)/\(run)")
         r.seqLen = 32; r.microBatch = 4; r.gradAccum = 2; r.steps = 8; r.warmupSteps = 2; r.lr = 3e-3
         r.evalEvery = 4; r.evalTokens = 512; r.checkpointEvery = 4; r.seed = 5; r.initStd = 0.05

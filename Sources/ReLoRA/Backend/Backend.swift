@@ -65,8 +65,16 @@ public protocol Backend: AnyObject, Sendable {
     func crossEntropy(logits: Tensor, targets: [Int32], losses: Tensor, rows: Int, vocab: Int,
                       gradScale: Float?) -> Double
 
-    /// `a += alpha * b` over all elements.
-    func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor)
+    /// Inverted dropout: `out[i] = x[i] / (1 - p)` where `uniform(seed, stream, i) >= p`, else 0, over
+    /// the first `count` elements. The mask is a pure function of (seed, stream, i) (counter-based RNG,
+    /// `relora_rng.h`), so a backward pass regenerates it instead of storing it. `out` may be `x`.
+    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64)
+
+    /// `sum_i a[i] * b[i]` over the first `count` elements, in Double.
+    func dot(_ a: Tensor, _ b: Tensor, count: Int) -> Double
+
+    /// `a[i] += alpha * b[i]` for i < count.
+    func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int)
     /// `out = a + b` over all elements.
     func add(_ a: Tensor, _ b: Tensor, _ out: Tensor)
     /// `x *= alpha`.
@@ -82,6 +90,12 @@ public protocol Backend: AnyObject, Sendable {
 
 extension Backend {
     public func makeTensor(_ shape: [Int], tag: MemoryTag) -> Tensor { makeTensor(shape, tag: tag, zeroed: true) }
+
+    /// `a += alpha * b` over all elements (same sizes).
+    public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor) {
+        precondition(a.count == b.count, "axpy: \(b.count) into \(a.count)")
+        axpy(alpha, b, a, count: a.count)
+    }
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
                        transA: Bool = false, transB: Bool = false, beta: Float = 0) {

@@ -1,4 +1,5 @@
 import COpenBLAS
+import CReLoRA
 import Foundation
 
 /// The CPU reference backend: fp32 everywhere, OpenBLAS sgemm for matrix products, plain loops for
@@ -330,10 +331,25 @@ public final class CPUBackend: Backend {
 
     // MARK: Elementwise
 
-    public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor) {
-        precondition(a.count == b.count)
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+        let xp = x.f32, op = out.f32
+        let keep = 1 / (1 - p)
+        parallelChunks(count, minPerChunk: 1 << 14) { _, r in
+            for i in r { op[i] = relora_rng_uniform(seed, stream, UInt64(i)) >= p ? xp[i] * keep : 0 }
+        }
+    }
+
+    public func dot(_ a: Tensor, _ b: Tensor, count: Int) -> Double {
         let ap = a.f32, bp = b.f32
-        parallelChunks(a.count, minPerChunk: 1 << 15) { _, r in for i in r { ap[i] += alpha * bp[i] } }
+        var acc = 0.0
+        for i in 0..<count { acc += Double(ap[i]) * Double(bp[i]) }
+        return acc
+    }
+
+    public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {
+        precondition(count <= a.count && count <= b.count)
+        let ap = a.f32, bp = b.f32
+        parallelChunks(count, minPerChunk: 1 << 15) { _, r in for i in r { ap[i] += alpha * bp[i] } }
     }
 
     public func add(_ a: Tensor, _ b: Tensor, _ out: Tensor) {

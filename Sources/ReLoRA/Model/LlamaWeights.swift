@@ -13,25 +13,42 @@ public struct BlockWeights: Sendable {
     public let up: Tensor        // [F, C]        mlp.up_proj
     public let down: Tensor      // [C, F]        mlp.down_proj
 
-    init(_ config: LlamaConfig, _ backend: Backend, tag: MemoryTag) {
+    /// `linearTag` tags the seven linears (`.frozenWeights` under LoRA); nil leaves them empty
+    /// (0 elements: the gradient set of a model whose linears are frozen).
+    init(_ config: LlamaConfig, _ backend: Backend, tag: MemoryTag, linearTag: MemoryTag?) {
         let c = config.hiddenSize, f = config.intermediateSize
         func t(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, tag: tag) }
+        func lin(_ shape: [Int]) -> Tensor { backend.makeTensor(linearTag == nil ? [0] : shape, tag: linearTag ?? tag) }
         attnNorm = t([c]); mlpNorm = t([c])
-        q = t([config.queryWidth, c]); k = t([config.keyValueWidth, c]); v = t([config.keyValueWidth, c])
-        o = t([c, config.queryWidth])
-        gate = t([f, c]); up = t([f, c]); down = t([c, f])
+        q = lin([config.queryWidth, c]); k = lin([config.keyValueWidth, c]); v = lin([config.keyValueWidth, c])
+        o = lin([c, config.queryWidth])
+        gate = lin([f, c]); up = lin([f, c]); down = lin([c, f])
     }
 
-    /// Tensors with their Hugging Face names under `model.layers.{layer}.`.
+    /// The weight of one linear.
+    public func linear(_ kind: LinearKind) -> Tensor {
+        switch kind {
+        case .q: return q
+        case .k: return k
+        case .v: return v
+        case .o: return o
+        case .gate: return gate
+        case .up: return up
+        case .down: return down
+        }
+    }
+
+    /// Tensors with their Hugging Face names under `model.layers.{layer}.` (empty linears left out).
     public func named(layer: Int) -> [(String, Tensor)] {
         let p = "model.layers.\(layer)."
-        return [
+        let all: [(String, Tensor)] = [
             (p + "input_layernorm.weight", attnNorm),
             (p + "self_attn.q_proj.weight", q), (p + "self_attn.k_proj.weight", k),
             (p + "self_attn.v_proj.weight", v), (p + "self_attn.o_proj.weight", o),
             (p + "post_attention_layernorm.weight", mlpNorm),
             (p + "mlp.gate_proj.weight", gate), (p + "mlp.up_proj.weight", up), (p + "mlp.down_proj.weight", down),
         ]
+        return all.filter { $0.1.count > 0 }
     }
 }
 
@@ -46,11 +63,27 @@ public final class LlamaWeights: @unchecked Sendable {
     /// The output projection `[V, C]`: the embedding itself when `tie_word_embeddings`.
     public var lmHead: Tensor { untiedHead ?? embed }
 
+    /// How the seven block linears are stored.
+    public enum LinearStorage: Sendable {
+        /// With the same tag as everything else (full-rank training).
+        case same
+        /// With their own tag (`.frozenWeights` under LoRA).
+        case tagged(MemoryTag)
+        /// Not at all (gradients of frozen linears).
+        case absent
+    }
+
     /// Zero-filled parameters.
-    public init(config: LlamaConfig, backend: Backend, tag: MemoryTag) {
+    public init(config: LlamaConfig, backend: Backend, tag: MemoryTag, linears: LinearStorage = .same) {
         self.config = config
         embed = backend.makeTensor([config.vocabSize, config.hiddenSize], tag: tag)
-        blocks = (0..<config.numHiddenLayers).map { _ in BlockWeights(config, backend, tag: tag) }
+        let lt: MemoryTag?
+        switch linears {
+        case .same: lt = tag
+        case .tagged(let t): lt = t
+        case .absent: lt = nil
+        }
+        blocks = (0..<config.numHiddenLayers).map { _ in BlockWeights(config, backend, tag: tag, linearTag: lt) }
         norm = backend.makeTensor([config.hiddenSize], tag: tag)
         untiedHead = config.tieWordEmbeddings ? nil : backend.makeTensor([config.vocabSize, config.hiddenSize], tag: tag)
     }
@@ -68,8 +101,8 @@ public final class LlamaWeights: @unchecked Sendable {
     /// Values come from the counter-based RNG keyed by (seed, tensor index, element), so they do
     /// not depend on the backend or on thread layout.
     public func initializeRandom(seed: UInt64, std: Float = 0.02, backend: Backend) {
-        for (index, (name, tensor)) in named().enumerated() {
-            if name.hasSuffix("norm.weight") || name.hasSuffix("layernorm.weight") {
+        for (index, (_, tensor)) in named().enumerated() {
+            if tensor.shape.count == 1 {  // norm gains
                 backend.upload([Float](repeating: 1, count: tensor.count), to: tensor)
             } else {
                 backend.upload(gaussian(count: tensor.count, std: std, seed: seed, stream: UInt64(index)), to: tensor)

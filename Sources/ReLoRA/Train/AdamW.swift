@@ -5,8 +5,10 @@ public final class AdamW: @unchecked Sendable {
         public let name: String
         public let value: Tensor
         public let grad: Tensor
-        /// Whether weight decay applies (matrices yes; norm gains no).
+        /// Whether weight decay applies (matrices yes; norm gains and scalars no).
         public let decay: Bool
+        /// A LoRA factor (ReLoRA's optimizer reset applies to these only).
+        public let isLoRA: Bool
     }
 
     public let parameters: [Parameter]
@@ -44,11 +46,10 @@ public final class AdamW: @unchecked Sendable {
 }
 
 extension AdamW {
-    /// Every parameter of a model (which must have gradients enabled), decaying matrices only.
+    /// Every trained tensor of a model (which must have gradients enabled), decaying matrices only.
     public convenience init(model: LlamaModel, beta1: Float, beta2: Float, eps: Float, weightDecay: Float) {
-        guard let grads = model.gradients else { preconditionFailure("AdamW(model:) before enableGradients()") }
-        let params = zip(model.weights.named(), grads.named()).map { w, g in
-            Parameter(name: w.0, value: w.1, grad: g.1, decay: w.1.shape.count >= 2)
+        let params = model.trainableParameters().map { p in
+            Parameter(name: p.name, value: p.value, grad: p.grad, decay: p.value.shape.count >= 2, isLoRA: p.isLoRA)
         }
         self.init(parameters: params, backend: model.backend, beta1: beta1, beta2: beta2, eps: eps, weightDecay: weightDecay)
     }

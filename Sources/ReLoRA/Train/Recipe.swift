@@ -2,6 +2,10 @@ import Foundation
 
 /// A training recipe: everything a run needs besides the data files' contents. Decoded from JSON with
 /// snake_case keys; unknown keys and impossible values are errors before anything runs.
+public enum TrainingMode: String, Sendable, CaseIterable {
+    case full, lora, relora
+}
+
 public struct Recipe: Sendable, Equatable {
     /// Hugging Face `config.json` of the model to train (paths are relative to the working directory).
     public var model: String
@@ -49,7 +53,37 @@ public struct Recipe: Sendable, Equatable {
     /// Stop when more than this fraction of steps had a non-finite loss or gradient.
     public var maxSkippedFraction: Double = 0.05
 
+    /// `full` (every weight trained), `lora` (frozen W + LoRA, no restarts), `relora` (+ restarts).
+    public var mode: TrainingMode = .full
+    public var loraRank = 128
+    public var loraAlpha = 32.0
+    public var loraDropout = 0.0
+    public var loraTrainableScale = false
+    /// ReLoRA restart interval R in steps (merge + re-init + optimizer reset after the step t with t % R == 0).
+    public var reloraEvery: Int?
+    /// Steps of the linear LR ramp after each restart (jagged schedule).
+    public var restartWarmup = 50
+    public var optimizerReset: OptimizerResetMode = .magnitude
+    /// Fraction for `magnitude` (quantile) and `random` (probability) resets.
+    public var optimizerResetRatio = 0.99
+    /// The jagged cosine (LR 0 at each restart, linear ramp back); false = plain cosine (ablation).
+    public var jaggedSchedule = true
+    /// A full-rank checkpoint (or run directory) whose weights, step count and dense optimizer state
+    /// this run starts from.
+    public var warmStart: String?
+
     public var tokensPerStep: Int { seqLen * microBatch * gradAccum }
+
+    /// The LoRA settings of `lora` and `relora` runs.
+    public var loraConfig: LoRAConfig? {
+        mode == .full ? nil : LoRAConfig(rank: loraRank, alpha: loraAlpha, dropout: loraDropout, trainableScale: loraTrainableScale)
+    }
+
+    /// The learning-rate schedule this recipe asks for.
+    public var schedule: LRSchedule {
+        LRSchedule(totalSteps: steps, warmupSteps: warmupSteps, minRatio: minLRRatio,
+                   restartEvery: mode == .relora && jaggedSchedule ? reloraEvery : nil, restartWarmup: restartWarmup)
+    }
 
     public init(model: String, trainData: String, valData: String? = nil, tokenizer: String? = nil, runDir: String) {
         self.model = model; self.trainData = trainData; self.valData = valData; self.tokenizer = tokenizer
@@ -63,7 +97,8 @@ extension Recipe {
         "tokens_per_step", "steps", "token_budget", "lr", "warmup_steps", "min_lr_ratio", "adam_beta1",
         "adam_beta2", "adam_eps", "weight_decay", "grad_clip", "eval_every", "eval_tokens", "checkpoint_every",
         "keep_checkpoints", "log_every", "seed", "device", "checkpointing", "init_std", "max_skipped_fraction",
-        "description",
+        "description", "mode", "lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale", "relora_every",
+        "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule", "warm_start",
     ]
 
     /// Reads a recipe file and applies `--set key=value` overrides (values parsed as JSON, else as strings).
@@ -156,6 +191,27 @@ extension Recipe {
         }
         initStd = try k.optionalDouble("init_std") ?? initStd
         maxSkippedFraction = try k.optionalDouble("max_skipped_fraction") ?? maxSkippedFraction
+        if let m = try k.optionalString("mode") {
+            guard let v = TrainingMode(rawValue: m) else {
+                throw ReLoRAError.invalidConfig("'mode' must be 'full', 'lora' or 'relora', got '\(m)'")
+            }
+            mode = v
+        }
+        loraRank = try k.optionalInt("lora_r") ?? loraRank
+        loraAlpha = try k.optionalDouble("lora_alpha") ?? loraAlpha
+        loraDropout = try k.optionalDouble("lora_dropout") ?? loraDropout
+        loraTrainableScale = try k.optionalBool("lora_trainable_scale") ?? loraTrainableScale
+        reloraEvery = try k.optionalInt("relora_every")
+        restartWarmup = try k.optionalInt("restart_warmup") ?? restartWarmup
+        if let r = try k.optionalString("optimizer_reset") {
+            guard let v = OptimizerResetMode(rawValue: r) else {
+                throw ReLoRAError.invalidConfig("'optimizer_reset' must be magnitude, random, full or none, got '\(r)'")
+            }
+            optimizerReset = v
+        }
+        optimizerResetRatio = try k.optionalDouble("optimizer_reset_ratio") ?? optimizerResetRatio
+        jaggedSchedule = try k.optionalBool("jagged_schedule") ?? jaggedSchedule
+        warmStart = try k.optionalString("warm_start")
         if let budget = try k.optionalInt("token_budget") {
             guard budget >= tokensPerStep else {
                 throw ReLoRAError.invalidConfig("token_budget \(budget) is less than one step of \(tokensPerStep) tokens")
@@ -189,6 +245,30 @@ extension Recipe {
         if !(maxSkippedFraction >= 0 && maxSkippedFraction <= 1) {
             throw ReLoRAError.invalidConfig("'max_skipped_fraction' must be in [0, 1], got \(maxSkippedFraction)")
         }
+        switch mode {
+        case .full:
+            if reloraEvery != nil { throw ReLoRAError.invalidConfig("'relora_every' needs mode 'relora'") }
+        case .lora:
+            if reloraEvery != nil { throw ReLoRAError.invalidConfig("'relora_every' needs mode 'relora' (mode 'lora' never restarts)") }
+        case .relora:
+            guard let r = reloraEvery else { throw ReLoRAError.invalidConfig("mode 'relora' needs 'relora_every' (steps between restarts)") }
+            guard r > 0 else { throw ReLoRAError.invalidConfig("'relora_every' must be positive, got \(r)") }
+            guard steps % r == 0 else {
+                throw ReLoRAError.invalidConfig(
+                    "'relora_every' \(r) must divide 'steps' \(steps) so the run ends on a complete cycle (the jagged schedule restarts at multiples of it)")
+            }
+            guard restartWarmup >= 0, restartWarmup < r else {
+                throw ReLoRAError.invalidConfig("'restart_warmup' must be in [0, relora_every), got \(restartWarmup)")
+            }
+            guard optimizerResetRatio >= 0, optimizerResetRatio <= 1 else {
+                throw ReLoRAError.invalidConfig("'optimizer_reset_ratio' must be in [0, 1], got \(optimizerResetRatio)")
+            }
+        }
+        if mode != .full {
+            if loraRank <= 0 { throw ReLoRAError.invalidConfig("'lora_r' must be a positive integer, got \(loraRank)") }
+            if !(loraAlpha > 0) { throw ReLoRAError.invalidConfig("'lora_alpha' must be positive, got \(loraAlpha)") }
+            if !(loraDropout >= 0 && loraDropout < 1) { throw ReLoRAError.invalidConfig("'lora_dropout' must be in [0, 1), got \(loraDropout)") }
+        }
         if device != "cpu" {
             throw ReLoRAError.invalidConfig("device '\(device)' is not available yet; only 'cpu' is (the CUDA backend is not built)")
         }
@@ -204,6 +284,17 @@ extension Recipe {
             "keep_checkpoints": keepCheckpoints, "log_every": logEvery, "seed": Int(seed), "device": device,
             "checkpointing": checkpointing.rawValue, "init_std": initStd, "max_skipped_fraction": maxSkippedFraction,
         ]
+        o["mode"] = mode.rawValue
+        if mode != .full {
+            o["lora_r"] = loraRank; o["lora_alpha"] = loraAlpha; o["lora_dropout"] = loraDropout
+            o["lora_trainable_scale"] = loraTrainableScale
+        }
+        if mode == .relora {
+            o["relora_every"] = reloraEvery; o["restart_warmup"] = restartWarmup
+            o["optimizer_reset"] = optimizerReset.rawValue; o["optimizer_reset_ratio"] = optimizerResetRatio
+            o["jagged_schedule"] = jaggedSchedule
+        }
+        if let w = warmStart { o["warm_start"] = w }
         if let v = valData { o["val_data"] = v }
         if let t = tokenizer { o["tokenizer"] = t }
         return o

@@ -60,9 +60,11 @@ public final class Trainer {
         } else {
             valTokens = nil
         }
-        schedule = LRSchedule(totalSteps: recipe.steps, warmupSteps: recipe.warmupSteps, minRatio: recipe.minLRRatio)
+        schedule = recipe.schedule
+        try recipe.loraConfig?.validate(for: config)
 
-        model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing)
+        model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig)
+        model.dropoutSeed = recipe.seed
         model.enableGradients()
         optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
                           eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
@@ -82,8 +84,18 @@ public final class Trainer {
                 throw ReLoRAError.invalidData(
                     "\(recipe.runDir) already holds checkpoints; continue it with `relora train --resume \(recipe.runDir)` or choose another run_dir")
             }
-            model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)
-            state = TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: recipe.seed)
+            if let warm = recipe.warmStart {
+                state = try Self.warmStart(from: warm, model: model, optimizer: optimizer, seed: recipe.seed)
+                log("warm start from \(warm) at step \(state.step)")
+                guard state.step < recipe.steps else {
+                    throw ReLoRAError.invalidConfig("the warm start is at step \(state.step), but the recipe ends at step \(recipe.steps)")
+                }
+            } else {
+                model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)
+                state = TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: recipe.seed)
+            }
+            model.initializeLoRA(seed: recipe.seed)
+            if model.lora != nil { state.loraMerges = 0 }
             try TrainingCheckpoint.createDirectory(recipe.runDir)
             try TrainingCheckpoint.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
             try? FileManager.default.removeItem(atPath: metricsPath)
@@ -98,6 +110,65 @@ public final class Trainer {
 
     var metricsPath: String { recipe.runDir + "/metrics.jsonl" }
 
+    /// Starts from a full-rank checkpoint: its weights (the LoRA run's frozen W), its step count (the
+    /// schedule continues, as in the reference), and Adam's moments and step counter for the dense
+    /// tensors that stay trainable (embeddings, norms, head). LoRA factors start fresh with zero moments.
+    static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64) throws -> TrainingState {
+        let checkpoint: String
+        if FileManager.default.fileExists(atPath: path + "/state.json") {
+            checkpoint = path
+        } else if let latest = try TrainingCheckpoint.latest(runDir: path) {
+            checkpoint = latest
+        } else {
+            throw ReLoRAError.invalidFile(path: path, reason: "warm_start is neither a checkpoint nor a run directory with checkpoints")
+        }
+        let warmState = try TrainingCheckpoint.readState(checkpoint)
+        let config = try LlamaConfig(contentsOf: checkpoint + "/config.json")
+        guard config == model.config else {
+            throw ReLoRAError.invalidConfig(
+                "the warm-start checkpoint \(checkpoint) has another architecture (hidden \(config.hiddenSize), layers \(config.numHiddenLayers), vocab \(config.vocabSize)) than the recipe's model")
+        }
+        guard !FileManager.default.fileExists(atPath: checkpoint + "/lora.safetensors") else {
+            throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint; \(checkpoint) holds LoRA factors")
+        }
+        let weights = try SafetensorsFile(path: checkpoint + "/model.safetensors")
+        for (name, t) in model.weights.named() { try TrainingCheckpoint.fill(t, from: weights, name, backend: model.backend) }
+        let moments = try SafetensorsFile(path: checkpoint + "/optimizer.safetensors")
+        for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA {
+            try TrainingCheckpoint.fill(optimizer.m[i], from: moments, "m." + p.name, backend: model.backend)
+            try TrainingCheckpoint.fill(optimizer.v[i], from: moments, "v." + p.name, backend: model.backend)
+        }
+        optimizer.stepCount = warmState.optimizerStep
+        return TrainingState(step: warmState.step, optimizerStep: warmState.optimizerStep, skippedSteps: 0,
+                             tokensSeen: warmState.tokensSeen, seed: seed)
+    }
+
+    /// Merge, re-initialise and reset the LoRA optimizer state (ReLoRA restart), with a log line and a
+    /// metrics line.
+    func restart() throws {
+        let merge = model.mergeLoRA(seed: recipe.seed)
+        state.loraMerges = model.lora?.merges
+        var zeroed = [0, 0], total = 0
+        for (i, p) in optimizer.parameters.enumerated() where p.isLoRA {
+            let stream = UInt64(merge.restart) << 32 | UInt64(i) << 1
+            zeroed[0] += OptimizerReset.apply(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, to: optimizer.m[i],
+                                              seed: recipe.seed, stream: stream)
+            zeroed[1] += OptimizerReset.apply(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, to: optimizer.v[i],
+                                              seed: recipe.seed, stream: stream | 1)
+            total += p.value.count
+        }
+        let fm = Double(zeroed[0]) / Double(max(1, total)), fv = Double(zeroed[1]) / Double(max(1, total))
+        log(String(format: "restart %d at step %d | merged in %.3f s (|sBA|/|W| %.4f) | optimizer reset %@ %.2f: zeroed %.4f of m, %.4f of v",
+                   merge.restart + 1, state.step, merge.seconds, merge.relativeUpdate, recipe.optimizerReset.rawValue,
+                   recipe.optimizerResetRatio, fm, fv))
+        try appendMetrics(String(format: "{\"step\":%d,\"restart\":%d,\"merge_seconds\":%.4f,\"relative_update\":%.6g,\"zeroed_m\":%.6f,\"zeroed_v\":%.6f}",
+                                 state.step, merge.restart + 1, merge.seconds, merge.relativeUpdate, fm, fv))
+        lastResetFractions = (fm, fv)
+    }
+
+    /// Fractions of the LoRA moments zeroed by the latest restart (tests check them against the ratio).
+    public private(set) var lastResetFractions: (m: Double, v: Double)?
+
     static func checkVocabulary(_ tokens: TokenArray, _ config: LlamaConfig) throws {
         guard tokens.count > 0 else { throw ReLoRAError.invalidData("\(tokens.path) holds no tokens") }
         let lo = tokens.minValue(), hi = tokens.maxValue()
@@ -110,13 +181,18 @@ public final class Trainer {
     /// Runs until `recipe.steps` (or a stop request). Returns a summary.
     public func run() throws -> TrainingSummary {
         let r = recipe
-        log("model \(r.model): \(model.config.parameterCount) parameters; \(r.tokensPerStep) tokens/step "
+        let trainable = optimizer.parameters.reduce(0) { $0 + $1.value.count }
+        log("model \(r.model): \(model.config.parameterCount) parameters, \(trainable) trained (mode \(r.mode.rawValue)); \(r.tokensPerStep) tokens/step "
             + "(\(r.microBatch) x \(r.seqLen) x \(r.gradAccum)); steps \(state.step)..<\(r.steps)")
         var lastLoss = Double.nan, lastVal: Double? = nil, lastCheckpoint: String? = nil
         var stoppedEarly = false
         while state.step < r.steps {
             let metrics = try trainStep()
             lastLoss = metrics.loss
+            // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0.
+            if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {
+                try restart()
+            }
             if history.count == 1 { log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()) }
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics))
@@ -154,6 +230,7 @@ public final class Trainer {
         let r = recipe
         let start = DispatchTime.now().uptimeNanoseconds
         model.zeroGradients()
+        model.dropoutStep = state.step
         let tokensInStep = r.tokensPerStep
         var lossSum = 0.0
         for micro in 0..<r.gradAccum {

@@ -14,16 +14,20 @@ public struct TrainingState: Codable, Sendable, Equatable {
     public var seed: UInt64
     /// File name -> `contentHash64` hex, checked on load.
     public var checksums: [String: String] = [:]
+    /// ReLoRA merges done so far (nil in full-rank runs).
+    public var loraMerges: Int?
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", step, optimizerStep = "optimizer_step", skippedSteps = "skipped_steps"
-        case tokensSeen = "tokens_seen", sampler, seed, checksums
+        case tokensSeen = "tokens_seen", sampler, seed, checksums, loraMerges = "lora_merges"
     }
 }
 
 /// Training checkpoints: `RUN/checkpoints/step_00000100/` holding `config.json` (Hugging Face),
-/// `model.safetensors` (fp32, Hugging Face tensor names), `optimizer.safetensors` (`m.<name>`,
-/// `v.<name>`), `recipe.json` and `state.json`; `RUN/checkpoints/latest` names the newest complete one.
+/// `model.safetensors` (fp32, Hugging Face tensor names; under LoRA the frozen base weights W),
+/// `lora.safetensors` (LoRA runs: `...q_proj.lora_A` / `lora_B` / `lora_scale`, not yet merged),
+/// `optimizer.safetensors` (`m.<name>`, `v.<name>` for every trained tensor), `recipe.json` and
+/// `state.json`; `RUN/checkpoints/latest` names the newest complete one.
 ///
 /// Atomicity: a checkpoint is written into a hidden temporary directory, every file fsynced, then the
 /// directory is renamed into place and `latest` replaced by rename. A crash at any point leaves the
@@ -50,6 +54,22 @@ public enum TrainingCheckpoint {
             try SafetensorsWriter.write(
                 model.weights.named().map { .f32($0.0, shape: $0.1.shape, backend.download($0.1)) },
                 metadata: ["format": "pt"], to: temp + "/model.safetensors")
+            var files = ["model.safetensors", "optimizer.safetensors", "config.json", "recipe.json"]
+            if let lora = model.lora {
+                // Every adapter's scale is written (trained or not), so the file alone defines W + s*B*A.
+                var entries = lora.named().map { SafetensorsEntry.f32($0.name, shape: $0.value.shape, backend.download($0.value)) }
+                if !lora.config.trainableScale {
+                    for (layer, row) in lora.adapters.enumerated() {
+                        for kind in LinearKind.allCases {
+                            entries.append(.f32("model.layers.\(layer).\(kind.hfPath).lora_scale", shape: [1],
+                                                backend.download(row[kind.rawValue].scale)))
+                        }
+                    }
+                }
+                try SafetensorsWriter.write(entries, metadata: ["rank": "\(lora.config.rank)", "alpha": "\(lora.config.alpha)"],
+                                            to: temp + "/lora.safetensors")
+                files.append("lora.safetensors")
+            }
             var moments: [SafetensorsEntry] = []
             for (i, p) in optimizer.parameters.enumerated() {
                 moments.append(.f32("m." + p.name, shape: p.value.shape, backend.download(optimizer.m[i])))
@@ -59,7 +79,7 @@ public enum TrainingCheckpoint {
             try writeJSON(model.config.jsonObject(), to: temp + "/config.json")
             try writeJSON(recipe.jsonObject(), to: temp + "/recipe.json")
             var withSums = state
-            for f in ["model.safetensors", "optimizer.safetensors", "config.json", "recipe.json"] {
+            for f in files {
                 withSums.checksums[f] = contentHashOfFile(temp + "/" + f)
             }
             let encoder = JSONEncoder()
@@ -131,6 +151,11 @@ public enum TrainingCheckpoint {
         }
         let weights = try SafetensorsFile(path: path + "/model.safetensors")
         for (name, t) in model.weights.named() { try fill(t, from: weights, name, backend: model.backend) }
+        if let lora = model.lora {
+            let file = try SafetensorsFile(path: path + "/lora.safetensors")
+            for p in lora.named() { try fill(p.value, from: file, p.name, backend: model.backend) }
+            lora.merges = state.loraMerges ?? 0
+        }
         if let opt = optimizer {
             let moments = try SafetensorsFile(path: path + "/optimizer.safetensors")
             for (i, p) in opt.parameters.enumerated() {
@@ -142,13 +167,37 @@ public enum TrainingCheckpoint {
         return state
     }
 
-    /// A model holding a checkpoint's weights (export, sampling, evaluation).
+    /// A plain (full-rank) model holding a checkpoint's weights, for export, sampling and evaluation.
+    /// A LoRA checkpoint's current cycle is merged first: W + s * B * A. (The reference ReLoRA code
+    /// exported W without the last cycle, so its users could not load what they had trained.)
     public static func loadModel(_ path: String, backend: Backend) throws -> LlamaModel {
         _ = try readState(path)
         let config = try LlamaConfig(contentsOf: path + "/config.json")
         let model = LlamaModel(config: config, backend: backend)
         let weights = try SafetensorsFile(path: path + "/model.safetensors")
         for (name, t) in model.weights.named() { try fill(t, from: weights, name, backend: backend) }
+        if FileManager.default.fileExists(atPath: path + "/lora.safetensors") {
+            let lora = try SafetensorsFile(path: path + "/lora.safetensors")
+            for layer in 0..<config.numHiddenLayers {
+                for kind in LinearKind.allCases {
+                    let p = "model.layers.\(layer).\(kind.hfPath)."
+                    let w = model.weights.blocks[layer].linear(kind)
+                    let (out, inF) = LoRALayers.shape(kind, config)
+                    guard let ai = lora.info(p + "lora_A"), ai.shape.count == 2, ai.shape[1] == inF,
+                          let bi = lora.info(p + "lora_B"), bi.shape == [out, ai.shape[0]] else {
+                        throw ReLoRAError.invalidFile(path: lora.path, reason: "LoRA factors of \(p)weight are missing or have wrong shapes")
+                    }
+                    let a = backend.makeTensor(ai.shape, tag: .workspace), b = backend.makeTensor(bi.shape, tag: .workspace)
+                    backend.upload(try lora.floats(p + "lora_A"), to: a)
+                    backend.upload(try lora.floats(p + "lora_B"), to: b)
+                    guard lora.info(p + "lora_scale")?.shape == [1] else {
+                        throw ReLoRAError.invalidFile(path: lora.path, reason: "the LoRA scale of \(p)weight is missing")
+                    }
+                    let s = try lora.floats(p + "lora_scale")[0]
+                    backend.matmul(b, a, w, m: out, n: inF, k: ai.shape[0], transA: false, transB: false, alpha: s, beta: 1)
+                }
+            }
+        }
         return model
     }
 

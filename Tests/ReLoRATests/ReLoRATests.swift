@@ -1,0 +1,291 @@
+import Foundation
+import XCTest
+@testable import ReLoRA
+
+/// LoRA wrapping, merges, optimizer resets and the ReLoRA training mode.
+final class ReLoRATests: XCTestCase {
+    func config() throws -> LlamaConfig {
+        try LlamaConfig(hiddenSize: 16, intermediateSize: 20, numHiddenLayers: 2, numAttentionHeads: 4,
+                        numKeyValueHeads: 2, vocabSize: 13, maxPositionEmbeddings: 16)
+    }
+
+    /// A LoRA model whose base weights equal `makeBase`'s and whose adapters are random (B != 0).
+    func loraModel(_ lora: LoRAConfig, checkpointing: GradientCheckpointing = .none, randomB: Bool = true) throws -> LlamaModel {
+        let model = LlamaModel(config: try config(), backend: CPUBackend(), checkpointing: checkpointing, lora: lora)
+        model.weights.initializeRandom(seed: 7, std: 0.3, backend: model.backend)
+        model.initializeLoRA(seed: 9)
+        if randomB {
+            var rng = TestRNG(21)
+            for p in model.lora!.named() where p.name.hasSuffix("lora_B") {
+                p.value.copy(from: rng.floats(p.value.count, -0.3, 0.3))
+            }
+        }
+        model.enableGradients()
+        return model
+    }
+
+    let batch = 2, seqLen = 6
+    func data() -> ([Int32], [Int32]) {
+        var rng = TestRNG(3)
+        return ((0..<12).map { _ in Int32(rng.int(13)) }, (0..<12).map { _ in Int32(rng.int(13)) })
+    }
+
+    func testWrappingDoesNotChangeOutputs() throws {
+        let full = LlamaModel(config: try config(), backend: CPUBackend())
+        full.weights.initializeRandom(seed: 7, std: 0.3, backend: full.backend)
+        let wrapped = try loraModel(LoRAConfig(rank: 4, alpha: 8), randomB: false)
+        let (x, _) = data()
+        XCTAssertEqual(try wrapped.logits(inputs: x, batch: batch, seqLen: seqLen),
+                       try full.logits(inputs: x, batch: batch, seqLen: seqLen))
+        // A ~ U(-1/sqrt(in), 1/sqrt(in)) and not zero (the reference code's A = B = 0 bug); B = 0.
+        let ad = wrapped.lora!.adapters[0][LinearKind.down.rawValue]
+        let bound = 1 / Float(ad.inFeatures).squareRoot()
+        XCTAssertTrue(ad.a.toArray().allSatisfy { abs($0) <= bound })
+        XCTAssertGreaterThan(ad.a.toArray().map(abs).max()!, bound * 0.9)
+        XCTAssertTrue(ad.b.toArray().allSatisfy { $0 == 0 })
+    }
+
+    func gradientCheck(_ lora: LoRAConfig, checkpointing: GradientCheckpointing) throws {
+        let model = try loraModel(lora, checkpointing: checkpointing)
+        let (x, y) = data()
+        try model.forwardBackward(inputs: x, targets: y, batch: batch, seqLen: seqLen, gradScale: 1)
+        let params = model.trainableParameters()
+        XCTAssertFalse(params.contains { $0.name.hasSuffix("q_proj.weight") }, "frozen W must not be trained")
+        for p in params {
+            let analytic = p.grad.toArray()
+            // With dropout the loss is the training-mode loss (same masks: same step).
+            checkFiniteDifferences("\(p.name) [dropout \(lora.dropout), \(checkpointing)]", p.value, analytic: analytic, samples: 6) {
+                // Gradients accumulate as a side effect (scale 0 adds nothing); only the loss is used.
+                return try! model.forwardBackward(inputs: x, targets: y, batch: batch, seqLen: seqLen, gradScale: 0).sum
+            }
+        }
+    }
+
+    func testLoRAGradientsMatchFiniteDifferences() throws {
+        try gradientCheck(LoRAConfig(rank: 3, alpha: 6), checkpointing: .none)
+    }
+
+    func testLoRAGradientsWithDropoutAndTrainableScale() throws {
+        try gradientCheck(LoRAConfig(rank: 3, alpha: 6, dropout: 0.3, trainableScale: true), checkpointing: .block)
+    }
+
+    func testLoRACheckpointingIsBitIdentical() throws {
+        var grads: [[Float]] = []
+        for setting in GradientCheckpointing.allCases {
+            let model = try loraModel(LoRAConfig(rank: 3, alpha: 6, dropout: 0.2, trainableScale: true), checkpointing: setting)
+            let (x, y) = data()
+            try model.forwardBackward(inputs: x, targets: y, batch: batch, seqLen: seqLen, gradScale: 0.1)
+            grads.append(model.trainableParameters().flatMap { $0.grad.toArray() })
+        }
+        XCTAssertTrue(grads[0] == grads[1])
+    }
+
+    func testMergePreservesOutputsAndResetsFactors() throws {
+        let model = try loraModel(LoRAConfig(rank: 4, alpha: 8))
+        let (x, _) = data()
+        let before = try model.logits(inputs: x, batch: batch, seqLen: seqLen)
+        let w0 = model.weights.blocks[1].gate.toArray()
+        let report = model.mergeLoRA(seed: 1)
+        XCTAssertEqual(report.restart, 0)
+        XCTAssertGreaterThan(report.relativeUpdate, 0)
+        let after = try model.logits(inputs: x, batch: batch, seqLen: seqLen)
+        // fp32: the merged product rounds once per weight instead of per activation; ~1e-6 relative.
+        for (a, b) in zip(after, before) { XCTAssertEqual(a, b, accuracy: 1e-4 + 1e-4 * abs(b)) }
+        XCTAssertNotEqual(model.weights.blocks[1].gate.toArray(), w0)
+        XCTAssertTrue(model.lora!.adapters[1][LinearKind.gate.rawValue].b.toArray().allSatisfy { $0 == 0 })
+        XCTAssertEqual(model.lora!.merges, 1)
+    }
+
+    func testOptimizerResetFractions() {
+        let backend = CPUBackend()
+        var rng = TestRNG(5)
+        let n = 10_007
+        for ratio in [0.5, 0.9, 0.99] {
+            let t = makeTensor(backend, [n], rng.floats(n))
+            let zeroed = OptimizerReset.apply(.magnitude, ratio: ratio, to: t, seed: 0, stream: 0)
+            let k = Int((ratio * Double(n)).rounded(.up))
+            XCTAssertEqual(zeroed, k, "magnitude \(ratio)")
+            XCTAssertEqual(t.toArray().filter { $0 == 0 }.count, k)
+            // Every survivor is larger in magnitude than every pruned value's threshold.
+            let kept = t.toArray().filter { $0 != 0 }.map(abs)
+            XCTAssertEqual(kept.count, n - k)
+        }
+        // Random: Binomial(n, p); 5 sigma bound.
+        let t = makeTensor(backend, [n], rng.floats(n))
+        let zeroed = OptimizerReset.apply(.random, ratio: 0.9, to: t, seed: 1, stream: 2)
+        XCTAssertEqual(Double(zeroed) / Double(n), 0.9, accuracy: 5 * (0.9 * 0.1 / Double(n)).squareRoot())
+        XCTAssertEqual(OptimizerReset.apply(.full, ratio: 0, to: t, seed: 0, stream: 0), n)
+        let u = makeTensor(backend, [4], [1, 2, 3, 4])
+        XCTAssertEqual(OptimizerReset.apply(.none, ratio: 0.99, to: u, seed: 0, stream: 0), 0)
+        XCTAssertEqual(u.toArray(), [1, 2, 3, 4])
+    }
+
+    // MARK: Training modes
+
+    func byteData() throws -> TrainerTests.ByteData { try TrainerTests.makeByteData(hidden: 32, layers: 2) }
+
+    func recipe(_ d: TrainerTests.ByteData, run: String, _ edit: (inout Recipe) -> Void) -> Recipe {
+        TrainerTests.recipe(d, run: run, edit)
+    }
+
+    func testLoRAModeNeverChangesFrozenWeightsAndHasNoStateForThem() throws {
+        let d = try byteData()
+        let r = recipe(d, run: "lora") { $0.mode = .lora; $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 4 }
+        let trainer = try Trainer(recipe: r, resume: false, log: { _ in })
+        let w0 = trainer.model.weights.blocks.flatMap { b in LinearKind.allCases.flatMap { b.linear($0).toArray() } }
+        let emb0 = trainer.model.weights.embed.toArray()
+        _ = try trainer.run()
+        let w1 = trainer.model.weights.blocks.flatMap { b in LinearKind.allCases.flatMap { b.linear($0).toArray() } }
+        XCTAssertTrue(w0 == w1, "mode lora changed a frozen weight")
+        XCTAssertNotEqual(trainer.model.weights.embed.toArray(), emb0, "embeddings are trained")
+        // Memory: frozen weights have no gradient and no optimizer state.
+        let report = trainer.model.backend.ledger.report()
+        let trained = trainer.optimizer.parameters.reduce(0) { $0 + $1.value.count } * 4
+        let frozen = trainer.model.weights.blocks.reduce(0) { acc, b in acc + LinearKind.allCases.reduce(0) { $0 + b.linear($1).count } } * 4
+        XCTAssertEqual(report.live(.frozenWeights), frozen)
+        XCTAssertEqual(report.live(.gradients), trained)
+        XCTAssertEqual(report.live(.optimizer), 2 * trained)
+    }
+
+    func testReLoRARestartsMergeResetAndResumeBitExactly() throws {
+        let d = try byteData()
+        func relora(_ run: String) -> Recipe {
+            recipe(d, run: run) {
+                $0.mode = .relora; $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 9; $0.reloraEvery = 3
+                $0.restartWarmup = 1; $0.warmupSteps = 1; $0.optimizerResetRatio = 0.9; $0.checkpointEvery = 100
+                $0.evalEvery = 100
+            }
+        }
+        var lines: [String] = []
+        let straight = try Trainer(recipe: relora("straight"), resume: false, log: { lines.append($0) })
+        let w0 = straight.model.weights.blocks[0].q.toArray()
+        _ = try straight.run()
+        // Restarts after the zero-LR steps t = 3 and t = 6 (0-based), i.e. after steps 4 and 7.
+        let restarts = lines.filter { $0.hasPrefix("restart ") }
+        XCTAssertEqual(restarts.count, 2, "\(lines)")
+        XCTAssertTrue(restarts[0].contains("at step 4"), restarts[0])
+        XCTAssertEqual(straight.history[3].lr, 0)
+        XCTAssertEqual(straight.history[6].lr, 0)
+        XCTAssertEqual(straight.model.lora!.merges, 2)
+        XCTAssertNotEqual(straight.model.weights.blocks[0].q.toArray(), w0, "merges change W")
+        // The reset zeroed (at least) the asked fraction of the LoRA moments; dense moments untouched.
+        let (fm, fv) = try XCTUnwrap(straight.lastResetFractions)
+        XCTAssertGreaterThanOrEqual(fm, 0.9); XCTAssertLessThan(fm, 0.92)
+        XCTAssertGreaterThanOrEqual(fv, 0.9); XCTAssertLessThan(fv, 0.92)
+        // Dense moments are never pruned: the final norm's gain gets a gradient every step, so none of its
+        // moments is zero.
+        let normIndex = straight.optimizer.parameters.firstIndex { $0.name == "model.norm.weight" }!
+        XCTAssertFalse(straight.optimizer.m[normIndex].toArray().contains(0))
+        XCTAssertFalse(straight.optimizer.v[normIndex].toArray().contains(0))
+        XCTAssertEqual(straight.optimizer.stepCount, 9, "Adam's step counter is not reset")
+
+        // Interrupted after step 5 (between the restarts) and resumed: identical losses and weights.
+        let first = try Trainer(recipe: relora("resumed"), resume: false, log: { _ in })
+        first.shouldStop = { first.state.step >= 5 }
+        _ = try first.run()
+        let second = try Trainer(recipe: relora("resumed"), resume: true, log: { _ in })
+        _ = try second.run()
+        XCTAssertEqual((first.history + second.history).map(\.loss), straight.history.map(\.loss))
+        XCTAssertTrue(second.model.weights.blocks[1].down.toArray() == straight.model.weights.blocks[1].down.toArray())
+
+        // Export merges the current cycle: the HF model computes what the LoRA model computes.
+        let ckpt = try XCTUnwrap(TrainingCheckpoint.latest(runDir: relora("straight").runDir))
+        let exported = try TrainingCheckpoint.loadModel(ckpt, backend: CPUBackend())
+        let ids: [Int32] = Array("What's in a name".utf8).map { Int32($0) }
+        let want = try straight.model.logits(inputs: ids, batch: 1, seqLen: ids.count)
+        let got = try exported.logits(inputs: ids, batch: 1, seqLen: ids.count)
+        for (a, b) in zip(got, want) { XCTAssertEqual(a, b, accuracy: 1e-4 + 1e-4 * abs(b)) }
+    }
+
+    func testWarmStartContinuesStepsAndChecksArchitecture() throws {
+        let d = try byteData()
+        let warm = recipe(d, run: "warm") { $0.steps = 4 }
+        _ = try Trainer(recipe: warm, resume: false, log: { _ in }).run()
+        let r = recipe(d, run: "relora-warm") {
+            $0.mode = .relora; $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 8; $0.reloraEvery = 2; $0.restartWarmup = 1
+            $0.warmStart = warm.runDir
+        }
+        let t = try Trainer(recipe: r, resume: false, log: { _ in })
+        XCTAssertEqual(t.state.step, 4)
+        XCTAssertEqual(t.optimizer.stepCount, 4)
+        let warmModel = try TrainingCheckpoint.loadModel(try XCTUnwrap(TrainingCheckpoint.latest(runDir: warm.runDir)), backend: CPUBackend())
+        XCTAssertEqual(t.model.weights.blocks[0].v.toArray(), warmModel.weights.blocks[0].v.toArray())
+        _ = try t.run()
+        XCTAssertEqual(t.history.count, 4)
+
+        // Another architecture is a clear error.
+        let other = try makeOtherConfig(d)
+        let bad = recipe(d, run: "relora-bad") { $0.mode = .lora; $0.loraRank = 4; $0.model = other; $0.warmStart = warm.runDir }
+        XCTAssertThrowsError(try Trainer(recipe: bad, resume: false, log: { _ in })) {
+            XCTAssertTrue("\($0)".contains("another architecture"), "\($0)")
+        }
+    }
+
+    func makeOtherConfig(_ d: TrainerTests.ByteData) throws -> String {
+        let c: [String: Any] = ["hidden_size": 48, "intermediate_size": 72, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "vocab_size": 256, "max_position_embeddings": 128]
+        let path = d.dir + "/other.json"
+        try JSONSerialization.data(withJSONObject: c).write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    func testReLoRARecipeErrors() throws {
+        let d = try byteData()
+        func fails(_ fragment: String, _ edit: (inout Recipe) -> Void, line: UInt = #line) {
+            var r = recipe(d, run: "bad") { _ in }
+            edit(&r)
+            XCTAssertThrowsError(try { try r.validate(); _ = try Trainer(recipe: r, resume: false, log: { _ in }) }(), line: line) {
+                XCTAssertTrue("\($0)".contains(fragment), "'\($0)' should mention '\(fragment)'", line: line)
+            }
+        }
+        fails("lora_r 64 is larger than the smallest adapted dimension") { $0.mode = .lora; $0.loraRank = 64 }
+        fails("must divide 'steps'") { $0.mode = .relora; $0.loraRank = 4; $0.reloraEvery = 3; $0.steps = 8 }
+        fails("needs 'relora_every'") { $0.mode = .relora; $0.loraRank = 4 }
+        fails("'restart_warmup' must be in [0, relora_every)") { $0.mode = .relora; $0.loraRank = 4; $0.reloraEvery = 4; $0.restartWarmup = 4 }
+        fails("needs mode 'relora'") { $0.reloraEvery = 4 }
+    }
+
+    /// The point of ReLoRA: the sum of several rank-r updates has rank above r. A rank-1 LoRA on a
+    /// tiny model, trained with restarts, accumulates an update of rank > 1 in every matrix.
+    func testAccumulatedUpdateRankExceedsR() throws {
+        let d = try byteData()
+        let r = recipe(d, run: "rank") {
+            $0.mode = .relora; $0.loraRank = 1; $0.loraAlpha = 2; $0.steps = 24; $0.reloraEvery = 4; $0.restartWarmup = 1
+            $0.warmupSteps = 1; $0.lr = 1e-2; $0.checkpointEvery = 100; $0.evalEvery = 100
+        }
+        let t = try Trainer(recipe: r, resume: false, log: { _ in })
+        let before = t.model.weights.blocks[0].q.toArray()
+        _ = try t.run()
+        let after = t.model.weights.blocks[0].q.toArray()
+        let delta = zip(after, before).map { Double($0 - $1) }
+        let shape = t.model.weights.blocks[0].q.shape
+        let rank = numericalRank(delta, rows: shape[0], cols: shape[1])
+        XCTAssertGreaterThan(rank, 1, "5 merges of rank-1 updates should exceed rank 1")
+        XCTAssertLessThanOrEqual(rank, 6)  // at most one per merge (5) plus the current cycle (1)
+    }
+}
+
+/// Rank by Gaussian elimination with full pivoting. Pivots below `relativeTolerance` times the largest
+/// entry count as zero: the update W_after - W_before of fp32 weights carries rounding noise of
+/// ~2^-24 |W| per element from every merge, full rank but tiny (~1e-8 here vs updates of ~1e-3).
+func numericalRank(_ values: [Double], rows: Int, cols: Int, relativeTolerance: Double = 1e-4) -> Int {
+    var m = values
+    let tol = relativeTolerance * (values.map(abs).max() ?? 0)
+    var rank = 0
+    var usedRows = Set<Int>(), usedCols = Set<Int>()
+    while true {
+        var best = 0.0, bi = -1, bj = -1
+        for i in 0..<rows where !usedRows.contains(i) {
+            for j in 0..<cols where !usedCols.contains(j) && abs(m[i * cols + j]) > best {
+                best = abs(m[i * cols + j]); bi = i; bj = j
+            }
+        }
+        if bi < 0 || best <= tol { return rank }
+        rank += 1
+        usedRows.insert(bi); usedCols.insert(bj)
+        for i in 0..<rows where !usedRows.contains(i) {
+            let f = m[i * cols + bj] / m[bi * cols + bj]
+            for j in 0..<cols { m[i * cols + j] -= f * m[bi * cols + j] }
+        }
+    }
+}
