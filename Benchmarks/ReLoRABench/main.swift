@@ -6,7 +6,9 @@ import ReLoRA
 // sgemm rate measured in the same run (these machines are noisy; only same-run ratios mean much).
 //
 //   swift run -c release relora-bench [--config Configs/models/llama_20m.json] [--seq-len 256]
-//       [--batch 4] [--steps 5] [--checkpointing none|block] [--json OUT.json]
+//       [--batch 4] [--steps 5] [--checkpointing none|block] [--mode full|lora] [--rank 128] [--json OUT.json]
+// In LoRA mode the model FLOPs stay those of the full model (the frozen GEMMs still run, dW is skipped,
+// the adapters add a little), so compare LoRA runs by tokens/s, not by the FLOP fraction.
 
 struct Options {
     var config = "Configs/models/llama_20m.json"
@@ -15,6 +17,10 @@ struct Options {
     var steps = 5
     var checkpointing = GradientCheckpointing.none
     var json: String?
+    /// `full` or `lora` (frozen W + rank-`rank` adapters on the seven block linears).
+    var mode = "full"
+    var rank = 128
+    var alpha = 32.0
 }
 
 func parseOptions() -> Options {
@@ -30,7 +36,7 @@ func parseOptions() -> Options {
     while !args.isEmpty {
         let key = args.removeFirst()
         if key == "--help" || key == "-h" {
-            print("usage: relora-bench [--config FILE] [--seq-len N] [--batch B] [--steps S] [--checkpointing none|block] [--json OUT]")
+            print("usage: relora-bench [--config FILE] [--seq-len N] [--batch B] [--steps S] [--checkpointing none|block] [--mode full|lora] [--rank R] [--alpha A] [--json OUT]")
             exit(0)
         }
         guard let value = args.first else { fail("\(key) needs a value") }
@@ -44,6 +50,13 @@ func parseOptions() -> Options {
             guard let c = GradientCheckpointing(rawValue: value) else { fail("--checkpointing is none or block") }
             o.checkpointing = c
         case "--json": o.json = value
+        case "--mode":
+            guard value == "full" || value == "lora" else { fail("--mode is full or lora") }
+            o.mode = value
+        case "--rank": o.rank = positiveInt(value, key)
+        case "--alpha":
+            guard let a = Double(value), a > 0 else { fail("--alpha must be a positive number") }
+            o.alpha = a
         default: fail("unknown option \(key)")
         }
     }
@@ -87,8 +100,11 @@ do {
     let peak = max(peakSquare, peakHead)
 
     let backend = CPUBackend()
-    let model = LlamaModel(config: config, backend: backend, checkpointing: o.checkpointing)
+    let lora = o.mode == "lora" ? LoRAConfig(rank: o.rank, alpha: o.alpha) : nil
+    try lora?.validate(for: config)
+    let model = LlamaModel(config: config, backend: backend, checkpointing: o.checkpointing, lora: lora)
     model.weights.initializeRandom(seed: 1, backend: backend)
+    model.initializeLoRA(seed: 1)
     model.enableGradients()
     var rng = SystemRandomNumberGenerator()
     let inputs = (0..<tokens).map { _ in Int32.random(in: 0..<Int32(config.vocabSize), using: &rng) }
@@ -109,8 +125,10 @@ do {
     let fwdMedian = fwdTimes.sorted()[fwdTimes.count / 2]
     let achieved = stepFlops / median / 1e9
     let mem = backend.ledger.report()
-    print(String(format: "config %@  %d x %d tokens  checkpointing %@  threads %d", o.config, o.batch, o.seqLen,
-                 o.checkpointing.rawValue, cpuThreadCount))
+    let trainedParams = model.trainableParameters().reduce(0) { $0 + $1.value.count }
+    print(String(format: "config %@  mode %@%@  %d x %d tokens  checkpointing %@  threads %d  trained parameters %d",
+                 o.config, o.mode, lora.map { " (r \($0.rank), alpha \($0.alpha))" } ?? "", o.batch, o.seqLen,
+                 o.checkpointing.rawValue, cpuThreadCount, trainedParams))
     print(String(format: "sgemm peak (same run): %.1f GFLOP/s (2048^3: %.1f, LM-head shape: %.1f)", peak, peakSquare, peakHead))
     print(String(format: "forward+backward: %.3f s/step (median of %d), %.0f tokens/s, %.1f GFLOP/s model = %.1f%% of sgemm peak",
                  median, o.steps, Double(tokens) / median, achieved, 100 * achieved / peak))
@@ -127,6 +145,7 @@ do {
     var recipe = Recipe(model: o.config, trainData: dir + "/train.npy", runDir: dir + "/run")
     recipe.seqLen = o.seqLen; recipe.microBatch = o.batch; recipe.steps = o.steps + 1; recipe.warmupSteps = 0
     recipe.checkpointing = o.checkpointing; recipe.evalEvery = 1_000_000; recipe.checkpointEvery = 1_000_000
+    if lora != nil { recipe.mode = .lora; recipe.loraRank = o.rank; recipe.loraAlpha = o.alpha }
     let trainer = try Trainer(recipe: recipe, resume: false, backend: CPUBackend(), log: { _ in })
     while trainer.state.step < recipe.steps { _ = try trainer.trainStep() }
     let loopTimes = trainer.history.dropFirst().map { $0.milliseconds / 1000 }.sorted()
@@ -135,7 +154,7 @@ do {
                  loopMedian, Double(tokens) / loopMedian, 100 * median / loopMedian, 100 * (loopMedian - median) / median))
     if let path = o.json {
         let obj: [String: Any] = [
-            "config": o.config, "batch": o.batch, "seq_len": o.seqLen, "checkpointing": o.checkpointing.rawValue,
+            "config": o.config, "mode": o.mode, "rank": o.rank, "trained_parameters": trainedParams, "batch": o.batch, "seq_len": o.seqLen, "checkpointing": o.checkpointing.rawValue,
             "threads": cpuThreadCount, "step_seconds": median, "tokens_per_second": Double(tokens) / median,
             "model_gflops": achieved, "sgemm_peak_gflops": peak, "fraction_of_sgemm_peak": achieved / peak,
             "forward_seconds": fwdMedian, "peak_bytes": mem.peakTotal, "train_step_seconds": loopMedian,

@@ -172,7 +172,7 @@ def main():
     print(f"parameters: {total_params:,} total, {trainable:,} trainable"
           + (f" (LoRA r={a.rank}, alpha={a.alpha:g})" if a.mode == "lora" else ""))
     print(f"step: {median:.3f} s/step (median of {a.steps}; min {min(times):.3f}, max {max(times):.3f}), "
-          f"{tps:.0f} tokens/s")
+          f"{tps:.0f} tokens/s (best step {tokens / min(times):.0f})")
     print(f"full-model FLOPs/step (reference convention): {flops / 1e9:.2f} GFLOP "
           f"= {flops / median / 1e9:.1f} GFLOP/s at this step time")
     print(f"cpu time: {cpu_median:.3f} s/step (median) = {cpu_median / median:.2f} busy cores of {a.threads} "
@@ -187,7 +187,8 @@ def main():
         "config": a.config, "mode": a.mode, "attn": a.attn, "batch": a.batch, "seq_len": a.seq_len,
         "checkpointing": a.checkpointing, "threads": a.threads, "steps": a.steps,
         "rank": a.rank if a.mode == "lora" else None, "alpha": a.alpha if a.mode == "lora" else None,
-        "step_seconds": median, "step_seconds_all": times, "tokens_per_second": tps,
+        "step_seconds": median, "step_seconds_min": min(times), "step_seconds_all": times,
+        "tokens_per_second": tps, "best_tokens_per_second": tokens / min(times),
         "cpu_seconds_per_step": cpu_median, "peak_rss_bytes": rss, "rss_before_model_bytes": rss_before_model, "total_params": total_params, "trainable_params": trainable,
         "model_flops_per_step": flops, "model_gflops": flops / median / 1e9,
     }

@@ -12,6 +12,7 @@ let usage = """
       train     Train a model from a recipe (or --resume a run)
       export    Export a checkpoint as a Hugging Face model directory
       eval      Mean next-token loss and perplexity of a model on a token file
+      analyze   Singular-value spectra of learned updates (update rank), JSON + SVG
       sample    Generate text from a model
       tokenizer train   Train a byte-level BPE tokenizer (tokenizer.json)
       tokenize  Encode text / JSONL files into a .npy token file
@@ -96,6 +97,7 @@ do {
     case "train": try runTrain(Array(argv.dropFirst()))
     case "export": try runExport(Array(argv.dropFirst()))
     case "eval": try runEval(Array(argv.dropFirst()))
+    case "analyze": try runAnalyze(Array(argv.dropFirst()))
     case "sample": try runSample(Array(argv.dropFirst()))
     case "tokenizer": try runTokenizer(Array(argv.dropFirst()))
     case "tokenize": try runTokenize(Array(argv.dropFirst()))

@@ -236,7 +236,7 @@ public enum TrainingCheckpoint {
 
     /// Atomic, fsynced file write.
     static func writeData(_ data: Data, to path: String) throws {
-        try AtomicFileWriter.write(to: path) { sink in try data.withUnsafeBytes { try sink.write($0) } }
+        try writeFileAtomically(data, to: path)
     }
 
     static func syncDirectory(_ path: String) throws {

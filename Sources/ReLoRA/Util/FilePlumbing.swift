@@ -125,3 +125,9 @@ enum AtomicFileWriter {
 private func systemErrorText(_ code: Int32) -> String {
     String(cString: strerror(code))
 }
+
+/// Writes `data` to `path` atomically (temporary file in the same directory, fsync, rename): the file
+/// is complete or absent, and a previous file survives any failure.
+public func writeFileAtomically(_ data: Data, to path: String) throws {
+    try AtomicFileWriter.write(to: path) { sink in try data.withUnsafeBytes { try sink.write($0) } }
+}

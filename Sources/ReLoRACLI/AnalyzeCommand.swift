@@ -1,0 +1,79 @@
+import Foundation
+import ReLoRA
+
+let analyzeUsage = """
+    Usage: relora analyze RUN_DIR [RUN_DIR ...] [--against CHECKPOINT|RUN_DIR] [--threshold 0.1]
+                          [--kind q_proj] [--out DIR] [--labels a,b,c]
+
+    Singular values of each run's learned update (final weights, with the current LoRA cycle merged,
+    minus the reference weights) for every attention and MLP matrix of every layer, and how many fall
+    below the threshold (the ReLoRA paper's update-rank count). The reference is --against if given,
+    else the run's warm_start checkpoint, else its seeded initialisation (regenerated from the recipe).
+    Writes DIR/spectra.json (all numbers) and DIR/spectra.svg (histograms and sorted spectra of --kind
+    for the runs side by side, the paper's Figures 3/4). Default --out: the first run's directory.
+    """
+
+func runAnalyze(_ args: [String]) throws {
+    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(analyzeUsage); return }
+    let a = try Arguments(args, flagNames: [])
+    try a.checkKnown(["against", "threshold", "kind", "out", "labels"])
+    let runs = a.positional
+    guard !runs.isEmpty else { throw ReLoRAError.usage("give at least one run directory") }
+    var threshold = 0.1
+    if let t = a.string("threshold") {
+        guard let v = Double(t), v >= 0 else { throw ReLoRAError.usage("--threshold must be a number >= 0") }
+        threshold = v
+    }
+    let kind = a.string("kind") ?? "q_proj"
+    guard UpdateSpectrum.kindOrder.contains(kind) else {
+        throw ReLoRAError.usage("--kind must be one of \(UpdateSpectrum.kindOrder.joined(separator: ", "))")
+    }
+    let labels = a.string("labels")?.split(separator: ",").map(String.init)
+    if let labels, labels.count != runs.count { throw ReLoRAError.usage("--labels needs one label per run (\(runs.count))") }
+    let out = a.string("out") ?? runs[0]
+
+    var reports: [UpdateSpectrumReport] = []
+    for (i, run) in runs.enumerated() {
+        let (checkpoint, runDir) = try resolveCheckpoint(run)
+        let final = try weightMatrices(TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend()))
+        let reference = try referenceWeights(runDir: runDir, against: a.string("against"))
+        let label = labels?[i] ?? URL(fileURLWithPath: runDir).lastPathComponent
+        standardError("analyze: \(label): \(checkpoint) against \(reference.source)")
+        let report = try UpdateSpectrum.analyze(label: label, final: final, reference: reference.weights,
+                                                threshold: threshold) { standardError("analyze: \($0)") }
+        for k in report.kinds() {
+            printLine("\(label) \(k): \(report.totalBelow(kind: k)) of \(report.totalValues(kind: k)) singular values below \(threshold)")
+        }
+        reports.append(report)
+    }
+    try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    try writeFileAtomically(try encoder.encode(reports), to: out + "/spectra.json")
+    let svg = SpectrumPlot.render(reports: reports, kind: kind, title: "Singular values of the learned update (\(kind))")
+    try writeFileAtomically(Data(svg.utf8), to: out + "/spectra.svg")
+    printLine("wrote \(out)/spectra.json and \(out)/spectra.svg")
+}
+
+/// HF name -> (shape, values) of every weight of a model.
+func weightMatrices(_ model: LlamaModel) -> [String: ([Int], [Float])] {
+    Dictionary(uniqueKeysWithValues: model.weights.named().map { ($0.0, ($0.1.shape, model.backend.download($0.1))) })
+}
+
+/// The weights a run's update is measured against.
+func referenceWeights(runDir: String, against: String?) throws -> (weights: [String: ([Int], [Float])], source: String) {
+    if let against {
+        let (checkpoint, _) = try resolveCheckpoint(against)
+        return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint)
+    }
+    let recipe = try Recipe(contentsOf: runDir + "/recipe.json")
+    if let warm = recipe.warmStart {
+        let (checkpoint, _) = try resolveCheckpoint(warm)
+        return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint)
+    }
+    // No warm start: the run began from its seeded initialisation, which is reproducible.
+    let config = try LlamaConfig(contentsOf: recipe.model)
+    let model = LlamaModel(config: config, backend: CPUBackend())
+    model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
+    return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")
+}
