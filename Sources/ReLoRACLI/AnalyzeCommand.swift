@@ -77,3 +77,26 @@ func referenceWeights(runDir: String, against: String?) throws -> (weights: [Str
     model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
     return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")
 }
+
+let controlUsage = """
+    Usage: relora control RECIPE.json --out CONFIG.json
+
+    Writes the control baseline's model config for a lora/relora recipe: a full-rank model of the same
+    depth and vocabulary, narrowed so that its parameter count matches the number of parameters the
+    recipe's run trains (embeddings, head, norms and LoRA factors).
+    """
+
+func runControl(_ args: [String]) throws {
+    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(controlUsage); return }
+    let a = try Arguments(args, flagNames: [])
+    try a.checkKnown(["out"])
+    guard a.positional.count == 1 else { throw ReLoRAError.usage("give one recipe") }
+    let recipe = try Recipe(contentsOf: a.positional[0])
+    guard recipe.mode != .full else { throw ReLoRAError.usage("the recipe trains full-rank; a control baseline is for lora/relora recipes") }
+    let base = try LlamaConfig(contentsOf: recipe.model)
+    let target = ControlBaseline.trainableCount(model: base, rank: recipe.loraRank, trainableScale: recipe.loraTrainableScale)
+    let control = try ControlBaseline.config(matching: target, like: base)
+    let out = try a.required("out")
+    try writeFileAtomically(try JSONSerialization.data(withJSONObject: control.jsonObject(), options: [.prettyPrinted, .sortedKeys]), to: out)
+    printLine("\(recipe.mode.rawValue) run trains \(target) parameters; control: hidden \(control.hiddenSize), intermediate \(control.intermediateSize), heads \(control.numAttentionHeads) -> \(control.parameterCount) parameters; wrote \(out)")
+}

@@ -289,3 +289,31 @@ func numericalRank(_ values: [Double], rows: Int, cols: Int, relativeTolerance: 
         }
     }
 }
+
+final class ControlBaselineTests: XCTestCase {
+    func testTrainableCountMatchesWhatTheTrainerTrains() throws {
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
+        let r = TrainerTests.recipe(d, run: "count") { $0.mode = .lora; $0.loraRank = 4; $0.loraTrainableScale = true }
+        let t = try Trainer(recipe: r, resume: false, log: { _ in })
+        let trained = t.optimizer.parameters.reduce(0) { $0 + $1.value.count }
+        let config = try LlamaConfig(contentsOf: d.model)
+        XCTAssertEqual(ControlBaseline.trainableCount(model: config, rank: 4, trainableScale: true), trained)
+    }
+
+    func testControlConfigIsTheClosestNarrowerModel() throws {
+        let base = try LlamaConfig(hiddenSize: 256, intermediateSize: 688, numHiddenLayers: 4, numAttentionHeads: 4,
+                                   vocabSize: 4096, maxPositionEmbeddings: 256)
+        let target = ControlBaseline.trainableCount(model: base, rank: 32)
+        let control = try ControlBaseline.config(matching: target, like: base)
+        XCTAssertEqual(control.headDim, 64)
+        XCTAssertEqual(control.numHiddenLayers, 4)
+        XCTAssertEqual(control.vocabSize, 4096)
+        XCTAssertLessThan(control.hiddenSize, 256)
+        // No other width on the head grid is closer.
+        for heads in 1...4 where heads * 64 != control.hiddenSize {
+            let other = try LlamaConfig(hiddenSize: heads * 64, intermediateSize: Int((688.0 / 256 * Double(heads * 64)).rounded()),
+                                        numHiddenLayers: 4, numAttentionHeads: heads, vocabSize: 4096, maxPositionEmbeddings: 256)
+            XCTAssertGreaterThanOrEqual(abs(other.parameterCount - target), abs(control.parameterCount - target))
+        }
+    }
+}

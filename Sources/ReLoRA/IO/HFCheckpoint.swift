@@ -109,14 +109,7 @@ public enum HFCheckpoint {
             }
             try SafetensorsWriter.write(entries, metadata: ["format": "pt"], to: temp + "/model.safetensors")
             if let tok = tokenizerJSON { try TrainingCheckpoint.writeData(tok, to: temp + "/tokenizer.json") }
-            if fm.fileExists(atPath: out) {
-                let old = out + ".old-\(getpid())"
-                try fm.moveItem(atPath: out, toPath: old)
-                try fm.moveItem(atPath: temp, toPath: out)
-                try? fm.removeItem(atPath: old)
-            } else {
-                try fm.moveItem(atPath: temp, toPath: out)
-            }
+            try replaceDirectory(at: out, with: temp)
         } catch {
             try? fm.removeItem(atPath: temp)
             if let e = error as? ReLoRAError { throw e }

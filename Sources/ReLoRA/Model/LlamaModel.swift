@@ -138,10 +138,8 @@ public final class LlamaModel: @unchecked Sendable {
         try validate(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: false)
         forward(inputs, ws)
+        computeLogits(ws)
         let n = batch * seqLen
-        backend.rmsnormForward(ws.xs[config.numHiddenLayers], weight: weights.norm, out: ws.lnf, rstd: ws.rstdf,
-                               rows: n, dim: config.hiddenSize, eps: Float(config.rmsNormEps))
-        backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: n, n: config.vocabSize, k: config.hiddenSize, transB: true)
         let sum = backend.crossEntropy(logits: ws.logits, targets: targets, losses: ws.losses, rows: n,
                                        vocab: config.vocabSize, gradScale: nil)
         return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })
@@ -157,12 +155,10 @@ public final class LlamaModel: @unchecked Sendable {
         try validate(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: true)
         let n = batch * seqLen, c = config.hiddenSize, vocab = config.vocabSize
-        let eps = Float(config.rmsNormEps)
         let last = ws.xs[config.numHiddenLayers]
 
         forward(inputs, ws)
-        backend.rmsnormForward(last, weight: weights.norm, out: ws.lnf, rstd: ws.rstdf, rows: n, dim: c, eps: eps)
-        backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: n, n: vocab, k: c, transB: true)
+        computeLogits(ws)
         // Fused: logits become dL/dlogits in place.
         let sum = backend.crossEntropy(logits: ws.logits, targets: targets, losses: ws.losses, rows: n, vocab: vocab,
                                        gradScale: gradScale)
@@ -195,10 +191,7 @@ public final class LlamaModel: @unchecked Sendable {
         try validate(inputs: inputs, targets: none, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: false)
         forward(inputs, ws)
-        let n = batch * seqLen
-        backend.rmsnormForward(ws.xs[config.numHiddenLayers], weight: weights.norm, out: ws.lnf, rstd: ws.rstdf,
-                               rows: n, dim: config.hiddenSize, eps: Float(config.rmsNormEps))
-        backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: n, n: config.vocabSize, k: config.hiddenSize, transB: true)
+        computeLogits(ws)
         return backend.download(ws.logits)
     }
 
@@ -228,6 +221,13 @@ public final class LlamaModel: @unchecked Sendable {
     }
 
     // MARK: Forward
+
+    /// Final norm and LM head over the last residual: `ws.logits = rmsnorm(xs[L]) W_head^T`, `[N, V]`.
+    private func computeLogits(_ ws: Workspace) {
+        backend.rmsnormForward(ws.xs[config.numHiddenLayers], weight: weights.norm, out: ws.lnf, rstd: ws.rstdf,
+                               rows: ws.tokens, dim: config.hiddenSize, eps: Float(config.rmsNormEps))
+        backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: ws.tokens, n: config.vocabSize, k: config.hiddenSize, transB: true)
+    }
 
     private func forward(_ inputs: [Int32], _ ws: Workspace) {
         backend.embeddingForward(ids: inputs, table: weights.embed, out: ws.xs[0], dim: config.hiddenSize)

@@ -86,15 +86,7 @@ public enum TrainingCheckpoint {
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             try writeData(try encoder.encode(withSums), to: temp + "/state.json")
             try syncDirectory(temp)
-            if fm.fileExists(atPath: final) {
-                // Re-saving the same step (e.g. after a resume): move the old one aside first.
-                let old = final + ".old-\(getpid())"
-                try fm.moveItem(atPath: final, toPath: old)
-                try fm.moveItem(atPath: temp, toPath: final)
-                try? fm.removeItem(atPath: old)
-            } else {
-                try fm.moveItem(atPath: temp, toPath: final)
-            }
+            try replaceDirectory(at: final, with: temp)
             try syncDirectory(root)
             try writeData(Data((name(step: state.step) + "\n").utf8), to: root + "/latest")
         } catch {

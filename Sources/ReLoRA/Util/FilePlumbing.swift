@@ -131,3 +131,17 @@ private func systemErrorText(_ code: Int32) -> String {
 public func writeFileAtomically(_ data: Data, to path: String) throws {
     try AtomicFileWriter.write(to: path) { sink in try data.withUnsafeBytes { try sink.write($0) } }
 }
+
+/// Moves the complete directory `temp` to `path`, replacing an existing one only once the new one is
+/// in place (old moved aside, new renamed in, old deleted), so `path` is never left half-written.
+func replaceDirectory(at path: String, with temp: String) throws {
+    let fm = FileManager.default
+    if fm.fileExists(atPath: path) {
+        let old = path + ".old-\(getpid())"
+        try fm.moveItem(atPath: path, toPath: old)
+        try fm.moveItem(atPath: temp, toPath: path)
+        try? fm.removeItem(atPath: old)
+    } else {
+        try fm.moveItem(atPath: temp, toPath: path)
+    }
+}
