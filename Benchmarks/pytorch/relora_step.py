@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch peer benchmark for relora's training step (CPU, eager mode).
+r"""PyTorch peer benchmark for relora's training step (CPU, eager mode).
 
 Builds transformers.LlamaForCausalLM from the same Hugging Face config JSON that relora reads, in float32,
 and times one training step: zero_grad, forward with labels (random tokens, HF's shifted-label loss),
@@ -18,7 +18,6 @@ Example:
 import argparse
 import json
 import math
-import os
 import platform
 import resource
 import statistics
