@@ -5,6 +5,7 @@ Arms, all with the same token budget (steps x 2048 tokens) and the same 5.3M-par
 (Configs/models/llama_shakespeare.json: hidden 256, FFN 688, 4 layers, vocab 4096):
 
   full                 full-rank training (lr L)                                   -- the paper's "full-rank"
+  full_lr2x            full-rank at 2L, to separate the learning rate from the method
   control              full-rank, narrower model with as many parameters as ReLoRA trains (`relora control`)
   lora                 LoRA from scratch, no restarts (lr 2L)                      -- "LoRA"
   lora_ws              LoRA warm-started from full's checkpoint at N/3            -- "LoRA + warm start"
@@ -22,6 +23,7 @@ plays. Writes OUT/results.md (table) and OUT/results.json, and `relora analyze` 
 of full, lora_ws and relora relative to the shared warm start (OUT/analysis/spectra.svg).
 
     python3 Benchmarks/paper_analog.py            # N = 900 steps: about an hour on 2 cores
+    python3 Benchmarks/paper_analog.py --arms full_lr2x   # (re)run some arms; results.json is merged
     python3 Benchmarks/paper_analog.py --quick    # N = 180: about 12 minutes
 """
 import argparse, json, os, re, statistics, subprocess, sys, time
@@ -83,6 +85,7 @@ def main():
     warm = f"{out}/full/checkpoints/step_{W:08d}"
     arms = {
         "full": {},
+        "full_lr2x": {"lr": 4e-3},
         "control": {"model": f"{out}/control_config.json"},
         "lora": {**lora, "mode": "lora"},
         "lora_ws": {**lora, "mode": "lora", "warm_start": warm},
@@ -133,7 +136,7 @@ def main():
 
 def write_table(out, N, W, RE, results):
     rows = [
-        ("full", "full-rank"), ("control", "control (full-rank, as many params as ReLoRA trains)"),
+        ("full", "full-rank"), ("full_lr2x", "full-rank at the LoRA stages' lr (4e-3), an lr control"), ("control", "control (full-rank, as many params as ReLoRA trains)"),
         ("lora", "LoRA (from scratch)"), ("lora_ws", "LoRA + warm start"), ("relora", "ReLoRA"),
         ("restarts", "ablation: restarts only"), ("restarts_reset", "ablation: restarts + reset, no jagged"),
         ("restarts_jagged", "ablation: restarts + jagged, no reset"), ("relora_no_ws", "ablation: ReLoRA without warm start"),

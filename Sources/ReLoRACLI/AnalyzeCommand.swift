@@ -34,7 +34,7 @@ func runAnalyze(_ args: [String]) throws {
 
     var reports: [UpdateSpectrumReport] = []
     for (i, run) in runs.enumerated() {
-        let (checkpoint, runDir) = try resolveCheckpoint(run)
+        let (checkpoint, runDir) = try TrainingCheckpoint.resolve(run)
         let final = try weightMatrices(TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend()))
         let reference = try referenceWeights(runDir: runDir, against: a.string("against"))
         let label = labels?[i] ?? URL(fileURLWithPath: runDir).lastPathComponent
@@ -63,12 +63,12 @@ func weightMatrices(_ model: LlamaModel) -> [String: ([Int], [Float])] {
 /// The weights a run's update is measured against.
 func referenceWeights(runDir: String, against: String?) throws -> (weights: [String: ([Int], [Float])], source: String) {
     if let against {
-        let (checkpoint, _) = try resolveCheckpoint(against)
+        let (checkpoint, _) = try TrainingCheckpoint.resolve(against)
         return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint)
     }
     let recipe = try Recipe(contentsOf: runDir + "/recipe.json")
     if let warm = recipe.warmStart {
-        let (checkpoint, _) = try resolveCheckpoint(warm)
+        let (checkpoint, _) = try TrainingCheckpoint.resolve(warm)
         return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint)
     }
     // No warm start: the run began from its seeded initialisation, which is reproducible.

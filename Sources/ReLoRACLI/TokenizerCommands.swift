@@ -167,7 +167,7 @@ func runSample(_ args: [String]) throws {
         model = try HFCheckpoint.load(directory: dir, backend: CPUBackend())
         tokenizerPath = dir + "/tokenizer.json"
     } else {
-        let (checkpoint, runDir) = try resolveCheckpoint(dir)
+        let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
         model = try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())
         tokenizerPath = runDir + "/tokenizer.json"
     }

@@ -93,21 +93,10 @@ func runExport(_ args: [String]) throws {
     let dtype = a.string("dtype") ?? "float32"
     guard dtype == "float32" || dtype == "bfloat16" else { throw ReLoRAError.usage("--dtype is float32 or bfloat16") }
     let out = try a.required("out")
-    let (checkpoint, runDir) = try resolveCheckpoint(a.positional[0])
+    let (checkpoint, runDir) = try TrainingCheckpoint.resolve(a.positional[0])
     let model = try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
     if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
     try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer)
     print("exported \(checkpoint) -> \(out) (\(dtype))")
-}
-
-/// A checkpoint directory (has state.json) or a run directory (its latest checkpoint), and the run directory.
-func resolveCheckpoint(_ path: String) throws -> (checkpoint: String, runDir: String) {
-    let fm = FileManager.default
-    if fm.fileExists(atPath: path + "/state.json") {
-        let run = URL(fileURLWithPath: path).deletingLastPathComponent().deletingLastPathComponent().path
-        return (path, run)
-    }
-    if let latest = try TrainingCheckpoint.latest(runDir: path) { return (latest, path) }
-    throw ReLoRAError.invalidFile(path: path, reason: "is neither a checkpoint directory nor a run directory with checkpoints")
 }

@@ -41,6 +41,7 @@ public final class Trainer {
     /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
     /// the latest checkpoint of `recipe.runDir`.
     public init(recipe: Recipe, resume: Bool, backend: Backend = CPUBackend(), log: @escaping (String) -> Void) throws {
+        try recipe.validate()  // recipes built in code skip the decoder's checks
         self.recipe = recipe
         self.log = log
         let config = try LlamaConfig(contentsOf: recipe.model)
@@ -114,14 +115,7 @@ public final class Trainer {
     /// schedule continues, as in the reference), and Adam's moments and step counter for the dense
     /// tensors that stay trainable (embeddings, norms, head). LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64) throws -> TrainingState {
-        let checkpoint: String
-        if FileManager.default.fileExists(atPath: path + "/state.json") {
-            checkpoint = path
-        } else if let latest = try TrainingCheckpoint.latest(runDir: path) {
-            checkpoint = latest
-        } else {
-            throw ReLoRAError.invalidFile(path: path, reason: "warm_start is neither a checkpoint nor a run directory with checkpoints")
-        }
+        let checkpoint = try TrainingCheckpoint.resolve(path).checkpoint
         let warmState = try TrainingCheckpoint.readState(checkpoint)
         let config = try LlamaConfig(contentsOf: checkpoint + "/config.json")
         guard config == model.config else {

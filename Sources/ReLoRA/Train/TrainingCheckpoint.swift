@@ -109,6 +109,17 @@ public enum TrainingCheckpoint {
         return root + "/" + name
     }
 
+    /// A checkpoint directory itself (it has `state.json`), or a run directory's latest checkpoint;
+    /// returns the checkpoint and its run directory.
+    public static func resolve(_ path: String) throws -> (checkpoint: String, runDir: String) {
+        if FileManager.default.fileExists(atPath: path + "/state.json") {
+            let run = URL(fileURLWithPath: path).deletingLastPathComponent().deletingLastPathComponent().path
+            return (path, run)
+        }
+        if let latest = try latest(runDir: path) { return (latest, path) }
+        throw ReLoRAError.invalidFile(path: path, reason: "is neither a checkpoint directory nor a run directory with checkpoints")
+    }
+
     /// Verifies checksums and reads the state of the checkpoint at `path`.
     public static func readState(_ path: String) throws -> TrainingState {
         guard let data = FileManager.default.contents(atPath: path + "/state.json") else {
