@@ -284,33 +284,4 @@ final class NpyTokensTests: XCTestCase {
             : (0 ..< 4).map { UInt8(truncatingIfNeeded: length >> (8 * $0)) }
         return try writeBytes([0x93] + Array("NUMPY".utf8) + [major, 0] + lengthField + headerBytes + data)
     }
-
-    private func assertInvalidFile<T>(
-        _ expression: @autoclosure () throws -> T, mentions keyword: String, _ context: String = "",
-        file: StaticString = #filePath, line: UInt = #line
-    ) {
-        do {
-            _ = try expression()
-            XCTFail("expected .invalidFile mentioning \"\(keyword)\" \(context)", file: file, line: line)
-        } catch ReLoRAError.invalidFile(_, let reason) {
-            XCTAssertTrue(keyword.isEmpty || reason.contains(keyword), "reason \"\(reason)\" lacks \"\(keyword)\" \(context)", file: file, line: line)
-            XCTAssertFalse(reason.contains("\n"), "reason must be one line: \(reason)", file: file, line: line)
-        } catch {
-            XCTFail("expected .invalidFile, got \(error) \(context)", file: file, line: line)
-        }
-    }
-
-    private func assertInvalidData<T>(
-        _ expression: @autoclosure () throws -> T, mentions keyword: String,
-        file: StaticString = #filePath, line: UInt = #line
-    ) {
-        do {
-            _ = try expression()
-            XCTFail("expected .invalidData mentioning \"\(keyword)\"", file: file, line: line)
-        } catch ReLoRAError.invalidData(let message) {
-            XCTAssertTrue(message.contains(keyword), "message \"\(message)\" lacks \"\(keyword)\"", file: file, line: line)
-        } catch {
-            XCTFail("expected .invalidData, got \(error)", file: file, line: line)
-        }
-    }
 }

@@ -514,33 +514,4 @@ final class SafetensorsTests: XCTestCase {
     private func littleEndianUInt16s(_ bytes: [UInt8]) -> [UInt16] {
         stride(from: 0, to: bytes.count, by: 2).map { UInt16(bytes[$0]) | UInt16(bytes[$0 + 1]) << 8 }
     }
-
-    private func assertInvalidFile<T>(
-        _ expression: @autoclosure () throws -> T, mentions keyword: String, _ context: String = "",
-        file: StaticString = #filePath, line: UInt = #line
-    ) {
-        do {
-            _ = try expression()
-            XCTFail("expected .invalidFile mentioning \"\(keyword)\" \(context)", file: file, line: line)
-        } catch ReLoRAError.invalidFile(_, let reason) {
-            XCTAssertTrue(reason.contains(keyword), "reason \"\(reason)\" lacks \"\(keyword)\" \(context)", file: file, line: line)
-            XCTAssertFalse(reason.contains("\n"), "reason must be one line: \(reason)", file: file, line: line)
-        } catch {
-            XCTFail("expected .invalidFile, got \(error) \(context)", file: file, line: line)
-        }
-    }
-
-    private func assertInvalidData<T>(
-        _ expression: @autoclosure () throws -> T, mentions keyword: String,
-        file: StaticString = #filePath, line: UInt = #line
-    ) {
-        do {
-            _ = try expression()
-            XCTFail("expected .invalidData mentioning \"\(keyword)\"", file: file, line: line)
-        } catch ReLoRAError.invalidData(let message) {
-            XCTAssertTrue(message.contains(keyword), "message \"\(message)\" lacks \"\(keyword)\"", file: file, line: line)
-        } catch {
-            XCTFail("expected .invalidData, got \(error)", file: file, line: line)
-        }
-    }
 }

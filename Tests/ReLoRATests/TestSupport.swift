@@ -102,3 +102,34 @@ func runRelora(_ args: [String]) throws -> (status: Int32, stdout: String, stder
     return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
 }
 
+
+/// Asserts `expression` throws `.invalidFile` whose one-line reason mentions `keyword` (empty: any).
+func assertInvalidFile<T>(
+    _ expression: @autoclosure () throws -> T, mentions keyword: String, _ context: String = "",
+    file: StaticString = #filePath, line: UInt = #line
+) {
+    do {
+        _ = try expression()
+        XCTFail("expected .invalidFile mentioning \"\(keyword)\" \(context)", file: file, line: line)
+    } catch ReLoRAError.invalidFile(_, let reason) {
+        XCTAssertTrue(keyword.isEmpty || reason.contains(keyword), "reason \"\(reason)\" lacks \"\(keyword)\" \(context)", file: file, line: line)
+        XCTAssertFalse(reason.contains("\n"), "reason must be one line: \(reason)", file: file, line: line)
+    } catch {
+        XCTFail("expected .invalidFile, got \(error) \(context)", file: file, line: line)
+    }
+}
+
+/// Asserts `expression` throws `.invalidData` whose message mentions `keyword`.
+func assertInvalidData<T>(
+    _ expression: @autoclosure () throws -> T, mentions keyword: String,
+    file: StaticString = #filePath, line: UInt = #line
+) {
+    do {
+        _ = try expression()
+        XCTFail("expected .invalidData mentioning \"\(keyword)\"", file: file, line: line)
+    } catch ReLoRAError.invalidData(let message) {
+        XCTAssertTrue(message.contains(keyword), "message \"\(message)\" lacks \"\(keyword)\"", file: file, line: line)
+    } catch {
+        XCTFail("expected .invalidData, got \(error)", file: file, line: line)
+    }
+}
