@@ -22,9 +22,9 @@ Each arm ends with `relora export` (current LoRA cycle merged) and `relora eval`
 plays. Writes OUT/results.md (table) and OUT/results.json, and `relora analyze` plots the update spectra
 of full, lora_ws and relora relative to the shared warm start (OUT/analysis/spectra.svg).
 
-    python3 Benchmarks/paper_analog.py            # N = 900 steps: about an hour on 2 cores
+    python3 Benchmarks/paper_analog.py            # N = 900 steps: 57 minutes measured on 2 cores
     python3 Benchmarks/paper_analog.py --arms full_lr2x   # (re)run some arms; results.json is merged
-    python3 Benchmarks/paper_analog.py --quick    # N = 180: about 12 minutes
+    python3 Benchmarks/paper_analog.py --quick    # N = 180: 18 minutes measured (shared cores)
 """
 import argparse, json, os, re, statistics, subprocess, sys, time
 

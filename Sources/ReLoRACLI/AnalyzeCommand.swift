@@ -32,11 +32,15 @@ func runAnalyze(_ args: [String]) throws {
     if let labels, labels.count != runs.count { throw ReLoRAError.usage("--labels needs one label per run (\(runs.count))") }
     let out = a.string("out") ?? runs[0]
 
+    // A shared --against reference is loaded once, not once per run.
+    let against = try a.string("against").map { path -> (weights: WeightMatrices, source: String) in
+        let w = try checkpointWeights(path)
+        return (w.weights, w.checkpoint)
+    }
     var reports: [UpdateSpectrumReport] = []
     for (i, run) in runs.enumerated() {
-        let (checkpoint, runDir) = try TrainingCheckpoint.resolve(run)
-        let final = try weightMatrices(TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend()))
-        let reference = try referenceWeights(runDir: runDir, against: a.string("against"))
+        let (final, checkpoint, runDir) = try checkpointWeights(run)
+        let reference = try against ?? defaultReference(runDir: runDir)
         let label = labels?[i] ?? URL(fileURLWithPath: runDir).lastPathComponent
         standardError("analyze: \(label): \(checkpoint) against \(reference.source)")
         let report = try UpdateSpectrum.analyze(label: label, final: final, reference: reference.weights,
@@ -55,23 +59,26 @@ func runAnalyze(_ args: [String]) throws {
     printLine("wrote \(out)/spectra.json and \(out)/spectra.svg")
 }
 
-/// HF name -> (shape, values) of every weight of a model.
-func weightMatrices(_ model: LlamaModel) -> [String: ([Int], [Float])] {
+typealias WeightMatrices = [String: ([Int], [Float])]
+
+/// HF name -> (shape, values) of every weight of a checkpoint (or a run's latest), LoRA cycle merged.
+func checkpointWeights(_ path: String) throws -> (weights: WeightMatrices, checkpoint: String, runDir: String) {
+    let (checkpoint, runDir) = try TrainingCheckpoint.resolve(path)
+    return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint, runDir)
+}
+
+func weightMatrices(_ model: LlamaModel) -> WeightMatrices {
     Dictionary(uniqueKeysWithValues: model.weights.named().map { ($0.0, ($0.1.shape, model.backend.download($0.1))) })
 }
 
-/// The weights a run's update is measured against.
-func referenceWeights(runDir: String, against: String?) throws -> (weights: [String: ([Int], [Float])], source: String) {
-    if let against {
-        let (checkpoint, _) = try TrainingCheckpoint.resolve(against)
-        return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint)
-    }
+/// What a run's update is measured against when no --against is given: its warm-start checkpoint, or
+/// its seeded initialisation (reproducible from the recipe).
+func defaultReference(runDir: String) throws -> (weights: WeightMatrices, source: String) {
     let recipe = try Recipe(contentsOf: runDir + "/recipe.json")
     if let warm = recipe.warmStart {
-        let (checkpoint, _) = try TrainingCheckpoint.resolve(warm)
-        return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint)
+        let w = try checkpointWeights(warm)
+        return (w.weights, w.checkpoint)
     }
-    // No warm start: the run began from its seeded initialisation, which is reproducible.
     let config = try LlamaConfig(contentsOf: recipe.model)
     let model = LlamaModel(config: config, backend: CPUBackend())
     model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)

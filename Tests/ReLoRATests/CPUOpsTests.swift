@@ -259,7 +259,7 @@ final class CPUOpsTests: XCTestCase {
         XCTAssertEqual(Double(p.f32[0]), want[0], accuracy: 1e-6)
         XCTAssertEqual(Double(p.f32[1]), want[1], accuracy: 1e-6)
         XCTAssertEqual(Double(m.f32[1]), mw[1], accuracy: 1e-7)
-        XCTAssertEqual(Double(v.f32[0]), vw[0], accuracy: vw[0] * 1e-4)  // fp32: (1 - beta2) alone is off by 5e-8 relative, squared terms add up
+        XCTAssertEqual(Double(v.f32[0]), vw[0], accuracy: vw[0] * 3e-5)  // fp32 beta2 = 0.99900001: (1 - beta2) is off by 1.3e-5 relative
     }
 
     func testMemoryLedgerCountsByTagAndFrees() {

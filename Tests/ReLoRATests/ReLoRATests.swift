@@ -101,14 +101,19 @@ final class ReLoRATests: XCTestCase {
         var rng = TestRNG(5)
         let n = 10_007
         for ratio in [0.5, 0.9, 0.99] {
-            let t = makeTensor(backend, [n], rng.floats(n))
+            let original = rng.floats(n)
+            let t = makeTensor(backend, [n], original)
             let zeroed = OptimizerReset.apply(.magnitude, ratio: ratio, to: t, seed: 0, stream: 0)
             let k = Int((ratio * Double(n)).rounded(.up))
             XCTAssertEqual(zeroed, k, "magnitude \(ratio)")
             XCTAssertEqual(t.toArray().filter { $0 == 0 }.count, k)
-            // Every survivor is larger in magnitude than every pruned value's threshold.
-            let kept = t.toArray().filter { $0 != 0 }.map(abs)
-            XCTAssertEqual(kept.count, n - k)
+            // The pruned entries are exactly the k smallest magnitudes; survivors keep their values.
+            let after = t.toArray()
+            let prunedMax = (0..<n).filter { after[$0] == 0 }.map { abs(original[$0]) }.max()!
+            let keptMin = (0..<n).filter { after[$0] != 0 }.map { abs(original[$0]) }.min()!
+            XCTAssertLessThan(prunedMax, keptMin, "magnitude \(ratio)")
+            XCTAssertEqual(prunedMax, original.map(abs).sorted()[k - 1])
+            XCTAssertTrue((0..<n).allSatisfy { after[$0] == 0 || after[$0] == original[$0] })
         }
         // Random: Binomial(n, p); 5 sigma bound.
         let t = makeTensor(backend, [n], rng.floats(n))

@@ -127,9 +127,6 @@ public final class LlamaModel: @unchecked Sendable {
         lora?.reinitializeAll(seed: seed, backend: backend)
     }
 
-    /// Drops the activation buffers (they are re-made on the next call).
-    public func releaseWorkspace() { workspace = nil }
-
     // MARK: Public entry points
 
     /// Forward only: the summed next-token loss over positions whose target is >= 0.

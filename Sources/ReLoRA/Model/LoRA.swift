@@ -17,9 +17,6 @@ public enum LinearKind: Int, CaseIterable, Sendable {
         case .down: return "mlp.down_proj"
         }
     }
-
-    /// `q_proj`, ..., `down_proj`.
-    public var shortName: String { String(hfPath.split(separator: ".").last!) }
 }
 
 /// How the block linears are adapted: `y = x W^T + s * (drop(x) A^T) B^T` with W frozen.
