@@ -99,7 +99,7 @@ do {
     let peakHead = sgemmGFLOPs(m: tokens, n: config.vocabSize, k: config.hiddenSize, transB: true, reps: 3)
     let peak = max(peakSquare, peakHead)
 
-    let backend = CPUBackend()
+    let backend = try! BackendFactory.make(.cpu)
     let lora = o.mode == "lora" ? LoRAConfig(rank: o.rank, alpha: o.alpha) : nil
     try lora?.validate(for: config)
     let model = LlamaModel(config: config, backend: backend, checkpointing: o.checkpointing, lora: lora)
@@ -146,7 +146,7 @@ do {
     recipe.seqLen = o.seqLen; recipe.microBatch = o.batch; recipe.steps = o.steps + 1; recipe.warmupSteps = 0
     recipe.checkpointing = o.checkpointing; recipe.evalEvery = 1_000_000; recipe.checkpointEvery = 1_000_000
     if lora != nil { recipe.mode = .lora; recipe.loraRank = o.rank; recipe.loraAlpha = o.alpha }
-    let trainer = try Trainer(recipe: recipe, resume: false, backend: CPUBackend(), log: { _ in })
+    let trainer = try Trainer(recipe: recipe, resume: false, log: { _ in })
     while trainer.state.step < recipe.steps { _ = try trainer.trainStep() }
     let loopTimes = trainer.history.dropFirst().map { $0.milliseconds / 1000 }.sorted()
     let loopMedian = loopTimes[loopTimes.count / 2]

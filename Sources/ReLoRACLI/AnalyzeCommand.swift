@@ -16,7 +16,8 @@ let analyzeUsage = """
 func runAnalyze(_ args: [String]) throws {
     if args.isEmpty || args.contains("--help") || args.contains("-h") { print(analyzeUsage); return }
     let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["against", "threshold", "kind", "out", "labels"])
+    try a.checkKnown(["against", "threshold", "kind", "out", "labels", "device"])
+    let backend = try a.backend()
     let runs = a.positional
     guard !runs.isEmpty else { throw ReLoRAError.usage("give at least one run directory") }
     var threshold = 0.1
@@ -34,13 +35,13 @@ func runAnalyze(_ args: [String]) throws {
 
     // A shared --against reference is loaded once, not once per run.
     let against = try a.string("against").map { path -> (weights: WeightMatrices, source: String) in
-        let w = try checkpointWeights(path)
+        let w = try checkpointWeights(path, backend: backend)
         return (w.weights, w.checkpoint)
     }
     var reports: [UpdateSpectrumReport] = []
     for (i, run) in runs.enumerated() {
-        let (final, checkpoint, runDir) = try checkpointWeights(run)
-        let reference = try against ?? defaultReference(runDir: runDir)
+        let (final, checkpoint, runDir) = try checkpointWeights(run, backend: backend)
+        let reference = try against ?? defaultReference(runDir: runDir, backend: backend)
         let label = labels?[i] ?? URL(fileURLWithPath: runDir).lastPathComponent
         standardError("analyze: \(label): \(checkpoint) against \(reference.source)")
         let report = try UpdateSpectrum.analyze(label: label, final: final, reference: reference.weights,
@@ -62,9 +63,13 @@ func runAnalyze(_ args: [String]) throws {
 typealias WeightMatrices = [String: ([Int], [Float])]
 
 /// HF name -> (shape, values) of every weight of a checkpoint (or a run's latest), LoRA cycle merged.
-func checkpointWeights(_ path: String) throws -> (weights: WeightMatrices, checkpoint: String, runDir: String) {
+/// A Hugging Face model directory counts as its own checkpoint and run directory.
+func checkpointWeights(_ path: String, backend: Backend) throws -> (weights: WeightMatrices, checkpoint: String, runDir: String) {
+    if HFCheckpoint.isModelDirectory(path) {
+        return (weightMatrices(try HFCheckpoint.load(directory: path, backend: backend)), path, path)
+    }
     let (checkpoint, runDir) = try TrainingCheckpoint.resolve(path)
-    return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())), checkpoint, runDir)
+    return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: backend)), checkpoint, runDir)
 }
 
 func weightMatrices(_ model: LlamaModel) -> WeightMatrices {
@@ -73,14 +78,14 @@ func weightMatrices(_ model: LlamaModel) -> WeightMatrices {
 
 /// What a run's update is measured against when no --against is given: its warm-start checkpoint, or
 /// its seeded initialisation (reproducible from the recipe).
-func defaultReference(runDir: String) throws -> (weights: WeightMatrices, source: String) {
+func defaultReference(runDir: String, backend: Backend) throws -> (weights: WeightMatrices, source: String) {
     let recipe = try Recipe(contentsOf: runDir + "/recipe.json")
     if let warm = recipe.warmStart {
-        let w = try checkpointWeights(warm)
+        let w = try checkpointWeights(warm, backend: backend)
         return (w.weights, w.checkpoint)
     }
     let config = try LlamaConfig(contentsOf: recipe.model)
-    let model = LlamaModel(config: config, backend: CPUBackend())
+    let model = LlamaModel(config: config, backend: backend)
     model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
     return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")
 }

@@ -50,6 +50,11 @@ struct Arguments {
         return v
     }
 
+    /// The backend of `--device cpu|cuda` (default cpu), from the one factory.
+    func backend() throws -> Backend {
+        try BackendFactory.make(Device(parsing: string("device") ?? "cpu"))
+    }
+
     /// Rejects options the command does not know (typos should not be silently ignored).
     func checkKnown(_ known: Set<String>) throws {
         for key in Set(values.keys).union(flags) where !known.contains(key) {

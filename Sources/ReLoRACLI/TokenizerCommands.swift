@@ -139,7 +139,7 @@ func expandInputs(_ paths: [String]) throws -> [String] {
 }
 
 let sampleUsage = """
-    Usage: relora sample --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--seed S]
+    Usage: relora sample --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--seed S] [--device cpu|cuda]
 
     Generates text. DIR is a Hugging Face directory with tokenizer.json (e.g. from `relora export`), a
     checkpoint directory, or a run directory (its latest checkpoint and its tokenizer.json).
@@ -149,7 +149,7 @@ let sampleUsage = """
 func runSample(_ args: [String]) throws {
     if args.isEmpty || args.contains("--help") || args.contains("-h") { print(sampleUsage); return }
     let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["model", "prompt", "max-tokens", "temperature", "top-k", "seed"])
+    try a.checkKnown(["model", "prompt", "max-tokens", "temperature", "top-k", "seed", "device"])
     var options = Generator.Options()
     options.maxTokens = try a.int("max-tokens", default: 200)
     options.topK = try a.int("top-k", default: 40)
@@ -160,15 +160,16 @@ func runSample(_ args: [String]) throws {
     }
     let prompt = try a.required("prompt")
     let dir = try a.required("model")
+    let backend = try a.backend()
     let model: LlamaModel
     let tokenizerPath: String
     if FileManager.default.fileExists(atPath: dir + "/config.json") && FileManager.default.fileExists(atPath: dir + "/tokenizer.json")
         && !FileManager.default.fileExists(atPath: dir + "/state.json") {
-        model = try HFCheckpoint.load(directory: dir, backend: CPUBackend())
+        model = try HFCheckpoint.load(directory: dir, backend: backend)
         tokenizerPath = dir + "/tokenizer.json"
     } else {
         let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
-        model = try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())
+        model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
         tokenizerPath = runDir + "/tokenizer.json"
     }
     guard FileManager.default.fileExists(atPath: tokenizerPath) else {

@@ -13,6 +13,7 @@ let trainUsage = """
 
       --set key=value   override a recipe key (value parsed as JSON, else taken as a string), repeatable
       --resume RUN_DIR  continue a run from its latest checkpoint (uses RUN_DIR/recipe.json)
+      --device D        cpu or cuda (same as --set device=D)
     """
 
 /// Set by SIGINT/SIGTERM; the trainer checks it between steps.
@@ -38,6 +39,9 @@ func runTrain(_ args: [String]) throws {
         case "--set":
             guard i + 1 < args.count else { throw ReLoRAError.usage("--set needs key=value") }
             overrides.append(args[i + 1]); i += 2
+        case "--device":
+            guard i + 1 < args.count else { throw ReLoRAError.usage("--device needs cpu or cuda") }
+            overrides.append("device=\(jsonQuoted(args[i + 1]))"); i += 2
         case "--resume":
             guard i + 1 < args.count else { throw ReLoRAError.usage("--resume needs a run directory") }
             resumeDir = args[i + 1]; i += 2
@@ -76,7 +80,7 @@ func jsonQuoted(_ s: String) -> String {
 }
 
 let exportUsage = """
-    Usage: relora export CHECKPOINT|RUN_DIR --format hf --out DIR [--dtype float32|bfloat16]
+    Usage: relora export CHECKPOINT|RUN_DIR --format hf --out DIR [--dtype float32|bfloat16] [--device cpu|cuda]
 
     Writes a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, and the run's
     tokenizer.json) that transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.
@@ -86,7 +90,7 @@ let exportUsage = """
 func runExport(_ args: [String]) throws {
     if args.isEmpty || args.contains("--help") || args.contains("-h") { print(exportUsage); return }
     let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["format", "out", "dtype"])
+    try a.checkKnown(["format", "out", "dtype", "device"])
     guard a.positional.count == 1 else { throw ReLoRAError.usage("give one checkpoint or run directory") }
     let format = a.string("format") ?? "hf"
     guard format == "hf" else { throw ReLoRAError.usage("--format \(format) is not supported; use hf") }
@@ -94,7 +98,7 @@ func runExport(_ args: [String]) throws {
     guard dtype == "float32" || dtype == "bfloat16" else { throw ReLoRAError.usage("--dtype is float32 or bfloat16") }
     let out = try a.required("out")
     let (checkpoint, runDir) = try TrainingCheckpoint.resolve(a.positional[0])
-    let model = try TrainingCheckpoint.loadModel(checkpoint, backend: CPUBackend())
+    let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
     if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
     try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer)

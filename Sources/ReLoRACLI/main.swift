@@ -23,7 +23,7 @@ let usage = """
     """
 
 let evalUsage = """
-    Usage: relora eval --model DIR --data TOKENS.npy --seq-len N [--batch B] [--checkpointing none|block] [--json]
+    Usage: relora eval --model DIR --data TOKENS.npy --seq-len N [--batch B] [--json] [--device cpu|cuda]
 
     Splits the 1-D token array into consecutive windows of exactly N tokens (the remainder is dropped)
     and reports the mean next-token cross-entropy over every predicted position of every window, its
@@ -35,6 +35,7 @@ let evalUsage = """
       --seq-len N       window length in tokens (at most the model's max_position_embeddings)
       --batch B         windows per forward pass (default 8)
       --json            print {"loss": ..., "perplexity": ..., "tokens": ...} only
+      --device D        cpu (default) or cuda
     """
 
 let infoUsage = """
@@ -50,12 +51,12 @@ func standardError(_ s: String) {
 func runEval(_ args: [String]) throws {
     if args.contains("--help") || args.contains("-h") { print(evalUsage); return }
     let a = try Arguments(args, flagNames: ["json"])
-    try a.checkKnown(["model", "data", "seq-len", "batch", "json"])
+    try a.checkKnown(["model", "data", "seq-len", "batch", "json", "device"])
     let json = a.flag("json")
     let seqLen = try a.int("seq-len")
     let batch = try a.int("batch", default: 8)
     let modelDir = try a.required("model"), dataPath = try a.required("data")
-    let model = try HFCheckpoint.load(directory: modelDir, backend: CPUBackend(),
+    let model = try HFCheckpoint.load(directory: modelDir, backend: try a.backend(),
                                       warn: { standardError("warning: \($0)") })
     let tokens = try TokenArray(npyPath: dataPath)
     let start = Date()

@@ -1,6 +1,7 @@
-/// The op set a LLaMA training step needs, forward and backward. The model and the trainer are
-/// written once against this protocol; `CPUBackend` is the readable reference (the specification
-/// every CUDA kernel is tested against).
+/// The op set a LLaMA training step needs, forward and backward, plus the few host reads the trainer
+/// needs as ops that return a scalar. The model and the trainer are written once against this protocol;
+/// `CPUBackend` is the readable reference (the specification every CUDA kernel is tested against),
+/// `PlanningBackend` runs the same code path without allocating or computing to plan memory.
 ///
 /// Conventions:
 /// - Tensors are row-major. Activations are `[N, C]` with `N = batch * seqLen` tokens, token
@@ -8,21 +9,49 @@
 ///   `[N, nHeads * headDim]`, head `h` at columns `h*headDim ..< (h+1)*headDim` (Hugging Face layout).
 /// - Linear weights are `[out, in]` (Hugging Face layout): `y = x W^T`.
 /// - Ops whose doc says "accumulates" add into their output (`+=`); the others overwrite it.
-/// - Token ids and targets are `Int32`; a negative target means "no prediction at this position".
+/// - Token ids and targets are `i32` tensors; a negative target means "no prediction at this position".
+/// - Float ops read and write tensors of the backend's compute types (`precision`); the CPU backend
+///   computes in f32 only and rejects other dtypes except in upload/download/copy.
+/// - Host<->device traffic goes through `upload*`, `download` and the ops documented as returning a
+///   value to the host; each counts one transfer in the ledger. A training step needs O(1) of them.
 public protocol Backend: AnyObject, Sendable {
+    /// `cpu`, `cuda`, `plan:cpu`, ...
     var name: String { get }
     var ledger: MemoryLedger { get }
+    /// The dtypes the model allocates for each role on this backend.
+    var precision: Precision { get }
+    /// False for a planning backend: tensors have no storage and ops return placeholders.
+    var computes: Bool { get }
 
-    func makeTensor(_ shape: [Int], tag: MemoryTag, zeroed: Bool) -> Tensor
+    func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor
+
+    // MARK: Transfers and fills
+
+    /// Host floats into a float tensor, converting to its dtype (bf16/f16: round to nearest even).
     func upload(_ values: [Float], to tensor: Tensor)
+    /// Host int32 values into an i32 tensor.
+    func upload(_ values: [Int32], to tensor: Tensor)
+    /// Little-endian raw elements of float type `dtype` (f32, bf16 or f16; exactly `tensor.count` of
+    /// them) into a float tensor, converting: how checkpoints stream tensors from a mapped file.
+    func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor)
+    /// A float tensor's values as f32 on the host.
     func download(_ tensor: Tensor) -> [Float]
+    /// Same element count; converts between float dtypes (round to nearest even when narrowing).
     func copy(_ src: Tensor, to dst: Tensor)
     func zero(_ tensor: Tensor)
+    func fill(_ tensor: Tensor, value: Float)
+    /// `t[i] = (2 * uniform(seed, stream, i) - 1) * bound` (counter-based RNG, `relora_rng.h`).
+    func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64)
+    /// `t[i] ~ N(0, std^2)` by Box-Muller from counters `2i` and `2i + 1` of (seed, stream).
+    func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64)
 
-    /// `c[m,n] = alpha * op(a)[m,k] * op(b)[k,n] + beta * c`. `op(a) = a^T` when `transA`
-    /// (then `a` is stored `[k, m]`), likewise for `b` (stored `[n, k]` when `transB`).
+    // MARK: Dense math
+
+    /// `c[m,n] = alpha * s * op(a)[m,k] * op(b)[k,n] + beta * c`, where `s = alphaScale[0]` if given
+    /// (a scalar that stays on the device, e.g. a trained LoRA scale), else 1. `op(a) = a^T` when
+    /// `transA` (then `a` is stored `[k, m]`), likewise for `b` (stored `[n, k]` when `transB`).
     func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                transA: Bool, transB: Bool, alpha: Float, beta: Float)
+                transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?)
 
     /// `out = x / sqrt(mean(x^2) + eps) * weight` per row; saves `rstd[row] = 1/sqrt(mean(x^2)+eps)`.
     /// x, out: `[rows, dim]`; weight: `[dim]`; rstd: `[rows]`.
@@ -40,7 +69,7 @@ public protocol Backend: AnyObject, Sendable {
     /// Causal attention with grouped-query heads (query head h reads kv head `h / (heads/kvHeads)`),
     /// scale `1/sqrt(headDim)`. q, out: `[N, heads*headDim]`; k, v: `[N, kvHeads*headDim]`.
     /// Saves the softmax log-sum-exp `lse: [batch, heads, seqLen]` for the backward (flash-style:
-    /// no `T x T` matrix is kept).
+    /// no `T x T` matrix is kept between forward and backward).
     func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int)
     /// Backward of `attentionForward`. Overwrites dq, dk, dv.
@@ -53,16 +82,17 @@ public protocol Backend: AnyObject, Sendable {
     /// Backward of `swigluForward`; overwrites dgate and dup.
     func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int)
 
-    /// `out[n] = table[ids[n]]`. table: `[vocab, dim]`; out: `[ids.count, dim]`. Ids are validated by the caller.
-    func embeddingForward(ids: [Int32], table: Tensor, out: Tensor, dim: Int)
-    /// Accumulates `dtable[ids[n]] += dout[n]`.
-    func embeddingBackward(ids: [Int32], dout: Tensor, dtable: Tensor, dim: Int)
+    /// `out[n] = table[ids[n]]`. ids: i32 `[N]` (validated by the caller); table: `[vocab, dim]`; out: `[N, dim]`.
+    func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int)
+    /// Accumulates `dtable[ids[n]] += dout[n]` (in token order, so repeated ids sum deterministically).
+    func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int)
 
-    /// Fused softmax cross-entropy over rows of `logits: [rows, vocab]`. Writes `losses[row]`
-    /// (0 where the target is negative) and returns the sum over rows with a target, in Double.
-    /// If `gradScale` is given, overwrites `logits` with `gradScale * (softmax - onehot)` (zero rows
-    /// where the target is negative): the gradient of `gradScale * sum(losses)`.
-    func crossEntropy(logits: Tensor, targets: [Int32], losses: Tensor, rows: Int, vocab: Int,
+    /// Fused softmax cross-entropy over rows of `logits: [rows, vocab]` with i32 `targets: [rows]`.
+    /// Writes `losses[row]` (0 where the target is negative) and returns to the host the sum over rows
+    /// with a target, in Double (one transfer). If `gradScale` is given, overwrites `logits` with
+    /// `gradScale * (softmax - onehot)` (zero rows where the target is negative): the gradient of
+    /// `gradScale * sum(losses)`.
+    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                       gradScale: Float?) -> Double
 
     /// Inverted dropout: `out[i] = x[i] / (1 - p)` where `uniform(seed, stream, i) >= p`, else 0, over
@@ -70,26 +100,74 @@ public protocol Backend: AnyObject, Sendable {
     /// `relora_rng.h`), so a backward pass regenerates it instead of storing it. `out` may be `x`.
     func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64)
 
-    /// `sum_i a[i] * b[i]` over the first `count` elements, in Double.
-    func dot(_ a: Tensor, _ b: Tensor, count: Int) -> Double
-
+    /// Accumulates `out[0] += sum_i a[i] * b[i]` over the first `count` elements (sum in Double).
+    func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor)
     /// `a[i] += alpha * b[i]` for i < count.
     func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int)
-    /// `out = a + b` over all elements.
-    func add(_ a: Tensor, _ b: Tensor, _ out: Tensor)
     /// `x *= alpha`.
     func scale(_ x: Tensor, by alpha: Float)
-    /// Sum of squares in Double (gradient norms).
-    func sumOfSquares(_ x: Tensor) -> Double
+    /// `out[index] = sum_i x[i]^2` (summed in Double, stored as f32): per-tensor squared norms that the
+    /// caller downloads once for all tensors.
+    func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int)
 
     /// One AdamW step (PyTorch semantics: decoupled weight decay `p -= lr*wd*p`, bias correction
-    /// with the 1-based `step`). m, v: first and second moments, updated in place.
+    /// with the 1-based `step`). param, m, v: f32 (the master copy when the working copy is narrower).
     func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
                eps: Float, weightDecay: Float, step: Int)
+
+    /// Zeroes entries of `tensor` by `rule` and returns to the host how many it zeroed (one transfer).
+    func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int
+}
+
+/// Which entries `Backend.prune` zeroes (ReLoRA's optimizer reset).
+public enum PruneRule: Sendable, Equatable {
+    /// Entries whose magnitude is at or below the `ratio`-quantile of the tensor's magnitudes: the
+    /// k-th smallest |x| with k = ceil(ratio * n), exact; ties at the threshold are zeroed too.
+    case magnitude(ratio: Double)
+    /// Each entry with probability `p`, decided by `uniform(seed, stream, i) < p`.
+    case random(probability: Double)
+    /// Every entry.
+    case all
+}
+
+/// The dtype of each role a tensor can play, per backend (DESIGN.md's precision plan).
+public struct Precision: Sendable, Equatable, Codable {
+    public var activations: DType
+    public var loraFactors: DType
+    /// Working copy of trained dense tensors (embeddings, norms, head; all weights in full-rank training).
+    public var trainable: DType
+    /// Dense frozen base weights (quantized formats come with their own storage).
+    public var frozenWeights: DType
+    public var gradients: DType
+    public var optimizerStates: DType
+
+    public init(activations: DType, loraFactors: DType, trainable: DType, frozenWeights: DType,
+                gradients: DType, optimizerStates: DType) {
+        self.activations = activations; self.loraFactors = loraFactors; self.trainable = trainable
+        self.frozenWeights = frozenWeights; self.gradients = gradients; self.optimizerStates = optimizerStates
+    }
+
+    /// Whether a trained tensor of working dtype `dtype` needs an f32 master copy for the optimizer.
+    public func needsMaster(_ dtype: DType) -> Bool { dtype != .f32 }
+
+    /// The CPU reference: f32 everywhere.
+    public static let fp32 = Precision(activations: .f32, loraFactors: .f32, trainable: .f32, frozenWeights: .f32,
+                                       gradients: .f32, optimizerStates: .f32)
+    /// CUDA: bf16 activations, LoRA factors, trained and frozen working copies; f32 gradients (micro-batch
+    /// accumulation stays exact), f32 master copies and Adam states.
+    public static let cudaMixed = Precision(activations: .bf16, loraFactors: .bf16, trainable: .bf16,
+                                            frozenWeights: .bf16, gradients: .f32, optimizerStates: .f32)
 }
 
 extension Backend {
-    public func makeTensor(_ shape: [Int], tag: MemoryTag) -> Tensor { makeTensor(shape, tag: tag, zeroed: true) }
+    /// A zeroed tensor of `dtype` (default f32).
+    public func makeTensor(_ shape: [Int], dtype: DType = .f32, tag: MemoryTag) -> Tensor {
+        makeTensor(shape, dtype: dtype, tag: tag, zeroed: true)
+    }
+
+    public func makeTensor(_ shape: [Int], tag: MemoryTag, zeroed: Bool) -> Tensor {
+        makeTensor(shape, dtype: .f32, tag: tag, zeroed: zeroed)
+    }
 
     /// `a += alpha * b` over all elements (same sizes).
     public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor) {
@@ -98,7 +176,19 @@ extension Backend {
     }
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool = false, transB: Bool = false, beta: Float = 0) {
-        matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: 1, beta: beta)
+                       transA: Bool = false, transB: Bool = false, alpha: Float = 1, beta: Float = 0,
+                       alphaScale: Tensor? = nil) {
+        matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: alpha, beta: beta, alphaScale: alphaScale)
     }
+
+    /// Squared L2 norms of `tensors`, computed on the backend and read back in one transfer; summed in Double.
+    public func sumOfSquares(_ tensors: [Tensor]) -> Double {
+        guard !tensors.isEmpty else { return 0 }
+        let out = makeTensor([tensors.count], dtype: .f32, tag: .workspace, zeroed: false)
+        for (i, t) in tensors.enumerated() { sumOfSquares(t, into: out, at: i) }
+        return download(out).reduce(0.0) { $0 + Double($1) }
+    }
+
+    /// A scalar of a one-element tensor (one transfer).
+    public func scalar(_ tensor: Tensor) -> Float { download(tensor)[0] }
 }

@@ -6,23 +6,30 @@ public enum MemoryTag: String, CaseIterable, Sendable, Codable {
     case frozenWeights = "frozen_weights"
     case lora
     case trainable
+    /// fp32 master copies of trained tensors whose working copy is lower precision (bf16 on CUDA).
+    case masterWeights = "master_weights"
     case optimizer
     case gradients
     case activations
     case workspace
 }
 
-/// Counts live and peak bytes per tag for one backend. Thread-safe.
+/// Counts live and peak bytes per tag, and host<->device transfers, for one backend. Thread-safe.
+///
+/// A backend calls `allocated` when it makes a tensor and `freed` when the tensor goes away, whether
+/// or not it allocates real memory: the planning backend drives the same ledger without allocating,
+/// which is how `relora memory` and a real run report from the same code.
 public final class MemoryLedger: @unchecked Sendable {
     private let lock = NSLock()
     private var live: [MemoryTag: Int] = [:]
     private var peakByTag: [MemoryTag: Int] = [:]
     private var liveTotal = 0
     private var peakTotal = 0
+    private var transfers = TransferCount()
 
     public init() {}
 
-    func allocated(_ bytes: Int, _ tag: MemoryTag) {
+    public func allocated(_ bytes: Int, _ tag: MemoryTag) {
         lock.lock(); defer { lock.unlock() }
         live[tag, default: 0] += bytes
         peakByTag[tag] = max(peakByTag[tag] ?? 0, live[tag]!)
@@ -30,15 +37,54 @@ public final class MemoryLedger: @unchecked Sendable {
         peakTotal = max(peakTotal, liveTotal)
     }
 
-    func freed(_ bytes: Int, _ tag: MemoryTag) {
+    public func freed(_ bytes: Int, _ tag: MemoryTag) {
         lock.lock(); defer { lock.unlock() }
         live[tag, default: 0] -= bytes
         liveTotal -= bytes
     }
 
+    /// One host -> device copy (upload) of `bytes`.
+    public func uploaded(_ bytes: Int) {
+        lock.lock(); defer { lock.unlock() }
+        transfers.uploads += 1
+        transfers.uploadBytes += bytes
+    }
+
+    /// One device -> host copy (download, or an op that returns a value to the host) of `bytes`.
+    public func downloaded(_ bytes: Int) {
+        lock.lock(); defer { lock.unlock() }
+        transfers.downloads += 1
+        transfers.downloadBytes += bytes
+    }
+
+    public var transferCount: TransferCount {
+        lock.lock(); defer { lock.unlock() }
+        return transfers
+    }
+
+    /// Forgets the peaks (they restart from what is live now); transfers are not reset.
+    public func resetPeaks() {
+        lock.lock(); defer { lock.unlock() }
+        peakByTag = live
+        peakTotal = liveTotal
+    }
+
     public func report() -> MemoryReport {
         lock.lock(); defer { lock.unlock() }
-        return MemoryReport(live: live, peak: peakByTag, liveTotal: liveTotal, peakTotal: peakTotal)
+        return MemoryReport(live: live, peak: peakByTag, liveTotal: liveTotal, peakTotal: peakTotal, transfers: transfers)
+    }
+}
+
+/// Host<->device copies so far. On the CPU backend they are memcpys, counted all the same, so a test
+/// on the CPU proves what a GPU step would need.
+public struct TransferCount: Sendable, Codable, Equatable {
+    public var uploads = 0, downloads = 0
+    public var uploadBytes = 0, downloadBytes = 0
+    public var total: Int { uploads + downloads }
+
+    public static func - (a: TransferCount, b: TransferCount) -> TransferCount {
+        TransferCount(uploads: a.uploads - b.uploads, downloads: a.downloads - b.downloads,
+                      uploadBytes: a.uploadBytes - b.uploadBytes, downloadBytes: a.downloadBytes - b.downloadBytes)
     }
 }
 
@@ -49,8 +95,10 @@ public struct MemoryReport: Sendable, Codable {
     public var peak: [MemoryTag: Int]
     public var liveTotal: Int
     public var peakTotal: Int
+    public var transfers = TransferCount()
 
     public func live(_ tag: MemoryTag) -> Int { live[tag] ?? 0 }
+    public func peak(_ tag: MemoryTag) -> Int { peak[tag] ?? 0 }
 
     /// One line per tag: "frozen_weights  12.3 MiB (peak 12.3 MiB)".
     public func formatted() -> String {

@@ -1,45 +1,69 @@
-/// A contiguous, row-major block of backend memory with a shape and a memory tag.
+/// Element types a tensor can hold. The CPU backend computes in `f32` only; the other types are
+/// storage types (bf16/f16 activations and weights on a GPU, int8/uint8 codes of quantized weights,
+/// int32 token ids) that the upload, download and copy ops convert.
+public enum DType: String, CaseIterable, Sendable, Codable {
+    case f32, bf16, f16, i8, u8, i32
+
+    public var byteSize: Int {
+        switch self {
+        case .f32, .i32: return 4
+        case .bf16, .f16: return 2
+        case .i8, .u8: return 1
+        }
+    }
+
+    public var isFloatingPoint: Bool {
+        switch self {
+        case .f32, .bf16, .f16: return true
+        case .i8, .u8, .i32: return false
+        }
+    }
+}
+
+/// Who frees a tensor's storage: the backend that allocated it. Called once, from `Tensor.deinit`.
+public protocol TensorStorageOwner: AnyObject, Sendable {
+    func release(_ tensor: TensorRelease)
+}
+
+/// What a backend needs to free a tensor (the tensor itself is being deinitialised).
+public struct TensorRelease {
+    public let storage: UnsafeMutableRawPointer?
+    public let byteCount: Int
+    public let tag: MemoryTag
+}
+
+/// A contiguous, row-major block of backend memory with a shape, an element type and a memory tag.
 ///
-/// On the CPU backend `storage` is host memory and `f32` gives typed access; a GPU backend stores a
-/// device pointer there. Tensors are reference types: ops write into tensors the caller allocated
-/// (llm.c style), so the model controls exactly what is live at any time. The memory is freed and
-/// the ledger updated when the last reference goes away.
+/// `storage` is owned by the backend that made the tensor: host memory on the CPU, a device pointer on
+/// a GPU, nil in the planning backend (which only counts). Nothing outside a backend, its
+/// upload/download ops and the tests reads or writes through it: the model, trainer, optimizer,
+/// checkpoints and analysis go through backend ops, so the same code runs on every backend.
+/// Tensors are reference types: ops write into tensors the caller allocated (llm.c style), so the model
+/// controls exactly what is live at any time. The storage is released (and the memory ledger updated)
+/// when the last reference goes away.
 public final class Tensor: @unchecked Sendable {
     public let shape: [Int]
     public let count: Int
+    public let dtype: DType
     public let tag: MemoryTag
-    public let storage: UnsafeMutableRawPointer
-    private let ledger: MemoryLedger
-    private let byteCount: Int
+    /// Backend-owned storage; see the type's comment.
+    public let storage: UnsafeMutableRawPointer?
+    public var byteCount: Int { count * dtype.byteSize }
+    /// Strong: a backend lives as long as any of its tensors.
+    private let owner: TensorStorageOwner
 
-    init(shape: [Int], tag: MemoryTag, ledger: MemoryLedger, zeroed: Bool) {
+    /// For backends only: `storage` must hold `byteCount` bytes (or be nil for a planning backend).
+    public init(shape: [Int], dtype: DType, tag: MemoryTag, storage: UnsafeMutableRawPointer?, owner: TensorStorageOwner) {
         precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
         self.shape = shape
         self.count = shape.reduce(1, *)
+        self.dtype = dtype
         self.tag = tag
-        self.ledger = ledger
-        self.byteCount = count * MemoryLayout<Float>.stride
-        // 64-byte alignment: whole cache lines, and what AVX-512 loads like.
-        self.storage = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 1), alignment: 64)
-        if zeroed { storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(byteCount, 1)) }
-        ledger.allocated(byteCount, tag)
+        self.storage = storage
+        self.owner = owner
     }
 
     deinit {
-        storage.deallocate()
-        ledger.freed(byteCount, tag)
+        owner.release(TensorRelease(storage: storage, byteCount: byteCount, tag: tag))
     }
-
-    /// fp32 view of the storage (CPU backend).
-    @inline(__always) public var f32: UnsafeMutablePointer<Float> { storage.assumingMemoryBound(to: Float.self) }
-
-    /// A copy of the contents as a Swift array (tests, checkpoints, small tensors).
-    public func toArray() -> [Float] { Array(UnsafeBufferPointer(start: f32, count: count)) }
-
-    public func copy(from values: [Float]) {
-        precondition(values.count == count, "copy: \(values.count) values into a tensor of \(count)")
-        values.withUnsafeBufferPointer { f32.update(from: $0.baseAddress!, count: count) }
-    }
-
-    public func fill(_ value: Float) { f32.update(repeating: value, count: count) }
 }

@@ -19,6 +19,16 @@ public struct LossSum: Sendable, Equatable {
     public init(sum: Double, tokens: Int) { self.sum = sum; self.tokens = tokens }
 }
 
+/// A trained tensor with its gradient, as the optimizer sees it.
+public struct TrainableParameter {
+    /// Hugging Face name (`model.layers.0.mlp.down_proj.weight`, `...q_proj.lora_A`).
+    public let name: String
+    public let value: Tensor
+    public let grad: Tensor
+    /// A LoRA factor or scale (ReLoRA's optimizer reset applies to these only).
+    public let isLoRA: Bool
+}
+
 /// A LLaMA decoder (pre-norm RMSNorm, rotary attention with grouped-query heads, SwiGLU MLP) with an
 /// explicit backward pass, written once against `Backend`.
 ///
@@ -27,15 +37,18 @@ public struct LossSum: Sendable, Equatable {
 public final class LlamaModel: @unchecked Sendable {
     public let config: LlamaConfig
     public let backend: Backend
-    public let weights: LlamaWeights
-    /// Parameter gradients (same layout as `weights`), allocated by `enableGradients()`.
-    public private(set) var gradients: LlamaWeights?
+    public let weights: LlamaParameters
+    /// Gradients of the dense trained tensors, allocated by `enableGradients()` (the linears and
+    /// adapters hold their own).
+    public private(set) var gradients: DenseGradients?
     public var checkpointing: GradientCheckpointing {
         didSet { if oldValue != checkpointing { workspace = nil } }
     }
-    /// LoRA adapters on every block linear, or nil for full-rank training. With adapters the block
-    /// linears are frozen (tag `.frozenWeights`, no gradient, no optimizer state).
-    public let lora: LoRALayers?
+    /// The LoRA settings, or nil for full-rank training. With adapters the block linears are frozen
+    /// (tag `.frozenWeights`, no gradient, no optimizer state).
+    public private(set) var loraConfig: LoRAConfig?
+    /// ReLoRA merges done so far (the restart index of the next merge).
+    public internal(set) var merges = 0
     /// Seed and step that key the LoRA dropout masks (set by the trainer each step).
     public var dropoutSeed: UInt64 = 0
     public var dropoutStep = 0
@@ -46,85 +59,108 @@ public final class LlamaModel: @unchecked Sendable {
         self.config = config
         self.backend = backend
         self.checkpointing = checkpointing
-        self.weights = LlamaWeights(config: config, backend: backend, tag: .trainable,
-                                    linears: lora == nil ? .same : .tagged(.frozenWeights))
-        self.lora = lora.map { LoRALayers(config: $0, model: config, backend: backend) }
+        self.loraConfig = lora
+        self.weights = LlamaParameters(config: config, lora: lora, backend: backend)
     }
 
     /// Whether the block linears get gradients (full-rank training) or are frozen (LoRA).
-    public var linearsTrainable: Bool { lora == nil }
+    public var linearsTrainable: Bool { loraConfig == nil }
+
+    /// The adapter of one linear (LoRA models).
+    public func adapter(_ layer: Int, _ kind: LinearKind) -> LoRAAdapter? { weights.blocks[layer].linear(kind).adapter }
 
     /// Allocates zeroed gradient buffers (tag `.gradients`) if there are none yet. Frozen linears get none.
     public func enableGradients() {
-        if gradients == nil {
-            gradients = LlamaWeights(config: config, backend: backend, tag: .gradients,
-                                     linears: linearsTrainable ? .same : .absent)
-        }
+        if gradients == nil { gradients = DenseGradients(config: config, backend: backend) }
+        for linear in weights.linears { linear.enableGradients(backend) }
     }
 
-    /// Every trained tensor with its gradient: the dense parameters (all of them in full-rank
-    /// training; embeddings, norms and head under LoRA) and the LoRA factors. `isLoRA` marks the
-    /// ones ReLoRA's optimizer reset applies to. Call `enableGradients()` first.
-    public func trainableParameters() -> [(name: String, value: Tensor, grad: Tensor, isLoRA: Bool)] {
-        guard let grads = gradients else { preconditionFailure("trainableParameters() before enableGradients()") }
-        let gradByName = Dictionary(uniqueKeysWithValues: grads.named())
-        var list = weights.named().compactMap { name, t -> (String, Tensor, Tensor, Bool)? in
-            gradByName[name].map { (name, t, $0, false) }
+    /// Every trained tensor with its gradient, in `named_parameters()` order: the dense parameters (all
+    /// of them in full-rank training; embeddings, norms and head under LoRA), then the LoRA factors.
+    /// Call `enableGradients()` first.
+    public func trainableParameters() -> [TrainableParameter] {
+        guard let g = gradients else { preconditionFailure("trainableParameters() before enableGradients()") }
+        var list = [TrainableParameter(name: "model.embed_tokens.weight", value: weights.embed, grad: g.embed, isLoRA: false)]
+        for (i, block) in weights.blocks.enumerated() {
+            let p = "model.layers.\(i)."
+            func linear(_ kind: LinearKind) {
+                let l = block.linear(kind)
+                if let wg = l.weightGrad { list.append(TrainableParameter(name: l.namePrefix + "weight", value: l.weight.dense, grad: wg, isLoRA: false)) }
+            }
+            list.append(TrainableParameter(name: p + "input_layernorm.weight", value: block.attnNorm, grad: g.attnNorm[i], isLoRA: false))
+            [LinearKind.q, .k, .v, .o].forEach(linear)
+            list.append(TrainableParameter(name: p + "post_attention_layernorm.weight", value: block.mlpNorm, grad: g.mlpNorm[i], isLoRA: false))
+            [LinearKind.gate, .up, .down].forEach(linear)
         }
-        for p in lora?.named() ?? [] { list.append((p.name, p.value, p.grad, true)) }
+        list.append(TrainableParameter(name: "model.norm.weight", value: weights.norm, grad: g.norm, isLoRA: false))
+        if let head = g.lmHead { list.append(TrainableParameter(name: "lm_head.weight", value: weights.lmHead, grad: head, isLoRA: false)) }
+        for linear in weights.linears {
+            for t in linear.adapter?.trainedTensors() ?? [] {
+                list.append(TrainableParameter(name: linear.namePrefix + t.suffix, value: t.value, grad: t.grad, isLoRA: true))
+            }
+        }
         return list
     }
 
+    /// Every LoRA tensor with its checkpoint name: `...q_proj.lora_A` `[r, in]`, `lora_B` `[out, r]`,
+    /// `lora_scale` `[1]` (written whether trained or not, so the file alone defines W + s B A).
+    public func loraTensors() -> [(name: String, value: Tensor)] {
+        weights.linears.flatMap { l -> [(name: String, value: Tensor)] in
+            guard let ad = l.adapter else { return [] }
+            return [(l.namePrefix + "lora_A", ad.a), (l.namePrefix + "lora_B", ad.b), (l.namePrefix + "lora_scale", ad.scale)]
+        }
+    }
+
     public func zeroGradients() {
-        guard let g = gradients else { return }
-        for (_, t) in g.named() { backend.zero(t) }
-        for p in lora?.named() ?? [] { backend.zero(p.grad) }
+        for p in (gradients == nil ? [] : trainableParameters()) { backend.zero(p.grad) }
     }
 
     // MARK: ReLoRA merge
 
-    /// What one merge did.
-    public struct MergeReport: Sendable {
-        /// Index of this merge (0 for the first).
-        public var restart: Int
-        public var seconds: Double
-        /// ||s B A||_F / ||W||_F summed over all adapted matrices (how large the merged update was).
-        public var relativeUpdate: Double
-    }
-
-    /// `W += s * B * A` for every adapted linear (exact in fp32 for dense W), then A re-drawn
-    /// (Kaiming-uniform, keyed by seed and restart index) and B = 0, so the model's function is unchanged.
+    /// `W <- policy(W + s B A)` for every adapted linear, then (if `reinitialize`) A re-drawn
+    /// (Kaiming-uniform, keyed by seed and restart index) and B = 0, so the model's function is
+    /// unchanged up to what the policy loses. Statistics are read back in one transfer.
     @discardableResult
-    public func mergeLoRA(seed: UInt64) -> MergeReport {
-        guard let lora else { preconditionFailure("mergeLoRA on a model without LoRA") }
+    public func mergeAdapters(policy: MergePolicy = ExactMerge(), seed: UInt64, reinitialize: Bool = true) -> MergeReport {
+        guard loraConfig != nil else { preconditionFailure("mergeAdapters on a model without LoRA") }
         let start = DispatchTime.now().uptimeNanoseconds
-        var updateSq = 0.0, weightSq = 0.0
-        for (layer, row) in lora.adapters.enumerated() {
-            for kind in LinearKind.allCases {
-                let ad = row[kind.rawValue]
-                let w = weights.blocks[layer].linear(kind)
-                let s = backend.download(ad.scale)[0]
-                let before = backend.sumOfSquares(w)
-                // Accumulate ||sBA||^2 via a scratch product (small relative to the merge itself).
-                let delta = backend.makeTensor(w.shape, tag: .workspace, zeroed: false)
-                backend.matmul(ad.b, ad.a, delta, m: ad.outFeatures, n: ad.inFeatures, k: ad.rank,
-                               transA: false, transB: false, alpha: s, beta: 0)
-                updateSq += backend.sumOfSquares(delta)
-                weightSq += before
-                backend.axpy(1, delta, w)
-            }
+        let linears = weights.linears
+        let stats = backend.makeTensor([3 * linears.count], dtype: .f32, tag: .workspace, zeroed: true)
+        for (slot, linear) in linears.enumerated() {
+            let key = MergeKey(seed: seed, restart: merges, tensor: linear.layer * LinearKind.allCases.count + linear.kind.rawValue)
+            linear.merge(policy: policy, key: key, stats: stats, slot: slot, backend: backend)
         }
-        let report = MergeReport(restart: lora.merges,
+        let s = backend.download(stats)
+        var updateSq = 0.0, weightSq = 0.0, errorSq = 0.0
+        for slot in 0..<linears.count {
+            updateSq += Double(s[3 * slot]); weightSq += Double(s[3 * slot + 1]); errorSq += Double(s[3 * slot + 2])
+        }
+        let report = MergeReport(restart: merges, policy: policy.name,
                                  seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9,
-                                 relativeUpdate: weightSq > 0 ? (updateSq / weightSq).squareRoot() : 0)
-        lora.merges += 1
-        lora.reinitializeAll(seed: seed, backend: backend)
+                                 relativeUpdate: weightSq > 0 ? (updateSq / weightSq).squareRoot() : 0,
+                                 mergeError: updateSq > 0 ? (errorSq / updateSq).squareRoot() : 0)
+        merges += 1
+        if reinitialize { initializeLoRA(seed: seed) }
         return report
     }
 
-    /// Fresh adapters (A Kaiming-uniform, B = 0) without merging: the state right after wrapping.
+    /// Merges the current cycle exactly and removes the adapters: a plain model computing `x (W + s B A)^T`,
+    /// for export, evaluation and sampling (no adapter GEMMs left). Not for training.
+    public func foldAdapters() {
+        guard loraConfig != nil else { return }
+        mergeAdapters(policy: ExactMerge(), seed: 0, reinitialize: false)
+        for linear in weights.linears { linear.detachAdapter() }
+        loraConfig = nil
+        workspace = nil
+    }
+
+    /// Fresh adapters (A Kaiming-uniform, B = 0) for the current cycle without merging: the state right
+    /// after wrapping (cycle 0) or after a restart. A's stream is distinct per (cycle, layer, kind).
     public func initializeLoRA(seed: UInt64) {
-        lora?.reinitializeAll(seed: seed, backend: backend)
+        for linear in weights.linears {
+            let stream = (UInt64(merges) << 32) | (UInt64(linear.layer) << 8) | UInt64(linear.kind.rawValue)
+            linear.adapter?.reinitialize(seed: seed, stream: stream, backend: backend)
+        }
     }
 
     // MARK: Public entry points
@@ -134,17 +170,19 @@ public final class LlamaModel: @unchecked Sendable {
     public func loss(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int) throws -> LossSum {
         try validate(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: false)
-        forward(inputs, ws)
+        backend.upload(inputs, to: ws.ids)
+        backend.upload(targets, to: ws.targets)
+        forward(ws)
         computeLogits(ws)
-        let n = batch * seqLen
-        let sum = backend.crossEntropy(logits: ws.logits, targets: targets, losses: ws.losses, rows: n,
+        let sum = backend.crossEntropy(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: ws.tokens,
                                        vocab: config.vocabSize, gradScale: nil)
         return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })
     }
 
-    /// Forward and backward. Accumulates into `gradients` the gradient of
+    /// Forward and backward. Accumulates into the gradients the gradient of
     /// `gradScale * sum(per-token losses)`; `gradScale = 1 / tokens` gives the mean loss's gradient.
-    /// Returns the loss sum of this batch. Call `enableGradients()` first.
+    /// Returns the loss sum of this batch. Call `enableGradients()` first. Host traffic: the ids and
+    /// targets up, the loss sum down.
     @discardableResult
     public func forwardBackward(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int,
                                 gradScale: Float) throws -> LossSum {
@@ -153,16 +191,18 @@ public final class LlamaModel: @unchecked Sendable {
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: true)
         let n = batch * seqLen, c = config.hiddenSize, vocab = config.vocabSize
         let last = ws.xs[config.numHiddenLayers]
+        backend.upload(inputs, to: ws.ids)
+        backend.upload(targets, to: ws.targets)
 
-        forward(inputs, ws)
+        forward(ws)
         computeLogits(ws)
         // Fused: logits become dL/dlogits in place.
-        let sum = backend.crossEntropy(logits: ws.logits, targets: targets, losses: ws.losses, rows: n, vocab: vocab,
+        let sum = backend.crossEntropy(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: n, vocab: vocab,
                                        gradScale: gradScale)
         let dlogits = ws.logits
 
         // Head: dW_head[V,C] += dlogits^T lnf; dlnf[N,C] = dlogits W_head.
-        backend.matmul(dlogits, ws.lnf, grads.lmHead, m: vocab, n: c, k: n, transA: true, beta: 1)
+        backend.matmul(dlogits, ws.lnf, grads.head, m: vocab, n: c, k: n, transA: true, beta: 1)
         backend.matmul(dlogits, weights.lmHead, ws.dln, m: n, n: c, k: vocab)
         backend.zero(ws.dres)
         backend.rmsnormBackward(ws.dln, x: last, weight: weights.norm, rstd: ws.rstdf, dx: ws.dres,
@@ -178,7 +218,7 @@ public final class LlamaModel: @unchecked Sendable {
             }
             blockBackward(layer, input: ws.xs[layer], acts, ws, grads)
         }
-        backend.embeddingBackward(ids: inputs, dout: ws.dres, dtable: grads.embed, dim: c)
+        backend.embeddingBackward(ids: ws.ids, dout: ws.dres, dtable: grads.embed, dim: c)
         return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })
     }
 
@@ -187,7 +227,8 @@ public final class LlamaModel: @unchecked Sendable {
         let none = [Int32](repeating: -1, count: inputs.count)
         try validate(inputs: inputs, targets: none, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: false)
-        forward(inputs, ws)
+        backend.upload(inputs, to: ws.ids)
+        forward(ws)
         computeLogits(ws)
         return backend.download(ws.logits)
     }
@@ -226,8 +267,8 @@ public final class LlamaModel: @unchecked Sendable {
         backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: ws.tokens, n: config.vocabSize, k: config.hiddenSize, transB: true)
     }
 
-    private func forward(_ inputs: [Int32], _ ws: Workspace) {
-        backend.embeddingForward(ids: inputs, table: weights.embed, out: ws.xs[0], dim: config.hiddenSize)
+    private func forward(_ ws: Workspace) {
+        backend.embeddingForward(ids: ws.ids, table: weights.embed, out: ws.xs[0], dim: config.hiddenSize)
         for layer in 0..<config.numHiddenLayers {
             let acts = checkpointing == .block || !ws.training ? ws.blocks[0] : ws.blocks[layer]
             blockForward(layer, input: ws.xs[layer], output: ws.xs[layer + 1], acts, ws)
@@ -260,47 +301,21 @@ public final class LlamaModel: @unchecked Sendable {
         if let out = output {
             backend.copy(a.res2, to: out)
             linearForward(layer, .down, a.h, out, beta: 1, a, ws)
-        } else if lora != nil {
+        } else if let u = a.loraU[.down] {
             // Checkpointed recompute: the block output is not needed, but the down adapter's u is.
-            loraProject(layer, .down, a.h, a, ws)
+            w.linear(.down).project(a.h, into: u, tokens: n, context(ws))
         }
     }
 
-    /// `y = x W^T + beta * y`, plus `s * (drop(x) A^T) B^T` when the linear has an adapter
-    /// (saving `u = drop(x) A^T`, `[N, r]`, for the backward).
+    /// The linear's forward with the block's saved adapter projection.
     private func linearForward(_ layer: Int, _ kind: LinearKind, _ x: Tensor, _ y: Tensor, beta: Float,
                                _ acts: BlockActivations, _ ws: Workspace) {
-        let w = weights.blocks[layer].linear(kind)
-        let (out, inF) = LoRALayers.shape(kind, config)
-        let n = ws.tokens
-        backend.matmul(x, w, y, m: n, n: out, k: inF, transA: false, transB: true, alpha: 1, beta: beta)
-        guard let lora else { return }
-        let ad = lora.adapters[layer][kind.rawValue]
-        let u = loraProject(layer, kind, x, acts, ws)
-        backend.matmul(u, ad.b, y, m: n, n: out, k: ad.rank, transA: false, transB: true,
-                       alpha: backend.download(ad.scale)[0], beta: 1)
+        weights.blocks[layer].linear(kind).forward(x, y, beta: beta, tokens: ws.tokens, saved: acts.loraU[kind], context(ws))
     }
 
-    /// `u = drop(x) A^T` `[N, r]` into the block's saved activations.
-    @discardableResult
-    private func loraProject(_ layer: Int, _ kind: LinearKind, _ x: Tensor, _ acts: BlockActivations, _ ws: Workspace) -> Tensor {
-        let ad = lora!.adapters[layer][kind.rawValue]
-        let u = acts.loraU[kind.rawValue]
-        let xin = loraInput(layer, kind, x, count: ws.tokens * ad.inFeatures, ws)
-        backend.matmul(xin, ad.a, u, m: ws.tokens, n: ad.rank, k: ad.inFeatures, transA: false, transB: true, alpha: 1, beta: 0)
-        return u
-    }
-
-    /// The adapter's input: `x`, or its dropout (into `ws.loraX`) while training with dropout.
-    private func loraInput(_ layer: Int, _ kind: LinearKind, _ x: Tensor, count: Int, _ ws: Workspace) -> Tensor {
-        guard let lora, lora.config.dropout > 0, ws.training else { return x }
-        backend.dropout(x, ws.loraX, count: count, p: Float(lora.config.dropout), seed: dropoutSeed,
-                        stream: dropoutStream(layer, kind))
-        return ws.loraX
-    }
-
-    private func dropoutStream(_ layer: Int, _ kind: LinearKind) -> UInt64 {
-        (UInt64(dropoutStep) << 24) | (UInt64(layer) << 8) | UInt64(kind.rawValue)
+    private func context(_ ws: Workspace) -> LinearContext {
+        LinearContext(backend: backend, dropout: ws.training ? Float(loraConfig?.dropout ?? 0) : 0,
+                      dropoutSeed: dropoutSeed, dropoutStep: dropoutStep, dyB: ws.dyB, loraX: ws.loraX)
     }
 
     // MARK: Backward
@@ -309,23 +324,23 @@ public final class LlamaModel: @unchecked Sendable {
     /// accumulate into `grads` (and the adapters). Input gradients are `dx = dy W`; weight gradients
     /// `dW[out,in] += dy^T x` only when the linears are trainable.
     private func blockBackward(_ layer: Int, input x: Tensor, _ a: BlockActivations, _ ws: Workspace,
-                               _ grads: LlamaWeights) {
-        let w = weights.blocks[layer], g = grads.blocks[layer]
+                               _ grads: DenseGradients) {
+        let w = weights.blocks[layer]
         let n = ws.tokens, c = config.hiddenSize, f = config.intermediateSize
         let theta = Float(config.ropeTheta)
-        let dres = ws.dres
+        let dres: Tensor = ws.dres
 
         // MLP: out = res2 + down(h), h = silu(gate) * up.
-        linearBackward(layer, .down, dy: dres, x: a.h, dx: ws.dh, dxBeta: 0, a, ws, g)
+        linearBackward(layer, .down, dy: dres, x: a.h, dx: ws.dh, dxBeta: 0, a, ws)
         backend.swigluBackward(dout: ws.dh, gate: a.gate, up: a.up, dgate: ws.dgate, dup: ws.dup, count: n * f)
-        linearBackward(layer, .gate, dy: ws.dgate, x: a.ln2, dx: ws.dln, dxBeta: 0, a, ws, g)
-        linearBackward(layer, .up, dy: ws.dup, x: a.ln2, dx: ws.dln, dxBeta: 1, a, ws, g)
+        linearBackward(layer, .gate, dy: ws.dgate, x: a.ln2, dx: ws.dln, dxBeta: 0, a, ws)
+        linearBackward(layer, .up, dy: ws.dup, x: a.ln2, dx: ws.dln, dxBeta: 1, a, ws)
         // dres becomes dL/d(res2): the residual path plus the MLP norm's input gradient.
-        backend.rmsnormBackward(ws.dln, x: a.res2, weight: w.mlpNorm, rstd: a.rstd2, dx: dres, dweight: g.mlpNorm,
+        backend.rmsnormBackward(ws.dln, x: a.res2, weight: w.mlpNorm, rstd: a.rstd2, dx: dres, dweight: grads.mlpNorm[layer],
                                 rows: n, dim: c)
 
         // Attention: res2 = x + o(attn).
-        linearBackward(layer, .o, dy: dres, x: a.attn, dx: ws.dattn, dxBeta: 0, a, ws, g)
+        linearBackward(layer, .o, dy: dres, x: a.attn, dx: ws.dattn, dxBeta: 0, a, ws)
         backend.attentionBackward(dout: ws.dattn, q: a.q, k: a.k, v: a.v, out: a.attn, lse: a.lse,
                                   dq: ws.dq, dk: ws.dk, dv: ws.dv, batch: ws.batch, seqLen: ws.seqLen,
                                   heads: config.numAttentionHeads, kvHeads: config.numKeyValueHeads,
@@ -334,46 +349,19 @@ public final class LlamaModel: @unchecked Sendable {
                      headDim: config.headDim, theta: theta, inverse: true)
         backend.rope(ws.dk, batch: ws.batch, seqLen: ws.seqLen, heads: config.numKeyValueHeads,
                      headDim: config.headDim, theta: theta, inverse: true)
-        linearBackward(layer, .q, dy: ws.dq, x: a.ln1, dx: ws.dln, dxBeta: 0, a, ws, g)
-        linearBackward(layer, .k, dy: ws.dk, x: a.ln1, dx: ws.dln, dxBeta: 1, a, ws, g)
-        linearBackward(layer, .v, dy: ws.dv, x: a.ln1, dx: ws.dln, dxBeta: 1, a, ws, g)
-        backend.rmsnormBackward(ws.dln, x: x, weight: w.attnNorm, rstd: a.rstd1, dx: dres, dweight: g.attnNorm,
+        linearBackward(layer, .q, dy: ws.dq, x: a.ln1, dx: ws.dln, dxBeta: 0, a, ws)
+        linearBackward(layer, .k, dy: ws.dk, x: a.ln1, dx: ws.dln, dxBeta: 1, a, ws)
+        linearBackward(layer, .v, dy: ws.dv, x: a.ln1, dx: ws.dln, dxBeta: 1, a, ws)
+        backend.rmsnormBackward(ws.dln, x: x, weight: w.attnNorm, rstd: a.rstd1, dx: dres, dweight: grads.attnNorm[layer],
                                 rows: n, dim: c)
     }
 
-    /// Backward of `linearForward`. `dx = dy W + dxBeta * dx` (+ the adapter path); with an adapter
-    /// (`xd` = the adapter's input, `u = xd A^T`, `g = dy B`):
-    /// `dB += s dy^T u`, `dA += s g^T xd`, `ds += sum(g * u)`, `dx += drop'(s g A)`.
+    /// Backward of `linearForward`: `dx = dy W + dxBeta * dx` plus the adapter path; parameter gradients
+    /// accumulate in the linear.
     private func linearBackward(_ layer: Int, _ kind: LinearKind, dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float,
-                                _ acts: BlockActivations, _ ws: Workspace, _ g: BlockWeights) {
-        let w = weights.blocks[layer].linear(kind)
-        let (out, inF) = LoRALayers.shape(kind, config)
-        let n = ws.tokens
-        backend.matmul(dy, w, dx, m: n, n: inF, k: out, transA: false, transB: false, alpha: 1, beta: dxBeta)
-        if linearsTrainable {
-            backend.matmul(dy, x, g.linear(kind), m: out, n: inF, k: n, transA: true, transB: false, alpha: 1, beta: 1)
-        }
-        guard let lora else { return }
-        let ad = lora.adapters[layer][kind.rawValue], r = ad.rank
-        let s = backend.download(ad.scale)[0]
-        let u = acts.loraU[kind.rawValue]
-        backend.matmul(dy, ad.b, ws.dyB, m: n, n: r, k: out, transA: false, transB: false, alpha: 1, beta: 0)
-        backend.matmul(dy, u, ad.gradB, m: out, n: r, k: n, transA: true, transB: false, alpha: s, beta: 1)
-        if lora.config.trainableScale {
-            let ds = backend.dot(ws.dyB, u, count: n * r)
-            backend.upload([backend.download(ad.gradScale)[0] + Float(ds)], to: ad.gradScale)
-        }
-        let xin = loraInput(layer, kind, x, count: n * inF, ws)
-        backend.matmul(ws.dyB, xin, ad.gradA, m: r, n: inF, k: n, transA: true, transB: false, alpha: s, beta: 1)
-        if lora.config.dropout > 0 {
-            // The adapter saw drop(x): its input gradient goes through the same mask.
-            backend.matmul(ws.dyB, ad.a, ws.loraX, m: n, n: inF, k: r, transA: false, transB: false, alpha: s, beta: 0)
-            backend.dropout(ws.loraX, ws.loraX, count: n * inF, p: Float(lora.config.dropout), seed: dropoutSeed,
-                            stream: dropoutStream(layer, kind))
-            backend.axpy(1, ws.loraX, dx, count: n * inF)
-        } else {
-            backend.matmul(ws.dyB, ad.a, dx, m: n, n: inF, k: r, transA: false, transB: false, alpha: s, beta: 1)
-        }
+                                _ acts: BlockActivations, _ ws: Workspace) {
+        weights.blocks[layer].linear(kind).backward(dy: dy, x: x, dx: dx, dxBeta: dxBeta, tokens: ws.tokens,
+                                                    saved: acts.loraU[kind], context(ws))
     }
 
     // MARK: Buffers
@@ -383,7 +371,7 @@ public final class LlamaModel: @unchecked Sendable {
         workspace = nil  // free the old buffers before allocating the new ones
         let ws = Workspace(config: config, backend: backend, batch: batch, seqLen: seqLen, training: training,
                            savedBlocks: training && checkpointing == .none ? config.numHiddenLayers : 1,
-                           lora: lora?.config)
+                           lora: loraConfig)
         workspace = ws
         return ws
     }
@@ -392,18 +380,19 @@ public final class LlamaModel: @unchecked Sendable {
 /// One block's forward values that its backward reads. Rows are tokens.
 final class BlockActivations {
     let ln1, rstd1, q, k, v, attn, lse, res2, ln2, rstd2, gate, up, h: Tensor
-    /// `u = drop(x) A^T`, `[N, r]`, per linear kind (empty without LoRA).
-    let loraU: [Tensor]
+    /// `u = drop(x) A^T`, `[N, r]`, per linear kind (none without LoRA).
+    let loraU: SavedProjections
 
     init(_ cfg: LlamaConfig, _ backend: Backend, batch: Int, seqLen: Int, loraRank: Int?) {
         let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
-        func t(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, tag: .activations, zeroed: false) }
+        let dtype = backend.precision.activations
+        func t(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .activations, zeroed: false) }
         ln1 = t([n, c]); rstd1 = t([n])
         q = t([n, cfg.queryWidth]); k = t([n, cfg.keyValueWidth]); v = t([n, cfg.keyValueWidth])
         attn = t([n, cfg.queryWidth]); lse = t([batch, cfg.numAttentionHeads, seqLen])
         res2 = t([n, c]); ln2 = t([n, c]); rstd2 = t([n])
         gate = t([n, f]); up = t([n, f]); h = t([n, f])
-        loraU = loraRank.map { r in LinearKind.allCases.map { _ in t([n, r]) } } ?? []
+        loraU = SavedProjections(loraRank.map { r in LinearKind.allCases.map { _ in t([n, r]) } } ?? [])
     }
 }
 
@@ -415,29 +404,45 @@ final class Workspace {
     let xs: [Tensor]
     /// L sets without checkpointing while training, else one set reused by every block.
     let blocks: [BlockActivations]
+    /// i32 token ids and targets `[N]`, uploaded once per batch.
+    let ids, targets: Tensor
     let lnf, rstdf, logits, losses: Tensor
     // Backward scratch (allocated only for training).
-    let dres, dln, dq, dk, dv, dattn, dh, dgate, dup: Tensor
-    /// LoRA scratch: `dy B` `[N, r]`, and the adapter's dropped-out input / input gradient `[N, max(C, F)]`.
-    let dyB, loraX: Tensor
+    let dres, dln, dq, dk, dv, dattn, dh, dgate, dup: Tensor!
+    /// LoRA scratch (training): `dy B` `[N, r]`, and the adapter's dropped-out input / input gradient
+    /// `[N, max(C, F)]` (only with dropout).
+    let dyB, loraX: Tensor?
 
     init(config cfg: LlamaConfig, backend: Backend, batch: Int, seqLen: Int, training: Bool, savedBlocks: Int,
          lora: LoRAConfig?) {
         self.batch = batch; self.seqLen = seqLen; self.training = training
         let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
         tokens = n
-        func act(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, tag: .activations, zeroed: false) }
-        func scratch(_ shape: [Int]) -> Tensor {
-            backend.makeTensor(training ? shape : [0], tag: .workspace, zeroed: false)
-        }
+        let dtype = backend.precision.activations
+        func act(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .activations, zeroed: false) }
+        func scratch(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .workspace, zeroed: false) }
         xs = (0...cfg.numHiddenLayers).map { _ in act([n, c]) }
         blocks = (0..<savedBlocks).map { _ in BlockActivations(cfg, backend, batch: batch, seqLen: seqLen, loraRank: lora?.rank) }
+        ids = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
+        targets = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
         lnf = act([n, c]); rstdf = act([n]); logits = act([n, cfg.vocabSize]); losses = act([n])
-        dres = scratch([n, c]); dln = scratch([n, c])
-        dq = scratch([n, cfg.queryWidth]); dk = scratch([n, cfg.keyValueWidth]); dv = scratch([n, cfg.keyValueWidth])
-        dattn = scratch([n, cfg.queryWidth])
-        dh = scratch([n, f]); dgate = scratch([n, f]); dup = scratch([n, f])
-        dyB = scratch(lora.map { [n, $0.rank] } ?? [0])
-        loraX = scratch(lora.map { $0.dropout > 0 ? [n, max(c, f, cfg.queryWidth)] : [0] } ?? [0])
+        if training {
+            dres = scratch([n, c]); dln = scratch([n, c])
+            dq = scratch([n, cfg.queryWidth]); dk = scratch([n, cfg.keyValueWidth]); dv = scratch([n, cfg.keyValueWidth])
+            dattn = scratch([n, cfg.queryWidth])
+            dh = scratch([n, f]); dgate = scratch([n, f]); dup = scratch([n, f])
+            dyB = lora.map { scratch([n, $0.rank]) }
+            loraX = lora.flatMap { $0.dropout > 0 ? scratch([n, max(c, f, cfg.queryWidth)]) : nil }
+        } else {
+            dres = nil; dln = nil; dq = nil; dk = nil; dv = nil; dattn = nil; dh = nil; dgate = nil; dup = nil
+            dyB = nil; loraX = nil
+        }
     }
+}
+
+/// The saved adapter projections of one block, by linear kind (empty without LoRA).
+struct SavedProjections {
+    private let tensors: [Tensor]
+    init(_ tensors: [Tensor]) { self.tensors = tensors }
+    subscript(kind: LinearKind) -> Tensor? { tensors.isEmpty ? nil : tensors[kind.rawValue] }
 }

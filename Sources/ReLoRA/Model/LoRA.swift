@@ -17,6 +17,17 @@ public enum LinearKind: Int, CaseIterable, Sendable {
         case .down: return "mlp.down_proj"
         }
     }
+
+    /// `(out, in)` of this linear in a model of `config`.
+    public func shape(_ c: LlamaConfig) -> (out: Int, in: Int) {
+        switch self {
+        case .q: return (c.queryWidth, c.hiddenSize)
+        case .k, .v: return (c.keyValueWidth, c.hiddenSize)
+        case .o: return (c.hiddenSize, c.queryWidth)
+        case .gate, .up: return (c.intermediateSize, c.hiddenSize)
+        case .down: return (c.hiddenSize, c.intermediateSize)
+        }
+    }
 }
 
 /// How the block linears are adapted: `y = x W^T + s * (drop(x) A^T) B^T` with W frozen.
@@ -49,96 +60,51 @@ public struct LoRAConfig: Sendable, Equatable {
     }
 }
 
-/// LoRA factors of one linear `[out, in]`: A `[r, in]` (tag `.lora`), B `[out, r]`, their gradients,
-/// and the scale (a `[1]` tensor so it can be trained).
+/// LoRA factors of one linear `[out, in]`: A `[r, in]`, B `[out, r]` (tag `.lora`, dtype
+/// `precision.loraFactors`), the scale s as a `[1]` f32 tensor (so it can be trained and stays on the
+/// device), and, once `enableGradients` ran, their gradients.
 public final class LoRAAdapter: @unchecked Sendable {
     public let a: Tensor
     public let b: Tensor
     public let scale: Tensor
-    public let gradA: Tensor
-    public let gradB: Tensor
-    public let gradScale: Tensor
     public let rank: Int, inFeatures: Int, outFeatures: Int
+    public let trainableScale: Bool
+    public private(set) var gradA: Tensor?
+    public private(set) var gradB: Tensor?
+    /// dL/ds, only with a trainable scale.
+    public private(set) var gradScale: Tensor?
 
     init(rank: Int, inFeatures: Int, outFeatures: Int, scale: Float, trainableScale: Bool, backend: Backend) {
         self.rank = rank; self.inFeatures = inFeatures; self.outFeatures = outFeatures
-        a = backend.makeTensor([rank, inFeatures], tag: .lora)
-        b = backend.makeTensor([outFeatures, rank], tag: .lora)
-        self.scale = backend.makeTensor([1], tag: .lora)
-        backend.upload([scale], to: self.scale)
-        gradA = backend.makeTensor([rank, inFeatures], tag: .gradients)
-        gradB = backend.makeTensor([outFeatures, rank], tag: .gradients)
-        gradScale = backend.makeTensor(trainableScale ? [1] : [0], tag: .gradients)
+        self.trainableScale = trainableScale
+        let dtype = backend.precision.loraFactors
+        a = backend.makeTensor([rank, inFeatures], dtype: dtype, tag: .lora)
+        b = backend.makeTensor([outFeatures, rank], dtype: dtype, tag: .lora)
+        self.scale = backend.makeTensor([1], dtype: .f32, tag: .lora)
+        backend.fill(self.scale, value: scale)
+    }
+
+    func enableGradients(_ backend: Backend) {
+        guard gradA == nil else { return }
+        let dtype = backend.precision.gradients
+        gradA = backend.makeTensor([rank, inFeatures], dtype: dtype, tag: .gradients)
+        gradB = backend.makeTensor([outFeatures, rank], dtype: dtype, tag: .gradients)
+        if trainableScale { gradScale = backend.makeTensor([1], dtype: .f32, tag: .gradients) }
     }
 
     /// A ~ U(-1/sqrt(in), 1/sqrt(in)) (Kaiming-uniform with a = sqrt(5), as nn.Linear and the
     /// reference code), B = 0, so `s * B * A = 0` and wrapping or re-initialising does not change the
     /// model's function. Values come from the counter-based RNG keyed by (seed, stream).
     func reinitialize(seed: UInt64, stream: UInt64, backend: Backend) {
-        let bound = 1 / Float(inFeatures).squareRoot()
-        var values = [Float](repeating: 0, count: a.count)
-        for i in 0..<values.count {
-            values[i] = (2 * relora_rng_uniform(seed, stream, UInt64(i)) - 1) * bound
-        }
-        backend.upload(values, to: a)
+        backend.fillUniform(a, bound: 1 / Float(inFeatures).squareRoot(), seed: seed, stream: stream)
         backend.zero(b)
     }
-}
 
-/// All adapters of a model: `adapters[layer][kind.rawValue]`.
-public final class LoRALayers: @unchecked Sendable {
-    public let config: LoRAConfig
-    public let adapters: [[LoRAAdapter]]
-    /// Merges done so far (the restart index of the next merge).
-    public internal(set) var merges = 0
-
-    init(config: LoRAConfig, model: LlamaConfig, backend: Backend) {
-        self.config = config
-        adapters = (0..<model.numHiddenLayers).map { _ in
-            LinearKind.allCases.map { kind in
-                let (out, inF) = LoRALayers.shape(kind, model)
-                return LoRAAdapter(rank: config.rank, inFeatures: inF, outFeatures: out, scale: config.scale,
-                                   trainableScale: config.trainableScale, backend: backend)
-            }
-        }
-    }
-
-    /// `[out, in]` of a block linear.
-    static func shape(_ kind: LinearKind, _ c: LlamaConfig) -> (Int, Int) {
-        switch kind {
-        case .q: return (c.queryWidth, c.hiddenSize)
-        case .k, .v: return (c.keyValueWidth, c.hiddenSize)
-        case .o: return (c.hiddenSize, c.queryWidth)
-        case .gate, .up: return (c.intermediateSize, c.hiddenSize)
-        case .down: return (c.hiddenSize, c.intermediateSize)
-        }
-    }
-
-    /// `(name, value, grad)` of every LoRA parameter; names like `model.layers.0.self_attn.q_proj.lora_A`.
-    public func named() -> [(name: String, value: Tensor, grad: Tensor)] {
-        var list: [(String, Tensor, Tensor)] = []
-        for (layer, row) in adapters.enumerated() {
-            for kind in LinearKind.allCases {
-                let ad = row[kind.rawValue]
-                let p = "model.layers.\(layer).\(kind.hfPath)."
-                list.append((p + "lora_A", ad.a, ad.gradA))
-                list.append((p + "lora_B", ad.b, ad.gradB))
-                if config.trainableScale { list.append((p + "lora_scale", ad.scale, ad.gradScale)) }
-            }
-        }
+    /// `(suffix, value, grad)` of the trained factors: `lora_A`, `lora_B` and, if trained, `lora_scale`.
+    func trainedTensors() -> [(suffix: String, value: Tensor, grad: Tensor)] {
+        guard let gradA, let gradB else { preconditionFailure("LoRA gradients requested before enableGradients()") }
+        var list = [("lora_A", a, gradA), ("lora_B", b, gradB)]
+        if let gradScale { list.append(("lora_scale", scale, gradScale)) }
         return list
-    }
-
-    /// Stream id of an adapter for the counter RNG: distinct per (restart, layer, kind).
-    func stream(restart: Int, layer: Int, kind: LinearKind) -> UInt64 {
-        (UInt64(restart) << 32) | (UInt64(layer) << 8) | UInt64(kind.rawValue)
-    }
-
-    func reinitializeAll(seed: UInt64, backend: Backend) {
-        for (layer, row) in adapters.enumerated() {
-            for kind in LinearKind.allCases {
-                row[kind.rawValue].reinitialize(seed: seed, stream: stream(restart: merges, layer: layer, kind: kind), backend: backend)
-            }
-        }
     }
 }

@@ -1,5 +1,8 @@
 /// AdamW over a set of named parameter tensors with their gradients. First and second moments live in
-/// tensors tagged `.optimizer`; `stepCount` counts applied updates (bias correction uses it, 1-based).
+/// tensors tagged `.optimizer` (dtype `precision.optimizerStates`); a parameter whose working copy is
+/// narrower than f32 (bf16 on CUDA) gets an f32 master copy (tag `.masterWeights`) that the update
+/// runs on and that is converted back into the working copy. `stepCount` counts applied updates (bias
+/// correction uses it, 1-based).
 public final class AdamW: @unchecked Sendable {
     public struct Parameter {
         public let name: String
@@ -9,6 +12,8 @@ public final class AdamW: @unchecked Sendable {
         public let decay: Bool
         /// A LoRA factor (ReLoRA's optimizer reset applies to these only).
         public let isLoRA: Bool
+        /// f32 master copy when `value` is narrower, else nil (the update runs on `value`).
+        public let master: Tensor?
     }
 
     public let parameters: [Parameter]
@@ -18,17 +23,32 @@ public final class AdamW: @unchecked Sendable {
     public var beta1: Float, beta2: Float, eps: Float, weightDecay: Float
     let backend: Backend
 
-    public init(parameters: [Parameter], backend: Backend, beta1: Float, beta2: Float, eps: Float, weightDecay: Float) {
-        self.parameters = parameters
+    public init(parameters: [TrainableParameter], backend: Backend, beta1: Float, beta2: Float, eps: Float, weightDecay: Float) {
         self.backend = backend
         self.beta1 = beta1; self.beta2 = beta2; self.eps = eps; self.weightDecay = weightDecay
-        m = parameters.map { backend.makeTensor($0.value.shape, tag: .optimizer) }
-        v = parameters.map { backend.makeTensor($0.value.shape, tag: .optimizer) }
+        let p = backend.precision
+        self.parameters = parameters.map { t in
+            let master = p.needsMaster(t.value.dtype) ? backend.makeTensor(t.value.shape, dtype: .f32, tag: .masterWeights) : nil
+            return Parameter(name: t.name, value: t.value, grad: t.grad, decay: t.value.shape.count >= 2, isLoRA: t.isLoRA, master: master)
+        }
+        m = parameters.map { backend.makeTensor($0.value.shape, dtype: p.optimizerStates, tag: .optimizer) }
+        v = parameters.map { backend.makeTensor($0.value.shape, dtype: p.optimizerStates, tag: .optimizer) }
     }
 
-    /// Global L2 norm of all gradients (Double accumulation).
+    /// Every trained tensor of a model (which must have gradients enabled), decaying matrices only.
+    public convenience init(model: LlamaModel, beta1: Float, beta2: Float, eps: Float, weightDecay: Float) {
+        self.init(parameters: model.trainableParameters(), backend: model.backend, beta1: beta1, beta2: beta2,
+                  eps: eps, weightDecay: weightDecay)
+    }
+
+    /// Copies the working values into the master copies (after the values were initialised or loaded).
+    public func refreshMasterCopies() {
+        for p in parameters { if let master = p.master { backend.copy(p.value, to: master) } }
+    }
+
+    /// Global L2 norm of all gradients: per-tensor squared norms on the backend, one transfer.
     public func gradientNorm() -> Double {
-        parameters.reduce(0.0) { $0 + backend.sumOfSquares($1.grad) }.squareRoot()
+        backend.sumOfSquares(parameters.map(\.grad)).squareRoot()
     }
 
     public func scaleGradients(by factor: Float) {
@@ -39,18 +59,24 @@ public final class AdamW: @unchecked Sendable {
     public func step(lr: Float) {
         stepCount += 1
         for (i, p) in parameters.enumerated() {
-            backend.adamw(param: p.value, grad: p.grad, m: m[i], v: v[i], lr: lr, beta1: beta1, beta2: beta2,
+            backend.adamw(param: p.master ?? p.value, grad: p.grad, m: m[i], v: v[i], lr: lr, beta1: beta1, beta2: beta2,
                           eps: eps, weightDecay: p.decay ? weightDecay : 0, step: stepCount)
+            if let master = p.master { backend.copy(master, to: p.value) }
         }
     }
-}
 
-extension AdamW {
-    /// Every trained tensor of a model (which must have gradients enabled), decaying matrices only.
-    public convenience init(model: LlamaModel, beta1: Float, beta2: Float, eps: Float, weightDecay: Float) {
-        let params = model.trainableParameters().map { p in
-            Parameter(name: p.name, value: p.value, grad: p.grad, decay: p.value.shape.count >= 2, isLoRA: p.isLoRA)
+    /// ReLoRA's optimizer reset: prunes the first and second moments of the LoRA parameters by `rule`
+    /// (each tensor separately, m and v separately, as the reference implementation does), keyed by
+    /// (seed, restart, parameter). Returns the fractions of LoRA moment entries zeroed.
+    public func resetLoRAMoments(_ rule: PruneRule?, seed: UInt64, restart: Int) -> (m: Double, v: Double) {
+        guard let rule else { return (0, 0) }
+        var zeroedM = 0, zeroedV = 0, total = 0
+        for (i, p) in parameters.enumerated() where p.isLoRA {
+            let stream = UInt64(restart) << 32 | UInt64(i) << 1
+            zeroedM += backend.prune(m[i], rule, seed: seed, stream: stream)
+            zeroedV += backend.prune(v[i], rule, seed: seed, stream: stream | 1)
+            total += p.value.count
         }
-        self.init(parameters: params, backend: model.backend, beta1: beta1, beta2: beta2, eps: eps, weightDecay: weightDecay)
+        return (Double(zeroedM) / Double(max(1, total)), Double(zeroedV) / Double(max(1, total)))
     }
 }

@@ -7,7 +7,7 @@ public enum ControlBaseline {
     public static func trainableCount(model c: LlamaConfig, rank r: Int, trainableScale: Bool = false) -> Int {
         let dense = c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 1 : 2) + c.hiddenSize * (2 * c.numHiddenLayers + 1)
         let perBlock = LinearKind.allCases.reduce(0) { acc, kind in
-            let (out, inF) = LoRALayers.shape(kind, c)
+            let (out, inF) = kind.shape(c)
             return acc + r * (out + inF) + (trainableScale ? 1 : 0)
         }
         return dense + c.numHiddenLayers * perBlock

@@ -269,9 +269,7 @@ extension Recipe {
             if !(loraAlpha > 0) { throw ReLoRAError.invalidConfig("'lora_alpha' must be positive, got \(loraAlpha)") }
             if !(loraDropout >= 0 && loraDropout < 1) { throw ReLoRAError.invalidConfig("'lora_dropout' must be in [0, 1), got \(loraDropout)") }
         }
-        if device != "cpu" {
-            throw ReLoRAError.invalidConfig("device '\(device)' is not available yet; only 'cpu' is (the CUDA backend is not built)")
-        }
+        _ = try Device(parsing: device)  // availability is the backend factory's to judge
     }
 
     /// The recipe as JSON (what the run directory stores; decoding it gives back an equal recipe).

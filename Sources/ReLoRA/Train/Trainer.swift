@@ -35,13 +35,20 @@ public final class Trainer {
     let log: (String) -> Void
     /// Checked between steps; when it returns true the trainer saves a checkpoint and stops.
     public var shouldStop: () -> Bool = { false }
+    /// Host<->device transfers of the latest `trainStep` (O(1): ids and targets up and the loss down per
+    /// micro-batch, the gradient norm down once).
+    public private(set) var lastStepTransfers = TransferCount()
     /// Every step's metrics of this process, in order (tests compare runs with it).
     public private(set) var history: [StepMetrics] = []
 
+    /// How restarts store merged weights (`exact` for dense weights).
+    let mergePolicy: MergePolicy = ExactMerge()
+
     /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
-    /// the latest checkpoint of `recipe.runDir`.
-    public init(recipe: Recipe, resume: Bool, backend: Backend = CPUBackend(), log: @escaping (String) -> Void) throws {
+    /// the latest checkpoint of `recipe.runDir`. `backend` defaults to the recipe's `device`.
+    public init(recipe: Recipe, resume: Bool, backend: Backend? = nil, log: @escaping (String) -> Void) throws {
         try recipe.validate()  // recipes built in code skip the decoder's checks
+        let backend = try backend ?? BackendFactory.make(Device(parsing: recipe.device))
         self.recipe = recipe
         self.log = log
         let config = try LlamaConfig(contentsOf: recipe.model)
@@ -86,7 +93,7 @@ public final class Trainer {
                     "\(recipe.runDir) already holds checkpoints; continue it with `relora train --resume \(recipe.runDir)` or choose another run_dir")
             }
             if let warm = recipe.warmStart {
-                state = try Self.warmStart(from: warm, model: model, optimizer: optimizer, seed: recipe.seed)
+                state = try Self.warmStart(from: warm, model: model, optimizer: optimizer, seed: recipe.seed, log: log)
                 log("warm start from \(warm) at step \(state.step)")
                 guard state.step < recipe.steps else {
                     throw ReLoRAError.invalidConfig("the warm start is at step \(state.step), but the recipe ends at step \(recipe.steps)")
@@ -96,67 +103,75 @@ public final class Trainer {
                 state = TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: recipe.seed)
             }
             model.initializeLoRA(seed: recipe.seed)
-            if model.lora != nil { state.loraMerges = 0 }
-            try TrainingCheckpoint.createDirectory(recipe.runDir)
-            try TrainingCheckpoint.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
+            if model.loraConfig != nil { state.loraMerges = 0 }
+            try Files.createDirectory(recipe.runDir)
+            try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
             try? FileManager.default.removeItem(atPath: metricsPath)
             if let tok = recipe.tokenizer {
                 guard let data = FileManager.default.contents(atPath: tok) else {
                     throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
                 }
-                try TrainingCheckpoint.writeData(data, to: recipe.runDir + "/tokenizer.json")
+                try writeFileAtomically(data, to: recipe.runDir + "/tokenizer.json")
             }
         }
+        optimizer.refreshMasterCopies()
     }
 
     var metricsPath: String { recipe.runDir + "/metrics.jsonl" }
 
-    /// Starts from a full-rank checkpoint: its weights (the LoRA run's frozen W), its step count (the
-    /// schedule continues, as in the reference), and Adam's moments and step counter for the dense
-    /// tensors that stay trainable (embeddings, norms, head). LoRA factors start fresh with zero moments.
-    static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64) throws -> TrainingState {
+    /// Starts from a full-rank relora checkpoint (or run directory) or a Hugging Face LLaMA directory
+    /// (single or sharded safetensors: continued pretraining of an existing model).
+    ///
+    /// From a relora checkpoint: its weights (the LoRA run's frozen W), its step count (the schedule
+    /// continues, as in the reference), and Adam's moments and step counter for the dense tensors that
+    /// stay trainable (embeddings, norms, head). From a Hugging Face directory: its weights only; the
+    /// run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
+    static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
+                          log: (String) -> Void) throws -> TrainingState {
+        if HFCheckpoint.isModelDirectory(path) {
+            let config = try HFCheckpoint.readConfig(directory: path)
+            try checkSameArchitecture(config, model.config, source: path)
+            try HFCheckpoint.loadWeights(directory: path, into: model, warn: { log("warning: \($0)") })
+            return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
+        }
         let checkpoint = try TrainingCheckpoint.resolve(path).checkpoint
         let warmState = try TrainingCheckpoint.readState(checkpoint)
         let config = try LlamaConfig(contentsOf: checkpoint + "/config.json")
-        guard config == model.config else {
-            throw ReLoRAError.invalidConfig(
-                "the warm-start checkpoint \(checkpoint) has another architecture (hidden \(config.hiddenSize), layers \(config.numHiddenLayers), vocab \(config.vocabSize)) than the recipe's model")
-        }
+        try checkSameArchitecture(config, model.config, source: checkpoint)
         guard !FileManager.default.fileExists(atPath: checkpoint + "/lora.safetensors") else {
-            throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint; \(checkpoint) holds LoRA factors")
+            throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint or a Hugging Face model directory; \(checkpoint) holds LoRA factors (continue it with --resume, or export it with `relora export --format hf` and warm-start from the export)")
         }
         let weights = try SafetensorsFile(path: checkpoint + "/model.safetensors")
-        for (name, t) in model.weights.named() { try TrainingCheckpoint.fill(t, from: weights, name, backend: model.backend) }
+        for (name, t) in model.weights.named() { try TensorIO.load(t, from: weights, name, backend: model.backend) }
         let moments = try SafetensorsFile(path: checkpoint + "/optimizer.safetensors")
         for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA {
-            try TrainingCheckpoint.fill(optimizer.m[i], from: moments, "m." + p.name, backend: model.backend)
-            try TrainingCheckpoint.fill(optimizer.v[i], from: moments, "v." + p.name, backend: model.backend)
+            try TensorIO.load(optimizer.m[i], from: moments, "m." + p.name, backend: model.backend)
+            try TensorIO.load(optimizer.v[i], from: moments, "v." + p.name, backend: model.backend)
         }
         optimizer.stepCount = warmState.optimizerStep
         return TrainingState(step: warmState.step, optimizerStep: warmState.optimizerStep, skippedSteps: 0,
                              tokensSeen: warmState.tokensSeen, seed: seed)
     }
 
+    static func checkSameArchitecture(_ source: LlamaConfig, _ model: LlamaConfig, source path: String) throws {
+        guard source == model else {
+            throw ReLoRAError.invalidConfig(
+                "the warm start \(path) has another architecture (hidden \(source.hiddenSize), layers \(source.numHiddenLayers), vocab \(source.vocabSize)) than the recipe's model (hidden \(model.hiddenSize), layers \(model.numHiddenLayers), vocab \(model.vocabSize)); point 'model' at the warm start's config.json")
+        }
+    }
+
     /// Merge, re-initialise and reset the LoRA optimizer state (ReLoRA restart), with a log line and a
     /// metrics line.
     func restart() throws {
-        let merge = model.mergeLoRA(seed: recipe.seed)
-        state.loraMerges = model.lora?.merges
-        var zeroed = [0, 0], total = 0
-        for (i, p) in optimizer.parameters.enumerated() where p.isLoRA {
-            let stream = UInt64(merge.restart) << 32 | UInt64(i) << 1
-            zeroed[0] += OptimizerReset.apply(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, to: optimizer.m[i],
-                                              seed: recipe.seed, stream: stream)
-            zeroed[1] += OptimizerReset.apply(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, to: optimizer.v[i],
-                                              seed: recipe.seed, stream: stream | 1)
-            total += p.value.count
-        }
-        let fm = Double(zeroed[0]) / Double(max(1, total)), fv = Double(zeroed[1]) / Double(max(1, total))
-        log(String(format: "restart %d at step %d | merged in %.3f s (|sBA|/|W| %.4f) | optimizer reset %@ %.2f: zeroed %.4f of m, %.4f of v",
-                   merge.restart + 1, state.step, merge.seconds, merge.relativeUpdate, recipe.optimizerReset.rawValue,
-                   recipe.optimizerResetRatio, fm, fv))
-        try appendMetrics(String(format: "{\"step\":%d,\"restart\":%d,\"merge_seconds\":%.4f,\"relative_update\":%.6g,\"zeroed_m\":%.6f,\"zeroed_v\":%.6f}",
-                                 state.step, merge.restart + 1, merge.seconds, merge.relativeUpdate, fm, fv))
+        let merge = model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
+        state.loraMerges = model.merges
+        let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset.rule(ratio: recipe.optimizerResetRatio),
+                                                  seed: recipe.seed, restart: merge.restart)
+        log(String(format: "restart %d after step %d | merge %@ in %.3f s: |sBA|/|W| %.4f, merge error %.2e | optimizer reset %@ %.2f: zeroed %.4f of m, %.4f of v",
+                   merge.restart + 1, state.step, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError,
+                   recipe.optimizerReset.rawValue, recipe.optimizerResetRatio, fm, fv))
+        try appendMetrics(String(format: "{\"step\":%d,\"restart\":%d,\"merge_policy\":\"%@\",\"merge_seconds\":%.4f,\"relative_update\":%.6g,\"merge_error\":%.6g,\"zeroed_m\":%.6f,\"zeroed_v\":%.6f}",
+                                 state.step, merge.restart + 1, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError, fm, fv))
         lastResetFractions = (fm, fv)
     }
 
@@ -187,7 +202,10 @@ public final class Trainer {
             if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {
                 try restart()
             }
-            if history.count == 1 { log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()) }
+            if history.count == 1 {
+                log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
+                    + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down")
+            }
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics))
             }
@@ -223,6 +241,8 @@ public final class Trainer {
     public func trainStep() throws -> StepMetrics {
         let r = recipe
         let start = DispatchTime.now().uptimeNanoseconds
+        let transfersBefore = model.backend.ledger.transferCount
+        defer { lastStepTransfers = model.backend.ledger.transferCount - transfersBefore }
         model.zeroGradients()
         model.dropoutStep = state.step
         let tokensInStep = r.tokensPerStep
@@ -315,6 +335,6 @@ public final class Trainer {
                   case .number(let s)? = d["step"] else { return false }
             return Int(s) <= step
         }
-        try TrainingCheckpoint.writeData(Data((kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).utf8), to: metricsPath)
+        try writeFileAtomically(Data((kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).utf8), to: metricsPath)
     }
 }

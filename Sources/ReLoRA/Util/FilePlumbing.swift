@@ -145,3 +145,26 @@ func replaceDirectory(at path: String, with temp: String) throws {
         try fm.moveItem(atPath: temp, toPath: path)
     }
 }
+
+/// Directory and JSON helpers shared by the checkpoint writers.
+enum Files {
+    static func createDirectory(_ path: String) throws {
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        } catch {
+            throw ReLoRAError.invalidFile(path: path, reason: "cannot create the directory (\(error.localizedDescription))")
+        }
+    }
+
+    /// Pretty-printed, sorted keys, written atomically.
+    static func writeJSON(_ object: [String: Any], to path: String) throws {
+        try writeFileAtomically(try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]), to: path)
+    }
+
+    static func syncDirectory(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_DIRECTORY)
+        guard fd >= 0 else { throw ReLoRAError.invalidFile(path: path, reason: "cannot open the directory to sync it") }
+        defer { close(fd) }
+        _ = fsync(fd)
+    }
+}

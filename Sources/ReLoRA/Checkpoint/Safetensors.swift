@@ -134,11 +134,11 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
                 UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: count * 4)
             case .BF16:
                 for i in 0 ..< count {
-                    output[i] = SafetensorsDType.floatFromBFloat16Bits(UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+                    output[i] = FloatBits.floatFromBFloat16(UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
                 }
             case .F16:
                 for i in 0 ..< count {
-                    output[i] = SafetensorsDType.floatFromFloat16Bits(UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+                    output[i] = FloatBits.floatFromFloat16(UInt16(littleEndian: source.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
                 }
             case .F64:
                 for i in 0 ..< count {
@@ -313,47 +313,6 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
     private static let booleanNumberClass: AnyClass = type(of: NSNumber(value: true))
 }
 
-// MARK: - Conversions
-
-extension SafetensorsDType {
-    /// bfloat16 is the upper half of a binary32, so widening is exact.
-    @inline(__always)
-    static func floatFromBFloat16Bits(_ bits: UInt16) -> Float {
-        Float(bitPattern: UInt32(bits) << 16)
-    }
-
-    /// binary32 -> bfloat16, round to nearest, ties to even (what PyTorch's `.to(torch.bfloat16)` does).
-    /// Values past the largest bfloat16 round to infinity; NaNs stay NaN with their sign, quieted.
-    @inline(__always)
-    static func bfloat16Bits(_ value: Float) -> UInt16 {
-        let bits = value.bitPattern
-        if value.isNaN { return UInt16(truncatingIfNeeded: bits >> 16) | 0x0040 }
-        let roundingBias: UInt32 = 0x7FFF + ((bits >> 16) & 1)
-        return UInt16(truncatingIfNeeded: (bits &+ roundingBias) >> 16)
-    }
-
-    /// IEEE binary16 -> binary32, exact. Layout: sign 1 | exponent 5 (bias 15) | mantissa 10.
-    /// Written out rather than via `Float16` so it is the same on every platform and serves as the spec.
-    @inline(__always)
-    static func floatFromFloat16Bits(_ bits: UInt16) -> Float {
-        let sign = UInt32(bits & 0x8000) << 16
-        let exponent = UInt32(bits >> 10) & 0x1F
-        let mantissa = UInt32(bits & 0x03FF)
-        switch exponent {
-        case 0:
-            // Zero or subnormal: mantissa * 2^-24, exactly representable in binary32.
-            let magnitude = Float(mantissa) * 0x1p-24
-            return sign == 0 ? magnitude : -magnitude
-        case 0x1F:
-            // Infinity (mantissa 0) or NaN (payload kept in the top mantissa bits).
-            return Float(bitPattern: sign | 0x7F80_0000 | (mantissa << 13))
-        default:
-            // Rebias the exponent from 15 to 127.
-            return Float(bitPattern: sign | ((exponent + 112) << 23) | (mantissa << 13))
-        }
-    }
-}
-
 /// Shortens untrusted names before they go into an error message (a hostile header can hold megabytes).
 private func abbreviated(_ text: String, limit: Int = 80) -> String {
     text.count <= limit ? text : String(text.prefix(limit)) + "..."
@@ -366,15 +325,32 @@ public struct SafetensorsEntry: Sendable {
     public var name: String
     public var dtype: SafetensorsDType
     public var shape: [Int]
-    public var bytes: [UInt8]
+    /// The bytes, or a function that makes them when the writer reaches this entry: a checkpoint of a
+    /// large model then holds one tensor's bytes on the host at a time, not the whole file.
+    private let produce: @Sendable () -> [UInt8]
+    private let byteCount: Int
 
     /// `bytes.count` must equal `shape.product * dtype.byteSize`; the writer checks.
     public init(name: String, dtype: SafetensorsDType, shape: [Int], bytes: [UInt8]) {
         self.name = name
         self.dtype = dtype
         self.shape = shape
-        self.bytes = bytes
+        self.byteCount = bytes.count
+        self.produce = { bytes }
     }
+
+    /// An entry whose bytes are made when written; `produce` must return exactly
+    /// `shape.product * dtype.byteSize` bytes (the writer checks and fails the whole write otherwise).
+    public init(name: String, dtype: SafetensorsDType, shape: [Int], deferred produce: @escaping @Sendable () -> [UInt8]) {
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.byteCount = shape.reduce(1, *) * dtype.byteSize
+        self.produce = produce
+    }
+
+    public var bytes: [UInt8] { produce() }
+    var declaredByteCount: Int { byteCount }
 
     public static func f32(_ name: String, shape: [Int], _ values: [Float]) -> SafetensorsEntry {
         SafetensorsEntry(name: name, dtype: .F32, shape: shape, bytes: values.withUnsafeBytes { Array($0) })
@@ -385,7 +361,7 @@ public struct SafetensorsEntry: Sendable {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(2 * values.count)
         for value in values {
-            let bits = SafetensorsDType.bfloat16Bits(value)
+            let bits = FloatBits.bfloat16(value)
             bytes.append(UInt8(truncatingIfNeeded: bits))
             bytes.append(UInt8(truncatingIfNeeded: bits >> 8))
         }
@@ -422,8 +398,8 @@ public enum SafetensorsWriter {
                 }
             }
             if entry.shape.contains(0) { expectedByteCount = 0 }
-            guard expectedByteCount == entry.bytes.count else {
-                throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' has \(entry.bytes.count) bytes but dtype \(entry.dtype.rawValue) with shape \(entry.shape) needs \(expectedByteCount.map(String.init) ?? "more than Int.max")")
+            guard expectedByteCount == entry.declaredByteCount else {
+                throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' has \(entry.declaredByteCount) bytes but dtype \(entry.dtype.rawValue) with shape \(entry.shape) needs \(expectedByteCount.map(String.init) ?? "more than Int.max")")
             }
         }
 
@@ -436,8 +412,8 @@ public enum SafetensorsWriter {
         var offset = 0
         for entry in entries {
             let shape = entry.shape.map(String.init).joined(separator: ",")
-            fields.append("\(jsonString(entry.name)):{\"dtype\":\"\(entry.dtype.rawValue)\",\"shape\":[\(shape)],\"data_offsets\":[\(offset),\(offset + entry.bytes.count)]}")
-            offset += entry.bytes.count
+            fields.append("\(jsonString(entry.name)):{\"dtype\":\"\(entry.dtype.rawValue)\",\"shape\":[\(shape)],\"data_offsets\":[\(offset),\(offset + entry.declaredByteCount)]}")
+            offset += entry.declaredByteCount
         }
         header += fields.joined(separator: ",") + "}"
         var headerBytes = Array(header.utf8)
@@ -449,7 +425,11 @@ public enum SafetensorsWriter {
             try withUnsafeBytes(of: &lengthPrefix) { try sink.write($0) }
             try headerBytes.withUnsafeBytes { try sink.write($0) }
             for entry in entries {
-                try entry.bytes.withUnsafeBytes { try sink.write($0) }
+                let bytes = entry.bytes
+                guard bytes.count == entry.declaredByteCount else {
+                    throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' produced \(bytes.count) bytes, expected \(entry.declaredByteCount)")
+                }
+                try bytes.withUnsafeBytes { try sink.write($0) }
             }
         }
     }

@@ -44,51 +44,41 @@ public enum TrainingCheckpoint {
                             recipe: Recipe, keep: Int) throws -> String {
         let fm = FileManager.default
         let root = directory(runDir: runDir)
-        try createDirectory(root)
+        try Files.createDirectory(root)
         let final = root + "/" + name(step: state.step)
         let temp = root + "/.tmp-" + name(step: state.step) + "-\(getpid())"
         try? fm.removeItem(atPath: temp)
-        try createDirectory(temp)
+        try Files.createDirectory(temp)
         do {
             let backend = model.backend
-            try SafetensorsWriter.write(
-                model.weights.named().map { .f32($0.0, shape: $0.1.shape, backend.download($0.1)) },
-                metadata: ["format": "pt"], to: temp + "/model.safetensors")
+            try SafetensorsWriter.write(model.weights.named().map { TensorIO.entry($0.0, $0.1, backend: backend) },
+                                        metadata: ["format": "pt"], to: temp + "/model.safetensors")
             var files = ["model.safetensors", "optimizer.safetensors", "config.json", "recipe.json"]
-            if let lora = model.lora {
-                // Every adapter's scale is written (trained or not), so the file alone defines W + s*B*A.
-                var entries = lora.named().map { SafetensorsEntry.f32($0.name, shape: $0.value.shape, backend.download($0.value)) }
-                if !lora.config.trainableScale {
-                    for (layer, row) in lora.adapters.enumerated() {
-                        for kind in LinearKind.allCases {
-                            entries.append(.f32("model.layers.\(layer).\(kind.hfPath).lora_scale", shape: [1],
-                                                backend.download(row[kind.rawValue].scale)))
-                        }
-                    }
-                }
-                try SafetensorsWriter.write(entries, metadata: ["rank": "\(lora.config.rank)", "alpha": "\(lora.config.alpha)"],
+            if let lora = model.loraConfig {
+                try SafetensorsWriter.write(model.loraTensors().map { TensorIO.entry($0.name, $0.value, backend: backend) },
+                                            metadata: ["rank": "\(lora.rank)", "alpha": "\(lora.alpha)"],
                                             to: temp + "/lora.safetensors")
                 files.append("lora.safetensors")
             }
             var moments: [SafetensorsEntry] = []
             for (i, p) in optimizer.parameters.enumerated() {
-                moments.append(.f32("m." + p.name, shape: p.value.shape, backend.download(optimizer.m[i])))
-                moments.append(.f32("v." + p.name, shape: p.value.shape, backend.download(optimizer.v[i])))
+                moments.append(TensorIO.entry("m." + p.name, optimizer.m[i], backend: backend))
+                moments.append(TensorIO.entry("v." + p.name, optimizer.v[i], backend: backend))
             }
             try SafetensorsWriter.write(moments, to: temp + "/optimizer.safetensors")
-            try writeJSON(model.config.jsonObject(), to: temp + "/config.json")
-            try writeJSON(recipe.jsonObject(), to: temp + "/recipe.json")
+            try Files.writeJSON(model.config.jsonObject(), to: temp + "/config.json")
+            try Files.writeJSON(recipe.jsonObject(), to: temp + "/recipe.json")
             var withSums = state
             for f in files {
                 withSums.checksums[f] = contentHashOfFile(temp + "/" + f)
             }
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try writeData(try encoder.encode(withSums), to: temp + "/state.json")
-            try syncDirectory(temp)
+            try writeFileAtomically(try encoder.encode(withSums), to: temp + "/state.json")
+            try Files.syncDirectory(temp)
             try replaceDirectory(at: final, with: temp)
-            try syncDirectory(root)
-            try writeData(Data((name(step: state.step) + "\n").utf8), to: root + "/latest")
+            try Files.syncDirectory(root)
+            try writeFileAtomically(Data((name(step: state.step) + "\n").utf8), to: root + "/latest")
         } catch {
             try? fm.removeItem(atPath: temp)
             if let e = error as? ReLoRAError { throw e }
@@ -152,66 +142,53 @@ public enum TrainingCheckpoint {
         guard config == model.config else {
             throw ReLoRAError.invalidFile(path: path, reason: "the checkpoint's model config differs from the recipe's model")
         }
-        let weights = try SafetensorsFile(path: path + "/model.safetensors")
-        for (name, t) in model.weights.named() { try fill(t, from: weights, name, backend: model.backend) }
-        if let lora = model.lora {
-            let file = try SafetensorsFile(path: path + "/lora.safetensors")
-            for p in lora.named() { try fill(p.value, from: file, p.name, backend: model.backend) }
-            lora.merges = state.loraMerges ?? 0
-        }
+        try loadTensors(path, into: model)
+        model.merges = state.loraMerges ?? 0
         if let opt = optimizer {
             let moments = try SafetensorsFile(path: path + "/optimizer.safetensors")
             for (i, p) in opt.parameters.enumerated() {
-                try fill(opt.m[i], from: moments, "m." + p.name, backend: model.backend)
-                try fill(opt.v[i], from: moments, "v." + p.name, backend: model.backend)
+                try TensorIO.load(opt.m[i], from: moments, "m." + p.name, backend: model.backend)
+                try TensorIO.load(opt.v[i], from: moments, "v." + p.name, backend: model.backend)
             }
             opt.stepCount = state.optimizerStep
+            opt.refreshMasterCopies()
         }
         return state
     }
 
+    /// `model.safetensors` (and `lora.safetensors` for a model with adapters) into the model's tensors.
+    static func loadTensors(_ path: String, into model: LlamaModel) throws {
+        let weights = try SafetensorsFile(path: path + "/model.safetensors")
+        for (name, t) in model.weights.named() { try TensorIO.load(t, from: weights, name, backend: model.backend) }
+        if model.loraConfig != nil {
+            let file = try SafetensorsFile(path: path + "/lora.safetensors")
+            for (name, t) in model.loraTensors() { try TensorIO.load(t, from: file, name, backend: model.backend) }
+        }
+    }
+
     /// A plain (full-rank) model holding a checkpoint's weights, for export, sampling and evaluation.
-    /// A LoRA checkpoint's current cycle is merged first: W + s * B * A. (The reference ReLoRA code
-    /// exported W without the last cycle, so its users could not load what they had trained.)
+    /// A LoRA checkpoint's current cycle is merged first (`LlamaModel.foldAdapters`: W + s * B * A).
+    /// (The reference ReLoRA code exported W without the last cycle, so its users could not load what
+    /// they had trained.)
     public static func loadModel(_ path: String, backend: Backend) throws -> LlamaModel {
         _ = try readState(path)
         let config = try LlamaConfig(contentsOf: path + "/config.json")
-        let model = LlamaModel(config: config, backend: backend)
-        let weights = try SafetensorsFile(path: path + "/model.safetensors")
-        for (name, t) in model.weights.named() { try fill(t, from: weights, name, backend: backend) }
-        if FileManager.default.fileExists(atPath: path + "/lora.safetensors") {
-            let lora = try SafetensorsFile(path: path + "/lora.safetensors")
-            for layer in 0..<config.numHiddenLayers {
-                for kind in LinearKind.allCases {
-                    let p = "model.layers.\(layer).\(kind.hfPath)."
-                    let w = model.weights.blocks[layer].linear(kind)
-                    let (out, inF) = LoRALayers.shape(kind, config)
-                    guard let ai = lora.info(p + "lora_A"), ai.shape.count == 2, ai.shape[1] == inF,
-                          let bi = lora.info(p + "lora_B"), bi.shape == [out, ai.shape[0]] else {
-                        throw ReLoRAError.invalidFile(path: lora.path, reason: "LoRA factors of \(p)weight are missing or have wrong shapes")
-                    }
-                    let a = backend.makeTensor(ai.shape, tag: .workspace), b = backend.makeTensor(bi.shape, tag: .workspace)
-                    backend.upload(try lora.floats(p + "lora_A"), to: a)
-                    backend.upload(try lora.floats(p + "lora_B"), to: b)
-                    guard lora.info(p + "lora_scale")?.shape == [1] else {
-                        throw ReLoRAError.invalidFile(path: lora.path, reason: "the LoRA scale of \(p)weight is missing")
-                    }
-                    let s = try lora.floats(p + "lora_scale")[0]
-                    backend.matmul(b, a, w, m: out, n: inF, k: ai.shape[0], transA: false, transB: false, alpha: s, beta: 1)
-                }
+        let loraPath = path + "/lora.safetensors"
+        var lora: LoRAConfig?
+        if FileManager.default.fileExists(atPath: loraPath) {
+            let file = try SafetensorsFile(path: loraPath)
+            let name = "model.layers.0.\(LinearKind.q.hfPath).lora_A"
+            guard let rankText = file.metadata["rank"], let rank = Int(rankText), rank > 0,
+                  let a = file.info(name), a.shape.count == 2, a.shape[0] == rank else {
+                throw ReLoRAError.invalidFile(path: loraPath, reason: "has no valid LoRA rank (metadata 'rank' and \(name)); the checkpoint is damaged")
             }
+            // The scale comes from each adapter's `lora_scale` tensor; alpha here only fills it before the load.
+            lora = LoRAConfig(rank: rank, alpha: Double(rank))
         }
+        let model = LlamaModel(config: config, backend: backend, lora: lora)
+        try loadTensors(path, into: model)
+        if lora != nil { model.foldAdapters() }
         return model
-    }
-
-    static func fill(_ t: Tensor, from file: SafetensorsFile, _ name: String, backend: Backend) throws {
-        guard let info = file.info(name) else {
-            throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' is missing")
-        }
-        guard info.shape == t.shape else {
-            throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' has shape \(info.shape), expected \(t.shape)")
-        }
-        backend.upload(try file.floats(name), to: t)
     }
 
     static func prune(root: String, keep: Int) {
@@ -223,29 +200,5 @@ public enum TrainingCheckpoint {
         for name in entries where name.hasPrefix(".tmp-") && !name.hasSuffix("-\(getpid())") {
             try? fm.removeItem(atPath: root + "/" + name)
         }
-    }
-
-    static func createDirectory(_ path: String) throws {
-        do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-        } catch {
-            throw ReLoRAError.invalidFile(path: path, reason: "cannot create the directory (\(error.localizedDescription))")
-        }
-    }
-
-    static func writeJSON(_ object: [String: Any], to path: String) throws {
-        try writeData(try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]), to: path)
-    }
-
-    /// Atomic, fsynced file write.
-    static func writeData(_ data: Data, to path: String) throws {
-        try writeFileAtomically(data, to: path)
-    }
-
-    static func syncDirectory(_ path: String) throws {
-        let fd = open(path, O_RDONLY | O_DIRECTORY)
-        guard fd >= 0 else { throw ReLoRAError.invalidFile(path: path, reason: "cannot open the directory to sync it") }
-        defer { close(fd) }
-        _ = fsync(fd)
     }
 }

@@ -5,18 +5,25 @@ import Foundation
 /// Tensor names are those of `LlamaForCausalLM` (`model.layers.{i}.self_attn.q_proj.weight`, ...).
 public enum HFCheckpoint {
     /// Reads the config and every weight into a new model on `backend`. F32, F16 and BF16 tensors are
-    /// converted to the backend's fp32. Missing tensors, wrong shapes and unreadable files are clear
-    /// errors; tensors the model does not use (e.g. old `rotary_emb.inv_freq` buffers) are reported
-    /// on `warn` and skipped.
+    /// converted to the backend's dtypes tensor by tensor. Missing tensors, wrong shapes and unreadable
+    /// files are clear errors; tensors the model does not use (e.g. old `rotary_emb.inv_freq` buffers)
+    /// are reported on `warn` and skipped.
     public static func load(directory: String, backend: Backend,
                             checkpointing: GradientCheckpointing = .none,
                             warn: (String) -> Void = { _ in }) throws -> LlamaModel {
-        let dir = URL(fileURLWithPath: directory)
+        let config = try readConfig(directory: directory)
+        let model = LlamaModel(config: config, backend: backend, checkpointing: checkpointing)
+        try loadWeights(directory: directory, into: model, warn: warn)
+        return model
+    }
+
+    /// The `config.json` of a Hugging Face LLaMA directory (biases rejected).
+    public static func readConfig(directory: String) throws -> LlamaConfig {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDir), isDir.boolValue else {
             throw ReLoRAError.invalidFile(path: directory, reason: "not a directory; pass a Hugging Face model directory with config.json and model.safetensors")
         }
-        let configPath = dir.appendingPathComponent("config.json").path
+        let configPath = URL(fileURLWithPath: directory).appendingPathComponent("config.json").path
         guard FileManager.default.fileExists(atPath: configPath) else {
             throw ReLoRAError.invalidFile(path: directory, reason: "no config.json in the model directory")
         }
@@ -26,10 +33,19 @@ public enum HFCheckpoint {
                 throw ReLoRAError.invalidFile(path: configPath, reason: "'\(key)': true is not supported (LLaMA has no biases)")
             }
         }
-        let config = try LlamaConfig(contentsOf: configPath)
-        let shards = try openShards(dir)
+        return try LlamaConfig(contentsOf: configPath)
+    }
 
-        let model = LlamaModel(config: config, backend: backend, checkpointing: checkpointing)
+    /// Whether `directory` looks like a Hugging Face model directory (config.json + safetensors weights).
+    public static func isModelDirectory(_ directory: String) -> Bool {
+        let fm = FileManager.default
+        return fm.fileExists(atPath: directory + "/config.json")
+            && (fm.fileExists(atPath: directory + "/model.safetensors") || fm.fileExists(atPath: directory + "/model.safetensors.index.json"))
+    }
+
+    /// Streams every weight of `model.weights` from the directory's (possibly sharded) safetensors files.
+    public static func loadWeights(directory: String, into model: LlamaModel, warn: (String) -> Void = { _ in }) throws {
+        let shards = try openShards(URL(fileURLWithPath: directory))
         var used = Set<String>()
         for (name, tensor) in model.weights.named() {
             guard let file = shards[name] else {
@@ -41,18 +57,17 @@ public enum HFCheckpoint {
                     path: file.path,
                     reason: "tensor '\(name)' has shape \(info.shape) but config.json implies \(tensor.shape)")
             }
-            backend.upload(try file.floats(name), to: tensor)
+            try TensorIO.load(tensor, from: file, name, backend: model.backend)
             used.insert(name)
         }
         let unused = shards.keys.filter { !used.contains($0) }.sorted()
-        if config.tieWordEmbeddings, unused.contains("lm_head.weight") {
+        if model.config.tieWordEmbeddings, unused.contains("lm_head.weight") {
             warn("lm_head.weight is ignored: tie_word_embeddings is true, so the head is the embedding")
         }
         let unknown = unused.filter { $0 != "lm_head.weight" && !$0.hasSuffix("rotary_emb.inv_freq") }
         if !unknown.isEmpty {
             warn("ignored \(unknown.count) tensor(s) a LLaMA model does not use: \(unknown.prefix(5).joined(separator: ", "))")
         }
-        return model
     }
 
     /// Tensor name -> the opened file that holds it.
@@ -96,19 +111,16 @@ public enum HFCheckpoint {
         let fm = FileManager.default
         let temp = out + ".tmp-\(getpid())"
         try? fm.removeItem(atPath: temp)
-        try TrainingCheckpoint.createDirectory(temp)
+        try Files.createDirectory(temp)
         do {
             var config = model.config.jsonObject()
             config["torch_dtype"] = bfloat16 ? "bfloat16" : "float32"
             config["bos_token_id"] = NSNull()
             config["eos_token_id"] = NSNull()
-            try TrainingCheckpoint.writeJSON(config, to: temp + "/config.json")
-            let entries: [SafetensorsEntry] = model.weights.named().map { name, t in
-                let values = model.backend.download(t)
-                return bfloat16 ? .bf16(name, shape: t.shape, values) : .f32(name, shape: t.shape, values)
-            }
+            try Files.writeJSON(config, to: temp + "/config.json")
+            let entries = model.weights.named().map { TensorIO.entry($0.0, $0.1, backend: model.backend, bfloat16: bfloat16) }
             try SafetensorsWriter.write(entries, metadata: ["format": "pt"], to: temp + "/model.safetensors")
-            if let tok = tokenizerJSON { try TrainingCheckpoint.writeData(tok, to: temp + "/tokenizer.json") }
+            if let tok = tokenizerJSON { try writeFileAtomically(tok, to: temp + "/tokenizer.json") }
             try replaceDirectory(at: out, with: temp)
         } catch {
             try? fm.removeItem(atPath: temp)

@@ -6,33 +6,89 @@ import Foundation
 /// the rest (parallel over rows where that pays on a few cores). Readability first: this is the
 /// specification the CUDA kernels are checked against. Accumulations that span many terms
 /// (norms, losses) use Double.
-public final class CPUBackend: Backend {
+public final class CPUBackend: Backend, TensorStorageOwner {
     public let name = "cpu"
     public let ledger = MemoryLedger()
+    public let precision = Precision.fp32
+    public let computes = true
 
     public init() {}
 
-    public func makeTensor(_ shape: [Int], tag: MemoryTag, zeroed: Bool) -> Tensor {
-        Tensor(shape: shape, tag: tag, ledger: ledger, zeroed: zeroed)
+    // MARK: Memory
+
+    public func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
+        let bytes = shape.reduce(1, *) * dtype.byteSize
+        // 64-byte alignment: whole cache lines, and what AVX-512 loads like.
+        let storage = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
+        if zeroed { storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(bytes, 1)) }
+        ledger.allocated(bytes, tag)
+        return Tensor(shape: shape, dtype: dtype, tag: tag, storage: storage, owner: self)
     }
 
-    public func upload(_ values: [Float], to tensor: Tensor) { tensor.copy(from: values) }
-    public func download(_ tensor: Tensor) -> [Float] { tensor.toArray() }
+    public func release(_ tensor: TensorRelease) {
+        tensor.storage?.deallocate()
+        ledger.freed(tensor.byteCount, tensor.tag)
+    }
+
+    // MARK: Transfers and fills
+
+    public func upload(_ values: [Float], to tensor: Tensor) {
+        precondition(values.count == tensor.count, "upload: \(values.count) values into a tensor of \(tensor.count)")
+        ledger.uploaded(tensor.byteCount)
+        values.withUnsafeBytes { HostConversion.convert($0.baseAddress!, .f32, tensor.storage!, tensor.dtype, count: values.count) }
+    }
+
+    public func upload(_ values: [Int32], to tensor: Tensor) {
+        precondition(values.count == tensor.count, "upload: \(values.count) ids into a tensor of \(tensor.count)")
+        ledger.uploaded(tensor.byteCount)
+        values.withUnsafeBufferPointer { tensor.i32.update(from: $0.baseAddress!, count: values.count) }
+    }
+
+    public func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) {
+        precondition(raw.count == tensor.count * dtype.byteSize, "upload: \(raw.count) bytes of \(dtype.rawValue) into a tensor of \(tensor.count)")
+        ledger.uploaded(tensor.byteCount)
+        if tensor.count > 0 { HostConversion.convert(raw.baseAddress!, dtype, tensor.storage!, tensor.dtype, count: tensor.count) }
+    }
+
+    public func download(_ tensor: Tensor) -> [Float] {
+        ledger.downloaded(tensor.byteCount)
+        var out = [Float](repeating: 0, count: tensor.count)
+        out.withUnsafeMutableBytes { HostConversion.convert(tensor.storage!, tensor.dtype, $0.baseAddress!, .f32, count: tensor.count) }
+        return out
+    }
 
     public func copy(_ src: Tensor, to dst: Tensor) {
         precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
-        dst.f32.update(from: src.f32, count: src.count)
+        HostConversion.convert(src.storage!, src.dtype, dst.storage!, dst.dtype, count: src.count)
     }
 
-    public func zero(_ tensor: Tensor) { tensor.fill(0) }
+    public func zero(_ tensor: Tensor) { tensor.hostBytes.initializeMemory(as: UInt8.self, repeating: 0) }
+
+    public func fill(_ tensor: Tensor, value: Float) { tensor.f32.update(repeating: value, count: tensor.count) }
+
+    public func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {
+        let p = tensor.f32
+        for i in 0..<tensor.count { p[i] = (2 * relora_rng_uniform(seed, stream, UInt64(i)) - 1) * bound }
+    }
+
+    public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {
+        let p = tensor.f32
+        for i in 0..<tensor.count {
+            let u1 = Double(relora_rng_u64(seed, stream, UInt64(2 * i)) >> 11) * 0x1p-53
+            let u2 = Double(relora_rng_u64(seed, stream, UInt64(2 * i + 1)) >> 11) * 0x1p-53
+            let r = (-2 * Foundation.log(1 - u1)).squareRoot()  // 1 - u1 in (0, 1]: log is finite
+            p[i] = Float(r * Foundation.cos(2 * Double.pi * u2)) * std
+        }
+    }
 
     // MARK: GEMM
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool, transB: Bool, alpha: Float, beta: Float) {
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
         precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+        let s = alphaScale.map { alpha * $0.f32[0] } ?? alpha
         Self.sgemm(a.f32, b.f32, c.f32, m: m, n: n, k: k, lda: transA ? m : k, ldb: transB ? k : n, ldc: n,
-                   transA: transA, transB: transB, alpha: alpha, beta: beta)
+                   transA: transA, transB: transB, alpha: s, beta: beta)
     }
 
     /// Row-major sgemm on raw pointers with explicit leading dimensions (strided head views).
@@ -142,13 +198,17 @@ public final class CPUBackend: Backend {
 
     // MARK: Attention
 
+    /// The CPU attention's per-head score scratch (`[T, T]`; the forward needs one, the backward two
+    /// plus a `[T]` row). Allocated through the ledger (tag `.workspace`) so plans count it too.
+    static func attentionScratchShape(seqLen T: Int) -> [Int] { [T, T] }
+
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D  // row strides
         let scale = 1 / Float(D).squareRoot()
-        let scores = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
-        defer { scores.deallocate() }
+        let scoresTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
+        let scores = scoresTensor.f32
         let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32
         for b in 0..<batch {
             for h in 0..<heads {
@@ -189,10 +249,10 @@ public final class CPUBackend: Backend {
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D
         let scale = 1 / Float(D).squareRoot()
-        let probs = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
-        let dprobs = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
-        let rowDot = UnsafeMutablePointer<Float>.allocate(capacity: T)
-        defer { probs.deallocate(); dprobs.deallocate(); rowDot.deallocate() }
+        let probsTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
+        let dprobsTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
+        let rowDotTensor = makeTensor([T], tag: .workspace, zeroed: false)
+        let probs = probsTensor.f32, dprobs = dprobsTensor.f32, rowDot = rowDotTensor.f32
         zero(dk); zero(dv)
         let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32, dop = dout.f32
         let dqp = dq.f32, dkp = dk.f32, dvp = dv.f32
@@ -265,19 +325,19 @@ public final class CPUBackend: Backend {
 
     // MARK: Embedding
 
-    public func embeddingForward(ids: [Int32], table: Tensor, out: Tensor, dim: Int) {
-        let tp = table.f32, op = out.f32
-        for (n, id) in ids.enumerated() {
-            (op + n * dim).update(from: tp + Int(id) * dim, count: dim)
+    public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {
+        let tp = table.f32, op = out.f32, ip = ids.i32
+        for n in 0..<ids.count {
+            (op + n * dim).update(from: tp + Int(ip[n]) * dim, count: dim)
         }
     }
 
-    public func embeddingBackward(ids: [Int32], dout: Tensor, dtable: Tensor, dim: Int) {
-        let dp = dout.f32, tp = dtable.f32
+    public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
+        let dp = dout.f32, tp = dtable.f32, ip = ids.i32, n = ids.count
         // Sequential over tokens so repeated ids accumulate in a fixed order; parallel over columns.
         parallelChunks(dim, minPerChunk: 64) { _, cols in
-            for (n, id) in ids.enumerated() {
-                let src = dp + n * dim, dst = tp + Int(id) * dim
+            for t in 0..<n {
+                let src = dp + t * dim, dst = tp + Int(ip[t]) * dim
                 for c in cols { dst[c] += src[c] }
             }
         }
@@ -285,15 +345,16 @@ public final class CPUBackend: Backend {
 
     // MARK: Cross-entropy
 
-    public func crossEntropy(logits: Tensor, targets: [Int32], losses: Tensor, rows: Int, vocab: Int,
+    public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?) -> Double {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
         let lp = logits.f32, lossp = losses.f32
         let chunks = parallelChunkCount(rows, minPerChunk: 4)
         var partial = [Double](repeating: 0, count: chunks)
-        targets.withUnsafeBufferPointer { tp in
+        ledger.downloaded(MemoryLayout<Double>.size)  // the returned sum
+        do {
             partial.withUnsafeMutableBufferPointer { pp in
-                let tb = tp.baseAddress!, pb = pp.baseAddress!
+                let tb = targets.i32, pb = pp.baseAddress!
                 parallelChunks(rows, minPerChunk: 4) { chunk, range in
                     var acc = 0.0
                     for r in range {
@@ -339,11 +400,12 @@ public final class CPUBackend: Backend {
         }
     }
 
-    public func dot(_ a: Tensor, _ b: Tensor, count: Int) -> Double {
+    public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {
+        precondition(count <= a.count && count <= b.count)
         let ap = a.f32, bp = b.f32
         var acc = 0.0
         for i in 0..<count { acc += Double(ap[i]) * Double(bp[i]) }
-        return acc
+        out.f32[0] += Float(acc)
     }
 
     public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {
@@ -352,24 +414,21 @@ public final class CPUBackend: Backend {
         parallelChunks(count, minPerChunk: 1 << 15) { _, r in for i in r { ap[i] += alpha * bp[i] } }
     }
 
-    public func add(_ a: Tensor, _ b: Tensor, _ out: Tensor) {
-        precondition(a.count == b.count && a.count == out.count)
-        let ap = a.f32, bp = b.f32, op = out.f32
-        parallelChunks(a.count, minPerChunk: 1 << 15) { _, r in for i in r { op[i] = ap[i] + bp[i] } }
-    }
-
     public func scale(_ x: Tensor, by alpha: Float) {
         let p = x.f32
         parallelChunks(x.count, minPerChunk: 1 << 15) { _, r in for i in r { p[i] *= alpha } }
     }
 
-    public func sumOfSquares(_ x: Tensor) -> Double {
-        let p = x.f32
-        let chunks = parallelChunkCount(x.count, minPerChunk: 1 << 16)
+    public func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) {
+        out.f32[index] = Float(Self.sumOfSquares(x.f32, count: x.count))
+    }
+
+    static func sumOfSquares(_ p: UnsafeMutablePointer<Float>, count: Int) -> Double {
+        let chunks = parallelChunkCount(count, minPerChunk: 1 << 16)
         var partial = [Double](repeating: 0, count: chunks)
         partial.withUnsafeMutableBufferPointer { out in
             let o = out.baseAddress!
-            parallelChunks(x.count, minPerChunk: 1 << 16) { chunk, range in
+            parallelChunks(count, minPerChunk: 1 << 16) { chunk, range in
                 // Float partial sums over blocks of 256 (SIMD lanes), Double across blocks.
                 var acc = 0.0
                 var i = range.lowerBound
@@ -431,5 +490,59 @@ public final class CPUBackend: Backend {
                 i += 1
             }
         }
+    }
+
+    // MARK: Pruning (optimizer reset)
+
+    /// Magnitude pruning finds the exact k-th smallest |x| (k = ceil(ratio * n)) without sorting or
+    /// copying: for non-negative IEEE floats the bit pattern orders like the value, so a two-pass radix
+    /// select on the 32-bit patterns of |x| (a 65,536-bin histogram of the high 16 bits, then of the
+    /// low 16 bits inside the chosen bin) gives the threshold in O(n) time and O(1) extra memory.
+    /// Entries equal to the threshold are zeroed too, so ties (e.g. many exact zeros) can raise the
+    /// fraction above `ratio`; for continuous values it is k/n.
+    public func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
+        ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
+        let n = tensor.count
+        guard n > 0 else { return 0 }
+        let p = tensor.f32
+        switch rule {
+        case .all:
+            zero(tensor)
+            return n
+        case .random(let probability):
+            var zeroed = 0
+            for i in 0..<n where Double(relora_rng_uniform(seed, stream, UInt64(i))) < probability {
+                p[i] = 0
+                zeroed += 1
+            }
+            return zeroed
+        case .magnitude(let ratio):
+            let k = Int((ratio * Double(n)).rounded(.up))
+            guard k > 0 else { return 0 }
+            if k >= n { zero(tensor); return n }
+            let threshold = Self.kthSmallestMagnitudeBits(p, n, k)
+            var zeroed = 0
+            for i in 0..<n where p[i].bitPattern & 0x7FFF_FFFF <= threshold {
+                p[i] = 0
+                zeroed += 1
+            }
+            return zeroed
+        }
+    }
+
+    /// Bit pattern of the k-th smallest |x| (1-based k) among p[0..<n]. NaNs sort above everything.
+    static func kthSmallestMagnitudeBits(_ p: UnsafeMutablePointer<Float>, _ n: Int, _ k: Int) -> UInt32 {
+        var hist = [Int](repeating: 0, count: 65536)
+        for i in 0..<n { hist[Int((p[i].bitPattern & 0x7FFF_FFFF) >> 16)] += 1 }
+        var remaining = k, high = 0
+        while remaining > hist[high] { remaining -= hist[high]; high += 1 }
+        hist = [Int](repeating: 0, count: 65536)
+        for i in 0..<n {
+            let bits = p[i].bitPattern & 0x7FFF_FFFF
+            if Int(bits >> 16) == high { hist[Int(bits & 0xFFFF)] += 1 }
+        }
+        var low = 0
+        while remaining > hist[low] { remaining -= hist[low]; low += 1 }
+        return UInt32(high) << 16 | UInt32(low)
     }
 }

@@ -1,0 +1,97 @@
+/// A backend that allocates and computes nothing: it runs the model's and the trainer's real code
+/// path and records every tensor's shape, dtype and tag in its ledger, so live and peak bytes per tag
+/// are what a real run on the target device would allocate (`relora memory`, and `relora train`'s
+/// check before it allocates). Values read back are zeros; nothing depends on them when planning.
+///
+/// `target` says whose allocations to mirror: the precision plan (f32 on the CPU; bf16 activations,
+/// LoRA factors and working copies with f32 gradients, master copies and Adam states on CUDA) and the
+/// op-internal scratch (the CPU attention's `[T, T]` score buffers; none for the CUDA kernels, whose
+/// attention is fused and whose cuBLAS workspace is counted by the caching allocator, not per op).
+public final class PlanningBackend: Backend, TensorStorageOwner {
+    public enum Target: String, Sendable, CaseIterable {
+        case cpu, cuda
+    }
+
+    public let target: Target
+    public let ledger = MemoryLedger()
+    public let precision: Precision
+    public let computes = false
+    public var name: String { "plan:\(target.rawValue)" }
+    /// Tensors made so far (allocation events, not live ones).
+    nonisolated(unsafe) public private(set) var allocations = 0
+
+    public init(target: Target) {
+        self.target = target
+        precision = target == .cpu ? .fp32 : .cudaMixed
+    }
+
+    public func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
+        let t = Tensor(shape: shape, dtype: dtype, tag: tag, storage: nil, owner: self)
+        ledger.allocated(t.byteCount, tag)
+        allocations += 1
+        return t
+    }
+
+    public func release(_ tensor: TensorRelease) { ledger.freed(tensor.byteCount, tensor.tag) }
+
+    public func upload(_ values: [Float], to tensor: Tensor) { ledger.uploaded(tensor.byteCount) }
+    public func upload(_ values: [Int32], to tensor: Tensor) { ledger.uploaded(tensor.byteCount) }
+    public func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) { ledger.uploaded(tensor.byteCount) }
+    public func download(_ tensor: Tensor) -> [Float] {
+        ledger.downloaded(tensor.byteCount)
+        return [Float](repeating: 0, count: tensor.count)
+    }
+    public func copy(_ src: Tensor, to dst: Tensor) {
+        precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
+    }
+    public func zero(_ tensor: Tensor) {}
+    public func fill(_ tensor: Tensor, value: Float) {}
+    public func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {}
+    public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {}
+
+    public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
+        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+    }
+    public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {}
+    public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
+                                dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {}
+    public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {}
+
+    public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        if target == .cpu {
+            _ = makeTensor(CPUBackend.attentionScratchShape(seqLen: seqLen), tag: .workspace, zeroed: false)
+        }
+    }
+
+    public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  dq: Tensor, dk: Tensor, dv: Tensor,
+                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        if target == .cpu {
+            let scratch = [CPUBackend.attentionScratchShape(seqLen: seqLen), CPUBackend.attentionScratchShape(seqLen: seqLen), [seqLen]]
+            withExtendedLifetime(scratch.map { makeTensor($0, tag: .workspace, zeroed: false) }) {}
+        }
+    }
+
+    public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {}
+    public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {}
+    public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {}
+    public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {}
+    public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                             gradScale: Float?) -> Double {
+        ledger.downloaded(MemoryLayout<Double>.size)
+        return 0
+    }
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {}
+    public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {}
+    public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {}
+    public func scale(_ x: Tensor, by alpha: Float) {}
+    public func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) {}
+    public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
+                      eps: Float, weightDecay: Float, step: Int) {}
+    public func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
+        ledger.downloaded(MemoryLayout<Int>.size)
+        return 0
+    }
+}
