@@ -2,7 +2,7 @@ import Foundation
 import ReLoRA
 
 let trainUsage = """
-    Usage: relora train RECIPE.json [--set key=value ...]
+    Usage: relora train RECIPE.json [--set key=value ...] [--device cpu|cuda] [--budget SIZE]
            relora train --resume RUN_DIR [--set key=value ...]
 
     Trains a model as the recipe says (see Configs/recipes/ for examples and README for every key).
@@ -14,6 +14,7 @@ let trainUsage = """
       --set key=value   override a recipe key (value parsed as JSON, else taken as a string), repeatable
       --resume RUN_DIR  continue a run from its latest checkpoint (uses RUN_DIR/recipe.json)
       --device D        cpu or cuda (same as --set device=D)
+      --budget SIZE     refuse to start, before allocating, if the memory plan exceeds SIZE (e.g. 24GiB)
     """
 
 /// Set by SIGINT/SIGTERM; the trainer checks it between steps.
@@ -33,12 +34,16 @@ func runTrain(_ args: [String]) throws {
     var overrides: [String] = []
     var resumeDir: String?
     var recipePath: String?
+    var budget: Int?
     var i = 0
     while i < args.count {
         switch args[i] {
         case "--set":
             guard i + 1 < args.count else { throw ReLoRAError.usage("--set needs key=value") }
             overrides.append(args[i + 1]); i += 2
+        case "--budget":
+            guard i + 1 < args.count else { throw ReLoRAError.usage("--budget needs a size, e.g. 24GiB") }
+            budget = try MemoryPlanner.parseBytes(args[i + 1]); i += 2
         case "--device":
             guard i + 1 < args.count else { throw ReLoRAError.usage("--device needs cpu or cuda") }
             overrides.append("device=\(jsonQuoted(args[i + 1]))"); i += 2
@@ -63,6 +68,7 @@ func runTrain(_ args: [String]) throws {
     case (nil, nil):
         throw ReLoRAError.usage("missing the recipe file; see `relora train --help`")
     }
+    if let budget { try checkBudget(recipe, budget: budget) }
     installStopHandler()
     let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, log: { printLine($0) })
     trainer.shouldStop = { stopRequested != 0 }

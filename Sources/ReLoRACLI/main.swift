@@ -17,6 +17,7 @@ let usage = """
       sample    Generate text from a model
       tokenizer train   Train a byte-level BPE tokenizer (tokenizer.json)
       tokenize  Encode text / JSONL files into a .npy token file
+      memory    Plan a run's memory by tag (cpu or cuda) without allocating it
       info      Print a model config's sizes and parameter count
 
     Run `relora <command> --help` for a command's options.
@@ -105,6 +106,7 @@ do {
     case "tokenizer": try runTokenizer(Array(argv.dropFirst()))
     case "tokenize": try runTokenize(Array(argv.dropFirst()))
     case "info": try runInfo(Array(argv.dropFirst()))
+    case "memory": try runMemory(Array(argv.dropFirst()))
     default: throw ReLoRAError.usage("unknown command '\(command)'; run `relora --help`")
     }
 } catch let error as ReLoRAError {

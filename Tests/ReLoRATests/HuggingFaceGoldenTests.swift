@@ -37,7 +37,7 @@ final class HuggingFaceGoldenTests: XCTestCase {
         let refLoss = Double(try ref.floats("loss")[0])
         XCTAssertEqual(loss.mean, refLoss, accuracy: 2e-5 + 1e-4 * refLoss)
 
-        for (name, grad) in model.gradients!.named() {
+        for (name, grad) in model.namedGradients() {
             let want = try ref.floats("grad.\(name)")
             let got = grad.toArray()
             XCTAssertEqual(got.count, want.count, name)

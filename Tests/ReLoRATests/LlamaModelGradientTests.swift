@@ -36,7 +36,7 @@ class LlamaModelGradientTests: XCTestCase {
         let (inputs, targets) = batchData(vocab: config.vocabSize)
         // Loss = sum over tokens (gradScale 1): FD and analytic agree in absolute terms.
         try model.forwardBackward(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen, gradScale: 1)
-        let grads = Dictionary(uniqueKeysWithValues: model.gradients!.named().map { ($0.0, $0.1.toArray()) })
+        let grads = Dictionary(uniqueKeysWithValues: model.namedGradients().map { ($0.0, $0.1.toArray()) })
         for (name, tensor) in model.weights.named() {
             checkFiniteDifferences("\(name) [\(checkpointing)]", tensor, analytic: grads[name]!, samples: 10) {
                 try! model.loss(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen).sum
@@ -64,7 +64,7 @@ class LlamaModelGradientTests: XCTestCase {
             let model = makeModel(config, checkpointing: setting)
             let loss = try model.forwardBackward(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen,
                                                  gradScale: 1 / 11)
-            results.append((model.gradients!.named().flatMap { $0.1.toArray() }, loss.sum))
+            results.append((model.namedGradients().flatMap { $0.1.toArray() }, loss.sum))
         }
         XCTAssertEqual(results[0].1, results[1].1)
         XCTAssertTrue(results[0].0 == results[1].0, "gradients differ between checkpointing none and block")
@@ -91,12 +91,12 @@ class LlamaModelGradientTests: XCTestCase {
         let model = makeModel(config, checkpointing: .none)
         let (inputs, targets) = batchData(vocab: config.vocabSize)
         try model.forwardBackward(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen, gradScale: 1)
-        let once = model.gradients!.named().flatMap { $0.1.toArray() }
+        let once = model.namedGradients().flatMap { $0.1.toArray() }
         try model.forwardBackward(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen, gradScale: 1)
-        let twice = model.gradients!.named().flatMap { $0.1.toArray() }
+        let twice = model.namedGradients().flatMap { $0.1.toArray() }
         for (a, b) in zip(once, twice) { XCTAssertEqual(2 * a, b, accuracy: 1e-5 * max(1, abs(b))) }
         model.zeroGradients()
-        XCTAssertTrue(model.gradients!.named().allSatisfy { $0.1.toArray().allSatisfy { $0 == 0 } })
+        XCTAssertTrue(model.namedGradients().allSatisfy { $0.1.toArray().allSatisfy { $0 == 0 } })
     }
 
     func testBadInputsAreClearErrors() throws {

@@ -130,3 +130,32 @@ func assertInvalidData<T>(
         XCTFail("expected .invalidData, got \(error)", file: file, line: line)
     }
 }
+
+// MARK: Host access for tests (the library itself goes through backend ops)
+
+extension Tensor {
+    /// The values of an f32 CPU tensor.
+    func toArray() -> [Float] { Array(UnsafeBufferPointer(start: f32, count: count)) }
+
+    /// Overwrites an f32 CPU tensor.
+    func copy(from values: [Float]) {
+        precondition(values.count == count, "copy: \(values.count) values into a tensor of \(count)")
+        values.withUnsafeBufferPointer { f32.update(from: $0.baseAddress!, count: count) }
+    }
+}
+
+extension BlockParameters {
+    /// The dense base weight W of each linear.
+    var q: Tensor { linear(.q).weight.dense }
+    var k: Tensor { linear(.k).weight.dense }
+    var v: Tensor { linear(.v).weight.dense }
+    var o: Tensor { linear(.o).weight.dense }
+    var gate: Tensor { linear(.gate).weight.dense }
+    var up: Tensor { linear(.up).weight.dense }
+    var down: Tensor { linear(.down).weight.dense }
+}
+
+extension LlamaModel {
+    /// (name, gradient) of every trained tensor, in `trainableParameters()` order.
+    func namedGradients() -> [(String, Tensor)] { trainableParameters().map { ($0.name, $0.grad) } }
+}

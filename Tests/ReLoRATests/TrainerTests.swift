@@ -84,7 +84,7 @@ final class TrainerTests: XCTestCase {
         check(["checkpointing": .string("layer")], "'checkpointing' must be 'none' or 'block'")
         check(["tokens_per_step": .number(1000)], "multiple of seq_len * micro_batch")
         check(["steps": .number(5), "token_budget": .number(100000)], "either 'steps' or 'token_budget'")
-        check(["device": .string("cuda")], "only 'cpu'")
+        check(["device": .string("tpu")], "device must be 'cpu' or 'cuda'")
         check(["seq_len": .string("long")], "'seq_len' must be an integer")
         var keys = base
         keys["token_budget"] = .number(1_024_000)

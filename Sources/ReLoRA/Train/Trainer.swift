@@ -243,25 +243,15 @@ public final class Trainer {
         let start = DispatchTime.now().uptimeNanoseconds
         let transfersBefore = model.backend.ledger.transferCount
         defer { lastStepTransfers = model.backend.ledger.transferCount - transfersBefore }
-        model.zeroGradients()
-        model.dropoutStep = state.step
         let tokensInStep = r.tokensPerStep
-        var lossSum = 0.0
-        for micro in 0..<r.gradAccum {
-            let (inputs, targets) = sampler.batch(step: state.step, micro: micro, microBatch: r.microBatch)
-            let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
-                                              gradScale: 1 / Float(tokensInStep))
-            lossSum += l.sum
-        }
-        let loss = lossSum / Double(tokensInStep)
-        let norm = optimizer.gradientNorm()
         let lr = r.lr * schedule.multiplier(step: state.step)
-        let skipped = !loss.isFinite || !norm.isFinite
+        let step = state.step
+        let (loss, norm, skipped) = try Self.optimizerStep(model: model, optimizer: optimizer, recipe: r, step: step, lr: lr) { micro in
+            sampler.batch(step: step, micro: micro, microBatch: r.microBatch)
+        }
         if skipped {
             state.skippedSteps += 1
         } else {
-            if r.gradClip > 0 && norm > r.gradClip { optimizer.scaleGradients(by: Float(r.gradClip / norm)) }
-            optimizer.step(lr: Float(lr))
             state.optimizerStep = optimizer.stepCount
         }
         state.step += 1
@@ -272,6 +262,32 @@ public final class Trainer {
                                   memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped)
         history.append(metrics)
         return metrics
+    }
+
+    /// The backend work of one optimizer step, shared by the trainer and the memory planner: zero the
+    /// gradients, forward+backward over `recipe.gradAccum` micro-batches (`batch(micro)` gives each
+    /// one's inputs and targets), the global gradient norm, clipping and the AdamW update (skipped when
+    /// the loss or the norm is not finite). Returns the mean loss, the norm and whether it was skipped.
+    static func optimizerStep(model: LlamaModel, optimizer: AdamW, recipe r: Recipe, step: Int, lr: Double,
+                              batch: (Int) -> ([Int32], [Int32])) throws -> (loss: Double, norm: Double, skipped: Bool) {
+        model.zeroGradients()
+        model.dropoutStep = step
+        let tokensInStep = r.tokensPerStep
+        var lossSum = 0.0
+        for micro in 0..<r.gradAccum {
+            let (inputs, targets) = batch(micro)
+            let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
+                                              gradScale: 1 / Float(tokensInStep))
+            lossSum += l.sum
+        }
+        let loss = lossSum / Double(tokensInStep)
+        let norm = optimizer.gradientNorm()
+        let skipped = !loss.isFinite || !norm.isFinite
+        if !skipped {
+            if r.gradClip > 0 && norm > r.gradClip { optimizer.scaleGradients(by: Float(r.gradClip / norm)) }
+            optimizer.step(lr: Float(lr))
+        }
+        return (loss, norm, skipped)
     }
 
     func evaluate() throws -> Double {

@@ -1,0 +1,118 @@
+import Foundation
+
+/// What a run would allocate on a device, by tag, from running the training code path on a
+/// `PlanningBackend` (nothing is allocated or computed).
+public struct MemoryPlan: Sendable {
+    public var device: Device
+    public var report: MemoryReport
+    /// Bytes the plan must fit in, if the user gave a budget.
+    public var budget: Int?
+    public var fits: Bool { budget.map { report.peakTotal <= $0 } ?? true }
+}
+
+public enum MemoryPlanner {
+    /// Plans `recipe` (model from `config`) on `device`: builds the model, gradients and optimizer as
+    /// the trainer does, runs one optimizer step (all `grad_accum` micro-batches through the recipe's
+    /// checkpointing) and, for `relora`, one restart (merge + optimizer reset).
+    public static func plan(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int? = nil) throws -> MemoryPlan {
+        let backend = BackendFactory.planning(device)
+        try run(recipe, config: config, on: backend)
+        return MemoryPlan(device: device, report: backend.ledger.report(), budget: budget)
+    }
+
+    /// The planned code path on any backend (tests run it on the CPU to prove plan = measured).
+    static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend) throws {
+        try recipe.loraConfig?.validate(for: config)
+        let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig)
+        model.enableGradients()
+        let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
+                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
+        optimizer.refreshMasterCopies()
+        let n = recipe.microBatch * recipe.seqLen
+        let ids = [Int32](repeating: 0, count: n)
+        _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr) { _ in (ids, ids) }
+        if recipe.mode == .relora {
+            model.mergeAdapters(seed: recipe.seed)
+            _ = optimizer.resetLoRAMoments(recipe.optimizerReset.rule(ratio: recipe.optimizerResetRatio), seed: recipe.seed, restart: 0)
+        }
+    }
+
+    /// The first of a few standard changes (block checkpointing, smaller micro-batches at the same
+    /// tokens per step, a smaller LoRA rank) whose plan fits `budget`, as `--set` overrides with the
+    /// planned peak; nil if none does.
+    public static func suggestion(for recipe: Recipe, config: LlamaConfig, device: Device, budget: Int) -> String? {
+        var candidates: [(String, Recipe)] = []
+        func add(_ text: String, _ edit: (inout Recipe) -> Void) {
+            var r = recipe
+            edit(&r)
+            candidates.append((text, r))
+        }
+        let blocks = recipe.checkpointing == .block
+        if !blocks { add("--set checkpointing=block") { $0.checkpointing = .block } }
+        var mb = recipe.microBatch / 2
+        while mb >= 1 {
+            let m = mb, accum = recipe.gradAccum * recipe.microBatch / mb
+            if recipe.microBatch % mb == 0 {
+                if !blocks { add("--set micro_batch=\(m) --set grad_accum=\(accum)") { $0.microBatch = m; $0.gradAccum = accum } }
+                add("--set checkpointing=block --set micro_batch=\(m) --set grad_accum=\(accum)") {
+                    $0.checkpointing = .block; $0.microBatch = m; $0.gradAccum = accum
+                }
+            }
+            mb /= 2
+        }
+        if recipe.mode != .full {
+            var r = recipe.loraRank / 2
+            while r >= 8 {
+                let rank = r
+                add("--set checkpointing=block --set micro_batch=1 --set grad_accum=\(recipe.tokensPerStep / recipe.seqLen) --set lora_r=\(rank)") {
+                    $0.checkpointing = .block; $0.microBatch = 1; $0.gradAccum = recipe.tokensPerStep / recipe.seqLen; $0.loraRank = rank
+                }
+                r /= 2
+            }
+        }
+        for (text, r) in candidates {
+            if let plan = try? plan(r, config: config, device: device, budget: budget), plan.fits {
+                return "\(text) (planned peak \(formatBytes(plan.report.peakTotal)))"
+            }
+        }
+        return nil
+    }
+
+    /// "24GB", "24GiB", "1.5 TB", "800MB", or plain bytes. GB/MB/TB are powers of 10; GiB/MiB/TiB of 2.
+    /// (A "24 GB" consumer GPU has 24 GiB: say `--budget 24GiB` to plan against all of it.)
+    public static func parseBytes(_ text: String) throws -> Int {
+        let t = text.trimmingCharacters(in: .whitespaces).lowercased().replacingOccurrences(of: " ", with: "")
+        let units: [(String, Double)] = [("tib", 0x1p40), ("gib", 0x1p30), ("mib", 0x1p20), ("kib", 0x1p10),
+                                         ("tb", 1e12), ("gb", 1e9), ("mb", 1e6), ("kb", 1e3), ("b", 1)]
+        for (suffix, scale) in units where t.hasSuffix(suffix) {
+            if let v = Double(t.dropLast(suffix.count)), v > 0, v.isFinite { return Int(v * scale) }
+            break
+        }
+        if let v = Int(t), v > 0 { return v }
+        throw ReLoRAError.usage("cannot read '\(text)' as a memory size; write e.g. 24GiB, 24GB or 800MB")
+    }
+}
+
+extension MemoryPlan {
+    /// A table: one line per tag with its planned peak, then the total, the budget and the verdict.
+    public func formatted(title: String) -> String {
+        var lines = [title]
+        for tag in MemoryTag.allCases where report.peak(tag) > 0 {
+            lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag)))
+        }
+        lines.append("  " + "peak total".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peakTotal))
+        if let budget {
+            lines.append("  " + "budget".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(budget)
+                         + (fits ? "  -> fits" : "  -> does NOT fit"))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    public func jsonObject() -> [String: Any] {
+        var peak: [String: Int] = [:]
+        for tag in MemoryTag.allCases { peak[tag.rawValue] = report.peak(tag) }
+        var o: [String: Any] = ["device": device.rawValue, "peak_bytes_by_tag": peak, "peak_total_bytes": report.peakTotal]
+        if let budget { o["budget_bytes"] = budget; o["fits"] = fits }
+        return o
+    }
+}

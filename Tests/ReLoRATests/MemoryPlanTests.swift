@@ -1,0 +1,120 @@
+import Foundation
+import XCTest
+@testable import ReLoRA
+
+/// The planning backend against real runs: what `relora memory` says is what the CPU allocates.
+final class MemoryPlanTests: XCTestCase {
+    func recipe(_ d: TrainerTests.ByteData, _ mode: TrainingMode, _ checkpointing: GradientCheckpointing, dropout: Double = 0) -> Recipe {
+        TrainerTests.recipe(d, run: "plan-\(mode.rawValue)-\(checkpointing.rawValue)-\(dropout)") {
+            $0.valData = nil  // evaluation would add its own workspace shape; the plan covers training
+            $0.mode = mode
+            $0.checkpointing = checkpointing
+            $0.steps = 2; $0.warmupSteps = 0; $0.checkpointEvery = 100
+            if mode != .full { $0.loraRank = 4; $0.loraAlpha = 8; $0.loraDropout = dropout }
+            if mode == .relora { $0.reloraEvery = 1; $0.restartWarmup = 0 }
+        }
+    }
+
+    /// For full, lora and relora under both checkpointing settings: the planned peak of every tag equals
+    /// the peak the CPU ledger measured over a real run (two steps, and for relora a restart after the
+    /// second), to the byte, and so does the total.
+    func testPlanEqualsMeasuredPerTag() throws {
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        for mode in TrainingMode.allCases {
+            for checkpointing in GradientCheckpointing.allCases {
+                for dropout in mode == .full ? [0.0] : [0.0, 0.1] {
+                    let r = recipe(d, mode, checkpointing, dropout: dropout)
+                    var lines: [String] = []
+                    let trainer = try Trainer(recipe: r, resume: false, log: { lines.append($0) })
+                    _ = try trainer.run()
+                    if mode == .relora { XCTAssertTrue(lines.contains { $0.hasPrefix("restart 1") }, "the run must include a restart") }
+                    let measured = trainer.model.backend.ledger.report()
+                    let plan = try MemoryPlanner.plan(r, config: config, device: .cpu)
+                    let label = "\(mode) \(checkpointing) dropout \(dropout)"
+                    for tag in MemoryTag.allCases {
+                        XCTAssertEqual(plan.report.peak(tag), measured.peak(tag), "\(label): \(tag.rawValue)")
+                    }
+                    XCTAssertEqual(plan.report.peakTotal, measured.peakTotal, label)
+                    XCTAssertGreaterThan(plan.report.peak(.activations), 0, label)
+                }
+            }
+        }
+    }
+
+    /// The plan is real information: checkpointing shrinks activations, LoRA removes the linears'
+    /// gradients and optimizer states, and CUDA's bf16 plan halves the activations of the f32 one.
+    func testPlansRespondToTheRecipe() throws {
+        let d = try TrainerTests.makeByteData(hidden: 64, layers: 4)
+        let config = try LlamaConfig(contentsOf: d.model)
+        func plan(_ mode: TrainingMode, _ c: GradientCheckpointing, _ device: Device = .cpu) throws -> MemoryReport {
+            try MemoryPlanner.plan(recipe(d, mode, c), config: config, device: device).report
+        }
+        XCTAssertLessThan(try plan(.full, .block).peak(.activations), try plan(.full, .none).peak(.activations))
+        XCTAssertLessThan(try plan(.lora, .none).peak(.optimizer), try plan(.full, .none).peak(.optimizer))
+        XCTAssertEqual(try plan(.full, .none).peak(.frozenWeights), 0)
+        let linears = LinearKind.allCases.reduce(0) { acc, k in acc + k.shape(config).out * k.shape(config).in } * config.numHiddenLayers
+        XCTAssertEqual(try plan(.lora, .none).peak(.frozenWeights), linears * 4)
+        XCTAssertEqual(try plan(.lora, .none, .cuda).peak(.frozenWeights), linears * 2, "bf16 frozen weights on CUDA")
+        // Activations halve except the i32 ids and targets (2 x N x 4 bytes), which stay 32-bit.
+        let idsBytes = 2 * 4 * 32 * 4
+        XCTAssertEqual(try plan(.full, .none, .cuda).peak(.activations) * 2 - idsBytes, try plan(.full, .none).peak(.activations))
+        XCTAssertGreaterThan(try plan(.full, .none, .cuda).peak(.masterWeights), 0)
+        XCTAssertEqual(try plan(.full, .none).peak(.masterWeights), 0)
+    }
+
+    /// A budget that the recipe misses but a standard change meets gets that change named.
+    func testSuggestionFitsTheBudget() throws {
+        let d = try TrainerTests.makeByteData(hidden: 64, layers: 4)
+        let config = try LlamaConfig(contentsOf: d.model)
+        let r = recipe(d, .full, .none)
+        let full = try MemoryPlanner.plan(r, config: config, device: .cpu).report.peakTotal
+        var blockRecipe = r
+        blockRecipe.checkpointing = .block
+        let block = try MemoryPlanner.plan(blockRecipe, config: config, device: .cpu).report.peakTotal
+        XCTAssertLessThan(block, full)
+        let budget = (block + full) / 2
+        XCTAssertFalse(try MemoryPlanner.plan(r, config: config, device: .cpu, budget: budget).fits)
+        let s = try XCTUnwrap(MemoryPlanner.suggestion(for: r, config: config, device: .cpu, budget: budget))
+        XCTAssertTrue(s.hasPrefix("--set checkpointing=block"), s)
+        XCTAssertNil(MemoryPlanner.suggestion(for: r, config: config, device: .cpu, budget: 1000))
+    }
+
+    func testParseBytes() throws {
+        XCTAssertEqual(try MemoryPlanner.parseBytes("24GiB"), 24 << 30)
+        XCTAssertEqual(try MemoryPlanner.parseBytes("24 GB"), 24_000_000_000)
+        XCTAssertEqual(try MemoryPlanner.parseBytes("1.5gib"), 3 << 29)
+        XCTAssertEqual(try MemoryPlanner.parseBytes("4096"), 4096)
+        for bad in ["", "GB", "-1GB", "lots", "1e400GB"] {
+            XCTAssertThrowsError(try MemoryPlanner.parseBytes(bad), bad)
+        }
+    }
+
+    /// Host<->device traffic of a training step does not grow with depth: per micro-batch the ids and
+    /// targets go up and the loss sum comes down; the gradient norm comes down once.
+    func testTransfersPerStepAreIndependentOfDepth() throws {
+        var counts: [TransferCount] = []
+        for layers in [1, 4] {
+            let d = try TrainerTests.makeByteData(hidden: 32, layers: layers)
+            let r = recipe(d, .lora, .block)
+            let trainer = try Trainer(recipe: r, resume: false, log: { _ in })
+            _ = try trainer.trainStep()
+            counts.append(trainer.lastStepTransfers)
+        }
+        XCTAssertEqual(counts[0].uploads, counts[1].uploads)
+        XCTAssertEqual(counts[0].downloads, counts[1].downloads)  // (bytes grow: one norm per tensor)
+        XCTAssertEqual(counts[0].uploads, 2 * 2, "ids and targets for each of grad_accum = 2 micro-batches")
+        XCTAssertEqual(counts[0].downloads, 2 + 1, "a loss sum per micro-batch and one gradient-norm vector")
+    }
+
+    func testCUDAIsRefusedWithOneSentence() throws {
+        let d = try TrainerTests.makeByteData()
+        var r = recipe(d, .full, .none)
+        r.device = "cuda"
+        XCTAssertThrowsError(try Trainer(recipe: r, resume: false, log: { _ in })) { error in
+            XCTAssertTrue("\(error)".contains("device 'cuda' is not available"), "\(error)")
+        }
+        XCTAssertThrowsError(try BackendFactory.make(.cuda))
+        XCTAssertThrowsError(try Device(parsing: "gpu"))
+    }
+}
