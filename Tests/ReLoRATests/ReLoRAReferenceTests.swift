@@ -7,9 +7,9 @@ import XCTest
 /// clipping, the jagged schedule and restarts (merge, re-init, magnitude reset of m and v at ratio 0.9)
 /// after the 0-based steps 4 and 8, written from the paper, not from this code; its docstring is the spec
 /// and `relora_reference.json` holds the hyperparameters. This test replays the same steps with relora's
-/// pieces (the loop mirrors `Trainer.trainStep` and `Trainer.restart`, which take their batches from a
-/// sampler and so cannot take the fixture's) and uploads the fixture's A of every cycle over relora's
-/// own re-initialisation.
+/// pieces and uploads the fixture's A of every cycle over relora's
+/// own re-initialisation. The step is the trainer's own `Trainer.optimizerStep` fed the fixture's batches,
+/// and the restart is the trainer's device work (`mergeAdapters`, `resetLoRAMoments`).
 ///
 /// Tolerances. Both sides run fp32 with different summation orders (OpenBLAS vs torch's kernels); one
 /// forward/backward then differs by ~1e-6 relative (see the golden test), and 12 steps feed it back
@@ -49,7 +49,7 @@ final class ReLoRAReferenceTests: XCTestCase {
         let base = try SafetensorsFile(path: "\(fixtures)/tiny_llama/model.safetensors")
         for (name, t) in model.weights.named() { t.copy(from: try base.floats(name)) }
         func uploadA(cycle: Int) throws {
-            for p in model.lora!.named() where p.name.hasSuffix("lora_A") {
+            for p in model.loraTensors() where p.name.hasSuffix("lora_A") {
                 p.value.copy(from: try ref.floats("cycle\(cycle).\(p.name)"))
             }
         }
@@ -65,17 +65,18 @@ final class ReLoRAReferenceTests: XCTestCase {
         let inputs = try ref.integers("inputs").map { Int32($0) }, targets = try ref.integers("targets").map { Int32($0) }
         let refLoss = try doubles(ref, "loss"), refNorm = try doubles(ref, "grad_norm"), refLR = try doubles(ref, "lr")
         let refZeroedM = try ref.integers("reset_zeroed_m"), refZeroedV = try ref.integers("reset_zeroed_v")
+        var recipe = Recipe(model: "", trainData: "", runDir: "")
+        recipe.microBatch = batch; recipe.seqLen = seqLen; recipe.gradAccum = 1; recipe.gradClip = clip
+        let loraCount = optimizer.parameters.filter(\.isLoRA).reduce(0) { $0 + $1.value.count }
         var worstLoss = 0.0, worstNorm = 0.0
         for t in 0..<steps {
-            // Trainer.trainStep: loss and gradients, global norm, clip, AdamW at the scheduled lr.
-            model.zeroGradients()
-            let window = t * tokens ..< (t + 1) * tokens
-            let loss = try model.forwardBackward(inputs: Array(inputs[window]), targets: Array(targets[window]),
-                                                 batch: batch, seqLen: seqLen, gradScale: 1 / Float(tokens)).mean
-            let norm = optimizer.gradientNorm()
-            if norm > clip { optimizer.scaleGradients(by: Float(clip / norm)) }
+            // The trainer's step: loss and gradients, global norm, clip, AdamW at the scheduled lr.
             let lr = peakLR * schedule.multiplier(step: t)
-            optimizer.step(lr: Float(lr))
+            let window = t * tokens ..< (t + 1) * tokens
+            let (loss, norm, skipped) = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: t, lr: lr) { _ in
+                (Array(inputs[window]), Array(targets[window]))
+            }
+            XCTAssertFalse(skipped)
 
             XCTAssertEqual(lr, refLR[t], accuracy: 1e-12 * peakLR, "lr of step \(t)")
             worstLoss = max(worstLoss, abs(loss - refLoss[t]))
@@ -83,23 +84,21 @@ final class ReLoRAReferenceTests: XCTestCase {
             XCTAssertEqual(loss, refLoss[t], accuracy: 1e-5, "loss of step \(t)")
             XCTAssertEqual(norm, refNorm[t], accuracy: 5e-6 * refNorm[t], "grad norm of step \(t)")
 
-            // Trainer.restart, right after t = k * every: merge, new A (the fixture's), B = 0, prune m and v.
+            // The trainer's restart, right after t = k * every: merge, new A (the fixture's), B = 0, prune m and v.
             if t >= every && t % every == 0 {
-                model.mergeLoRA(seed: 0)
+                let merge = model.mergeAdapters(seed: 0)
+                XCTAssertEqual(merge.mergeError, 0)
                 try uploadA(cycle: t / every)
-                var zeroed = (m: 0, v: 0)
-                for (i, p) in optimizer.parameters.enumerated() where p.isLoRA {
-                    zeroed.m += OptimizerReset.apply(.magnitude, ratio: resetRatio, to: optimizer.m[i], seed: 0, stream: 0)
-                    zeroed.v += OptimizerReset.apply(.magnitude, ratio: resetRatio, to: optimizer.v[i], seed: 0, stream: 0)
-                }
-                XCTAssertEqual(Int64(zeroed.m), refZeroedM[t / every - 1], "entries of m zeroed at restart \(t / every)")
-                XCTAssertEqual(Int64(zeroed.v), refZeroedV[t / every - 1], "entries of v zeroed at restart \(t / every)")
+                let fractions = optimizer.resetLoRAMoments(.magnitude(ratio: resetRatio), seed: 0, restart: merge.restart)
+                let zeroed = (m: Int64((fractions.m * Double(loraCount)).rounded()), v: Int64((fractions.v * Double(loraCount)).rounded()))
+                XCTAssertEqual(zeroed.m, refZeroedM[t / every - 1], "entries of m zeroed at restart \(t / every)")
+                XCTAssertEqual(zeroed.v, refZeroedV[t / every - 1], "entries of v zeroed at restart \(t / every)")
             }
         }
         print("ReLoRA reference: max |loss diff| \(worstLoss), max relative grad-norm diff \(worstNorm)")
 
         // The final merged model: every parameter, relative to the tensor's largest reference magnitude.
-        model.mergeLoRA(seed: 0)
+        model.foldAdapters()
         var worstWeight: (Float, String) = (0, "")
         for (name, t) in model.weights.named() {
             let want = try ref.floats("final.\(name)"), got = t.toArray()
