@@ -225,6 +225,38 @@ final class ReLoRATests: XCTestCase {
         }
     }
 
+    /// Continued pretraining of an existing model: warm_start names a Hugging Face directory; the run
+    /// starts at step 0 with exactly its weights (the loader is `HFCheckpoint.loadWeights`, whose sharded
+    /// path BadInputTests covers) and trains.
+    func testWarmStartFromHuggingFaceDirectory() throws {
+        let fixtures = fixturesDirectory()
+        let hf = "\(fixtures)/tiny_llama"
+        let d = try byteData()
+        // The fixture model has vocab 97: keep the byte data's ids below it.
+        let ids = (0..<600).map { Int64(($0 * 7) % 97) }
+        try NpyWriter.write(tokens: ids, dtype: .uint16, to: d.dir + "/small.npy")
+        let r = recipe(d, run: "hf-warm") {
+            $0.model = hf + "/config.json"; $0.trainData = d.dir + "/small.npy"; $0.valData = nil
+            $0.mode = .relora; $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 4; $0.reloraEvery = 2; $0.restartWarmup = 1
+            $0.warmupSteps = 1; $0.seqLen = 16; $0.warmStart = hf
+        }
+        let t = try Trainer(recipe: r, resume: false, log: { _ in })
+        XCTAssertEqual(t.state.step, 0)
+        let reference = try HFCheckpoint.load(directory: hf, backend: CPUBackend())
+        for ((name, a), (_, b)) in zip(t.model.weights.named(), reference.weights.named()) {
+            XCTAssertEqual(a.toArray(), b.toArray(), name)
+        }
+        let first = try t.trainStep()
+        XCTAssertTrue(first.loss.isFinite)
+        // A directory that is neither a checkpoint nor an HF model is one clear error.
+        var bad = r
+        bad.warmStart = d.dir
+        bad.runDir = d.dir + "/hf-warm-bad"
+        XCTAssertThrowsError(try Trainer(recipe: bad, resume: false, log: { _ in })) {
+            XCTAssertTrue("\($0)".contains("neither a checkpoint directory nor a run directory"), "\($0)")
+        }
+    }
+
     func makeOtherConfig(_ d: TrainerTests.ByteData) throws -> String {
         let c: [String: Any] = ["hidden_size": 48, "intermediate_size": 72, "num_hidden_layers": 2, "num_attention_heads": 4,
                                 "vocab_size": 256, "max_position_embeddings": 128]
