@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Prints the README's planned-memory table: `relora memory` on cuda for the paper's sizes at sequence 1024,
+# full-rank vs ReLoRA (dense bf16 frozen weights), both checkpointing settings, against a 24 GiB card.
+# Usage: bash scripts/memory_table.sh [path/to/relora]   (default: .build/release/relora, else debug)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RELORA=${1:-}
+if [ -z "$RELORA" ]; then
+    if [ -x .build/release/relora ]; then RELORA=.build/release/relora; else RELORA=.build/debug/relora; fi
+fi
+echo "| model | mode | checkpointing | frozen | LoRA | trainable | master | Adam | grads | activations | workspace | peak | fits 24 GiB |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+for model in 130m 350m 1b 7b 13b; do
+    for mode in full relora; do
+        for ckpt in none block; do
+            extra=()
+            [ "$mode" = full ] && extra=(--set relora_every=null)
+            json=$("$RELORA" memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB --json \
+                --set model=Configs/models/llama_$model.json --set mode=$mode --set checkpointing=$ckpt "${extra[@]}" || true)
+            python3 - "$model" "$mode" "$ckpt" "$json" <<'PY'
+import json, sys
+model, mode, ckpt, raw = sys.argv[1:5]
+p = json.loads(raw)
+t = p["peak_bytes_by_tag"]
+g = lambda b: f"{b / 2**30:.2f}"
+cols = [t[k] for k in ["frozen_weights", "lora", "trainable", "master_weights", "optimizer", "gradients", "activations", "workspace"]]
+print(f"| {model} | {mode} | {ckpt} | " + " | ".join(g(c) for c in cols) + f" | **{g(p['peak_total_bytes'])}** | {'yes' if p['fits'] else 'no'} |")
+PY
+        done
+    done
+done
+echo
+echo "GiB; cuda precision plan: bf16 activations, LoRA factors and working copies; f32 gradients, master copies and Adam states."
