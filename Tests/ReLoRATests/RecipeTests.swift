@@ -3,7 +3,7 @@ import XCTest
 @testable import ReLoRA
 
 /// The recipe key table: every key decodes, encodes and round-trips through `recipe.json`; keys are
-/// written only for the modes they apply to.
+/// written only for the modes they apply to; cross-key rules (warmup vs restart interval).
 final class RecipeTests: XCTestCase {
     /// A valid `relora` recipe (so every key applies) that uses the defaults wherever it can.
     static let base: [String: JSONValue] = [
@@ -137,5 +137,33 @@ final class RecipeTests: XCTestCase {
                 XCTAssertEqual("\($0)".contains("'\(key)' must be \(allowed), got 'bogus'"), true, "\($0)")
             }
         }
+    }
+
+    /// warmup_steps 25 with relora_every 20 used to start the first restart at lr 0.8 * lr (t / W0) and give
+    /// the steps after the optimizer reset no ramp. Such jagged recipes are rejected; W0 = R gives lr 0 at R.
+    func testWarmupLongerThanRestartIntervalIsRejected() throws {
+        var keys = Self.base
+        keys["steps"] = .number(60); keys["relora_every"] = .number(20); keys["restart_warmup"] = .number(5)
+        keys["warmup_steps"] = .number(25)
+        XCTAssertThrowsError(try Recipe(keys: keys)) {
+            XCTAssertTrue("\($0)".contains("'warmup_steps' (25) must be at most 'relora_every' (20)"), "\($0)")
+            XCTAssertFalse("\($0)".contains("\n"))
+        }
+        // Recipes built in code are checked too (the Trainer calls validate()).
+        var code = try Recipe(keys: Self.base)
+        code.warmupSteps = 101
+        XCTAssertThrowsError(try code.validate())
+
+        keys["warmup_steps"] = .number(20)
+        let r = try Recipe(keys: keys)
+        XCTAssertEqual(r.schedule.multiplier(step: 19), 19.0 / 20)
+        for restart in [20, 40] {
+            XCTAssertEqual(r.schedule.multiplier(step: restart), 0, "lr at restart step \(restart)")
+            XCTAssertGreaterThan(r.schedule.multiplier(step: restart + 1), 0)
+            XCTAssertLessThan(r.schedule.multiplier(step: restart + 1), r.schedule.multiplier(step: restart + 4))
+        }
+        // Without the jagged schedule (ablation) there is no lr-0 step to protect.
+        keys["warmup_steps"] = .number(25); keys["jagged_schedule"] = .bool(false)
+        XCTAssertNoThrow(try Recipe(keys: keys))
     }
 }

@@ -336,6 +336,12 @@ extension Recipe {
                 throw ReLoRAError.invalidConfig(
                     "'relora_every' \(r) must divide 'steps' \(steps) so the run ends on a complete cycle (the jagged schedule restarts at multiples of it)")
             }
+            // The first restart comes after step t = R; it needs the jagged schedule's lr 0 there, which a
+            // still-running initial warmup (t < W0) would override with t / W0 (and no ramp after the reset).
+            if jaggedSchedule && warmupSteps > r {
+                throw ReLoRAError.invalidConfig(
+                    "'warmup_steps' (\(warmupSteps)) must be at most 'relora_every' (\(r)): the jagged schedule needs lr 0 at the first restart")
+            }
             guard restartWarmup >= 0, restartWarmup < r else {
                 throw ReLoRAError.invalidConfig("'restart_warmup' must be in [0, relora_every), got \(restartWarmup)")
             }
