@@ -202,6 +202,28 @@ final class ReLoRATests: XCTestCase {
         for (a, b) in zip(got, want) { XCTAssertEqual(a, b, accuracy: 1e-4 + 1e-4 * abs(b)) }
     }
 
+    /// A restart happens after its step, so the console and metrics.jsonl show the step first.
+    func testRestartIsLoggedAfterItsStep() throws {
+        let d = try byteData()
+        let r = recipe(d, run: "order") {
+            $0.mode = .relora; $0.loraRank = 2; $0.loraAlpha = 4; $0.steps = 4; $0.reloraEvery = 2; $0.restartWarmup = 1
+            $0.warmupSteps = 1; $0.checkpointEvery = 100; $0.evalEvery = 100
+        }
+        var lines: [String] = []
+        _ = try Trainer(recipe: r, resume: false, log: { lines.append($0) }).run()
+        // The restart follows the zero-LR step t = 2 (0-based), printed as step 3.
+        let step = try XCTUnwrap(lines.firstIndex { $0.hasPrefix("step 3/4 ") }, "\(lines)")
+        let restart = try XCTUnwrap(lines.firstIndex { $0.hasPrefix("restart 1 at step 3 ") }, "\(lines)")
+        XCTAssertEqual(restart, step + 1, "\(lines)")
+        let metrics = try String(contentsOfFile: r.runDir + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONDecoder().decode([String: JSONValue].self, from: Data($0.utf8)) }
+        let kinds = metrics.map { m -> String in
+            guard case .number(let s)? = m["step"] else { return "?" }
+            return (m["restart"] != nil ? "restart@" : m["val_loss"] != nil ? "eval@" : m["loss"] != nil ? "step" : "?") + "\(Int(s))"
+        }
+        XCTAssertEqual(kinds, ["step1", "step2", "step3", "restart@3", "step4", "eval@4"])  // the last step always evaluates
+    }
+
     func testWarmStartContinuesStepsAndChecksArchitecture() throws {
         let d = try byteData()
         let warm = recipe(d, run: "warm") { $0.steps = 4 }

@@ -183,15 +183,16 @@ public final class Trainer {
         while state.step < r.steps {
             let metrics = try trainStep()
             lastLoss = metrics.loss
-            // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0.
-            if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {
-                try restart()
-            }
             if history.count == 1 { log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()) }
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics))
             }
             try appendMetrics(metricsJSON(metrics))
+            // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0;
+            // its console and metrics lines follow that step's.
+            if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {
+                try restart()
+            }
             if metrics.skipped {
                 let allowed = max(2.0, r.maxSkippedFraction * Double(state.step))
                 if Double(state.skippedSteps) > allowed {
