@@ -5,7 +5,6 @@ import XCTest
 /// The `relora` executable end to end: exit codes and one-sentence errors on bad input.
 final class CLITests: XCTestCase {
     func testEvalJSONMatchesFixture() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let f = fixturesDirectory()
         let r = try runRelora(["eval", "--model", "\(f)/tiny_llama", "--data", "\(f)/eval_tokens.npy", "--seq-len", "16", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
@@ -16,7 +15,6 @@ final class CLITests: XCTestCase {
     }
 
     func testBadInputsExitNonZeroWithOneLine() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let f = fixturesDirectory()
         let dir = temporaryDirectory()
         let notNpy = "\(dir)/tokens.npy"
@@ -44,7 +42,6 @@ final class CLITests: XCTestCase {
 /// train, resume, export, eval, sample, and the errors a user can cause along the way.
 final class CLIPipelineTests: XCTestCase {
     func testTrainExportEvalSamplePipeline() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let dir = temporaryDirectory()
         let f = fixturesDirectory() + "/shakespeare"
 
