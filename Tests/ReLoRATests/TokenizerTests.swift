@@ -306,8 +306,36 @@ final class TokenizerTests: XCTestCase {
         XCTAssertLessThan(tok.vocabSize, 5000)
         XCTAssertTrue(messages.contains { $0.contains("vocabulary stops at") }, "\(messages)")
         XCTAssertEqual(tok.decode(tok.encode("abab cdcd x")), "abab cdcd x")
-        XCTAssertThrowsError(try BPETrainer(vocabSize: 100).train(texts: ["x"]))
+        // The error names the minimum: 256 byte tokens + the special tokens.
+        for (vocab, specials, minimum) in [(100, ["<|endoftext|>"], 257), (256, ["<|endoftext|>"], 257), (257, ["<|endoftext|>", "<|pad|>"], 258)] {
+            XCTAssertThrowsError(try BPETrainer(vocabSize: vocab, specialTokens: specials).train(texts: ["x"])) {
+                XCTAssertTrue("\($0)".contains("vocab size \(vocab) is too small: the minimum is \(minimum)"), "\($0)")
+            }
+        }
+        XCTAssertEqual(try BPETrainer(vocabSize: 257).train(texts: ["x"]).vocabSize, 257)
         XCTAssertThrowsError(try BPETrainer(vocabSize: 300, specialTokens: ["a", "a"]).train(texts: ["x"]))
+    }
+
+    /// Every shipped model config can be paired with a tokenizer from `relora tokenizer train`: its
+    /// vocabulary holds at least the trainer's minimum (a 256-token config could not), and a tokenizer
+    /// trained to the smallest config's size gives ids inside it.
+    func testShippedModelConfigsFitTheTokenizerTrainer() throws {
+        let configs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Configs/models")
+        let files = try FileManager.default.contentsOfDirectory(atPath: configs.path).filter { $0.hasSuffix(".json") }.sorted()
+        XCTAssertTrue(files.contains("llama_tiny.json"), "\(files)")
+        let trainer = BPETrainer(vocabSize: 0)
+        var smallest = Int.max
+        for file in files {
+            let config = try LlamaConfig(contentsOf: configs.appendingPathComponent(file).path)
+            XCTAssertGreaterThanOrEqual(config.vocabSize, trainer.minimumVocabSize, file)
+            smallest = min(smallest, config.vocabSize)
+        }
+        let fixtures = fixturesDirectory() + "/shakespeare"
+        let tok = try BPETrainer(vocabSize: smallest).train(files: ["\(fixtures)/train_slice.txt"])
+        XCTAssertLessThanOrEqual(tok.vocabSize, smallest)
+        let text = try String(contentsOfFile: "\(fixtures)/val_slice.txt", encoding: .utf8)
+        XCTAssertLessThan(Int(try XCTUnwrap(tok.encode(text).max())), smallest)
     }
 
     func testTrainingFromFiles() throws {
