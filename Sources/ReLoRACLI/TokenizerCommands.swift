@@ -6,7 +6,8 @@ let tokenizerUsage = """
 
     Trains a byte-level BPE tokenizer (GPT-2 pre-tokenization, "<|endoftext|>" as a special token) on
     UTF-8 text files and writes a Hugging Face tokenizer.json (loadable by tokenizers / transformers).
-    N counts every token: 256 byte tokens, the merges, and the special token.
+    N counts every token: 256 byte tokens, the merges, and the special token, so N is at least 257
+    (the model config's vocab_size must be at least the tokenizer's).
     """
 
 func runTokenizer(_ args: [String]) throws {

@@ -8,8 +8,8 @@ let trainUsage = """
     Trains a model as the recipe says (see Configs/recipes/ for examples and README for every key).
     Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory); metrics also go to
     RUN_DIR/metrics.jsonl. Checkpoints are written atomically every checkpoint_every steps and at the end;
-    Ctrl-C saves a checkpoint and stops (press again to abort at once). --resume continues the latest
-    checkpoint of RUN_DIR with bit-identical results to an uninterrupted run.
+    Ctrl-C saves a checkpoint and stops with exit status 130 (press again to abort at once; SIGTERM: 143).
+    --resume continues the latest checkpoint of RUN_DIR with bit-identical results to an uninterrupted run.
 
       --set key=value   override a recipe key (value parsed as JSON, else taken as a string), repeatable
       --resume RUN_DIR  continue a run from its latest checkpoint (uses RUN_DIR/recipe.json)
@@ -17,12 +17,12 @@ let trainUsage = """
       --budget SIZE     refuse to start, before allocating, if the memory plan exceeds SIZE (e.g. 24GiB)
     """
 
-/// Set by SIGINT/SIGTERM; the trainer checks it between steps.
+/// The signal (SIGINT or SIGTERM) that asked the run to stop, 0 if none; the trainer checks it between steps.
 nonisolated(unsafe) var stopRequested: sig_atomic_t = 0
 
 func installStopHandler() {
     let handler: @convention(c) (Int32) -> Void = { sig in
-        stopRequested = 1
+        stopRequested = sig
         signal(sig, SIG_DFL)  // a second signal ends the process at once
     }
     signal(SIGINT, handler)
@@ -73,11 +73,23 @@ func runTrain(_ args: [String]) throws {
     let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, log: { printLine($0) })
     trainer.shouldStop = { stopRequested != 0 }
     let summary = try trainer.run()
-    var line = String(format: "done: %d steps, last loss %.4f", summary.steps, summary.lastLoss)
+    var line = summary.stoppedEarly
+        ? String(format: "stopped at step %d of %d, last loss %.4f", summary.steps, recipe.steps, summary.lastLoss)
+        : String(format: "done: %d steps, last loss %.4f", summary.steps, summary.lastLoss)
     if let v = summary.lastValLoss { line += String(format: ", val loss %.4f (ppl %.2f)", v, exp(v)) }
     if summary.skippedSteps > 0 { line += ", \(summary.skippedSteps) skipped" }
     if let c = summary.checkpoint { line += "; checkpoint \(c)" }
     print(line)
+    let status = trainExitStatus(summary, signal: stopRequested)
+    if status != 0 { exit(status) }  // exit() flushes stdout
+}
+
+/// 0 for a run that reached its last step; a run stopped by a signal exits as shells report a process
+/// ended by it, 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), so scripts can tell it was cut short.
+/// The checkpoint is saved either way.
+func trainExitStatus(_ summary: TrainingSummary, signal: Int32) -> Int32 {
+    guard summary.stoppedEarly else { return 0 }
+    return 128 + (signal > 0 ? signal : SIGINT)
 }
 
 func jsonQuoted(_ s: String) -> String {

@@ -5,7 +5,6 @@ import XCTest
 /// The `relora` executable end to end: exit codes and one-sentence errors on bad input.
 final class CLITests: XCTestCase {
     func testEvalJSONMatchesFixture() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let f = fixturesDirectory()
         let r = try runRelora(["eval", "--model", "\(f)/tiny_llama", "--data", "\(f)/eval_tokens.npy", "--seq-len", "16", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
@@ -16,7 +15,6 @@ final class CLITests: XCTestCase {
     }
 
     func testBadInputsExitNonZeroWithOneLine() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let f = fixturesDirectory()
         let dir = temporaryDirectory()
         let notNpy = "\(dir)/tokens.npy"
@@ -40,11 +38,58 @@ final class CLITests: XCTestCase {
     }
 }
 
+/// Ctrl-C on a real training process: the run saves a checkpoint, says where it stopped and exits 130.
+final class CLIStopTests: XCTestCase {
+    func testInterruptedTrainingSavesAndExits130() throws {
+        let data = try TrainerTests.makeByteData()
+        let runDir = data.dir + "/run"
+        let recipe: [String: Any] = [
+            "model": data.model, "train_data": data.train, "run_dir": runDir, "seq_len": 32, "micro_batch": 4,
+            "steps": 100_000, "warmup_steps": 10, "eval_every": 100_000, "checkpoint_every": 100_000,
+        ]
+        try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/recipe.json"))
+
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try requireReloraExecutable())
+        p.arguments = ["train", data.dir + "/recipe.json"]
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let watchdog = DispatchWorkItem { if p.isRunning { p.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
+        defer { watchdog.cancel() }
+        // Step lines come after the stop handler is installed; interrupt once two steps are done.
+        var stdout = ""
+        while !stdout.contains("step 2/100000 ") {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            stdout += String(decoding: chunk, as: UTF8.self)
+        }
+        XCTAssertTrue(stdout.contains("step 2/100000 "), "no step line before the process ended: \(stdout)")
+        p.interrupt()  // SIGINT, as Ctrl-C sends
+        stdout += String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+
+        XCTAssertEqual(p.terminationReason, .exit, "killed by the signal instead of stopping: \(stderr)")
+        XCTAssertEqual(p.terminationStatus, 130, stderr)
+        XCTAssertFalse(stdout.contains("done:"), stdout)
+        let last = try XCTUnwrap(stdout.split(separator: "\n").last.map(String.init))
+        XCTAssertTrue(last.hasPrefix("stopped at step ") && last.contains(" of 100000, last loss "), last)
+        // The checkpoint of the step it stopped at is saved and named in the last line.
+        let checkpoint = try XCTUnwrap(TrainingCheckpoint.latest(runDir: runDir))
+        let state = try TrainingCheckpoint.readState(checkpoint)
+        XCTAssertGreaterThanOrEqual(state.step, 2)
+        XCTAssertTrue(last.hasPrefix("stopped at step \(state.step) of 100000"), last)
+        XCTAssertTrue(last.contains("checkpoint \(checkpoint)"), last)
+    }
+}
+
 /// The whole user journey through the CLI on the committed Shakespeare slice: tokenizer, tokenize,
 /// train, resume, export, eval, sample, and the errors a user can cause along the way.
 final class CLIPipelineTests: XCTestCase {
     func testTrainExportEvalSamplePipeline() throws {
-        try XCTSkipUnless(FileManager.default.isExecutableFile(atPath: reloraExecutable), "relora not built")
         let dir = temporaryDirectory()
         let f = fixturesDirectory() + "/shakespeare"
 

@@ -86,9 +86,26 @@ var reloraExecutable: String {
     return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
 }
 
+/// The `relora` executable's path; a missing one is a test failure, not a skip (`swift test` and
+/// `swift build --build-tests` build it with the tests).
+func requireReloraExecutable() throws -> String {
+    let path = reloraExecutable
+    guard FileManager.default.isExecutableFile(atPath: path) else {
+        throw MissingExecutable(path: path)
+    }
+    return path
+}
+
+struct MissingExecutable: Error, CustomStringConvertible {
+    let path: String
+    var description: String {
+        "the relora executable is not at \(path); build it with `swift build --build-tests` before `swift test --skip-build`"
+    }
+}
+
 func runRelora(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: reloraExecutable)
+    p.executableURL = URL(fileURLWithPath: try requireReloraExecutable())
     p.arguments = args
     let out = Pipe(), err = Pipe()
     p.standardOutput = out

@@ -306,8 +306,36 @@ final class TokenizerTests: XCTestCase {
         XCTAssertLessThan(tok.vocabSize, 5000)
         XCTAssertTrue(messages.contains { $0.contains("vocabulary stops at") }, "\(messages)")
         XCTAssertEqual(tok.decode(tok.encode("abab cdcd x")), "abab cdcd x")
-        XCTAssertThrowsError(try BPETrainer(vocabSize: 100).train(texts: ["x"]))
+        // The error names the minimum: 256 byte tokens + the special tokens.
+        for (vocab, specials, minimum) in [(100, ["<|endoftext|>"], 257), (256, ["<|endoftext|>"], 257), (257, ["<|endoftext|>", "<|pad|>"], 258)] {
+            XCTAssertThrowsError(try BPETrainer(vocabSize: vocab, specialTokens: specials).train(texts: ["x"])) {
+                XCTAssertTrue("\($0)".contains("vocab size \(vocab) is too small: the minimum is \(minimum)"), "\($0)")
+            }
+        }
+        XCTAssertEqual(try BPETrainer(vocabSize: 257).train(texts: ["x"]).vocabSize, 257)
         XCTAssertThrowsError(try BPETrainer(vocabSize: 300, specialTokens: ["a", "a"]).train(texts: ["x"]))
+    }
+
+    /// Every shipped model config can be paired with a tokenizer from `relora tokenizer train`: its
+    /// vocabulary holds at least the trainer's minimum (a 256-token config could not), and a tokenizer
+    /// trained to the smallest config's size gives ids inside it.
+    func testShippedModelConfigsFitTheTokenizerTrainer() throws {
+        let configs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Configs/models")
+        let files = try FileManager.default.contentsOfDirectory(atPath: configs.path).filter { $0.hasSuffix(".json") }.sorted()
+        XCTAssertTrue(files.contains("llama_tiny.json"), "\(files)")
+        let trainer = BPETrainer(vocabSize: 0)
+        var smallest = Int.max
+        for file in files {
+            let config = try LlamaConfig(contentsOf: configs.appendingPathComponent(file).path)
+            XCTAssertGreaterThanOrEqual(config.vocabSize, trainer.minimumVocabSize, file)
+            smallest = min(smallest, config.vocabSize)
+        }
+        let fixtures = fixturesDirectory() + "/shakespeare"
+        let tok = try BPETrainer(vocabSize: smallest).train(files: ["\(fixtures)/train_slice.txt"])
+        XCTAssertLessThanOrEqual(tok.vocabSize, smallest)
+        let text = try String(contentsOfFile: "\(fixtures)/val_slice.txt", encoding: .utf8)
+        XCTAssertLessThan(Int(try XCTUnwrap(tok.encode(text).max())), smallest)
     }
 
     func testTrainingFromFiles() throws {
@@ -492,14 +520,69 @@ final class TokenizerTests: XCTestCase {
     }
 
     /// Random byte mutations of a real file never crash the reader (they either load or throw).
-    func testCorruptedFilesNeverCrash() throws {
-        let full = try Data(contentsOf: URL(fileURLWithPath: "\(Self.fixtureDirectory)/llama3_style.json"))
-        var rng = TestRNG(99)
-        for _ in 0..<200 {
-            var bytes = [UInt8](full)
-            for _ in 0..<(1 + rng.int(4)) { bytes[rng.int(bytes.count)] = UInt8(rng.int(256)) }
-            if let tok = try? BPETokenizer(jsonData: Data(bytes)) { _ = tok.decode(tok.encode("Hello world <|endoftext|> 123")) }
+    /// Byte-level corruption: each mutant is either rejected with a `ReLoRAError` or loads as a tokenizer
+    /// that still round-trips text. Three kinds, 1-4 changes each, in turn:
+    ///  - any byte to a random byte (mostly invalid UTF-8 or JSON: rejected);
+    ///  - a letter or digit to another letter or digit (changed names, ids, merges, regexes: either);
+    ///  - whitespace between JSON tokens to other whitespace (the same JSON: always loads).
+    /// So both outcomes must occur; the seed is fixed, so the counts are too.
+    func testCorruptedFilesAreRejectedOrRoundTrip() throws {
+        let full = [UInt8](try Data(contentsOf: URL(fileURLWithPath: "\(Self.fixtureDirectory)/llama3_style.json")))
+        // Offsets of whitespace outside JSON strings.
+        var between: [Int] = []
+        var inString = false, escaped = false
+        for (i, b) in full.enumerated() {
+            if inString {
+                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
+            } else if b == UInt8(ascii: "\"") {
+                inString = true
+            } else if b == 0x20 || b == 0x0A {
+                between.append(i)
+            }
         }
+        let letters = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ".utf8), digits = Array("0123456789".utf8)
+        let alphanumeric = full.indices.filter { letters.contains(full[$0]) || digits.contains(full[$0]) }
+        let whitespace: [UInt8] = [0x20, 0x0A, 0x09, 0x0D]
+        let texts = ["Hello world <|endoftext|> 123"] + Self.variedTexts.prefix(6)
+
+        var rng = TestRNG(99)
+        var loaded = [0, 0, 0], rejected = [0, 0, 0]
+        for trial in 0..<300 {
+            let kind = trial % 3
+            var bytes = full
+            var changes: [(offset: Int, byte: UInt8)] = []
+            for _ in 0..<(1 + rng.int(4)) {
+                let at: Int
+                switch kind {
+                case 0:
+                    at = rng.int(bytes.count)
+                    bytes[at] = UInt8(rng.int(256))
+                case 1:
+                    at = alphanumeric[rng.int(alphanumeric.count)]
+                    let pool = digits.contains(full[at]) ? digits : letters
+                    bytes[at] = pool[rng.int(pool.count)]
+                default:
+                    at = between[rng.int(between.count)]
+                    bytes[at] = whitespace[rng.int(whitespace.count)]
+                }
+                changes.append((at, bytes[at]))
+            }
+            do {
+                let tok = try BPETokenizer(jsonData: Data(bytes))
+                loaded[kind] += 1
+                for text in texts {
+                    XCTAssertEqual(tok.decode(tok.encode(text)), text, "mutant \(trial) \(changes) loads but does not round-trip")
+                }
+            } catch is ReLoRAError {
+                rejected[kind] += 1
+            } catch {
+                XCTFail("mutant \(trial) \(changes): \(error) is not a ReLoRAError")
+            }
+        }
+        print("corrupted tokenizer files (random, alphanumeric, whitespace): loaded \(loaded), rejected \(rejected)")
+        XCTAssertEqual(loaded[2], 100, "whitespace between tokens changes nothing")
+        XCTAssertGreaterThan(rejected[0], 50, "a random byte in ASCII JSON is mostly invalid UTF-8 or JSON")
+        XCTAssertGreaterThan(rejected[1], 0)
     }
 
     /// Structural mutations that keep the JSON valid (reordered or dropped merges, changed ids and flags):

@@ -69,10 +69,15 @@ public struct BPETrainer: Sendable {
         return try train(counter: counter, progress: progress)
     }
 
+    /// The smallest `vocabSize` training accepts: the 256 byte tokens and the special tokens.
+    public var minimumVocabSize: Int { 256 + specialTokens.count }
+
     func validate() throws {
-        let minimum = 256 + specialTokens.count
+        let minimum = minimumVocabSize
         guard vocabSize >= minimum else {
-            throw ReLoRAError.invalidConfig("tokenizer vocab size \(vocabSize) is too small: byte-level BPE needs at least 256 byte tokens + \(specialTokens.count) special tokens = \(minimum)")
+            let specials = specialTokens.count == 1 ? "1 special token" : "\(specialTokens.count) special tokens"
+            throw ReLoRAError.invalidConfig(
+                "tokenizer vocab size \(vocabSize) is too small: the minimum is \(minimum) (256 byte tokens + \(specials)); ask for \(minimum) or more")
         }
         guard vocabSize < Int(Int32.max) else { throw ReLoRAError.invalidConfig("tokenizer vocab size \(vocabSize) is too large") }
         guard minFrequency >= 1 else { throw ReLoRAError.invalidConfig("min frequency must be at least 1, got \(minFrequency)") }

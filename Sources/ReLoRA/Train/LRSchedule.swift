@@ -10,6 +10,11 @@ import Foundation
 ///     s = t % R, k = t / R
 ///     s < w and t >= R:       (s / w) * cos_curve(k*R + w)      (jagged ramp; 0 at the restart step)
 ///     otherwise:              cos_curve(t),  cos_curve(x) = m + (1-m) * 0.5 * (1 + cos(pi * (x - W0) / (N - W0)))
+///
+/// Contract: W0 <= R. The initial warmup takes precedence, so with W0 > R the first restart step t = R
+/// would get R / W0 instead of 0, and the steps after the optimizer reset would get no ramp. As in the
+/// reference code (which asserts it), `Recipe.validate()` rejects jagged recipes with warmup_steps >
+/// relora_every rather than bending the formula; W0 = R is fine (t = R is past the warmup and gets 0).
 public struct LRSchedule: Sendable, Equatable {
     public var totalSteps: Int
     public var warmupSteps: Int

@@ -91,15 +91,171 @@ public struct Recipe: Sendable, Equatable {
     }
 }
 
+/// One recipe key, declared once: its JSON name, how it is read into a `Recipe`, and how it is written
+/// back to `recipe.json`. `Recipe.keyTable` lists every key; the set of known keys, the decoder
+/// (`init(keys:)`) and the encoder (`jsonObject()`) are all derived from it.
+struct RecipeKey: Sendable {
+    /// The snake_case JSON name.
+    let name: String
+    /// Reads the key, when present and not null, into the recipe (absent: the field keeps its default).
+    /// Keys are read in table order, so a key may use the ones above it (`tokens_per_step` needs
+    /// `seq_len` and `micro_batch`).
+    let decode: @Sendable (JSONKeys, inout Recipe) throws -> Void
+    /// The value `recipe.json` stores, or nil where the key is not written: keys of modes the recipe is
+    /// not in, unset optional values, and input-only keys that decode into another field.
+    let encode: @Sendable (Recipe) -> Any?
+
+    /// A key stored in one field. `read` returns nil when the key is absent; `applies` says for which
+    /// recipes the key is written (all by default).
+    static func field<V>(_ name: String, _ path: WritableKeyPath<Recipe, V> & Sendable,
+                         read: @escaping @Sendable (JSONKeys, String) throws -> V?,
+                         write: @escaping @Sendable (V) -> Any = { $0 },
+                         when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey {
+        RecipeKey(name: name,
+                  decode: { keys, recipe in if let v = try read(keys, name) { recipe[keyPath: path] = v } },
+                  encode: { applies($0) ? write($0[keyPath: path]) : nil })
+    }
+
+    /// A key stored in an optional field (default nil), written only when set.
+    static func optional<V>(_ name: String, _ path: WritableKeyPath<Recipe, V?> & Sendable,
+                            read: @escaping @Sendable (JSONKeys, String) throws -> V?,
+                            when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey {
+        RecipeKey(name: name,
+                  decode: { keys, recipe in if let v = try read(keys, name) { recipe[keyPath: path] = v } },
+                  encode: { recipe in applies(recipe) ? recipe[keyPath: path] : nil })
+    }
+
+    static func int(_ name: String, _ path: WritableKeyPath<Recipe, Int> & Sendable,
+                    when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey {
+        field(name, path, read: { try $0.optionalInt($1) }, when: applies)
+    }
+
+    static func double(_ name: String, _ path: WritableKeyPath<Recipe, Double> & Sendable,
+                       when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey {
+        field(name, path, read: { try $0.optionalDouble($1) }, when: applies)
+    }
+
+    static func bool(_ name: String, _ path: WritableKeyPath<Recipe, Bool> & Sendable,
+                     when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey {
+        field(name, path, read: { try $0.optionalBool($1) }, when: applies)
+    }
+
+    /// A non-empty string the recipe cannot do without.
+    static func required(_ name: String, _ path: WritableKeyPath<Recipe, String> & Sendable) -> RecipeKey {
+        field(name, path, read: { keys, name in
+            guard let s = try keys.optionalString(name), !s.isEmpty else {
+                throw ReLoRAError.invalidConfig("missing required key '\(name)'")
+            }
+            return s
+        })
+    }
+
+    /// A string naming one case of `E`; anything else is an error listing the allowed values.
+    static func choice<E>(_ name: String, _ path: WritableKeyPath<Recipe, E> & Sendable,
+                          when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey
+    where E: RawRepresentable & CaseIterable & Sendable, E.RawValue == String {
+        let cases = Dictionary(uniqueKeysWithValues: E.allCases.map { ($0.rawValue, $0) })
+        let allowed = alternatives(E.allCases.map(\.rawValue))
+        return field(name, path, read: { keys, name in
+            guard let raw = try keys.optionalString(name) else { return nil }
+            guard let value = cases[raw] else {
+                throw ReLoRAError.invalidConfig("'\(name)' must be \(allowed), got '\(raw)'")
+            }
+            return value
+        }, write: { $0.rawValue }, when: applies)
+    }
+
+    /// A key that is read into other fields and never written (`recipe.json` stores its result).
+    static func inputOnly(_ name: String, decode: @escaping @Sendable (JSONKeys, inout Recipe) throws -> Void) -> RecipeKey {
+        RecipeKey(name: name, decode: decode, encode: { _ in nil })
+    }
+
+    /// "'a'", "'a' or 'b'", "'a', 'b' or 'c'".
+    static func alternatives(_ values: [String]) -> String {
+        let quoted = values.map { "'\($0)'" }
+        return quoted.count < 2 ? quoted.joined() : quoted.dropLast().joined(separator: ", ") + " or " + quoted.last!
+    }
+}
+
 extension Recipe {
-    static let knownKeys: Set<String> = [
-        "model", "train_data", "val_data", "tokenizer", "run_dir", "seq_len", "micro_batch", "grad_accum",
-        "tokens_per_step", "steps", "token_budget", "lr", "warmup_steps", "min_lr_ratio", "adam_beta1",
-        "adam_beta2", "adam_eps", "weight_decay", "grad_clip", "eval_every", "eval_tokens", "checkpoint_every",
-        "keep_checkpoints", "log_every", "seed", "device", "checkpointing", "init_std", "max_skipped_fraction",
-        "description", "mode", "lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale", "relora_every",
-        "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule", "warm_start",
+    static let loraModes: @Sendable (Recipe) -> Bool = { $0.mode != .full }
+    static let reloraMode: @Sendable (Recipe) -> Bool = { $0.mode == .relora }
+
+    /// Every recipe key, in decoding order. The meaning of each is documented on its field above and in
+    /// the README's recipe tables.
+    static let keyTable: [RecipeKey] = [
+        .required("model", \.model),
+        .required("train_data", \.trainData),
+        .optional("val_data", \.valData, read: { try $0.optionalString($1) }),
+        .optional("tokenizer", \.tokenizer, read: { try $0.optionalString($1) }),
+        .required("run_dir", \.runDir),
+        .int("seq_len", \.seqLen),
+        .int("micro_batch", \.microBatch),
+        .int("grad_accum", \.gradAccum),
+        // The step size in tokens instead of micro-batches (needs seq_len and micro_batch above).
+        .inputOnly("tokens_per_step") { keys, recipe in
+            guard keys.has("tokens_per_step") else { return }
+            if keys.has("grad_accum") {
+                throw ReLoRAError.invalidConfig("give either 'grad_accum' or 'tokens_per_step', not both")
+            }
+            let tps = try keys.int("tokens_per_step"), perMicro = recipe.seqLen * recipe.microBatch
+            guard tps > 0, tps % perMicro == 0 else {
+                throw ReLoRAError.invalidConfig(
+                    "tokens_per_step \(tps) must be a positive multiple of seq_len * micro_batch = \(perMicro)")
+            }
+            recipe.gradAccum = tps / perMicro
+        },
+        .int("steps", \.steps),
+        // The run length in tokens instead of steps (needs the step size above); rounds down to whole steps.
+        .inputOnly("token_budget") { keys, recipe in
+            guard keys.has("token_budget") else { return }
+            if keys.has("steps") { throw ReLoRAError.invalidConfig("give either 'steps' or 'token_budget', not both") }
+            let budget = try keys.int("token_budget")
+            guard budget >= recipe.tokensPerStep else {
+                throw ReLoRAError.invalidConfig("token_budget \(budget) is less than one step of \(recipe.tokensPerStep) tokens")
+            }
+            recipe.steps = budget / recipe.tokensPerStep
+        },
+        .double("lr", \.lr),
+        .int("warmup_steps", \.warmupSteps),
+        .double("min_lr_ratio", \.minLRRatio),
+        .double("adam_beta1", \.adamBeta1),
+        .double("adam_beta2", \.adamBeta2),
+        .double("adam_eps", \.adamEps),
+        .double("weight_decay", \.weightDecay),
+        .double("grad_clip", \.gradClip),
+        .int("eval_every", \.evalEvery),
+        .int("eval_tokens", \.evalTokens),
+        .int("checkpoint_every", \.checkpointEvery),
+        .int("keep_checkpoints", \.keepCheckpoints),
+        .int("log_every", \.logEvery),
+        .field("seed", \.seed, read: { keys, name in
+            try keys.optionalInt(name).map { s in
+                guard s >= 0 else { throw ReLoRAError.invalidConfig("'seed' must be >= 0, got \(s)") }
+                return UInt64(s)
+            }
+        }, write: { Int($0) }),
+        // 'cpu' or 'cuda' (validate()); whether this build has it is the backend factory's to say.
+        .field("device", \.device, read: { try $0.optionalString($1) }),
+        .choice("checkpointing", \.checkpointing),
+        .double("init_std", \.initStd),
+        .double("max_skipped_fraction", \.maxSkippedFraction),
+        // Free text for people; not stored in the run.
+        .inputOnly("description") { _, _ in },
+        .choice("mode", \.mode),
+        .int("lora_r", \.loraRank, when: loraModes),
+        .double("lora_alpha", \.loraAlpha, when: loraModes),
+        .double("lora_dropout", \.loraDropout, when: loraModes),
+        .bool("lora_trainable_scale", \.loraTrainableScale, when: loraModes),
+        .optional("relora_every", \.reloraEvery, read: { try $0.optionalInt($1) }, when: reloraMode),
+        .int("restart_warmup", \.restartWarmup, when: reloraMode),
+        .choice("optimizer_reset", \.optimizerReset, when: reloraMode),
+        .double("optimizer_reset_ratio", \.optimizerResetRatio, when: reloraMode),
+        .bool("jagged_schedule", \.jaggedSchedule, when: reloraMode),
+        .optional("warm_start", \.warmStart, read: { try $0.optionalString($1) }),
     ]
+
+    static let knownKeys: Set<String> = Set(keyTable.map(\.name))
 
     /// Reads a recipe file and applies `--set key=value` overrides (values parsed as JSON, else as strings).
     public init(contentsOf path: String, overrides: [String] = []) throws {
@@ -133,91 +289,14 @@ extension Recipe {
         }
     }
 
+    /// Decodes every key of `keyTable` (unknown keys are an error), then validates the result.
     public init(keys values: [String: JSONValue]) throws {
         if let unknown = values.keys.filter({ !Self.knownKeys.contains($0) }).sorted().first {
             throw ReLoRAError.invalidConfig("unknown key '\(unknown)'")
         }
-        let k = JSONKeys(values)
-        func required(_ key: String) throws -> String {
-            guard let s = try k.optionalString(key), !s.isEmpty else {
-                throw ReLoRAError.invalidConfig("missing required key '\(key)'")
-            }
-            return s
-        }
-        self.init(model: try required("model"), trainData: try required("train_data"),
-                  valData: try k.optionalString("val_data"), tokenizer: try k.optionalString("tokenizer"),
-                  runDir: try required("run_dir"))
-        seqLen = try k.optionalInt("seq_len") ?? seqLen
-        microBatch = try k.optionalInt("micro_batch") ?? microBatch
-        if k.has("grad_accum") && k.has("tokens_per_step") {
-            throw ReLoRAError.invalidConfig("give either 'grad_accum' or 'tokens_per_step', not both")
-        }
-        gradAccum = try k.optionalInt("grad_accum") ?? gradAccum
-        if let tps = try k.optionalInt("tokens_per_step") {
-            let perMicro = seqLen * microBatch
-            guard tps > 0, tps % perMicro == 0 else {
-                throw ReLoRAError.invalidConfig(
-                    "tokens_per_step \(tps) must be a positive multiple of seq_len * micro_batch = \(perMicro)")
-            }
-            gradAccum = tps / perMicro
-        }
-        if k.has("steps") && k.has("token_budget") {
-            throw ReLoRAError.invalidConfig("give either 'steps' or 'token_budget', not both")
-        }
-        steps = try k.optionalInt("steps") ?? steps
-        lr = try k.optionalDouble("lr") ?? lr
-        warmupSteps = try k.optionalInt("warmup_steps") ?? warmupSteps
-        minLRRatio = try k.optionalDouble("min_lr_ratio") ?? minLRRatio
-        adamBeta1 = try k.optionalDouble("adam_beta1") ?? adamBeta1
-        adamBeta2 = try k.optionalDouble("adam_beta2") ?? adamBeta2
-        adamEps = try k.optionalDouble("adam_eps") ?? adamEps
-        weightDecay = try k.optionalDouble("weight_decay") ?? weightDecay
-        gradClip = try k.optionalDouble("grad_clip") ?? gradClip
-        evalEvery = try k.optionalInt("eval_every") ?? evalEvery
-        evalTokens = try k.optionalInt("eval_tokens") ?? evalTokens
-        checkpointEvery = try k.optionalInt("checkpoint_every") ?? checkpointEvery
-        keepCheckpoints = try k.optionalInt("keep_checkpoints") ?? keepCheckpoints
-        logEvery = try k.optionalInt("log_every") ?? logEvery
-        if let s = try k.optionalInt("seed") {
-            guard s >= 0 else { throw ReLoRAError.invalidConfig("'seed' must be >= 0, got \(s)") }
-            seed = UInt64(s)
-        }
-        device = try k.optionalString("device") ?? device
-        if let c = try k.optionalString("checkpointing") {
-            guard let v = GradientCheckpointing(rawValue: c) else {
-                throw ReLoRAError.invalidConfig("'checkpointing' must be 'none' or 'block', got '\(c)'")
-            }
-            checkpointing = v
-        }
-        initStd = try k.optionalDouble("init_std") ?? initStd
-        maxSkippedFraction = try k.optionalDouble("max_skipped_fraction") ?? maxSkippedFraction
-        if let m = try k.optionalString("mode") {
-            guard let v = TrainingMode(rawValue: m) else {
-                throw ReLoRAError.invalidConfig("'mode' must be 'full', 'lora' or 'relora', got '\(m)'")
-            }
-            mode = v
-        }
-        loraRank = try k.optionalInt("lora_r") ?? loraRank
-        loraAlpha = try k.optionalDouble("lora_alpha") ?? loraAlpha
-        loraDropout = try k.optionalDouble("lora_dropout") ?? loraDropout
-        loraTrainableScale = try k.optionalBool("lora_trainable_scale") ?? loraTrainableScale
-        reloraEvery = try k.optionalInt("relora_every")
-        restartWarmup = try k.optionalInt("restart_warmup") ?? restartWarmup
-        if let r = try k.optionalString("optimizer_reset") {
-            guard let v = OptimizerResetMode(rawValue: r) else {
-                throw ReLoRAError.invalidConfig("'optimizer_reset' must be magnitude, random, full or none, got '\(r)'")
-            }
-            optimizerReset = v
-        }
-        optimizerResetRatio = try k.optionalDouble("optimizer_reset_ratio") ?? optimizerResetRatio
-        jaggedSchedule = try k.optionalBool("jagged_schedule") ?? jaggedSchedule
-        warmStart = try k.optionalString("warm_start")
-        if let budget = try k.optionalInt("token_budget") {
-            guard budget >= tokensPerStep else {
-                throw ReLoRAError.invalidConfig("token_budget \(budget) is less than one step of \(tokensPerStep) tokens")
-            }
-            steps = budget / tokensPerStep
-        }
+        self.init(model: "", trainData: "", runDir: "")  // the required keys are read first
+        let keys = JSONKeys(values)
+        for key in Self.keyTable { try key.decode(keys, &self) }
         try validate()
     }
 
@@ -257,6 +336,12 @@ extension Recipe {
                 throw ReLoRAError.invalidConfig(
                     "'relora_every' \(r) must divide 'steps' \(steps) so the run ends on a complete cycle (the jagged schedule restarts at multiples of it)")
             }
+            // The first restart comes after step t = R; it needs the jagged schedule's lr 0 there, which a
+            // still-running initial warmup (t < W0) would override with t / W0 (and no ramp after the reset).
+            if jaggedSchedule && warmupSteps > r {
+                throw ReLoRAError.invalidConfig(
+                    "'warmup_steps' (\(warmupSteps)) must be at most 'relora_every' (\(r)): the jagged schedule needs lr 0 at the first restart")
+            }
             guard restartWarmup >= 0, restartWarmup < r else {
                 throw ReLoRAError.invalidConfig("'restart_warmup' must be in [0, relora_every), got \(restartWarmup)")
             }
@@ -272,29 +357,11 @@ extension Recipe {
         _ = try Device(parsing: device)  // availability is the backend factory's to judge
     }
 
-    /// The recipe as JSON (what the run directory stores; decoding it gives back an equal recipe).
+    /// The recipe as JSON (what the run directory stores; decoding it gives back an equal recipe). Keys of
+    /// other modes are left out: a `full` recipe has no `lora_*` keys, only `relora` writes the restart keys.
     public func jsonObject() -> [String: Any] {
-        var o: [String: Any] = [
-            "model": model, "train_data": trainData, "run_dir": runDir, "seq_len": seqLen, "micro_batch": microBatch,
-            "grad_accum": gradAccum, "steps": steps, "lr": lr, "warmup_steps": warmupSteps, "min_lr_ratio": minLRRatio,
-            "adam_beta1": adamBeta1, "adam_beta2": adamBeta2, "adam_eps": adamEps, "weight_decay": weightDecay,
-            "grad_clip": gradClip, "eval_every": evalEvery, "eval_tokens": evalTokens, "checkpoint_every": checkpointEvery,
-            "keep_checkpoints": keepCheckpoints, "log_every": logEvery, "seed": Int(seed), "device": device,
-            "checkpointing": checkpointing.rawValue, "init_std": initStd, "max_skipped_fraction": maxSkippedFraction,
-        ]
-        o["mode"] = mode.rawValue
-        if mode != .full {
-            o["lora_r"] = loraRank; o["lora_alpha"] = loraAlpha; o["lora_dropout"] = loraDropout
-            o["lora_trainable_scale"] = loraTrainableScale
-        }
-        if mode == .relora {
-            o["relora_every"] = reloraEvery; o["restart_warmup"] = restartWarmup
-            o["optimizer_reset"] = optimizerReset.rawValue; o["optimizer_reset_ratio"] = optimizerResetRatio
-            o["jagged_schedule"] = jaggedSchedule
-        }
-        if let w = warmStart { o["warm_start"] = w }
-        if let v = valData { o["val_data"] = v }
-        if let t = tokenizer { o["tokenizer"] = t }
-        return o
+        var object: [String: Any] = [:]
+        for key in Self.keyTable { if let value = key.encode(self) { object[key.name] = value } }
+        return object
     }
 }

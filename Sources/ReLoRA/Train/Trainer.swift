@@ -198,10 +198,6 @@ public final class Trainer {
         while state.step < r.steps {
             let metrics = try trainStep()
             lastLoss = metrics.loss
-            // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0.
-            if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {
-                try restart()
-            }
             if history.count == 1 {
                 log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
                     + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down")
@@ -210,6 +206,11 @@ public final class Trainer {
                 log(format(metrics))
             }
             try appendMetrics(metricsJSON(metrics))
+            // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0;
+            // its console and metrics lines follow that step's.
+            if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {
+                try restart()
+            }
             if metrics.skipped {
                 let allowed = max(2.0, r.maxSkippedFraction * Double(state.step))
                 if Double(state.skippedSteps) > allowed {
@@ -228,7 +229,7 @@ public final class Trainer {
                 if lastCheckpoint?.hasSuffix(TrainingCheckpoint.name(step: state.step)) != true {
                     lastCheckpoint = try saveCheckpoint()
                 }
-                log("stopped at step \(state.step); continue with `relora train --resume \(r.runDir)`")
+                log("interrupted: checkpoint saved; continue with `relora train --resume \(r.runDir)`")
                 stoppedEarly = true
                 break
             }
