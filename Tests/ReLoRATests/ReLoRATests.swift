@@ -228,7 +228,7 @@ final class ReLoRATests: XCTestCase {
         _ = try Trainer(recipe: r, resume: false, log: { lines.append($0) }).run()
         // The restart follows the zero-LR step t = 2 (0-based), printed as step 3.
         let step = try XCTUnwrap(lines.firstIndex { $0.hasPrefix("step 3/4 ") }, "\(lines)")
-        let restart = try XCTUnwrap(lines.firstIndex { $0.hasPrefix("restart 1 at step 3 ") }, "\(lines)")
+        let restart = try XCTUnwrap(lines.firstIndex { $0.hasPrefix("restart 1 after step 3 ") }, "\(lines)")
         XCTAssertEqual(restart, step + 1, "\(lines)")
         let metrics = try String(contentsOfFile: r.runDir + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
             .map { try JSONDecoder().decode([String: JSONValue].self, from: Data($0.utf8)) }
