@@ -51,6 +51,10 @@ public final class Tensor: @unchecked Sendable {
     public var byteCount: Int { count * dtype.byteSize }
     /// Strong: a backend lives as long as any of its tensors.
     private let owner: TensorStorageOwner
+    /// The tensor a view looks into (kept alive by the view), nil for a tensor that owns its storage.
+    public let viewedTensor: Tensor?
+    /// Element offset of a view inside `viewedTensor` (0 for an owning tensor).
+    private let viewOffset: Int
 
     /// For backends only: `storage` must hold `byteCount` bytes (or be nil for a planning backend).
     public init(shape: [Int], dtype: DType, tag: MemoryTag, storage: UnsafeMutableRawPointer?, owner: TensorStorageOwner) {
@@ -61,9 +65,37 @@ public final class Tensor: @unchecked Sendable {
         self.tag = tag
         self.storage = storage
         self.owner = owner
+        self.viewedTensor = nil
+        self.viewOffset = 0
+    }
+
+    private init(viewing parent: Tensor, offset: Int, shape: [Int]) {
+        self.shape = shape
+        self.count = shape.reduce(1, *)
+        precondition(offset >= 0 && offset + count <= parent.count,
+                     "view of \(count) elements at \(offset) outside a tensor of \(parent.count)")
+        self.dtype = parent.dtype
+        self.tag = parent.tag
+        self.storage = parent.storage.map { $0 + offset * parent.dtype.byteSize }
+        self.owner = ViewStorage.shared
+        self.viewedTensor = parent
+        self.viewOffset = offset
+    }
+
+    /// A tensor of `shape` over this one's elements `offset ..< offset + shape.product`: the same storage,
+    /// dtype and tag, not counted in the memory ledger again. Ops on the view read and write this
+    /// tensor's memory (how the adapters of q, k and v share one contiguous A for a fused GEMM).
+    public func view(offset: Int, shape: [Int]) -> Tensor {
+        Tensor(viewing: viewedTensor ?? self, offset: offset + viewOffset, shape: shape)
     }
 
     deinit {
         owner.release(TensorRelease(storage: storage, byteCount: byteCount, tag: tag))
     }
+}
+
+/// Views own nothing: releasing one frees nothing and leaves the ledger alone.
+private final class ViewStorage: TensorStorageOwner {
+    static let shared = ViewStorage()
+    func release(_ tensor: TensorRelease) {}
 }

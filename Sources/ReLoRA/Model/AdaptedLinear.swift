@@ -12,9 +12,13 @@ public enum FrozenWeight: Sendable {
     }
 }
 
-/// One of the seven linears of a block: `y = x W^T` plus, with an adapter,
-/// `s * (drop(x) A^T) B^T` (LoRA; W frozen). Owns W, the adapter, their gradients, and the three
-/// things done with them: forward, backward (dX through W; dW only when W is trained) and merge.
+/// One of the seven linears of a block: `y = x W^T` plus, with an adapter, `s * (drop(x) A^T) B^T`
+/// (LoRA; W frozen). Owns W, the adapter, their gradients, and what is done with them: forward,
+/// backward (dX through W; dW only when W is trained) and merge. The adapter's input side (A) is
+/// handled by its `AdapterGroup`, which fuses the linears that read the same input.
+///
+/// The adapter's projection is kept transposed, `uT = A drop(x)^T` `[r, N]`, so the projections of a
+/// group are contiguous rows of one `[g*r, N]` buffer and one GEMM computes them all.
 public final class AdaptedLinear: @unchecked Sendable {
     public let kind: LinearKind
     public let layer: Int
@@ -27,7 +31,8 @@ public final class AdaptedLinear: @unchecked Sendable {
     /// W is trained iff there is no adapter.
     public var weightIsTrained: Bool { adapter == nil }
 
-    init(kind: LinearKind, layer: Int, config: LlamaConfig, lora: LoRAConfig?, backend: Backend) {
+    /// `adapterA`: the `[r, in]` view of the group's A, for a LoRA model.
+    init(kind: LinearKind, layer: Int, config: LlamaConfig, lora: LoRAConfig?, adapterA: Tensor?, backend: Backend) {
         self.kind = kind
         self.layer = layer
         (outFeatures, inFeatures) = kind.shape(config)
@@ -35,16 +40,15 @@ public final class AdaptedLinear: @unchecked Sendable {
         weight = .dense(lora == nil
             ? backend.makeTensor([outFeatures, inFeatures], dtype: p.trainable, tag: .trainable)
             : backend.makeTensor([outFeatures, inFeatures], dtype: p.frozenWeights, tag: .frozenWeights))
-        adapter = lora.map {
-            LoRAAdapter(rank: $0.rank, inFeatures: inFeatures, outFeatures: outFeatures, scale: $0.scale,
-                        trainableScale: $0.trainableScale, backend: backend)
+        if let lora, let adapterA {
+            adapter = LoRAAdapter(a: adapterA, rank: lora.rank, inFeatures: inFeatures, outFeatures: outFeatures,
+                                  scale: lora.scale, trainableScale: lora.trainableScale, backend: backend)
         }
     }
 
-    func enableGradients(_ backend: Backend) {
-        if let adapter {
-            adapter.enableGradients(backend)
-        } else if weightGrad == nil {
+    /// dW for a trained W (a LoRA model's adapters get theirs from their group).
+    func enableWeightGradient(_ backend: Backend) {
+        if adapter == nil, weightGrad == nil {
             weightGrad = backend.makeTensor([outFeatures, inFeatures], dtype: backend.precision.gradients, tag: .gradients)
         }
     }
@@ -54,55 +58,32 @@ public final class AdaptedLinear: @unchecked Sendable {
 
     // MARK: Forward and backward
 
-    /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`), plus `s * u B^T` with the adapter, where
-    /// `u = drop(x) A^T` `[n, r]` is written into `saved` for the backward.
-    func forward(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, saved u: Tensor?, _ ctx: LinearContext) {
-        let b = ctx.backend
+    /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`).
+    func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, _ b: Backend) {
         b.matmul(x, weight.dense, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta)
-        guard let ad = adapter, let u else { return }
-        project(x, into: u, tokens: n, ctx)
-        b.matmul(u, ad.b, y, m: n, n: outFeatures, k: ad.rank, transB: true, beta: 1, alphaScale: ad.scale)
     }
 
-    /// `u = drop(x) A^T` `[n, r]` (also what a checkpointed recompute needs without the output).
-    func project(_ x: Tensor, into u: Tensor, tokens n: Int, _ ctx: LinearContext) {
+    /// `y += s uT^T B^T` with the adapter's projection `uT` `[r, n]`.
+    func addAdapterOutput(_ uT: Tensor, _ y: Tensor, tokens n: Int, _ b: Backend) {
         guard let ad = adapter else { return }
-        ctx.backend.matmul(adapterInput(x, tokens: n, ctx), ad.a, u, m: n, n: ad.rank, k: inFeatures, transB: true)
+        b.matmul(uT, ad.b, y, m: n, n: outFeatures, k: ad.rank, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
     }
 
-    /// The adapter's input: `x`, or its dropout (into `ctx.loraX`) while training with dropout.
-    private func adapterInput(_ x: Tensor, tokens n: Int, _ ctx: LinearContext) -> Tensor {
-        guard ctx.dropout > 0, let scratch = ctx.loraX else { return x }
-        ctx.backend.dropout(x, scratch, count: n * inFeatures, p: ctx.dropout, seed: ctx.dropoutSeed,
-                            stream: ctx.dropoutStream(layer, kind))
-        return scratch
-    }
-
-    /// Backward of `forward`: `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained. With an
-    /// adapter (`xd` = the adapter's input, `u = xd A^T`, `g = dy B`):
-    /// `dB += s dy^T u`, `dA += s g^T xd`, `ds += sum(g * u)`, `dx += drop'(s g A)`.
-    func backward(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, saved u: Tensor?, _ ctx: LinearContext) {
-        let b = ctx.backend
+    /// `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained.
+    func backwardBase(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, _ b: Backend) {
         b.matmul(dy, weight.dense, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
         if let weightGrad {
             b.matmul(dy, x, weightGrad, m: outFeatures, n: inFeatures, k: n, transA: true, beta: 1)
         }
-        guard let ad = adapter, let u, let gradA = ad.gradA, let gradB = ad.gradB, let dyB = ctx.dyB else { return }
-        let r = ad.rank
-        b.matmul(dy, ad.b, dyB, m: n, n: r, k: outFeatures)
-        b.matmul(dy, u, gradB, m: outFeatures, n: r, k: n, transA: true, beta: 1, alphaScale: ad.scale)
-        if let gradScale = ad.gradScale { b.dotAccumulate(dyB, u, count: n * r, into: gradScale) }
-        let xin = adapterInput(x, tokens: n, ctx)
-        b.matmul(dyB, xin, gradA, m: r, n: inFeatures, k: n, transA: true, beta: 1, alphaScale: ad.scale)
-        if ctx.dropout > 0, let scratch = ctx.loraX {
-            // The adapter saw drop(x): its input gradient goes through the same mask.
-            b.matmul(dyB, ad.a, scratch, m: n, n: inFeatures, k: r, alphaScale: ad.scale)
-            b.dropout(scratch, scratch, count: n * inFeatures, p: ctx.dropout, seed: ctx.dropoutSeed,
-                      stream: ctx.dropoutStream(layer, kind))
-            b.axpy(1, scratch, dx, count: n * inFeatures)
-        } else {
-            b.matmul(dyB, ad.a, dx, m: n, n: inFeatures, k: r, beta: 1, alphaScale: ad.scale)
-        }
+    }
+
+    /// The adapter's output side of the backward: `gT = B^T dy^T` `[r, n]` (what the group's input side
+    /// needs), `dB += s dy^T uT^T`, and `ds += sum(gT * uT)` for a trained scale.
+    func adapterOutputBackward(dy: Tensor, uT: Tensor, gT: Tensor, tokens n: Int, _ b: Backend) {
+        guard let ad = adapter, let gradB = ad.gradB else { return }
+        b.matmul(ad.b, dy, gT, m: ad.rank, n: n, k: outFeatures, transA: true, transB: true)
+        b.matmul(dy, uT, gradB, m: outFeatures, n: ad.rank, k: n, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
+        if let gradScale = ad.gradScale { b.dotAccumulate(gT, uT, count: ad.rank * n, into: gradScale) }
     }
 
     // MARK: Merge
@@ -128,6 +109,92 @@ public final class AdaptedLinear: @unchecked Sendable {
     func detachAdapter() { adapter = nil }
 }
 
+/// The adapters of the linears of a block that read the same input (q, k, v; o; gate, up; down), with
+/// their A factors (and A's gradients) stored as one contiguous `[g*r, in]` tensor. Without dropout and
+/// with a fixed scale, the group's input projection `uT = A x^T`, A's gradient `dA += s gT x` and the
+/// input gradient `dx += s gT^T A` are one GEMM each instead of one per linear: fewer, larger GEMMs for
+/// the skinny adapter shapes, where OpenBLAS spends much of its time packing.
+final class AdapterGroup: @unchecked Sendable {
+    let linears: [AdaptedLinear]
+    /// A of every member, stacked: `[g*r, in]`.
+    let a: Tensor
+    private(set) var gradA: Tensor?
+    let rank: Int, inFeatures: Int
+
+    /// Makes the group's A storage and the members (whose adapters view it).
+    init(kinds: [LinearKind], layer: Int, config: LlamaConfig, lora: LoRAConfig, backend: Backend) {
+        let rank = lora.rank, inFeatures = kinds[0].shape(config).in
+        precondition(kinds.allSatisfy { $0.shape(config).in == inFeatures }, "an adapter group shares one input")
+        let a = backend.makeTensor([kinds.count * rank, inFeatures], dtype: backend.precision.loraFactors, tag: .lora)
+        self.rank = rank
+        self.inFeatures = inFeatures
+        self.a = a
+        linears = kinds.enumerated().map { i, kind in
+            AdaptedLinear(kind: kind, layer: layer, config: config, lora: lora,
+                          adapterA: a.view(offset: i * rank * inFeatures, shape: [rank, inFeatures]), backend: backend)
+        }
+    }
+
+    var size: Int { linears.count }
+
+    func enableGradients(_ backend: Backend) {
+        guard gradA == nil else { return }
+        let g = backend.makeTensor(a.shape, dtype: backend.precision.gradients, tag: .gradients)
+        gradA = g
+        for (i, l) in linears.enumerated() {
+            l.adapter?.enableGradients(gradA: g.view(offset: i * rank * inFeatures, shape: [rank, inFeatures]), backend)
+        }
+    }
+
+    /// The fused path needs the same input for every member (no dropout: masks differ per linear) and
+    /// one scale value (a trained scale differs per linear).
+    private func fused(_ ctx: LinearContext) -> Bool {
+        ctx.dropout == 0 && !(linears.first?.adapter?.trainableScale ?? true)
+    }
+
+    /// `uT_i = A_i drop_i(x)^T` for every member, into `uT` `[g*r, n]` (member i's rows `i*r ..< (i+1)*r`).
+    func project(_ x: Tensor, into uT: Tensor, tokens n: Int, _ ctx: LinearContext) {
+        let b = ctx.backend
+        if fused(ctx) {
+            b.matmul(a, x, uT, m: size * rank, n: n, k: inFeatures, transB: true)
+            return
+        }
+        for (i, l) in linears.enumerated() {
+            guard let ad = l.adapter else { continue }
+            b.matmul(ad.a, ctx.adapterInput(x, l, tokens: n), member(uT, i, n), m: rank, n: n, k: inFeatures, transB: true)
+        }
+    }
+
+    /// Rows of member `i` of a `[g*r, n]` buffer.
+    func member(_ t: Tensor, _ i: Int, _ n: Int) -> Tensor { t.view(offset: i * rank * n, shape: [rank, n]) }
+
+    /// The input side of the adapters' backward, given `gT` `[g*r, n]` (each member's `B^T dy^T`):
+    /// `dA_i += s gT_i drop_i(x)`, `dx += drop_i'(s gT_i^T A_i)` summed over members.
+    func inputBackward(x: Tensor, gT: Tensor, dx: Tensor, tokens n: Int, _ ctx: LinearContext) {
+        let b = ctx.backend
+        guard let gradA else { return }
+        if fused(ctx), let s = linears.first?.adapter?.scale {
+            b.matmul(gT, x, gradA, m: size * rank, n: inFeatures, k: n, beta: 1, alphaScale: s)
+            b.matmul(gT, a, dx, m: n, n: inFeatures, k: size * rank, transA: true, beta: 1, alphaScale: s)
+            return
+        }
+        for (i, l) in linears.enumerated() {
+            guard let ad = l.adapter, let dA = ad.gradA else { continue }
+            let gi = member(gT, i, n)
+            b.matmul(gi, ctx.adapterInput(x, l, tokens: n), dA, m: rank, n: inFeatures, k: n, beta: 1, alphaScale: ad.scale)
+            if ctx.dropout > 0, let scratch = ctx.loraX {
+                // The adapter saw drop(x): its input gradient goes through the same mask.
+                b.matmul(gi, ad.a, scratch, m: n, n: inFeatures, k: rank, transA: true, alphaScale: ad.scale)
+                b.dropout(scratch, scratch, count: n * inFeatures, p: ctx.dropout, seed: ctx.dropoutSeed,
+                          stream: ctx.dropoutStream(l.layer, l.kind))
+                b.axpy(1, scratch, dx, count: n * inFeatures)
+            } else {
+                b.matmul(gi, ad.a, dx, m: n, n: inFeatures, k: rank, transA: true, beta: 1, alphaScale: ad.scale)
+            }
+        }
+    }
+}
+
 /// What a linear's forward/backward needs besides its own tensors: the backend, dropout settings and
 /// the model workspace's shared scratch.
 struct LinearContext {
@@ -136,13 +203,21 @@ struct LinearContext {
     let dropout: Float
     let dropoutSeed: UInt64
     let dropoutStep: Int
-    /// `dy B` `[N, r]` (training with adapters).
-    let dyB: Tensor?
+    /// `gT = B^T dy^T` of a group, `[3r, N]` (training with adapters).
+    let gT: Tensor?
     /// The dropped-out adapter input / its gradient `[N, max(in)]` (training with dropout).
     let loraX: Tensor?
 
     /// Dropout mask stream of one linear at this step: distinct per (step, layer, kind).
     func dropoutStream(_ layer: Int, _ kind: LinearKind) -> UInt64 {
         (UInt64(dropoutStep) << 24) | (UInt64(layer) << 8) | UInt64(kind.rawValue)
+    }
+
+    /// The adapter's input: `x`, or its dropout for `linear` (into `loraX`) while training with dropout.
+    func adapterInput(_ x: Tensor, _ linear: AdaptedLinear, tokens n: Int) -> Tensor {
+        guard dropout > 0, let scratch = loraX else { return x }
+        backend.dropout(x, scratch, count: n * linear.inFeatures, p: dropout, seed: dropoutSeed,
+                        stream: dropoutStream(linear.layer, linear.kind))
+        return scratch
     }
 }

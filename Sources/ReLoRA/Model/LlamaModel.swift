@@ -72,7 +72,10 @@ public final class LlamaModel: @unchecked Sendable {
     /// Allocates zeroed gradient buffers (tag `.gradients`) if there are none yet. Frozen linears get none.
     public func enableGradients() {
         if gradients == nil { gradients = DenseGradients(config: config, backend: backend) }
-        for linear in weights.linears { linear.enableGradients(backend) }
+        for block in weights.blocks {
+            for linear in block.linears { linear.enableWeightGradient(backend) }
+            for group in block.adapterGroups { group.enableGradients(backend) }
+        }
     }
 
     /// Every trained tensor with its gradient, in `named_parameters()` order: the dense parameters (all
@@ -283,9 +286,7 @@ public final class LlamaModel: @unchecked Sendable {
         let n = ws.tokens, c = config.hiddenSize
         let eps = Float(config.rmsNormEps), theta = Float(config.ropeTheta)
         backend.rmsnormForward(x, weight: w.attnNorm, out: a.ln1, rstd: a.rstd1, rows: n, dim: c, eps: eps)
-        linearForward(layer, .q, a.ln1, a.q, beta: 0, a, ws)
-        linearForward(layer, .k, a.ln1, a.k, beta: 0, a, ws)
-        linearForward(layer, .v, a.ln1, a.v, beta: 0, a, ws)
+        groupForward(layer, [.q, .k, .v], x: a.ln1, outputs: [a.q, a.k, a.v], beta: 0, a, ws)
         backend.rope(a.q, batch: ws.batch, seqLen: ws.seqLen, heads: config.numAttentionHeads,
                      headDim: config.headDim, theta: theta, inverse: false)
         backend.rope(a.k, batch: ws.batch, seqLen: ws.seqLen, heads: config.numKeyValueHeads,
@@ -293,29 +294,53 @@ public final class LlamaModel: @unchecked Sendable {
         backend.attentionForward(q: a.q, k: a.k, v: a.v, out: a.attn, lse: a.lse, batch: ws.batch, seqLen: ws.seqLen,
                                  heads: config.numAttentionHeads, kvHeads: config.numKeyValueHeads, headDim: config.headDim)
         backend.copy(x, to: a.res2)
-        linearForward(layer, .o, a.attn, a.res2, beta: 1, a, ws)
+        groupForward(layer, [.o], x: a.attn, outputs: [a.res2], beta: 1, a, ws)
         backend.rmsnormForward(a.res2, weight: w.mlpNorm, out: a.ln2, rstd: a.rstd2, rows: n, dim: c, eps: eps)
-        linearForward(layer, .gate, a.ln2, a.gate, beta: 0, a, ws)
-        linearForward(layer, .up, a.ln2, a.up, beta: 0, a, ws)
+        groupForward(layer, [.gate, .up], x: a.ln2, outputs: [a.gate, a.up], beta: 0, a, ws)
         backend.swigluForward(gate: a.gate, up: a.up, out: a.h, count: n * config.intermediateSize)
         if let out = output {
             backend.copy(a.res2, to: out)
-            linearForward(layer, .down, a.h, out, beta: 1, a, ws)
-        } else if let u = a.loraU[.down] {
-            // Checkpointed recompute: the block output is not needed, but the down adapter's u is.
-            w.linear(.down).project(a.h, into: u, tokens: n, context(ws))
+            groupForward(layer, [.down], x: a.h, outputs: [out], beta: 1, a, ws)
+        } else if let group = w.group(.down), let uT = a.loraUT {
+            // Checkpointed recompute: the block output is not needed, but the down adapter's projection is.
+            group.project(a.h, into: a.groupRows(uT, first: .down, size: 1, tokens: n), tokens: n, context(ws))
         }
     }
 
-    /// The linear's forward with the block's saved adapter projection.
-    private func linearForward(_ layer: Int, _ kind: LinearKind, _ x: Tensor, _ y: Tensor, beta: Float,
-                               _ acts: BlockActivations, _ ws: Workspace) {
-        weights.blocks[layer].linear(kind).forward(x, y, beta: beta, tokens: ws.tokens, saved: acts.loraU[kind], context(ws))
+    /// `y_i = x W_i^T + beta * y_i` for the linears `kinds` (one adapter group: they read the same x),
+    /// then, with adapters, the group's projection `uT = A drop(x)^T` (saved) and `y_i += s uT_i^T B_i^T`.
+    private func groupForward(_ layer: Int, _ kinds: [LinearKind], x: Tensor, outputs: [Tensor], beta: Float,
+                              _ a: BlockActivations, _ ws: Workspace) {
+        let block = weights.blocks[layer], n = ws.tokens
+        for (kind, y) in zip(kinds, outputs) { block.linear(kind).forwardBase(x, y, beta: beta, tokens: n, backend) }
+        guard let group = block.group(kinds[0]), let uTAll = a.loraUT else { return }
+        let uT = a.groupRows(uTAll, first: kinds[0], size: kinds.count, tokens: n)
+        group.project(x, into: uT, tokens: n, context(ws))
+        for (i, (kind, y)) in zip(kinds, outputs).enumerated() {
+            block.linear(kind).addAdapterOutput(group.member(uT, i, n), y, tokens: n, backend)
+        }
+    }
+
+    /// Backward of `groupForward`: `dx = sum_i dy_i W_i + dxBeta * dx` (and dW_i when trained), then the
+    /// adapters: each member's `gT_i = B_i^T dy_i^T`, dB_i, ds_i, and the group's dA and input gradient.
+    private func groupBackward(_ layer: Int, _ kinds: [LinearKind], dys: [Tensor], x: Tensor, dx: Tensor, dxBeta: Float,
+                               _ a: BlockActivations, _ ws: Workspace) {
+        let block = weights.blocks[layer], n = ws.tokens
+        for (i, (kind, dy)) in zip(kinds, dys).enumerated() {
+            block.linear(kind).backwardBase(dy: dy, x: x, dx: dx, dxBeta: i == 0 ? dxBeta : 1, tokens: n, backend)
+        }
+        guard let group = block.group(kinds[0]), let uTAll = a.loraUT, let gTAll = ws.gT else { return }
+        let uT = a.groupRows(uTAll, first: kinds[0], size: kinds.count, tokens: n)
+        let gT = gTAll.view(offset: 0, shape: [kinds.count * group.rank, n])
+        for (i, (kind, dy)) in zip(kinds, dys).enumerated() {
+            block.linear(kind).adapterOutputBackward(dy: dy, uT: group.member(uT, i, n), gT: group.member(gT, i, n), tokens: n, backend)
+        }
+        group.inputBackward(x: x, gT: gT, dx: dx, tokens: n, context(ws))
     }
 
     private func context(_ ws: Workspace) -> LinearContext {
         LinearContext(backend: backend, dropout: ws.training ? Float(loraConfig?.dropout ?? 0) : 0,
-                      dropoutSeed: dropoutSeed, dropoutStep: dropoutStep, dyB: ws.dyB, loraX: ws.loraX)
+                      dropoutSeed: dropoutSeed, dropoutStep: dropoutStep, gT: ws.gT, loraX: ws.loraX)
     }
 
     // MARK: Backward
@@ -331,16 +356,15 @@ public final class LlamaModel: @unchecked Sendable {
         let dres: Tensor = ws.dres
 
         // MLP: out = res2 + down(h), h = silu(gate) * up.
-        linearBackward(layer, .down, dy: dres, x: a.h, dx: ws.dh, dxBeta: 0, a, ws)
+        groupBackward(layer, [.down], dys: [dres], x: a.h, dx: ws.dh, dxBeta: 0, a, ws)
         backend.swigluBackward(dout: ws.dh, gate: a.gate, up: a.up, dgate: ws.dgate, dup: ws.dup, count: n * f)
-        linearBackward(layer, .gate, dy: ws.dgate, x: a.ln2, dx: ws.dln, dxBeta: 0, a, ws)
-        linearBackward(layer, .up, dy: ws.dup, x: a.ln2, dx: ws.dln, dxBeta: 1, a, ws)
+        groupBackward(layer, [.gate, .up], dys: [ws.dgate, ws.dup], x: a.ln2, dx: ws.dln, dxBeta: 0, a, ws)
         // dres becomes dL/d(res2): the residual path plus the MLP norm's input gradient.
         backend.rmsnormBackward(ws.dln, x: a.res2, weight: w.mlpNorm, rstd: a.rstd2, dx: dres, dweight: grads.mlpNorm[layer],
                                 rows: n, dim: c)
 
         // Attention: res2 = x + o(attn).
-        linearBackward(layer, .o, dy: dres, x: a.attn, dx: ws.dattn, dxBeta: 0, a, ws)
+        groupBackward(layer, [.o], dys: [dres], x: a.attn, dx: ws.dattn, dxBeta: 0, a, ws)
         backend.attentionBackward(dout: ws.dattn, q: a.q, k: a.k, v: a.v, out: a.attn, lse: a.lse,
                                   dq: ws.dq, dk: ws.dk, dv: ws.dv, batch: ws.batch, seqLen: ws.seqLen,
                                   heads: config.numAttentionHeads, kvHeads: config.numKeyValueHeads,
@@ -349,19 +373,9 @@ public final class LlamaModel: @unchecked Sendable {
                      headDim: config.headDim, theta: theta, inverse: true)
         backend.rope(ws.dk, batch: ws.batch, seqLen: ws.seqLen, heads: config.numKeyValueHeads,
                      headDim: config.headDim, theta: theta, inverse: true)
-        linearBackward(layer, .q, dy: ws.dq, x: a.ln1, dx: ws.dln, dxBeta: 0, a, ws)
-        linearBackward(layer, .k, dy: ws.dk, x: a.ln1, dx: ws.dln, dxBeta: 1, a, ws)
-        linearBackward(layer, .v, dy: ws.dv, x: a.ln1, dx: ws.dln, dxBeta: 1, a, ws)
+        groupBackward(layer, [.q, .k, .v], dys: [ws.dq, ws.dk, ws.dv], x: a.ln1, dx: ws.dln, dxBeta: 0, a, ws)
         backend.rmsnormBackward(ws.dln, x: x, weight: w.attnNorm, rstd: a.rstd1, dx: dres, dweight: grads.attnNorm[layer],
                                 rows: n, dim: c)
-    }
-
-    /// Backward of `linearForward`: `dx = dy W + dxBeta * dx` plus the adapter path; parameter gradients
-    /// accumulate in the linear.
-    private func linearBackward(_ layer: Int, _ kind: LinearKind, dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float,
-                                _ acts: BlockActivations, _ ws: Workspace) {
-        weights.blocks[layer].linear(kind).backward(dy: dy, x: x, dx: dx, dxBeta: dxBeta, tokens: ws.tokens,
-                                                    saved: acts.loraU[kind], context(ws))
     }
 
     // MARK: Buffers
@@ -380,8 +394,10 @@ public final class LlamaModel: @unchecked Sendable {
 /// One block's forward values that its backward reads. Rows are tokens.
 final class BlockActivations {
     let ln1, rstd1, q, k, v, attn, lse, res2, ln2, rstd2, gate, up, h: Tensor
-    /// `u = drop(x) A^T`, `[N, r]`, per linear kind (none without LoRA).
-    let loraU: SavedProjections
+    /// The adapters' projections `uT = A drop(x)^T`, `[7r, N]`: rows `kind.rawValue * r ..< +r` per
+    /// linear, so each adapter group's rows are contiguous (nil without LoRA).
+    let loraUT: Tensor?
+    let loraRank: Int
 
     init(_ cfg: LlamaConfig, _ backend: Backend, batch: Int, seqLen: Int, loraRank: Int?) {
         let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
@@ -392,7 +408,13 @@ final class BlockActivations {
         attn = t([n, cfg.queryWidth]); lse = t([batch, cfg.numAttentionHeads, seqLen])
         res2 = t([n, c]); ln2 = t([n, c]); rstd2 = t([n])
         gate = t([n, f]); up = t([n, f]); h = t([n, f])
-        loraU = SavedProjections(loraRank.map { r in LinearKind.allCases.map { _ in t([n, r]) } } ?? [])
+        loraUT = loraRank.map { t([LinearKind.allCases.count * $0, n]) }
+        self.loraRank = loraRank ?? 0
+    }
+
+    /// The rows of the group that starts at `first` and has `size` members: `[size * r, n]`.
+    func groupRows(_ uT: Tensor, first: LinearKind, size: Int, tokens n: Int) -> Tensor {
+        uT.view(offset: first.rawValue * loraRank * n, shape: [size * loraRank, n])
     }
 }
 
@@ -409,9 +431,9 @@ final class Workspace {
     let lnf, rstdf, logits, losses: Tensor
     // Backward scratch (allocated only for training).
     let dres, dln, dq, dk, dv, dattn, dh, dgate, dup: Tensor!
-    /// LoRA scratch (training): `dy B` `[N, r]`, and the adapter's dropped-out input / input gradient
-    /// `[N, max(C, F)]` (only with dropout).
-    let dyB, loraX: Tensor?
+    /// LoRA scratch (training): a group's `gT = B^T dy^T` `[3r, N]`, and the adapter's dropped-out input /
+    /// input gradient `[N, max(C, F)]` (only with dropout).
+    let gT, loraX: Tensor?
 
     init(config cfg: LlamaConfig, backend: Backend, batch: Int, seqLen: Int, training: Bool, savedBlocks: Int,
          lora: LoRAConfig?) {
@@ -431,18 +453,11 @@ final class Workspace {
             dq = scratch([n, cfg.queryWidth]); dk = scratch([n, cfg.keyValueWidth]); dv = scratch([n, cfg.keyValueWidth])
             dattn = scratch([n, cfg.queryWidth])
             dh = scratch([n, f]); dgate = scratch([n, f]); dup = scratch([n, f])
-            dyB = lora.map { scratch([n, $0.rank]) }
+            gT = lora.map { scratch([3 * $0.rank, n]) }
             loraX = lora.flatMap { $0.dropout > 0 ? scratch([n, max(c, f, cfg.queryWidth)]) : nil }
         } else {
             dres = nil; dln = nil; dq = nil; dk = nil; dv = nil; dattn = nil; dh = nil; dgate = nil; dup = nil
-            dyB = nil; loraX = nil
+            gT = nil; loraX = nil
         }
     }
-}
-
-/// The saved adapter projections of one block, by linear kind (empty without LoRA).
-struct SavedProjections {
-    private let tensors: [Tensor]
-    init(_ tensors: [Tensor]) { self.tensors = tensors }
-    subscript(kind: LinearKind) -> Tensor? { tensors.isEmpty ? nil : tensors[kind.rawValue] }
 }

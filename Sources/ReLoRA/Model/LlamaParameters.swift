@@ -4,13 +4,31 @@ public final class BlockParameters: @unchecked Sendable {
     public let mlpNorm: Tensor            // [C]   post_attention_layernorm
     /// q, k, v, o, gate, up, down, indexed by `LinearKind.rawValue`.
     public let linears: [AdaptedLinear]
+    /// Under LoRA: the linears grouped by shared input (q k v | o | gate up | down), each group's A
+    /// factors contiguous. Empty in full-rank training.
+    let adapterGroups: [AdapterGroup]
+
+    /// The groups of linears that read the same input, in `LinearKind` order.
+    static let groupKinds: [[LinearKind]] = [[.q, .k, .v], [.o], [.gate, .up], [.down]]
 
     init(layer: Int, config: LlamaConfig, lora: LoRAConfig?, backend: Backend) {
         let dtype = backend.precision.trainable
         attnNorm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         mlpNorm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
-        linears = LinearKind.allCases.map { AdaptedLinear(kind: $0, layer: layer, config: config, lora: lora, backend: backend) }
+        if let lora {
+            adapterGroups = Self.groupKinds.map { AdapterGroup(kinds: $0, layer: layer, config: config, lora: lora, backend: backend) }
+            linears = adapterGroups.flatMap(\.linears)
+        } else {
+            adapterGroups = []
+            linears = LinearKind.allCases.map {
+                AdaptedLinear(kind: $0, layer: layer, config: config, lora: nil, adapterA: nil, backend: backend)
+            }
+        }
+        precondition(linears.map(\.kind) == LinearKind.allCases)
     }
+
+    /// The group holding `kind` (LoRA models).
+    func group(_ kind: LinearKind) -> AdapterGroup? { adapterGroups.first { $0.linears.contains { $0.kind == kind } } }
 
     public func linear(_ kind: LinearKind) -> AdaptedLinear { linears[kind.rawValue] }
 }

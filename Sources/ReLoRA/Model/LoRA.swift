@@ -62,33 +62,34 @@ public struct LoRAConfig: Sendable, Equatable {
 
 /// LoRA factors of one linear `[out, in]`: A `[r, in]`, B `[out, r]` (tag `.lora`, dtype
 /// `precision.loraFactors`), the scale s as a `[1]` f32 tensor (so it can be trained and stays on the
-/// device), and, once `enableGradients` ran, their gradients.
+/// device), and, once gradients are enabled, their gradients. A (and its gradient) is a view into its
+/// `AdapterGroup`'s contiguous storage.
 public final class LoRAAdapter: @unchecked Sendable {
     public let a: Tensor
     public let b: Tensor
     public let scale: Tensor
     public let rank: Int, inFeatures: Int, outFeatures: Int
     public let trainableScale: Bool
-    public private(set) var gradA: Tensor?
+    public internal(set) var gradA: Tensor?
     public private(set) var gradB: Tensor?
     /// dL/ds, only with a trainable scale.
     public private(set) var gradScale: Tensor?
 
-    init(rank: Int, inFeatures: Int, outFeatures: Int, scale: Float, trainableScale: Bool, backend: Backend) {
+    /// `a`: the `[rank, inFeatures]` view its group gives it.
+    init(a: Tensor, rank: Int, inFeatures: Int, outFeatures: Int, scale: Float, trainableScale: Bool, backend: Backend) {
         self.rank = rank; self.inFeatures = inFeatures; self.outFeatures = outFeatures
         self.trainableScale = trainableScale
-        let dtype = backend.precision.loraFactors
-        a = backend.makeTensor([rank, inFeatures], dtype: dtype, tag: .lora)
-        b = backend.makeTensor([outFeatures, rank], dtype: dtype, tag: .lora)
+        self.a = a
+        b = backend.makeTensor([outFeatures, rank], dtype: backend.precision.loraFactors, tag: .lora)
         self.scale = backend.makeTensor([1], dtype: .f32, tag: .lora)
         backend.fill(self.scale, value: scale)
     }
 
-    func enableGradients(_ backend: Backend) {
-        guard gradA == nil else { return }
-        let dtype = backend.precision.gradients
-        gradA = backend.makeTensor([rank, inFeatures], dtype: dtype, tag: .gradients)
-        gradB = backend.makeTensor([outFeatures, rank], dtype: dtype, tag: .gradients)
+    /// B's and the scale's gradients; `gradA` is the group's view.
+    func enableGradients(gradA: Tensor, _ backend: Backend) {
+        guard self.gradA == nil else { return }
+        self.gradA = gradA
+        gradB = backend.makeTensor([outFeatures, rank], dtype: backend.precision.gradients, tag: .gradients)
         if trainableScale { gradScale = backend.makeTensor([1], dtype: .f32, tag: .gradients) }
     }
 
