@@ -108,6 +108,8 @@ public struct MemoryReport: Sendable, Codable {
             lines.append("\(name) \(formatBytes(live[tag] ?? 0)) (peak \(formatBytes(peak[tag] ?? 0)))")
         }
         lines.append("total           \(formatBytes(liveTotal)) (peak \(formatBytes(peakTotal)))")
+        lines.append("transfers       \(transfers.uploads) up (\(formatBytes(transfers.uploadBytes))), "
+                     + "\(transfers.downloads) down (\(formatBytes(transfers.downloadBytes))) so far")
         return lines.joined(separator: "\n")
     }
 }
