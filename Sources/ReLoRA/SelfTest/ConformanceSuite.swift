@@ -180,10 +180,24 @@ final class ConformanceSuite {
         record(op, shape, dtype, maxError: worstError, bound: bound[worst], passed: failures == 0, note: note)
     }
 
-    /// `expect` with one relative tolerance: `bound[i] = tolerance * magnitude[i]`.
+    /// `expect` with one relative tolerance: `bound[i] = tolerance * magnitude[i] + 4 eta`, where eta, half
+    /// the smallest subnormal of the dtype, is the absolute error of rounding into it in the gradual
+    /// underflow range (|fl(x) - x| <= u|x| + eta; e.g. a softmax probability of 1e-12 is 0 in f16), four
+    /// roundings' worth. A reference with magnitude 0 is exactly 0 (nothing was computed) and must be.
     func expect(_ op: String, _ shape: String, _ dtype: DType, got: [Float], want: [Double], magnitude: [Double],
                 tolerance: Double) {
-        expect(op, shape, dtype.rawValue, got: got, want: want, bound: magnitude.map { tolerance * $0 })
+        let eta = Self.underflow(dtype)
+        expect(op, shape, dtype.rawValue, got: got, want: want, bound: magnitude.map { $0 == 0 ? 0 : tolerance * $0 + 4 * eta })
+    }
+
+    /// Half the smallest positive subnormal of a float dtype: f32 2^-150, bf16 2^-134, f16 2^-25.
+    static func underflow(_ dtype: DType) -> Double {
+        switch dtype {
+        case .f32: return 0x1p-150
+        case .bf16: return 0x1p-134
+        case .f16: return 0x1p-25
+        case .i8, .u8, .i32: return 0
+        }
     }
 
     /// Bit-exact equality (any NaN matches any NaN: payloads may differ between backends).
