@@ -16,7 +16,7 @@ extension ConformanceSuite {
                 let (b, bv) = tensor([k * n], dtype, values(k * n, -1, 1))
                 let (c, cv) = tensor([m * n], dtype, values(m * n, -1, 1))
                 // k products summed, then alpha * s, the product, beta * c and the add: k + 4 roundings in
-                // the f32 accumulator, one into the dtype. (A 1.001 scaling error is ~300x past it.)
+                // the f32 accumulator, one into the dtype. (A 1.001 scaling error is ~150x past it.)
                 let tol = tolerance(acc: Double(k + 4), io: 1, dtype)
                 backend.matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: 0.75, beta: -0.5, alphaScale: nil)
                 let ref = NaiveReference.matmul(av, bv, cv, m: m, n: n, k: k, transA: transA, transB: transB,
