@@ -19,6 +19,7 @@ let usage = """
       tokenize  Encode text / JSONL files into a .npy token file
       memory    Plan a run's memory by tag (cpu or cuda) without allocating it
       info      Print a model config's sizes and parameter count
+      selftest  Check every backend op against reference implementations (--device cpu|cuda)
 
     Run `relora <command> --help` for a command's options.
     """
@@ -107,6 +108,7 @@ do {
     case "tokenize": try runTokenize(Array(argv.dropFirst()))
     case "info": try runInfo(Array(argv.dropFirst()))
     case "memory": try runMemory(Array(argv.dropFirst()))
+    case "selftest": try runSelfTest(Array(argv.dropFirst()))
     default: throw ReLoRAError.usage("unknown command '\(command)'; run `relora --help`")
     }
 } catch let error as ReLoRAError {
