@@ -24,10 +24,10 @@ let package = Package(
         .target(
             name: "ReLoRA", dependencies: ["CReLoRA", "COpenBLAS", "CZstd"], path: "Sources/ReLoRA",
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]),
-        .executableTarget(name: "ReLoRACLI", dependencies: ["ReLoRA"], path: "Sources/ReLoRACLI"),
-        .executableTarget(name: "ReLoRABench", dependencies: ["ReLoRA", "COpenBLAS"], path: "Benchmarks/ReLoRABench"),
+        .executableTarget(name: "ReLoRACLI", dependencies: ["ReLoRA", "CReLoRA"], path: "Sources/ReLoRACLI"),
+        .executableTarget(name: "ReLoRABench", dependencies: ["ReLoRA", "CReLoRA", "COpenBLAS"], path: "Benchmarks/ReLoRABench"),
         .testTarget(
-            name: "ReLoRATests", dependencies: ["ReLoRA", "COpenBLAS"], path: "Tests/ReLoRATests"),
+            name: "ReLoRATests", dependencies: ["ReLoRA", "CReLoRA", "COpenBLAS"], path: "Tests/ReLoRATests"),
     ],
     swiftLanguageModes: [.v6]
 )
