@@ -1,6 +1,10 @@
 import COpenBLAS
+import CReLoRA
 import Foundation
 import ReLoRA
+
+// First: restart on OpenBLAS's best kernels if it fell back to weak ones (see relora_blas_core.h).
+relora_blas_ensure_best_core(CommandLine.unsafeArgv)
 
 // relora-bench: CPU throughput of the LLaMA forward+backward, reported as a fraction of the OpenBLAS
 // sgemm rate measured in the same run (these machines are noisy; only same-run ratios mean much).
@@ -129,6 +133,8 @@ do {
     print(String(format: "config %@  mode %@%@  %d x %d tokens  checkpointing %@  threads %d  trained parameters %d",
                  o.config, o.mode, lora.map { " (r \($0.rank), alpha \($0.alpha))" } ?? "", o.batch, o.seqLen,
                  o.checkpointing.rawValue, cpuThreadCount, trainedParams))
+    var blasBuffer = [CChar](repeating: 0, count: 256)
+    print("blas: " + blasBuffer.withUnsafeMutableBufferPointer { String(cString: relora_blas_describe($0.baseAddress, $0.count)) })
     print(String(format: "sgemm peak (same run): %.1f GFLOP/s (2048^3: %.1f, LM-head shape: %.1f)", peak, peakSquare, peakHead))
     print(String(format: "forward+backward: %.3f s/step (median of %d), %.0f tokens/s, %.1f GFLOP/s model = %.1f%% of sgemm peak",
                  median, o.steps, Double(tokens) / median, achieved, 100 * achieved / peak))
@@ -155,7 +161,7 @@ do {
     if let path = o.json {
         let obj: [String: Any] = [
             "config": o.config, "mode": o.mode, "rank": o.rank, "trained_parameters": trainedParams, "batch": o.batch, "seq_len": o.seqLen, "checkpointing": o.checkpointing.rawValue,
-            "threads": cpuThreadCount, "step_seconds": median, "tokens_per_second": Double(tokens) / median,
+            "threads": cpuThreadCount, "blas_core": relora_blas_core_name().map { String(cString: $0) } ?? "none", "step_seconds": median, "tokens_per_second": Double(tokens) / median,
             "model_gflops": achieved, "sgemm_peak_gflops": peak, "fraction_of_sgemm_peak": achieved / peak,
             "forward_seconds": fwdMedian, "peak_bytes": mem.peakTotal, "train_step_seconds": loopMedian,
             "train_tokens_per_second": Double(tokens) / loopMedian,

@@ -1,7 +1,12 @@
+import CReLoRA
 import Foundation
 import ReLoRA
 
 /// relora: ReLoRA pretraining. The CLI is thin: it parses arguments, calls the library and prints.
+
+// Before anything else: restart on OpenBLAS's best kernels if it fell back to weak ones (see
+// relora_blas_core.h); returns here when OpenBLAS's choice is already right or the user set one.
+relora_blas_ensure_best_core(CommandLine.unsafeArgv)
 
 let usage = """
     relora: pretrain LLaMA-style models with ReLoRA (high-rank training through low-rank updates).
@@ -18,7 +23,7 @@ let usage = """
       tokenizer train   Train a byte-level BPE tokenizer (tokenizer.json)
       tokenize  Encode text / JSONL files into a .npy token file
       memory    Plan a run's memory by tag (cpu or cuda) without allocating it
-      info      Print a model config's sizes and parameter count
+      info      Print a model config's sizes and parameter count, and the BLAS kernels in use
       selftest  Check every backend op against reference implementations (--device cpu|cuda)
 
     Run `relora <command> --help` for a command's options.
@@ -41,10 +46,22 @@ let evalUsage = """
     """
 
 let infoUsage = """
-    Usage: relora info CONFIG.json | MODEL_DIR
+    Usage: relora info [CONFIG.json | MODEL_DIR] [--blas-core]
 
-    Prints the architecture and parameter count of a Hugging Face LLaMA config.
+    Prints the architecture and parameter count of a Hugging Face LLaMA config, then a line naming the
+    OpenBLAS kernels (its "core") this process runs and the best ones the CPU supports. Without a config
+    only that line is printed. relora restarts itself with OPENBLAS_CORETYPE set when OpenBLAS picked
+    kernels weaker than the CPU supports, unless OPENBLAS_CORETYPE is already set.
+
+      --blas-core   print only the core name relora runs OpenBLAS with, for other programs, e.g.
+                    OPENBLAS_CORETYPE=$(.build/debug/relora info --blas-core) swift test --skip-build
     """
+
+/// "blas: OpenBLAS 0.3.21 core SkylakeX (cpu supports SkylakeX)".
+func blasLine() -> String {
+    var buf = [CChar](repeating: 0, count: 256)
+    return "blas: " + buf.withUnsafeMutableBufferPointer { String(cString: relora_blas_describe($0.baseAddress, $0.count)) }
+}
 
 func standardError(_ s: String) {
     FileHandle.standardError.write((s + "\n").data(using: .utf8)!)
@@ -76,8 +93,13 @@ func runEval(_ args: [String]) throws {
 }
 
 func runInfo(_ args: [String]) throws {
-    if args.isEmpty || args.contains("--help") { print(infoUsage); return }
-    var path = args[0]
+    if args.contains("--help") { print(infoUsage); return }
+    if args.contains("--blas-core") {
+        guard let core = relora_blas_core_name() else { throw ReLoRAError.usage("this relora runs without OpenBLAS") }
+        print(String(cString: core))
+        return
+    }
+    guard var path = args.first else { print(blasLine()); return }
     var isDir: ObjCBool = false
     if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
         path = URL(fileURLWithPath: path).appendingPathComponent("config.json").path
@@ -89,6 +111,7 @@ func runInfo(_ args: [String]) throws {
         parameters \(c.parameterCount) (\(String(format: "%.1f", Double(c.parameterCount) / 1e6))M)\
         \(c.tieWordEmbeddings ? ", tied embeddings" : "")
         """)
+    print(blasLine())
 }
 
 let argv = Array(CommandLine.arguments.dropFirst())
