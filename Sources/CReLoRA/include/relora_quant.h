@@ -117,9 +117,10 @@ typedef struct {
 } block_nf4;
 RELORA_STATIC_ASSERT(sizeof(block_nf4) == 4 + 32, "nf4 block must be 36 bytes");
 
-// bitsandbytes clamps the absmax to at least float32(1e-38) (a subnormal, 7136238 * 2^-149) before
-// taking its reciprocal; blocks below it are degenerate (see the top of this file).
-#define RELORA_NF4_ABSMAX_MIN 1e-38f
+// bitsandbytes clamps the absmax to at least float32(1e-38) before taking its reciprocal; blocks below
+// it are degenerate (see the top of this file). float32(1e-38) is the subnormal 7136238 * 2^-149; it is
+// given by its bits (a subnormal float literal would draw an underflow warning in every Swift importer).
+#define RELORA_NF4_ABSMAX_MIN_BITS 0x006CE3EEu
 
 // ---- Bits -----------------------------------------------------------------------------------------
 RELORA_HD uint32_t relora_f32_bits(float f) {
@@ -146,6 +147,9 @@ RELORA_HD float relora_f32_from_bits(uint32_t u) {
 RELORA_HD int relora_f32_is_finite(float f) {
     return (relora_f32_bits(f) & 0x7F800000u) != 0x7F800000u;
 }
+
+// float32(1e-38), bitsandbytes' lower clamp of the nf4 absmax.
+RELORA_HD float relora_nf4_absmax_min(void) { return relora_f32_from_bits(RELORA_NF4_ABSMAX_MIN_BITS); }
 
 // ---- fp16 <-> fp32 --------------------------------------------------------------------------------
 // binary32 -> binary16, round to nearest, ties to even: numpy's astype(np.float16), ggml's
@@ -314,7 +318,7 @@ RELORA_HD int relora_quantize_block_nf4(const float *x, block_nf4 *y, int *bad_j
         const float a = fabsf(x[j]);
         if (a > absmax) absmax = a;
     }
-    if (absmax < RELORA_NF4_ABSMAX_MIN) {
+    if (absmax < relora_nf4_absmax_min()) {
         // Canonical zero block (also what bitsandbytes writes when absmax is exactly 0).
         y->absmax = 0.0f;
         for (int k = 0; k < RELORA_QKNF4 / 2; ++k) y->qs[k] = 0x77u;
