@@ -14,6 +14,7 @@ final class QuantFormatTests: XCTestCase {
         XCTAssertEqual(MemoryLayout<block_q8_0>.size, 34)
         XCTAssertEqual(MemoryLayout<block_q4_0>.size, 18)
         XCTAssertEqual(MemoryLayout<block_nf4>.size, 36)
+        XCTAssertEqual(QuantFormat.allCases.map(\.blockAlignment), [2, 2, 4])
         let expected: [QuantFormat: (block: Int, bytes: Int, bits: Double)] = [
             .q8_0: (32, 34, 8.5), .q4_0: (32, 18, 4.5), .nf4: (64, 36, 4 + 32.0 / 64),
         ]

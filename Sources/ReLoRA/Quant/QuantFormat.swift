@@ -34,6 +34,16 @@ public enum QuantFormat: String, Sendable, CaseIterable, Codable {
         }
     }
 
+    /// Alignment the C block struct needs (its fp16 or fp32 scale): 2, 2, 4. Rows are whole blocks, so a
+    /// buffer aligned to this keeps every block aligned.
+    public var blockAlignment: Int {
+        switch self {
+        case .q8_0: return MemoryLayout<block_q8_0>.alignment
+        case .q4_0: return MemoryLayout<block_q4_0>.alignment
+        case .nf4: return MemoryLayout<block_nf4>.alignment
+        }
+    }
+
     /// Storage cost per weight, the scale included: 8.5 (q8_0), 4.5 (q4_0), 4 + 32/64 = 4.5 (nf4).
     public var bitsPerWeight: Double { Double(8 * bytesPerBlock) / Double(blockSize) }
 

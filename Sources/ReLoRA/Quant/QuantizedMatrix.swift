@@ -116,8 +116,11 @@ public struct QuantizedMatrix: Sendable, Equatable {
 
     // MARK: - C reference calls
 
+    // Swift array storage is 16-byte aligned and every row starts at a multiple of the block size, so each
+    // block is aligned for its C struct (2 bytes for q8_0/q4_0, 4 for nf4's float absmax).
     private static func quantizeRow(_ format: QuantFormat, _ x: UnsafePointer<Float>, _ blocks: UnsafeMutableRawPointer,
                                     _ n: Int64, _ badIndex: inout Int64) -> Int32 {
+        assert(Int(bitPattern: blocks) % format.blockAlignment == 0, "quantize: misaligned blocks")
         switch format {
         case .q8_0: return relora_quantize_row_q8_0(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, &badIndex)
         case .q4_0: return relora_quantize_row_q4_0(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, &badIndex)
@@ -127,6 +130,7 @@ public struct QuantizedMatrix: Sendable, Equatable {
 
     private static func dequantizeRow(_ format: QuantFormat, _ blocks: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>,
                                       _ n: Int64) {
+        assert(Int(bitPattern: blocks) % format.blockAlignment == 0, "dequantize: misaligned blocks")
         let status: Int32
         switch format {
         case .q8_0: status = relora_dequantize_row_q8_0(UnsafePointer(OpaquePointer(blocks)), y, n)
