@@ -1,4 +1,6 @@
-// Umbrella header of the C layer: kernel ABI + loader, counter-based RNG, OpenBLAS core check.
+// Umbrella header of the C layer: kernel ABI + loader, counter-based RNG, quantized block formats,
+// OpenBLAS core check.
 #include "relora_abi.h"
 #include "relora_rng.h"
+#include "relora_quant.h"
 #include "relora_blas_core.h"

@@ -9,10 +9,13 @@
 
 #include <stdint.h>
 
+// Host and device, inlined. relora_quant.h defines the same macro the same way; whichever comes first wins.
+#if !defined(RELORA_HD)
 #if defined(__CUDACC__)
 #define RELORA_HD __host__ __device__ __forceinline__
 #else
 #define RELORA_HD static inline
+#endif
 #endif
 
 RELORA_HD uint64_t relora_mix64(uint64_t z) {

@@ -1,0 +1,432 @@
+// Quantized weight formats: block layouts and the scalar reference quantizers/dequantizers.
+//
+// This header is the executable spec. Swift calls these functions directly; the CUDA kernels include
+// the same header and must match them bit for bit. Every format stores a row of n weights (n a multiple
+// of the block size) as n / block_size consecutive blocks, little-endian, no padding between blocks:
+//
+//   format  block  bytes  bits/weight  byte-compatible with
+//   q8_0     32     34     8.5         ggml Q8_0 (GGUF type 8): gguf-py quants.Q8_0, ggml quantize_row_q8_0_ref
+//   q4_0     32     18     4.5         ggml Q4_0 (GGUF type 2): gguf-py quants.Q4_0, ggml quantize_row_q4_0_ref
+//   nf4      64     36     4.5         bitsandbytes NF4 (quantize_4bit, quant_type="nf4", blocksize=64,
+//                                      compress_statistics=False): its absmax array element and 32 code bytes
+//
+// Rows whose length is not a multiple of the block are rejected here (RELORA_QUANT_ERR_LENGTH); the
+// caller zero-pads each row to whole blocks (DESIGN.md: the padding is stored but never reaches a GEMM).
+// For nf4, bitsandbytes blocks the row-major flattened tensor, so a matrix matches its bytes exactly
+// when the row length is a multiple of 64 (every LLaMA linear but the 1b config's down_proj).
+//
+// Where the references disagree or are undefined, this header chooses, and says so:
+// - Degenerate blocks. A block whose scale rounds to zero in fp16 (q8_0, q4_0: |d| <= 2^-25, i.e. every
+//   |x| <= ~3.8e-6 for q8_0, ~2.4e-7 for q4_0), or whose absmax is below bitsandbytes' 1e-38 clamp (nf4),
+//   is written as the canonical zero block: the bytes ggml's C reference writes for a block of +0s
+//   (q8_0: d = +0, codes 0; q4_0: d = -0 (0x8000), codes 8; nf4: absmax +0, codes 7 (byte 0x77)).
+//   ggml and gguf-py compute such codes with 1/d taken from the unrounded fp32 d, which gives non-zero
+//   codes under a zero scale (or, once 1/d overflows, undefined behaviour in C and NaN casts in numpy);
+//   bitsandbytes divides by 1e-38 instead of the absmax and stores the true absmax. Both dequantize to
+//   (nearly) zero either way: the canonical block dequantizes to exactly zero and requantizes to itself,
+//   which the references' blocks do not, so a merge of a zero update leaves every code unchanged.
+// - The sign of an all-zero q4_0 block's scale: ggml's C starts its running max at +0.0f, so d = +0/-8 =
+//   -0 for every all-zero block; gguf-py takes the block's first element, so d = +0 when that element is
+//   -0. This header follows ggml's C (it is the canonical zero block above, and it is idempotent; with
+//   gguf-py's rule the sign of d flips on every requantization).
+// - Rounding. q8_0 rounds x/d half away from zero (C roundf); gguf-py's np_roundf is the same function
+//   (floor(a) + floor(2 * frac(a)), with the sign restored), not numpy's half-to-even np.round.
+//   q4_0 truncates x/d + 8.5 toward zero, i.e. rounds half up. nf4 picks the codebook entry nearest
+//   to x/absmax with ties to the lower code (see relora_nf4_code).
+// - Non-finite inputs are an error (RELORA_QUANT_ERR_NONFINITE), and so is a scale that overflows fp16
+//   (RELORA_QUANT_ERR_SCALE_OVERFLOW: q8_0 needs max |x| < 127 * 65520 ~ 8.32e6, q4_0 needs
+//   max |x| < 8 * 65520 ~ 5.24e5); the references would write an inf scale and NaN weights.
+// - nf4 absmax is stored unquantized (fp32): no double quantization. It costs 0.5 bits/weight against
+//   ~0.127 with bitsandbytes' 8-bit double quantization (8/64 + 32/(64*256)); for the 6.5e9 frozen
+//   weights of a 7b model that is 0.40 GB of absmax instead of 0.10 GB. In exchange a block is
+//   self-contained (dequantizing a tile needs no second-level lookup) and the merge's quantization error
+//   is the codes' alone.
+//
+// Floating point: every product and quotient below is a single IEEE round-to-nearest operation; none may
+// be fused with an addition (q4_0's x*id + 8.5 would change codes at ties). Clang (Swift's importer)
+// contracts only within one expression, so the product is its own statement; CUDA uses __fmul_rn etc.
+// Host compilers other than clang must build with -ffp-contract=off (gcc's default is "fast").
+// Subnormals must not be flushed (no -ffast-math, no --use_fast_math / -ftz=true).
+#ifndef RELORA_QUANT_H
+#define RELORA_QUANT_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(RELORA_HD)
+#if defined(__CUDACC__)
+#define RELORA_HD __host__ __device__ __forceinline__
+#else
+#define RELORA_HD static inline
+#endif
+#endif
+
+#if defined(__cplusplus)
+#define RELORA_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#else
+#define RELORA_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
+#endif
+
+// Single correctly rounded float operations that a compiler may not fuse.
+#if defined(__CUDA_ARCH__)
+#define RELORA_FMUL(a, b) __fmul_rn((a), (b))
+#define RELORA_FADD(a, b) __fadd_rn((a), (b))
+#define RELORA_FDIV(a, b) __fdiv_rn((a), (b))
+#else
+#define RELORA_FMUL(a, b) ((a) * (b))
+#define RELORA_FADD(a, b) ((a) + (b))
+#define RELORA_FDIV(a, b) ((a) / (b))
+#endif
+
+// ---- Status codes (returned by the row functions) -------------------------------------------------
+#define RELORA_QUANT_OK 0
+#define RELORA_QUANT_ERR_LENGTH 1           // n < 0 or n not a multiple of the format's block size
+#define RELORA_QUANT_ERR_NONFINITE 2        // an input is inf or NaN; *bad_index = the first one
+#define RELORA_QUANT_ERR_SCALE_OVERFLOW 3   // a block's fp16 scale would be inf; *bad_index = its largest |x|
+
+// ---- Block layouts --------------------------------------------------------------------------------
+#define RELORA_QK8_0 32
+#define RELORA_QK4_0 32
+#define RELORA_QKNF4 64
+
+// fp16 bit patterns (IEEE binary16) are carried as uint16_t, never as a compiler half type.
+typedef uint16_t relora_half;
+
+// q8_0: weight j of the block = qs[j] * d.
+typedef struct {
+    relora_half d;               // scale = fp16(absmax / 127)
+    int8_t qs[RELORA_QK8_0];     // codes, round(x / d) half away from zero, in [-127, 127]
+} block_q8_0;
+RELORA_STATIC_ASSERT(sizeof(block_q8_0) == 2 + 32, "q8_0 block must be 34 bytes (ggml layout)");
+
+// q4_0: weight j = ((qs[j] & 15) - 8) * d and weight j + 16 = ((qs[j] >> 4) - 8) * d, for j in [0, 16):
+// byte j holds element j in its low nibble and element j + 16 in its high nibble.
+typedef struct {
+    relora_half d;                   // scale = fp16(m / -8), m = the first element of largest |x|
+    uint8_t qs[RELORA_QK4_0 / 2];    // codes in [0, 15], offset 8
+} block_q4_0;
+RELORA_STATIC_ASSERT(sizeof(block_q4_0) == 2 + 16, "q4_0 block must be 18 bytes (ggml layout)");
+
+// nf4: weight 2k = NF4[qs[k] >> 4] * absmax and weight 2k + 1 = NF4[qs[k] & 15] * absmax, for k in
+// [0, 32): element 2i in the HIGH nibble (bitsandbytes' order, the opposite of q4_0's nibble order).
+// bitsandbytes keeps absmax in a separate float32 array and the codes in a uint8 array; this block
+// interleaves them so that every format is one array of blocks and a tile of rows is one byte range.
+// absmax is a native float: the block must be 4-byte aligned (36-byte blocks keep that in an array).
+typedef struct {
+    float absmax;                    // max |x| of the block, fp32, exact
+    uint8_t qs[RELORA_QKNF4 / 2];    // 4-bit indices into the NF4 codebook
+} block_nf4;
+RELORA_STATIC_ASSERT(sizeof(block_nf4) == 4 + 32, "nf4 block must be 36 bytes");
+
+// bitsandbytes clamps the absmax to at least float32(1e-38) before taking its reciprocal; blocks below
+// it are degenerate (see the top of this file). float32(1e-38) is the subnormal 7136238 * 2^-149; it is
+// given by its bits (a subnormal float literal would draw an underflow warning in every Swift importer).
+#define RELORA_NF4_ABSMAX_MIN_BITS 0x006CE3EEu
+
+// ---- Bits -----------------------------------------------------------------------------------------
+RELORA_HD uint32_t relora_f32_bits(float f) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(f);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+#endif
+}
+
+RELORA_HD float relora_f32_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(u);
+#else
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+// 1 if f is neither inf nor NaN.
+RELORA_HD int relora_f32_is_finite(float f) {
+    return (relora_f32_bits(f) & 0x7F800000u) != 0x7F800000u;
+}
+
+// float32(1e-38), bitsandbytes' lower clamp of the nf4 absmax.
+RELORA_HD float relora_nf4_absmax_min(void) { return relora_f32_from_bits(RELORA_NF4_ABSMAX_MIN_BITS); }
+
+// ---- fp16 <-> fp32 --------------------------------------------------------------------------------
+// binary32 -> binary16, round to nearest, ties to even: numpy's astype(np.float16), ggml's
+// GGML_FP32_TO_FP16, Swift's Float16(x). Overflow (|x| >= 65520) gives inf, |x| <= 2^-25 gives a zero of
+// x's sign, subnormal results are rounded correctly. NaN -> quiet NaN with x's sign and the top 9 bits of
+// its payload (compiler-rt's __truncsfhf2, which Swift uses; numpy and ggml differ on NaN payloads, and
+// quantized formats never store a NaN).
+RELORA_HD relora_half relora_fp32_to_fp16(float f) {
+    const uint32_t bits = relora_f32_bits(f);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    const uint32_t mag = bits & 0x7FFFFFFFu;
+    if (mag > 0x7F800000u) {                       // NaN
+        return (relora_half)(sign | 0x7E00u | ((mag >> 13) & 0x01FFu));
+    }
+    if (mag >= 0x477FF000u) {                      // >= 65520 (and inf): rounds to inf
+        return (relora_half)(sign | 0x7C00u);
+    }
+    if (mag >= 0x38800000u) {                      // >= 2^-14: a normal fp16
+        // Rebias the exponent (127 -> 15), then round the 13 dropped mantissa bits to nearest even;
+        // a carry out of the mantissa correctly bumps the exponent.
+        const uint32_t v = mag - 0x38000000u;
+        return (relora_half)(sign | ((v + 0x0FFFu + ((v >> 13) & 1u)) >> 13));
+    }
+    if (mag < 0x33000000u) {                       // < 2^-25: rounds to zero
+        return (relora_half)sign;
+    }
+    // Subnormal fp16 (or the smallest normal after rounding up): value = m * 2^(e - 150) and the fp16
+    // unit is 2^-24, so the result is m >> (126 - e), rounded to nearest even. e in [102, 112].
+    const uint32_t e = mag >> 23;
+    const uint32_t m = (mag & 0x007FFFFFu) | 0x00800000u;
+    const uint32_t shift = 126u - e;               // 14 ... 24
+    const uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    const uint32_t rounded = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+    return (relora_half)(sign | rounded);
+}
+
+// binary16 -> binary32, exact (subnormals, infinities and NaN payloads included).
+RELORA_HD float relora_fp16_to_fp32(relora_half h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1Fu;
+    const uint32_t mantissa = h & 0x03FFu;
+    if (exponent == 0) {
+        // Zero or subnormal: mantissa * 2^-24, exact in binary32.
+        const float magnitude = RELORA_FMUL((float)mantissa, 0x1p-24f);
+        return relora_f32_from_bits(relora_f32_bits(magnitude) | sign);
+    }
+    if (exponent == 0x1F) {
+        return relora_f32_from_bits(sign | 0x7F800000u | (mantissa << 13));
+    }
+    return relora_f32_from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+// 1 if the fp16 value is +0 or -0.
+RELORA_HD int relora_fp16_is_zero(relora_half h) { return (h & 0x7FFFu) == 0; }
+// 1 if the fp16 value is +inf or -inf.
+RELORA_HD int relora_fp16_is_inf(relora_half h) { return (h & 0x7FFFu) == 0x7C00u; }
+
+// ---- NF4 codebook ---------------------------------------------------------------------------------
+// bitsandbytes' NormalFloat4 values (functional.get_4bit_type("nf4")), exact float32, ascending.
+// Code 7 is exactly 0 and codes 0 and 15 are exactly -1 and +1, so the block's largest |x| dequantizes
+// to exactly +-absmax.
+RELORA_HD float relora_nf4_value(int code) {
+    const float table[16] = {
+        -0x1p+0f,         -0x1.647362p-1f, -0x1.0cd66p-1f,  -0x1.94654p-2f,
+        -0x1.23449ap-2f,  -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0x0p+0f,
+        0x1.45f5fep-4f,   0x1.4995c6p-3f,  0x1.f809bap-3f,  0x1.5a0674p-2f,
+        0x1.c3497p-2f,    0x1.200f56p-1f,  0x1.722766p-1f,  0x1p+0f,
+    };
+    return table[code & 15];
+}
+
+// The code of a scaled value s (normally in [-1, 1]): the number of decision thresholds strictly below s.
+// Threshold k is the float32 midpoint (NF4[k] + NF4[k+1]) / 2 as bitsandbytes' CPU path computes it
+// (torch.bucketize over those midpoints, right=False); its CUDA kernel's decision tree (dQuantizeNF4,
+// strict `x > t`) uses the same 15 float32 values. A value exactly at a midpoint takes the lower code.
+RELORA_HD int relora_nf4_code(float s) {
+    const float mid[15] = {
+        -0x1.b239bp-1f,   -0x1.38a4ep-1f,  -0x1.d709p-2f,   -0x1.5bd4ecp-2f,
+        -0x1.e079d8p-3f,  -0x1.1a7178p-3f, -0x1.74f0e2p-5f, 0x1.45f5fep-5f,
+        0x1.ec90c4p-4f,   0x1.a0cfcp-3f,   0x1.2b05a8p-2f,  0x1.8ea7f2p-2f,
+        0x1.00da08p-1f,   0x1.491b5ep-1f,  0x1.b913b4p-1f,
+    };
+    int code = 0;
+    for (int k = 0; k < 15; ++k) code += (s > mid[k]) ? 1 : 0;
+    return code;
+}
+
+// ---- Block functions (one block; the inputs must be finite) -----------------------------------------
+// Each quantizer returns RELORA_QUANT_OK, or RELORA_QUANT_ERR_SCALE_OVERFLOW with *bad_j set to the
+// in-block index of the largest |x| (the block is then not written).
+
+RELORA_HD int relora_quantize_block_q8_0(const float *x, block_q8_0 *y, int *bad_j) {
+    float amax = 0.0f;
+    int jmax = 0;
+    for (int j = 0; j < RELORA_QK8_0; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > amax) { amax = a; jmax = j; }
+    }
+    const float d = RELORA_FDIV(amax, 127.0f);
+    const relora_half dh = relora_fp32_to_fp16(d);
+    if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
+    // ggml multiplies by 1/d of the unrounded d; a zero fp16 scale makes the canonical zero block.
+    const float id = relora_fp16_is_zero(dh) ? 0.0f : RELORA_FDIV(1.0f, d);
+    y->d = dh;  // d >= +0, so a zero scale is already +0
+    for (int j = 0; j < RELORA_QK8_0; ++j) {
+        const float v = RELORA_FMUL(x[j], id);
+        y->qs[j] = (int8_t)roundf(v);   // |v| <= 127 * (1 + 2^-23): in range
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD void relora_dequantize_block_q8_0(const block_q8_0 *x, float *y) {
+    const float d = relora_fp16_to_fp32(x->d);
+    for (int j = 0; j < RELORA_QK8_0; ++j) y[j] = RELORA_FMUL((float)x->qs[j], d);
+}
+
+RELORA_HD int relora_quantize_block_q4_0(const float *x, block_q4_0 *y, int *bad_j) {
+    // The signed value of largest magnitude; the first one on a tie (+a before -a keeps +a).
+    // Starting from +0.0f makes an all-zero block's d = +0 / -8 = -0, as in ggml's C.
+    float amax = 0.0f, max = 0.0f;
+    int jmax = 0;
+    for (int j = 0; j < RELORA_QK4_0; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > amax) { amax = a; max = x[j]; jmax = j; }
+    }
+    const float d = RELORA_FDIV(max, -8.0f);
+    const relora_half dh = relora_fp32_to_fp16(d);
+    if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
+    if (relora_fp16_is_zero(dh)) {
+        // Canonical zero block: d = -0, every code 8 (the value 0).
+        y->d = 0x8000u;
+        for (int j = 0; j < RELORA_QK4_0 / 2; ++j) y->qs[j] = 0x88u;
+        return RELORA_QUANT_OK;
+    }
+    const float id = RELORA_FDIV(1.0f, d);
+    y->d = dh;
+    for (int j = 0; j < RELORA_QK4_0 / 2; ++j) {
+        // x * id lies in [-8, 8] up to rounding, so x * id + 8.5 lies in [0.5, 16.5]: truncation is
+        // floor, the codes are round-half-up of x / d + 8, and only 16 needs the clamp.
+        const float v0 = RELORA_FMUL(x[j], id);
+        const float v1 = RELORA_FMUL(x[j + RELORA_QK4_0 / 2], id);
+        int c0 = (int)RELORA_FADD(v0, 8.5f);
+        int c1 = (int)RELORA_FADD(v1, 8.5f);
+        c0 = c0 > 15 ? 15 : c0;
+        c1 = c1 > 15 ? 15 : c1;
+        y->qs[j] = (uint8_t)(c0 | (c1 << 4));
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD void relora_dequantize_block_q4_0(const block_q4_0 *x, float *y) {
+    const float d = relora_fp16_to_fp32(x->d);
+    for (int j = 0; j < RELORA_QK4_0 / 2; ++j) {
+        y[j] = RELORA_FMUL((float)((int)(x->qs[j] & 15u) - 8), d);
+        y[j + RELORA_QK4_0 / 2] = RELORA_FMUL((float)((int)(x->qs[j] >> 4) - 8), d);
+    }
+}
+
+// nf4 has no scale overflow (absmax is stored in fp32), so this always returns RELORA_QUANT_OK.
+RELORA_HD int relora_quantize_block_nf4(const float *x, block_nf4 *y, int *bad_j) {
+    (void)bad_j;
+    float absmax = 0.0f;
+    for (int j = 0; j < RELORA_QKNF4; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > absmax) absmax = a;
+    }
+    if (absmax < relora_nf4_absmax_min()) {
+        // Canonical zero block (also what bitsandbytes writes when absmax is exactly 0).
+        y->absmax = 0.0f;
+        for (int k = 0; k < RELORA_QKNF4 / 2; ++k) y->qs[k] = 0x77u;
+        return RELORA_QUANT_OK;
+    }
+    // bitsandbytes: x * (1 / absmax), clamped to [-1, 1] (the clamp cannot change a code).
+    const float inv = RELORA_FDIV(1.0f, absmax);
+    y->absmax = absmax;
+    for (int k = 0; k < RELORA_QKNF4 / 2; ++k) {
+        const int hi = relora_nf4_code(RELORA_FMUL(x[2 * k], inv));
+        const int lo = relora_nf4_code(RELORA_FMUL(x[2 * k + 1], inv));
+        y->qs[k] = (uint8_t)((hi << 4) | lo);
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD void relora_dequantize_block_nf4(const block_nf4 *x, float *y) {
+    const float absmax = x->absmax;
+    for (int k = 0; k < RELORA_QKNF4 / 2; ++k) {
+        y[2 * k] = RELORA_FMUL(relora_nf4_value(x->qs[k] >> 4), absmax);
+        y[2 * k + 1] = RELORA_FMUL(relora_nf4_value(x->qs[k] & 15), absmax);
+    }
+}
+
+// ---- Row functions (the reference entry points) ---------------------------------------------------
+// quantize: x holds n floats (n a multiple of the block size), y receives n / block blocks. Returns
+// RELORA_QUANT_OK, or an error with *bad_index (if not NULL) set to the offending element's index in x
+// (-1 for RELORA_QUANT_ERR_LENGTH). Blocks are processed in order and the first bad block stops the
+// row: the blocks before it are written, it and the rest are not.
+// dequantize: the inverse; returns RELORA_QUANT_OK or RELORA_QUANT_ERR_LENGTH.
+
+// The index of the first inf or NaN among x[0 ..< count], or -1.
+RELORA_HD int relora_first_nonfinite(const float *x, int count) {
+    for (int j = 0; j < count; ++j) {
+        if (!relora_f32_is_finite(x[j])) return j;
+    }
+    return -1;
+}
+
+RELORA_HD int relora_quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n, int64_t *bad_index) {
+    if (n < 0 || n % RELORA_QK8_0 != 0) {
+        if (bad_index) *bad_index = -1;
+        return RELORA_QUANT_ERR_LENGTH;
+    }
+    for (int64_t b = 0; b < n / RELORA_QK8_0; ++b) {
+        const float *xb = x + b * RELORA_QK8_0;
+        int bad_j = relora_first_nonfinite(xb, RELORA_QK8_0);
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : relora_quantize_block_q8_0(xb, y + b, &bad_j);
+        if (status != RELORA_QUANT_OK) {
+            if (bad_index) *bad_index = b * RELORA_QK8_0 + bad_j;
+            return status;
+        }
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_dequantize_row_q8_0(const block_q8_0 *x, float *y, int64_t n) {
+    if (n < 0 || n % RELORA_QK8_0 != 0) return RELORA_QUANT_ERR_LENGTH;
+    for (int64_t b = 0; b < n / RELORA_QK8_0; ++b) relora_dequantize_block_q8_0(x + b, y + b * RELORA_QK8_0);
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t n, int64_t *bad_index) {
+    if (n < 0 || n % RELORA_QK4_0 != 0) {
+        if (bad_index) *bad_index = -1;
+        return RELORA_QUANT_ERR_LENGTH;
+    }
+    for (int64_t b = 0; b < n / RELORA_QK4_0; ++b) {
+        const float *xb = x + b * RELORA_QK4_0;
+        int bad_j = relora_first_nonfinite(xb, RELORA_QK4_0);
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : relora_quantize_block_q4_0(xb, y + b, &bad_j);
+        if (status != RELORA_QUANT_OK) {
+            if (bad_index) *bad_index = b * RELORA_QK4_0 + bad_j;
+            return status;
+        }
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_dequantize_row_q4_0(const block_q4_0 *x, float *y, int64_t n) {
+    if (n < 0 || n % RELORA_QK4_0 != 0) return RELORA_QUANT_ERR_LENGTH;
+    for (int64_t b = 0; b < n / RELORA_QK4_0; ++b) relora_dequantize_block_q4_0(x + b, y + b * RELORA_QK4_0);
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_quantize_row_nf4(const float *x, block_nf4 *y, int64_t n, int64_t *bad_index) {
+    if (n < 0 || n % RELORA_QKNF4 != 0) {
+        if (bad_index) *bad_index = -1;
+        return RELORA_QUANT_ERR_LENGTH;
+    }
+    for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) {
+        const float *xb = x + b * RELORA_QKNF4;
+        int bad_j = relora_first_nonfinite(xb, RELORA_QKNF4);
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : relora_quantize_block_nf4(xb, y + b, &bad_j);
+        if (status != RELORA_QUANT_OK) {
+            if (bad_index) *bad_index = b * RELORA_QKNF4 + bad_j;
+            return status;
+        }
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_dequantize_row_nf4(const block_nf4 *x, float *y, int64_t n) {
+    if (n < 0 || n % RELORA_QKNF4 != 0) return RELORA_QUANT_ERR_LENGTH;
+    for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) relora_dequantize_block_nf4(x + b, y + b * RELORA_QKNF4);
+    return RELORA_QUANT_OK;
+}
+
+#endif  // RELORA_QUANT_H
