@@ -47,6 +47,7 @@ public final class Trainer {
     let mergePolicy: MergePolicy = ExactMerge()
 
     // Views of the run: TensorBoard events beside metrics.jsonl, and MFU (FLOPs of a step over the peak).
+    var tensorBoard: TensorBoardWriter?
     let stepFLOPs: Double
     /// The backend's peak FLOP/s, measured (CPU: sgemm, once per process) before the first step is timed.
     public private(set) lazy var peakFLOPs: Double? = PeakFLOPs.peak(for: model.backend)
@@ -115,6 +116,7 @@ public final class Trainer {
             try Files.createDirectory(recipe.runDir)
             try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
             try? FileManager.default.removeItem(atPath: metricsPath)
+            TensorBoardWriter.removeEventFiles(runDir: recipe.runDir)
             if let tok = recipe.tokenizer {
                 guard let data = FileManager.default.contents(atPath: tok) else {
                     throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
@@ -123,6 +125,8 @@ public final class Trainer {
             }
         }
         optimizer.refreshMasterCopies()
+        // A resumed run writes a new event file that starts by discarding the old one's steps after the checkpoint.
+        tensorBoard = try TensorBoardWriter(runDir: recipe.runDir, resumeStep: resume ? state.step + 1 : nil)
     }
 
     var metricsPath: String { recipe.runDir + "/metrics.jsonl" }
@@ -358,6 +362,7 @@ public final class Trainer {
                 throw ReLoRAError.invalidFile(path: metricsPath, reason: "cannot write the metrics file")
             }
         }
+        try tensorBoard?.write(metricsLine: line)
     }
 
     /// After a resume, drop metric lines of steps that will be redone.
