@@ -43,3 +43,13 @@ public func formatDuration(_ seconds: Double?) -> String {
 
 /// Monotonic seconds (for rates and ETAs).
 public func monotonicSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+/// A count with three significant digits and a unit: 999 -> "999", 1234 -> "1.23k", 4_500_000 -> "4.50M",
+/// 2.1e9 -> "2.10B" (tokens seen, amounts in progress lines).
+public func formatCount(_ n: Int) -> String {
+    let v = Double(n)
+    for (unit, suffix) in [(1e9, "B"), (1e6, "M"), (1e3, "k")] where v >= unit {
+        return String(format: v / unit >= 100 ? "%.0f" : v / unit >= 10 ? "%.1f" : "%.2f", v / unit) + suffix
+    }
+    return "\(n)"
+}
