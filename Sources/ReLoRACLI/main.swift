@@ -14,6 +14,7 @@ let usage = """
       eval      Mean next-token loss and perplexity of a model on a token file
       analyze   Singular-value spectra of learned updates (update rank), JSON + SVG
       plot      Loss curves of runs (train, validation, restarts, learning rate) as SVG
+      runs      List the runs under a directory: mode, steps, tokens, losses
       control   Model config of the control baseline for a lora/relora recipe
       sample    Generate text from a model
       tokenizer train   Train a byte-level BPE tokenizer (tokenizer.json)
@@ -104,6 +105,7 @@ do {
     case "eval": try runEval(Array(argv.dropFirst()))
     case "analyze": try runAnalyze(Array(argv.dropFirst()))
     case "plot": try runPlot(Array(argv.dropFirst()))
+    case "runs": try runRuns(Array(argv.dropFirst()))
     case "control": try runControl(Array(argv.dropFirst()))
     case "sample": try runSample(Array(argv.dropFirst()))
     case "tokenizer": try runTokenizer(Array(argv.dropFirst()))
