@@ -119,6 +119,10 @@ func runExport(_ args: [String]) throws {
     let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
     if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
-    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer)
+    let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
+    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer) { done, _ in
+        progress.update(done)
+    }
+    progress.finish()
     print("exported \(checkpoint) -> \(out) (\(dtype))")
 }

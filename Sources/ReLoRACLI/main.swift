@@ -64,9 +64,11 @@ func runEval(_ args: [String]) throws {
                                       warn: { standardError("warning: \($0)") })
     let tokens = try TokenArray(npyPath: dataPath)
     let start = Date()
-    let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch) { done, total in
-        if !json { standardError("eval: \(done)/\(total) windows") }
+    let progress = json ? nil : ProgressReporter("eval", total: tokens.count / max(1, seqLen), unit: .count("windows"))
+    let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch) { done, _ in
+        progress?.update(done)
     }
+    progress?.finish()
     if json {
         let obj: [String: Any] = ["loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens]
         let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
