@@ -6,8 +6,8 @@ let trainUsage = """
            relora train --resume RUN_DIR [--set key=value ...]
 
     Trains a model as the recipe says (see Configs/recipes/ for examples and README for every key).
-    Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory); metrics also go to
-    RUN_DIR/metrics.jsonl. Checkpoints are written atomically every checkpoint_every steps and at the end;
+    Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory, MFU, ETA); metrics also go
+    to RUN_DIR/metrics.jsonl and to TensorBoard event files in RUN_DIR (`tensorboard --logdir`). Checkpoints are written atomically every checkpoint_every steps and at the end;
     Ctrl-C saves a checkpoint and stops with exit status 130 (press again to abort at once; SIGTERM: 143).
     --resume continues the latest checkpoint of RUN_DIR with bit-identical results to an uninterrupted run.
 
