@@ -11,8 +11,8 @@ relora_blas_ensure_best_core(CommandLine.unsafeArgv)
 //
 //   swift run -c release relora-bench [--config Configs/models/llama_20m.json] [--seq-len 256]
 //       [--batch 4] [--steps 5] [--checkpointing none|block] [--mode full|lora] [--rank 128] [--json OUT.json]
-// In LoRA mode the model FLOPs stay those of the full model (the frozen GEMMs still run, dW is skipped,
-// the adapters add a little), so compare LoRA runs by tokens/s, not by the FLOP fraction.
+// Model FLOPs are `ModelFLOPs` (the trainer's MFU convention): in LoRA mode the FLOPs executed (frozen
+// GEMMs forward and dX, no dW, plus the adapters), so the fraction of peak is comparable across modes.
 
 struct Options {
     var config = "Configs/models/llama_20m.json"
@@ -69,33 +69,19 @@ func parseOptions() -> Options {
 
 func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
-/// Best GFLOP/s of OpenBLAS sgemm over a few repetitions of an m x n x k product.
+/// Best GFLOP/s of OpenBLAS sgemm over a few repetitions of an m x n x k product (the library's
+/// `PeakFLOPs.sgemm`, which the trainer's MFU uses too).
 func sgemmGFLOPs(m: Int, n: Int, k: Int, transB: Bool = false, reps: Int = 5) -> Double {
-    let a = [Float](repeating: 0.5, count: m * k), b = [Float](repeating: 0.25, count: k * n)
-    var c = [Float](repeating: 0, count: m * n)
-    var best = 0.0
-    for _ in 0..<reps {
-        let t0 = now()
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, transB ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(k),
-                    1, a, Int32(k), b, Int32(transB ? k : n), 0, &c, Int32(n))
-        best = max(best, 2.0 * Double(m * n * k) / (now() - t0) / 1e9)
-    }
-    return best
+    PeakFLOPs.sgemm(m: m, n: n, k: k, transB: transB, reps: reps) / 1e9
 }
 
 let o = parseOptions()
 do {
     let config = try LlamaConfig(contentsOf: o.config)
     let tokens = o.batch * o.seqLen
-    // Model FLOPs of one training step (forward + backward, the PaLM/MFU convention): 6 per token per
-    // weight of every matmul (the 7 block linears and the LM head) plus 12 * layers * seqLen * (H*D)
-    // per token for the attention score and value products. Recomputation is not counted.
-    let linearParams = config.numHiddenLayers * (2 * config.hiddenSize * config.queryWidth
-        + 2 * config.hiddenSize * config.keyValueWidth + 3 * config.hiddenSize * config.intermediateSize)
-        + config.vocabSize * config.hiddenSize
-    let flopsPerToken = 6.0 * Double(linearParams)
-        + 12.0 * Double(config.numHiddenLayers * o.seqLen * config.queryWidth)
-    let stepFlops = flopsPerToken * Double(tokens)
+    let lora = o.mode == "lora" ? LoRAConfig(rank: o.rank, alpha: o.alpha) : nil
+    // Model FLOPs of one training step (forward + backward, the PaLM/MFU convention; see `ModelFLOPs`).
+    let stepFlops = ModelFLOPs.perToken(config: config, seqLen: o.seqLen, lora: lora) * Double(tokens)
 
     // Same-run baseline: OpenBLAS sgemm on the model's own largest GEMM (the LM head, N x V x C) and on
     // a square 2048^3 product; the better of the two is the peak we compare against.
@@ -104,7 +90,6 @@ do {
     let peak = max(peakSquare, peakHead)
 
     let backend = try! BackendFactory.make(.cpu)
-    let lora = o.mode == "lora" ? LoRAConfig(rank: o.rank, alpha: o.alpha) : nil
     try lora?.validate(for: config)
     let model = LlamaModel(config: config, backend: backend, checkpointing: o.checkpointing, lora: lora)
     model.weights.initializeRandom(seed: 1, backend: backend)

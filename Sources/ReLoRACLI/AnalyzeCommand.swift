@@ -44,8 +44,14 @@ func runAnalyze(_ args: [String]) throws {
         let reference = try against ?? defaultReference(runDir: runDir, backend: backend)
         let label = labels?[i] ?? URL(fileURLWithPath: runDir).lastPathComponent
         standardError("analyze: \(label): \(checkpoint) against \(reference.source)")
+        let progress = ProgressReporter("analyze \(label)", total: UpdateSpectrum.matrixCount(in: final), unit: .count("matrices"))
+        var done = 0
         let report = try UpdateSpectrum.analyze(label: label, final: final, reference: reference.weights,
-                                                threshold: threshold) { standardError("analyze: \($0)") }
+                                                threshold: threshold) { matrix in
+            progress.update(done, detail: matrix)  // called before each SVD: `done` matrices are finished
+            done += 1
+        }
+        progress.finish(done: done, detail: "done")
         for k in report.kinds() {
             printLine("\(label) \(k): \(report.totalBelow(kind: k)) of \(report.totalValues(kind: k)) singular values below \(threshold)")
         }

@@ -51,13 +51,17 @@ func runTokenize(_ args: [String]) throws {
     let files = try expandInputs(inputs)
     var tokens: [Int64] = []
     var bytesRead = 0
-    let start = Date()
+    // Progress in input bytes; a JSONL file advances per document (by the document's bytes), a text file
+    // when it is done.
+    let totalBytes = files.reduce(0) { $0 + ((try? FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
+    let progress = ProgressReporter("tokenize", total: totalBytes, unit: .bytes)
     for (i, file) in files.enumerated() {
         let data: Data
         do { data = try Data(contentsOf: URL(fileURLWithPath: file), options: .mappedIfSafe) } catch {
             throw ReLoRAError.invalidFile(path: file, reason: "cannot read the file")
         }
         let documents = file.hasSuffix(".jsonl") ? try jsonlTexts(data, path: file) : [data]
+        var documentBytes = 0
         for doc in documents {
             let ids: [Int32]
             do {
@@ -68,12 +72,13 @@ func runTokenize(_ args: [String]) throws {
             tokens.reserveCapacity(tokens.count + ids.count + 1)
             for id in ids { tokens.append(Int64(id)) }
             if let eot = tokenizer.endOfTextId { tokens.append(Int64(eot)) }
+            documentBytes += doc.count
+            if documents.count > 1 { progress.update(bytesRead + min(documentBytes, data.count), detail: "file \(i + 1)/\(files.count), \(formatCount(tokens.count)) tokens") }
         }
         bytesRead += data.count
-        let seconds = Date().timeIntervalSince(start)
-        standardError(String(format: "tokenize: [%d/%d] %@: %d tokens so far (%.1f MB/s)", i + 1, files.count, file,
-                             tokens.count, Double(bytesRead) / 1e6 / max(seconds, 1e-9)))
+        progress.update(bytesRead, detail: "file \(i + 1)/\(files.count), \(formatCount(tokens.count)) tokens")
     }
+    progress.finish()
     let dtype: TokenDType = tokenizer.vocabSize <= 65536 ? .uint16 : .uint32
     try NpyWriter.write(tokens: tokens, dtype: dtype, to: out)
     printLine(String(format: "wrote %@: %d tokens (%@), %.2f bytes/token, unigram entropy %.3f nats",

@@ -6,8 +6,8 @@ let trainUsage = """
            relora train --resume RUN_DIR [--set key=value ...]
 
     Trains a model as the recipe says (see Configs/recipes/ for examples and README for every key).
-    Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory); metrics also go to
-    RUN_DIR/metrics.jsonl. Checkpoints are written atomically every checkpoint_every steps and at the end;
+    Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory, MFU, ETA); metrics also go
+    to RUN_DIR/metrics.jsonl and to TensorBoard event files in RUN_DIR (`tensorboard --logdir`). Checkpoints are written atomically every checkpoint_every steps and at the end;
     Ctrl-C saves a checkpoint and stops with exit status 130 (press again to abort at once; SIGTERM: 143).
     --resume continues the latest checkpoint of RUN_DIR with bit-identical results to an uninterrupted run.
 
@@ -119,6 +119,10 @@ func runExport(_ args: [String]) throws {
     let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
     if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
-    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer)
+    let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
+    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer) { done, _ in
+        progress.update(done)
+    }
+    progress.finish()
     print("exported \(checkpoint) -> \(out) (\(dtype))")
 }

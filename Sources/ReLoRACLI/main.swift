@@ -18,6 +18,8 @@ let usage = """
       export    Export a checkpoint as a Hugging Face model directory
       eval      Mean next-token loss and perplexity of a model on a token file
       analyze   Singular-value spectra of learned updates (update rank), JSON + SVG
+      plot      Loss curves of runs (train, validation, restarts, learning rate) as SVG
+      runs      List the runs under a directory: mode, steps, tokens, losses
       control   Model config of the control baseline for a lora/relora recipe
       sample    Generate text from a model
       tokenizer train   Train a byte-level BPE tokenizer (tokenizer.json)
@@ -79,9 +81,11 @@ func runEval(_ args: [String]) throws {
                                       warn: { standardError("warning: \($0)") })
     let tokens = try TokenArray(npyPath: dataPath)
     let start = Date()
-    let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch) { done, total in
-        if !json { standardError("eval: \(done)/\(total) windows") }
+    let progress = json ? nil : ProgressReporter("eval", total: tokens.count / max(1, seqLen), unit: .count("windows"))
+    let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch) { done, _ in
+        progress?.update(done)
     }
+    progress?.finish()
     if json {
         let obj: [String: Any] = ["loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens]
         let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
@@ -125,6 +129,8 @@ do {
     case "export": try runExport(Array(argv.dropFirst()))
     case "eval": try runEval(Array(argv.dropFirst()))
     case "analyze": try runAnalyze(Array(argv.dropFirst()))
+    case "plot": try runPlot(Array(argv.dropFirst()))
+    case "runs": try runRuns(Array(argv.dropFirst()))
     case "control": try runControl(Array(argv.dropFirst()))
     case "sample": try runSample(Array(argv.dropFirst()))
     case "tokenizer": try runTokenizer(Array(argv.dropFirst()))

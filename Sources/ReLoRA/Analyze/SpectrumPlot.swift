@@ -13,7 +13,7 @@ import Foundation
 /// All panels of a row share their x and y scales so runs compare by eye. Reports are expected to share one
 /// threshold (the histogram bins are aligned to the first report's). Elements carry classes ("panel",
 /// "histogram", "spectra", "threshold", "legend") so tests and stylesheets can find them.
-public enum SpectrumPlot {
+public enum SpectrumPlot: SVGFigure {
     // Geometry in SVG user units (px).
     static let plotWidth = 320.0, plotHeight = 200.0
     static let marginLeft = 70.0, marginRight = 24.0, panelTitleHeight = 52.0, axisBelow = 46.0
@@ -29,9 +29,7 @@ public enum SpectrumPlot {
         let width = max(Double(columns) * panelWidth + 20, minimumWidth)  // the legend needs ~800 px
         let height = headerHeight + 2 * panelHeight + rowGap + legendHeight
         var svg = SVG()
-        svg.raw("<?xml version=\"1.0\" encoding=\"UTF-8\"?>")
-        svg.raw("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(f(width))\" height=\"\(f(height))\" viewBox=\"0 0 \(f(width)) \(f(height))\" font-family=\"Helvetica, Arial, sans-serif\" font-size=\"12\">")
-        svg.raw("<rect width=\"100%\" height=\"100%\" fill=\"white\"/>")
+        svg.open(width: width, height: height)
 
         // Header: title and a line that says what is plotted.
         let perRun = reports.map { $0.matrices.filter { $0.kind == kind } }
@@ -43,7 +41,7 @@ public enum SpectrumPlot {
 
         if reports.isEmpty {
             svg.text("no reports to plot", x: width / 2, y: headerHeight + 40, size: 14, anchor: "middle")
-            svg.raw("</svg>")
+            svg.close()
             return svg.body
         }
 
@@ -203,7 +201,7 @@ public enum SpectrumPlot {
                      x: 10 + marginLeft, y: ly + 22, size: 11, fill: "#777777")
         }
         svg.raw("</g>")
-        svg.raw("</svg>")
+        svg.close()
         return svg.body
     }
 
@@ -242,37 +240,6 @@ public enum SpectrumPlot {
         return counts
     }
 
-    /// The smallest 1, 2, 2.5 or 5 x 10^k that is >= x (for axis ends).
-    static func niceCeil(_ x: Double) -> Double {
-        guard x > 0, x.isFinite else { return 1 }
-        let p = pow(10, log10(x).rounded(.down))
-        for m in [1.0, 2.0, 2.5, 5.0, 10.0] where m * p >= x * (1 - 1e-12) { return m * p }
-        return 10 * p
-    }
-
-    /// About `target` ticks at a 1, 2 or 5 x 10^k step covering [lo, hi]. Tick i is computed as the integer
-    /// i * m scaled by a power of ten (dividing for negative powers), so 0.6 comes out as 0.6, not 0.6000000000000001.
-    static func niceTicks(_ lo: Double, _ hi: Double, target: Int) -> [Double] {
-        guard hi > lo, lo.isFinite, hi.isFinite else { return [lo] }
-        let raw = (hi - lo) / Double(max(1, target))
-        var e = Int(log10(raw).rounded(.down))
-        var m = [1, 2, 5, 10].first { Double($0) * pow(10, Double(e)) >= raw * (1 - 1e-12) } ?? 10
-        if m == 10 { m = 1; e += 1 }
-        let scale = pow(10, Double(abs(e)))
-        func value(_ k: Int) -> Double { e >= 0 ? Double(k * m) * scale : Double(k * m) / scale }
-        let step = value(1)
-        var ticks: [Double] = []
-        var k = Int((lo / step).rounded(.up))
-        while value(k) <= hi + step * 1e-9 { ticks.append(value(k)); k += 1 }
-        return ticks
-    }
-
-    static func tickLabel(_ v: Double, step: Double) -> String {
-        let decimals = max(0, Int(-log10(step).rounded(.down)))
-        if decimals == 0, abs(v) >= 10_000 { return String(format: "%.0fk", v / 1000) }
-        return String(format: "%.\(decimals)f", v)
-    }
-
     static func powerLabel(_ e: Int) -> String {
         switch e {
         case 0: return "1"
@@ -305,41 +272,5 @@ public enum SpectrumPlot {
 
     // MARK: - Text
 
-    /// Coordinates with two decimals: sub-pixel precision without bloating the file.
-    static func f(_ v: Double) -> String { String(format: "%.2f", v) }
-    /// A short human number (threshold, bin edges).
-    static func g(_ v: Double) -> String { String(format: "%g", v) }
     static func percent(_ a: Int, _ b: Int) -> String { String(format: "%.0f%%", 100 * Double(a) / Double(max(1, b))) }
-
-    static func escape(_ s: String) -> String {
-        var out = ""
-        for ch in s {
-            switch ch {
-            case "&": out += "&amp;"
-            case "<": out += "&lt;"
-            case ">": out += "&gt;"
-            case "\"": out += "&quot;"
-            case "'": out += "&apos;"
-            default: out.append(ch)
-            }
-        }
-        return out
-    }
-
-    /// A line-oriented SVG writer; every text goes through `escape`.
-    struct SVG {
-        var body = ""
-        mutating func raw(_ s: String) { body += s; body += "\n" }
-        mutating func line(_ x1: Double, _ y1: Double, _ x2: Double, _ y2: Double, stroke: String) {
-            raw("<line x1=\"\(f(x1))\" y1=\"\(f(y1))\" x2=\"\(f(x2))\" y2=\"\(f(y2))\" stroke=\"\(stroke)\" stroke-width=\"1\"/>")
-        }
-        mutating func rect(_ x: Double, _ y: Double, _ w: Double, _ h: Double, stroke: String) {
-            raw("<rect x=\"\(f(x))\" y=\"\(f(y))\" width=\"\(f(w))\" height=\"\(f(h))\" fill=\"none\" stroke=\"\(stroke)\" stroke-width=\"1\"/>")
-        }
-        mutating func text(_ s: String, x: Double, y: Double, size: Double, anchor: String = "start",
-                           fill: String = "#222222", weight: String = "normal", rotate: Bool = false) {
-            let transform = rotate ? " transform=\"rotate(-90 \(f(x)) \(f(y)))\"" : ""
-            raw("<text x=\"\(f(x))\" y=\"\(f(y))\" font-size=\"\(f(size))\" text-anchor=\"\(anchor)\" fill=\"\(fill)\" font-weight=\"\(weight)\"\(transform)>\(escape(s))</text>")
-        }
-    }
 }

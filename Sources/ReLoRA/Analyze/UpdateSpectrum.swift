@@ -88,6 +88,11 @@ public enum UpdateSpectrum {
         return (layer, kind)
     }
 
+    /// How many matrices `analyze` takes its SVD of in `weights` (for progress reports).
+    public static func matrixCount(in weights: [String: ([Int], [Float])]) -> Int {
+        weights.keys.filter { parseName($0) != nil }.count
+    }
+
     /// The spectra of `final - reference` for every projection matrix of `final`.
     ///
     /// - Parameters:

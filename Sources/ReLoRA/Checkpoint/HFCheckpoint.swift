@@ -106,8 +106,10 @@ public enum HFCheckpoint {
     /// if given, `tokenizer.json`) that `LlamaForCausalLM.from_pretrained` and
     /// `AutoTokenizer.from_pretrained` load. `bfloat16` halves the size; `float32` is exact.
     /// Written into a temporary directory and renamed into place; an existing `out` is replaced only
-    /// after the new export is complete.
-    public static func save(model: LlamaModel, to out: String, bfloat16: Bool = false, tokenizerJSON: Data? = nil) throws {
+    /// after the new export is complete. `progress(tensorsDone, tensorsTotal)` is called as each tensor is
+    /// read from the backend and converted (the bulk of the work before the one file write).
+    public static func save(model: LlamaModel, to out: String, bfloat16: Bool = false, tokenizerJSON: Data? = nil,
+                            progress: ((Int, Int) -> Void)? = nil) throws {
         let fm = FileManager.default
         let temp = out + ".tmp-\(getpid())"
         try? fm.removeItem(atPath: temp)
@@ -118,7 +120,11 @@ public enum HFCheckpoint {
             config["bos_token_id"] = NSNull()
             config["eos_token_id"] = NSNull()
             try Files.writeJSON(config, to: temp + "/config.json")
-            let entries = model.weights.named().map { TensorIO.entry($0.0, $0.1, backend: model.backend, bfloat16: bfloat16) }
+            let named = model.weights.named()
+            let entries = named.enumerated().map { i, t in
+                defer { progress?(i + 1, named.count) }
+                return TensorIO.entry(t.0, t.1, backend: model.backend, bfloat16: bfloat16)
+            }
             try SafetensorsWriter.write(entries, metadata: ["format": "pt"], to: temp + "/model.safetensors")
             if let tok = tokenizerJSON { try writeFileAtomically(tok, to: temp + "/tokenizer.json") }
             try replaceDirectory(at: out, with: temp)

@@ -10,6 +10,8 @@ public struct StepMetrics: Sendable {
     public var milliseconds: Double
     public var memoryBytes: Int
     public var skipped: Bool
+    /// Model FLOPs utilisation of the step (`ModelFLOPs` over `PeakFLOPs`); nil where the backend's peak is unknown.
+    public var mfu: Double? = nil
 }
 
 public struct TrainingSummary: Sendable {
@@ -44,6 +46,12 @@ public final class Trainer {
     /// How restarts store merged weights (`exact` for dense weights).
     let mergePolicy: MergePolicy = ExactMerge()
 
+    // Views of the run: TensorBoard events beside metrics.jsonl, and MFU (FLOPs of a step over the peak).
+    var tensorBoard: TensorBoardWriter?
+    let stepFLOPs: Double
+    /// The backend's peak FLOP/s, measured (CPU: sgemm, once per process) before the first step is timed.
+    public private(set) lazy var peakFLOPs: Double? = PeakFLOPs.peak(for: model.backend)
+
     /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
     /// the latest checkpoint of `recipe.runDir`. `backend` defaults to the recipe's `device`.
     public init(recipe: Recipe, resume: Bool, backend: Backend? = nil, log: @escaping (String) -> Void) throws {
@@ -72,6 +80,7 @@ public final class Trainer {
         try recipe.loraConfig?.validate(for: config)
 
         model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig)
+        stepFLOPs = ModelFLOPs.perStep(config: config, recipe: recipe)
         model.dropoutSeed = recipe.seed
         model.enableGradients()
         optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
@@ -107,6 +116,7 @@ public final class Trainer {
             try Files.createDirectory(recipe.runDir)
             try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
             try? FileManager.default.removeItem(atPath: metricsPath)
+            TensorBoardWriter.removeEventFiles(runDir: recipe.runDir)
             if let tok = recipe.tokenizer {
                 guard let data = FileManager.default.contents(atPath: tok) else {
                     throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
@@ -115,6 +125,8 @@ public final class Trainer {
             }
         }
         optimizer.refreshMasterCopies()
+        // A resumed run writes a new event file that starts by discarding the old one's steps after the checkpoint.
+        tensorBoard = try TensorBoardWriter(runDir: recipe.runDir, resumeStep: resume ? state.step + 1 : nil)
     }
 
     var metricsPath: String { recipe.runDir + "/metrics.jsonl" }
@@ -195,15 +207,18 @@ public final class Trainer {
             + "(\(r.microBatch) x \(r.seqLen) x \(r.gradAccum)); steps \(state.step)..<\(r.steps)")
         var lastLoss = Double.nan, lastVal: Double? = nil, lastCheckpoint: String? = nil
         var stoppedEarly = false
+        var eta = ETAEstimator(total: r.steps)  // wall time per step, evaluations and checkpoints included
+        eta.record(done: state.step, at: monotonicSeconds())
         while state.step < r.steps {
             let metrics = try trainStep()
+            eta.record(done: state.step, at: monotonicSeconds())
             lastLoss = metrics.loss
             if history.count == 1 {
                 log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
                     + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down")
             }
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
-                log(format(metrics))
+                log(format(metrics, secondsLeft: eta.secondsRemaining))
             }
             try appendMetrics(metricsJSON(metrics))
             // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0;
@@ -241,6 +256,7 @@ public final class Trainer {
     /// One optimizer step over `grad_accum` micro-batches (no logging, evaluation or checkpoint).
     public func trainStep() throws -> StepMetrics {
         let r = recipe
+        let peak = peakFLOPs
         let start = DispatchTime.now().uptimeNanoseconds
         let transfersBefore = model.backend.ledger.transferCount
         defer { lastStepTransfers = model.backend.ledger.transferCount - transfersBefore }
@@ -260,7 +276,8 @@ public final class Trainer {
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
         let metrics = StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
                                   tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
-                                  memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped)
+                                  memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped,
+                                  mfu: peak.map { stepFLOPs / seconds / $0 })
         history.append(metrics)
         return metrics
     }
@@ -312,13 +329,15 @@ public final class Trainer {
         return path
     }
 
-    func format(_ m: StepMetrics) -> String {
+    /// The console line of a step; `secondsLeft` (the ETA) is printed as h:mm:ss.
+    func format(_ m: StepMetrics, secondsLeft: Double? = nil) -> String {
         if m.skipped {
             return String(format: "step %d/%d | SKIPPED: non-finite loss %.4g or grad norm %.4g (%d skipped so far)",
                           m.step, recipe.steps, m.loss, m.gradNorm, state.skippedSteps)
         }
         return String(format: "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.0f ms | mem %@", m.step,
                       recipe.steps, m.loss, m.lr, m.gradNorm, m.tokensPerSecond, m.milliseconds, formatBytes(m.memoryBytes))
+            + (m.mfu.map { String(format: " | mfu %.1f%%", 100 * $0) } ?? "") + " | eta " + formatDuration(secondsLeft)
     }
 
     func metricsJSON(_ m: StepMetrics) -> String {
@@ -328,7 +347,8 @@ public final class Trainer {
         let loss = m.loss.isFinite ? String(format: "%.17g", m.loss) : "null"
         return "{\"step\":\(m.step),\"loss\":\(loss),\"lr\":\(num(m.lr)),\"grad_norm\":\(num(m.gradNorm)),"
             + "\"tokens_per_second\":\(num(m.tokensPerSecond)),\"ms\":\(num(m.milliseconds)),"
-            + "\"memory_bytes\":\(m.memoryBytes),\"skipped\":\(m.skipped)}"
+            + "\"memory_bytes\":\(m.memoryBytes),\"skipped\":\(m.skipped)"
+            + (m.mfu.map { ",\"mfu\":\(num($0))" } ?? "") + "}"
     }
 
     func appendMetrics(_ line: String) throws {
@@ -342,6 +362,7 @@ public final class Trainer {
                 throw ReLoRAError.invalidFile(path: metricsPath, reason: "cannot write the metrics file")
             }
         }
+        try tensorBoard?.write(metricsLine: line)
     }
 
     /// After a resume, drop metric lines of steps that will be redone.

@@ -1,0 +1,97 @@
+import Foundation
+import XCTest
+@testable import ReLoRA
+
+/// `relora runs DIR`: which directories count as runs, and each row's numbers against metrics.jsonl.
+final class RunListingTests: XCTestCase {
+    func testRowsOfRunsUnderADirectory() throws {
+        let (full, relora) = try LossPlotTests.makeRuns()
+        let root = URL(fileURLWithPath: full.runDir).deletingLastPathComponent().path  // .../runs
+        // Not runs: a directory with a recipe only; a run with an empty metrics file is listed with a note.
+        try FileManager.default.createDirectory(atPath: root + "/exp/not-a-run", withIntermediateDirectories: true)
+        try Data("{}".utf8).write(to: URL(fileURLWithPath: root + "/exp/not-a-run/recipe.json"))
+        try FileManager.default.createDirectory(atPath: root + "/exp/empty", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: relora.runDir + "/recipe.json", toPath: root + "/exp/empty/recipe.json")
+        try Data().write(to: URL(fileURLWithPath: root + "/exp/empty/metrics.jsonl"))
+        // Three levels down is beyond the search.
+        try FileManager.default.createDirectory(atPath: root + "/exp/a/b", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: full.runDir + "/recipe.json", toPath: root + "/exp/a/b/recipe.json")
+        try FileManager.default.copyItem(atPath: full.runDir + "/metrics.jsonl", toPath: root + "/exp/a/b/metrics.jsonl")
+
+        let rows = try RunListing.rows(under: root)
+        XCTAssertEqual(rows.map(\.run), ["exp/empty", "exp/relora", "full"])
+
+        let f = try XCTUnwrap(rows.first { $0.run == "full" })
+        let lines = try metricsLines(full.runDir)
+        let losses = lines.compactMap { $0["loss"] as? Double }
+        let vals = lines.compactMap { l -> (Int, Double, Double)? in
+            guard let v = l["val_loss"] as? Double else { return nil }
+            return (l["step"] as! Int, v, l["val_perplexity"] as! Double)
+        }
+        XCTAssertEqual(f.mode, "full")
+        XCTAssertEqual(f.quantization, "dense")
+        XCTAssertEqual(f.stepsDone, 12)
+        XCTAssertEqual(f.stepsTotal, 12)
+        XCTAssertEqual(f.tokensSeen, 12 * 256)
+        XCTAssertEqual(f.finalTrainLoss, losses.last)
+        XCTAssertEqual(f.finalValLoss, vals.last?.1)
+        XCTAssertEqual(f.finalValPerplexity, vals.last?.2)
+        let best = try XCTUnwrap(vals.min { $0.1 < $1.1 })
+        XCTAssertEqual(f.bestValLoss, best.1)
+        XCTAssertEqual(f.bestValPerplexity, best.2)
+        XCTAssertEqual(f.bestValStep, best.0)
+        XCTAssertNil(f.note)
+
+        let r = try XCTUnwrap(rows.first { $0.run == "exp/relora" })
+        XCTAssertEqual(r.mode, "relora")
+        let empty = try XCTUnwrap(rows.first { $0.run == "exp/empty" })
+        XCTAssertNil(empty.finalValLoss)
+        XCTAssertTrue(empty.note?.contains("no metrics") == true, "\(String(describing: empty.note))")
+
+        // A `quant` recipe key (quantized frozen weights, a later feature) is shown when present.
+        var recipe = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: relora.runDir + "/recipe.json"))) as! [String: Any]
+        recipe["quant"] = "nf4"
+        try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: relora.runDir + "/recipe.json"))
+        XCTAssertEqual(try RunListing.rows(under: root).first { $0.run == "exp/relora" }?.quantization, "nf4")
+
+        // The directory itself can be a run.
+        XCTAssertEqual(try RunListing.rows(under: full.runDir).map(\.run), ["."])
+        XCTAssertThrowsError(try RunListing.rows(under: root + "/nowhere"))
+    }
+
+    func testTableIsAligned() throws {
+        let rows = [
+            RunRow(run: "a", mode: "full", quantization: "dense", stepsDone: 12, stepsTotal: 12, tokensSeen: 3072,
+                   finalTrainLoss: 3.5, finalValLoss: 4.25, finalValPerplexity: 70.1, bestValLoss: 4.2, bestValPerplexity: 66.69, bestValStep: 8),
+            RunRow(run: "experiment/relora", mode: "relora", quantization: "nf4", stepsDone: 1200, stepsTotal: 20000, tokensSeen: 2_457_600),
+            RunRow(run: "broken", mode: "?", quantization: "?", stepsDone: 0, stepsTotal: 0, tokensSeen: 0, note: "holds no metrics yet"),
+        ]
+        let lines = RunListing.table(rows).split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines.count, 4)
+        XCTAssertTrue(lines[0].hasPrefix("run "))
+        // Right-aligned numeric columns end at the same offset as their header.
+        let headerEnd = try XCTUnwrap(lines[0].range(of: "steps")).upperBound.utf16Offset(in: lines[0])
+        XCTAssertEqual(try XCTUnwrap(lines[1].range(of: "12/12")).upperBound.utf16Offset(in: lines[1]), headerEnd)
+        XCTAssertEqual(try XCTUnwrap(lines[2].range(of: "1200/20000")).upperBound.utf16Offset(in: lines[2]), headerEnd)
+        XCTAssertTrue(lines[1].contains("3.07k") && lines[2].contains("2.46M"), "\(lines)")
+        XCTAssertTrue(lines[1].contains("4.2000") && lines[1].contains("66.69"), lines[1])
+        XCTAssertTrue(lines[3].hasSuffix("(holds no metrics yet)"), lines[3])
+        XCTAssertEqual(formatCount(999), "999")
+        XCTAssertEqual(formatCount(12_345_678), "12.3M")
+        XCTAssertEqual(formatCount(2_000_000_000), "2.00B")
+    }
+
+    func testJSONHasEveryKeyInEveryRow() throws {
+        let row = RunRow(run: "x", mode: "lora", quantization: "dense", stepsDone: 1, stepsTotal: 2, tokensSeen: 3)
+        let object = try JSONSerialization.jsonObject(with: JSONEncoder().encode(row)) as! [String: Any]
+        XCTAssertEqual(Set(object.keys), ["run", "mode", "quantization", "steps_done", "steps_total", "tokens_seen", "final_train_loss",
+                                          "final_val_loss", "final_val_perplexity", "best_val_loss", "best_val_perplexity",
+                                          "best_val_step", "note"])
+        XCTAssertTrue(object["best_val_loss"] is NSNull)
+    }
+
+    func metricsLines(_ runDir: String) throws -> [[String: Any]] {
+        try String(contentsOfFile: runDir + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any] }
+    }
+}
