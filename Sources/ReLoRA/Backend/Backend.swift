@@ -117,6 +117,27 @@ public protocol Backend: AnyObject, Sendable {
 
     /// Zeroes entries of `tensor` by `rule` and returns to the host how many it zeroed (one transfer).
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int
+
+    // MARK: Quantized weights (formats and layout: `relora_quant.h`, `QuantizedTensor`)
+
+    /// The raw bytes of any tensor (u8 blocks of quantized weights for checkpoints), one transfer.
+    func downloadRaw(_ tensor: Tensor) -> [UInt8]
+    /// Quantizes f32 `source` `[q.rows, q.cols]` into `q` with the reference quantizer, round to nearest
+    /// (rows zero-padded to whole blocks). Returns nil, or the first element it cannot store, in which
+    /// case `q` is unspecified. One transfer (the status).
+    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure?
+    /// Rows `firstRow ..< firstRow + rowCount` of `q`, dequantized exactly as the reference does, into the
+    /// first `rowCount * q.cols` elements of f32 `out` (padding dropped).
+    func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor)
+    /// The scratch a `quantizedLinear*` call on a `[rows, cols]` weight needs (what the model allocates
+    /// once, tagged `.workspace`, for its largest linear): the CPU dequantizes bounded tiles of rows.
+    func dequantizeScratchShape(rows: Int, cols: Int) -> [Int]
+    /// `y = x deq(W)^T + beta * y` for `W = q` `[out, in]`, x `[n, in]`, y `[n, out]`, dequantizing
+    /// through `scratch` (at least `dequantizeScratchShape` elements); the whole dense W never exists.
+    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor)
+    /// `dx = dy deq(W) + beta * dx` (the input gradient through a frozen quantized W), dy `[n, out]`,
+    /// dx `[n, in]`, through `scratch`.
+    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor)
 }
 
 /// Which entries `Backend.prune` zeroes (ReLoRA's optimizer reset).

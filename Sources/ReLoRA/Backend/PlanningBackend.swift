@@ -94,4 +94,21 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         ledger.downloaded(MemoryLayout<Int>.size)
         return 0
     }
+
+    public func downloadRaw(_ tensor: Tensor) -> [UInt8] {
+        ledger.downloaded(tensor.byteCount)
+        return [UInt8](repeating: 0, count: tensor.byteCount)
+    }
+    public func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? {
+        ledger.downloaded(MemoryLayout<Int32>.size)
+        return nil
+    }
+    public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {}
+    /// CPU: the CPU backend's row tiles. CUDA: the whole layer, dequantized right before its GEMMs
+    /// (DESIGN.md: one reused buffer, then cuBLAS).
+    public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] {
+        target == .cpu ? [CPUBackend.tileRows(rows: rows, cols: cols), cols] : [rows, cols]
+    }
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {}
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {}
 }

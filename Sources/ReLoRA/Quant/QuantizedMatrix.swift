@@ -118,7 +118,7 @@ public struct QuantizedMatrix: Sendable, Equatable {
 
     // Swift array storage is 16-byte aligned and every row starts at a multiple of the block size, so each
     // block is aligned for its C struct (2 bytes for q8_0/q4_0, 4 for nf4's float absmax).
-    private static func quantizeRow(_ format: QuantFormat, _ x: UnsafePointer<Float>, _ blocks: UnsafeMutableRawPointer,
+    static func quantizeRow(_ format: QuantFormat, _ x: UnsafePointer<Float>, _ blocks: UnsafeMutableRawPointer,
                                     _ n: Int64, _ badIndex: inout Int64) -> Int32 {
         assert(Int(bitPattern: blocks) % format.blockAlignment == 0, "quantize: misaligned blocks")
         switch format {
@@ -128,7 +128,7 @@ public struct QuantizedMatrix: Sendable, Equatable {
         }
     }
 
-    private static func dequantizeRow(_ format: QuantFormat, _ blocks: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>,
+    static func dequantizeRow(_ format: QuantFormat, _ blocks: UnsafeRawPointer, _ y: UnsafeMutablePointer<Float>,
                                       _ n: Int64) {
         assert(Int(bitPattern: blocks) % format.blockAlignment == 0, "dequantize: misaligned blocks")
         let status: Int32
@@ -140,7 +140,7 @@ public struct QuantizedMatrix: Sendable, Equatable {
         precondition(status == RELORA_QUANT_OK, "dequantize: row length \(n) is not whole \(format.rawValue) blocks")
     }
 
-    private static func quantizationError(_ status: Int32, format: QuantFormat, name: String?, row: Int, col: Int,
+    static func quantizationError(_ status: Int32, format: QuantFormat, name: String?, row: Int, col: Int,
                                           value: Float) -> ReLoRAError {
         let what = name.map { "tensor '\($0)'" } ?? "the weights"
         let fmt = format.rawValue

@@ -1,0 +1,99 @@
+import CReLoRA
+
+/// The CPU backend's quantized-weight ops: the reference quantizer and dequantizer of `relora_quant.h`
+/// (bit-exact by construction), and linear layers that dequantize bounded tiles of W's rows into a
+/// reused f32 scratch and hand each tile to sgemm, so the dense weight of a layer never exists.
+extension CPUBackend {
+    /// Rows of W per tile: about 1 MiB of f32 (L2-sized), at least 16 rows, at most all of them.
+    static func tileRows(rows: Int, cols: Int) -> Int {
+        min(rows, max(16, (1 << 18) / max(1, cols)))
+    }
+
+    public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] {
+        [Self.tileRows(rows: rows, cols: cols), cols]
+    }
+
+    public func downloadRaw(_ tensor: Tensor) -> [UInt8] {
+        ledger.downloaded(tensor.byteCount)
+        return Array(UnsafeRawBufferPointer(tensor.hostBytes))
+    }
+
+    public func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? {
+        ledger.downloaded(MemoryLayout<Int32>.size)  // the status
+        precondition(source.count == q.rows * q.cols, "quantize: \(source.count) values for [\(q.rows), \(q.cols)]")
+        let src = source.f32, out = q.blocks.storage!
+        let padded = UnsafeMutablePointer<Float>.allocate(capacity: max(1, q.paddedCols))
+        padded.initialize(repeating: 0, count: max(1, q.paddedCols))
+        defer { padded.deallocate() }
+        for r in 0..<q.rows {
+            let row = src + r * q.cols
+            let input: UnsafePointer<Float>
+            if q.paddedCols == q.cols {
+                input = UnsafePointer(row)
+            } else {
+                padded.update(from: row, count: q.cols)  // the padding stays zero
+                input = UnsafePointer(padded)
+            }
+            var bad: Int64 = -1
+            let status = QuantizedMatrix.quantizeRow(q.format, input, out + r * q.bytesPerRow, Int64(q.paddedCols), &bad)
+            if status != RELORA_QUANT_OK {
+                let col = Int(bad)
+                return QuantizationFailure(reason: status == RELORA_QUANT_ERR_NONFINITE ? .nonFinite : .scaleOverflow,
+                                           row: r, col: col, value: row[col])
+            }
+        }
+        return nil
+    }
+
+    public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
+        precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
+        precondition(out.count >= rowCount * q.cols, "dequantize: output too small")
+        let dst = out.f32, blocks = UnsafeRawPointer(q.blocks.storage!)
+        let (cols, paddedCols, bytesPerRow, format) = (q.cols, q.paddedCols, q.bytesPerRow, q.format)
+        parallelChunks(rowCount, minPerChunk: 8) { _, range in
+            if paddedCols == cols {
+                for r in range {
+                    QuantizedMatrix.dequantizeRow(format, blocks + (firstRow + r) * bytesPerRow, dst + r * cols, Int64(cols))
+                }
+                return
+            }
+            let padded = UnsafeMutablePointer<Float>.allocate(capacity: paddedCols)
+            defer { padded.deallocate() }
+            for r in range {
+                QuantizedMatrix.dequantizeRow(format, blocks + (firstRow + r) * bytesPerRow, padded, Int64(paddedCols))
+                (dst + r * cols).update(from: padded, count: cols)
+            }
+        }
+    }
+
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        let tile = Self.tileRows(rows: q.rows, cols: q.cols)
+        precondition(scratch.count >= tile * q.cols, "quantizedLinear: scratch of \(scratch.count) < \(tile * q.cols)")
+        precondition(x.count >= n * q.cols && y.count >= n * q.rows, "quantizedLinear: operand too small")
+        var r0 = 0
+        while r0 < q.rows {
+            let t = min(tile, q.rows - r0)
+            dequantize(q, firstRow: r0, rowCount: t, into: scratch)
+            // y[:, r0 ..< r0+t] = x [n, in] * tile^T [in, t] (+ beta y): the output columns of this tile.
+            Self.sgemm(x.f32, scratch.f32, y.f32 + r0, m: n, n: t, k: q.cols, lda: q.cols, ldb: q.cols, ldc: q.rows,
+                       transA: false, transB: true, alpha: 1, beta: beta)
+            r0 += t
+        }
+    }
+
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        let tile = Self.tileRows(rows: q.rows, cols: q.cols)
+        precondition(scratch.count >= tile * q.cols, "quantizedLinearInput: scratch of \(scratch.count) < \(tile * q.cols)")
+        precondition(dy.count >= n * q.rows && dx.count >= n * q.cols, "quantizedLinearInput: operand too small")
+        if q.rows == 0 { scale(dx, by: beta); return }
+        var r0 = 0
+        while r0 < q.rows {
+            let t = min(tile, q.rows - r0)
+            dequantize(q, firstRow: r0, rowCount: t, into: scratch)
+            // dx += dy[:, r0 ..< r0+t] [n, t] * tile [t, in]; the first tile applies beta.
+            Self.sgemm(dy.f32 + r0, scratch.f32, dx.f32, m: n, n: q.cols, k: t, lda: q.rows, ldb: q.cols, ldc: q.cols,
+                       transA: false, transB: false, alpha: 1, beta: r0 == 0 ? beta : 1)
+            r0 += t
+        }
+    }
+}
