@@ -129,7 +129,7 @@ final class RecipeTests: XCTestCase {
 
     func testChoiceErrorsListTheAllowedValues() {
         for (key, allowed) in [("mode", "'full', 'lora' or 'relora'"), ("checkpointing", "'none' or 'block'"),
-                               ("optimizer_reset", "'magnitude', 'random', 'full' or 'none'")] {
+                               ("optimizer_reset", "'magnitude', 'random', 'full', 'none', 'magnitude_joint' or 'magnitude_reinit_a'")] {
             var keys = Self.base
             keys[key] = .string("bogus")
             XCTAssertThrowsError(try Recipe(keys: keys)) {

@@ -165,7 +165,7 @@ public final class Trainer {
     func restart() throws {
         let merge = model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
         state.loraMerges = model.merges
-        let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset.rule(ratio: recipe.optimizerResetRatio),
+        let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio,
                                                   seed: recipe.seed, restart: merge.restart)
         log(String(format: "restart %d after step %d | merge %@ in %.3f s: |sBA|/|W| %.4f, merge error %.2e | optimizer reset %@ %.2f: zeroed %.4f of m, %.4f of v",
                    merge.restart + 1, state.step, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError,
