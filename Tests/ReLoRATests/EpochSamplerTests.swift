@@ -113,7 +113,7 @@ final class EpochSamplerTests: XCTestCase {
         let t2 = try Trainer(recipe: short, resume: false, log: { lines.append($0) })
         XCTAssertEqual(t2.recipe.sampler, .random)
         _ = try t2.run()
-        XCTAssertTrue(lines.contains { $0.hasPrefix("sampler random: ") && $0.contains("the run's 64 windows are 3.200 epochs") }, "\(lines)")
+        XCTAssertTrue(lines.contains { $0.hasPrefix("sampler random: ") && $0.contains("the run's 64 windows are 3.2 epochs") }, "\(lines)")
         XCTAssertTrue(lines.contains { $0.hasPrefix("warning: the run's budget (64 windows, 2048 tokens) exceeds one epoch of the training data (20 windows)") }, "\(lines)")
     }
 

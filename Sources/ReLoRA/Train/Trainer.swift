@@ -158,11 +158,11 @@ public final class Trainer {
         let epochs = Double(needed) / Double(windows)
         switch sampler {
         case .random(let s):
-            log(String(format: "sampler random: %d tokens, windows of %d at random offsets (with replacement); the run's %d windows are %.3f epochs",
+            log(String(format: "sampler random: %d tokens, windows of %d at random offsets (with replacement); the run's %d windows are %.4g epochs",
                        s.tokens.count, recipe.seqLen + 1, needed, epochs))
         case .epoch(let s):
             let position = state.step * perStep
-            log(String(format: "sampler epoch: %d tokens = %d windows of %d (stride %d), each once per epoch; the run's %d windows are %.3f epochs; step %d starts in epoch %d at window %d of %d",
+            log(String(format: "sampler epoch: %d tokens = %d windows of %d (stride %d), each once per epoch; the run's %d windows are %.4g epochs; step %d starts in epoch %d at window %d of %d",
                        s.tokens.count, windows, recipe.seqLen + 1, recipe.seqLen, needed, epochs, state.step,
                        position / windows, position % windows, windows))
         }
