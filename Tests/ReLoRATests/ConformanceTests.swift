@@ -72,7 +72,7 @@ final class ConformanceTests: XCTestCase {
     /// can fail: a 0.1% scale error in matmul, rope rotating the wrong way, attention's dv off by 0.1%,
     /// rmsnorm's backward overwriting instead of accumulating, cross-entropy's gradient off by 0.1%,
     /// fillNormal's std off by 0.1%, prune's magnitude threshold one entry short, dropout with the wrong
-    /// stream, swiglu's dgate computed as silu instead of its derivative.
+    /// stream, swiglu's dgate computed as silu instead of its derivative, pruneMoments with separate masks.
     func testBrokenOpsAreCaught() {
         let clean = Conformance.run(on: FaultyBackend(nil), groups: ConformanceGroup.allCases)
         XCTAssertTrue(clean.allSatisfy(\.passed), Conformance.table(clean.filter { !$0.passed }))
@@ -86,6 +86,7 @@ final class ConformanceTests: XCTestCase {
             (.pruneThreshold, .prune, "prune magnitude"),
             (.dropoutStream, .dropout, "dropout mask"),
             (.swigluDerivative, .swiglu, "swigluBackward dgate"),
+            (.pruneMomentsSeparately, .prune, "pruneMoments"),
         ]
         for (fault, group, op) in expectations {
             let checks = Conformance.run(on: FaultyBackend(fault), groups: [group])
@@ -121,8 +122,20 @@ final class ConformanceTests: XCTestCase {
 /// A CPU backend with at most one deliberately broken op: forwards everything to `CPUBackend` and
 /// corrupts the result of the op named by `fault` through other backend ops (no host access).
 final class FaultyBackend: Backend, @unchecked Sendable {
+    func downloadRaw(_ tensor: Tensor) -> [UInt8] { inner.downloadRaw(tensor) }
+    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? { inner.quantize(source, into: q) }
+    func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
+        inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
+    }
+    func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { inner.dequantizeScratchShape(rows: rows, cols: cols) }
+    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch)
+    }
+    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        inner.quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch)
+    }
     enum Fault { case matmulScale, ropeSign, attentionDV, rmsnormOverwrites, crossEntropyGrad, normalStd, pruneThreshold,
-                      dropoutStream, swigluDerivative }
+                      dropoutStream, swigluDerivative, pruneMomentsSeparately }
 
     let inner = CPUBackend()
     let fault: Fault?
@@ -215,6 +228,15 @@ final class FaultyBackend: Backend, @unchecked Sendable {
         }
         return inner.prune(tensor, rule, seed: seed, stream: stream)
     }
+    func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
+        if fault == .pruneMomentsSeparately {
+            // The paper's reset: each moment by its own magnitude, two masks.
+            let zeroed = inner.prune(m, .magnitude(ratio: ratio), seed: 0, stream: 0)
+            _ = inner.prune(v, .magnitude(ratio: ratio), seed: 0, stream: 0)
+            return zeroed
+        }
+        return inner.pruneMoments(m: m, v: v, ratio: ratio, eps: eps)
+    }
 }
 
 /// A CPU backend that computes on bf16 and f16 tensors the way a narrow-storage, f32-compute kernel does:
@@ -222,6 +244,18 @@ final class FaultyBackend: Backend, @unchecked Sendable {
 /// suite with `computeDTypes: [.f32, .bf16, .f16]` on it exercises the suite's per-dtype structure and
 /// shows the bf16/f16 bounds hold for such an implementation (a CUDA backend declares its dtypes the same way).
 final class NarrowStorageBackend: Backend, @unchecked Sendable {
+    func downloadRaw(_ tensor: Tensor) -> [UInt8] { inner.downloadRaw(tensor) }
+    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? { inner.quantize(source, into: q) }
+    func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
+        inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
+    }
+    func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { inner.dequantizeScratchShape(rows: rows, cols: cols) }
+    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch)
+    }
+    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        inner.quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch)
+    }
     let inner = CPUBackend()
 
     var name: String { "narrow-storage-cpu" }
@@ -354,6 +388,13 @@ final class NarrowStorageBackend: Backend, @unchecked Sendable {
         let w = wide(tensor)
         let zeroed = inner.prune(w, rule, seed: seed, stream: stream)
         narrow(w, into: tensor)
+        return zeroed
+    }
+    func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
+        let wm = wide(m), wv = wide(v)
+        let zeroed = inner.pruneMoments(m: wm, v: wv, ratio: ratio, eps: eps)
+        narrow(wm, into: m)
+        narrow(wv, into: v)
         return zeroed
     }
 }

@@ -42,6 +42,7 @@ final class RecipeTests: XCTestCase {
         // A recipe may name cuda (the backend factory judges availability when a run starts).
         "device": ["device": .string("cuda")],
         "checkpointing": ["checkpointing": .string("block")],
+        "sampler": ["sampler": .string("epoch")],
         "init_std": ["init_std": .number(0.01)],
         "max_skipped_fraction": ["max_skipped_fraction": .number(0.2)],
         "description": ["description": .string("a note for people")],
@@ -110,7 +111,7 @@ final class RecipeTests: XCTestCase {
     func testKeysAreWrittenOnlyForTheirModes() throws {
         let loraKeys: Set = ["lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale"]
         let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule"]
-        let optionalKeys: Set = ["val_data", "tokenizer", "warm_start"]
+        let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler"]
         let inputOnly: Set = ["tokens_per_step", "token_budget", "description"]
         let always = Recipe.knownKeys.subtracting(loraKeys).subtracting(reloraKeys).subtracting(optionalKeys).subtracting(inputOnly)
         var full = Self.base
@@ -123,13 +124,14 @@ final class RecipeTests: XCTestCase {
             XCTAssertEqual(try Recipe(keys: stored(r)), r)
         }
         var withOptionals = Self.base
-        for k in optionalKeys { withOptionals[k] = .string("x") }
+        for k in optionalKeys { withOptionals[k] = .string(k == "sampler" ? "epoch" : "x") }
         XCTAssertTrue(optionalKeys.isSubset(of: Set(try stored(Recipe(keys: withOptionals)).keys)))
     }
 
     func testChoiceErrorsListTheAllowedValues() {
         for (key, allowed) in [("mode", "'full', 'lora' or 'relora'"), ("checkpointing", "'none' or 'block'"),
-                               ("optimizer_reset", "'magnitude', 'random', 'full' or 'none'")] {
+                               ("optimizer_reset", "'magnitude', 'random', 'full', 'none', 'magnitude_joint' or 'magnitude_reinit_a'"),
+                               ("sampler", "'random' or 'epoch'")] {
             var keys = Self.base
             keys[key] = .string("bogus")
             XCTAssertThrowsError(try Recipe(keys: keys)) {

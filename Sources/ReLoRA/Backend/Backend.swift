@@ -118,6 +118,14 @@ public protocol Backend: AnyObject, Sendable {
     /// Zeroes entries of `tensor` by `rule` and returns to the host how many it zeroed (one transfer).
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int
 
+    /// Prunes Adam's moments `m` and `v` (f32, same count n) with ONE mask: position i is zeroed in both
+    /// where its update magnitude `score[i] = |m[i]| / (sqrt(v[i]) + eps)` is at or below the k-th smallest
+    /// score, k = ceil(ratio * n) (ties at the threshold zeroed too, as in `PruneRule.magnitude`). The
+    /// score is computed in f32 with IEEE operations (sqrt, add, divide, each correctly rounded, no
+    /// fused or approximate forms), so the mask is exact and the same on every backend. Returns to the
+    /// host the number of positions zeroed (one transfer). ReLoRA's `magnitude_joint` optimizer reset.
+    func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int
+
     // MARK: Quantized weights (formats and layout: `relora_quant.h`, `QuantizedTensor`)
 
     /// The raw bytes of any tensor (u8 blocks of quantized weights for checkpoints), one transfer.

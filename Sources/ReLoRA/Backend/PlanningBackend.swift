@@ -94,6 +94,11 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         ledger.downloaded(MemoryLayout<Int>.size)
         return 0
     }
+    public func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
+        ledger.downloaded(MemoryLayout<Int>.size)
+        return 0
+    }
+
 
     public func downloadRaw(_ tensor: Tensor) -> [UInt8] {
         ledger.downloaded(tensor.byteCount)

@@ -27,6 +27,8 @@ public struct TrainableParameter {
     public let grad: Tensor
     /// A LoRA factor or scale (ReLoRA's optimizer reset applies to these only).
     public let isLoRA: Bool
+    /// Which LoRA tensor (nil for dense parameters); some optimizer resets treat A and B differently.
+    public var loraFactor: LoRAFactor? = nil
 }
 
 /// A LLaMA decoder (pre-norm RMSNorm, rotary attention with grouped-query heads, SwiGLU MLP) with an
@@ -99,7 +101,8 @@ public final class LlamaModel: @unchecked Sendable {
         if let head = g.lmHead { list.append(TrainableParameter(name: "lm_head.weight", value: weights.lmHead, grad: head, isLoRA: false)) }
         for linear in weights.linears {
             for t in linear.adapter?.trainedTensors() ?? [] {
-                list.append(TrainableParameter(name: linear.namePrefix + t.suffix, value: t.value, grad: t.grad, isLoRA: true))
+                list.append(TrainableParameter(name: linear.namePrefix + t.suffix, value: t.value, grad: t.grad, isLoRA: true,
+                                               loraFactor: t.factor))
             }
         }
         return list

@@ -101,11 +101,21 @@ public final class LoRAAdapter: @unchecked Sendable {
         backend.zero(b)
     }
 
-    /// `(suffix, value, grad)` of the trained factors: `lora_A`, `lora_B` and, if trained, `lora_scale`.
-    func trainedTensors() -> [(suffix: String, value: Tensor, grad: Tensor)] {
+    /// `(suffix, factor, value, grad)` of the trained factors: `lora_A`, `lora_B` and, if trained, `lora_scale`.
+    func trainedTensors() -> [(suffix: String, factor: LoRAFactor, value: Tensor, grad: Tensor)] {
         guard let gradA, let gradB else { preconditionFailure("LoRA gradients requested before enableGradients()") }
-        var list = [("lora_A", a, gradA), ("lora_B", b, gradB)]
-        if let gradScale { list.append(("lora_scale", scale, gradScale)) }
+        var list = [("lora_A", LoRAFactor.a, a, gradA), ("lora_B", .b, b, gradB)]
+        if let gradScale { list.append(("lora_scale", .scale, scale, gradScale)) }
         return list
     }
+}
+
+/// The trained tensors of a LoRA adapter.
+public enum LoRAFactor: String, Sendable {
+    /// `[r, in]`, re-initialised at every restart.
+    case a
+    /// `[out, r]`, zeroed at every restart.
+    case b
+    /// The trainable scale `[1]`.
+    case scale
 }

@@ -17,7 +17,9 @@ public enum ConformanceGroup: String, CaseIterable, Sendable, Codable {
     case reductions
     /// axpy, scale.
     case elementwise
-    case adamw, prune
+    case adamw
+    /// prune (magnitude, random, all) and pruneMoments (one mask for Adam's m and v).
+    case prune
 }
 
 /// One conformance check: an op on one shape and dtype, its worst error against the suite's reference

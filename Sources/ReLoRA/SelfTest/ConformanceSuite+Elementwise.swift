@@ -180,6 +180,39 @@ extension ConformanceSuite {
                          bound: 6 * (Double(n) * prob * (1 - prob)).squareRoot())
             checkPrune(dtype, "101", values(101, -1, 1), .all)
         }
+        checkPruneMoments()
+    }
+
+    /// `pruneMoments` (Adam's moments are f32 on every backend): one mask for m and v, by the update
+    /// magnitude |m| / (sqrt(v) + eps). The inputs are made so that pruning m and v by their own
+    /// magnitudes would give other masks (v is independent of m), and so that the score, not |m|,
+    /// decides (a large |m| with a larger v ranks low).
+    func checkPruneMoments() {
+        let eps: Float = 1e-8
+        let n = 1031
+        let m = values(n, -1e-3, 1e-3).map { $0 == 0 ? 1e-5 : $0 }
+        let v = values(n, 0, 1e-6).map { $0 * $0 * 1e6 }  // [0, 1e-6): a spread of sqrt(v) around |m|
+        for ratio in [0.9, 0.5, 0.0, 1.0] {
+            checkPruneMoments("\(n)", m, v, ratio: ratio, eps: eps)
+        }
+        // Ties and exact zeros: m and v on coarse grids, positions with m = v = 0 (score 0) and repeated
+        // (m, v) pairs of both signs. k = ceil(0.3 * 101) = 31; every score <= the 31st smallest goes.
+        let levels = integers(101, below: 4), signs = integers(101, below: 2), vLevels = integers(101, below: 3)
+        let tiedM: [Float] = (0..<101).map { i in Float(levels[i]) / 8 * (signs[i] == 0 ? 1 : -1) }
+        let tiedV: [Float] = (0..<101).map { i in levels[i] == 0 ? 0 : Float(vLevels[i] + 1) / 16 }
+        checkPruneMoments("101 with ties", tiedM, tiedV, ratio: 0.3, eps: eps)
+    }
+
+    /// Runs `pruneMoments` on the backend; checks the count and both tensors exactly.
+    func checkPruneMoments(_ shape: String, _ m: [Float], _ v: [Float], ratio: Double, eps: Float) {
+        let (mt, heldM) = tensor([m.count], .f32, m, tag: .optimizer)
+        let (vt, heldV) = tensor([v.count], .f32, v, tag: .optimizer)
+        let zeroed = backend.pruneMoments(m: mt, v: vt, ratio: ratio, eps: eps)
+        let ref = NaiveReference.pruneMoments(m: heldM, v: heldV, ratio: ratio, eps: eps)
+        let name = "pruneMoments \(ratio)"
+        expectCount(name + " count", shape, "f32", got: zeroed, want: ref.zeroed)
+        expectBits(name + " m", shape, "f32", got: backend.download(mt), want: ref.m)
+        expectBits(name + " v", shape, "f32", got: backend.download(vt), want: ref.v)
     }
 
     /// Prunes `values` by `rule` on the backend; checks the returned count and the tensor exactly.

@@ -331,6 +331,21 @@ enum NaiveReference {
     /// The tensor after `rule` and the number of entries zeroed. Magnitude: k = ceil(ratio * n); the k-th
     /// smallest |x| is the threshold; every |x| <= threshold is zeroed (ties included). Random: entry i
     /// is zeroed where `uniform(i) < p`, `uniform` given by the caller.
+    /// m and v after `Backend.pruneMoments`, and the positions zeroed: the score `|m| / (sqrt(v) + eps)`
+    /// in f32 (the op's contract: each operation correctly rounded), k = ceil(ratio * n), every position
+    /// whose score is <= the k-th smallest score zeroed in both (found by sorting).
+    static func pruneMoments(m: [Float], v: [Float], ratio: Double, eps: Float) -> (m: [Float], v: [Float], zeroed: Int) {
+        let n = m.count
+        let k = Int((ratio * Double(n)).rounded(.up))
+        guard k > 0 else { return (m, v, 0) }
+        guard k < n else { return ([Float](repeating: 0, count: n), [Float](repeating: 0, count: n), n) }
+        let scores = (0..<n).map { Swift.abs(m[$0]) / (v[$0].squareRoot() + eps) }
+        let threshold = scores.sorted()[k - 1]
+        var outM = m, outV = v, zeroed = 0
+        for i in 0..<n where scores[i] <= threshold { outM[i] = 0; outV[i] = 0; zeroed += 1 }
+        return (outM, outV, zeroed)
+    }
+
     static func prune(_ x: [Float], _ rule: PruneRule, uniform: (Int) -> Float) -> (values: [Float], zeroed: Int) {
         var out = x, zeroed = 0
         switch rule {

@@ -1,3 +1,5 @@
+import Foundation
+
 /// AdamW over a set of named parameter tensors with their gradients. First and second moments live in
 /// tensors tagged `.optimizer` (dtype `precision.optimizerStates`); a parameter whose working copy is
 /// narrower than f32 (bf16 on CUDA) gets an f32 master copy (tag `.masterWeights`) that the update
@@ -12,6 +14,8 @@ public final class AdamW: @unchecked Sendable {
         public let decay: Bool
         /// A LoRA factor (ReLoRA's optimizer reset applies to these only).
         public let isLoRA: Bool
+        /// Which LoRA tensor, nil for dense ones.
+        public let loraFactor: LoRAFactor?
         /// f32 master copy when `value` is narrower, else nil (the update runs on `value`).
         public let master: Tensor?
     }
@@ -29,7 +33,8 @@ public final class AdamW: @unchecked Sendable {
         let p = backend.precision
         self.parameters = parameters.map { t in
             let master = p.needsMaster(t.value.dtype) ? backend.makeTensor(t.value.shape, dtype: .f32, tag: .masterWeights) : nil
-            return Parameter(name: t.name, value: t.value, grad: t.grad, decay: t.value.shape.count >= 2, isLoRA: t.isLoRA, master: master)
+            return Parameter(name: t.name, value: t.value, grad: t.grad, decay: t.value.shape.count >= 2, isLoRA: t.isLoRA,
+                             loraFactor: t.loraFactor, master: master)
         }
         m = parameters.map { backend.makeTensor($0.value.shape, dtype: p.optimizerStates, tag: .optimizer) }
         v = parameters.map { backend.makeTensor($0.value.shape, dtype: p.optimizerStates, tag: .optimizer) }
@@ -69,12 +74,40 @@ public final class AdamW: @unchecked Sendable {
     /// (each tensor separately, m and v separately, as the reference implementation does), keyed by
     /// (seed, restart, parameter). Returns the fractions of LoRA moment entries zeroed.
     public func resetLoRAMoments(_ rule: PruneRule?, seed: UInt64, restart: Int) -> (m: Double, v: Double) {
-        guard let rule else { return (0, 0) }
+        resetLoRAMoments(seed: seed, restart: restart) { _ in rule.map { .separately($0) } ?? .keep }
+    }
+
+    /// ReLoRA's optimizer reset in `mode` at `ratio` (see `OptimizerResetMode`), applied to each LoRA
+    /// tensor's moments as `mode.reset(for:ratio:)` says. Returns the fractions of LoRA moment entries zeroed.
+    public func resetLoRAMoments(_ mode: OptimizerResetMode, ratio: Double, seed: UInt64, restart: Int) -> (m: Double, v: Double) {
+        resetLoRAMoments(seed: seed, restart: restart) { mode.reset(for: $0.loraFactor ?? .b, ratio: ratio) }
+    }
+
+    func resetLoRAMoments(seed: UInt64, restart: Int, _ reset: (Parameter) -> MomentReset) -> (m: Double, v: Double) {
         var zeroedM = 0, zeroedV = 0, total = 0
         for (i, p) in parameters.enumerated() where p.isLoRA {
             let stream = UInt64(restart) << 32 | UInt64(i) << 1
-            zeroedM += backend.prune(m[i], rule, seed: seed, stream: stream)
-            zeroedV += backend.prune(v[i], rule, seed: seed, stream: stream | 1)
+            switch reset(p) {
+            case .keep:
+                break
+            case .separately(let rule):
+                zeroedM += backend.prune(m[i], rule, seed: seed, stream: stream)
+                zeroedV += backend.prune(v[i], rule, seed: seed, stream: stream | 1)
+            case .jointly(let ratio):
+                // Ranking by |m| / (sqrt(v) + eps') with eps' = eps * sqrt(1 - beta2^t) orders the positions
+                // exactly like the bias-corrected step |m^| / (sqrt(v^) + eps) (the corrections are
+                // per-tensor constants: m^ = m / (1 - beta1^t), v^ = v / (1 - beta2^t)).
+                let t = Double(max(1, stepCount))
+                let epsCorrected = Float(Double(eps) * (1 - pow(Double(beta2), t)).squareRoot())
+                let zeroed = backend.pruneMoments(m: m[i], v: v[i], ratio: ratio, eps: epsCorrected)
+                zeroedM += zeroed
+                zeroedV += zeroed
+            case .zero:
+                backend.zero(m[i])
+                backend.zero(v[i])
+                zeroedM += p.value.count
+                zeroedV += p.value.count
+            }
             total += p.value.count
         }
         return (Double(zeroedM) / Double(max(1, total)), Double(zeroedV) / Double(max(1, total)))

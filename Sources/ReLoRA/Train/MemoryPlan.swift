@@ -33,7 +33,7 @@ public enum MemoryPlanner {
         _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr) { _ in (ids, ids) }
         if recipe.mode == .relora {
             model.mergeAdapters(seed: recipe.seed)
-            _ = optimizer.resetLoRAMoments(recipe.optimizerReset.rule(ratio: recipe.optimizerResetRatio), seed: recipe.seed, restart: 0)
+            _ = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, seed: recipe.seed, restart: 0)
         }
     }
 

@@ -68,6 +68,12 @@ public struct Recipe: Sendable, Equatable {
     public var optimizerResetRatio = 0.99
     /// The jagged cosine (LR 0 at each restart, linear ramp back); false = plain cosine (ablation).
     public var jaggedSchedule = true
+    /// `random` (windows at random offsets, with replacement) or `epoch` (non-overlapping windows, each
+    /// once per epoch); nil: the trainer picks `epoch` when the training data holds at least the run's
+    /// `steps * micro_batch * grad_accum` windows, else `random` (`SamplerMode.automatic`), and on a
+    /// resume the sampler of the checkpoint. The trainer's own recipe (and the run's `recipe.json`)
+    /// holds the resolved value.
+    public var sampler: SamplerMode?
     /// A full-rank checkpoint (or run directory) whose weights, step count and dense optimizer state
     /// this run starts from.
     public var warmStart: String?
@@ -165,6 +171,20 @@ struct RecipeKey: Sendable {
         }, write: { $0.rawValue }, when: applies)
     }
 
+    /// An optional string naming one case of `E` (default nil), written only when set.
+    static func optionalChoice<E>(_ name: String, _ path: WritableKeyPath<Recipe, E?> & Sendable) -> RecipeKey
+    where E: RawRepresentable & CaseIterable & Sendable, E.RawValue == String {
+        let cases = Dictionary(uniqueKeysWithValues: E.allCases.map { ($0.rawValue, $0) })
+        let allowed = alternatives(E.allCases.map(\.rawValue))
+        return RecipeKey(name: name, decode: { keys, recipe in
+            guard let raw = try keys.optionalString(name) else { return }
+            guard let value = cases[raw] else {
+                throw ReLoRAError.invalidConfig("'\(name)' must be \(allowed), got '\(raw)'")
+            }
+            recipe[keyPath: path] = value
+        }, encode: { $0[keyPath: path]?.rawValue })
+    }
+
     /// A key that is read into other fields and never written (`recipe.json` stores its result).
     static func inputOnly(_ name: String, decode: @escaping @Sendable (JSONKeys, inout Recipe) throws -> Void) -> RecipeKey {
         RecipeKey(name: name, decode: decode, encode: { _ in nil })
@@ -238,6 +258,7 @@ extension Recipe {
         // 'cpu' or 'cuda' (validate()); whether this build has it is the backend factory's to say.
         .field("device", \.device, read: { try $0.optionalString($1) }),
         .choice("checkpointing", \.checkpointing),
+        .optionalChoice("sampler", \.sampler),
         .double("init_std", \.initStd),
         .double("max_skipped_fraction", \.maxSkippedFraction),
         // Free text for people; not stored in the run.

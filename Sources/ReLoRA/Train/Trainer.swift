@@ -27,11 +27,12 @@ public struct TrainingSummary: Sendable {
 /// schedule, periodic evaluation and checkpoints. Deterministic: with the same recipe and backend, a run
 /// resumed from a checkpoint produces bit-identical losses to an uninterrupted one.
 public final class Trainer {
+    /// The recipe as given, with `sampler` resolved (see `Recipe.sampler`).
     public let recipe: Recipe
     public let model: LlamaModel
     public let optimizer: AdamW
     public private(set) var state: TrainingState
-    let sampler: WindowSampler
+    let sampler: TrainingSampler
     let valTokens: TokenArray?
     let schedule: LRSchedule
     let log: (String) -> Void
@@ -57,7 +58,7 @@ public final class Trainer {
     public init(recipe: Recipe, resume: Bool, backend: Backend? = nil, log: @escaping (String) -> Void) throws {
         try recipe.validate()  // recipes built in code skip the decoder's checks
         let backend = try backend ?? BackendFactory.make(Device(parsing: recipe.device))
-        self.recipe = recipe
+        var recipe = recipe
         self.log = log
         let config = try LlamaConfig(contentsOf: recipe.model)
         guard recipe.seqLen <= config.maxPositionEmbeddings else {
@@ -65,7 +66,15 @@ public final class Trainer {
         }
         let train = try TokenArray(npyPath: recipe.trainData)
         try Self.checkVocabulary(train, config)
-        sampler = try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed)
+        let latest = try TrainingCheckpoint.latest(runDir: recipe.runDir)
+        recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: resume ? latest : nil)
+        self.recipe = recipe
+        switch recipe.sampler! {
+        case .random: sampler = .random(try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed))
+        case .epoch:
+            sampler = .epoch(try EpochSampler(tokens: train, seqLen: recipe.seqLen, microBatch: recipe.microBatch,
+                                              gradAccum: recipe.gradAccum, seed: recipe.seed))
+        }
         if let v = recipe.valData {
             let val = try TokenArray(npyPath: v)
             try Self.checkVocabulary(val, config)
@@ -85,7 +94,6 @@ public final class Trainer {
         model.enableGradients()
         optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
                           eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
-        let latest = try TrainingCheckpoint.latest(runDir: recipe.runDir)
         if resume {
             guard let path = latest else {
                 throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
@@ -113,6 +121,7 @@ public final class Trainer {
             }
             model.initializeLoRA(seed: recipe.seed)
             if model.loraConfig != nil { state.loraMerges = 0 }
+            state.sampler = recipe.sampler!.stateName
             try Files.createDirectory(recipe.runDir)
             try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
             try? FileManager.default.removeItem(atPath: metricsPath)
@@ -130,6 +139,64 @@ public final class Trainer {
     }
 
     var metricsPath: String { recipe.runDir + "/metrics.jsonl" }
+
+    /// The sampler of a run: on a resume the checkpoint's (a recipe naming another one is an error: the
+    /// data position of a run is its step under the sampler it started with); else the recipe's, or
+    /// `SamplerMode.automatic` for the training data and the run's budget.
+    static func resolveSampler(_ recipe: Recipe, train: TokenArray, resumingFrom checkpoint: String?) throws -> SamplerMode {
+        if let checkpoint {
+            let saved = try TrainingCheckpoint.readState(checkpoint).sampler
+            guard let mode = SamplerMode(stateName: saved) else {
+                throw ReLoRAError.invalidData("\(checkpoint)/state.json names sampler '\(saved)', which this version does not know")
+            }
+            if let asked = recipe.sampler, asked != mode {
+                throw ReLoRAError.invalidData(
+                    "the checkpoint was made with sampler '\(mode.rawValue)' but the recipe says '\(asked.rawValue)'; a run cannot change samplers (its data position is its step under the sampler it started with): resume with sampler '\(mode.rawValue)' or start a new run")
+            }
+            return mode
+        }
+        return recipe.sampler ?? .automatic(windows: (train.count - 1) / recipe.seqLen, needed: recipe.steps * recipe.microBatch * recipe.gradAccum)
+    }
+
+    /// One line on the data and the sampler, and a warning when the run needs more than one epoch.
+    func logSampler() {
+        let windows: Int
+        switch sampler {
+        case .random(let s): windows = (s.tokens.count - 1) / recipe.seqLen
+        case .epoch(let s): windows = s.windowCount
+        }
+        let perStep = recipe.microBatch * recipe.gradAccum
+        let needed = recipe.steps * perStep
+        let epochs = Double(needed) / Double(windows)
+        switch sampler {
+        case .random(let s):
+            log(String(format: "sampler random: %d tokens, windows of %d at random offsets (with replacement); the run's %d windows are %.4g epochs",
+                       s.tokens.count, recipe.seqLen + 1, needed, epochs))
+        case .epoch(let s):
+            let position = state.step * perStep
+            log(String(format: "sampler epoch: %d tokens = %d windows of %d (stride %d), each once per epoch; the run's %d windows are %.4g epochs; step %d starts in epoch %d at window %d of %d",
+                       s.tokens.count, windows, recipe.seqLen + 1, recipe.seqLen, needed, epochs, state.step,
+                       position / windows, position % windows, windows))
+        }
+        if needed > windows {
+            let consequence = sampler.mode == .epoch
+                ? "every window is seen again from epoch 1 on, each epoch in a new order"
+                : "windows repeat; a larger corpus or a smaller token budget avoids it"
+            log("warning: the run's budget (\(needed) windows, \(needed * recipe.seqLen) tokens) exceeds one epoch of the training data (\(windows) windows): \(consequence)")
+        }
+    }
+
+    /// After `step` (0-based) ran: a line for each epoch after the first that began in it (epochs are
+    /// numbered from 0; `logSampler` names the one a run starts in).
+    func logEpochs(ofStep step: Int) {
+        guard case .epoch(let s) = sampler, step > 0 else { return }
+        let first = step * s.windowsPerStep, last = first + s.windowsPerStep - 1
+        let before = (first - 1) / s.windowCount, after = last / s.windowCount
+        guard after > before else { return }
+        for epoch in (before + 1)...after {
+            log("epoch \(epoch) begins in step \(step + 1) (window \(epoch * s.windowCount) of the run, \(s.windowCount) windows an epoch)")
+        }
+    }
 
     /// Starts from a full-rank relora checkpoint (or run directory) or a Hugging Face LLaMA directory
     /// (single or sharded safetensors: continued pretraining of an existing model).
@@ -177,7 +244,7 @@ public final class Trainer {
     func restart() throws {
         let merge = model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
         state.loraMerges = model.merges
-        let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset.rule(ratio: recipe.optimizerResetRatio),
+        let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio,
                                                   seed: recipe.seed, restart: merge.restart)
         log(String(format: "restart %d after step %d | merge %@ in %.3f s: |sBA|/|W| %.4f, merge error %.2e | optimizer reset %@ %.2f: zeroed %.4f of m, %.4f of v",
                    merge.restart + 1, state.step, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError,
@@ -205,6 +272,7 @@ public final class Trainer {
         let trainable = optimizer.parameters.reduce(0) { $0 + $1.value.count }
         log("model \(r.model): \(model.config.parameterCount) parameters, \(trainable) trained (mode \(r.mode.rawValue)); \(r.tokensPerStep) tokens/step "
             + "(\(r.microBatch) x \(r.seqLen) x \(r.gradAccum)); steps \(state.step)..<\(r.steps)")
+        logSampler()
         var lastLoss = Double.nan, lastVal: Double? = nil, lastCheckpoint: String? = nil
         var stoppedEarly = false
         var eta = ETAEstimator(total: r.steps)  // wall time per step, evaluations and checkpoints included
@@ -221,6 +289,7 @@ public final class Trainer {
                 log(format(metrics, secondsLeft: eta.secondsRemaining))
             }
             try appendMetrics(metricsJSON(metrics))
+            logEpochs(ofStep: state.step - 1)
             // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0;
             // its console and metrics lines follow that step's.
             if recipe.mode == .relora, let r = recipe.reloraEvery, state.step - 1 >= r, (state.step - 1) % r == 0 {

@@ -530,6 +530,32 @@ public final class CPUBackend: Backend, TensorStorageOwner {
         }
     }
 
+    /// The scores `|m| / (sqrt(v) + eps)` go into a host buffer of n floats (the CPU's workspace; a GPU
+    /// kernel keeps them on the device) and the same radix select as `prune` finds the k-th smallest.
+    public func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
+        precondition(m.count == v.count, "pruneMoments: m has \(m.count) entries, v \(v.count)")
+        ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
+        let n = m.count
+        guard n > 0 else { return 0 }
+        let k = Int((ratio * Double(n)).rounded(.up))
+        guard k > 0 else { return 0 }
+        if k >= n { zero(m); zero(v); return n }
+        let mp = m.f32, vp = v.f32
+        var scores = [Float](repeating: 0, count: n)
+        return scores.withUnsafeMutableBufferPointer { s in
+            let sp = s.baseAddress!
+            for i in 0..<n { sp[i] = abs(mp[i]) / (vp[i].squareRoot() + eps) }
+            let threshold = Self.kthSmallestMagnitudeBits(sp, n, k)
+            var zeroed = 0
+            for i in 0..<n where sp[i].bitPattern & 0x7FFF_FFFF <= threshold {
+                mp[i] = 0
+                vp[i] = 0
+                zeroed += 1
+            }
+            return zeroed
+        }
+    }
+
     /// Bit pattern of the k-th smallest |x| (1-based k) among p[0..<n]. NaNs sort above everything.
     static func kthSmallestMagnitudeBits(_ p: UnsafeMutablePointer<Float>, _ n: Int, _ k: Int) -> UInt32 {
         var hist = [Int](repeating: 0, count: 65536)
