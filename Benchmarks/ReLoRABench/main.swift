@@ -92,7 +92,7 @@ do {
     let backend = try! BackendFactory.make(.cpu)
     try lora?.validate(for: config)
     let model = LlamaModel(config: config, backend: backend, checkpointing: o.checkpointing, lora: lora)
-    model.weights.initializeRandom(seed: 1, backend: backend)
+    try! model.weights.initializeRandom(seed: 1, backend: backend)
     model.initializeLoRA(seed: 1)
     model.enableGradients()
     var rng = SystemRandomNumberGenerator()

@@ -92,7 +92,7 @@ func defaultReference(runDir: String, backend: Backend) throws -> (weights: Weig
     }
     let config = try LlamaConfig(contentsOf: recipe.model)
     let model = LlamaModel(config: config, backend: backend)
-    model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
+    try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
     return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")
 }
 

@@ -51,6 +51,7 @@ final class RecipeTests: XCTestCase {
         "lora_alpha": ["lora_alpha": .number(16.5)],
         "lora_dropout": ["lora_dropout": .number(0.1)],
         "lora_trainable_scale": ["lora_trainable_scale": .bool(true)],
+        "quant": ["quant": .string("q4_0")],
         "relora_every": ["relora_every": .number(200)],
         "restart_warmup": ["restart_warmup": .number(30)],
         "optimizer_reset": ["optimizer_reset": .string("random")],
@@ -109,7 +110,7 @@ final class RecipeTests: XCTestCase {
     }
 
     func testKeysAreWrittenOnlyForTheirModes() throws {
-        let loraKeys: Set = ["lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale"]
+        let loraKeys: Set = ["lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale", "quant"]
         let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule"]
         let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler"]
         let inputOnly: Set = ["tokens_per_step", "token_budget", "description"]

@@ -163,13 +163,13 @@ extension Tensor {
 
 extension BlockParameters {
     /// The dense base weight W of each linear.
-    var q: Tensor { linear(.q).weight.dense }
-    var k: Tensor { linear(.k).weight.dense }
-    var v: Tensor { linear(.v).weight.dense }
-    var o: Tensor { linear(.o).weight.dense }
-    var gate: Tensor { linear(.gate).weight.dense }
-    var up: Tensor { linear(.up).weight.dense }
-    var down: Tensor { linear(.down).weight.dense }
+    var q: Tensor { linear(.q).weight.dense! }
+    var k: Tensor { linear(.k).weight.dense! }
+    var v: Tensor { linear(.v).weight.dense! }
+    var o: Tensor { linear(.o).weight.dense! }
+    var gate: Tensor { linear(.gate).weight.dense! }
+    var up: Tensor { linear(.up).weight.dense! }
+    var down: Tensor { linear(.down).weight.dense! }
 }
 
 extension LlamaModel {

@@ -43,21 +43,24 @@ public enum HFCheckpoint {
             && (fm.fileExists(atPath: directory + "/model.safetensors") || fm.fileExists(atPath: directory + "/model.safetensors.index.json"))
     }
 
-    /// Streams every weight of `model.weights` from the directory's (possibly sharded) safetensors files.
-    public static func loadWeights(directory: String, into model: LlamaModel, warn: (String) -> Void = { _ in }) throws {
+    /// Streams every weight of `model.weights` from the directory's (possibly sharded) safetensors files,
+    /// one tensor at a time. Into a model with quantized base weights, each linear is quantized as it
+    /// is read, and `quantized(name, relativeError)` reports its quantization error.
+    public static func loadWeights(directory: String, into model: LlamaModel, warn: (String) -> Void = { _ in },
+                                   quantized: (String, Double) -> Void = { _, _ in }) throws {
         let shards = try openShards(URL(fileURLWithPath: directory))
         var used = Set<String>()
-        for (name, tensor) in model.weights.named() {
+        for (name, slot) in model.weights.slots() {
             guard let file = shards[name] else {
                 throw ReLoRAError.invalidFile(path: directory, reason: "tensor '\(name)' is missing from the checkpoint")
             }
             let info = file.info(name)!
-            if info.shape != tensor.shape {
+            if info.shape != slot.shape {
                 throw ReLoRAError.invalidFile(
                     path: file.path,
-                    reason: "tensor '\(name)' has shape \(info.shape) but config.json implies \(tensor.shape)")
+                    reason: "tensor '\(name)' has shape \(info.shape) but config.json implies \(slot.shape)")
             }
-            try TensorIO.load(tensor, from: file, name, backend: model.backend)
+            if let error = try TensorIO.load(slot, from: file, name, backend: model.backend) { quantized(name, error) }
             used.insert(name)
         }
         let unused = shards.keys.filter { !used.contains($0) }.sorted()
@@ -110,6 +113,9 @@ public enum HFCheckpoint {
     /// read from the backend and converted (the bulk of the work before the one file write).
     public static func save(model: LlamaModel, to out: String, bfloat16: Bool = false, tokenizerJSON: Data? = nil,
                             progress: ((Int, Int) -> Void)? = nil) throws {
+        guard model.weights.isDense else {
+            throw ReLoRAError.invalidData("a Hugging Face export needs dense weights; export a checkpoint (`relora export RUN`), which dequantizes")
+        }
         let fm = FileManager.default
         let temp = out + ".tmp-\(getpid())"
         try? fm.removeItem(atPath: temp)

@@ -3,9 +3,20 @@
 /// dtype), so importing a model never holds more than one tensor beyond the model itself; a save makes
 /// each tensor's bytes only when the writer reaches it.
 enum TensorIO {
-    /// Fills `tensor` from tensor `name` of `file`, checking presence and shape.
+    /// The name under which a checkpoint stores a quantized weight: `<name>.<format>` (U8, `[rows, bytesPerRow]`).
+    static func quantizedName(_ name: String, _ format: QuantFormat) -> String { name + "." + format.rawValue }
+
+    /// Fills `tensor` from tensor `name` of `file`, checking presence and shape. If the file holds the
+    /// weight quantized instead (`<name>.<format>`, a quantized run's checkpoint), it is dequantized on the
+    /// host and uploaded: how a quantized run is exported or evaluated densely.
     static func load(_ tensor: Tensor, from file: SafetensorsFile, _ name: String, backend: Backend) throws {
         guard let info = file.info(name) else {
+            for format in QuantFormat.allCases where file.info(quantizedName(name, format)) != nil {
+                guard tensor.shape.count == 2 else { break }
+                let q = try readQuantized(file, name, format, rows: tensor.shape[0], cols: tensor.shape[1])
+                backend.upload(q.dequantize(), to: tensor)
+                return
+            }
             throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' is missing")
         }
         guard info.shape == tensor.shape else {
@@ -19,6 +30,55 @@ enum TensorIO {
             backend.upload(try file.floats(name), to: tensor)
         case .I64, .I32, .I16, .I8, .U8, .BOOL:
             throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' has dtype \(info.dtype.rawValue), expected a float type (F32, BF16, F16)")
+        }
+    }
+
+    /// The host copy of a quantized weight stored as `<name>.<format>`, its byte shape checked.
+    static func readQuantized(_ file: SafetensorsFile, _ name: String, _ format: QuantFormat, rows: Int, cols: Int) throws -> QuantizedMatrix {
+        let qname = quantizedName(name, format)
+        guard let info = file.info(qname), info.dtype == .U8, info.shape == [rows, format.bytesPerRow(cols: cols)] else {
+            throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(qname)' is not U8 of shape [\(rows), \(format.bytesPerRow(cols: cols))] (a \(format.rawValue) weight [\(rows), \(cols)])")
+        }
+        return try QuantizedMatrix(format: format, rows: rows, cols: cols, bytes: file.withRawBytes(qname) { Array($0) })
+    }
+
+    /// Fills one weight slot. A dense slot: `load`. A quantized slot: the file's blocks in the same format
+    /// are uploaded as they are (resume: bit-exact); dense values (a dense checkpoint or a Hugging Face
+    /// model) are uploaded into an f32 workspace and quantized on the backend. Returns, for a weight
+    /// quantized here, its relative quantization error `||deq(q) - w|| / ||w||` (else nil).
+    @discardableResult
+    static func load(_ slot: FrozenWeight, from file: SafetensorsFile, _ name: String, backend: Backend) throws -> Double? {
+        switch slot {
+        case .dense(let t):
+            try load(t, from: file, name, backend: backend)
+            return nil
+        case .quantized(let q):
+            if file.info(quantizedName(name, q.format)) != nil {
+                _ = try readQuantized(file, name, q.format, rows: q.rows, cols: q.cols)  // validates the byte shape
+                try file.withRawBytes(quantizedName(name, q.format)) { backend.upload(raw: $0, dtype: .u8, to: q.blocks) }
+                return nil
+            }
+            let dense = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+            try load(dense, from: file, name, backend: backend)
+            if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
+            let roundTrip = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+            backend.dequantize(q, firstRow: 0, rowCount: q.rows, into: roundTrip)
+            let norm = backend.sumOfSquares([dense])
+            backend.axpy(-1, dense, roundTrip)
+            let error = backend.sumOfSquares([roundTrip])
+            return norm > 0 ? (error / norm).squareRoot() : 0
+        }
+    }
+
+    /// A safetensors entry for a weight slot: dense as F32, quantized as its raw blocks (`<name>.<format>`, U8).
+    static func entry(_ name: String, _ slot: FrozenWeight, backend: Backend) -> SafetensorsEntry {
+        switch slot {
+        case .dense(let t):
+            return entry(name, t, backend: backend)
+        case .quantized(let q):
+            return SafetensorsEntry(name: quantizedName(name, q.format), dtype: .U8, shape: [q.rows, q.bytesPerRow]) {
+                backend.downloadRaw(q.blocks)
+            }
         }
     }
 

@@ -51,7 +51,7 @@ public enum TrainingCheckpoint {
         try Files.createDirectory(temp)
         do {
             let backend = model.backend
-            try SafetensorsWriter.write(model.weights.named().map { TensorIO.entry($0.0, $0.1, backend: backend) },
+            try SafetensorsWriter.write(model.weights.slots().map { TensorIO.entry($0.0, $0.1, backend: backend) },
                                         metadata: ["format": "pt"], to: temp + "/model.safetensors")
             var files = ["model.safetensors", "optimizer.safetensors", "config.json", "recipe.json"]
             if let lora = model.loraConfig {
@@ -159,15 +159,16 @@ public enum TrainingCheckpoint {
     /// `model.safetensors` (and `lora.safetensors` for a model with adapters) into the model's tensors.
     static func loadTensors(_ path: String, into model: LlamaModel) throws {
         let weights = try SafetensorsFile(path: path + "/model.safetensors")
-        for (name, t) in model.weights.named() { try TensorIO.load(t, from: weights, name, backend: model.backend) }
+        for (name, slot) in model.weights.slots() { try TensorIO.load(slot, from: weights, name, backend: model.backend) }
         if model.loraConfig != nil {
             let file = try SafetensorsFile(path: path + "/lora.safetensors")
             for (name, t) in model.loraTensors() { try TensorIO.load(t, from: file, name, backend: model.backend) }
         }
     }
 
-    /// A plain (full-rank) model holding a checkpoint's weights, for export, sampling and evaluation.
-    /// A LoRA checkpoint's current cycle is merged first (`LlamaModel.foldAdapters`: W + s * B * A).
+    /// A plain (full-rank, dense) model holding a checkpoint's weights, for export, sampling and evaluation.
+    /// Quantized base weights are dequantized; a LoRA checkpoint's current cycle is merged
+    /// (`LlamaModel.foldAdapters`: deq(W) + s * B * A, exact in f32).
     /// (The reference ReLoRA code exported W without the last cycle, so its users could not load what
     /// they had trained.)
     public static func loadModel(_ path: String, backend: Backend) throws -> LlamaModel {
@@ -187,7 +188,7 @@ public enum TrainingCheckpoint {
         }
         let model = LlamaModel(config: config, backend: backend, lora: lora)
         try loadTensors(path, into: model)
-        if lora != nil { model.foldAdapters() }
+        if lora != nil { try model.foldAdapters() }
         return model
     }
 

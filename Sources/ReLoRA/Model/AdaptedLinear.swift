@@ -1,13 +1,44 @@
 /// The base weight W `[out, in]` of a block linear. Frozen under LoRA/ReLoRA (no gradient, no
-/// optimizer state); in full-rank training a `.dense` weight is the trained parameter itself.
-/// The next step adds quantized formats (`.quantized(...)`), dequantized on the fly by the backend.
+/// optimizer state); in full-rank training a `.dense` weight is the trained parameter itself. A
+/// `.quantized` weight (q8_0, q4_0, nf4; LoRA modes only) is dequantized on the fly by the backend.
+/// (`LlamaParameters.slots()` also uses `.dense` for the model's other, dense, tensors.)
 public enum FrozenWeight: Sendable {
     case dense(Tensor)
+    case quantized(QuantizedTensor)
 
-    /// The dense tensor (every format today).
-    public var dense: Tensor {
+    /// The dense tensor, or nil for a quantized weight.
+    public var dense: Tensor? {
+        if case .dense(let t) = self { return t }
+        return nil
+    }
+
+    /// The quantized storage, or nil for a dense weight.
+    public var quantized: QuantizedTensor? {
+        if case .quantized(let q) = self { return q }
+        return nil
+    }
+
+    /// The tensor holding the weight's bytes (the u8 blocks of a quantized weight).
+    public var storage: Tensor {
         switch self {
         case .dense(let t): return t
+        case .quantized(let q): return q.blocks
+        }
+    }
+
+    /// `[out, in]` (the logical shape, padding excluded).
+    public var shape: [Int] {
+        switch self {
+        case .dense(let t): return t.shape
+        case .quantized(let q): return [q.rows, q.cols]
+        }
+    }
+
+    /// W as f32 `[out, in]` in `out` (a copy of a dense weight; the dequantized values of a quantized one).
+    func read(into out: Tensor, _ b: Backend) {
+        switch self {
+        case .dense(let t): b.copy(t, to: out)
+        case .quantized(let q): b.dequantize(q, firstRow: 0, rowCount: q.rows, into: out)
         }
     }
 }
@@ -31,15 +62,22 @@ public final class AdaptedLinear: @unchecked Sendable {
     /// W is trained iff there is no adapter.
     public var weightIsTrained: Bool { adapter == nil }
 
-    /// `adapterA`: the `[r, in]` view of the group's A, for a LoRA model.
-    init(kind: LinearKind, layer: Int, config: LlamaConfig, lora: LoRAConfig?, adapterA: Tensor?, backend: Backend) {
+    /// `adapterA`: the `[r, in]` view of the group's A, for a LoRA model. `quant`: the storage format of
+    /// the frozen W (LoRA models only; nil = dense).
+    init(kind: LinearKind, layer: Int, config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat? = nil,
+         adapterA: Tensor?, backend: Backend) {
+        precondition(quant == nil || lora != nil, "quantized base weights are frozen: they need LoRA")
         self.kind = kind
         self.layer = layer
         (outFeatures, inFeatures) = kind.shape(config)
         let p = backend.precision
-        weight = .dense(lora == nil
-            ? backend.makeTensor([outFeatures, inFeatures], dtype: p.trainable, tag: .trainable)
-            : backend.makeTensor([outFeatures, inFeatures], dtype: p.frozenWeights, tag: .frozenWeights))
+        if let quant {
+            weight = .quantized(QuantizedTensor(format: quant, rows: outFeatures, cols: inFeatures, backend: backend, tag: .frozenWeights))
+        } else {
+            weight = .dense(lora == nil
+                ? backend.makeTensor([outFeatures, inFeatures], dtype: p.trainable, tag: .trainable)
+                : backend.makeTensor([outFeatures, inFeatures], dtype: p.frozenWeights, tag: .frozenWeights))
+        }
         if let lora, let adapterA {
             adapter = LoRAAdapter(a: adapterA, rank: lora.rank, inFeatures: inFeatures, outFeatures: outFeatures,
                                   scale: lora.scale, trainableScale: lora.trainableScale, backend: backend)
@@ -58,9 +96,15 @@ public final class AdaptedLinear: @unchecked Sendable {
 
     // MARK: Forward and backward
 
-    /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`).
-    func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, _ b: Backend) {
-        b.matmul(x, weight.dense, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta)
+    /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`); a quantized W is dequantized in tiles
+    /// through the context's scratch.
+    func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, _ ctx: LinearContext) {
+        switch weight {
+        case .dense(let w):
+            ctx.backend.matmul(x, w, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta)
+        case .quantized(let q):
+            ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!)
+        }
     }
 
     /// `y += s uT^T B^T` with the adapter's projection `uT` `[r, n]`.
@@ -69,9 +113,15 @@ public final class AdaptedLinear: @unchecked Sendable {
         b.matmul(uT, ad.b, y, m: n, n: outFeatures, k: ad.rank, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
     }
 
-    /// `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained.
-    func backwardBase(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, _ b: Backend) {
-        b.matmul(dy, weight.dense, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
+    /// `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained (never for a quantized W).
+    func backwardBase(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, _ ctx: LinearContext) {
+        let b = ctx.backend
+        switch weight {
+        case .dense(let w):
+            b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
+        case .quantized(let q):
+            b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantScratch!)
+        }
         if let weightGrad {
             b.matmul(dy, x, weightGrad, m: outFeatures, n: inFeatures, k: n, transA: true, beta: 1)
         }
@@ -88,19 +138,22 @@ public final class AdaptedLinear: @unchecked Sendable {
 
     // MARK: Merge
 
-    /// Folds `s B A` into W through `policy`: `target = W + s B A` in f32 (a workspace `[out, in]`), then
-    /// the policy stores `target` as the new W. Writes `||s B A||^2`, `||W||^2` (before) and
-    /// `||W_new - target||^2` (what the policy lost) into `stats[3 * slot ..< 3 * slot + 3]`, which the
-    /// caller reads back once for all linears. Leaves the adapter as it was.
-    func merge(policy: MergePolicy, key: MergeKey, stats: Tensor, slot: Int, backend b: Backend) {
+    /// Folds `s B A` into W through `policy`: `target = W + s B A` in f32 (a workspace `[out, in]`, W
+    /// dequantized if quantized), then the policy stores `target` as the new W. Writes `||s B A||^2`,
+    /// `||W||^2` (before) and `||W_new - target||^2` (what the policy lost: 0 for a dense f32 W, the
+    /// rounding of a quantized one) into `stats[3 * slot ..< 3 * slot + 3]`, which the caller reads back
+    /// once for all linears. Leaves the adapter as it was.
+    func merge(policy: MergePolicy, key: MergeKey, stats: Tensor, slot: Int, backend b: Backend) throws {
         guard let ad = adapter else { preconditionFailure("merge on a linear without an adapter") }
-        let w = weight.dense
         let target = b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
+        let w = b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
         b.matmul(ad.b, ad.a, target, m: outFeatures, n: inFeatures, k: ad.rank, alphaScale: ad.scale)
         b.sumOfSquares(target, into: stats, at: 3 * slot)
+        weight.read(into: w, b)
         b.sumOfSquares(w, into: stats, at: 3 * slot + 1)
         b.axpy(1, w, target)
-        policy.store(target, into: weight, key: key, backend: b)
+        try policy.store(target, into: weight, key: key, backend: b)
+        weight.read(into: w, b)
         b.axpy(-1, w, target)
         b.sumOfSquares(target, into: stats, at: 3 * slot + 2)
     }
@@ -121,8 +174,8 @@ final class AdapterGroup: @unchecked Sendable {
     private(set) var gradA: Tensor?
     let rank: Int, inFeatures: Int
 
-    /// Makes the group's A storage and the members (whose adapters view it).
-    init(kinds: [LinearKind], layer: Int, config: LlamaConfig, lora: LoRAConfig, backend: Backend) {
+    /// Makes the group's A storage and the members (whose adapters view it); `quant` is their W's format.
+    init(kinds: [LinearKind], layer: Int, config: LlamaConfig, lora: LoRAConfig, quant: QuantFormat?, backend: Backend) {
         let rank = lora.rank, inFeatures = kinds[0].shape(config).in
         precondition(kinds.allSatisfy { $0.shape(config).in == inFeatures }, "an adapter group shares one input")
         let a = backend.makeTensor([kinds.count * rank, inFeatures], dtype: backend.precision.loraFactors, tag: .lora)
@@ -130,7 +183,7 @@ final class AdapterGroup: @unchecked Sendable {
         self.inFeatures = inFeatures
         self.a = a
         linears = kinds.enumerated().map { i, kind in
-            AdaptedLinear(kind: kind, layer: layer, config: config, lora: lora,
+            AdaptedLinear(kind: kind, layer: layer, config: config, lora: lora, quant: quant,
                           adapterA: a.view(offset: i * rank * inFeatures, shape: [rank, inFeatures]), backend: backend)
         }
     }
@@ -205,6 +258,8 @@ struct LinearContext {
     let dropoutStep: Int
     /// `gT = B^T dy^T` of a group, `[3r, N]` (training with adapters).
     let gT: Tensor?
+    /// Where quantized weights are dequantized, tile by tile (models with quantized weights).
+    let dequantScratch: Tensor?
     /// The dropped-out adapter input / its gradient `[N, max(in)]` (training with dropout).
     let loraX: Tensor?
 

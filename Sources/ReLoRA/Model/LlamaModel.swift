@@ -56,13 +56,19 @@ public final class LlamaModel: @unchecked Sendable {
     public var dropoutStep = 0
     private var workspace: Workspace?
 
+    /// The storage format of the frozen base weights (nil = dense).
+    public let quant: QuantFormat?
+
+    /// `quant` stores the frozen block linears of a LoRA model in a block format (needs `lora`).
     public init(config: LlamaConfig, backend: Backend, checkpointing: GradientCheckpointing = .none,
-                lora: LoRAConfig? = nil) {
+                lora: LoRAConfig? = nil, quant: QuantFormat? = nil) {
+        precondition(quant == nil || lora != nil, "quantized base weights are frozen: they need LoRA")
         self.config = config
         self.backend = backend
         self.checkpointing = checkpointing
         self.loraConfig = lora
-        self.weights = LlamaParameters(config: config, lora: lora, backend: backend)
+        self.quant = quant
+        self.weights = LlamaParameters(config: config, lora: lora, quant: quant, backend: backend)
     }
 
     /// Whether the block linears get gradients (full-rank training) or are frozen (LoRA).
@@ -90,7 +96,9 @@ public final class LlamaModel: @unchecked Sendable {
             let p = "model.layers.\(i)."
             func linear(_ kind: LinearKind) {
                 let l = block.linear(kind)
-                if let wg = l.weightGrad { list.append(TrainableParameter(name: l.namePrefix + "weight", value: l.weight.dense, grad: wg, isLoRA: false)) }
+                if let wg = l.weightGrad, let w = l.weight.dense {
+                    list.append(TrainableParameter(name: l.namePrefix + "weight", value: w, grad: wg, isLoRA: false))
+                }
             }
             list.append(TrainableParameter(name: p + "input_layernorm.weight", value: block.attnNorm, grad: g.attnNorm[i], isLoRA: false))
             [LinearKind.q, .k, .v, .o].forEach(linear)
@@ -127,14 +135,14 @@ public final class LlamaModel: @unchecked Sendable {
     /// (Kaiming-uniform, keyed by seed and restart index) and B = 0, so the model's function is
     /// unchanged up to what the policy loses. Statistics are read back in one transfer.
     @discardableResult
-    public func mergeAdapters(policy: MergePolicy = ExactMerge(), seed: UInt64, reinitialize: Bool = true) -> MergeReport {
+    public func mergeAdapters(policy: MergePolicy = ExactMerge(), seed: UInt64, reinitialize: Bool = true) throws -> MergeReport {
         guard loraConfig != nil else { preconditionFailure("mergeAdapters on a model without LoRA") }
         let start = DispatchTime.now().uptimeNanoseconds
         let linears = weights.linears
         let stats = backend.makeTensor([3 * linears.count], dtype: .f32, tag: .workspace, zeroed: true)
         for (slot, linear) in linears.enumerated() {
             let key = MergeKey(seed: seed, restart: merges, tensor: linear.layer * LinearKind.allCases.count + linear.kind.rawValue)
-            linear.merge(policy: policy, key: key, stats: stats, slot: slot, backend: backend)
+            try linear.merge(policy: policy, key: key, stats: stats, slot: slot, backend: backend)
         }
         let s = backend.download(stats)
         var updateSq = 0.0, weightSq = 0.0, errorSq = 0.0
@@ -151,10 +159,11 @@ public final class LlamaModel: @unchecked Sendable {
     }
 
     /// Merges the current cycle exactly and removes the adapters: a plain model computing `x (W + s B A)^T`,
-    /// for export, evaluation and sampling (no adapter GEMMs left). Not for training.
-    public func foldAdapters() {
+    /// for export, evaluation and sampling (no adapter GEMMs left). Not for training; needs dense W.
+    public func foldAdapters() throws {
         guard loraConfig != nil else { return }
-        mergeAdapters(policy: ExactMerge(), seed: 0, reinitialize: false)
+        precondition(weights.isDense, "foldAdapters needs dense base weights (load quantized ones dequantized)")
+        try mergeAdapters(policy: ExactMerge(), seed: 0, reinitialize: false)
         for linear in weights.linears { linear.detachAdapter() }
         loraConfig = nil
         workspace = nil
@@ -315,10 +324,11 @@ public final class LlamaModel: @unchecked Sendable {
     private func groupForward(_ layer: Int, _ kinds: [LinearKind], x: Tensor, outputs: [Tensor], beta: Float,
                               _ a: BlockActivations, _ ws: Workspace) {
         let block = weights.blocks[layer], n = ws.tokens
-        for (kind, y) in zip(kinds, outputs) { block.linear(kind).forwardBase(x, y, beta: beta, tokens: n, backend) }
+        let ctx = context(ws)
+        for (kind, y) in zip(kinds, outputs) { block.linear(kind).forwardBase(x, y, beta: beta, tokens: n, ctx) }
         guard let group = block.group(kinds[0]), let uTAll = a.loraUT else { return }
         let uT = a.groupRows(uTAll, first: kinds[0], size: kinds.count, tokens: n)
-        group.project(x, into: uT, tokens: n, context(ws))
+        group.project(x, into: uT, tokens: n, ctx)
         for (i, (kind, y)) in zip(kinds, outputs).enumerated() {
             block.linear(kind).addAdapterOutput(group.member(uT, i, n), y, tokens: n, backend)
         }
@@ -328,9 +338,9 @@ public final class LlamaModel: @unchecked Sendable {
     /// adapters: each member's `gT_i = B_i^T dy_i^T`, dB_i, ds_i, and the group's dA and input gradient.
     private func groupBackward(_ layer: Int, _ kinds: [LinearKind], dys: [Tensor], x: Tensor, dx: Tensor, dxBeta: Float,
                                _ a: BlockActivations, _ ws: Workspace) {
-        let block = weights.blocks[layer], n = ws.tokens
+        let block = weights.blocks[layer], n = ws.tokens, ctx = context(ws)
         for (i, (kind, dy)) in zip(kinds, dys).enumerated() {
-            block.linear(kind).backwardBase(dy: dy, x: x, dx: dx, dxBeta: i == 0 ? dxBeta : 1, tokens: n, backend)
+            block.linear(kind).backwardBase(dy: dy, x: x, dx: dx, dxBeta: i == 0 ? dxBeta : 1, tokens: n, ctx)
         }
         guard let group = block.group(kinds[0]), let uTAll = a.loraUT, let gTAll = ws.gT else { return }
         let uT = a.groupRows(uTAll, first: kinds[0], size: kinds.count, tokens: n)
@@ -338,12 +348,13 @@ public final class LlamaModel: @unchecked Sendable {
         for (i, (kind, dy)) in zip(kinds, dys).enumerated() {
             block.linear(kind).adapterOutputBackward(dy: dy, uT: group.member(uT, i, n), gT: group.member(gT, i, n), tokens: n, backend)
         }
-        group.inputBackward(x: x, gT: gT, dx: dx, tokens: n, context(ws))
+        group.inputBackward(x: x, gT: gT, dx: dx, tokens: n, ctx)
     }
 
     private func context(_ ws: Workspace) -> LinearContext {
         LinearContext(backend: backend, dropout: ws.training ? Float(loraConfig?.dropout ?? 0) : 0,
-                      dropoutSeed: dropoutSeed, dropoutStep: dropoutStep, gT: ws.gT, loraX: ws.loraX)
+                      dropoutSeed: dropoutSeed, dropoutStep: dropoutStep, gT: ws.gT, dequantScratch: ws.dequantScratch,
+                      loraX: ws.loraX)
     }
 
     // MARK: Backward
@@ -388,7 +399,7 @@ public final class LlamaModel: @unchecked Sendable {
         workspace = nil  // free the old buffers before allocating the new ones
         let ws = Workspace(config: config, backend: backend, batch: batch, seqLen: seqLen, training: training,
                            savedBlocks: training && checkpointing == .none ? config.numHiddenLayers : 1,
-                           lora: loraConfig)
+                           lora: loraConfig, quant: quant)
         workspace = ws
         return ws
     }
@@ -431,6 +442,9 @@ final class Workspace {
     let blocks: [BlockActivations]
     /// i32 token ids and targets `[N]`, uploaded once per batch.
     let ids, targets: Tensor
+    /// Where quantized base weights are dequantized (models with quantized weights): large enough for
+    /// the backend's scratch of the largest linear (`Backend.dequantizeScratchShape`).
+    let dequantScratch: Tensor?
     let lnf, rstdf, logits, losses: Tensor
     // Backward scratch (allocated only for training).
     let dres, dln, dq, dk, dv, dattn, dh, dgate, dup: Tensor!
@@ -439,7 +453,7 @@ final class Workspace {
     let gT, loraX: Tensor?
 
     init(config cfg: LlamaConfig, backend: Backend, batch: Int, seqLen: Int, training: Bool, savedBlocks: Int,
-         lora: LoRAConfig?) {
+         lora: LoRAConfig?, quant: QuantFormat?) {
         self.batch = batch; self.seqLen = seqLen; self.training = training
         let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
         tokens = n
@@ -448,6 +462,13 @@ final class Workspace {
         func scratch(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .workspace, zeroed: false) }
         xs = (0...cfg.numHiddenLayers).map { _ in act([n, c]) }
         blocks = (0..<savedBlocks).map { _ in BlockActivations(cfg, backend, batch: batch, seqLen: seqLen, loraRank: lora?.rank) }
+        dequantScratch = quant.map { _ in
+            let elements = LinearKind.allCases.map { kind -> Int in
+                let (out, inF) = kind.shape(cfg)
+                return backend.dequantizeScratchShape(rows: out, cols: inF).reduce(1, *)
+            }.max()!
+            return backend.makeTensor([elements], dtype: backend.precision.frozenWeights, tag: .workspace, zeroed: false)
+        }
         ids = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
         targets = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
         lnf = act([n, c]); rstdf = act([n]); logits = act([n, cfg.vocabSize]); losses = act([n])

@@ -11,12 +11,14 @@ public final class BlockParameters: @unchecked Sendable {
     /// The groups of linears that read the same input, in `LinearKind` order.
     static let groupKinds: [[LinearKind]] = [[.q, .k, .v], [.o], [.gate, .up], [.down]]
 
-    init(layer: Int, config: LlamaConfig, lora: LoRAConfig?, backend: Backend) {
+    init(layer: Int, config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat?, backend: Backend) {
         let dtype = backend.precision.trainable
         attnNorm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         mlpNorm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         if let lora {
-            adapterGroups = Self.groupKinds.map { AdapterGroup(kinds: $0, layer: layer, config: config, lora: lora, backend: backend) }
+            adapterGroups = Self.groupKinds.map {
+                AdapterGroup(kinds: $0, layer: layer, config: config, lora: lora, quant: quant, backend: backend)
+            }
             linears = adapterGroups.flatMap(\.linears)
         } else {
             adapterGroups = []
@@ -44,12 +46,15 @@ public final class LlamaParameters: @unchecked Sendable {
     /// The output projection `[V, C]`: the embedding itself when `tie_word_embeddings`.
     public var lmHead: Tensor { untiedHead ?? embed }
 
-    /// Zero-filled parameters; with `lora` the block linears are frozen and adapted.
-    init(config: LlamaConfig, lora: LoRAConfig?, backend: Backend) {
+    /// Zero-filled parameters; with `lora` the block linears are frozen and adapted, and stored in
+    /// `quant` if given.
+    init(config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat? = nil, backend: Backend) {
         self.config = config
         let dtype = backend.precision.trainable
         embed = backend.makeTensor([config.vocabSize, config.hiddenSize], dtype: dtype, tag: .trainable)
-        blocks = (0..<config.numHiddenLayers).map { BlockParameters(layer: $0, config: config, lora: lora, backend: backend) }
+        blocks = (0..<config.numHiddenLayers).map {
+            BlockParameters(layer: $0, config: config, lora: lora, quant: quant, backend: backend)
+        }
         norm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         untiedHead = config.tieWordEmbeddings ? nil
             : backend.makeTensor([config.vocabSize, config.hiddenSize], dtype: dtype, tag: .trainable)
@@ -58,31 +63,48 @@ public final class LlamaParameters: @unchecked Sendable {
     /// Every linear of every block, layer-major.
     public var linears: [AdaptedLinear] { blocks.flatMap(\.linears) }
 
-    /// Every distinct dense tensor (the base W of the linears included) with its Hugging Face name, in
-    /// the order `named_parameters()` gives: what a checkpoint's `model.safetensors` holds.
-    public func named() -> [(String, Tensor)] {
-        var list: [(String, Tensor)] = [("model.embed_tokens.weight", embed)]
+    /// Every distinct weight with its Hugging Face name, in the order `named_parameters()` gives: what a
+    /// checkpoint's `model.safetensors` holds. Dense tensors are `.dense`; quantized base weights of the
+    /// linears `.quantized`.
+    public func slots() -> [(String, FrozenWeight)] {
+        var list: [(String, FrozenWeight)] = [("model.embed_tokens.weight", .dense(embed))]
         for (i, b) in blocks.enumerated() {
             let p = "model.layers.\(i)."
-            list.append((p + "input_layernorm.weight", b.attnNorm))
-            for kind in [LinearKind.q, .k, .v, .o] { list.append((b.linear(kind).namePrefix + "weight", b.linear(kind).weight.dense)) }
-            list.append((p + "post_attention_layernorm.weight", b.mlpNorm))
-            for kind in [LinearKind.gate, .up, .down] { list.append((b.linear(kind).namePrefix + "weight", b.linear(kind).weight.dense)) }
+            list.append((p + "input_layernorm.weight", .dense(b.attnNorm)))
+            for kind in [LinearKind.q, .k, .v, .o] { list.append((b.linear(kind).namePrefix + "weight", b.linear(kind).weight)) }
+            list.append((p + "post_attention_layernorm.weight", .dense(b.mlpNorm)))
+            for kind in [LinearKind.gate, .up, .down] { list.append((b.linear(kind).namePrefix + "weight", b.linear(kind).weight)) }
         }
-        list.append(("model.norm.weight", norm))
-        if let head = untiedHead { list.append(("lm_head.weight", head)) }
+        list.append(("model.norm.weight", .dense(norm)))
+        if let head = untiedHead { list.append(("lm_head.weight", .dense(head))) }
         return list
     }
 
+    /// The dense tensors of `slots()` (all of them unless base weights are quantized).
+    public func named() -> [(String, Tensor)] {
+        slots().compactMap { name, w in w.dense.map { (name, $0) } }
+    }
+
+    /// Whether every weight is dense (exports need that).
+    public var isDense: Bool { linears.allSatisfy { $0.weight.dense != nil } }
+
     /// Fresh weights as in LLaMA pretraining: linears and embeddings ~ N(0, std), norm gains 1.
-    /// Values come from the counter-based RNG keyed by (seed, tensor index in `named()`, element), so
-    /// they do not depend on the backend, the mode or thread layout.
-    public func initializeRandom(seed: UInt64, std: Float = 0.02, backend: Backend) {
-        for (index, (_, tensor)) in named().enumerated() {
-            if tensor.shape.count == 1 {
-                backend.fill(tensor, value: 1)
-            } else {
-                backend.fillNormal(tensor, std: std, seed: seed, stream: UInt64(index))
+    /// Values come from the counter-based RNG keyed by (seed, tensor index in `slots()`, element), so
+    /// they do not depend on the backend, the mode, the storage format or thread layout. A quantized
+    /// weight is drawn into an f32 workspace and quantized (round to nearest).
+    public func initializeRandom(seed: UInt64, std: Float = 0.02, backend: Backend) throws {
+        for (index, (name, slot)) in slots().enumerated() {
+            switch slot {
+            case .dense(let tensor):
+                if tensor.shape.count == 1 {
+                    backend.fill(tensor, value: 1)
+                } else {
+                    backend.fillNormal(tensor, std: std, seed: seed, stream: UInt64(index))
+                }
+            case .quantized(let q):
+                let dense = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+                backend.fillNormal(dense, std: std, seed: seed, stream: UInt64(index))
+                if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
             }
         }
     }

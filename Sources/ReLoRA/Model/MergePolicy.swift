@@ -1,10 +1,11 @@
-/// How a ReLoRA restart stores the merged weight `W + s B A` back into a linear's base weight.
-/// `exact` (dense weights: a plain f32 store) is the one policy today; the quantized formats add
-/// round-to-nearest, stochastic rounding (keyed by `MergeKey`), error compensation and master copies.
+/// How a ReLoRA restart stores the merged weight `W + s B A` back into a linear's base weight:
+/// `exact` for dense weights, `rtn` (round to nearest) for quantized ones. Stochastic rounding (keyed by
+/// `MergeKey`), error compensation and master copies plug in here.
 public protocol MergePolicy: Sendable {
     var name: String { get }
     /// Stores `target` (f32 `[out, in]`, the merged weight computed exactly in f32) into `weight`.
-    func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend)
+    /// Throws when the weight's format cannot hold a value (a diverged run).
+    func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws
 }
 
 /// The RNG key of one tensor's merge at one restart: a policy that draws random numbers (stochastic
@@ -25,11 +26,28 @@ public struct MergeKey: Sendable, Equatable {
 }
 
 /// Dense weights: `W = target`, converted to W's dtype (exact for f32; round to nearest even for bf16).
+/// A quantized weight is requantized to nearest (the same as `RoundToNearestMerge`).
 public struct ExactMerge: MergePolicy {
     public let name = "exact"
     public init() {}
-    public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) {
-        backend.copy(target, to: weight.dense)
+    public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
+        try RoundToNearestMerge().store(target, into: weight, key: key, backend: backend)
+    }
+}
+
+/// Dequantize -> add -> requantize with the reference quantizer, rounding every weight to its nearest
+/// code. Updates smaller than half a quantization step are lost (which is why the other policies
+/// exist); a zero update leaves every code unchanged (`quantize(dequantize(q)) == q`).
+public struct RoundToNearestMerge: MergePolicy {
+    public let name = "rtn"
+    public init() {}
+    public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
+        switch weight {
+        case .dense(let w):
+            backend.copy(target, to: w)
+        case .quantized(let q):
+            if let failure = backend.quantize(target, into: q) { throw failure.error(format: q.format, name: nil) }
+        }
     }
 }
 

@@ -23,7 +23,8 @@ public enum MemoryPlanner {
     /// The planned code path on any backend (tests run it on the CPU to prove plan = measured).
     static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend) throws {
         try recipe.loraConfig?.validate(for: config)
-        let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig)
+        let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
+                               quant: recipe.quant.format)
         model.enableGradients()
         let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
                               eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
@@ -32,7 +33,7 @@ public enum MemoryPlanner {
         let ids = [Int32](repeating: 0, count: n)
         _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr) { _ in (ids, ids) }
         if recipe.mode == .relora {
-            model.mergeAdapters(seed: recipe.seed)
+            try model.mergeAdapters(policy: recipe.quant == .none ? ExactMerge() : RoundToNearestMerge(), seed: recipe.seed)
             _ = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, seed: recipe.seed, restart: 0)
         }
     }

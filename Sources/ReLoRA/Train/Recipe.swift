@@ -6,6 +6,14 @@ public enum TrainingMode: String, Sendable, CaseIterable {
     case full, lora, relora
 }
 
+/// How a `lora`/`relora` run stores its frozen base weights: dense (the backend's precision) or a block format.
+public enum FrozenStorage: String, Sendable, CaseIterable {
+    case none, q8_0, q4_0, nf4
+
+    /// The block format, or nil for dense.
+    public var format: QuantFormat? { QuantFormat(rawValue: rawValue) }
+}
+
 public struct Recipe: Sendable, Equatable {
     /// Hugging Face `config.json` of the model to train (paths are relative to the working directory).
     public var model: String
@@ -74,6 +82,9 @@ public struct Recipe: Sendable, Equatable {
     /// resume the sampler of the checkpoint. The trainer's own recipe (and the run's `recipe.json`)
     /// holds the resolved value.
     public var sampler: SamplerMode?
+    /// Storage of the frozen block linears in `lora`/`relora` runs: `none` (dense) or q8_0, q4_0, nf4,
+    /// dequantized on the fly. Embeddings, head and norms stay dense and trained.
+    public var quant: FrozenStorage = .none
     /// A full-rank checkpoint (or run directory) whose weights, step count and dense optimizer state
     /// this run starts from.
     public var warmStart: String?
@@ -268,6 +279,7 @@ extension Recipe {
         .double("lora_alpha", \.loraAlpha, when: loraModes),
         .double("lora_dropout", \.loraDropout, when: loraModes),
         .bool("lora_trainable_scale", \.loraTrainableScale, when: loraModes),
+        .choice("quant", \.quant, when: loraModes),
         .optional("relora_every", \.reloraEvery, read: { try $0.optionalInt($1) }, when: reloraMode),
         .int("restart_warmup", \.restartWarmup, when: reloraMode),
         .choice("optimizer_reset", \.optimizerReset, when: reloraMode),
@@ -374,6 +386,8 @@ extension Recipe {
             if loraRank <= 0 { throw ReLoRAError.invalidConfig("'lora_r' must be a positive integer, got \(loraRank)") }
             if !(loraAlpha > 0) { throw ReLoRAError.invalidConfig("'lora_alpha' must be positive, got \(loraAlpha)") }
             if !(loraDropout >= 0 && loraDropout < 1) { throw ReLoRAError.invalidConfig("'lora_dropout' must be in [0, 1), got \(loraDropout)") }
+        } else if quant != .none {
+            throw ReLoRAError.invalidConfig("'quant' \(quant.rawValue) needs mode 'lora' or 'relora' (full-rank training trains the base weights, which quantized storage freezes)")
         }
         _ = try Device(parsing: device)  // availability is the backend factory's to judge
     }

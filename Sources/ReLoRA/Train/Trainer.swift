@@ -44,8 +44,8 @@ public final class Trainer {
     /// Every step's metrics of this process, in order (tests compare runs with it).
     public private(set) var history: [StepMetrics] = []
 
-    /// How restarts store merged weights (`exact` for dense weights).
-    let mergePolicy: MergePolicy = ExactMerge()
+    /// How restarts store merged weights: `exact` for dense weights, `rtn` for quantized ones.
+    var mergePolicy: MergePolicy { recipe.quant == .none ? ExactMerge() : RoundToNearestMerge() }
 
     // Views of the run: TensorBoard events beside metrics.jsonl, and MFU (FLOPs of a step over the peak).
     var tensorBoard: TensorBoardWriter?
@@ -88,7 +88,8 @@ public final class Trainer {
         schedule = recipe.schedule
         try recipe.loraConfig?.validate(for: config)
 
-        model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig)
+        model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
+                           quant: recipe.quant.format)
         stepFLOPs = ModelFLOPs.perStep(config: config, recipe: recipe)
         model.dropoutSeed = recipe.seed
         model.enableGradients()
@@ -116,7 +117,7 @@ public final class Trainer {
                     throw ReLoRAError.invalidConfig("the warm start is at step \(state.step), but the recipe ends at step \(recipe.steps)")
                 }
             } else {
-                model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)
+                try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)
                 state = TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: recipe.seed)
             }
             model.initializeLoRA(seed: recipe.seed)
@@ -206,11 +207,12 @@ public final class Trainer {
     /// stay trainable (embeddings, norms, head). From a Hugging Face directory: its weights only; the
     /// run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
-                          log: (String) -> Void) throws -> TrainingState {
+                          log: @escaping (String) -> Void) throws -> TrainingState {
         if HFCheckpoint.isModelDirectory(path) {
             let config = try HFCheckpoint.readConfig(directory: path)
             try checkSameArchitecture(config, model.config, source: path)
-            try HFCheckpoint.loadWeights(directory: path, into: model, warn: { log("warning: \($0)") })
+            try HFCheckpoint.loadWeights(directory: path, into: model, warn: { log("warning: \($0)") },
+                                         quantized: quantizationLog(model, log))
             return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
         }
         let checkpoint = try TrainingCheckpoint.resolve(path).checkpoint
@@ -221,7 +223,10 @@ public final class Trainer {
             throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint or a Hugging Face model directory; \(checkpoint) holds LoRA factors (continue it with --resume, or export it with `relora export --format hf` and warm-start from the export)")
         }
         let weights = try SafetensorsFile(path: checkpoint + "/model.safetensors")
-        for (name, t) in model.weights.named() { try TensorIO.load(t, from: weights, name, backend: model.backend) }
+        let report = quantizationLog(model, log)
+        for (name, slot) in model.weights.slots() {
+            if let error = try TensorIO.load(slot, from: weights, name, backend: model.backend) { report(name, error) }
+        }
         let moments = try SafetensorsFile(path: checkpoint + "/optimizer.safetensors")
         for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA {
             try TensorIO.load(optimizer.m[i], from: moments, "m." + p.name, backend: model.backend)
@@ -230,6 +235,12 @@ public final class Trainer {
         optimizer.stepCount = warmState.optimizerStep
         return TrainingState(step: warmState.step, optimizerStep: warmState.optimizerStep, skippedSteps: 0,
                              tokensSeen: warmState.tokensSeen, seed: seed)
+    }
+
+    /// Logs each warm-start weight quantized on load with its relative error `||deq(q) - w|| / ||w||`.
+    static func quantizationLog(_ model: LlamaModel, _ log: @escaping (String) -> Void) -> (String, Double) -> Void {
+        let format = model.quant?.rawValue ?? "dense"
+        return { name, error in log(String(format: "quantized %@ to %@: relative error %.3e", name, format, error)) }
     }
 
     static func checkSameArchitecture(_ source: LlamaConfig, _ model: LlamaConfig, source path: String) throws {
@@ -242,7 +253,7 @@ public final class Trainer {
     /// Merge, re-initialise and reset the LoRA optimizer state (ReLoRA restart), with a log line and a
     /// metrics line.
     func restart() throws {
-        let merge = model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
+        let merge = try model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
         state.loraMerges = model.merges
         let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio,
                                                   seed: recipe.seed, restart: merge.restart)
