@@ -4,8 +4,10 @@ import XCTest
 
 /// The planning backend against real runs: what `relora memory` says is what the CPU allocates.
 final class MemoryPlanTests: XCTestCase {
-    func recipe(_ d: TrainerTests.ByteData, _ mode: TrainingMode, _ checkpointing: GradientCheckpointing, dropout: Double = 0) -> Recipe {
-        TrainerTests.recipe(d, run: "plan-\(mode.rawValue)-\(checkpointing.rawValue)-\(dropout)") {
+    func recipe(_ d: TrainerTests.ByteData, _ mode: TrainingMode, _ checkpointing: GradientCheckpointing, dropout: Double = 0,
+                quant: FrozenStorage = .none) -> Recipe {
+        TrainerTests.recipe(d, run: "plan-\(mode.rawValue)-\(checkpointing.rawValue)-\(dropout)-\(quant.rawValue)") {
+            $0.quant = quant
             $0.valData = nil  // evaluation would add its own workspace shape; the plan covers training
             $0.mode = mode
             $0.checkpointing = checkpointing
@@ -23,15 +25,15 @@ final class MemoryPlanTests: XCTestCase {
         let config = try LlamaConfig(contentsOf: d.model)
         for mode in TrainingMode.allCases {
             for checkpointing in GradientCheckpointing.allCases {
-                for dropout in mode == .full ? [0.0] : [0.0, 0.1] {
-                    let r = recipe(d, mode, checkpointing, dropout: dropout)
+                for (dropout, quant) in mode == .full ? [(0.0, FrozenStorage.none)] : [(0.0, .none), (0.1, .none), (0.0, .q4_0), (0.1, .nf4)] {
+                    let r = recipe(d, mode, checkpointing, dropout: dropout, quant: quant)
                     var lines: [String] = []
                     let trainer = try Trainer(recipe: r, resume: false, log: { lines.append($0) })
                     _ = try trainer.run()
                     if mode == .relora { XCTAssertTrue(lines.contains { $0.hasPrefix("restart 1") }, "the run must include a restart") }
                     let measured = trainer.model.backend.ledger.report()
                     let plan = try MemoryPlanner.plan(r, config: config, device: .cpu)
-                    let label = "\(mode) \(checkpointing) dropout \(dropout)"
+                    let label = "\(mode) \(checkpointing) dropout \(dropout) quant \(quant)"
                     for tag in MemoryTag.allCases {
                         XCTAssertEqual(plan.report.peak(tag), measured.peak(tag), "\(label): \(tag.rawValue)")
                     }
