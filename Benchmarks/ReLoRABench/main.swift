@@ -40,7 +40,7 @@ func parseOptions() -> Options {
     while !args.isEmpty {
         let key = args.removeFirst()
         if key == "--help" || key == "-h" {
-            print("usage: relora-bench [--config FILE] [--seq-len N] [--batch B] [--steps S] [--checkpointing none|block] [--mode full|lora] [--rank R] [--alpha A] [--json OUT]")
+            print("usage: relora-bench [--config FILE] [--seq-len N] [--batch B] [--steps S] [--checkpointing none|block] [--mode full|lora|quant-linear] [--rank R] [--alpha A] [--json OUT]")
             exit(0)
         }
         guard let value = args.first else { fail("\(key) needs a value") }
@@ -55,7 +55,7 @@ func parseOptions() -> Options {
             o.checkpointing = c
         case "--json": o.json = value
         case "--mode":
-            guard value == "full" || value == "lora" else { fail("--mode is full or lora") }
+            guard ["full", "lora", "quant-linear"].contains(value) else { fail("--mode is full, lora or quant-linear") }
             o.mode = value
         case "--rank": o.rank = positiveInt(value, key)
         case "--alpha":
@@ -76,6 +76,15 @@ func sgemmGFLOPs(m: Int, n: Int, k: Int, transB: Bool = false, reps: Int = 5) ->
 }
 
 let o = parseOptions()
+if o.mode == "quant-linear" {
+    do {
+        try runQuantLinearBench(tokens: o.batch * o.seqLen, reps: o.steps, json: o.json)
+        exit(0)
+    } catch {
+        FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+        exit(1)
+    }
+}
 do {
     let config = try LlamaConfig(contentsOf: o.config)
     let tokens = o.batch * o.seqLen

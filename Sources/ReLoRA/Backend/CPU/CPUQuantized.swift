@@ -4,9 +4,11 @@ import CReLoRA
 /// (bit-exact by construction), and linear layers that dequantize bounded tiles of W's rows into a
 /// reused f32 scratch and hand each tile to sgemm, so the dense weight of a layer never exists.
 extension CPUBackend {
-    /// Rows of W per tile: about 1 MiB of f32 (L2-sized), at least 16 rows, at most all of them.
+    /// Rows of W per tile: about 4 MiB of f32 and at least 256 rows (at most all of them). The tile is a
+    /// GEMM dimension (N of the forward, K of the input gradient): with 48-row tiles (1 MiB of a 5461-wide
+    /// row) the skinny GEMMs ran at half the dense rate; 256+ rows keep sgemm near its peak.
     static func tileRows(rows: Int, cols: Int) -> Int {
-        min(rows, max(16, (1 << 18) / max(1, cols)))
+        min(rows, max(256, (1 << 20) / max(1, cols)))
     }
 
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] {
