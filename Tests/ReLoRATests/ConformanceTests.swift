@@ -121,19 +121,7 @@ final class ConformanceTests: XCTestCase {
 
 /// A CPU backend with at most one deliberately broken op: forwards everything to `CPUBackend` and
 /// corrupts the result of the op named by `fault` through other backend ops (no host access).
-final class FaultyBackend: Backend, @unchecked Sendable {
-    func downloadRaw(_ tensor: Tensor) -> [UInt8] { inner.downloadRaw(tensor) }
-    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? { inner.quantize(source, into: q) }
-    func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
-        inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
-    }
-    func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { inner.dequantizeScratchShape(rows: rows, cols: cols) }
-    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
-        inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch)
-    }
-    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
-        inner.quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch)
-    }
+final class FaultyBackend: ForwardingToCPU, @unchecked Sendable {
     enum Fault { case matmulScale, ropeSign, attentionDV, rmsnormOverwrites, crossEntropyGrad, normalStd, pruneThreshold,
                       dropoutStream, swigluDerivative, pruneMomentsSeparately }
 
@@ -142,23 +130,6 @@ final class FaultyBackend: Backend, @unchecked Sendable {
     init(_ fault: Fault?) { self.fault = fault }
 
     var name: String { "faulty-cpu" }
-    var ledger: MemoryLedger { inner.ledger }
-    var precision: Precision { inner.precision }
-    var computes: Bool { true }
-
-    func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
-        inner.makeTensor(shape, dtype: dtype, tag: tag, zeroed: zeroed)
-    }
-    func upload(_ values: [Float], to tensor: Tensor) { inner.upload(values, to: tensor) }
-    func upload(_ values: [Int32], to tensor: Tensor) { inner.upload(values, to: tensor) }
-    func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) { inner.upload(raw: raw, dtype: dtype, to: tensor) }
-    func download(_ tensor: Tensor) -> [Float] { inner.download(tensor) }
-    func copy(_ src: Tensor, to dst: Tensor) { inner.copy(src, to: dst) }
-    func zero(_ tensor: Tensor) { inner.zero(tensor) }
-    func fill(_ tensor: Tensor, value: Float) { inner.fill(tensor, value: value) }
-    func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {
-        inner.fillUniform(tensor, bound: bound, seed: seed, stream: stream)
-    }
     func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {
         inner.fillNormal(tensor, std: fault == .normalStd ? std * 1.001 : std, seed: seed, stream: stream)
     }
@@ -166,9 +137,6 @@ final class FaultyBackend: Backend, @unchecked Sendable {
                 beta: Float, alphaScale: Tensor?) {
         inner.matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB,
                      alpha: fault == .matmulScale ? alpha * 1.001 : alpha, beta: beta, alphaScale: alphaScale)
-    }
-    func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
-        inner.rmsnormForward(x, weight: weight, out: out, rstd: rstd, rows: rows, dim: dim, eps: eps)
     }
     func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
         if fault == .rmsnormOverwrites { inner.zero(dx) }
@@ -178,30 +146,16 @@ final class FaultyBackend: Backend, @unchecked Sendable {
         inner.rope(x, batch: batch, seqLen: seqLen, heads: heads, headDim: headDim, theta: theta,
                    inverse: fault == .ropeSign ? !inverse : inverse)
     }
-    func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, batch: Int, seqLen: Int, heads: Int,
-                          kvHeads: Int, headDim: Int) {
-        inner.attentionForward(q: q, k: k, v: v, out: out, lse: lse, batch: batch, seqLen: seqLen, heads: heads,
-                               kvHeads: kvHeads, headDim: headDim)
-    }
     func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Tensor, dk: Tensor,
                            dv: Tensor, batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
         inner.attentionBackward(dout: dout, q: q, k: k, v: v, out: out, lse: lse, dq: dq, dk: dk, dv: dv, batch: batch,
                                 seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim)
         if fault == .attentionDV { inner.scale(dv, by: 1.001) }
     }
-    func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {
-        inner.swigluForward(gate: gate, up: up, out: out, count: count)
-    }
     func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {
         inner.swigluBackward(dout: dout, gate: gate, up: up, dgate: dgate, dup: dup, count: count)
         // dgate := dup = dout * silu(g): silu' replaced by silu and the up factor dropped.
         if fault == .swigluDerivative { inner.copy(dup, to: dgate) }
-    }
-    func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {
-        inner.embeddingForward(ids: ids, table: table, out: out, dim: dim)
-    }
-    func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
-        inner.embeddingBackward(ids: ids, dout: dout, dtable: dtable, dim: dim)
     }
     func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?) -> Double {
         let sum = inner.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale)
@@ -210,15 +164,6 @@ final class FaultyBackend: Backend, @unchecked Sendable {
     }
     func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
         inner.dropout(x, out, count: count, p: p, seed: seed, stream: fault == .dropoutStream ? stream + 1 : stream)
-    }
-    func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) { inner.dotAccumulate(a, b, count: count, into: out) }
-    func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) { inner.axpy(alpha, b, a, count: count) }
-    func scale(_ x: Tensor, by alpha: Float) { inner.scale(x, by: alpha) }
-    func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) { inner.sumOfSquares(x, into: out, at: index) }
-    func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float, eps: Float,
-               weightDecay: Float, step: Int) {
-        inner.adamw(param: param, grad: grad, m: m, v: v, lr: lr, beta1: beta1, beta2: beta2, eps: eps,
-                    weightDecay: weightDecay, step: step)
     }
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
         if fault == .pruneThreshold, case .magnitude(let ratio) = rule, ratio > 0, ratio < 1 {
@@ -243,26 +188,10 @@ final class FaultyBackend: Backend, @unchecked Sendable {
 /// every op widens its float operands to f32, runs the CPU op and rounds its outputs back. Running the
 /// suite with `computeDTypes: [.f32, .bf16, .f16]` on it exercises the suite's per-dtype structure and
 /// shows the bf16/f16 bounds hold for such an implementation (a CUDA backend declares its dtypes the same way).
-final class NarrowStorageBackend: Backend, @unchecked Sendable {
-    func downloadRaw(_ tensor: Tensor) -> [UInt8] { inner.downloadRaw(tensor) }
-    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? { inner.quantize(source, into: q) }
-    func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
-        inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
-    }
-    func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { inner.dequantizeScratchShape(rows: rows, cols: cols) }
-    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
-        inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch)
-    }
-    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
-        inner.quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch)
-    }
+final class NarrowStorageBackend: ForwardingToCPU, @unchecked Sendable {
     let inner = CPUBackend()
 
     var name: String { "narrow-storage-cpu" }
-    var ledger: MemoryLedger { inner.ledger }
-    var precision: Precision { inner.precision }
-    var computes: Bool { true }
-
     /// An f32 working copy of a bf16/f16 tensor (the tensor itself otherwise).
     private func wide(_ t: Tensor) -> Tensor {
         guard t.dtype == .bf16 || t.dtype == .f16 else { return t }
@@ -274,15 +203,6 @@ final class NarrowStorageBackend: Backend, @unchecked Sendable {
     /// Rounds a working copy back into its tensor.
     private func narrow(_ w: Tensor, into t: Tensor) { if w !== t { inner.copy(w, to: t) } }
 
-    func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
-        inner.makeTensor(shape, dtype: dtype, tag: tag, zeroed: zeroed)
-    }
-    func upload(_ values: [Float], to tensor: Tensor) { inner.upload(values, to: tensor) }
-    func upload(_ values: [Int32], to tensor: Tensor) { inner.upload(values, to: tensor) }
-    func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) { inner.upload(raw: raw, dtype: dtype, to: tensor) }
-    func download(_ tensor: Tensor) -> [Float] { inner.download(tensor) }
-    func copy(_ src: Tensor, to dst: Tensor) { inner.copy(src, to: dst) }
-    func zero(_ tensor: Tensor) { inner.zero(tensor) }
     func fill(_ tensor: Tensor, value: Float) {
         let w = wide(tensor); inner.fill(w, value: value); narrow(w, into: tensor)
     }
@@ -378,11 +298,6 @@ final class NarrowStorageBackend: Backend, @unchecked Sendable {
         let wo = wide(out)
         inner.sumOfSquares(wide(x), into: wo, at: index)
         narrow(wo, into: out)
-    }
-    func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float, eps: Float,
-               weightDecay: Float, step: Int) {
-        inner.adamw(param: param, grad: grad, m: m, v: v, lr: lr, beta1: beta1, beta2: beta2, eps: eps,
-                    weightDecay: weightDecay, step: step)
     }
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
         let w = wide(tensor)
