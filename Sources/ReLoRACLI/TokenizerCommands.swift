@@ -147,10 +147,11 @@ func expandInputs(_ paths: [String]) throws -> [String] {
 }
 
 let sampleUsage = """
-    Usage: relora sample --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--seed S] [--device cpu|cuda]
+    Usage: relora sample --model DIR|FILE.gguf --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K] [--seed S] [--device cpu|cuda]
 
     Generates text. DIR is a Hugging Face directory with tokenizer.json (e.g. from `relora export`), a
-    checkpoint directory, or a run directory (its latest checkpoint and its tokenizer.json).
+    checkpoint directory, or a run directory (its latest checkpoint and its tokenizer.json); FILE.gguf a
+    LLaMA GGUF file with its tokenizer in the metadata (e.g. from `relora export --format gguf`).
     Defaults: --max-tokens 200 --temperature 0.8 --top-k 40 --seed 0 (temperature 0 = greedy).
     """
 
@@ -170,20 +171,27 @@ func runSample(_ args: [String]) throws {
     let dir = try a.required("model")
     let backend = try a.backend()
     let model: LlamaModel
-    let tokenizerPath: String
-    if FileManager.default.fileExists(atPath: dir + "/config.json") && FileManager.default.fileExists(atPath: dir + "/tokenizer.json")
-        && !FileManager.default.fileExists(atPath: dir + "/state.json") {
-        model = try HFCheckpoint.load(directory: dir, backend: backend)
-        tokenizerPath = dir + "/tokenizer.json"
+    let tokenizer: BPETokenizer
+    if LlamaGGUF.isGGUF(dir) {
+        let file = try GGUFFile(path: dir)
+        model = try LlamaGGUF.loadModel(file, backend: backend, warn: { standardError("warning: \($0)") })
+        tokenizer = try BPETokenizer(gguf: file)
     } else {
-        let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
-        model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
-        tokenizerPath = runDir + "/tokenizer.json"
+        let tokenizerPath: String
+        if FileManager.default.fileExists(atPath: dir + "/config.json") && FileManager.default.fileExists(atPath: dir + "/tokenizer.json")
+            && !FileManager.default.fileExists(atPath: dir + "/state.json") {
+            model = try HFCheckpoint.load(directory: dir, backend: backend)
+            tokenizerPath = dir + "/tokenizer.json"
+        } else {
+            let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
+            model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
+            tokenizerPath = runDir + "/tokenizer.json"
+        }
+        guard FileManager.default.fileExists(atPath: tokenizerPath) else {
+            throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json to encode the prompt with")
+        }
+        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
     }
-    guard FileManager.default.fileExists(atPath: tokenizerPath) else {
-        throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json to encode the prompt with")
-    }
-    let tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
     options.stopToken = tokenizer.endOfTextId
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.

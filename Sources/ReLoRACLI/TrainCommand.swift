@@ -99,23 +99,44 @@ func jsonQuoted(_ s: String) -> String {
 
 let exportUsage = """
     Usage: relora export CHECKPOINT|RUN_DIR --format hf --out DIR [--dtype float32|bfloat16] [--device cpu|cuda]
+           relora export CHECKPOINT|RUN_DIR --format gguf --out FILE.gguf [--quant f32|f16|bf16|q8_0|q4_0] [--device cpu|cuda]
 
-    Writes a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, and the run's
-    tokenizer.json) that transformers' LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.
+    Exports the trained model (a LoRA run's current cycle merged in; quantized frozen weights dequantized).
     A RUN_DIR exports its latest checkpoint.
+
+      --format hf     a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, the run's
+                      tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load
+      --format gguf   one GGUF v3 file for llama.cpp (and transformers' GGUF loader): LLaMA metadata, llama.cpp
+                      tensor names with q/k rows permuted to llama.cpp's rotary convention, and the tokenizer.
+                      --quant (default f32): f16/bf16 store 2-D tensors in 16 bits; q8_0 quantizes every 2-D
+                      tensor; q4_0 the block linears (embedding and head in q8_0). Norms stay f32; rows that are
+                      not whole 32-weight blocks stay f16. A run whose frozen weights are in the same format has
+                      its codes copied, not requantized, where the current cycle's update is zero.
     """
 
 func runExport(_ args: [String]) throws {
     if args.isEmpty || args.contains("--help") || args.contains("-h") { print(exportUsage); return }
     let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["format", "out", "dtype", "device"])
+    try a.checkKnown(["format", "out", "dtype", "device", "quant"])
     guard a.positional.count == 1 else { throw ReLoRAError.usage("give one checkpoint or run directory") }
     let format = a.string("format") ?? "hf"
-    guard format == "hf" else { throw ReLoRAError.usage("--format \(format) is not supported; use hf") }
-    let dtype = a.string("dtype") ?? "float32"
-    guard dtype == "float32" || dtype == "bfloat16" else { throw ReLoRAError.usage("--dtype is float32 or bfloat16") }
     let out = try a.required("out")
     let (checkpoint, runDir) = try TrainingCheckpoint.resolve(a.positional[0])
+    switch format {
+    case "hf":
+        guard a.string("quant") == nil else { throw ReLoRAError.usage("--quant is for --format gguf; use --dtype with hf") }
+        try exportHF(checkpoint: checkpoint, runDir: runDir, out: out, a)
+    case "gguf":
+        guard a.string("dtype") == nil else { throw ReLoRAError.usage("--dtype is for --format hf; use --quant f32|f16|bf16|q8_0|q4_0 with gguf") }
+        try exportGGUF(checkpoint: checkpoint, runDir: runDir, out: out, a)
+    default:
+        throw ReLoRAError.usage("--format \(format) is not supported; use hf or gguf")
+    }
+}
+
+func exportHF(checkpoint: String, runDir: String, out: String, _ a: Arguments) throws {
+    let dtype = a.string("dtype") ?? "float32"
+    guard dtype == "float32" || dtype == "bfloat16" else { throw ReLoRAError.usage("--dtype is float32 or bfloat16") }
     let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
     if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
@@ -125,4 +146,28 @@ func runExport(_ args: [String]) throws {
     }
     progress.finish()
     print("exported \(checkpoint) -> \(out) (\(dtype))")
+}
+
+func exportGGUF(checkpoint: String, runDir: String, out: String, _ a: Arguments) throws {
+    let quantName = a.string("quant") ?? "f32"
+    guard let weights = GGUFWeightType(rawValue: quantName) else {
+        throw ReLoRAError.usage("--quant \(quantName) is not supported; use f32, f16, bf16, q8_0 or q4_0")
+    }
+    let tokenizerPath = runDir + "/tokenizer.json"
+    var tokenizer: BPETokenizer?
+    if FileManager.default.fileExists(atPath: tokenizerPath) {
+        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+    } else {
+        standardError("warning: \(runDir) has no tokenizer.json; the GGUF will have no tokenizer, which llama.cpp needs to load it")
+    }
+    let config = try LlamaConfig(contentsOf: checkpoint + "/config.json")
+    let tensors = 2 + 9 * config.numHiddenLayers + (config.tieWordEmbeddings ? 0 : 1)
+    let progress = ProgressReporter("export", total: tensors, unit: .count("tensors"))
+    let name = URL(fileURLWithPath: runDir).lastPathComponent
+    let summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer, weights: weights, to: out,
+                                       backend: try a.backend(), name: name) { done, _ in
+        progress.update(done)
+    }
+    progress.finish()
+    print("exported \(checkpoint) -> \(out) (\(summary.description))")
 }

@@ -15,7 +15,7 @@ let usage = """
 
     Commands:
       train     Train a model from a recipe (or --resume a run)
-      export    Export a checkpoint as a Hugging Face model directory
+      export    Export a checkpoint as a Hugging Face model directory or a GGUF file
       eval      Mean next-token loss and perplexity of a model on a token file
       analyze   Singular-value spectra of learned updates (update rank), JSON + SVG
       plot      Loss curves of runs (train, validation, restarts, learning rate) as SVG
@@ -32,14 +32,15 @@ let usage = """
     """
 
 let evalUsage = """
-    Usage: relora eval --model DIR --data TOKENS.npy --seq-len N [--batch B] [--json] [--device cpu|cuda]
+    Usage: relora eval --model DIR|FILE.gguf --data TOKENS.npy --seq-len N [--batch B] [--json] [--device cpu|cuda]
 
     Splits the 1-D token array into consecutive windows of exactly N tokens (the remainder is dropped)
     and reports the mean next-token cross-entropy over every predicted position of every window, its
     perplexity and the number of predicted tokens. Equals Hugging Face's
     LlamaForCausalLM(input_ids=window, labels=window).loss averaged over windows.
 
-      --model DIR       Hugging Face model directory (config.json + model.safetensors or a sharded index)
+      --model PATH      Hugging Face model directory (config.json + model.safetensors or a sharded index), or a
+                        LLaMA GGUF file (f32, f16, bf16, q8_0, q4_0 tensors; dequantized to f32)
       --data FILE       .npy file: 1-D little-endian uint16, uint32, int32 or int64 token ids
       --seq-len N       window length in tokens (at most the model's max_position_embeddings)
       --batch B         windows per forward pass (default 8)
@@ -77,8 +78,7 @@ func runEval(_ args: [String]) throws {
     let seqLen = try a.int("seq-len")
     let batch = try a.int("batch", default: 8)
     let modelDir = try a.required("model"), dataPath = try a.required("data")
-    let model = try HFCheckpoint.load(directory: modelDir, backend: try a.backend(),
-                                      warn: { standardError("warning: \($0)") })
+    let model = try loadModel(modelDir, try a.backend())
     let tokens = try TokenArray(npyPath: dataPath)
     let start = Date()
     let progress = json ? nil : ProgressReporter("eval", total: tokens.count / max(1, seqLen), unit: .count("windows"))
@@ -94,6 +94,14 @@ func runEval(_ args: [String]) throws {
         print(String(format: "loss %.6f  perplexity %.4f  tokens %d  windows %d  (%.1f s)", result.loss,
                      result.perplexity, result.tokens, result.windows, Date().timeIntervalSince(start)))
     }
+}
+
+/// A Hugging Face directory or a GGUF file (told apart by the file's magic).
+func loadModel(_ path: String, _ backend: Backend) throws -> LlamaModel {
+    if LlamaGGUF.isGGUF(path) {
+        return try LlamaGGUF.loadModel(try GGUFFile(path: path), backend: backend, warn: { standardError("warning: \($0)") })
+    }
+    return try HFCheckpoint.load(directory: path, backend: backend, warn: { standardError("warning: \($0)") })
 }
 
 func runInfo(_ args: [String]) throws {

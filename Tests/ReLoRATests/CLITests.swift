@@ -146,6 +146,23 @@ final class CLIPipelineTests: XCTestCase {
         let again = try runRelora(["sample", "--model", "\(dir)/run", "--prompt", "KING LEAR.", "--max-tokens", "8", "--seed", "3"])
         XCTAssertEqual(again.stdout, r.stdout, "same seed, same checkpoint: same text")
 
+        // GGUF: an f32 export evaluates and samples exactly like the Hugging Face one (tokenizer from the
+        // metadata); q8_0 and q4_0 export and evaluate.
+        let hfEval = try runRelora(["eval", "--model", "\(dir)/hf", "--data", "\(dir)/val.npy", "--seq-len", "32", "--json"])
+        for quant in ["f32", "q8_0", "q4_0"] {
+            let g = try runRelora(["export", "\(dir)/run", "--format", "gguf", "--quant", quant, "--out", "\(dir)/m-\(quant).gguf"])
+            XCTAssertEqual(g.status, 0, g.stderr)
+            XCTAssertTrue(g.stdout.contains("m-\(quant).gguf (\(quant), 12 tensors"), g.stdout)
+            let e = try runRelora(["eval", "--model", "\(dir)/m-\(quant).gguf", "--data", "\(dir)/val.npy", "--seq-len", "32", "--json"])
+            XCTAssertEqual(e.status, 0, e.stderr)
+            if quant == "f32" { XCTAssertEqual(e.stdout, hfEval.stdout, "f32 GGUF and HF exports hold the same weights") }
+        }
+        let gs = try runRelora(["sample", "--model", "\(dir)/m-f32.gguf", "--prompt", "KING LEAR.", "--max-tokens", "8", "--seed", "3"])
+        XCTAssertEqual(gs.status, 0, gs.stderr)
+        XCTAssertEqual(gs.stdout, r.stdout, "same model and tokenizer through GGUF: same text")
+        let bad = try runRelora(["export", "\(dir)/run", "--format", "gguf", "--quant", "q5_1", "--out", "\(dir)/x.gguf"])
+        XCTAssertTrue(bad.status != 0 && bad.stderr.contains("--quant q5_1 is not supported"), bad.stderr)
+
         // Errors: invalid UTF-8 names file and offset; bad --set key; a recipe with a typo.
         try Data([0x41, 0x42, 0xFF, 0x43]).write(to: URL(fileURLWithPath: "\(dir)/bad.txt"))
         r = try runRelora(["tokenize", "--tokenizer", "\(dir)/tok.json", "--in", "\(dir)/bad.txt", "--out", "\(dir)/bad.npy"])
