@@ -769,6 +769,11 @@ bool check_library(const char *path) {
 
 }  // namespace
 
+#if defined(RELORA_NO_EMULATION_CHECKS)
+// test_kernels_cuda: for a CUDA build on a GPU machine, without the emulation's self-checks.
+bool run_emulation_checks() { return true; }
+#endif
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s path/to/libreloracuda[-emu].so\n", argv[0]);
@@ -782,6 +787,12 @@ int main(int argc, char **argv) {
     relora_library_info info;
     api.library_info(&info);
     bool ok = check_library(argv[1]);
+    int devices = 0;
+    api.device_count(&devices);
+    if (devices == 0) {
+        printf("FAILED: %s sees no CUDA device (%s)\n", argv[1], api.last_error());
+        return 1;
+    }
     ok &= test_element_functions();
     if (info.emulated) {
         // The emulation runs a block's threads in turn until they wait. Each scheduling order satisfies some
