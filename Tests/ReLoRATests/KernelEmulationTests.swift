@@ -99,6 +99,31 @@ final class KernelEmulationTests: XCTestCase {
         XCTAssertEqual(count, 1, "the emulation is one device")
     }
 
+    /// The CUDA build, where one was made (`make -C Kernels cuda`, or Kernels/ci.sh): nvcc's layouts agree
+    /// with this side's too. Its library_info needs no device, only the CUDA runtime the build links.
+    func testCUDALibraryMatchesTheABIHeaderWhenBuilt() throws {
+        let path = Self.kernelsDirectory + "/build/libreloracuda.so"
+        guard FileManager.default.fileExists(atPath: path) else { throw XCTSkip("no CUDA build at \(path)") }
+        var api = relora_cuda_api()
+        var err = [CChar](repeating: 0, count: 512)
+        guard relora_cuda_load(path, &api, &err, err.count) == 0 else {
+            throw XCTSkip("the CUDA build does not load here (\(Self.text(err)))")
+        }
+        defer { relora_cuda_unload(&api) }
+        var info = relora_library_info()
+        XCTAssertEqual(api.library_info?(&info), RELORA_OK)
+        XCTAssertEqual(info.emulated, 0)
+        XCTAssertEqual(Int(info.info_size), MemoryLayout<relora_library_info>.size)
+        XCTAssertEqual(Int(info.block_q8_0_size), MemoryLayout<block_q8_0>.size)
+        XCTAssertEqual(Int(info.block_q4_0_size), MemoryLayout<block_q4_0>.size)
+        XCTAssertEqual(Int(info.block_nf4_size), MemoryLayout<block_nf4>.size)
+        XCTAssertEqual(Int(info.bf16_size), 2)
+        // No device is an answer, not an error.
+        var count: Int32 = -1
+        XCTAssertEqual(api.device_count?(&count), Int32(RELORA_OK.rawValue))
+        XCTAssertGreaterThanOrEqual(count, 0)
+    }
+
     /// Quantize on the host with the Swift path, dequantize on the emulated device through the ABI table,
     /// compare bit for bit with `QuantizedMatrix.dequantize` (padded rows: 70 columns).
     func testDequantizeThroughTheLoadedTable() throws {
