@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kQuantThreads)
 template <typename F, typename Out>
 relora_status launch_dequantize(const void *blocks, int64_t rows, int64_t cols, Out *out, cudaStream_t stream) {
     const int64_t row_bytes = (cols + F::kSize - 1) / F::kSize * (int64_t)sizeof(typename F::Block);
-    const dim3 grid(grid_for(cols, kDequantThreads), grid_for(rows, 1, 65535));
+    const dim3 grid(grid_for(cols, kDequantThreads), grid_for(rows, 1, kMaxGridY));
     RELORA_LAUNCH((dequantize_kernel<F, Out>), grid, dim3(kDequantThreads), 0, stream)
     (static_cast<const unsigned char *>(blocks), rows, cols, row_bytes, out);
     return check_launch("dequantize_kernel");

@@ -43,8 +43,10 @@ inline cudaStream_t as_stream(void *stream) { return static_cast<cudaStream_t>(s
 // the stride loops several times.
 #if defined(RELORA_EMU)
 constexpr int64_t kMaxGrid = 8;
+constexpr int64_t kMaxGridY = 8;
 #else
 constexpr int64_t kMaxGrid = 1 << 16;
+constexpr int64_t kMaxGridY = 65535;  // gridDim.y's hardware limit
 #endif
 
 inline unsigned int grid_for(int64_t items, int64_t per_block, int64_t cap = kMaxGrid) {
