@@ -77,6 +77,15 @@ __global__ void dynamic_shared_kernel(unsigned int *out) {
 
 __global__ void noop_kernel(int *) {}
 
+__global__ void convert_kernel(const float *x, unsigned short *bf16, unsigned short *half, float *back, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const __nv_bfloat16 b = __float2bfloat16_rn(x[i]);
+        bf16[i] = __bfloat16_as_ushort(b);
+        half[i] = __float2half_rn(x[i]).__x;
+        back[i] = __bfloat162float(b);
+    }
+}
+
 template <typename T>
 std::vector<T> download(const void *d, size_t n) {
     std::vector<T> h(n);
@@ -249,6 +258,58 @@ bool dynamic_shared_checks() {
     return wrong == 0;
 }
 
+// bf16 and half conversions: round to nearest even as relora's FloatBits and relora_quant.h's
+// relora_fp32_to_fp16 specify for finite values and infinities (ties, carries into the exponent, overflow to
+// inf, subnormal halves), and NaN -> 0x7FFF as CUDA's headers do. 2^32 / 65521 patterns plus edge cases.
+bool conversion_checks() {
+    std::vector<float> x;
+    for (uint64_t u = 0; u < (1ull << 32); u += 65521) {
+        const uint32_t bits = (uint32_t)u;
+        float f;
+        memcpy(&f, &bits, 4);
+        x.push_back(f);
+    }
+    const uint32_t edges[] = {0x3F808000u, 0x3F818000u, 0x3F80FFFFu, 0x7F7FFFFFu, 0x7F7F8000u, 0x477FEFFFu, 0x477FF000u,
+                              0x33000000u, 0x33000001u, 0x38800000u, 0x387FE000u, 0x00000001u, 0x80000000u, 0x7F800000u,
+                              0xFF800000u, 0x7FC00001u, 0xFFFFFFFFu};
+    for (uint32_t bits : edges) {
+        float f;
+        memcpy(&f, &bits, 4);
+        x.push_back(f);
+    }
+    const long long n = (long long)x.size();
+    float *dx = nullptr, *dback = nullptr;
+    unsigned short *dbf = nullptr, *dhalf = nullptr;
+    cudaMalloc((void **)&dx, (size_t)n * 4);
+    cudaMalloc((void **)&dback, (size_t)n * 4);
+    cudaMalloc((void **)&dbf, (size_t)n * 2);
+    cudaMalloc((void **)&dhalf, (size_t)n * 2);
+    cudaMemcpy(dx, x.data(), (size_t)n * 4, cudaMemcpyHostToDevice);
+    RELORA_LAUNCH(convert_kernel, dim3(8), dim3(256), 0, nullptr)(dx, dbf, dhalf, dback, n);
+    const std::vector<unsigned short> bf = download<unsigned short>(dbf, (size_t)n), half = download<unsigned short>(dhalf, (size_t)n);
+    const std::vector<float> back = download<float>(dback, (size_t)n);
+    int wrong = 0;
+    for (long long i = 0; i < n; ++i) {
+        const float f = x[(size_t)i];
+        const bool nan = isnan(f);
+        const unsigned short want_bf = nan ? 0x7FFF : harness::bf16_bits(f);
+        const unsigned short want_half = nan ? 0x7FFF : relora_fp32_to_fp16(f);
+        const bool back_ok = nan ? isnan(back[(size_t)i]) : harness::f32_bits(back[(size_t)i]) == harness::f32_bits(harness::bf16_value(want_bf));
+        if (bf[(size_t)i] != want_bf || half[(size_t)i] != want_half || !back_ok) {
+            if (wrong++ < 3) {
+                printf("  conversion of 0x%08x: bf16 0x%04x (want 0x%04x), half 0x%04x (want 0x%04x)\n", harness::f32_bits(f),
+                       bf[(size_t)i], want_bf, half[(size_t)i], want_half);
+            }
+        }
+    }
+    record(wrong == 0, "bf16 and half conversions round to nearest even", "%lld values, %d wrong", n, wrong);
+    cudaFree(dx);
+    cudaFree(dback);
+    cudaFree(dbf);
+    cudaFree(dhalf);
+    return wrong == 0;
+}
+
 bool memory_checks() {
     relora_emu_set_device_memory((size_t)1 << 20);
     int64_t free_bytes = 0, total = 0;
@@ -281,6 +342,7 @@ bool run_emulation_checks() {
     bool ok = barrier_checks();
     ok &= warp_checks();
     ok &= dynamic_shared_checks();
+    ok &= conversion_checks();
     ok &= error_checks();
     ok &= bounds_checks();
     ok &= memory_checks();
