@@ -10,7 +10,8 @@ continues full-rank training at the demo's own learning rate. Each arm ends with
 `relora eval` on the complete held-out plays; the restart lines of metrics.jsonl give the fraction of
 each merged update lost to quantization.
 
-    python3 Benchmarks/quant_quality.py [--steps 800] [--arms dense,q8_0,...] [--out Benchmarks/results/quant_quality]
+    python3 Benchmarks/quant_quality.py [--steps 800] [--every 100] [--arms dense,q8_0,...] [--policies]
+        [--out Benchmarks/results/quant_quality]
 """
 import argparse, json, math, os, subprocess, sys, time
 
@@ -39,9 +40,11 @@ def run(args):
     return out.stdout
 
 
-def arm(name, overrides, steps, out):
+def arm(name, overrides, steps, every, out):
     run_dir = os.path.join(out, name)
-    sets = [f"run_dir=\"{run_dir}\"", f"steps={steps}", f"warm_start=\"{WARM}\"", "checkpoint_every=100000"] + overrides
+    sets = [f"run_dir=\"{run_dir}\"", f"steps={steps}", f"warm_start=\"{WARM}\"", "checkpoint_every=100000"]
+    sets += [] if "mode=\"full\"" in overrides else [f"relora_every={every}"]
+    sets += overrides
     start = time.time()
     args = [R, "train", RECIPE]
     for s in sets:
@@ -69,6 +72,7 @@ def arm(name, overrides, steps, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=800, help="final step (the warm start is at 400)")
+    ap.add_argument("--every", type=int, default=100, help="relora_every (restart interval)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--policies", action="store_true", help="also run q8_0/q4_0/nf4 under each merge policy the build has")
     ap.add_argument("--out", default=os.path.join(ROOT, "Benchmarks/results/quant_quality"))
@@ -82,7 +86,7 @@ def main():
     if a.policies:
         todo += [(f"{q}_{p}", [f"quant=\"{q}\"", f"merge_policy=\"{p}\""]) for q in ["q8_0", "q4_0", "nf4"] for p in POLICIES]
     for name, overrides in todo:
-        results[name] = arm(name, overrides, a.steps, a.out)
+        results[name] = arm(name, overrides, a.steps, a.every, a.out)
         json.dump(results, open(results_path, "w"), indent=2, sort_keys=True)
     dense = results.get("dense", {}).get("val_ppl")
     lines = ["| arm | val loss | val ppl | vs dense ReLoRA | lost update (mean over restarts) | peak memory | time |",

@@ -17,11 +17,28 @@ int relora_cuda_load(const char *path, relora_cuda_api *api, char *errbuf, size_
         return 1;
     }
     api->handle = handle;
-    api->abi_version = (int (*)(void))dlsym(handle, "relora_cuda_abi_version");
-    api->device_count = (int (*)(int *))dlsym(handle, "relora_cuda_device_count");
-    api->last_error = (const char *(*)(void))dlsym(handle, "relora_cuda_last_error");
-    if (!api->abi_version || !api->device_count || !api->last_error) {
-        set_error(errbuf, errbuf_len, "%s is not a relora kernel library (missing entry points)%s", path, "");
+    // One dlsym per entry of RELORA_CUDA_FUNCTIONS, into the member of the same name. A function
+    // pointer cannot be assigned from dlsym's void * in ISO C; POSIX guarantees the memcpy works.
+    const char *missing = NULL;
+#define RELORA_CUDA_RESOLVE(ret, name, params)                          \
+    {                                                                   \
+        void *symbol = dlsym(handle, "relora_cuda_" #name);             \
+        if (!symbol && !missing) missing = "relora_cuda_" #name;        \
+        memcpy(&api->name, &symbol, sizeof symbol);                     \
+    }
+    RELORA_CUDA_FUNCTIONS(RELORA_CUDA_RESOLVE)
+#undef RELORA_CUDA_RESOLVE
+    if (missing) {
+        // Check the version first when it can be read: an old library lacks the new entry points.
+        if (api->abi_version && api->abi_version() != RELORA_ABI_VERSION) {
+            char have[32];
+            snprintf(have, sizeof have, "%d", api->abi_version());
+            set_error(errbuf, errbuf_len,
+                      "%s was built for kernel ABI version %s; rebuild it with `make -C Kernels`", path, have);
+            relora_cuda_unload(api);
+            return 3;
+        }
+        set_error(errbuf, errbuf_len, "%s is not a relora kernel library (it lacks %s)", path, missing);
         relora_cuda_unload(api);
         return 2;
     }

@@ -5,6 +5,21 @@
 // and resolves them into a table. Every entry point takes device pointers, sizes, scalars and a
 // stream, and returns a relora_status (0 = success). Bump RELORA_ABI_VERSION whenever a signature or
 // a memory layout below changes: the loader refuses a library built against another version.
+//
+// The entry points are listed once, in RELORA_CUDA_FUNCTIONS below. That one list gives
+//   - the loader's table (struct relora_cuda_api: one member per entry point, resolved by dlsym),
+//   - the prototypes the kernel library compiles its definitions against (only when
+//     RELORA_CUDA_LIBRARY is defined, i.e. inside Kernels/: the Swift side sees no unresolvable symbols),
+// so a signature cannot drift between the two sides without a compile error in the library.
+//
+// Conventions of the entry points:
+// - Sizes and counts are int64_t; a negative size or a null pointer with a non-zero size is
+//   RELORA_ERR_INVALID_ARGUMENT. A zero-size call does nothing and succeeds.
+// - `stream` is a cudaStream_t passed as void * (NULL = the default stream). Calls are asynchronous
+//   with respect to the host: errors of a running kernel surface at the next stream_synchronize.
+// - Storage dtypes are RELORA_DTYPE_*: bf16 storage with fp32 arithmetic inside every kernel, or f32.
+// - Ops whose doc says "accumulates" add into their output; the others overwrite it. The semantics of
+//   each op are those of the Backend method of the same name (Sources/ReLoRA/Backend/Backend.swift).
 #ifndef RELORA_ABI_H
 #define RELORA_ABI_H
 
@@ -15,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 1
+#define RELORA_ABI_VERSION 2
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -24,22 +39,131 @@ typedef enum relora_status {
     RELORA_ERR_CUBLAS = 3,            // a cuBLAS call failed
     RELORA_ERR_OUT_OF_MEMORY = 4,
     RELORA_ERR_NO_DEVICE = 5,
+    RELORA_ERR_OUT_OF_BOUNDS = 6,     // a kernel touched memory outside its allocations: CUDA's illegal
+                                      // address, or the emulation's guard bytes found overwritten
 } relora_status;
 
-// ---- Entry points the kernel library must export (resolved by the loader) -----------------------
-// int  relora_cuda_abi_version(void);                       must return RELORA_ABI_VERSION
-// int  relora_cuda_device_count(int *count);
-// const char *relora_cuda_last_error(void);                 human-readable text of the last failure
+// Storage dtypes of float tensors (the `dtype` arguments).
+#define RELORA_DTYPE_F32 1
+#define RELORA_DTYPE_BF16 2
+
+// Quantized block formats (the `format` arguments); layouts in relora_quant.h.
+#define RELORA_FORMAT_Q8_0 1
+#define RELORA_FORMAT_Q4_0 2
+#define RELORA_FORMAT_NF4 3
+
+// memcpy directions (the values of cudaMemcpyKind).
+#define RELORA_MEMCPY_HOST_TO_DEVICE 1
+#define RELORA_MEMCPY_DEVICE_TO_HOST 2
+#define RELORA_MEMCPY_DEVICE_TO_DEVICE 3
+
+// Device scratch that sum_of_squares and dot_accumulate need (partial sums of at most 1024 blocks, in
+// double). One workspace must not be shared by calls that may run concurrently (two streams).
+#define RELORA_REDUCE_WORKSPACE_BYTES 8192
+
+// The quantizers' failure word (a device uint64_t): RELORA_QUANT_NO_FAILURE when every block was
+// stored; otherwise (index << 2) | status for the first failing element in row-major order of the
+// zero-padded matrix, where status is RELORA_QUANT_ERR_NONFINITE or RELORA_QUANT_ERR_SCALE_OVERFLOW
+// (relora_quant.h) and index = row * padded_cols + col. Blocks after a failure may have been written.
+#define RELORA_QUANT_NO_FAILURE UINT64_MAX
+
+// What the library was built as, for the loader's checks and the Swift side's layout test.
+typedef struct relora_library_info {
+    int32_t abi_version;        // RELORA_ABI_VERSION of the build
+    int32_t emulated;           // 1: libreloracuda-emu.so (kernels on the CPU), 0: a CUDA build
+    int32_t info_size;          // sizeof(relora_library_info) as the library sees it
+    int32_t block_q8_0_size;    // sizeof(block_q8_0) etc. as the kernels' compiler lays them out
+    int32_t block_q4_0_size;
+    int32_t block_nf4_size;
+    int32_t block_nf4_align;
+    int32_t bf16_size;          // sizeof(__nv_bfloat16)
+    char build[96];             // compiler and targets, e.g. "nvcc 13.0 sm_80,sm_86,sm_89,sm_90+PTX"
+} relora_library_info;
+
+// X(return type, name without the relora_cuda_ prefix, parameter list)
+#define RELORA_CUDA_FUNCTIONS(X)                                                                          \
+    /* ---- Library and device ---- */                                                                    \
+    /* must return RELORA_ABI_VERSION */                                                                  \
+    X(int, abi_version, (void))                                                                           \
+    /* number of usable devices (0 is not an error: *count = 0 and RELORA_OK); the emulation has one */   \
+    X(int, device_count, (int *count))                                                                    \
+    /* human-readable text of the calling thread's last failure */                                       \
+    X(const char *, last_error, (void))                                                                   \
+    X(relora_status, library_info, (relora_library_info *info))                                          \
+    /* ---- Memory and streams (cudaMalloc & co.; the emulation guards every allocation) ---- */         \
+    X(relora_status, malloc, (void **ptr, int64_t bytes))                                                 \
+    X(relora_status, free, (void *ptr))                                                                   \
+    /* kind: RELORA_MEMCPY_*; host memory must stay valid until the stream is synchronized */           \
+    X(relora_status, memcpy, (void *dst, const void *src, int64_t bytes, int32_t kind, void *stream))     \
+    X(relora_status, memset, (void *ptr, int32_t value, int64_t bytes, void *stream))                     \
+    X(relora_status, mem_get_info, (int64_t *free_bytes, int64_t *total_bytes))                           \
+    X(relora_status, stream_create, (void **stream))                                                      \
+    X(relora_status, stream_destroy, (void *stream))                                                      \
+    X(relora_status, stream_synchronize, (void *stream))                                                  \
+    /* ---- Quantized weights (relora_quant.h) ---- */                                                   \
+    /* out[r, c] = element c of row r of `blocks` ([rows, cols], padding dropped), out_dtype F32|BF16; */ \
+    /* blocks points at the first row to dequantize (rows are whole blocks, zero-padded). */             \
+    X(relora_status, dequantize, (int32_t format, const void *blocks, int64_t rows, int64_t cols,         \
+                                  void *out, int32_t out_dtype, void *stream))                            \
+    /* blocks = quantize(src), src f32 [rows, cols], rows zero-padded; *failure as described above */   \
+    X(relora_status, quantize, (int32_t format, const float *src, int64_t rows, int64_t cols,             \
+                                void *blocks, uint64_t *failure, void *stream))                           \
+    /* rtn merge: out = quantize(dequantize(in) + delta) (delta f32 [rows, cols], one f32 add per */     \
+    /* element; NULL = no update); out may equal in (in place) */                                        \
+    X(relora_status, requantize_rtn, (int32_t format, const void *in_blocks, const float *delta,          \
+                                      int64_t rows, int64_t cols, void *out_blocks, uint64_t *failure,    \
+                                      void *stream))                                                      \
+    /* ---- Layers ---- */                                                                               \
+    /* x, out, weight: dtype; rstd: f32 [rows] */                                                        \
+    X(relora_status, rmsnorm_forward, (const void *x, const void *weight, void *out, float *rstd,         \
+                                       int64_t rows, int64_t dim, float eps, int32_t dtype, void *stream))\
+    /* accumulates dx (dtype) and dweight (f32); dout, x, weight: dtype */                               \
+    X(relora_status, rmsnorm_backward, (const void *dout, const void *x, const void *weight,              \
+                                        const float *rstd, void *dx, float *dweight, int64_t rows,        \
+                                        int64_t dim, int32_t dtype, void *stream))                        \
+    X(relora_status, swiglu_forward, (const void *gate, const void *up, void *out, int64_t count,         \
+                                      int32_t dtype, void *stream))                                       \
+    /* overwrites dgate and dup */                                                                        \
+    X(relora_status, swiglu_backward, (const void *dout, const void *gate, const void *up, void *dgate,   \
+                                       void *dup, int64_t count, int32_t dtype, void *stream))            \
+    /* out[n] = table[ids[n]] (dtype); ids outside [0, vocab) give zero rows */                          \
+    X(relora_status, embedding_forward, (const int32_t *ids, const void *table, void *out, int64_t tokens,\
+                                         int64_t dim, int64_t vocab, int32_t dtype, void *stream))        \
+    /* accumulates dtable[ids[n]] += dout[n] (dtable f32, dout dtype) in token order: deterministic */   \
+    X(relora_status, embedding_backward, (const int32_t *ids, const void *dout, float *dtable,            \
+                                          int64_t tokens, int64_t dim, int64_t vocab, int32_t dtype,      \
+                                          void *stream))                                                  \
+    /* inverted dropout, mask from relora_rng_uniform(seed, stream_id, i) >= p; out may equal x */       \
+    X(relora_status, dropout, (const void *x, void *out, int64_t count, float p, uint64_t seed,           \
+                               uint64_t stream_id, int32_t dtype, void *stream))                          \
+    /* ---- Optimizer and reductions ---- */                                                            \
+    /* AdamW on f32 param/grad/m/v (PyTorch semantics, 1-based step); writes param_bf16 (NULL: none) */   \
+    X(relora_status, adamw, (float *param, const float *grad, float *m, float *v, void *param_bf16,       \
+                             int64_t count, float lr, float beta1, float beta2, float eps,                \
+                             float weight_decay, int64_t step, void *stream))                             \
+    /* out[index] = sum x[i]^2 (f32 out, summed in double) */                                            \
+    X(relora_status, sum_of_squares, (const void *x, int64_t count, int32_t dtype, float *out,            \
+                                      int64_t index, void *workspace, void *stream))                      \
+    /* out[0] += sum a[i] * b[i] (summed in double) */                                                   \
+    X(relora_status, dot_accumulate, (const void *a, const void *b, int64_t count, int32_t dtype,         \
+                                      float *out, void *workspace, void *stream))
+
+// ---- Prototypes, for the kernel library only ------------------------------------------------------
+#if defined(RELORA_CUDA_LIBRARY)
+#define RELORA_CUDA_DECLARE(ret, name, params) __attribute__((visibility("default"))) ret relora_cuda_##name params;
+RELORA_CUDA_FUNCTIONS(RELORA_CUDA_DECLARE)
+#undef RELORA_CUDA_DECLARE
+#endif
 
 // ---- Loader (implemented in loader.c, always available, CUDA or not) ---------------------------
+#define RELORA_CUDA_MEMBER(ret, name, params) ret (*name) params;
 typedef struct relora_cuda_api {
     void *handle;  // dlopen handle
-    int (*abi_version)(void);
-    int (*device_count)(int *count);
-    const char *(*last_error)(void);
+    RELORA_CUDA_FUNCTIONS(RELORA_CUDA_MEMBER)
 } relora_cuda_api;
+#undef RELORA_CUDA_MEMBER
 
-// Opens `path` with dlopen and resolves the entry points above into *api.
+// Opens `path` with dlopen and resolves every entry point above into *api.
 // Returns 0 on success; otherwise writes one sentence into errbuf (if non-NULL) and returns non-zero:
 // 1 = the file could not be opened, 2 = a symbol is missing, 3 = ABI version mismatch.
 int relora_cuda_load(const char *path, relora_cuda_api *api, char *errbuf, size_t errbuf_len);

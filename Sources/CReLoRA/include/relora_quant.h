@@ -270,6 +270,15 @@ RELORA_HD void relora_dequantize_block_q8_0(const block_q8_0 *x, float *y) {
     for (int j = 0; j < RELORA_QK8_0; ++j) y[j] = RELORA_FMUL((float)x->qs[j], d);
 }
 
+// Element j of a block, the same arithmetic as the block dequantizer above (one product of the code and
+// the scale): what the GPU kernels call, one element per thread (Kernels/src/quant.cu). The block
+// functions keep their own loops because they are the CPU's hot path (the scale converted once per
+// block; clang does not hoist it out of a loop over the element functions). Kernels/tests checks that
+// the two agree on every code.
+RELORA_HD float relora_dequantize_q8_0_at(const block_q8_0 *x, int j) {
+    return RELORA_FMUL((float)x->qs[j], relora_fp16_to_fp32(x->d));
+}
+
 RELORA_HD int relora_quantize_block_q4_0(const float *x, block_q4_0 *y, int *bad_j) {
     // The signed value of largest magnitude; the first one on a tie (+a before -a keeps +a).
     // Starting from +0.0f makes an all-zero block's d = +0 / -8 = -0, as in ggml's C.
@@ -312,6 +321,12 @@ RELORA_HD void relora_dequantize_block_q4_0(const block_q4_0 *x, float *y) {
     }
 }
 
+// Element j (see relora_dequantize_q8_0_at): j < 16 is byte j's low nibble, j >= 16 byte j - 16's high one.
+RELORA_HD float relora_dequantize_q4_0_at(const block_q4_0 *x, int j) {
+    const int code = j < RELORA_QK4_0 / 2 ? (int)(x->qs[j] & 15u) : (int)(x->qs[j - RELORA_QK4_0 / 2] >> 4);
+    return RELORA_FMUL((float)(code - 8), relora_fp16_to_fp32(x->d));
+}
+
 // nf4 has no scale overflow (absmax is stored in fp32), so this always returns RELORA_QUANT_OK.
 RELORA_HD int relora_quantize_block_nf4(const float *x, block_nf4 *y, int *bad_j) {
     (void)bad_j;
@@ -343,6 +358,12 @@ RELORA_HD void relora_dequantize_block_nf4(const block_nf4 *x, float *y) {
         y[2 * k] = RELORA_FMUL(relora_nf4_value(x->qs[k] >> 4), absmax);
         y[2 * k + 1] = RELORA_FMUL(relora_nf4_value(x->qs[k] & 15), absmax);
     }
+}
+
+// Element j (see relora_dequantize_q8_0_at): 2k is byte k's high nibble, 2k + 1 its low nibble.
+RELORA_HD float relora_dequantize_nf4_at(const block_nf4 *x, int j) {
+    const int byte = x->qs[j >> 1];
+    return RELORA_FMUL(relora_nf4_value((j & 1) ? (byte & 15) : (byte >> 4)), x->absmax);
 }
 
 // ---- Row functions (the reference entry points) ---------------------------------------------------

@@ -1,0 +1,722 @@
+// The emulation's runtime: fiber scheduler (launches, __syncthreads, warp collectives) and the
+// stand-in CUDA runtime (guarded device memory, copies, streams and events). See cuda_emu.h.
+#include "cuda_emu.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace relora_emu {
+extern "C" {
+uint3 relora_emu_thread_idx = {0, 0, 0};
+uint3 relora_emu_block_idx = {0, 0, 0};
+dim3 relora_emu_block_dim = dim3(1, 1, 1);
+dim3 relora_emu_grid_dim = dim3(1, 1, 1);
+unsigned int relora_emu_linear_tid = 0;
+}
+
+namespace {
+
+// ---- Errors ------------------------------------------------------------------------------------------
+// CUDA keeps the last error per host thread; errors a kernel causes (illegal address, a failed launch)
+// are sticky for the whole context until cudaDeviceReset.
+thread_local cudaError_t t_last = cudaSuccess;
+thread_local std::string t_message;       // detail of the last error this thread saw
+thread_local cudaError_t t_message_code = cudaSuccess;
+cudaError_t g_sticky = cudaSuccess;
+std::string g_sticky_message;
+
+std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+cudaError_t fail(cudaError_t code, const std::string &message, bool sticky) {
+    t_last = code;
+    t_message = message;
+    t_message_code = code;
+    if (sticky && g_sticky == cudaSuccess) {
+        g_sticky = code;
+        g_sticky_message = message;
+    }
+    return code;
+}
+
+const char *generic_text(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    }
+    return "unknown error";
+}
+
+// One emulated device: every runtime call and every launch holds this lock.
+std::mutex g_lock;
+
+// ---- Device memory ------------------------------------------------------------------------------------
+constexpr size_t kGuard = 256;        // canary bytes before the allocation (and after its 256-byte round-up)
+constexpr unsigned char kCanary = 0xA5;
+constexpr unsigned char kPoison = 0xFF;  // fresh device memory: NaN as f32 and bf16, -1 as integers
+
+struct Allocation {
+    unsigned char *base;  // kGuard canaries, then the user's bytes
+    size_t size;          // requested bytes
+    size_t tail;          // canary bytes after the user's bytes
+    uint64_t serial;
+};
+
+std::map<uintptr_t, Allocation> g_allocations;  // by user pointer
+uint64_t g_serial = 0;
+size_t g_used = 0;
+size_t g_total = 0;  // 0 until configured
+
+size_t parse_bytes(const char *text, size_t fallback) {
+    if (!text || !*text) return fallback;
+    char *end = nullptr;
+    double v = strtod(text, &end);
+    if (end == text || v <= 0) return fallback;
+    switch (*end) {
+    case 'k': case 'K': v *= 1024.0; break;
+    case 'm': case 'M': v *= 1024.0 * 1024.0; break;
+    case 'g': case 'G': v *= 1024.0 * 1024.0 * 1024.0; break;
+    default: break;
+    }
+    return (size_t)v;
+}
+
+size_t total_memory() {
+    if (g_total == 0) g_total = parse_bytes(getenv("RELORA_EMU_DEVICE_MEMORY"), (size_t)24 << 30);
+    return g_total;
+}
+
+// The first overwritten canary byte of `a` as a signed offset from the user pointer, or 0 if intact.
+bool find_corruption(const Allocation &a, long long *offset) {
+    for (size_t i = kGuard; i-- > 0;) {  // nearest to the data first
+        if (a.base[i] != kCanary) {
+            *offset = (long long)i - (long long)kGuard;
+            return true;
+        }
+    }
+    const unsigned char *end = a.base + kGuard + a.size;
+    for (size_t i = 0; i < a.tail; ++i) {
+        if (end[i] != kCanary) {
+            *offset = (long long)(a.size + i);
+            return true;
+        }
+    }
+    return false;
+}
+
+std::string corruption_message(const Allocation &a, long long offset, const char *when) {
+    return format("%s wrote outside a device allocation: byte %+lld of the %zu-byte allocation #%llu at %p "
+                  "(%s) was overwritten",
+                  when, offset, a.size, (unsigned long long)a.serial, (void *)(a.base + kGuard),
+                  offset < 0 ? "before its start" : "past its end");
+}
+
+// Checks every live allocation's canaries; an overwritten one is a sticky illegal address.
+cudaError_t check_all(const char *when) {
+    for (const auto &entry : g_allocations) {
+        long long offset = 0;
+        if (find_corruption(entry.second, &offset)) {
+            return fail(cudaErrorIllegalAddress, corruption_message(entry.second, offset, when), true);
+        }
+    }
+    return cudaSuccess;
+}
+
+// The allocation holding [p, p + bytes), or null.
+const Allocation *find_allocation(const void *p, size_t bytes, bool *inside_one) {
+    *inside_one = false;
+    const uintptr_t u = (uintptr_t)p;
+    auto it = g_allocations.upper_bound(u);
+    if (it == g_allocations.begin()) return nullptr;
+    --it;
+    const Allocation &a = it->second;
+    if (u < it->first || u >= it->first + (a.size ? a.size : 1)) return nullptr;
+    *inside_one = true;
+    if (u + bytes > it->first + a.size) return nullptr;
+    return &a;
+}
+
+bool is_device_pointer(const void *p) {
+    bool inside = false;
+    find_allocation(p, 0, &inside);
+    return inside;
+}
+
+cudaError_t check_device_range(const void *p, size_t bytes, const char *what) {
+    bool inside = false;
+    if (find_allocation(p, bytes, &inside)) return cudaSuccess;
+    if (inside) {
+        return fail(cudaErrorInvalidValue,
+                    format("%s of %zu bytes at %p runs past the end of its device allocation", what, bytes, p), false);
+    }
+    return fail(cudaErrorInvalidValue, format("%s: %p is not a live device allocation", what, p), false);
+}
+
+// ---- Streams and events: ordered no-ops ---------------------------------------------------------------
+std::set<const void *> g_streams;
+std::set<const void *> g_events;
+
+bool valid_stream(cudaStream_t s) { return s == nullptr || g_streams.count(s) != 0; }
+
+// ---- Fibers -----------------------------------------------------------------------------------------------
+enum FiberState { kRunnable, kAtBarrier, kAtWarpBarrier, kDone };
+
+struct Fiber {
+    ucontext_t context;
+    uint3 tid;
+    FiberState state;
+};
+
+struct Warp {
+    unsigned int lanes;     // lanes that exist
+    unsigned int arrived;   // lanes waiting in the current collective
+    unsigned int mask;      // the current collective's mask
+    unsigned int generation;
+    uint64_t slots[2][32];  // values published, by generation parity
+};
+
+struct Stack {
+    void *memory;
+    size_t bytes;
+};
+
+std::vector<Stack> g_stacks;
+std::vector<Fiber> g_fibers;
+std::vector<Warp> g_warps;
+ucontext_t g_scheduler;
+unsigned int g_current = 0;  // index of the running fiber
+unsigned int g_threads = 0;  // threads per block
+unsigned int g_at_barrier = 0;
+unsigned int g_done = 0;
+bool g_abort = false;
+std::string g_abort_message;
+const char *g_kernel = "";
+BlockBody g_body = nullptr;
+void *g_closure = nullptr;
+std::vector<unsigned char> g_dynamic_shared;
+int g_schedule = RELORA_EMU_ROUND_ROBIN;
+bool g_barriers = true;
+uint64_t g_launches = 0, g_blocks = 0, g_fibers_started = 0, g_switches = 0;
+
+size_t stack_bytes() {
+    static size_t bytes = 0;
+    if (bytes == 0) {
+        const char *kb = getenv("RELORA_EMU_STACK_KB");
+        bytes = (size_t)(kb && atoi(kb) > 0 ? atoi(kb) : 64) * 1024;
+    }
+    return bytes;
+}
+
+bool ensure_stacks(unsigned int count) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t usable = (stack_bytes() + page - 1) / page * page;
+    while (g_stacks.size() < count) {
+        // A PROT_NONE page below the stack: an overflow faults instead of corrupting a neighbour.
+        void *m = mmap(nullptr, usable + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return false;
+        mprotect(m, page, PROT_NONE);
+        g_stacks.push_back(Stack{(unsigned char *)m + page, usable});
+    }
+    return true;
+}
+
+void switch_to(unsigned int i) {
+    g_current = i;
+    relora_emu_thread_idx = g_fibers[i].tid;
+    relora_emu_linear_tid = i;
+    ++g_switches;
+    swapcontext(&g_scheduler, &g_fibers[i].context);
+}
+
+void yield_to_scheduler() { swapcontext(&g_fibers[g_current].context, &g_scheduler); }
+
+void fiber_entry(int index) {
+    g_body(g_closure);
+    g_fibers[(unsigned int)index].state = kDone;
+    ++g_done;
+    swapcontext(&g_fibers[(unsigned int)index].context, &g_scheduler);
+    abort();  // a finished fiber is never resumed
+}
+
+std::string where() {
+    const uint3 b = relora_emu_block_idx, t = g_fibers[g_current].tid;
+    return format("kernel '%s' block (%u,%u,%u) thread (%u,%u,%u)", g_kernel, b.x, b.y, b.z, t.x, t.y, t.z);
+}
+
+void abort_launch(const std::string &message) {
+    g_abort = true;
+    g_abort_message = message;
+}
+
+// Runs the current block's fibers to completion; false if the launch was aborted.
+bool run_block() {
+    const dim3 bd = relora_emu_block_dim;
+    for (unsigned int i = 0; i < g_threads; ++i) {
+        Fiber &f = g_fibers[i];
+        f.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
+        f.state = kRunnable;
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = g_stacks[i].memory;
+        f.context.uc_stack.ss_size = g_stacks[i].bytes;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, (void (*)())fiber_entry, 1, (int)i);
+    }
+    for (size_t w = 0; w < g_warps.size(); ++w) {
+        Warp &warp = g_warps[w];
+        const unsigned int first = (unsigned int)w * 32u;
+        const unsigned int count = g_threads - first < 32u ? g_threads - first : 32u;
+        warp.lanes = count == 32u ? 0xffffffffu : ((1u << count) - 1u);
+        warp.arrived = warp.mask = warp.generation = 0;
+        memset(warp.slots, 0, sizeof warp.slots);
+    }
+    g_at_barrier = 0;
+    g_done = 0;
+    if (!g_dynamic_shared.empty()) memset(g_dynamic_shared.data(), kPoison, g_dynamic_shared.size());
+    g_fibers_started += g_threads;
+    const bool reverse = g_schedule == RELORA_EMU_ROUND_ROBIN_REVERSE || g_schedule == RELORA_EMU_GREEDY_REVERSE;
+    const bool greedy = g_schedule == RELORA_EMU_GREEDY || g_schedule == RELORA_EMU_GREEDY_REVERSE;
+    while (g_done < g_threads) {
+        bool progressed = false;
+        for (unsigned int k = 0; k < g_threads; ++k) {
+            const unsigned int i = reverse ? g_threads - 1 - k : k;
+            if (g_fibers[i].state != kRunnable) continue;
+            switch_to(i);
+            progressed = true;
+            if (g_abort) return false;
+            if (greedy) break;  // rescan from the first thread
+        }
+        if (!progressed) {
+            unsigned int at_warp = 0;
+            for (unsigned int i = 0; i < g_threads; ++i) at_warp += g_fibers[i].state == kAtWarpBarrier;
+            const uint3 b = relora_emu_block_idx;
+            abort_launch(format("kernel '%s' block (%u,%u,%u) deadlocked: %u threads wait at __syncthreads(), %u in a "
+                                "warp collective, %u have exited (a barrier or collective in divergent code)",
+                                g_kernel, b.x, b.y, b.z, g_at_barrier, at_warp, g_done));
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+// ---- Launch and collectives (called from kernels) --------------------------------------------------
+extern "C" {
+
+void relora_emu_launch(const char *name, dim3 grid, dim3 block, size_t shmem, cudaStream_t stream, BlockBody body,
+                       void *closure) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (g_sticky != cudaSuccess) {
+        fail(g_sticky, g_sticky_message, false);
+        return;
+    }
+    const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
+    if (block.x == 0 || block.y == 0 || block.z == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+        grid.z == 0 || grid.x > 0x7FFFFFFFu || grid.y > 65535 || grid.z > 65535) {
+        fail(cudaErrorInvalidConfiguration,
+             format("kernel '%s': invalid launch configuration grid (%u,%u,%u) block (%u,%u,%u)", name, grid.x, grid.y,
+                    grid.z, block.x, block.y, block.z),
+             false);
+        return;
+    }
+    if (shmem > 48 * 1024) {
+        fail(cudaErrorInvalidConfiguration,
+             format("kernel '%s': %zu bytes of dynamic shared memory exceed the 48 KiB a launch gets without opting in",
+                    name, shmem),
+             false);
+        return;
+    }
+    if (!valid_stream(stream)) {
+        fail(cudaErrorInvalidResourceHandle, format("kernel '%s': launched on a destroyed or unknown stream", name), false);
+        return;
+    }
+    if (!ensure_stacks((unsigned int)threads)) {
+        fail(cudaErrorMemoryAllocation, format("kernel '%s': cannot map fiber stacks", name), false);
+        return;
+    }
+    g_threads = (unsigned int)threads;
+    if (g_fibers.size() < threads) g_fibers.resize(threads);
+    g_warps.assign((threads + 31) / 32, Warp{});
+    g_dynamic_shared.assign(shmem, kPoison);
+    g_kernel = name;
+    g_body = body;
+    g_closure = closure;
+    g_abort = false;
+    relora_emu_block_dim = block;
+    relora_emu_grid_dim = grid;
+    ++g_launches;
+    for (unsigned int z = 0; z < grid.z; ++z) {
+        for (unsigned int y = 0; y < grid.y; ++y) {
+            for (unsigned int x = 0; x < grid.x; ++x) {
+                relora_emu_block_idx = uint3{x, y, z};
+                ++g_blocks;
+                if (!run_block()) {
+                    fail(cudaErrorLaunchFailure, g_abort_message, true);
+                    return;
+                }
+            }
+        }
+    }
+    check_all(format("kernel '%s'", name).c_str());
+}
+
+void *relora_emu_dynamic_shared(void) { return g_dynamic_shared.empty() ? nullptr : g_dynamic_shared.data(); }
+
+unsigned int relora_emu_warp_lanes(void) { return g_warps[g_current / 32u].lanes; }
+
+void relora_emu_kernel_error(const char *what, int lane, int other) {
+    abort_launch(format("%s: %s (lane %d, other %d)", where().c_str(), what, lane, other));
+    yield_to_scheduler();
+    abort();  // never resumed
+}
+
+void relora_emu_syncthreads(void) {
+    if (!g_barriers) return;
+    Fiber &f = g_fibers[g_current];
+    f.state = kAtBarrier;
+    if (++g_at_barrier == g_threads) {
+        for (unsigned int i = 0; i < g_threads; ++i) {
+            if (g_fibers[i].state == kAtBarrier) g_fibers[i].state = kRunnable;
+        }
+        g_at_barrier = 0;
+        return;
+    }
+    yield_to_scheduler();
+}
+
+const uint64_t *relora_emu_warp_collective(unsigned int mask, uint64_t value) {
+    const unsigned int lane = g_current & 31u;
+    Warp &w = g_warps[g_current / 32u];
+    if (!((mask >> lane) & 1u)) relora_emu_kernel_error("a warp collective's mask excludes the calling lane", (int)lane, (int)mask);
+    const unsigned int expected = mask & w.lanes;
+    if (w.arrived == 0) {
+        w.mask = mask;
+    } else if (w.mask != mask) {
+        // Also what two disjoint groups of one warp in concurrent collectives look like: the emulation
+        // keeps one collective per warp at a time.
+        relora_emu_kernel_error("lanes of a warp are in collectives with different masks", (int)lane, (int)mask);
+    }
+    const unsigned int parity = w.generation & 1u;
+    w.slots[parity][lane] = value;
+    w.arrived |= 1u << lane;
+    if (w.arrived == expected) {
+        ++w.generation;
+        w.arrived = 0;
+        const unsigned int first = g_current & ~31u;
+        for (unsigned int l = 0; l < 32u && first + l < g_threads; ++l) {
+            if (g_fibers[first + l].state == kAtWarpBarrier) g_fibers[first + l].state = kRunnable;
+        }
+        return w.slots[parity];
+    }
+    g_fibers[g_current].state = kAtWarpBarrier;
+    yield_to_scheduler();
+    return w.slots[parity];
+}
+
+}  // extern "C"
+}  // namespace relora_emu
+
+// ---- Runtime API -------------------------------------------------------------------------------------------
+using namespace relora_emu;
+
+#define RELORA_EMU_STICKY_CHECK()                              \
+    do {                                                       \
+        if (g_sticky != cudaSuccess) return fail(g_sticky, g_sticky_message, false); \
+    } while (0)
+
+extern "C" {
+
+// ---- Controls --------------------------------------------------------------------------------------
+void relora_emu_set_device_memory(size_t bytes) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    g_total = bytes;
+}
+
+void relora_emu_set_schedule(int schedule) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    g_schedule = schedule >= RELORA_EMU_ROUND_ROBIN && schedule <= RELORA_EMU_GREEDY_REVERSE ? schedule : RELORA_EMU_ROUND_ROBIN;
+}
+
+void relora_emu_set_barriers_enabled(int enabled) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    g_barriers = enabled != 0;
+}
+
+void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers, uint64_t *switches) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (launches) *launches = g_launches;
+    if (blocks) *blocks = g_blocks;
+    if (fibers) *fibers = g_fibers_started;
+    if (switches) *switches = g_switches;
+}
+
+// ---- Runtime API ----
+cudaError_t cudaMalloc(void **ptr, size_t bytes) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (!ptr) return fail(cudaErrorInvalidValue, "cudaMalloc: null result pointer", false);
+    *ptr = nullptr;
+    if (bytes > total_memory() - g_used) {
+        return fail(cudaErrorMemoryAllocation,
+                    format("cudaMalloc of %zu bytes: the emulated device has %zu of %zu bytes free", bytes,
+                           total_memory() - g_used, total_memory()),
+                    false);
+    }
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    const size_t tail = rounded - bytes + kGuard;
+    unsigned char *base = (unsigned char *)aligned_alloc(256, kGuard + rounded + kGuard);
+    if (!base) return fail(cudaErrorMemoryAllocation, format("cudaMalloc of %zu bytes: host memory exhausted", bytes), false);
+    memset(base, kCanary, kGuard);
+    memset(base + kGuard, kPoison, bytes);
+    memset(base + kGuard + bytes, kCanary, tail);
+    g_allocations[(uintptr_t)(base + kGuard)] = Allocation{base, bytes, tail, ++g_serial};
+    g_used += bytes;
+    *ptr = base + kGuard;
+    return cudaSuccess;
+}
+
+cudaError_t cudaFree(void *ptr) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!ptr) return cudaSuccess;
+    RELORA_EMU_STICKY_CHECK();
+    auto it = g_allocations.find((uintptr_t)ptr);
+    if (it == g_allocations.end()) {
+        return fail(cudaErrorInvalidValue, format("cudaFree(%p): not a live device allocation (freed twice?)", ptr), false);
+    }
+    const Allocation a = it->second;
+    long long offset = 0;
+    const std::string corruption =
+        find_corruption(a, &offset) ? corruption_message(a, offset, "a kernel (found at cudaFree)") : std::string();
+    g_allocations.erase(it);
+    g_used -= a.size;
+    free(a.base);
+    if (!corruption.empty()) return fail(cudaErrorIllegalAddress, corruption, true);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaMemcpy on an unknown stream", false);
+    if (bytes == 0) return cudaSuccess;
+    if (!dst || !src) return fail(cudaErrorInvalidValue, "cudaMemcpy with a null pointer", false);
+    bool dst_device = false, src_device = false;
+    switch (kind) {
+    case cudaMemcpyHostToHost: break;
+    case cudaMemcpyHostToDevice: dst_device = true; break;
+    case cudaMemcpyDeviceToHost: src_device = true; break;
+    case cudaMemcpyDeviceToDevice: dst_device = src_device = true; break;
+    case cudaMemcpyDefault:
+        dst_device = is_device_pointer(dst);
+        src_device = is_device_pointer(src);
+        break;
+    default: return fail(cudaErrorInvalidValue, "cudaMemcpy: unknown kind", false);
+    }
+    if (dst_device) {
+        const cudaError_t e = check_device_range(dst, bytes, "cudaMemcpy destination");
+        if (e != cudaSuccess) return e;
+    }
+    if (src_device) {
+        const cudaError_t e = check_device_range(src, bytes, "cudaMemcpy source");
+        if (e != cudaSuccess) return e;
+    }
+    memmove(dst, src, bytes);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+}
+
+cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaMemset on an unknown stream", false);
+    if (bytes == 0) return cudaSuccess;
+    const cudaError_t e = check_device_range(ptr, bytes, "cudaMemset");
+    if (e != cudaSuccess) return e;
+    memset(ptr, value, bytes);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void *ptr, int value, size_t bytes) { return cudaMemsetAsync(ptr, value, bytes, nullptr); }
+
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (free_bytes) *free_bytes = total_memory() - g_used;
+    if (total_bytes) *total_bytes = total_memory();
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceCount(int *count) {
+    if (count) *count = 1;
+    return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+    return device == 0 ? cudaSuccess : fail(cudaErrorInvalidValue, format("cudaSetDevice(%d): the emulation has device 0 only", device), false);
+}
+
+cudaError_t cudaGetDevice(int *device) {
+    if (device) *device = 0;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
+    if (!prop || device != 0) return fail(cudaErrorInvalidValue, "cudaGetDeviceProperties: device 0 only", false);
+    std::lock_guard<std::mutex> guard(g_lock);
+    memset(prop, 0, sizeof *prop);
+    snprintf(prop->name, sizeof prop->name, "relora CPU emulation (fibers)");
+    prop->totalGlobalMem = total_memory();
+    prop->sharedMemPerBlock = 48 * 1024;
+    prop->warpSize = 32;
+    prop->maxThreadsPerBlock = 1024;
+    prop->multiProcessorCount = 1;
+    prop->major = 8;
+    prop->minor = 0;
+    return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    return check_all("a kernel (found at synchronization)");
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize on an unknown stream", false);
+    return check_all("a kernel (found at synchronization)");
+}
+
+cudaError_t cudaDeviceReset(void) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    for (auto &entry : g_allocations) free(entry.second.base);
+    g_allocations.clear();
+    g_used = 0;
+    for (const void *s : g_streams) delete[] (const char *)s;
+    for (const void *e : g_events) delete[] (const char *)e;
+    g_streams.clear();
+    g_events.clear();
+    g_sticky = cudaSuccess;
+    g_sticky_message.clear();
+    t_last = cudaSuccess;
+    t_message.clear();
+    t_message_code = cudaSuccess;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (!stream) return fail(cudaErrorInvalidValue, "cudaStreamCreate: null result pointer", false);
+    char *handle = new char[1];
+    g_streams.insert(handle);
+    *stream = (cudaStream_t)handle;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!stream || !g_streams.erase(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: unknown stream", false);
+    delete[] (char *)stream;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
+    (void)flags;
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!valid_stream(stream) || !g_events.count(event)) {
+        return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent: unknown stream or event", false);
+    }
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t *event) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!event) return fail(cudaErrorInvalidValue, "cudaEventCreate: null result pointer", false);
+    char *handle = new char[1];
+    g_events.insert(handle);
+    *event = (cudaEvent_t)handle;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!event || !g_events.erase(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventDestroy: unknown event", false);
+    delete[] (char *)event;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!g_events.count(event) || !valid_stream(stream)) {
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: unknown event or stream", false);
+    }
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!g_events.count(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: unknown event", false);
+    return cudaSuccess;
+}
+
+// Everything ran at the call, so no time passes between events.
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!ms || !g_events.count(start) || !g_events.count(end)) {
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: unknown event", false);
+    }
+    *ms = 0.0f;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError(void) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (g_sticky != cudaSuccess) return g_sticky;
+    const cudaError_t e = t_last;
+    t_last = cudaSuccess;
+    return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    return g_sticky != cudaSuccess ? g_sticky : t_last;
+}
+
+const char *cudaGetErrorString(cudaError_t error) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (error != cudaSuccess && error == g_sticky) return g_sticky_message.c_str();
+    if (error != cudaSuccess && error == t_message_code) return t_message.c_str();
+    return generic_text(error);
+}
+
+}  // extern "C"

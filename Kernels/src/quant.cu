@@ -1,0 +1,186 @@
+// Quantized weights: dequantize (to f32 or bf16), quantize and the rtn merge (dequantize -> add delta
+// -> requantize). The arithmetic is relora_quant.h's, called as it is: one trait per format wraps that
+// header's element dequantizer and block quantizer, one generic kernel per operation, one switch per
+// entry point. Adding a format touches one trait and one case.
+#include "relora_cuda.cuh"
+
+namespace relora {
+namespace {
+
+struct Q8_0 {
+    using Block = block_q8_0;
+    static constexpr int kSize = RELORA_QK8_0;
+    static __device__ __forceinline__ float at(const Block *b, int j) { return relora_dequantize_q8_0_at(b, j); }
+    static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {
+        return relora_quantize_block_q8_0(x, y, bad_j);
+    }
+};
+
+struct Q4_0 {
+    using Block = block_q4_0;
+    static constexpr int kSize = RELORA_QK4_0;
+    static __device__ __forceinline__ float at(const Block *b, int j) { return relora_dequantize_q4_0_at(b, j); }
+    static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {
+        return relora_quantize_block_q4_0(x, y, bad_j);
+    }
+};
+
+struct NF4 {
+    using Block = block_nf4;
+    static constexpr int kSize = RELORA_QKNF4;
+    static __device__ __forceinline__ float at(const Block *b, int j) { return relora_dequantize_nf4_at(b, j); }
+    static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {
+        return relora_quantize_block_nf4(x, y, bad_j);
+    }
+};
+
+constexpr int kDequantThreads = 256;
+
+// out[r, c] = element c of row r. Grid: x strides over columns, y over rows, so a thread's index math
+// is a shift and a mask (block sizes are powers of two) rather than a 64-bit division per element;
+// consecutive threads write consecutive outputs.
+template <typename F, typename Out>
+__global__ void __launch_bounds__(kDequantThreads)
+    dequantize_kernel(const unsigned char *blocks, int64_t rows, int64_t cols, int64_t row_bytes, Out *out) {
+    for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        const typename F::Block *row = reinterpret_cast<const typename F::Block *>(blocks + r * row_bytes);
+        Out *orow = out + r * cols;
+        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x) {
+            orow[c] = from_float<Out>(F::at(row + c / F::kSize, (int)(c % F::kSize)));
+        }
+    }
+}
+
+constexpr int kQuantThreads = 128;  // quantization blocks per CUDA block, one per thread
+
+// One thread quantizes one block with the header's block quantizer, so the codes are the reference's
+// by construction. The block's inputs are first staged through shared memory with coalesced loads
+// (consecutive threads read consecutive floats of a row); each thread's row of the tile is padded to
+// kSize + 1 floats so that the 32 lanes reading element j of their blocks hit 32 different banks.
+// kMerge: x = dequantize(in) + delta (one f32 add, as the CPU merge computes W + sBA), padding 0.
+// Otherwise x = src, padding 0. A failure is folded into *failure with atomicMin, so the first failing
+// element in row-major order wins whatever the launch order (see RELORA_QUANT_NO_FAILURE).
+// Throughput is not the point here (a merge runs once per restart): the staging loop pays a 64-bit
+// division per element.
+template <typename F, bool kMerge>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_kernel(const float *src, const unsigned char *in_blocks, unsigned char *out_blocks, int64_t rows,
+                    int64_t cols, int64_t blocks_per_row, unsigned long long *failure) {
+    constexpr int B = F::kSize, kStride = B + 1;
+    __shared__ float tile[kQuantThreads * kStride];
+    const int64_t total = rows * blocks_per_row;
+    const int64_t row_bytes = blocks_per_row * (int64_t)sizeof(typename F::Block);
+    for (int64_t first = (int64_t)blockIdx.x * kQuantThreads; first < total; first += (int64_t)gridDim.x * kQuantThreads) {
+        for (int e = (int)threadIdx.x; e < kQuantThreads * B; e += kQuantThreads) {
+            const int64_t g = first + e / B;
+            float v = 0.0f;
+            if (g < total && src != nullptr) {
+                const int64_t r = g / blocks_per_row;
+                const int64_t c = (g - r * blocks_per_row) * B + e % B;
+                if (c < cols) v = src[r * cols + c];
+            }
+            tile[(e / B) * kStride + e % B] = v;
+        }
+        __syncthreads();
+        const int64_t g = first + threadIdx.x;
+        if (g < total) {
+            float *x = tile + threadIdx.x * kStride;
+            const int64_t r = g / blocks_per_row, b = g - r * blocks_per_row;
+            if (kMerge) {
+                const typename F::Block *old = reinterpret_cast<const typename F::Block *>(in_blocks + r * row_bytes) + b;
+                for (int j = 0; j < B; ++j) x[j] = b * B + j < cols ? RELORA_FADD(F::at(old, j), x[j]) : 0.0f;
+            }
+            typename F::Block *dst = reinterpret_cast<typename F::Block *>(out_blocks + r * row_bytes) + b;
+            int bad = relora_first_nonfinite(x, B);
+            const int status = bad >= 0 ? RELORA_QUANT_ERR_NONFINITE : F::quantize(x, dst, &bad);
+            if (status != RELORA_QUANT_OK) {
+                const unsigned long long index = (unsigned long long)(r * blocks_per_row * B + b * B + bad);
+                atomicMin(failure, (index << 2) | (unsigned long long)status);
+            }
+        }
+        __syncthreads();  // the next iteration rewrites the tile
+    }
+}
+
+template <typename F, typename Out>
+relora_status launch_dequantize(const void *blocks, int64_t rows, int64_t cols, Out *out, cudaStream_t stream) {
+    const int64_t row_bytes = (cols + F::kSize - 1) / F::kSize * (int64_t)sizeof(typename F::Block);
+    const dim3 grid(grid_for(cols, kDequantThreads), grid_for(rows, 1, kMaxGridY));
+    RELORA_LAUNCH((dequantize_kernel<F, Out>), grid, dim3(kDequantThreads), 0, stream)
+    (static_cast<const unsigned char *>(blocks), rows, cols, row_bytes, out);
+    return check_launch("dequantize_kernel");
+}
+
+template <typename F>
+relora_status launch_quantize(const float *src, const void *in_blocks, int64_t rows, int64_t cols, void *out_blocks,
+                              uint64_t *failure, bool merge, cudaStream_t stream) {
+    static_assert(sizeof(unsigned long long) == sizeof(uint64_t), "the failure word is 64 bits");
+    RELORA_CHECK(check(cudaMemsetAsync(failure, 0xFF, sizeof(uint64_t), stream), "quantize: resetting the failure word"));
+    const int64_t blocks_per_row = (cols + F::kSize - 1) / F::kSize;
+    const unsigned int grid = grid_for(rows * blocks_per_row, kQuantThreads);
+    unsigned long long *word = reinterpret_cast<unsigned long long *>(failure);
+    unsigned char *out = static_cast<unsigned char *>(out_blocks);
+    if (merge) {
+        RELORA_LAUNCH((quantize_kernel<F, true>), dim3(grid), dim3(kQuantThreads), 0, stream)
+        (src, static_cast<const unsigned char *>(in_blocks), out, rows, cols, blocks_per_row, word);
+    } else {
+        RELORA_LAUNCH((quantize_kernel<F, false>), dim3(grid), dim3(kQuantThreads), 0, stream)
+        (src, nullptr, out, rows, cols, blocks_per_row, word);
+    }
+    return check_launch("quantize_kernel");
+}
+
+}  // namespace
+}  // namespace relora
+
+using namespace relora;
+
+relora_status relora_cuda_dequantize(int32_t format, const void *blocks, int64_t rows, int64_t cols, void *out,
+                                     int32_t out_dtype, void *stream) {
+    RELORA_REQUIRE(rows >= 0 && cols >= 0, "dequantize", "negative shape [%lld, %lld]", (long long)rows, (long long)cols);
+    if (rows == 0 || cols == 0) return RELORA_OK;
+    RELORA_REQUIRE(blocks && out, "dequantize", "null pointer");
+    const cudaStream_t s = as_stream(stream);
+#define RELORA_DEQUANT_CASE(F)                                                                                \
+    switch (out_dtype) {                                                                                      \
+    case RELORA_DTYPE_F32: return launch_dequantize<F>(blocks, rows, cols, static_cast<float *>(out), s);   \
+    case RELORA_DTYPE_BF16: return launch_dequantize<F>(blocks, rows, cols, static_cast<__nv_bfloat16 *>(out), s); \
+    default: return fail(RELORA_ERR_INVALID_ARGUMENT, "dequantize: unknown output dtype %d", (int)out_dtype); \
+    }
+    switch (format) {
+    case RELORA_FORMAT_Q8_0: RELORA_DEQUANT_CASE(Q8_0)
+    case RELORA_FORMAT_Q4_0: RELORA_DEQUANT_CASE(Q4_0)
+    case RELORA_FORMAT_NF4: RELORA_DEQUANT_CASE(NF4)
+    default: return fail(RELORA_ERR_INVALID_ARGUMENT, "dequantize: unknown format %d", (int)format);
+    }
+#undef RELORA_DEQUANT_CASE
+}
+
+static relora_status quantize_any(const char *op, int32_t format, const float *src, const void *in_blocks, int64_t rows,
+                                  int64_t cols, void *out_blocks, uint64_t *failure, bool merge, void *stream) {
+    if (rows < 0 || cols < 0) {
+        return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: negative shape [%lld, %lld]", op, (long long)rows, (long long)cols);
+    }
+    if (!failure) return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: null failure word", op);
+    if (rows == 0 || cols == 0) {
+        return check(cudaMemsetAsync(failure, 0xFF, sizeof(uint64_t), as_stream(stream)), op);
+    }
+    if (!out_blocks || (merge ? !in_blocks : !src)) return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: null pointer", op);
+    const cudaStream_t s = as_stream(stream);
+    switch (format) {
+    case RELORA_FORMAT_Q8_0: return launch_quantize<Q8_0>(src, in_blocks, rows, cols, out_blocks, failure, merge, s);
+    case RELORA_FORMAT_Q4_0: return launch_quantize<Q4_0>(src, in_blocks, rows, cols, out_blocks, failure, merge, s);
+    case RELORA_FORMAT_NF4: return launch_quantize<NF4>(src, in_blocks, rows, cols, out_blocks, failure, merge, s);
+    default: return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: unknown format %d", op, (int)format);
+    }
+}
+
+relora_status relora_cuda_quantize(int32_t format, const float *src, int64_t rows, int64_t cols, void *blocks,
+                                   uint64_t *failure, void *stream) {
+    return quantize_any("quantize", format, src, nullptr, rows, cols, blocks, failure, false, stream);
+}
+
+relora_status relora_cuda_requantize_rtn(int32_t format, const void *in_blocks, const float *delta, int64_t rows,
+                                         int64_t cols, void *out_blocks, uint64_t *failure, void *stream) {
+    return quantize_any("requantize_rtn", format, delta, in_blocks, rows, cols, out_blocks, failure, true, stream);
+}

@@ -1,0 +1,141 @@
+// Library identity, error reporting, device memory and streams: thin wrappers over the CUDA runtime
+// (or the emulation's stand-in), so the Swift side never links CUDA.
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "relora_cuda.cuh"
+
+namespace relora {
+
+namespace {
+thread_local char t_message[1024] = "";
+
+relora_status status_for(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return RELORA_OK;
+    case cudaErrorMemoryAllocation: return RELORA_ERR_OUT_OF_MEMORY;
+    case cudaErrorIllegalAddress: return RELORA_ERR_OUT_OF_BOUNDS;
+    case cudaErrorNoDevice: return RELORA_ERR_NO_DEVICE;
+    case cudaErrorInvalidValue: return RELORA_ERR_INVALID_ARGUMENT;
+    default: return RELORA_ERR_CUDA;
+    }
+}
+}  // namespace
+
+relora_status fail(relora_status status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t_message, sizeof t_message, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+relora_status check(cudaError_t error, const char *what) {
+    if (error == cudaSuccess) return RELORA_OK;
+    return fail(status_for(error), "%s: %s", what, cudaGetErrorString(error));
+}
+
+}  // namespace relora
+
+using relora::check;
+using relora::fail;
+
+int relora_cuda_abi_version(void) { return RELORA_ABI_VERSION; }
+
+int relora_cuda_device_count(int *count) {
+    if (!count) return fail(RELORA_ERR_INVALID_ARGUMENT, "device_count: null result pointer");
+    *count = 0;
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    // No driver or no device is an answer (zero devices), not a failure of the library.
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        fail(RELORA_OK, "no CUDA device: %s", cudaGetErrorString(e));
+        return RELORA_OK;
+    }
+    *count = n;
+    return RELORA_OK;
+}
+
+const char *relora_cuda_last_error(void) { return relora::t_message; }
+
+relora_status relora_cuda_library_info(relora_library_info *info) {
+    if (!info) return fail(RELORA_ERR_INVALID_ARGUMENT, "library_info: null result pointer");
+    memset(info, 0, sizeof *info);
+    info->abi_version = RELORA_ABI_VERSION;
+#if defined(RELORA_EMU)
+    info->emulated = 1;
+    snprintf(info->build, sizeof info->build, "CPU emulation, g++ %d.%d (fibers)", __GNUC__, __GNUC_MINOR__);
+#else
+    info->emulated = 0;
+    snprintf(info->build, sizeof info->build, "nvcc %d.%d, host g++ %d.%d, %s", __CUDACC_VER_MAJOR__,
+             __CUDACC_VER_MINOR__, __GNUC__, __GNUC_MINOR__, RELORA_CUDA_ARCHS);
+#endif
+    info->info_size = (int32_t)sizeof(relora_library_info);
+    info->block_q8_0_size = (int32_t)sizeof(block_q8_0);
+    info->block_q4_0_size = (int32_t)sizeof(block_q4_0);
+    info->block_nf4_size = (int32_t)sizeof(block_nf4);
+    info->block_nf4_align = (int32_t)alignof(block_nf4);
+    info->bf16_size = (int32_t)sizeof(__nv_bfloat16);
+    return RELORA_OK;
+}
+
+relora_status relora_cuda_malloc(void **ptr, int64_t bytes) {
+    RELORA_REQUIRE(ptr, "malloc", "null result pointer");
+    RELORA_REQUIRE(bytes >= 0, "malloc", "negative size %lld", (long long)bytes);
+    *ptr = nullptr;
+    if (bytes == 0) return RELORA_OK;
+    const cudaError_t e = cudaMalloc(ptr, (size_t)bytes);
+    if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError();  // not sticky: the caller may free and retry
+        size_t free_bytes = 0, total = 0;
+        cudaMemGetInfo(&free_bytes, &total);
+        return fail(RELORA_ERR_OUT_OF_MEMORY, "cannot allocate %lld bytes of device memory (%zu of %zu bytes free)",
+                    (long long)bytes, free_bytes, total);
+    }
+    return check(e, "cudaMalloc");
+}
+
+relora_status relora_cuda_free(void *ptr) { return check(cudaFree(ptr), "cudaFree"); }
+
+relora_status relora_cuda_memcpy(void *dst, const void *src, int64_t bytes, int32_t kind, void *stream) {
+    RELORA_REQUIRE(bytes >= 0, "memcpy", "negative size %lld", (long long)bytes);
+    RELORA_REQUIRE(kind == RELORA_MEMCPY_HOST_TO_DEVICE || kind == RELORA_MEMCPY_DEVICE_TO_HOST ||
+                       kind == RELORA_MEMCPY_DEVICE_TO_DEVICE,
+                   "memcpy", "unknown direction %d", (int)kind);
+    if (bytes == 0) return RELORA_OK;
+    RELORA_REQUIRE(dst && src, "memcpy", "null pointer");
+    return check(cudaMemcpyAsync(dst, src, (size_t)bytes, (cudaMemcpyKind)kind, relora::as_stream(stream)), "cudaMemcpyAsync");
+}
+
+relora_status relora_cuda_memset(void *ptr, int32_t value, int64_t bytes, void *stream) {
+    RELORA_REQUIRE(bytes >= 0, "memset", "negative size %lld", (long long)bytes);
+    if (bytes == 0) return RELORA_OK;
+    RELORA_REQUIRE(ptr, "memset", "null pointer");
+    return check(cudaMemsetAsync(ptr, value, (size_t)bytes, relora::as_stream(stream)), "cudaMemsetAsync");
+}
+
+relora_status relora_cuda_mem_get_info(int64_t *free_bytes, int64_t *total_bytes) {
+    RELORA_REQUIRE(free_bytes && total_bytes, "mem_get_info", "null result pointer");
+    size_t f = 0, t = 0;
+    RELORA_CHECK(check(cudaMemGetInfo(&f, &t), "cudaMemGetInfo"));
+    *free_bytes = (int64_t)f;
+    *total_bytes = (int64_t)t;
+    return RELORA_OK;
+}
+
+relora_status relora_cuda_stream_create(void **stream) {
+    RELORA_REQUIRE(stream, "stream_create", "null result pointer");
+    cudaStream_t s = nullptr;
+    RELORA_CHECK(check(cudaStreamCreate(&s), "cudaStreamCreate"));
+    *stream = static_cast<void *>(s);
+    return RELORA_OK;
+}
+
+relora_status relora_cuda_stream_destroy(void *stream) {
+    return check(cudaStreamDestroy(relora::as_stream(stream)), "cudaStreamDestroy");
+}
+
+relora_status relora_cuda_stream_synchronize(void *stream) {
+    return check(cudaStreamSynchronize(relora::as_stream(stream)), "cudaStreamSynchronize");
+}

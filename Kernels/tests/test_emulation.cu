@@ -1,0 +1,355 @@
+// The emulation's own checks: the execution model behaves as on a GPU where the kernels rely on it, and
+// the errors it promises to catch are caught. Compiled by the host compiler against emu/cuda_emu.h and
+// linked with libreloracuda-emu.so (the same runtime instance the loaded library uses).
+#include "cuda_emu.h"
+#include "harness.h"
+
+using harness::record;
+
+namespace {
+
+// Each thread publishes a value, then reads its two neighbours' values. Correct only if every thread
+// has written before any reads, i.e. with a real barrier between the phases.
+__global__ void neighbours_kernel(int *out) {
+    __shared__ int slots[256];
+    const int t = (int)threadIdx.x, n = (int)blockDim.x;
+    const int base = (int)blockIdx.x * 1000;
+    slots[t] = base + 3 * t + 1;
+    __syncthreads();
+    out[blockIdx.x * blockDim.x + t] = slots[(t + 1) % n] + slots[(t + n - 1) % n];
+}
+
+// Warp sums with __shfl_xor_sync (butterfly) and __shfl_down_sync (tree to lane 0), an inclusive scan
+// with __shfl_up_sync, a broadcast with __shfl_sync, and a ballot: per warp, into out[warp * 5 + k].
+__global__ void warp_kernel(const int *in, int *out) {
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    const int lane = (int)(threadIdx.x & 31u), warp = i / 32;
+    const int v = in[i];
+    int x = v;
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    int d = v;
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, (unsigned int)o);
+    int scan = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int up = __shfl_up_sync(0xffffffffu, scan, (unsigned int)o);
+        if (lane >= o) scan += up;
+    }
+    const int from7 = __shfl_sync(0xffffffffu, v, 7);
+    const unsigned int odd = __ballot_sync(0xffffffffu, v & 1);
+    if (lane == 0) {
+        out[warp * 5 + 0] = x;
+        out[warp * 5 + 1] = d;
+        out[warp * 5 + 3] = from7;
+        out[warp * 5 + 4] = (int)odd;
+    }
+    if (lane == 31) out[warp * 5 + 2] = scan;
+}
+
+// double shuffles move 8 bytes: the reduction kernels sum doubles this way.
+__global__ void double_shuffle_kernel(double *out) {
+    double v = 1.0 + (double)threadIdx.x * 0x1p-40;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) *out = v;
+}
+
+__global__ void write_kernel(float *p, long long index) { p[index] = 1.0f; }
+
+__global__ void divergent_barrier_kernel(int *out) {
+    if (threadIdx.x == 0) return;  // thread 0 never reaches the barrier
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+__global__ void shuffle_outside_mask_kernel(int *out) {
+    // Lanes 0..15 shuffle among themselves but lane 0 reads lane 20, which is not in the mask.
+    if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, (int)threadIdx.x, threadIdx.x == 0 ? 20 : 1);
+}
+
+__global__ void dynamic_shared_kernel(unsigned int *out) {
+    RELORA_DYNAMIC_SHARED(unsigned int, scratch);
+    const unsigned int t = threadIdx.x;
+    out[t] = scratch[t];  // before anyone wrote: the poison
+    __syncthreads();
+    scratch[t] = t * t;
+    __syncthreads();
+    out[blockDim.x + t] = scratch[blockDim.x - 1 - t];
+}
+
+__global__ void noop_kernel(int *) {}
+
+__global__ void convert_kernel(const float *x, unsigned short *bf16, unsigned short *half, float *back, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const __nv_bfloat16 b = __float2bfloat16_rn(x[i]);
+        bf16[i] = __bfloat16_as_ushort(b);
+        half[i] = __float2half_rn(x[i]).__x;
+        back[i] = __bfloat162float(b);
+    }
+}
+
+template <typename T>
+std::vector<T> download(const void *d, size_t n) {
+    std::vector<T> h(n);
+    cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return h;
+}
+
+bool barrier_checks() {
+    const int blocks = 3, threads = 256;
+    int *d = nullptr;
+    cudaMalloc((void **)&d, blocks * threads * sizeof(int));
+    auto count_wrong = [&]() {
+        const std::vector<int> h = download<int>(d, blocks * threads);
+        int wrong = 0;
+        for (int b = 0; b < blocks; ++b) {
+            for (int t = 0; t < threads; ++t) {
+                const int want = (b * 1000 + 3 * ((t + 1) % threads) + 1) + (b * 1000 + 3 * ((t + threads - 1) % threads) + 1);
+                wrong += h[(size_t)(b * threads + t)] != want;
+            }
+        }
+        return wrong;
+    };
+    bool ok = true;
+    for (int order = 0; order < 4; ++order) {
+        relora_emu_set_schedule(order);
+        RELORA_LAUNCH(neighbours_kernel, dim3(blocks), dim3(threads), 0, nullptr)(d);
+        const int wrong = count_wrong();
+        char name[96];
+        snprintf(name, sizeof name, "__syncthreads is a barrier (schedule %d)", order);
+        record(wrong == 0 && cudaGetLastError() == cudaSuccess, name, "%d of %d wrong", wrong, blocks * threads);
+        ok &= wrong == 0;
+    }
+    // The same kernel without the barrier must go wrong, or the check above proves nothing.
+    relora_emu_set_schedule(RELORA_EMU_ROUND_ROBIN);
+    relora_emu_set_barriers_enabled(0);
+    RELORA_LAUNCH(neighbours_kernel, dim3(blocks), dim3(threads), 0, nullptr)(d);
+    relora_emu_set_barriers_enabled(1);
+    const int wrong = count_wrong();
+    record(wrong > 0, "without the barrier the kernel is wrong", "%d of %d wrong", wrong, blocks * threads);
+    ok &= wrong > 0;
+    cudaFree(d);
+    return ok;
+}
+
+bool warp_checks() {
+    const int threads = 96, blocks = 2, warps = blocks * threads / 32;  // 3 warps per block
+    std::vector<int> in((size_t)(blocks * threads));
+    for (size_t i = 0; i < in.size(); ++i) in[i] = (int)((i * 37 + 11) % 101);
+    int *din = nullptr, *dout = nullptr;
+    cudaMalloc((void **)&din, in.size() * sizeof(int));
+    cudaMalloc((void **)&dout, (size_t)warps * 5 * sizeof(int));
+    cudaMemcpy(din, in.data(), in.size() * sizeof(int), cudaMemcpyHostToDevice);
+    bool ok = true;
+    for (int order = 0; order < 4; ++order) {
+        relora_emu_set_schedule(order);
+        RELORA_LAUNCH(warp_kernel, dim3(blocks), dim3(threads), 0, nullptr)(din, dout);
+        const std::vector<int> h = download<int>(dout, (size_t)warps * 5);
+        int wrong = 0;
+        for (int w = 0; w < warps; ++w) {
+            int sum = 0;
+            unsigned int odd = 0;
+            for (int l = 0; l < 32; ++l) {
+                sum += in[(size_t)(w * 32 + l)];
+                if (in[(size_t)(w * 32 + l)] & 1) odd |= 1u << l;
+            }
+            wrong += h[(size_t)(w * 5)] != sum;
+            wrong += h[(size_t)(w * 5 + 1)] != sum;
+            wrong += h[(size_t)(w * 5 + 2)] != sum;  // the scan's last element
+            wrong += h[(size_t)(w * 5 + 3)] != in[(size_t)(w * 32 + 7)];
+            wrong += (unsigned int)h[(size_t)(w * 5 + 4)] != odd;
+        }
+        char name[96];
+        snprintf(name, sizeof name, "warp shuffles and ballot (schedule %d)", order);
+        record(wrong == 0 && cudaGetLastError() == cudaSuccess, name, "%d warps, %d wrong results", warps, wrong);
+        ok &= wrong == 0;
+    }
+    relora_emu_set_schedule(RELORA_EMU_ROUND_ROBIN);
+    double *dd = nullptr;
+    cudaMalloc((void **)&dd, sizeof(double));
+    RELORA_LAUNCH(double_shuffle_kernel, dim3(1), dim3(32), 0, nullptr)(dd);
+    const double got = download<double>(dd, 1)[0], want = 32.0 + 496.0 * 0x1p-40;
+    record(got == want, "8-byte (double) shuffles", "%.17g vs %.17g", got, want);
+    ok &= got == want;
+    cudaFree(dd);
+    cudaFree(din);
+    cudaFree(dout);
+    return ok;
+}
+
+// Out-of-bounds writes: one element past the end, one before the start, through the library's status
+// codes (what the Swift backend sees) and cudaGetLastError; then reset, since the error is sticky.
+bool bounds_checks() {
+    bool ok = true;
+    const long long offsets[] = {37, -1, 40};  // 37 floats allocated: past the end, before, in the round-up slack
+    for (long long index : offsets) {
+        float *p = nullptr;
+        cudaMalloc((void **)&p, 37 * sizeof(float));
+        RELORA_LAUNCH(write_kernel, dim3(1), dim3(1), 0, nullptr)(p, index);
+        const relora_status s = harness::api.stream_synchronize(nullptr);
+        const std::string message = harness::api.last_error();
+        const bool named = message.find("write_kernel") != std::string::npos;
+        char name[96];
+        snprintf(name, sizeof name, "out-of-bounds write at [%lld] of 37 floats detected", index);
+        record(s == RELORA_ERR_OUT_OF_BOUNDS && named, name, "status %d: %s", (int)s, message.c_str());
+        ok &= s == RELORA_ERR_OUT_OF_BOUNDS && named;
+        // Sticky, as on a GPU: later calls fail too, until the context is reset.
+        void *q = nullptr;
+        ok &= harness::api.malloc(&q, 16) == RELORA_ERR_OUT_OF_BOUNDS;
+        cudaDeviceReset();
+    }
+    // Found at cudaFree too when nothing synchronized in between (the canaries are checked after every
+    // launch; here the write bypasses any launch).
+    unsigned char *p = nullptr;
+    cudaMalloc((void **)&p, 100);
+    p[100] = 0;  // host-side stray write, as a buggy copy would make
+    const cudaError_t e = cudaFree(p);
+    record(e == cudaErrorIllegalAddress, "overwritten canary detected at cudaFree", "%s", cudaGetErrorString(e));
+    ok &= e == cudaErrorIllegalAddress;
+    cudaDeviceReset();
+    // Copies are range-checked against their allocation.
+    void *d = nullptr;
+    harness::api.malloc(&d, 64);
+    char host[65] = {0};
+    const relora_status s = harness::api.memcpy(d, host, 65, RELORA_MEMCPY_HOST_TO_DEVICE, nullptr);
+    record(s == RELORA_ERR_INVALID_ARGUMENT, "memcpy past an allocation rejected", "status %d: %s", (int)s,
+           harness::api.last_error());
+    ok &= s == RELORA_ERR_INVALID_ARGUMENT;
+    harness::api.free(d);
+    return ok;
+}
+
+bool error_checks() {
+    bool ok = true;
+    int *d = nullptr;
+    cudaMalloc((void **)&d, 64 * sizeof(int));
+    RELORA_LAUNCH(divergent_barrier_kernel, dim3(1), dim3(64), 0, nullptr)(d);
+    cudaError_t e = cudaGetLastError();
+    record(e == cudaErrorLaunchFailure, "__syncthreads in divergent code reported", "%s", cudaGetErrorString(e));
+    ok &= e == cudaErrorLaunchFailure;
+    cudaDeviceReset();
+    cudaMalloc((void **)&d, 64 * sizeof(int));
+    RELORA_LAUNCH(shuffle_outside_mask_kernel, dim3(1), dim3(32), 0, nullptr)(d);
+    e = cudaGetLastError();
+    record(e == cudaErrorLaunchFailure, "shuffle from a lane outside the mask reported", "%s", cudaGetErrorString(e));
+    ok &= e == cudaErrorLaunchFailure;
+    cudaDeviceReset();
+    RELORA_LAUNCH(noop_kernel, dim3(1), dim3(2048), 0, nullptr)(nullptr);
+    e = cudaGetLastError();
+    record(e == cudaErrorInvalidConfiguration, "2048-thread block rejected", "%s", cudaGetErrorString(e));
+    ok &= e == cudaErrorInvalidConfiguration;
+    e = cudaGetLastError();
+    record(e == cudaSuccess, "configuration errors are not sticky", "%s", cudaGetErrorString(e));
+    ok &= e == cudaSuccess;
+    return ok;
+}
+
+bool dynamic_shared_checks() {
+    const unsigned int threads = 40;  // not a multiple of 32: a partial warp
+    unsigned int *d = nullptr;
+    cudaMalloc((void **)&d, 2 * threads * sizeof(unsigned int));
+    RELORA_LAUNCH(dynamic_shared_kernel, dim3(2), dim3(threads), threads * sizeof(unsigned int), nullptr)(d);
+    const std::vector<unsigned int> h = download<unsigned int>(d, 2 * threads);
+    int wrong = 0;
+    for (unsigned int t = 0; t < threads; ++t) {
+        wrong += h[t] != 0xFFFFFFFFu;  // block 1 ran last: its scratch was re-poisoned before it started
+        wrong += h[threads + t] != (threads - 1 - t) * (threads - 1 - t);
+    }
+    record(wrong == 0, "dynamic shared memory: poisoned per block, shared by the block", "%d wrong", wrong);
+    cudaFree(d);
+    return wrong == 0;
+}
+
+// bf16 and half conversions: round to nearest even as relora's FloatBits and relora_quant.h's
+// relora_fp32_to_fp16 specify for finite values and infinities (ties, carries into the exponent, overflow to
+// inf, subnormal halves), and NaN -> 0x7FFF as CUDA's headers do. 2^32 / 65521 patterns plus edge cases.
+bool conversion_checks() {
+    std::vector<float> x;
+    for (uint64_t u = 0; u < (1ull << 32); u += 65521) {
+        const uint32_t bits = (uint32_t)u;
+        float f;
+        memcpy(&f, &bits, 4);
+        x.push_back(f);
+    }
+    const uint32_t edges[] = {0x3F808000u, 0x3F818000u, 0x3F80FFFFu, 0x7F7FFFFFu, 0x7F7F8000u, 0x477FEFFFu, 0x477FF000u,
+                              0x33000000u, 0x33000001u, 0x38800000u, 0x387FE000u, 0x00000001u, 0x80000000u, 0x7F800000u,
+                              0xFF800000u, 0x7FC00001u, 0xFFFFFFFFu};
+    for (uint32_t bits : edges) {
+        float f;
+        memcpy(&f, &bits, 4);
+        x.push_back(f);
+    }
+    const long long n = (long long)x.size();
+    float *dx = nullptr, *dback = nullptr;
+    unsigned short *dbf = nullptr, *dhalf = nullptr;
+    cudaMalloc((void **)&dx, (size_t)n * 4);
+    cudaMalloc((void **)&dback, (size_t)n * 4);
+    cudaMalloc((void **)&dbf, (size_t)n * 2);
+    cudaMalloc((void **)&dhalf, (size_t)n * 2);
+    cudaMemcpy(dx, x.data(), (size_t)n * 4, cudaMemcpyHostToDevice);
+    RELORA_LAUNCH(convert_kernel, dim3(8), dim3(256), 0, nullptr)(dx, dbf, dhalf, dback, n);
+    const std::vector<unsigned short> bf = download<unsigned short>(dbf, (size_t)n), half = download<unsigned short>(dhalf, (size_t)n);
+    const std::vector<float> back = download<float>(dback, (size_t)n);
+    int wrong = 0;
+    for (long long i = 0; i < n; ++i) {
+        const float f = x[(size_t)i];
+        const bool nan = isnan(f);
+        const unsigned short want_bf = nan ? 0x7FFF : harness::bf16_bits(f);
+        const unsigned short want_half = nan ? 0x7FFF : relora_fp32_to_fp16(f);
+        const bool back_ok = nan ? isnan(back[(size_t)i]) : harness::f32_bits(back[(size_t)i]) == harness::f32_bits(harness::bf16_value(want_bf));
+        if (bf[(size_t)i] != want_bf || half[(size_t)i] != want_half || !back_ok) {
+            if (wrong++ < 3) {
+                printf("  conversion of 0x%08x: bf16 0x%04x (want 0x%04x), half 0x%04x (want 0x%04x)\n", harness::f32_bits(f),
+                       bf[(size_t)i], want_bf, half[(size_t)i], want_half);
+            }
+        }
+    }
+    record(wrong == 0, "bf16 and half conversions round to nearest even", "%lld values, %d wrong", n, wrong);
+    cudaFree(dx);
+    cudaFree(dback);
+    cudaFree(dbf);
+    cudaFree(dhalf);
+    return wrong == 0;
+}
+
+bool memory_checks() {
+    relora_emu_set_device_memory((size_t)1 << 20);
+    int64_t free_bytes = 0, total = 0;
+    harness::api.mem_get_info(&free_bytes, &total);
+    void *a = nullptr, *b = nullptr;
+    const relora_status first = harness::api.malloc(&a, 600 * 1024);
+    int64_t free_after = 0;
+    harness::api.mem_get_info(&free_after, &total);
+    const relora_status second = harness::api.malloc(&b, 600 * 1024);
+    const bool ok = total == (1 << 20) && free_bytes == total && first == RELORA_OK && free_after == total - 600 * 1024 &&
+                    second == RELORA_ERR_OUT_OF_MEMORY;
+    record(ok, "configurable device memory (1 MiB)", "total %lld, free %lld -> %lld; second 600 KiB: status %d (%s)",
+           (long long)total, (long long)free_bytes, (long long)free_after, (int)second, harness::api.last_error());
+    harness::api.free(a);
+    relora_emu_set_device_memory((size_t)24 << 30);
+    // Fresh allocations are poisoned (0xFF: NaN as f32 and bf16), so a kernel reading memory nobody wrote
+    // produces NaNs rather than plausible zeros.
+    float *p = nullptr;
+    cudaMalloc((void **)&p, 8);
+    const std::vector<float> h = download<float>(p, 2);
+    const bool poisoned = isnan(h[0]) && isnan(h[1]);
+    record(poisoned, "fresh device memory reads as NaN", "%g %g", (double)h[0], (double)h[1]);
+    cudaFree(p);
+    return ok && poisoned;
+}
+
+}  // namespace
+
+bool run_emulation_checks() {
+    bool ok = barrier_checks();
+    ok &= warp_checks();
+    ok &= dynamic_shared_checks();
+    ok &= conversion_checks();
+    ok &= error_checks();
+    ok &= bounds_checks();
+    ok &= memory_checks();
+    uint64_t launches = 0, blocks = 0, fibers = 0, switches = 0;
+    relora_emu_counters(&launches, &blocks, &fibers, &switches);
+    printf("emulation: %llu launches, %llu blocks, %llu threads run as fibers, %llu switches\n",
+           (unsigned long long)launches, (unsigned long long)blocks, (unsigned long long)fibers,
+           (unsigned long long)switches);
+    return ok;
+}
