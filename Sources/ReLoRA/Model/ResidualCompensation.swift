@@ -16,17 +16,18 @@ import Foundation
 /// weight) do not slow training. Components the residual does not have (rank below r, e.g. a zero
 /// update) keep the standard initialisation: A's row random, B's column 0.
 ///
-/// Work on the device is GEMMs only; the host does the k x k eigendecompositions (LAPACK `dsyev`, in
-/// Double) that a GPU would need cuSOLVER for. With k = min(r + oversampling, out, in) and q power
-/// iterations, a linear costs
+/// Work on the device is GEMMs only; the host does the k x k factorisations (Cholesky, and LAPACK's
+/// `dsyevd` for the two eigendecompositions, in Double) that a GPU would need cuSOLVER for. With
+/// k = min(r + oversampling, out, in) and q power iterations, a linear costs
 ///
 ///     (2 + 2q) GEMMs of out * in * k multiply-adds (Y = R Omega, q x (R^T Q, R Z), C = Q^T R)
-///     + one of out * in * r (the trainer's check of what is left, `||R - s B A||`)
-///     + O((out + in) k^2) for the Gram matrices, rotations and the factors,
+///     + one of out * in * r (the merge's check of what is left, `||R - s B A||`)
+///     + 4q + 4 of (out or in) * k^2 (Gram matrices and rotations) and the factors,
+///     + on the host: 2q Cholesky factorisations and inverses and 3 eigendecompositions of k x k,
 ///
-/// i.e. about (2 + 2q) k / r + 1 times the merge's own `s B A` GEMM, once per restart; and
-/// 8 + 8q small host transfers (each orthonormalisation: two passes of a k x k Gram matrix down and a
-/// k x k rotation up; then C C^T and the scale down, the two factor maps up).
+/// i.e. about (2 + 2q) k / r + 1 times the merge's own `s B A` GEMM, once per restart; and 8 + 4q small
+/// host transfers (a k x k Gram matrix down and a k x k rotation up per conditioning step and per pass of
+/// the final orthonormalisation; then C C^T and the scale down, the two factor maps up).
 /// The sketch Omega is Gaussian from the counter RNG keyed by (seed, `MergeKey.sketchStream`), so a
 /// resumed run and a GPU draw the same numbers.
 public struct ResidualCompensation: Sendable {
@@ -52,14 +53,12 @@ public struct ResidualCompensation: Sendable {
         b.fillNormal(omega, std: 1, seed: key.seed, stream: key.sketchStream)
         let y = b.makeTensor([m, k], dtype: .f32, tag: .workspace, zeroed: false)
         b.matmul(r, omega, y, m: m, n: k, k: n)                                  // Y = R Omega
-        var q = try orthonormalize(y, rows: m, columns: k, b)
         let z = b.makeTensor([n, k], dtype: .f32, tag: .workspace, zeroed: false)
         for _ in 0..<powerIterations {
-            b.matmul(r, q, z, m: n, n: k, k: m, transA: true)                    // Z = R^T Q
-            let qz = try orthonormalize(z, rows: n, columns: k, b)
-            b.matmul(r, qz, y, m: m, n: k, k: n)                                 // Y = R Z
-            q = try orthonormalize(y, rows: m, columns: k, b)
+            b.matmul(r, condition(y, rows: m, columns: k, b), z, m: n, n: k, k: m, transA: true)   // Z = R^T basis(Y)
+            b.matmul(r, condition(z, rows: n, columns: k, b), y, m: m, n: k, k: n)                 // Y = R basis(Z)
         }
+        let q = try orthonormalize(y, rows: m, columns: k, b)
         let c = b.makeTensor([k, n], dtype: .f32, tag: .workspace, zeroed: false)
         b.matmul(q, r, c, m: k, n: n, k: m, transA: true)                        // C = Q^T R  [k, n]
         let h = b.makeTensor([k, k], dtype: .f32, tag: .workspace, zeroed: false)
@@ -86,6 +85,52 @@ public struct ResidualCompensation: Sendable {
             b.matmul(ma.view(offset: 0, shape: [kept, k]), c, adapter.a.view(offset: 0, shape: [kept, n]), m: kept, n: n, k: k)
         }
         b.matmul(q, mb, adapter.b, m: m, n: rank, k: k)                         // B = Q M_B (zero columns past `kept`)
+    }
+
+    /// A well-conditioned basis of the span of the columns of `x` `[rows, columns]` (a new tensor), as
+    /// subspace iteration needs between its products (the span is what matters; exact orthonormality only
+    /// at the end): `X R^-1` with `R^T R = X^T X + delta I` (Cholesky in Double on the host), the shift
+    /// `delta = 1e-4 max_i (X^T X)_ii` making it positive definite whatever the f32 rounding of the Gram
+    /// matrix or the rank of X. Directions of X weaker than 1% of the strongest come out shrunk instead of
+    /// normalised, which only slows their convergence (they hold < 1e-4 of the energy). Cheaper than the
+    /// eigendecomposition of `orthonormalize` (k^3 / 3 against ~10 k^3 flops), which it replaces in all
+    /// but the last step.
+    func condition(_ x: Tensor, rows: Int, columns k: Int, _ b: Backend) -> Tensor {
+        let g = b.makeTensor([k, k], dtype: .f32, tag: .workspace, zeroed: false)
+        b.matmul(x, x, g, m: k, n: k, k: rows, transA: true)
+        var a = b.download(g).map(Double.init)                    // row-major, symmetric
+        let delta = 1e-4 * (0..<k).map { a[$0 * k + $0] }.max()!
+        var t = [Float](repeating: 0, count: k * k)
+        if delta > 0 {
+            // Cholesky, upper: G + delta I = U^T U, U stored in the upper triangle of `a`.
+            for i in 0..<k { a[i * k + i] += delta }
+            for i in 0..<k {
+                var d = a[i * k + i]
+                for p in 0..<i { d -= a[p * k + i] * a[p * k + i] }
+                let uii = d.squareRoot()
+                a[i * k + i] = uii
+                for j in (i + 1)..<max(i + 1, k) {
+                    var v = a[i * k + j]
+                    for p in 0..<i { v -= a[p * k + i] * a[p * k + j] }
+                    a[i * k + j] = v / uii
+                }
+            }
+            // T = U^-1 (upper), column by column: U T = I.
+            var inv = [Double](repeating: 0, count: k * k)
+            for j in 0..<k {
+                for i in stride(from: j, through: 0, by: -1) {
+                    var v = i == j ? 1.0 : 0.0
+                    for p in (i + 1)..<max(i + 1, j + 1) { v -= a[i * k + p] * inv[p * k + j] }
+                    inv[i * k + j] = v / a[i * k + i]
+                }
+            }
+            t = inv.map { Float($0) }
+        }
+        let rotation = b.makeTensor([k, k], dtype: .f32, tag: .workspace, zeroed: false)
+        b.upload(t, to: rotation)
+        let next = b.makeTensor([rows, k], dtype: .f32, tag: .workspace, zeroed: false)
+        b.matmul(x, rotation, next, m: rows, n: k, k: k)
+        return next
     }
 
     /// An orthonormal basis of the columns of `x` `[rows, columns]` (a new tensor; columns whose
