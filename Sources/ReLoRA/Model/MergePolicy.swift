@@ -17,9 +17,9 @@ public protocol MergePolicy: Sendable {
     /// Throws when the weight's format cannot hold a value (a diverged run).
     func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws
     /// Called after `store` and after the adapter was re-initialised (A random, B = 0), with
-    /// `residual = target - W_new` (f32 `[out, in]`, what the store lost; the policy may overwrite it):
-    /// may set the next cycle's factors instead. Returns whether it did. The default keeps the standard
-    /// re-initialisation.
+    /// `residual = target - W_new` (f32 `[out, in]`, what the store lost; read only: the merge measures
+    /// what the new factors leave of it): may set the next cycle's factors instead. Returns whether it
+    /// did. The default keeps the standard re-initialisation.
     func initializeFactors(_ adapter: LoRAAdapter, residual: Tensor, key: MergeKey, backend: Backend) throws -> Bool
 }
 
