@@ -37,6 +37,7 @@ final class ConformanceTests: XCTestCase {
     func testElementwise() { assertConforms([.elementwise]) }
     func testAdamW() { assertConforms([.adamw]) }
     func testPrune() { assertConforms([.prune]) }
+    func testQuantization() { assertConforms([.quantization]) }
 
     /// The whole suite in one run (what `relora selftest` does), covering every op of the protocol.
     func testWholeSuiteCoversEveryGroup() {
@@ -72,7 +73,8 @@ final class ConformanceTests: XCTestCase {
     /// can fail: a 0.1% scale error in matmul, rope rotating the wrong way, attention's dv off by 0.1%,
     /// rmsnorm's backward overwriting instead of accumulating, cross-entropy's gradient off by 0.1%,
     /// fillNormal's std off by 0.1%, prune's magnitude threshold one entry short, dropout with the wrong
-    /// stream, swiglu's dgate computed as silu instead of its derivative, pruneMoments with separate masks.
+    /// stream, swiglu's dgate computed as silu instead of its derivative, pruneMoments with separate masks,
+    /// stochastic rounding that rounds to nearest.
     func testBrokenOpsAreCaught() {
         let clean = Conformance.run(on: FaultyBackend(nil), groups: ConformanceGroup.allCases)
         XCTAssertTrue(clean.allSatisfy(\.passed), Conformance.table(clean.filter { !$0.passed }))
@@ -87,6 +89,7 @@ final class ConformanceTests: XCTestCase {
             (.dropoutStream, .dropout, "dropout mask"),
             (.swigluDerivative, .swiglu, "swigluBackward dgate"),
             (.pruneMomentsSeparately, .prune, "pruneMoments"),
+            (.stochasticAsNearest, .quantization, "quantize stochastic"),
         ]
         for (fault, group, op) in expectations {
             let checks = Conformance.run(on: FaultyBackend(fault), groups: [group])
@@ -122,8 +125,11 @@ final class ConformanceTests: XCTestCase {
 /// A CPU backend with at most one deliberately broken op: forwards everything to `CPUBackend` and
 /// corrupts the result of the op named by `fault` through other backend ops (no host access).
 final class FaultyBackend: ForwardingToCPU, @unchecked Sendable {
+    func quantize(_ source: Tensor, into q: QuantizedTensor, rounding: QuantRounding) -> QuantizationFailure? {
+        inner.quantize(source, into: q, rounding: fault == .stochasticAsNearest ? .nearest : rounding)
+    }
     enum Fault { case matmulScale, ropeSign, attentionDV, rmsnormOverwrites, crossEntropyGrad, normalStd, pruneThreshold,
-                      dropoutStream, swigluDerivative, pruneMomentsSeparately }
+                      dropoutStream, swigluDerivative, pruneMomentsSeparately, stochasticAsNearest }
 
     let inner = CPUBackend()
     let fault: Fault?

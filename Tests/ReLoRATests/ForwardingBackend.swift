@@ -85,7 +85,12 @@ extension ForwardingToCPU {
         inner.pruneMoments(m: m, v: v, ratio: ratio, eps: eps)
     }
     func downloadRaw(_ tensor: Tensor) -> [UInt8] { inner.downloadRaw(tensor) }
-    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? { inner.quantize(source, into: q) }
+    func quantize(_ source: Tensor, into q: QuantizedTensor, rounding: QuantRounding) -> QuantizationFailure? {
+        inner.quantize(source, into: q, rounding: rounding)
+    }
+    func countChangedCodes(old: Tensor, new: QuantizedTensor, into out: Tensor, at index: Int) {
+        inner.countChangedCodes(old: old, new: new, into: out, at: index)
+    }
     func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
         inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
     }

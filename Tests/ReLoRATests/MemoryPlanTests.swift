@@ -5,9 +5,10 @@ import XCTest
 /// The planning backend against real runs: what `relora memory` says is what the CPU allocates.
 final class MemoryPlanTests: XCTestCase {
     func recipe(_ d: TrainerTests.ByteData, _ mode: TrainingMode, _ checkpointing: GradientCheckpointing, dropout: Double = 0,
-                quant: FrozenStorage = .none) -> Recipe {
-        TrainerTests.recipe(d, run: "plan-\(mode.rawValue)-\(checkpointing.rawValue)-\(dropout)-\(quant.rawValue)") {
+                quant: FrozenStorage = .none, policy: MergePolicyKind? = nil) -> Recipe {
+        TrainerTests.recipe(d, run: "plan-\(mode.rawValue)-\(checkpointing.rawValue)-\(dropout)-\(quant.rawValue)-\(policy?.rawValue ?? "default")") {
             $0.quant = quant
+            $0.mergePolicy = policy
             $0.valData = nil  // evaluation would add its own workspace shape; the plan covers training
             $0.mode = mode
             $0.checkpointing = checkpointing
@@ -19,25 +20,38 @@ final class MemoryPlanTests: XCTestCase {
 
     /// For full, lora and relora under both checkpointing settings: the planned peak of every tag equals
     /// the peak the CPU ledger measured over a real run (two steps, and for relora a restart after the
-    /// second), to the byte, and so does the total.
+    /// second, under each merge policy: its workspace, e.g. compensate's sketch, and master copies
+    /// included), to the byte, and so does the total (device tags) and the host total (master copies).
     func testPlanEqualsMeasuredPerTag() throws {
         let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
         let config = try LlamaConfig(contentsOf: d.model)
         for mode in TrainingMode.allCases {
             for checkpointing in GradientCheckpointing.allCases {
-                for (dropout, quant) in mode == .full ? [(0.0, FrozenStorage.none)] : [(0.0, .none), (0.1, .none), (0.0, .q4_0), (0.1, .nf4)] {
-                    let r = recipe(d, mode, checkpointing, dropout: dropout, quant: quant)
+                var cases: [(Double, FrozenStorage, MergePolicyKind?)] = [(0.0, .none, nil)]
+                if mode != .full { cases += [(0.1, .none, nil), (0.0, .q4_0, nil), (0.1, .nf4, nil)] }
+                if mode == .relora { cases += [(0.0, .q8_0, .compensate), (0.1, .q4_0, .master), (0.0, .nf4, .stochastic)] }
+                for (dropout, quant, policy) in cases {
+                    let r = recipe(d, mode, checkpointing, dropout: dropout, quant: quant, policy: policy)
                     var lines: [String] = []
                     let trainer = try Trainer(recipe: r, resume: false, log: { lines.append($0) })
                     _ = try trainer.run()
                     if mode == .relora { XCTAssertTrue(lines.contains { $0.hasPrefix("restart 1") }, "the run must include a restart") }
                     let measured = trainer.model.backend.ledger.report()
                     let plan = try MemoryPlanner.plan(r, config: config, device: .cpu)
-                    let label = "\(mode) \(checkpointing) dropout \(dropout) quant \(quant)"
+                    let label = "\(mode) \(checkpointing) dropout \(dropout) quant \(quant) policy \(r.effectiveMergePolicy)"
                     for tag in MemoryTag.allCases {
                         XCTAssertEqual(plan.report.peak(tag), measured.peak(tag), "\(label): \(tag.rawValue)")
                     }
                     XCTAssertEqual(plan.report.peakTotal, measured.peakTotal, label)
+                    XCTAssertEqual(plan.report.hostPeakTotal, measured.hostPeakTotal, label)
+                    // Master copies: f32 of every frozen linear, in host memory, outside the device total.
+                    let linears = LinearKind.allCases.reduce(0) { $0 + $1.shape(config).out * $1.shape(config).in } * config.numHiddenLayers
+                    XCTAssertEqual(plan.report.peak(.hostMaster), policy == .master ? 4 * linears : 0, label)
+                    XCTAssertEqual(plan.report.hostPeakTotal, plan.report.peak(.hostMaster), label)
+                    if policy == .master {
+                        XCTAssertTrue(plan.formatted(title: "plan").contains("host_master"), label)
+                        XCTAssertTrue(measured.formatted().contains("in host memory, not in the total"), label)
+                    }
                     XCTAssertGreaterThan(plan.report.peak(.activations), 0, label)
                 }
             }

@@ -104,10 +104,10 @@ final class QuantizedTrainingTests: XCTestCase {
         }
     }
 
-    func recipe(_ d: TrainerTests.ByteData, _ run: String, _ format: FrozenStorage) -> Recipe {
+    func recipe(_ d: TrainerTests.ByteData, _ run: String, _ format: FrozenStorage, policy: MergePolicyKind? = nil) -> Recipe {
         TrainerTests.recipe(d, run: run) {
             $0.mode = .relora; $0.quant = format; $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 9; $0.reloraEvery = 3
-            $0.restartWarmup = 1; $0.warmupSteps = 1; $0.checkpointEvery = 100; $0.evalEvery = 100
+            $0.restartWarmup = 1; $0.warmupSteps = 1; $0.checkpointEvery = 100; $0.evalEvery = 100; $0.mergePolicy = policy
         }
     }
 
@@ -147,6 +147,74 @@ final class QuantizedTrainingTests: XCTestCase {
             let want = try straight.model.logits(inputs: ids, batch: 1, seqLen: 16)
             let got = try exported.logits(inputs: ids, batch: 1, seqLen: 16)
             for (a, b) in zip(got, want) { XCTAssertEqual(a, b, accuracy: 1e-4 + 1e-4 * abs(b), "\(format) export") }
+        }
+    }
+
+    /// Every merge policy (rtn: the test above) across restarts: a run interrupted between the restarts
+    /// and resumed gives the same losses, codes, LoRA factors (compensate's come from the residual) and
+    /// master copies as an uninterrupted one, bit for bit. Each restart's log and metrics line carries the
+    /// policy, the update's size, the merge error, the fraction of codes changed (and what compensation
+    /// recovered); `master` checkpoints hold the f32 masters beside the blocks.
+    func testEveryMergePolicyResumesBitExactlyAcrossRestarts() throws {
+        let d = try TrainerTests.makeByteData(hidden: 48, layers: 2)
+        for policy in [MergePolicyKind.stochastic, .compensate, .master] {
+            for format in [FrozenStorage.q8_0, .q4_0, .nf4] {
+                let label = "\(policy) \(format)"
+                var lines: [String] = []
+                let straight = try Trainer(recipe: recipe(d, "p-straight-\(policy)-\(format)", format, policy: policy), resume: false,
+                                           log: { lines.append($0) })
+                _ = try straight.run()
+                XCTAssertEqual(straight.model.merges, 2, label)
+                let restarts = lines.filter { $0.hasPrefix("restart ") }
+                XCTAssertEqual(restarts.count, 2, label)
+                for line in restarts {
+                    XCTAssertTrue(line.contains("merge \(policy.rawValue) in ") && line.contains("codes changed"), line)
+                    XCTAssertEqual(line.contains("residual recovered"), policy == .compensate, line)
+                    XCTAssertEqual(line.contains("optimizer reset full for A and B (compensate)"), policy == .compensate, line)
+                }
+                let metrics = try String(contentsOfFile: straight.recipe.runDir + "/metrics.jsonl", encoding: .utf8)
+                    .split(separator: "\n").filter { $0.contains("\"restart\"") }
+                XCTAssertEqual(metrics.count, 2, label)
+                for line in metrics {
+                    let keys = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
+                    XCTAssertEqual(keys["merge_policy"] as? String, policy.rawValue, label)
+                    for key in ["merge_seconds", "relative_update", "merge_error", "codes_changed"] {
+                        XCTAssertNotNil(keys[key] as? Double, "\(label): \(key) in \(line)")
+                    }
+                    XCTAssertEqual(keys["residual_recovered"] != nil, policy == .compensate, "\(label): \(line)")
+                    let changed = try XCTUnwrap(keys["codes_changed"] as? Double)
+                    XCTAssertTrue(changed > 0 && changed < 1, "\(label): codes changed \(changed)")
+                    if policy == .master { XCTAssertEqual(keys["merge_error"] as? Double, 0, label) }
+                }
+
+                let first = try Trainer(recipe: recipe(d, "p-resumed-\(policy)-\(format)", format, policy: policy), resume: false, log: { _ in })
+                first.shouldStop = { first.state.step >= 5 }
+                _ = try first.run()
+                let second = try Trainer(recipe: recipe(d, "p-resumed-\(policy)-\(format)", format, policy: policy), resume: true, log: { _ in })
+                _ = try second.run()
+                XCTAssertEqual((first.history + second.history).map(\.loss), straight.history.map(\.loss), label)
+                func state(_ t: Trainer) -> [[UInt8]] {
+                    let b = t.model.backend
+                    return t.model.weights.linears.map { b.downloadRaw($0.weight.storage) }
+                        + t.model.loraTensors().map { b.downloadRaw($0.value) }
+                        + t.model.weights.linears.compactMap { $0.weight.quantized?.master.map(b.downloadRaw) }
+                }
+                XCTAssertEqual(state(second), state(straight), label)
+                XCTAssertEqual(straight.model.weights.linears.allSatisfy { $0.weight.quantized?.master != nil }, policy == .master, label)
+
+                let ckpt = try XCTUnwrap(TrainingCheckpoint.latest(runDir: straight.recipe.runDir))
+                let file = try SafetensorsFile(path: ckpt + "/model.safetensors")
+                let master = file.info("model.layers.1.mlp.down_proj.weight.master")
+                XCTAssertEqual(master?.dtype, policy == .master ? .F32 : nil, label)
+                if policy == .master { XCTAssertEqual(master?.shape, [48, 104], label) }
+            }
+        }
+        // A `master` run cannot resume from a checkpoint without master copies (its blocks alone cannot give them back).
+        let rtn = try Trainer(recipe: recipe(d, "p-rtn-then-master", .q8_0), resume: false, log: { _ in })
+        rtn.shouldStop = { rtn.state.step >= 2 }
+        _ = try rtn.run()
+        XCTAssertThrowsError(try Trainer(recipe: recipe(d, "p-rtn-then-master", .q8_0, policy: .master), resume: true, log: { _ in })) {
+            XCTAssertTrue("\($0)".contains("without its f32 master copy"), "\($0)")
         }
     }
 

@@ -52,6 +52,8 @@ final class RecipeTests: XCTestCase {
         "lora_dropout": ["lora_dropout": .number(0.1)],
         "lora_trainable_scale": ["lora_trainable_scale": .bool(true)],
         "quant": ["quant": .string("q4_0")],
+        // base has dense weights: `exact` is their only policy (and not the unset default).
+        "merge_policy": ["merge_policy": .string("exact")],
         "relora_every": ["relora_every": .number(200)],
         "restart_warmup": ["restart_warmup": .number(30)],
         "optimizer_reset": ["optimizer_reset": .string("random")],
@@ -112,7 +114,7 @@ final class RecipeTests: XCTestCase {
     func testKeysAreWrittenOnlyForTheirModes() throws {
         let loraKeys: Set = ["lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale", "quant"]
         let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule"]
-        let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler"]
+        let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler", "merge_policy"]
         let inputOnly: Set = ["tokens_per_step", "token_budget", "description"]
         let always = Recipe.knownKeys.subtracting(loraKeys).subtracting(reloraKeys).subtracting(optionalKeys).subtracting(inputOnly)
         var full = Self.base
@@ -125,14 +127,15 @@ final class RecipeTests: XCTestCase {
             XCTAssertEqual(try Recipe(keys: stored(r)), r)
         }
         var withOptionals = Self.base
-        for k in optionalKeys { withOptionals[k] = .string(k == "sampler" ? "epoch" : "x") }
+        for k in optionalKeys { withOptionals[k] = .string(k == "sampler" ? "epoch" : k == "merge_policy" ? "exact" : "x") }
         XCTAssertTrue(optionalKeys.isSubset(of: Set(try stored(Recipe(keys: withOptionals)).keys)))
     }
 
     func testChoiceErrorsListTheAllowedValues() {
         for (key, allowed) in [("mode", "'full', 'lora' or 'relora'"), ("checkpointing", "'none' or 'block'"),
                                ("optimizer_reset", "'magnitude', 'random', 'full', 'none', 'magnitude_joint' or 'magnitude_reinit_a'"),
-                               ("sampler", "'random' or 'epoch'")] {
+                               ("sampler", "'random' or 'epoch'"),
+                               ("merge_policy", "'exact', 'rtn', 'stochastic', 'compensate' or 'master'")] {
             var keys = Self.base
             keys[key] = .string("bogus")
             XCTAssertThrowsError(try Recipe(keys: keys)) {

@@ -54,6 +54,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "relora_rng.h"
+
 #if !defined(RELORA_HD)
 #if defined(__CUDACC__)
 #define RELORA_HD __host__ __device__ __forceinline__
@@ -448,6 +450,216 @@ RELORA_HD int relora_dequantize_row_nf4(const block_nf4 *x, float *y, int64_t n)
     if (n < 0 || n % RELORA_QKNF4 != 0) return RELORA_QUANT_ERR_LENGTH;
     for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) relora_dequantize_block_nf4(x + b, y + b * RELORA_QKNF4);
     return RELORA_QUANT_OK;
+}
+
+// ---- Stochastic rounding (the `stochastic` merge policy) -------------------------------------------
+// The same block scale as the round-to-nearest quantizer above, computed from the block's values exactly
+// as it computes it (so the degenerate blocks, the canonical zero block and the scale-overflow error are
+// the same); then every code rounds down or up between the two neighbouring representable values
+// lo <= x <= hi (for q8_0 and q4_0 the multiples of the fp16 scale; for nf4 neighbouring codebook
+// entries times absmax), up with probability p = (x - lo) / (hi - lo), so E[deq(code)] = x: the rounding
+// is unbiased and a sum of updates each smaller than a step survives in expectation. Values outside the
+// code range (q8_0: |x / d| > 127 by the fp16 rounding of d; q4_0: -8 * d, which the asymmetric code
+// range lacks) clamp to the end code, as round to nearest does; that is the only bias.
+//
+// Randomness: element i of a row (its index in the padded row, i = block * block_size + j) draws
+// u = relora_rng_uniform(seed, stream, counter0 + i), 24 bits, and rounds up iff u < p. So a code is a
+// pure function of (seed, stream, element): a GPU kernel reproduces it bit for bit in any thread layout.
+// P(up) = ceil(p * 2^24) / 2^24, which exceeds p by less than 2^-24: a bias below 2^-24 of a step.
+// An exactly representable x has p = 0 and keeps its code (so requantizing deq(q) gives back q, as for
+// round to nearest, and a merge of a zero update changes no code under either rounding).
+//
+// How p is computed: q8_0 and q4_0 take v = x / d (one IEEE division by the fp16 scale widened to fp32)
+// and p = v - floor(v) (exact), the code being floor(v) (+ 8 for q4_0) or one more; nf4 works with the
+// dequantized values themselves, lo = NF4[k] * absmax <= x < hi = NF4[k + 1] * absmax (the products the
+// dequantizer computes) and p = (x - lo) / (hi - lo). Either way a dequantized value x gives p = 0
+// exactly (x / d is then the integer code; x - lo is 0), which is what makes requantizing idempotent.
+
+RELORA_HD int relora_quantize_block_q8_0_sr(const float *x, block_q8_0 *y, uint64_t seed, uint64_t stream,
+                                            uint64_t counter0, int *bad_j) {
+    float amax = 0.0f;
+    int jmax = 0;
+    for (int j = 0; j < RELORA_QK8_0; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > amax) { amax = a; jmax = j; }
+    }
+    const float d = RELORA_FDIV(amax, 127.0f);
+    const relora_half dh = relora_fp32_to_fp16(d);
+    if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
+    y->d = dh;
+    if (relora_fp16_is_zero(dh)) {
+        for (int j = 0; j < RELORA_QK8_0; ++j) y->qs[j] = 0;   // the canonical zero block, as RTN writes it
+        return RELORA_QUANT_OK;
+    }
+    const float step = relora_fp16_to_fp32(dh);   // > 0
+    for (int j = 0; j < RELORA_QK8_0; ++j) {
+        const float v = RELORA_FDIV(x[j], step);
+        const float lo = floorf(v);
+        const float p = RELORA_FADD(v, -lo);       // exact: the fractional part of a float
+        int c = (int)lo + (relora_rng_uniform(seed, stream, counter0 + (uint64_t)j) < p ? 1 : 0);
+        c = c > 127 ? 127 : (c < -127 ? -127 : c);
+        y->qs[j] = (int8_t)c;
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_quantize_block_q4_0_sr(const float *x, block_q4_0 *y, uint64_t seed, uint64_t stream,
+                                            uint64_t counter0, int *bad_j) {
+    float amax = 0.0f, max = 0.0f;
+    int jmax = 0;
+    for (int j = 0; j < RELORA_QK4_0; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > amax) { amax = a; max = x[j]; jmax = j; }
+    }
+    const float d = RELORA_FDIV(max, -8.0f);
+    const relora_half dh = relora_fp32_to_fp16(d);
+    if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
+    if (relora_fp16_is_zero(dh)) {
+        y->d = 0x8000u;
+        for (int j = 0; j < RELORA_QK4_0 / 2; ++j) y->qs[j] = 0x88u;
+        return RELORA_QUANT_OK;
+    }
+    const float step = relora_fp16_to_fp32(dh);   // non-zero, of either sign: weight = (code - 8) * step
+    y->d = dh;
+    int codes[RELORA_QK4_0];
+    for (int j = 0; j < RELORA_QK4_0; ++j) {
+        const float v = RELORA_FDIV(x[j], step);
+        const float lo = floorf(v);
+        const float p = RELORA_FADD(v, -lo);
+        int c = (int)lo + 8 + (relora_rng_uniform(seed, stream, counter0 + (uint64_t)j) < p ? 1 : 0);
+        codes[j] = c > 15 ? 15 : (c < 0 ? 0 : c);
+    }
+    for (int j = 0; j < RELORA_QK4_0 / 2; ++j) {
+        y->qs[j] = (uint8_t)(codes[j] | (codes[j + RELORA_QK4_0 / 2] << 4));
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_quantize_block_nf4_sr(const float *x, block_nf4 *y, uint64_t seed, uint64_t stream,
+                                           uint64_t counter0, int *bad_j) {
+    (void)bad_j;
+    float absmax = 0.0f;
+    for (int j = 0; j < RELORA_QKNF4; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > absmax) absmax = a;
+    }
+    if (absmax < relora_nf4_absmax_min()) {
+        y->absmax = 0.0f;
+        for (int k = 0; k < RELORA_QKNF4 / 2; ++k) y->qs[k] = 0x77u;
+        return RELORA_QUANT_OK;
+    }
+    y->absmax = absmax;
+    int codes[RELORA_QKNF4];
+    for (int j = 0; j < RELORA_QKNF4; ++j) {
+        // The largest k whose dequantized value NF4[k] * absmax (the dequantizer's product) is <= x; k = 15
+        // only for x = absmax, since NF4[0] * absmax = -absmax <= x <= absmax = NF4[15] * absmax.
+        int k = 0;
+        for (int c = 1; c < 16; ++c) k += RELORA_FMUL(relora_nf4_value(c), absmax) <= x[j] ? 1 : 0;
+        int c = k;
+        if (k < 15) {
+            const float lo = RELORA_FMUL(relora_nf4_value(k), absmax);
+            const float hi = RELORA_FMUL(relora_nf4_value(k + 1), absmax);
+            // hi > lo except where both products underflow to the same subnormal (absmax near 1e-38).
+            const float p = hi > lo ? RELORA_FDIV(RELORA_FADD(x[j], -lo), RELORA_FADD(hi, -lo)) : 0.0f;
+            c += relora_rng_uniform(seed, stream, counter0 + (uint64_t)j) < p ? 1 : 0;
+        }
+        codes[j] = c;
+    }
+    for (int k = 0; k < RELORA_QKNF4 / 2; ++k) y->qs[k] = (uint8_t)((codes[2 * k] << 4) | codes[2 * k + 1]);
+    return RELORA_QUANT_OK;
+}
+
+// Row entry points of stochastic rounding: as the round-to-nearest rows above (length check, non-finite
+// check, first bad block stops the row), element i of the row drawing counter counter0 + i.
+RELORA_HD int relora_quantize_row_q8_0_sr(const float *x, block_q8_0 *y, int64_t n, uint64_t seed, uint64_t stream,
+                                          uint64_t counter0, int64_t *bad_index) {
+    if (n < 0 || n % RELORA_QK8_0 != 0) {
+        if (bad_index) *bad_index = -1;
+        return RELORA_QUANT_ERR_LENGTH;
+    }
+    for (int64_t b = 0; b < n / RELORA_QK8_0; ++b) {
+        const float *xb = x + b * RELORA_QK8_0;
+        int bad_j = relora_first_nonfinite(xb, RELORA_QK8_0);
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE
+            : relora_quantize_block_q8_0_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QK8_0), &bad_j);
+        if (status != RELORA_QUANT_OK) {
+            if (bad_index) *bad_index = b * RELORA_QK8_0 + bad_j;
+            return status;
+        }
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_quantize_row_q4_0_sr(const float *x, block_q4_0 *y, int64_t n, uint64_t seed, uint64_t stream,
+                                          uint64_t counter0, int64_t *bad_index) {
+    if (n < 0 || n % RELORA_QK4_0 != 0) {
+        if (bad_index) *bad_index = -1;
+        return RELORA_QUANT_ERR_LENGTH;
+    }
+    for (int64_t b = 0; b < n / RELORA_QK4_0; ++b) {
+        const float *xb = x + b * RELORA_QK4_0;
+        int bad_j = relora_first_nonfinite(xb, RELORA_QK4_0);
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE
+            : relora_quantize_block_q4_0_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QK4_0), &bad_j);
+        if (status != RELORA_QUANT_OK) {
+            if (bad_index) *bad_index = b * RELORA_QK4_0 + bad_j;
+            return status;
+        }
+    }
+    return RELORA_QUANT_OK;
+}
+
+RELORA_HD int relora_quantize_row_nf4_sr(const float *x, block_nf4 *y, int64_t n, uint64_t seed, uint64_t stream,
+                                         uint64_t counter0, int64_t *bad_index) {
+    if (n < 0 || n % RELORA_QKNF4 != 0) {
+        if (bad_index) *bad_index = -1;
+        return RELORA_QUANT_ERR_LENGTH;
+    }
+    for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) {
+        const float *xb = x + b * RELORA_QKNF4;
+        int bad_j = relora_first_nonfinite(xb, RELORA_QKNF4);
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE
+            : relora_quantize_block_nf4_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QKNF4), &bad_j);
+        if (status != RELORA_QUANT_OK) {
+            if (bad_index) *bad_index = b * RELORA_QKNF4 + bad_j;
+            return status;
+        }
+    }
+    return RELORA_QUANT_OK;
+}
+
+// ---- Changed codes (the merge report's `codes_changed`) -------------------------------------------
+// How many of the element codes of blocks a[0 ..< nblocks] and b[0 ..< nblocks] differ: per weight, not
+// per byte (a q4_0/nf4 byte holds two codes) and not counting the scales (a block whose scale moved but
+// whose codes did not counts 0).
+RELORA_HD int64_t relora_changed_codes_q8_0(const block_q8_0 *a, const block_q8_0 *b, int64_t nblocks) {
+    int64_t changed = 0;
+    for (int64_t i = 0; i < nblocks; ++i) {
+        for (int j = 0; j < RELORA_QK8_0; ++j) changed += a[i].qs[j] != b[i].qs[j] ? 1 : 0;
+    }
+    return changed;
+}
+
+RELORA_HD int64_t relora_changed_codes_q4_0(const block_q4_0 *a, const block_q4_0 *b, int64_t nblocks) {
+    int64_t changed = 0;
+    for (int64_t i = 0; i < nblocks; ++i) {
+        for (int j = 0; j < RELORA_QK4_0 / 2; ++j) {
+            changed += (a[i].qs[j] & 15u) != (b[i].qs[j] & 15u) ? 1 : 0;
+            changed += (a[i].qs[j] >> 4) != (b[i].qs[j] >> 4) ? 1 : 0;
+        }
+    }
+    return changed;
+}
+
+RELORA_HD int64_t relora_changed_codes_nf4(const block_nf4 *a, const block_nf4 *b, int64_t nblocks) {
+    int64_t changed = 0;
+    for (int64_t i = 0; i < nblocks; ++i) {
+        for (int k = 0; k < RELORA_QKNF4 / 2; ++k) {
+            changed += (a[i].qs[k] & 15u) != (b[i].qs[k] & 15u) ? 1 : 0;
+            changed += (a[i].qs[k] >> 4) != (b[i].qs[k] >> 4) ? 1 : 0;
+        }
+    }
+    return changed;
 }
 
 #endif  // RELORA_QUANT_H

@@ -130,10 +130,18 @@ public protocol Backend: AnyObject, Sendable {
 
     /// The raw bytes of any tensor (u8 blocks of quantized weights for checkpoints), one transfer.
     func downloadRaw(_ tensor: Tensor) -> [UInt8]
-    /// Quantizes f32 `source` `[q.rows, q.cols]` into `q` with the reference quantizer, round to nearest
-    /// (rows zero-padded to whole blocks). Returns nil, or the first element it cannot store, in which
-    /// case `q` is unspecified. One transfer (the status).
-    func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure?
+    /// Quantizes f32 `source` `[q.rows, q.cols]` into `q` with the reference quantizer of `relora_quant.h`
+    /// (rows zero-padded to whole blocks), rounding to nearest or stochastically (`QuantRounding`: the
+    /// stochastic codes are a function of (seed, stream, element), so every backend writes the same
+    /// bytes). Returns nil, or the first element in row-major order it cannot store, in which case `q` is
+    /// unspecified. One transfer (the status).
+    func quantize(_ source: Tensor, into q: QuantizedTensor, rounding: QuantRounding) -> QuantizationFailure?
+    /// `out[index]` (f32) = how many element codes of `new` differ from those in `old`, a u8 tensor of
+    /// `new`'s size holding blocks of the same format (a copy of `new.blocks` taken before a
+    /// requantization). Codes are counted per weight, not per byte (q4_0 and nf4 bytes hold two), scales
+    /// are not compared, and the padding of a row (zeros, whose code no scale changes) never differs.
+    /// Exact below 2^24; stays on the device, so a merge reads every linear's count back at once.
+    func countChangedCodes(old: Tensor, new: QuantizedTensor, into out: Tensor, at index: Int)
     /// Rows `firstRow ..< firstRow + rowCount` of `q`, dequantized exactly as the reference does, into the
     /// first `rowCount * q.cols` elements of f32 `out` (padding dropped).
     func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor)
@@ -216,6 +224,11 @@ extension Backend {
         let out = makeTensor([tensors.count], dtype: .f32, tag: .workspace, zeroed: false)
         for (i, t) in tensors.enumerated() { sumOfSquares(t, into: out, at: i) }
         return download(out).reduce(0.0) { $0 + Double($1) }
+    }
+
+    /// Round-to-nearest quantization (the formats' reference quantizers).
+    public func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? {
+        quantize(source, into: q, rounding: .nearest)
     }
 
     /// A scalar of a one-element tensor (one transfer).

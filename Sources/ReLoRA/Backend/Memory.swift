@@ -12,6 +12,15 @@ public enum MemoryTag: String, CaseIterable, Sendable, Codable {
     case gradients
     case activations
     case workspace
+    /// f32 master copies of quantized frozen weights (merge policy `master`), kept in host memory: counted
+    /// per tag like the others but not in the device totals (`MemoryReport.peakTotal`), since a GPU run
+    /// holds them in RAM (pinned, for the copies at each restart); `hostPeakTotal` reports them.
+    case hostMaster = "host_master"
+
+    /// Whether tensors of this tag live in host memory whatever the backend (so a plan's device peak
+    /// leaves them out). On the CPU backend the device is the host too; the split still says where a GPU
+    /// run would hold what.
+    public var isHost: Bool { self == .hostMaster }
 }
 
 /// Counts live and peak bytes per tag, and host<->device transfers, for one backend. Thread-safe.
@@ -25,6 +34,8 @@ public final class MemoryLedger: @unchecked Sendable {
     private var peakByTag: [MemoryTag: Int] = [:]
     private var liveTotal = 0
     private var peakTotal = 0
+    private var hostLiveTotal = 0
+    private var hostPeakTotal = 0
     private var transfers = TransferCount()
 
     public init() {}
@@ -33,14 +44,19 @@ public final class MemoryLedger: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         live[tag, default: 0] += bytes
         peakByTag[tag] = max(peakByTag[tag] ?? 0, live[tag]!)
-        liveTotal += bytes
-        peakTotal = max(peakTotal, liveTotal)
+        if tag.isHost {
+            hostLiveTotal += bytes
+            hostPeakTotal = max(hostPeakTotal, hostLiveTotal)
+        } else {
+            liveTotal += bytes
+            peakTotal = max(peakTotal, liveTotal)
+        }
     }
 
     public func freed(_ bytes: Int, _ tag: MemoryTag) {
         lock.lock(); defer { lock.unlock() }
         live[tag, default: 0] -= bytes
-        liveTotal -= bytes
+        if tag.isHost { hostLiveTotal -= bytes } else { liveTotal -= bytes }
     }
 
     /// One host -> device copy (upload) of `bytes`.
@@ -67,11 +83,13 @@ public final class MemoryLedger: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         peakByTag = live
         peakTotal = liveTotal
+        hostPeakTotal = hostLiveTotal
     }
 
     public func report() -> MemoryReport {
         lock.lock(); defer { lock.unlock() }
-        return MemoryReport(live: live, peak: peakByTag, liveTotal: liveTotal, peakTotal: peakTotal, transfers: transfers)
+        return MemoryReport(live: live, peak: peakByTag, liveTotal: liveTotal, peakTotal: peakTotal, transfers: transfers,
+                            hostLiveTotal: hostLiveTotal, hostPeakTotal: hostPeakTotal)
     }
 }
 
@@ -89,13 +107,16 @@ public struct TransferCount: Sendable, Codable, Equatable {
 }
 
 /// A snapshot of a ledger. `peak` is per tag (each tag's own maximum); `peakTotal` is the maximum
-/// of the sum, which is what has to fit in memory.
+/// of the sum over the device tags, which is what has to fit in device memory; the host tags
+/// (`MemoryTag.isHost`) are summed separately into `hostLiveTotal` and `hostPeakTotal`.
 public struct MemoryReport: Sendable, Codable {
     public var live: [MemoryTag: Int]
     public var peak: [MemoryTag: Int]
     public var liveTotal: Int
     public var peakTotal: Int
     public var transfers = TransferCount()
+    public var hostLiveTotal = 0
+    public var hostPeakTotal = 0
 
     public func live(_ tag: MemoryTag) -> Int { live[tag] ?? 0 }
     public func peak(_ tag: MemoryTag) -> Int { peak[tag] ?? 0 }
@@ -103,11 +124,15 @@ public struct MemoryReport: Sendable, Codable {
     /// One line per tag: "frozen_weights  12.3 MiB (peak 12.3 MiB)".
     public func formatted() -> String {
         var lines: [String] = []
-        for tag in MemoryTag.allCases where (peak[tag] ?? 0) > 0 {
+        for tag in MemoryTag.allCases where (peak[tag] ?? 0) > 0 && !tag.isHost {
             let name = tag.rawValue.padding(toLength: 15, withPad: " ", startingAt: 0)
             lines.append("\(name) \(formatBytes(live[tag] ?? 0)) (peak \(formatBytes(peak[tag] ?? 0)))")
         }
         lines.append("total           \(formatBytes(liveTotal)) (peak \(formatBytes(peakTotal)))")
+        for tag in MemoryTag.allCases where (peak[tag] ?? 0) > 0 && tag.isHost {
+            let name = tag.rawValue.padding(toLength: 15, withPad: " ", startingAt: 0)
+            lines.append("\(name) \(formatBytes(live[tag] ?? 0)) (peak \(formatBytes(peak[tag] ?? 0))) in host memory, not in the total")
+        }
         lines.append("transfers       \(transfers.uploads) up (\(formatBytes(transfers.uploadBytes))), "
                      + "\(transfers.downloads) down (\(formatBytes(transfers.downloadBytes))) so far")
         return lines.joined(separator: "\n")

@@ -104,10 +104,11 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         ledger.downloaded(tensor.byteCount)
         return [UInt8](repeating: 0, count: tensor.byteCount)
     }
-    public func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? {
+    public func quantize(_ source: Tensor, into q: QuantizedTensor, rounding: QuantRounding) -> QuantizationFailure? {
         ledger.downloaded(MemoryLayout<Int32>.size)
         return nil
     }
+    public func countChangedCodes(old: Tensor, new: QuantizedTensor, into out: Tensor, at index: Int) {}
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {}
     /// CPU: the CPU backend's row tiles. CUDA: the whole layer, dequantized right before its GEMMs
     /// (DESIGN.md: one reused buffer, then cuBLAS).

@@ -6,6 +6,10 @@ enum TensorIO {
     /// The name under which a checkpoint stores a quantized weight: `<name>.<format>` (U8, `[rows, bytesPerRow]`).
     static func quantizedName(_ name: String, _ format: QuantFormat) -> String { name + "." + format.rawValue }
 
+    /// The name under which a checkpoint stores a quantized weight's f32 master copy (merge policy
+    /// `master`): `<name>.master` (F32, `[rows, cols]`), beside its blocks.
+    static func masterName(_ name: String) -> String { name + ".master" }
+
     /// Fills `tensor` from tensor `name` of `file`, checking presence and shape. If the file holds the
     /// weight quantized instead (`<name>.<format>`, a quantized run's checkpoint), it is dequantized on the
     /// host and uploaded: how a quantized run is exported or evaluated densely.
@@ -44,8 +48,11 @@ enum TensorIO {
 
     /// Fills one weight slot. A dense slot: `load`. A quantized slot: the file's blocks in the same format
     /// are uploaded as they are (resume: bit-exact); dense values (a dense checkpoint or a Hugging Face
-    /// model) are uploaded into an f32 workspace and quantized on the backend. Returns, for a weight
-    /// quantized here, its relative quantization error `||deq(q) - w|| / ||w||` (else nil).
+    /// model) are uploaded into an f32 workspace and quantized on the backend. A slot with a master copy
+    /// loads it from `<name>.master` (with the blocks: resume) or from the dense values (which it then
+    /// quantizes); blocks without a master are an error, since the master cannot be recovered from them.
+    /// Returns, for a weight quantized here, its relative quantization error `||deq(q) - w|| / ||w||`
+    /// (else nil).
     @discardableResult
     static func load(_ slot: FrozenWeight, from file: SafetensorsFile, _ name: String, backend: Backend) throws -> Double? {
         switch slot {
@@ -53,13 +60,23 @@ enum TensorIO {
             try load(t, from: file, name, backend: backend)
             return nil
         case .quantized(let q):
-            if file.info(quantizedName(name, q.format)) != nil {
+            let hasBlocks = file.info(quantizedName(name, q.format)) != nil
+            if let master = q.master {
+                if file.info(masterName(name)) != nil {
+                    try load(master, from: file, masterName(name), backend: backend)
+                } else if hasBlocks {
+                    throw ReLoRAError.invalidFile(path: file.path, reason: "holds '\(name)' quantized without its f32 master copy '\(masterName(name))', which merge policy 'master' needs; resume with the merge_policy the run was made with")
+                } else {
+                    try load(master, from: file, name, backend: backend)
+                }
+            }
+            if hasBlocks {
                 _ = try readQuantized(file, name, q.format, rows: q.rows, cols: q.cols)  // validates the byte shape
                 try file.withRawBytes(quantizedName(name, q.format)) { backend.upload(raw: $0, dtype: .u8, to: q.blocks) }
                 return nil
             }
-            let dense = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
-            try load(dense, from: file, name, backend: backend)
+            let dense = q.master ?? backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+            if q.master == nil { try load(dense, from: file, name, backend: backend) }
             if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
             let roundTrip = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
             backend.dequantize(q, firstRow: 0, rowCount: q.rows, into: roundTrip)
@@ -68,6 +85,13 @@ enum TensorIO {
             let error = backend.sumOfSquares([roundTrip])
             return norm > 0 ? (error / norm).squareRoot() : 0
         }
+    }
+
+    /// The safetensors entries of a weight slot: `entry`, and a quantized weight's master copy
+    /// (`<name>.master`, F32) if it has one.
+    static func entries(_ name: String, _ slot: FrozenWeight, backend: Backend) -> [SafetensorsEntry] {
+        guard let master = slot.quantized?.master else { return [entry(name, slot, backend: backend)] }
+        return [entry(name, slot, backend: backend), entry(masterName(name), master, backend: backend)]
     }
 
     /// A safetensors entry for a weight slot: dense as F32, quantized as its raw blocks (`<name>.<format>`, U8).

@@ -24,7 +24,8 @@ public struct TrainingState: Codable, Sendable, Equatable {
 }
 
 /// Training checkpoints: `RUN/checkpoints/step_00000100/` holding `config.json` (Hugging Face),
-/// `model.safetensors` (fp32, Hugging Face tensor names; under LoRA the frozen base weights W),
+/// `model.safetensors` (fp32, Hugging Face tensor names; under LoRA the frozen base weights W: quantized
+/// ones as their raw blocks `<name>.<format>`, plus `<name>.master` (f32) under merge policy `master`),
 /// `lora.safetensors` (LoRA runs: `...q_proj.lora_A` / `lora_B` / `lora_scale`, not yet merged),
 /// `optimizer.safetensors` (`m.<name>`, `v.<name>` for every trained tensor), `recipe.json` and
 /// `state.json`; `RUN/checkpoints/latest` names the newest complete one.
@@ -51,7 +52,7 @@ public enum TrainingCheckpoint {
         try Files.createDirectory(temp)
         do {
             let backend = model.backend
-            try SafetensorsWriter.write(model.weights.slots().map { TensorIO.entry($0.0, $0.1, backend: backend) },
+            try SafetensorsWriter.write(model.weights.slots().flatMap { TensorIO.entries($0.0, $0.1, backend: backend) },
                                         metadata: ["format": "pt"], to: temp + "/model.safetensors")
             var files = ["model.safetensors", "optimizer.safetensors", "config.json", "recipe.json"]
             if let lora = model.loraConfig {

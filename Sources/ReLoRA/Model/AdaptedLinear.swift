@@ -34,13 +34,31 @@ public enum FrozenWeight: Sendable {
         }
     }
 
-    /// W as f32 `[out, in]` in `out` (a copy of a dense weight; the dequantized values of a quantized one).
+    /// W as f32 `[out, in]` in `out`: a copy of a dense weight; a quantized one's master copy if it has
+    /// one (the weight merges add to), else its dequantized values.
     func read(into out: Tensor, _ b: Backend) {
         switch self {
         case .dense(let t): b.copy(t, to: out)
-        case .quantized(let q): b.dequantize(q, firstRow: 0, rowCount: q.rows, into: out)
+        case .quantized(let q):
+            if let master = q.master { b.copy(master, to: out) } else { b.dequantize(q, firstRow: 0, rowCount: q.rows, into: out) }
         }
     }
+}
+
+/// The per-linear statistics of a merge, written by `AdaptedLinear.merge` into a stats tensor that the
+/// model reads back once for all linears: `width` f32 slots per linear.
+enum MergeStats {
+    static let width = 5
+    /// `||s B A||^2`, the update.
+    static let update = 0
+    /// `||W||^2` before the merge (W: dequantized codes, or the master copy).
+    static let weight = 1
+    /// `||W_new - (W + s B A)||^2`: what the store lost (the rounding residual R).
+    static let lost = 2
+    /// The number of codes that changed (quantized weights).
+    static let changedCodes = 3
+    /// `||R - s B' A'||^2` after a policy set the next factors from R (`compensate`).
+    static let uncompensated = 4
 }
 
 /// One of the seven linears of a block: `y = x W^T` plus, with an adapter, `s * (drop(x) A^T) B^T`
@@ -63,16 +81,17 @@ public final class AdaptedLinear: @unchecked Sendable {
     public var weightIsTrained: Bool { adapter == nil }
 
     /// `adapterA`: the `[r, in]` view of the group's A, for a LoRA model. `quant`: the storage format of
-    /// the frozen W (LoRA models only; nil = dense).
+    /// the frozen W (LoRA models only; nil = dense), with an f32 master copy if `masterCopy`.
     init(kind: LinearKind, layer: Int, config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat? = nil,
-         adapterA: Tensor?, backend: Backend) {
+         masterCopy: Bool = false, adapterA: Tensor?, backend: Backend) {
         precondition(quant == nil || lora != nil, "quantized base weights are frozen: they need LoRA")
         self.kind = kind
         self.layer = layer
         (outFeatures, inFeatures) = kind.shape(config)
         let p = backend.precision
         if let quant {
-            weight = .quantized(QuantizedTensor(format: quant, rows: outFeatures, cols: inFeatures, backend: backend, tag: .frozenWeights))
+            weight = .quantized(QuantizedTensor(format: quant, rows: outFeatures, cols: inFeatures, backend: backend, tag: .frozenWeights,
+                                                master: masterCopy))
         } else {
             weight = .dense(lora == nil
                 ? backend.makeTensor([outFeatures, inFeatures], dtype: p.trainable, tag: .trainable)
@@ -138,24 +157,44 @@ public final class AdaptedLinear: @unchecked Sendable {
 
     // MARK: Merge
 
-    /// Folds `s B A` into W through `policy`: `target = W + s B A` in f32 (a workspace `[out, in]`, W
-    /// dequantized if quantized), then the policy stores `target` as the new W. Writes `||s B A||^2`,
-    /// `||W||^2` (before) and `||W_new - target||^2` (what the policy lost: 0 for a dense f32 W, the
-    /// rounding of a quantized one) into `stats[3 * slot ..< 3 * slot + 3]`, which the caller reads back
-    /// once for all linears. Leaves the adapter as it was.
-    func merge(policy: MergePolicy, key: MergeKey, stats: Tensor, slot: Int, backend b: Backend) throws {
+    /// Folds `s B A` into W through `policy`: `target = W + s B A` in f32 (a workspace `[out, in]`; W
+    /// dequantized if quantized, or its master copy), then the policy stores `target` as the new W.
+    /// Writes the `MergeStats` of this linear into `stats[MergeStats.width * slot ..< +width]`, which the
+    /// caller reads back once for all linears. With `reinitialize`, the adapter then starts the next
+    /// cycle: `reinitialize` re-draws it the standard way (A random, B = 0) and the policy may replace
+    /// that from the residual `R = target - W_new` (returns whether it did); without, the adapter is left
+    /// as it was.
+    @discardableResult
+    func merge(policy: MergePolicy, key: MergeKey, stats: Tensor, slot: Int, reinitialize: ((LoRAAdapter) -> Void)? = nil,
+               backend b: Backend) throws -> Bool {
         guard let ad = adapter else { preconditionFailure("merge on a linear without an adapter") }
+        let base = MergeStats.width * slot
         let target = b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
         let w = b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
         b.matmul(ad.b, ad.a, target, m: outFeatures, n: inFeatures, k: ad.rank, alphaScale: ad.scale)
-        b.sumOfSquares(target, into: stats, at: 3 * slot)
+        b.sumOfSquares(target, into: stats, at: base + MergeStats.update)
         weight.read(into: w, b)
-        b.sumOfSquares(w, into: stats, at: 3 * slot + 1)
+        b.sumOfSquares(w, into: stats, at: base + MergeStats.weight)
         b.axpy(1, w, target)
-        try policy.store(target, into: weight, key: key, backend: b)
+        do {
+            // The codes before the store, to count how many it changed.
+            let old = weight.quantized.map { q in
+                let copy = b.makeTensor(q.blocks.shape, dtype: .u8, tag: .workspace, zeroed: false)
+                b.copy(q.blocks, to: copy)
+                return copy
+            }
+            try policy.store(target, into: weight, key: key, backend: b)
+            if let old, let q = weight.quantized { b.countChangedCodes(old: old, new: q, into: stats, at: base + MergeStats.changedCodes) }
+        }
         weight.read(into: w, b)
         b.axpy(-1, w, target)
-        b.sumOfSquares(target, into: stats, at: 3 * slot + 2)
+        b.sumOfSquares(target, into: stats, at: base + MergeStats.lost)
+        guard let reinitialize else { return false }
+        reinitialize(ad)
+        guard try policy.initializeFactors(ad, residual: target, key: key, backend: b) else { return false }
+        b.matmul(ad.b, ad.a, target, m: outFeatures, n: inFeatures, k: ad.rank, alpha: -1, beta: 1, alphaScale: ad.scale)
+        b.sumOfSquares(target, into: stats, at: base + MergeStats.uncompensated)
+        return true
     }
 
     /// Drops the adapter (after its update was merged): the linear becomes a plain `x W^T`.
@@ -174,8 +213,10 @@ final class AdapterGroup: @unchecked Sendable {
     private(set) var gradA: Tensor?
     let rank: Int, inFeatures: Int
 
-    /// Makes the group's A storage and the members (whose adapters view it); `quant` is their W's format.
-    init(kinds: [LinearKind], layer: Int, config: LlamaConfig, lora: LoRAConfig, quant: QuantFormat?, backend: Backend) {
+    /// Makes the group's A storage and the members (whose adapters view it); `quant` is their W's format
+    /// (with f32 master copies if `masterCopies`).
+    init(kinds: [LinearKind], layer: Int, config: LlamaConfig, lora: LoRAConfig, quant: QuantFormat?, masterCopies: Bool,
+         backend: Backend) {
         let rank = lora.rank, inFeatures = kinds[0].shape(config).in
         precondition(kinds.allSatisfy { $0.shape(config).in == inFeatures }, "an adapter group shares one input")
         let a = backend.makeTensor([kinds.count * rank, inFeatures], dtype: backend.precision.loraFactors, tag: .lora)
@@ -183,7 +224,7 @@ final class AdapterGroup: @unchecked Sendable {
         self.inFeatures = inFeatures
         self.a = a
         linears = kinds.enumerated().map { i, kind in
-            AdaptedLinear(kind: kind, layer: layer, config: config, lora: lora, quant: quant,
+            AdaptedLinear(kind: kind, layer: layer, config: config, lora: lora, quant: quant, masterCopy: masterCopies,
                           adapterA: a.view(offset: i * rank * inFeatures, shape: [rank, inFeatures]), backend: backend)
         }
     }

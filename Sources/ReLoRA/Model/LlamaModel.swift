@@ -59,16 +59,18 @@ public final class LlamaModel: @unchecked Sendable {
     /// The storage format of the frozen base weights (nil = dense).
     public let quant: QuantFormat?
 
-    /// `quant` stores the frozen block linears of a LoRA model in a block format (needs `lora`).
+    /// `quant` stores the frozen block linears of a LoRA model in a block format (needs `lora`), with an
+    /// f32 master copy each in host memory if `masterCopies` (merge policy `master`).
     public init(config: LlamaConfig, backend: Backend, checkpointing: GradientCheckpointing = .none,
-                lora: LoRAConfig? = nil, quant: QuantFormat? = nil) {
+                lora: LoRAConfig? = nil, quant: QuantFormat? = nil, masterCopies: Bool = false) {
         precondition(quant == nil || lora != nil, "quantized base weights are frozen: they need LoRA")
+        precondition(!masterCopies || quant != nil, "master copies are for quantized base weights")
         self.config = config
         self.backend = backend
         self.checkpointing = checkpointing
         self.loraConfig = lora
         self.quant = quant
-        self.weights = LlamaParameters(config: config, lora: lora, quant: quant, backend: backend)
+        self.weights = LlamaParameters(config: config, lora: lora, quant: quant, masterCopies: masterCopies, backend: backend)
     }
 
     /// Whether the block linears get gradients (full-rank training) or are frozen (LoRA).
@@ -131,30 +133,39 @@ public final class LlamaModel: @unchecked Sendable {
 
     // MARK: ReLoRA merge
 
-    /// `W <- policy(W + s B A)` for every adapted linear, then (if `reinitialize`) A re-drawn
-    /// (Kaiming-uniform, keyed by seed and restart index) and B = 0, so the model's function is
-    /// unchanged up to what the policy loses. Statistics are read back in one transfer.
+    /// `W <- policy(W + s B A)` for every adapted linear, then (if `reinitialize`) each adapter starts
+    /// the next cycle: A re-drawn (Kaiming-uniform, keyed by seed and restart index) and B = 0, so the
+    /// model's function is unchanged up to what the policy loses, unless the policy sets the factors
+    /// itself (`compensate`: s B A ~ what the rounding lost). Statistics are read back in one transfer.
     @discardableResult
     public func mergeAdapters(policy: MergePolicy = ExactMerge(), seed: UInt64, reinitialize: Bool = true) throws -> MergeReport {
         guard loraConfig != nil else { preconditionFailure("mergeAdapters on a model without LoRA") }
         let start = DispatchTime.now().uptimeNanoseconds
-        let linears = weights.linears
-        let stats = backend.makeTensor([3 * linears.count], dtype: .f32, tag: .workspace, zeroed: true)
+        let linears = weights.linears, backend = self.backend, cycle = merges + 1
+        let stats = backend.makeTensor([MergeStats.width * linears.count], dtype: .f32, tag: .workspace, zeroed: true)
+        var compensated = false
         for (slot, linear) in linears.enumerated() {
             let key = MergeKey(seed: seed, restart: merges, tensor: linear.layer * LinearKind.allCases.count + linear.kind.rawValue)
-            try linear.merge(policy: policy, key: key, stats: stats, slot: slot, backend: backend)
+            let next: ((LoRAAdapter) -> Void)? = reinitialize
+                ? { $0.reinitialize(seed: seed, stream: Self.loraStream(cycle: cycle, linear), backend: backend) } : nil
+            if try linear.merge(policy: policy, key: key, stats: stats, slot: slot, reinitialize: next, backend: backend) {
+                compensated = true
+            }
         }
         let s = backend.download(stats)
-        var updateSq = 0.0, weightSq = 0.0, errorSq = 0.0
-        for slot in 0..<linears.count {
-            updateSq += Double(s[3 * slot]); weightSq += Double(s[3 * slot + 1]); errorSq += Double(s[3 * slot + 2])
+        func total(_ index: Int) -> Double {
+            (0..<linears.count).reduce(0.0) { $0 + Double(s[MergeStats.width * $1 + index]) }
         }
+        let updateSq = total(MergeStats.update), weightSq = total(MergeStats.weight), lostSq = total(MergeStats.lost)
+        let quantizedWeights = linears.reduce(0) { $0 + ($1.weight.quantized.map { $0.rows * $0.cols } ?? 0) }
         let report = MergeReport(restart: merges, policy: policy.name,
                                  seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9,
                                  relativeUpdate: weightSq > 0 ? (updateSq / weightSq).squareRoot() : 0,
-                                 mergeError: updateSq > 0 ? (errorSq / updateSq).squareRoot() : 0)
+                                 mergeError: updateSq > 0 ? (lostSq / updateSq).squareRoot() : 0,
+                                 codesChanged: quantizedWeights > 0 ? total(MergeStats.changedCodes) / Double(quantizedWeights) : nil,
+                                 residualRecovered: compensated
+                                    ? (lostSq > 0 ? 1 - (total(MergeStats.uncompensated) / lostSq).squareRoot() : 1) : nil)
         merges += 1
-        if reinitialize { initializeLoRA(seed: seed) }
         return report
     }
 
@@ -173,9 +184,13 @@ public final class LlamaModel: @unchecked Sendable {
     /// after wrapping (cycle 0) or after a restart. A's stream is distinct per (cycle, layer, kind).
     public func initializeLoRA(seed: UInt64) {
         for linear in weights.linears {
-            let stream = (UInt64(merges) << 32) | (UInt64(linear.layer) << 8) | UInt64(linear.kind.rawValue)
-            linear.adapter?.reinitialize(seed: seed, stream: stream, backend: backend)
+            linear.adapter?.reinitialize(seed: seed, stream: Self.loraStream(cycle: merges, linear), backend: backend)
         }
+    }
+
+    /// The stream of A's initialisation in cycle `cycle` (the number of merges before it).
+    static func loraStream(cycle: Int, _ linear: AdaptedLinear) -> UInt64 {
+        (UInt64(cycle) << 32) | (UInt64(linear.layer) << 8) | UInt64(linear.kind.rawValue)
     }
 
     // MARK: Public entry points

@@ -11,13 +11,13 @@ public final class BlockParameters: @unchecked Sendable {
     /// The groups of linears that read the same input, in `LinearKind` order.
     static let groupKinds: [[LinearKind]] = [[.q, .k, .v], [.o], [.gate, .up], [.down]]
 
-    init(layer: Int, config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat?, backend: Backend) {
+    init(layer: Int, config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat?, masterCopies: Bool = false, backend: Backend) {
         let dtype = backend.precision.trainable
         attnNorm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         mlpNorm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         if let lora {
             adapterGroups = Self.groupKinds.map {
-                AdapterGroup(kinds: $0, layer: layer, config: config, lora: lora, quant: quant, backend: backend)
+                AdapterGroup(kinds: $0, layer: layer, config: config, lora: lora, quant: quant, masterCopies: masterCopies, backend: backend)
             }
             linears = adapterGroups.flatMap(\.linears)
         } else {
@@ -47,13 +47,13 @@ public final class LlamaParameters: @unchecked Sendable {
     public var lmHead: Tensor { untiedHead ?? embed }
 
     /// Zero-filled parameters; with `lora` the block linears are frozen and adapted, and stored in
-    /// `quant` if given.
-    init(config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat? = nil, backend: Backend) {
+    /// `quant` if given, with f32 master copies (`QuantizedTensor.master`) if `masterCopies`.
+    init(config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat? = nil, masterCopies: Bool = false, backend: Backend) {
         self.config = config
         let dtype = backend.precision.trainable
         embed = backend.makeTensor([config.vocabSize, config.hiddenSize], dtype: dtype, tag: .trainable)
         blocks = (0..<config.numHiddenLayers).map {
-            BlockParameters(layer: $0, config: config, lora: lora, quant: quant, backend: backend)
+            BlockParameters(layer: $0, config: config, lora: lora, quant: quant, masterCopies: masterCopies, backend: backend)
         }
         norm = backend.makeTensor([config.hiddenSize], dtype: dtype, tag: .trainable)
         untiedHead = config.tieWordEmbeddings ? nil
@@ -91,7 +91,7 @@ public final class LlamaParameters: @unchecked Sendable {
     /// Fresh weights as in LLaMA pretraining: linears and embeddings ~ N(0, std), norm gains 1.
     /// Values come from the counter-based RNG keyed by (seed, tensor index in `slots()`, element), so
     /// they do not depend on the backend, the mode, the storage format or thread layout. A quantized
-    /// weight is drawn into an f32 workspace and quantized (round to nearest).
+    /// weight is drawn into an f32 workspace (its master copy, if it has one) and quantized (round to nearest).
     public func initializeRandom(seed: UInt64, std: Float = 0.02, backend: Backend) throws {
         for (index, (name, slot)) in slots().enumerated() {
             switch slot {
@@ -102,7 +102,7 @@ public final class LlamaParameters: @unchecked Sendable {
                     backend.fillNormal(tensor, std: std, seed: seed, stream: UInt64(index))
                 }
             case .quantized(let q):
-                let dense = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+                let dense = q.master ?? backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
                 backend.fillNormal(dense, std: std, seed: seed, stream: UInt64(index))
                 if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
             }

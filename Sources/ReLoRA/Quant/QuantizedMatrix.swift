@@ -43,8 +43,10 @@ public struct QuantizedMatrix: Sendable, Equatable {
         self.bytes = bytes
     }
 
-    /// Quantizes row-major `values` (`rows * cols` of them) with the reference quantizer of `relora_quant.h`.
-    public init(quantizing values: [Float], rows: Int, cols: Int, format: QuantFormat, name: String? = nil) throws {
+    /// Quantizes row-major `values` (`rows * cols` of them) with the reference quantizer of `relora_quant.h`,
+    /// rounding to nearest or stochastically (`QuantRounding`).
+    public init(quantizing values: [Float], rows: Int, cols: Int, format: QuantFormat, name: String? = nil,
+                rounding: QuantRounding = .nearest) throws {
         precondition(rows >= 0 && cols >= 0 && values.count == rows * cols,
                      "quantize: \(values.count) values for shape [\(rows), \(cols)]")
         let bytesPerRow = format.bytesPerRow(cols: cols)
@@ -70,7 +72,8 @@ public struct QuantizedMatrix: Sendable, Equatable {
                         }
                         var badIndex: Int64 = -1
                         let status = Self.quantizeRow(format, source, UnsafeMutableRawPointer(out + r * bytesPerRow),
-                                                      Int64(paddedCols), &badIndex)
+                                                      Int64(paddedCols), &badIndex, rounding: rounding,
+                                                      counter0: UInt64(r * paddedCols))
                         if status != RELORA_QUANT_OK {
                             failure = (status, r, Int(badIndex))
                             return
@@ -125,6 +128,31 @@ public struct QuantizedMatrix: Sendable, Equatable {
         case .q8_0: return relora_quantize_row_q8_0(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, &badIndex)
         case .q4_0: return relora_quantize_row_q4_0(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, &badIndex)
         case .nf4: return relora_quantize_row_nf4(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, &badIndex)
+        }
+    }
+
+    /// One padded row of `n` values with `rounding`; under stochastic rounding element i draws counter
+    /// `counter0 + i` (the matrix element's padded index, see `QuantRounding.stochastic`).
+    static func quantizeRow(_ format: QuantFormat, _ x: UnsafePointer<Float>, _ blocks: UnsafeMutableRawPointer,
+                            _ n: Int64, _ badIndex: inout Int64, rounding: QuantRounding, counter0: UInt64) -> Int32 {
+        guard case .stochastic(let seed, let stream) = rounding else { return quantizeRow(format, x, blocks, n, &badIndex) }
+        assert(Int(bitPattern: blocks) % format.blockAlignment == 0, "quantize: misaligned blocks")
+        switch format {
+        case .q8_0:
+            return relora_quantize_row_q8_0_sr(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, seed, stream, counter0, &badIndex)
+        case .q4_0:
+            return relora_quantize_row_q4_0_sr(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, seed, stream, counter0, &badIndex)
+        case .nf4:
+            return relora_quantize_row_nf4_sr(x, UnsafeMutablePointer(OpaquePointer(blocks)), n, seed, stream, counter0, &badIndex)
+        }
+    }
+
+    /// How many element codes differ between two rows of `blocks` blocks each (scales not compared).
+    static func changedCodes(_ format: QuantFormat, _ a: UnsafeRawPointer, _ b: UnsafeRawPointer, blocks: Int) -> Int {
+        switch format {
+        case .q8_0: return Int(relora_changed_codes_q8_0(UnsafePointer(OpaquePointer(a)), UnsafePointer(OpaquePointer(b)), Int64(blocks)))
+        case .q4_0: return Int(relora_changed_codes_q4_0(UnsafePointer(OpaquePointer(a)), UnsafePointer(OpaquePointer(b)), Int64(blocks)))
+        case .nf4: return Int(relora_changed_codes_nf4(UnsafePointer(OpaquePointer(a)), UnsafePointer(OpaquePointer(b)), Int64(blocks)))
         }
     }
 

@@ -8,13 +8,18 @@ public struct QuantizedTensor: Sendable {
     public let cols: Int
     /// u8 `[rows * bytesPerRow]`.
     public let blocks: Tensor
+    /// Under the `master` merge policy: the weight in f32 `[rows, cols]` (tag `.hostMaster`), which merges
+    /// add to exactly and `blocks` are requantized from (round to nearest), so `blocks == quantize(master)`
+    /// after every initialisation, load and merge. nil otherwise.
+    public let master: Tensor?
 
-    /// Allocates the blocks (uninitialised) on `backend` with `tag`.
-    public init(format: QuantFormat, rows: Int, cols: Int, backend: Backend, tag: MemoryTag) {
+    /// Allocates the blocks (zeroed) on `backend` with `tag`, and an f32 master copy if `master`.
+    public init(format: QuantFormat, rows: Int, cols: Int, backend: Backend, tag: MemoryTag, master: Bool = false) {
         self.format = format
         self.rows = rows
         self.cols = cols
         blocks = backend.makeTensor([rows * format.bytesPerRow(cols: cols)], dtype: .u8, tag: tag, zeroed: true)
+        self.master = master ? backend.makeTensor([rows, cols], dtype: .f32, tag: .hostMaster, zeroed: true) : nil
     }
 
     public var bytesPerRow: Int { format.bytesPerRow(cols: cols) }

@@ -20,6 +20,9 @@ public enum ConformanceGroup: String, CaseIterable, Sendable, Codable {
     case adamw
     /// prune (magnitude, random, all) and pruneMoments (one mask for Adam's m and v).
     case prune
+    /// quantize (round to nearest, stochastic: bytes, reproducibility, unbiasedness), dequantize and
+    /// countChangedCodes, per quantized format.
+    case quantization
 }
 
 /// One conformance check: an op on one shape and dtype, its worst error against the suite's reference

@@ -49,6 +49,7 @@ final class ConformanceSuite {
         case .elementwise: checkElementwise()
         case .adamw: checkAdamW()
         case .prune: checkPrune()
+        case .quantization: checkQuantization()
         }
     }
 

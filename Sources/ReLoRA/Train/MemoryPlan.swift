@@ -13,7 +13,8 @@ public struct MemoryPlan: Sendable {
 public enum MemoryPlanner {
     /// Plans `recipe` (model from `config`) on `device`: builds the model, gradients and optimizer as
     /// the trainer does, runs one optimizer step (all `grad_accum` micro-batches through the recipe's
-    /// checkpointing) and, for `relora`, one restart (merge + optimizer reset).
+    /// checkpointing) and, for `relora`, one restart (merge with the recipe's policy, whose workspace and
+    /// master copies it counts, + optimizer reset).
     public static func plan(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int? = nil) throws -> MemoryPlan {
         let backend = BackendFactory.planning(device)
         try run(recipe, config: config, on: backend)
@@ -24,7 +25,7 @@ public enum MemoryPlanner {
     static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend) throws {
         try recipe.loraConfig?.validate(for: config)
         let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
-                               quant: recipe.quant.format)
+                               quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
         model.enableGradients()
         let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
                               eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
@@ -33,8 +34,8 @@ public enum MemoryPlanner {
         let ids = [Int32](repeating: 0, count: n)
         _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr) { _ in (ids, ids) }
         if recipe.mode == .relora {
-            try model.mergeAdapters(policy: recipe.quant == .none ? ExactMerge() : RoundToNearestMerge(), seed: recipe.seed)
-            _ = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio, seed: recipe.seed, restart: 0)
+            try model.mergeAdapters(policy: recipe.effectiveMergePolicy.policy, seed: recipe.seed)
+            _ = Trainer.resetAfterMerge(optimizer, recipe: recipe, restart: 0)
         }
     }
 
@@ -98,10 +99,14 @@ extension MemoryPlan {
     /// A table: one line per tag with its planned peak, then the total, the budget and the verdict.
     public func formatted(title: String) -> String {
         var lines = [title]
-        for tag in MemoryTag.allCases where report.peak(tag) > 0 {
+        for tag in MemoryTag.allCases where report.peak(tag) > 0 && !tag.isHost {
             lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag)))
         }
         lines.append("  " + "peak total".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peakTotal))
+        for tag in MemoryTag.allCases where report.peak(tag) > 0 && tag.isHost {
+            lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag))
+                         + "  (host memory, not in the device total)")
+        }
         if let budget {
             lines.append("  " + "budget".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(budget)
                          + (fits ? "  -> fits" : "  -> does NOT fit"))
@@ -112,7 +117,8 @@ extension MemoryPlan {
     public func jsonObject() -> [String: Any] {
         var peak: [String: Int] = [:]
         for tag in MemoryTag.allCases { peak[tag.rawValue] = report.peak(tag) }
-        var o: [String: Any] = ["device": device.rawValue, "peak_bytes_by_tag": peak, "peak_total_bytes": report.peakTotal]
+        var o: [String: Any] = ["device": device.rawValue, "peak_bytes_by_tag": peak, "peak_total_bytes": report.peakTotal,
+                                "host_peak_total_bytes": report.hostPeakTotal]
         if let budget { o["budget_bytes"] = budget; o["fits"] = fits }
         return o
     }

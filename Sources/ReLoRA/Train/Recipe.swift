@@ -85,11 +85,20 @@ public struct Recipe: Sendable, Equatable {
     /// Storage of the frozen block linears in `lora`/`relora` runs: `none` (dense) or q8_0, q4_0, nf4,
     /// dequantized on the fly. Embeddings, head and norms stay dense and trained.
     public var quant: FrozenStorage = .none
+    /// How `relora` restarts merge into the frozen weights (`MergePolicyKind`); nil: the default, `exact`
+    /// for dense weights and `rtn` for quantized ones (`effectiveMergePolicy`).
+    public var mergePolicy: MergePolicyKind?
     /// A full-rank checkpoint (or run directory) whose weights, step count and dense optimizer state
     /// this run starts from.
     public var warmStart: String?
 
     public var tokensPerStep: Int { seqLen * microBatch * gradAccum }
+
+    /// The merge policy restarts use: the recipe's, or the default for its storage.
+    public var effectiveMergePolicy: MergePolicyKind { mergePolicy ?? .defaultPolicy(quantized: quant != .none) }
+
+    /// Whether the quantized weights carry f32 master copies (merge policy `master`).
+    public var keepsMasterCopies: Bool { quant != .none && mode == .relora && effectiveMergePolicy.keepsMasterCopy }
 
     /// The LoRA settings of `lora` and `relora` runs.
     public var loraConfig: LoRAConfig? {
@@ -182,8 +191,9 @@ struct RecipeKey: Sendable {
         }, write: { $0.rawValue }, when: applies)
     }
 
-    /// An optional string naming one case of `E` (default nil), written only when set.
-    static func optionalChoice<E>(_ name: String, _ path: WritableKeyPath<Recipe, E?> & Sendable) -> RecipeKey
+    /// An optional string naming one case of `E` (default nil), written only when set (and `applies`).
+    static func optionalChoice<E>(_ name: String, _ path: WritableKeyPath<Recipe, E?> & Sendable,
+                                  when applies: @escaping @Sendable (Recipe) -> Bool = { _ in true }) -> RecipeKey
     where E: RawRepresentable & CaseIterable & Sendable, E.RawValue == String {
         let cases = Dictionary(uniqueKeysWithValues: E.allCases.map { ($0.rawValue, $0) })
         let allowed = alternatives(E.allCases.map(\.rawValue))
@@ -193,7 +203,7 @@ struct RecipeKey: Sendable {
                 throw ReLoRAError.invalidConfig("'\(name)' must be \(allowed), got '\(raw)'")
             }
             recipe[keyPath: path] = value
-        }, encode: { $0[keyPath: path]?.rawValue })
+        }, encode: { applies($0) ? $0[keyPath: path]?.rawValue : nil })
     }
 
     /// A key that is read into other fields and never written (`recipe.json` stores its result).
@@ -280,6 +290,7 @@ extension Recipe {
         .double("lora_dropout", \.loraDropout, when: loraModes),
         .bool("lora_trainable_scale", \.loraTrainableScale, when: loraModes),
         .choice("quant", \.quant, when: loraModes),
+        .optionalChoice("merge_policy", \.mergePolicy, when: reloraMode),
         .optional("relora_every", \.reloraEvery, read: { try $0.optionalInt($1) }, when: reloraMode),
         .int("restart_warmup", \.restartWarmup, when: reloraMode),
         .choice("optimizer_reset", \.optimizerReset, when: reloraMode),
@@ -388,6 +399,17 @@ extension Recipe {
             if !(loraDropout >= 0 && loraDropout < 1) { throw ReLoRAError.invalidConfig("'lora_dropout' must be in [0, 1), got \(loraDropout)") }
         } else if quant != .none {
             throw ReLoRAError.invalidConfig("'quant' \(quant.rawValue) needs mode 'lora' or 'relora' (full-rank training trains the base weights, which quantized storage freezes)")
+        }
+        if let policy = mergePolicy {
+            guard mode == .relora else {
+                throw ReLoRAError.invalidConfig("'merge_policy' needs mode 'relora' (only restarts merge into the frozen weights)")
+            }
+            if quant == .none && policy != .exact {
+                throw ReLoRAError.invalidConfig("'merge_policy' '\(policy.rawValue)' is for quantized frozen weights; dense ones merge exactly ('exact'): set 'quant' to q8_0, q4_0 or nf4, or drop 'merge_policy'")
+            }
+            if quant != .none && policy == .exact {
+                throw ReLoRAError.invalidConfig("'merge_policy' 'exact' is for dense frozen weights; \(quant.rawValue) weights are requantized at every merge: use 'rtn', 'stochastic', 'compensate' or 'master'")
+            }
         }
         _ = try Device(parsing: device)  // availability is the backend factory's to judge
     }

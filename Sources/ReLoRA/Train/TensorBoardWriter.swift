@@ -32,6 +32,7 @@ public final class TensorBoardWriter {
         "val_loss": "val/loss", "val_perplexity": "val/perplexity",
         "relative_update": "restart/relative_update", "merge_error": "restart/merge_error",
         "zeroed_m": "restart/zeroed_m", "zeroed_v": "restart/zeroed_v", "merge_seconds": "restart/merge_seconds",
+        "codes_changed": "restart/codes_changed", "residual_recovered": "restart/residual_recovered",
     ]
     public static let skip: Set<String> = ["step", "restart", "skipped", "val_tokens"]
 

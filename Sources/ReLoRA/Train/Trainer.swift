@@ -44,8 +44,8 @@ public final class Trainer {
     /// Every step's metrics of this process, in order (tests compare runs with it).
     public private(set) var history: [StepMetrics] = []
 
-    /// How restarts store merged weights: `exact` for dense weights, `rtn` for quantized ones.
-    var mergePolicy: MergePolicy { recipe.quant == .none ? ExactMerge() : RoundToNearestMerge() }
+    /// How restarts merge: the recipe's `merge_policy` (default `exact` for dense weights, `rtn` for quantized ones).
+    var mergePolicy: MergePolicy { recipe.effectiveMergePolicy.policy }
 
     // Views of the run: TensorBoard events beside metrics.jsonl, and MFU (FLOPs of a step over the peak).
     var tensorBoard: TensorBoardWriter?
@@ -89,7 +89,7 @@ public final class Trainer {
         try recipe.loraConfig?.validate(for: config)
 
         model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
-                           quant: recipe.quant.format)
+                           quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
         stepFLOPs = ModelFLOPs.perStep(config: config, recipe: recipe)
         model.dropoutSeed = recipe.seed
         model.enableGradients()
@@ -251,18 +251,44 @@ public final class Trainer {
     }
 
     /// Merge, re-initialise and reset the LoRA optimizer state (ReLoRA restart), with a log line and a
-    /// metrics line.
+    /// metrics line (keys in the README: `relative_update`, `merge_error`, `codes_changed` for quantized
+    /// weights, `residual_recovered` under `compensate`, `merge_seconds`, `zeroed_m`, `zeroed_v`).
     func restart() throws {
         let merge = try model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
         state.loraMerges = model.merges
-        let (fm, fv) = optimizer.resetLoRAMoments(recipe.optimizerReset, ratio: recipe.optimizerResetRatio,
-                                                  seed: recipe.seed, restart: merge.restart)
-        log(String(format: "restart %d after step %d | merge %@ in %.3f s: |sBA|/|W| %.4f, merge error %.2e | optimizer reset %@ %.2f: zeroed %.4f of m, %.4f of v",
-                   merge.restart + 1, state.step, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError,
-                   recipe.optimizerReset.rawValue, recipe.optimizerResetRatio, fm, fv))
-        try appendMetrics(String(format: "{\"step\":%d,\"restart\":%d,\"merge_policy\":\"%@\",\"merge_seconds\":%.4f,\"relative_update\":%.6g,\"merge_error\":%.6g,\"zeroed_m\":%.6f,\"zeroed_v\":%.6f}",
-                                 state.step, merge.restart + 1, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError, fm, fv))
-        lastResetFractions = (fm, fv)
+        let reset = Self.resetAfterMerge(optimizer, recipe: recipe, restart: merge.restart)
+        var mergeLine = String(format: "merge %@ in %.3f s: |sBA|/|W| %.4f, merge error %.2e", merge.policy, merge.seconds,
+                               merge.relativeUpdate, merge.mergeError)
+        var extraJSON = ""
+        if let changed = merge.codesChanged {
+            mergeLine += String(format: ", codes changed %.4f", changed)
+            extraJSON += String(format: ",\"codes_changed\":%.6g", changed)
+        }
+        if let recovered = merge.residualRecovered {
+            mergeLine += String(format: ", residual recovered %.3f", recovered)
+            extraJSON += String(format: ",\"residual_recovered\":%.6g", recovered)
+        }
+        log(String(format: "restart %d after step %d | %@ | optimizer reset %@: zeroed %.4f of m, %.4f of v",
+                   merge.restart + 1, state.step, mergeLine, reset.description, reset.m, reset.v))
+        try appendMetrics(String(format: "{\"step\":%d,\"restart\":%d,\"merge_policy\":\"%@\",\"merge_seconds\":%.4f,\"relative_update\":%.6g,\"merge_error\":%.6g%@,\"zeroed_m\":%.6f,\"zeroed_v\":%.6f}",
+                                 state.step, merge.restart + 1, merge.policy, merge.seconds, merge.relativeUpdate, merge.mergeError,
+                                 extraJSON, reset.m, reset.v))
+        lastResetFractions = (reset.m, reset.v)
+    }
+
+    /// ReLoRA's optimizer reset after merge `restart`: the recipe's `optimizer_reset`, except under merge
+    /// policy `compensate`, whose new A and B are unrelated to the old moments: theirs are zeroed (a
+    /// trained scale's follow the recipe). Returns what was done and the fractions of LoRA moments zeroed.
+    static func resetAfterMerge(_ optimizer: AdamW, recipe: Recipe, restart: Int) -> (description: String, m: Double, v: Double) {
+        let mode = recipe.optimizerReset, ratio = recipe.optimizerResetRatio
+        if recipe.effectiveMergePolicy == .compensate {
+            let (m, v) = optimizer.resetLoRAMoments(seed: recipe.seed, restart: restart) { p in
+                p.loraFactor == .scale ? mode.reset(for: .scale, ratio: ratio) : .zero
+            }
+            return ("full for A and B (compensate)", m, v)
+        }
+        let (m, v) = optimizer.resetLoRAMoments(mode, ratio: ratio, seed: recipe.seed, restart: restart)
+        return (String(format: "%@ %.2f", mode.rawValue, ratio), m, v)
     }
 
     /// Fractions of the LoRA moments zeroed by the latest restart (tests check them against the ratio).

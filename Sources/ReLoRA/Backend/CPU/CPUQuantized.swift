@@ -20,31 +20,63 @@ extension CPUBackend {
         return Array(UnsafeRawBufferPointer(tensor.hostBytes))
     }
 
-    public func quantize(_ source: Tensor, into q: QuantizedTensor) -> QuantizationFailure? {
+    public func quantize(_ source: Tensor, into q: QuantizedTensor, rounding: QuantRounding) -> QuantizationFailure? {
         ledger.downloaded(MemoryLayout<Int32>.size)  // the status
         precondition(source.count == q.rows * q.cols, "quantize: \(source.count) values for [\(q.rows), \(q.cols)]")
+        precondition(q.blocks.dtype == .u8 && q.blocks.count == q.rows * q.bytesPerRow, "quantize: blocks of the wrong size")
         let src = source.f32, out = q.blocks.storage!
-        let padded = UnsafeMutablePointer<Float>.allocate(capacity: max(1, q.paddedCols))
-        padded.initialize(repeating: 0, count: max(1, q.paddedCols))
-        defer { padded.deallocate() }
-        for r in 0..<q.rows {
-            let row = src + r * q.cols
-            let input: UnsafePointer<Float>
-            if q.paddedCols == q.cols {
-                input = UnsafePointer(row)
-            } else {
-                padded.update(from: row, count: q.cols)  // the padding stays zero
-                input = UnsafePointer(padded)
-            }
-            var bad: Int64 = -1
-            let status = QuantizedMatrix.quantizeRow(q.format, input, out + r * q.bytesPerRow, Int64(q.paddedCols), &bad)
-            if status != RELORA_QUANT_OK {
-                let col = Int(bad)
-                return QuantizationFailure(reason: status == RELORA_QUANT_ERR_NONFINITE ? .nonFinite : .scaleOverflow,
-                                           row: r, col: col, value: row[col])
+        let (rows, cols, paddedCols, bytesPerRow, format) = (q.rows, q.cols, q.paddedCols, q.bytesPerRow, q.format)
+        // Rows in parallel chunks; each chunk stops at its first failing row, and the failure of the lowest
+        // row wins, so the reported element is the first in row-major order whatever the chunking.
+        let chunks = parallelChunkCount(rows, minPerChunk: 8)
+        var failures = [QuantizationFailure?](repeating: nil, count: chunks)
+        failures.withUnsafeMutableBufferPointer { failed in
+            let failed = UncheckedSendable(failed.baseAddress!)
+            parallelChunks(rows, minPerChunk: 8) { chunk, range in
+                let padded = UnsafeMutablePointer<Float>.allocate(capacity: max(1, paddedCols))
+                padded.initialize(repeating: 0, count: max(1, paddedCols))
+                defer { padded.deallocate() }
+                for r in range {
+                    let row = src + r * cols
+                    let input: UnsafePointer<Float>
+                    if paddedCols == cols {
+                        input = UnsafePointer(row)
+                    } else {
+                        padded.update(from: row, count: cols)  // the padding stays zero
+                        input = UnsafePointer(padded)
+                    }
+                    var bad: Int64 = -1
+                    let status = QuantizedMatrix.quantizeRow(format, input, out + r * bytesPerRow, Int64(paddedCols), &bad,
+                                                             rounding: rounding, counter0: UInt64(r * paddedCols))
+                    if status != RELORA_QUANT_OK {
+                        let col = Int(bad)
+                        failed.value[chunk] = QuantizationFailure(
+                            reason: status == RELORA_QUANT_ERR_NONFINITE ? .nonFinite : .scaleOverflow, row: r, col: col, value: row[col])
+                        return
+                    }
+                }
             }
         }
-        return nil
+        return failures.lazy.compactMap { $0 }.first
+    }
+
+    public func countChangedCodes(old: Tensor, new q: QuantizedTensor, into out: Tensor, at index: Int) {
+        precondition(old.dtype == .u8 && old.count == q.blocks.count, "countChangedCodes: old blocks of another size")
+        let a = UnsafeRawPointer(old.storage!), b = UnsafeRawPointer(q.blocks.storage!)
+        let blocksPerRow = q.format.blocksPerRow(cols: q.cols), bytesPerRow = q.bytesPerRow, format = q.format
+        let chunks = parallelChunkCount(q.rows, minPerChunk: 64)
+        var partial = [Int](repeating: 0, count: chunks)
+        partial.withUnsafeMutableBufferPointer { counts in
+            let counts = UncheckedSendable(counts.baseAddress!)
+            parallelChunks(q.rows, minPerChunk: 64) { chunk, range in
+                var changed = 0
+                for r in range {
+                    changed += QuantizedMatrix.changedCodes(format, a + r * bytesPerRow, b + r * bytesPerRow, blocks: blocksPerRow)
+                }
+                counts.value[chunk] = changed
+            }
+        }
+        out.f32[index] = Float(partial.reduce(0, +))
     }
 
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
