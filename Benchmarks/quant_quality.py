@@ -10,7 +10,7 @@ continues full-rank training at the demo's own learning rate. Each arm ends with
 `relora eval` on the complete held-out plays; the restart lines of metrics.jsonl give the fraction of
 each merged update lost to quantization.
 
-    python3 Benchmarks/quant_quality.py [--steps 800] [--every 100] [--arms dense,q8_0,...] [--policies]
+    python3 Benchmarks/quant_quality.py [--steps 800] [--every 100] [--arms dense,q8_0,...] [--policies q4_0,nf4]
         [--out Benchmarks/results/quant_quality]
 """
 import argparse, json, math, os, subprocess, sys, time
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--steps", type=int, default=800, help="final step (the warm start is at 400)")
     ap.add_argument("--every", type=int, default=100, help="relora_every (restart interval)")
     ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--policies", action="store_true", help="also run q8_0/q4_0/nf4 under each merge policy the build has")
+    ap.add_argument("--policies", default="", help="formats (e.g. q4_0,nf4) to also run under each other merge policy")
     ap.add_argument("--out", default=os.path.join(ROOT, "Benchmarks/results/quant_quality"))
     a = ap.parse_args()
     if not os.path.exists(os.path.join(WARM, "checkpoints/latest")):
@@ -82,9 +82,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     results_path = os.path.join(a.out, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    todo = [(n, ARMS[n]) for n in a.arms.split(",")]
-    if a.policies:
-        todo += [(f"{q}_{p}", [f"quant=\"{q}\"", f"merge_policy=\"{p}\""]) for q in ["q8_0", "q4_0", "nf4"] for p in POLICIES]
+    todo = [(n, ARMS[n]) for n in a.arms.split(",") if n]
+    todo += [(f"{q}_{p}", [f"quant=\"{q}\"", f"merge_policy=\"{p}\""]) for q in a.policies.split(",") if q for p in POLICIES]
     for name, overrides in todo:
         results[name] = arm(name, overrides, a.steps, a.every, a.out)
         json.dump(results, open(results_path, "w"), indent=2, sort_keys=True)
