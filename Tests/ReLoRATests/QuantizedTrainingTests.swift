@@ -135,9 +135,9 @@ final class QuantizedTrainingTests: XCTestCase {
 
             // The checkpoint stores blocks (`<name>.<format>`, U8), no dense copy of the linears.
             let ckpt = try XCTUnwrap(TrainingCheckpoint.latest(runDir: straight.recipe.runDir))
-            let file = try SafetensorsFile(path: ckpt + "/model.safetensors")
-            XCTAssertEqual(file.info("model.layers.0.mlp.down_proj.weight.\(format.rawValue)")?.dtype, .U8)
-            XCTAssertNil(file.info("model.layers.0.mlp.down_proj.weight"))
+            let file = try ZstdTensorFile(path: ckpt + "/model.tensors.zst")
+            XCTAssertEqual(file.header("model.layers.0.mlp.down_proj.weight.\(format.rawValue)")?.dtype, .U8)
+            XCTAssertNil(file.header("model.layers.0.mlp.down_proj.weight"))
 
             // Export: the checkpoint loaded densely (dequantized, current cycle folded in) computes what the
             // training model computes.
