@@ -127,6 +127,8 @@ final class QuantizedTrainingTests: XCTestCase {
             let first = try Trainer(recipe: recipe(d, "q-resumed-\(format)", format), resume: false, log: { _ in })
             first.shouldStop = { first.state.step >= 5 }
             _ = try first.run()
+            let saved = try XCTUnwrap(TrainingCheckpoint.latest(runDir: first.recipe.runDir))
+            XCTAssertEqual(try TrainingCheckpoint.readState(saved).formatVersion, 2, "resumes from a compressed checkpoint")
             let second = try Trainer(recipe: recipe(d, "q-resumed-\(format)", format), resume: true, log: { _ in })
             _ = try second.run()
             XCTAssertEqual((first.history + second.history).map(\.loss), straight.history.map(\.loss), "\(format)")

@@ -145,6 +145,8 @@ final class TrainerTests: XCTestCase {
             let partial = try first.run()
             XCTAssertTrue(partial.stoppedEarly)
             XCTAssertEqual(partial.steps, 3)
+            let saved = try XCTUnwrap(TrainingCheckpoint.latest(runDir: runB.runDir))
+            XCTAssertEqual(try TrainingCheckpoint.readState(saved).formatVersion, 2, "resumes from a compressed checkpoint")
             let second = try Trainer(recipe: runB, resume: true, log: { _ in })
             XCTAssertEqual(second.state.step, 3)
             _ = try second.run()
