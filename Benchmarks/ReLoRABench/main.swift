@@ -14,6 +14,14 @@ relora_blas_ensure_best_core(CommandLine.unsafeArgv)
 // Model FLOPs are `ModelFLOPs` (the trainer's MFU convention): in LoRA mode the FLOPs executed (frozen
 // GEMMs forward and dX, no dW, plus the adapters), so the fraction of peak is comparable across modes.
 
+// `relora-bench compression CHECKPOINT`: zstd level and filter measurements (CompressionBench.swift).
+if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "compression" {
+    do { try CompressionBench.run(Array(CommandLine.arguments.dropFirst(2))) } catch {
+        FileHandle.standardError.write(Data("error: \(error)\n".utf8)); exit(2)
+    }
+    exit(0)
+}
+
 struct Options {
     var config = "Configs/models/llama_20m.json"
     var seqLen = 256

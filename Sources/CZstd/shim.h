@@ -1,2 +1,2 @@
-// libzstd (Debian: libzstd-dev), used for compressed checkpoint export.
+// libzstd (Debian: libzstd-dev), used for compressed training checkpoints (Checkpoint/Zstd.swift).
 #include <zstd.h>

@@ -127,6 +127,8 @@ final class QuantizedTrainingTests: XCTestCase {
             let first = try Trainer(recipe: recipe(d, "q-resumed-\(format)", format), resume: false, log: { _ in })
             first.shouldStop = { first.state.step >= 5 }
             _ = try first.run()
+            let saved = try XCTUnwrap(TrainingCheckpoint.latest(runDir: first.recipe.runDir))
+            XCTAssertEqual(try TrainingCheckpoint.readState(saved).formatVersion, 2, "resumes from a compressed checkpoint")
             let second = try Trainer(recipe: recipe(d, "q-resumed-\(format)", format), resume: true, log: { _ in })
             _ = try second.run()
             XCTAssertEqual((first.history + second.history).map(\.loss), straight.history.map(\.loss), "\(format)")
@@ -135,9 +137,9 @@ final class QuantizedTrainingTests: XCTestCase {
 
             // The checkpoint stores blocks (`<name>.<format>`, U8), no dense copy of the linears.
             let ckpt = try XCTUnwrap(TrainingCheckpoint.latest(runDir: straight.recipe.runDir))
-            let file = try SafetensorsFile(path: ckpt + "/model.safetensors")
-            XCTAssertEqual(file.info("model.layers.0.mlp.down_proj.weight.\(format.rawValue)")?.dtype, .U8)
-            XCTAssertNil(file.info("model.layers.0.mlp.down_proj.weight"))
+            let file = try ZstdTensorFile(path: ckpt + "/model.tensors.zst")
+            XCTAssertEqual(file.header("model.layers.0.mlp.down_proj.weight.\(format.rawValue)")?.dtype, .U8)
+            XCTAssertNil(file.header("model.layers.0.mlp.down_proj.weight"))
 
             // Export: the checkpoint loaded densely (dequantized, current cycle folded in) computes what the
             // training model computes.

@@ -201,6 +201,8 @@ final class ReLoRATests: XCTestCase {
         let first = try Trainer(recipe: relora("resumed"), resume: false, log: { _ in })
         first.shouldStop = { first.state.step >= 5 }
         _ = try first.run()
+        let saved = try XCTUnwrap(TrainingCheckpoint.latest(runDir: relora("resumed").runDir))
+        XCTAssertEqual(try TrainingCheckpoint.readState(saved).formatVersion, 2, "resumes from a compressed checkpoint")
         let second = try Trainer(recipe: relora("resumed"), resume: true, log: { _ in })
         _ = try second.run()
         XCTAssertEqual((first.history + second.history).map(\.loss), straight.history.map(\.loss))

@@ -145,6 +145,8 @@ final class TrainerTests: XCTestCase {
             let partial = try first.run()
             XCTAssertTrue(partial.stoppedEarly)
             XCTAssertEqual(partial.steps, 3)
+            let saved = try XCTUnwrap(TrainingCheckpoint.latest(runDir: runB.runDir))
+            XCTAssertEqual(try TrainingCheckpoint.readState(saved).formatVersion, 2, "resumes from a compressed checkpoint")
             let second = try Trainer(recipe: runB, resume: true, log: { _ in })
             XCTAssertEqual(second.state.step, 3)
             _ = try second.run()
@@ -169,12 +171,13 @@ final class TrainerTests: XCTestCase {
         _ = try Trainer(recipe: r, resume: false, log: { _ in }).run()
         let ckpt = try XCTUnwrap(TrainingCheckpoint.latest(runDir: r.runDir))
         // Flip one byte in the middle of the weights.
-        let path = ckpt + "/model.safetensors"
+        let path = ckpt + "/model.tensors.zst"
         var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
         bytes[bytes.count / 2] ^= 0x40
         try bytes.write(to: URL(fileURLWithPath: path))
         XCTAssertThrowsError(try Trainer(recipe: r, resume: true, log: { _ in })) { error in
-            XCTAssertTrue("\(error)".contains("model.safetensors is corrupt"), "\(error)")
+            XCTAssertTrue("\(error)".contains("model.tensors.zst: this checkpoint file is corrupt"), "\(error)")
+            XCTAssertTrue("\(error)".contains("no intact earlier checkpoint"), "\(error)")
         }
         // A truncated state file.
         try Data("{\"step\": 4, ".utf8).write(to: URL(fileURLWithPath: ckpt + "/state.json"))

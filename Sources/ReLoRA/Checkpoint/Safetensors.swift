@@ -124,12 +124,18 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
         guard info.dtype.isFloatingPoint else {
             throw ReLoRAError.invalidData("tensor '\(abbreviated(name))' in \(path) has dtype \(info.dtype.rawValue); floats(_:) reads only F64, F32, F16 and BF16, use integers(_:)")
         }
-        let count = info.elementCount
-        let source = mapping.bytes.baseAddress.map { UnsafeRawPointer($0 + info.byteOffset) }
+        return Self.decodeFloats(UnsafeRawBufferPointer(rebasing: mapping.bytes[info.byteOffset ..< info.byteOffset + info.byteCount]),
+                                 dtype: info.dtype)
+    }
+
+    /// Float values of raw little-endian bytes of a floating-point dtype (see `floats(_:)`).
+    static func decodeFloats(_ raw: UnsafeRawBufferPointer, dtype: SafetensorsDType) -> [Float] {
+        let count = raw.count / dtype.byteSize
+        let source = raw.baseAddress
         return [Float](unsafeUninitializedCapacity: count) { output, initialized in
             defer { initialized = count }
             guard count > 0, let source, let destination = output.baseAddress else { return }
-            switch info.dtype {
+            switch dtype {
             case .F32:
                 UnsafeMutableRawPointer(destination).copyMemory(from: source, byteCount: count * 4)
             case .BF16:
@@ -145,7 +151,7 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
                     output[i] = Float(Double(bitPattern: UInt64(littleEndian: source.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self))))
                 }
             case .I64, .I32, .I16, .I8, .U8, .BOOL:
-                preconditionFailure("integer dtypes are rejected above")
+                preconditionFailure("decodeFloats reads floating-point dtypes only")
             }
         }
     }
@@ -197,7 +203,7 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
 
     // MARK: Header validation
 
-    private static func parseHeader(
+    static func parseHeader(
         _ headerBytes: UnsafeRawBufferPointer, invalid: (String) -> ReLoRAError
     ) throws -> [String: Any] {
         // Checked separately so a mis-encoded header is not reported as a JSON syntax error.
@@ -216,7 +222,7 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
         return object
     }
 
-    private static func parseMetadata(_ value: Any?, invalid: (String) -> ReLoRAError) throws -> [String: String] {
+    static func parseMetadata(_ value: Any?, invalid: (String) -> ReLoRAError) throws -> [String: String] {
         guard let value else { return [:] }
         guard let object = value as? [String: Any] else {
             throw invalid("__metadata__ is not a JSON object of string to string")
@@ -305,7 +311,7 @@ public final class SafetensorsFile: Sendable {  // all lets; the map's own Senda
 
     /// JSONSerialization hands numbers back as NSNumber (and booleans as an NSNumber subclass). Accept only
     /// values that are exactly an Int: 3 and 3.0 yes; true, 1.5, 1e30 and 2^64 no.
-    private static func exactInteger(_ value: Any) -> Int? {
+    static func exactInteger(_ value: Any) -> Int? {
         guard let number = value as? NSNumber, type(of: number) != booleanNumberClass else { return nil }
         return Int(exactly: number)
     }
@@ -379,30 +385,7 @@ public enum SafetensorsWriter {
     /// file there survives any failure. Entries are validated (unique non-empty names, byte counts that
     /// match dtype and shape) before anything touches the disk; those errors are `.invalidData`.
     public static func write(_ entries: [SafetensorsEntry], metadata: [String: String] = [:], to path: String) throws {
-        var names = Set<String>()
-        for entry in entries {
-            guard !entry.name.isEmpty, entry.name != "__metadata__" else {
-                throw ReLoRAError.invalidData("cannot write tensor name '\(entry.name)' to \(path): names must be non-empty and not '__metadata__'")
-            }
-            guard names.insert(entry.name).inserted else {
-                throw ReLoRAError.invalidData("cannot write \(path): tensor name '\(abbreviated(entry.name))' appears twice")
-            }
-            guard entry.shape.allSatisfy({ $0 >= 0 }) else {
-                throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' has negative dimensions in shape \(entry.shape)")
-            }
-            var expectedByteCount: Int? = entry.dtype.byteSize
-            for dimension in entry.shape {
-                expectedByteCount = expectedByteCount.flatMap {
-                    let (product, overflow) = $0.multipliedReportingOverflow(by: dimension)
-                    return overflow ? nil : product
-                }
-            }
-            if entry.shape.contains(0) { expectedByteCount = 0 }
-            guard expectedByteCount == entry.declaredByteCount else {
-                throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' has \(entry.declaredByteCount) bytes but dtype \(entry.dtype.rawValue) with shape \(entry.shape) needs \(expectedByteCount.map(String.init) ?? "more than Int.max")")
-            }
-        }
-
+        try validate(entries, path: path)
         var header = "{"
         var fields: [String] = []
         if !metadata.isEmpty {
@@ -430,6 +413,33 @@ public enum SafetensorsWriter {
                     throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' produced \(bytes.count) bytes, expected \(entry.declaredByteCount)")
                 }
                 try bytes.withUnsafeBytes { try sink.write($0) }
+            }
+        }
+    }
+
+    /// Unique non-empty names, non-negative shapes, byte counts that match dtype and shape; `.invalidData`.
+    static func validate(_ entries: [SafetensorsEntry], path: String) throws {
+        var names = Set<String>()
+        for entry in entries {
+            guard !entry.name.isEmpty, entry.name != "__metadata__" else {
+                throw ReLoRAError.invalidData("cannot write tensor name '\(entry.name)' to \(path): names must be non-empty and not '__metadata__'")
+            }
+            guard names.insert(entry.name).inserted else {
+                throw ReLoRAError.invalidData("cannot write \(path): tensor name '\(abbreviated(entry.name))' appears twice")
+            }
+            guard entry.shape.allSatisfy({ $0 >= 0 }) else {
+                throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' has negative dimensions in shape \(entry.shape)")
+            }
+            var expectedByteCount: Int? = entry.dtype.byteSize
+            for dimension in entry.shape {
+                expectedByteCount = expectedByteCount.flatMap {
+                    let (product, overflow) = $0.multipliedReportingOverflow(by: dimension)
+                    return overflow ? nil : product
+                }
+            }
+            if entry.shape.contains(0) { expectedByteCount = 0 }
+            guard expectedByteCount == entry.declaredByteCount else {
+                throw ReLoRAError.invalidData("cannot write \(path): tensor '\(abbreviated(entry.name))' has \(entry.declaredByteCount) bytes but dtype \(entry.dtype.rawValue) with shape \(entry.shape) needs \(expectedByteCount.map(String.init) ?? "more than Int.max")")
             }
         }
     }

@@ -1,7 +1,7 @@
-/// Moving tensors between safetensors files and a backend, one tensor at a time: a load streams the
-/// mapped file's bytes straight into the backend's upload (converting F32/BF16/F16 to the tensor's
-/// dtype), so importing a model never holds more than one tensor beyond the model itself; a save makes
-/// each tensor's bytes only when the writer reaches it.
+/// Moving tensors between tensor files (safetensors, zstd tensor files) and a backend, one tensor at a
+/// time: a load streams the mapped file's bytes (or one tensor's decompressed bytes) into the backend's
+/// upload (converting F32/BF16/F16 to the tensor's dtype), so importing a model never holds more than one
+/// tensor beyond the model itself; a save makes each tensor's bytes only when the writer reaches it.
 enum TensorIO {
     /// The name under which a checkpoint stores a quantized weight: `<name>.<format>` (U8, `[rows, bytesPerRow]`).
     static func quantizedName(_ name: String, _ format: QuantFormat) -> String { name + "." + format.rawValue }
@@ -13,9 +13,9 @@ enum TensorIO {
     /// Fills `tensor` from tensor `name` of `file`, checking presence and shape. If the file holds the
     /// weight quantized instead (`<name>.<format>`, a quantized run's checkpoint), it is dequantized on the
     /// host and uploaded: how a quantized run is exported or evaluated densely.
-    static func load(_ tensor: Tensor, from file: SafetensorsFile, _ name: String, backend: Backend) throws {
-        guard let info = file.info(name) else {
-            for format in QuantFormat.allCases where file.info(quantizedName(name, format)) != nil {
+    static func load(_ tensor: Tensor, from file: any TensorFile, _ name: String, backend: Backend) throws {
+        guard let info = file.header(name) else {
+            for format in QuantFormat.allCases where file.header(quantizedName(name, format)) != nil {
                 guard tensor.shape.count == 2 else { break }
                 let q = try readQuantized(file, name, format, rows: tensor.shape[0], cols: tensor.shape[1])
                 backend.upload(q.dequantize(), to: tensor)
@@ -38,12 +38,17 @@ enum TensorIO {
     }
 
     /// The host copy of a quantized weight stored as `<name>.<format>`, its byte shape checked.
-    static func readQuantized(_ file: SafetensorsFile, _ name: String, _ format: QuantFormat, rows: Int, cols: Int) throws -> QuantizedMatrix {
+    static func readQuantized(_ file: any TensorFile, _ name: String, _ format: QuantFormat, rows: Int, cols: Int) throws -> QuantizedMatrix {
+        try checkQuantized(file, name, format, rows: rows, cols: cols)
+        return try QuantizedMatrix(format: format, rows: rows, cols: cols, bytes: file.withRawBytes(quantizedName(name, format)) { Array($0) })
+    }
+
+    /// Checks that `<name>.<format>` is U8 of the byte shape of a [rows, cols] weight in that format.
+    static func checkQuantized(_ file: any TensorFile, _ name: String, _ format: QuantFormat, rows: Int, cols: Int) throws {
         let qname = quantizedName(name, format)
-        guard let info = file.info(qname), info.dtype == .U8, info.shape == [rows, format.bytesPerRow(cols: cols)] else {
+        guard let info = file.header(qname), info.dtype == .U8, info.shape == [rows, format.bytesPerRow(cols: cols)] else {
             throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(qname)' is not U8 of shape [\(rows), \(format.bytesPerRow(cols: cols))] (a \(format.rawValue) weight [\(rows), \(cols)])")
         }
-        return try QuantizedMatrix(format: format, rows: rows, cols: cols, bytes: file.withRawBytes(qname) { Array($0) })
     }
 
     /// Fills one weight slot. A dense slot: `load`. A quantized slot: the file's blocks in the same format
@@ -54,15 +59,15 @@ enum TensorIO {
     /// Returns, for a weight quantized here, its relative quantization error `||deq(q) - w|| / ||w||`
     /// (else nil).
     @discardableResult
-    static func load(_ slot: FrozenWeight, from file: SafetensorsFile, _ name: String, backend: Backend) throws -> Double? {
+    static func load(_ slot: FrozenWeight, from file: any TensorFile, _ name: String, backend: Backend) throws -> Double? {
         switch slot {
         case .dense(let t):
             try load(t, from: file, name, backend: backend)
             return nil
         case .quantized(let q):
-            let hasBlocks = file.info(quantizedName(name, q.format)) != nil
+            let hasBlocks = file.header(quantizedName(name, q.format)) != nil
             if let master = q.master {
-                if file.info(masterName(name)) != nil {
+                if file.header(masterName(name)) != nil {
                     try load(master, from: file, masterName(name), backend: backend)
                 } else if hasBlocks {
                     throw ReLoRAError.invalidFile(path: file.path, reason: "holds '\(name)' quantized without its f32 master copy '\(masterName(name))', which merge policy 'master' needs; resume with the merge_policy the run was made with")
@@ -71,7 +76,7 @@ enum TensorIO {
                 }
             }
             if hasBlocks {
-                _ = try readQuantized(file, name, q.format, rows: q.rows, cols: q.cols)  // validates the byte shape
+                try checkQuantized(file, name, q.format, rows: q.rows, cols: q.cols)
                 try file.withRawBytes(quantizedName(name, q.format)) { backend.upload(raw: $0, dtype: .u8, to: q.blocks) }
                 return nil
             }

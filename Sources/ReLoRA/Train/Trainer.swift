@@ -219,15 +219,15 @@ public final class Trainer {
         let warmState = try TrainingCheckpoint.readState(checkpoint)
         let config = try LlamaConfig(contentsOf: checkpoint + "/config.json")
         try checkSameArchitecture(config, model.config, source: checkpoint)
-        guard !FileManager.default.fileExists(atPath: checkpoint + "/lora.safetensors") else {
+        guard !TrainingCheckpoint.hasLoRA(checkpoint, version: warmState.formatVersion) else {
             throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint or a Hugging Face model directory; \(checkpoint) holds LoRA factors (continue it with --resume, or export it with `relora export --format hf` and warm-start from the export)")
         }
-        let weights = try SafetensorsFile(path: checkpoint + "/model.safetensors")
+        let weights = try TrainingCheckpoint.openTensors(checkpoint, "model", version: warmState.formatVersion)
         let report = quantizationLog(model, log)
         for (name, slot) in model.weights.slots() {
             if let error = try TensorIO.load(slot, from: weights, name, backend: model.backend) { report(name, error) }
         }
-        let moments = try SafetensorsFile(path: checkpoint + "/optimizer.safetensors")
+        let moments = try TrainingCheckpoint.openTensors(checkpoint, "optimizer", version: warmState.formatVersion)
         for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA {
             try TensorIO.load(optimizer.m[i], from: moments, "m." + p.name, backend: model.backend)
             try TensorIO.load(optimizer.v[i], from: moments, "v." + p.name, backend: model.backend)
@@ -431,7 +431,13 @@ public final class Trainer {
         let start = Date()
         let path = try TrainingCheckpoint.save(runDir: recipe.runDir, state: state, model: model, optimizer: optimizer,
                                                recipe: recipe, keep: recipe.keepCheckpoints)
-        log(String(format: "checkpoint %@ (%.1f s)", path, Date().timeIntervalSince(start)))
+        let seconds = Date().timeIntervalSince(start)
+        if let size = try? TrainingCheckpoint.footprint(path) {
+            log(String(format: "checkpoint %@ (%.1f s, %@ = %.2fx of bf16 %@)", path, seconds, formatBytes(size.bytes),
+                       size.ratio, formatBytes(size.bf16Bytes)))
+        } else {
+            log(String(format: "checkpoint %@ (%.1f s)", path, seconds))
+        }
         return path
     }
 
