@@ -205,8 +205,8 @@ final class QuantizedTrainingTests: XCTestCase {
                 XCTAssertEqual(straight.model.weights.linears.allSatisfy { $0.weight.quantized?.master != nil }, policy == .master, label)
 
                 let ckpt = try XCTUnwrap(TrainingCheckpoint.latest(runDir: straight.recipe.runDir))
-                let file = try SafetensorsFile(path: ckpt + "/model.safetensors")
-                let master = file.info("model.layers.1.mlp.down_proj.weight.master")
+                let file = try XCTUnwrap(TrainingCheckpoint.openTensors(ckpt, "model"))
+                let master = file.header("model.layers.1.mlp.down_proj.weight.master")
                 XCTAssertEqual(master?.dtype, policy == .master ? .F32 : nil, label)
                 if policy == .master { XCTAssertEqual(master?.shape, [48, 104], label) }
             }

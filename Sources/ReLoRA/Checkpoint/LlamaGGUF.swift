@@ -313,17 +313,18 @@ public enum LlamaGGUF {
         var stored: [String: QuantizedMatrix] = [:]
         var requantized: [String] = []
         if let format = weights.quantFormat {
-            let file = try SafetensorsFile(path: checkpoint + "/model.safetensors")
-            let loraPath = checkpoint + "/lora.safetensors"
-            let lora = FileManager.default.fileExists(atPath: loraPath) ? try SafetensorsFile(path: loraPath) : nil
+            guard let file = try TrainingCheckpoint.openTensors(checkpoint, "model") else {
+                throw ReLoRAError.invalidFile(path: checkpoint, reason: "has no model tensor file; it is not a complete checkpoint")
+            }
+            let lora = try TrainingCheckpoint.openTensors(checkpoint, "lora")
             for linear in model.weights.linears {
                 let hf = linear.namePrefix + "weight"
-                guard file.info(TensorIO.quantizedName(hf, format)) != nil,
+                guard file.header(TensorIO.quantizedName(hf, format)) != nil,
                       weights.tensorType(shape: [linear.outFeatures, linear.inFeatures], linear: true).quantFormat == format
                 else { continue }
                 let bName = linear.namePrefix + "lora_B"
                 let cycleIsEmpty = try lora.map { file in
-                    guard file.info(bName) != nil else { return true }
+                    guard file.header(bName) != nil else { return true }
                     return try file.floats(bName).allSatisfy { $0 == 0 }
                 } ?? true
                 if cycleIsEmpty {

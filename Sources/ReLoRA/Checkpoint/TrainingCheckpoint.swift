@@ -66,6 +66,15 @@ public enum TrainingCheckpoint {
         return version >= 2 ? try ZstdTensorFile(path: file) : try SafetensorsFile(path: file)
     }
 
+    /// Tensor file `stem` of the checkpoint at `path` in whichever layout it was written (a compressed
+    /// `.tensors.zst` if present, else a format-1 `.safetensors`), or nil if it has none.
+    public static func openTensors(_ path: String, _ stem: String) throws -> (any TensorFile)? {
+        for version in [formatVersion, 1] where FileManager.default.fileExists(atPath: path + "/" + tensorFileName(stem, version: version)) {
+            return try openTensors(path, stem, version: version)
+        }
+        return nil
+    }
+
     /// Whether the checkpoint at `path` holds LoRA factors (a `lora` tensor file).
     static func hasLoRA(_ path: String, version: Int) -> Bool {
         FileManager.default.fileExists(atPath: path + "/" + tensorFileName("lora", version: version))
