@@ -11,5 +11,5 @@ if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
     core=$(.build/debug/relora info --blas-core 2>/dev/null || true)
     [ -n "$core" ] && export OPENBLAS_CORETYPE="$core"
 fi
-echo "test: OpenBLAS core ${OPENBLAS_CORETYPE:-(OpenBLAS's own choice)}"
+echo "test: OpenBLAS core ${OPENBLAS_CORETYPE:-as chosen by OpenBLAS}"
 swift test --skip-build --disable-swift-testing  # XCTest only: its closing line is the count
