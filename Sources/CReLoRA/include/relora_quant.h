@@ -54,15 +54,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "relora_rng.h"
-
-#if !defined(RELORA_HD)
-#if defined(__CUDACC__)
-#define RELORA_HD __host__ __device__ __forceinline__
-#else
-#define RELORA_HD static inline
-#endif
-#endif
+#include "relora_rng.h"  // also defines RELORA_HD (host and device, inlined)
 
 #if defined(__cplusplus)
 #define RELORA_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
@@ -383,21 +375,27 @@ RELORA_HD int relora_first_nonfinite(const float *x, int count) {
     return -1;
 }
 
-RELORA_HD int relora_quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n, int64_t *bad_index) {
-    if (n < 0 || n % RELORA_QK8_0 != 0) {
-        if (bad_index) *bad_index = -1;
-        return RELORA_QUANT_ERR_LENGTH;
-    }
-    for (int64_t b = 0; b < n / RELORA_QK8_0; ++b) {
-        const float *xb = x + b * RELORA_QK8_0;
-        int bad_j = relora_first_nonfinite(xb, RELORA_QK8_0);
-        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : relora_quantize_block_q8_0(xb, y + b, &bad_j);
-        if (status != RELORA_QUANT_OK) {
-            if (bad_index) *bad_index = b * RELORA_QK8_0 + bad_j;
-            return status;
-        }
-    }
+// The row loop shared by every format and rounding: the length check, the non-finite check of each
+// block, BLOCK_CALL quantizing block `b` (input `xb`, output `y + b`, failing element `bad_j`), and the
+// first failing block stops the row with `*bad_index` = its element. Used as a function's whole body.
+#define RELORA_QUANTIZE_ROW(QK, BLOCK_CALL)                                                   \
+    if (n < 0 || n % (QK) != 0) {                                                             \
+        if (bad_index) *bad_index = -1;                                                       \
+        return RELORA_QUANT_ERR_LENGTH;                                                       \
+    }                                                                                         \
+    for (int64_t b = 0; b < n / (QK); ++b) {                                                  \
+        const float *xb = x + b * (QK);                                                       \
+        int bad_j = relora_first_nonfinite(xb, (QK));                                         \
+        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : (BLOCK_CALL);                  \
+        if (status != RELORA_QUANT_OK) {                                                      \
+            if (bad_index) *bad_index = b * (QK) + bad_j;                                     \
+            return status;                                                                    \
+        }                                                                                     \
+    }                                                                                         \
     return RELORA_QUANT_OK;
+
+RELORA_HD int relora_quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n, int64_t *bad_index) {
+    RELORA_QUANTIZE_ROW(RELORA_QK8_0, relora_quantize_block_q8_0(xb, y + b, &bad_j))
 }
 
 RELORA_HD int relora_dequantize_row_q8_0(const block_q8_0 *x, float *y, int64_t n) {
@@ -407,20 +405,7 @@ RELORA_HD int relora_dequantize_row_q8_0(const block_q8_0 *x, float *y, int64_t 
 }
 
 RELORA_HD int relora_quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t n, int64_t *bad_index) {
-    if (n < 0 || n % RELORA_QK4_0 != 0) {
-        if (bad_index) *bad_index = -1;
-        return RELORA_QUANT_ERR_LENGTH;
-    }
-    for (int64_t b = 0; b < n / RELORA_QK4_0; ++b) {
-        const float *xb = x + b * RELORA_QK4_0;
-        int bad_j = relora_first_nonfinite(xb, RELORA_QK4_0);
-        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : relora_quantize_block_q4_0(xb, y + b, &bad_j);
-        if (status != RELORA_QUANT_OK) {
-            if (bad_index) *bad_index = b * RELORA_QK4_0 + bad_j;
-            return status;
-        }
-    }
-    return RELORA_QUANT_OK;
+    RELORA_QUANTIZE_ROW(RELORA_QK4_0, relora_quantize_block_q4_0(xb, y + b, &bad_j))
 }
 
 RELORA_HD int relora_dequantize_row_q4_0(const block_q4_0 *x, float *y, int64_t n) {
@@ -430,20 +415,7 @@ RELORA_HD int relora_dequantize_row_q4_0(const block_q4_0 *x, float *y, int64_t 
 }
 
 RELORA_HD int relora_quantize_row_nf4(const float *x, block_nf4 *y, int64_t n, int64_t *bad_index) {
-    if (n < 0 || n % RELORA_QKNF4 != 0) {
-        if (bad_index) *bad_index = -1;
-        return RELORA_QUANT_ERR_LENGTH;
-    }
-    for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) {
-        const float *xb = x + b * RELORA_QKNF4;
-        int bad_j = relora_first_nonfinite(xb, RELORA_QKNF4);
-        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE : relora_quantize_block_nf4(xb, y + b, &bad_j);
-        if (status != RELORA_QUANT_OK) {
-            if (bad_index) *bad_index = b * RELORA_QKNF4 + bad_j;
-            return status;
-        }
-    }
-    return RELORA_QUANT_OK;
+    RELORA_QUANTIZE_ROW(RELORA_QKNF4, relora_quantize_block_nf4(xb, y + b, &bad_j))
 }
 
 RELORA_HD int relora_dequantize_row_nf4(const block_nf4 *x, float *y, int64_t n) {
@@ -573,59 +545,17 @@ RELORA_HD int relora_quantize_block_nf4_sr(const float *x, block_nf4 *y, uint64_
 // check, first bad block stops the row), element i of the row drawing counter counter0 + i.
 RELORA_HD int relora_quantize_row_q8_0_sr(const float *x, block_q8_0 *y, int64_t n, uint64_t seed, uint64_t stream,
                                           uint64_t counter0, int64_t *bad_index) {
-    if (n < 0 || n % RELORA_QK8_0 != 0) {
-        if (bad_index) *bad_index = -1;
-        return RELORA_QUANT_ERR_LENGTH;
-    }
-    for (int64_t b = 0; b < n / RELORA_QK8_0; ++b) {
-        const float *xb = x + b * RELORA_QK8_0;
-        int bad_j = relora_first_nonfinite(xb, RELORA_QK8_0);
-        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE
-            : relora_quantize_block_q8_0_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QK8_0), &bad_j);
-        if (status != RELORA_QUANT_OK) {
-            if (bad_index) *bad_index = b * RELORA_QK8_0 + bad_j;
-            return status;
-        }
-    }
-    return RELORA_QUANT_OK;
+    RELORA_QUANTIZE_ROW(RELORA_QK8_0, relora_quantize_block_q8_0_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QK8_0), &bad_j))
 }
 
 RELORA_HD int relora_quantize_row_q4_0_sr(const float *x, block_q4_0 *y, int64_t n, uint64_t seed, uint64_t stream,
                                           uint64_t counter0, int64_t *bad_index) {
-    if (n < 0 || n % RELORA_QK4_0 != 0) {
-        if (bad_index) *bad_index = -1;
-        return RELORA_QUANT_ERR_LENGTH;
-    }
-    for (int64_t b = 0; b < n / RELORA_QK4_0; ++b) {
-        const float *xb = x + b * RELORA_QK4_0;
-        int bad_j = relora_first_nonfinite(xb, RELORA_QK4_0);
-        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE
-            : relora_quantize_block_q4_0_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QK4_0), &bad_j);
-        if (status != RELORA_QUANT_OK) {
-            if (bad_index) *bad_index = b * RELORA_QK4_0 + bad_j;
-            return status;
-        }
-    }
-    return RELORA_QUANT_OK;
+    RELORA_QUANTIZE_ROW(RELORA_QK4_0, relora_quantize_block_q4_0_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QK4_0), &bad_j))
 }
 
 RELORA_HD int relora_quantize_row_nf4_sr(const float *x, block_nf4 *y, int64_t n, uint64_t seed, uint64_t stream,
                                          uint64_t counter0, int64_t *bad_index) {
-    if (n < 0 || n % RELORA_QKNF4 != 0) {
-        if (bad_index) *bad_index = -1;
-        return RELORA_QUANT_ERR_LENGTH;
-    }
-    for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) {
-        const float *xb = x + b * RELORA_QKNF4;
-        int bad_j = relora_first_nonfinite(xb, RELORA_QKNF4);
-        int status = bad_j >= 0 ? RELORA_QUANT_ERR_NONFINITE
-            : relora_quantize_block_nf4_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QKNF4), &bad_j);
-        if (status != RELORA_QUANT_OK) {
-            if (bad_index) *bad_index = b * RELORA_QKNF4 + bad_j;
-            return status;
-        }
-    }
-    return RELORA_QUANT_OK;
+    RELORA_QUANTIZE_ROW(RELORA_QKNF4, relora_quantize_block_nf4_sr(xb, y + b, seed, stream, counter0 + (uint64_t)(b * RELORA_QKNF4), &bad_j))
 }
 
 // ---- Changed codes (the merge report's `codes_changed`) -------------------------------------------

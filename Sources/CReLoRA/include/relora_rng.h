@@ -9,7 +9,7 @@
 
 #include <stdint.h>
 
-// Host and device, inlined. relora_quant.h defines the same macro the same way; whichever comes first wins.
+// Host and device, inlined; the one definition (relora_quant.h and Kernels/ include this header).
 #if !defined(RELORA_HD)
 #if defined(__CUDACC__)
 #define RELORA_HD __host__ __device__ __forceinline__

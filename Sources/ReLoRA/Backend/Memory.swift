@@ -78,14 +78,6 @@ public final class MemoryLedger: @unchecked Sendable {
         return transfers
     }
 
-    /// Forgets the peaks (they restart from what is live now); transfers are not reset.
-    public func resetPeaks() {
-        lock.lock(); defer { lock.unlock() }
-        peakByTag = live
-        peakTotal = liveTotal
-        hostPeakTotal = hostLiveTotal
-    }
-
     public func report() -> MemoryReport {
         lock.lock(); defer { lock.unlock() }
         return MemoryReport(live: live, peak: peakByTag, liveTotal: liveTotal, peakTotal: peakTotal, transfers: transfers,

@@ -17,8 +17,6 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public let precision: Precision
     public let computes = false
     public var name: String { "plan:\(target.rawValue)" }
-    /// Tensors made so far (allocation events, not live ones).
-    nonisolated(unsafe) public private(set) var allocations = 0
 
     public init(target: Target) {
         self.target = target
@@ -28,7 +26,6 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
         let t = Tensor(shape: shape, dtype: dtype, tag: tag, storage: nil, owner: self)
         ledger.allocated(t.byteCount, tag)
-        allocations += 1
         return t
     }
 

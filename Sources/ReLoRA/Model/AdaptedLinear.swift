@@ -77,9 +77,6 @@ public final class AdaptedLinear: @unchecked Sendable {
     /// dL/dW in full-rank training (nil when W is frozen or gradients are off).
     public private(set) var weightGrad: Tensor?
 
-    /// W is trained iff there is no adapter.
-    public var weightIsTrained: Bool { adapter == nil }
-
     /// `adapterA`: the `[r, in]` view of the group's A, for a LoRA model. `quant`: the storage format of
     /// the frozen W (LoRA models only; nil = dense), with an f32 master copy if `masterCopy`.
     init(kind: LinearKind, layer: Int, config: LlamaConfig, lora: LoRAConfig?, quant: QuantFormat? = nil,

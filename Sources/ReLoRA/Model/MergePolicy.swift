@@ -81,12 +81,18 @@ public struct MergeKey: Sendable, Equatable {
     public var sketchStream: UInt64 { stream | (1 << 63) }
 }
 
-/// Stores `target` into a quantized weight with `rounding`; with a master copy, the master becomes
-/// `target` (exactly) and the codes are its quantization.
-func storeQuantized(_ target: Tensor, into q: QuantizedTensor, rounding: QuantRounding, backend: Backend) throws {
-    if let master = q.master { backend.copy(target, to: master) }
-    if let failure = backend.quantize(q.master ?? target, into: q, rounding: rounding) {
-        throw failure.error(format: q.format, name: nil)
+/// Stores `target` into `weight`: a dense weight takes it as is (converted to its dtype); a quantized one
+/// is quantized with `rounding`, and with a master copy the master becomes `target` (exactly) and the
+/// codes are its quantization. The one store every policy uses.
+func store(_ target: Tensor, into weight: FrozenWeight, rounding: QuantRounding, backend: Backend) throws {
+    switch weight {
+    case .dense(let w):
+        backend.copy(target, to: w)
+    case .quantized(let q):
+        if let master = q.master { backend.copy(target, to: master) }
+        if let failure = backend.quantize(q.master ?? target, into: q, rounding: rounding) {
+            throw failure.error(format: q.format, name: nil)
+        }
     }
 }
 
@@ -96,7 +102,7 @@ public struct ExactMerge: MergePolicy {
     public let name = "exact"
     public init() {}
     public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
-        try RoundToNearestMerge().store(target, into: weight, key: key, backend: backend)
+        try ReLoRA.store(target, into: weight, rounding: .nearest, backend: backend)
     }
 }
 
@@ -107,10 +113,7 @@ public struct RoundToNearestMerge: MergePolicy {
     public let name = "rtn"
     public init() {}
     public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
-        switch weight {
-        case .dense(let w): backend.copy(target, to: w)
-        case .quantized(let q): try storeQuantized(target, into: q, rounding: .nearest, backend: backend)
-        }
+        try ReLoRA.store(target, into: weight, rounding: .nearest, backend: backend)
     }
 }
 
@@ -124,11 +127,7 @@ public struct StochasticRoundingMerge: MergePolicy {
     public let name = "stochastic"
     public init() {}
     public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
-        switch weight {
-        case .dense(let w): backend.copy(target, to: w)
-        case .quantized(let q):
-            try storeQuantized(target, into: q, rounding: .stochastic(seed: key.seed, stream: key.stream), backend: backend)
-        }
+        try ReLoRA.store(target, into: weight, rounding: .stochastic(seed: key.seed, stream: key.stream), backend: backend)
     }
 }
 
@@ -144,7 +143,7 @@ public struct CompensatingMerge: MergePolicy {
     public var compensation = ResidualCompensation()
     public init() {}
     public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
-        try RoundToNearestMerge().store(target, into: weight, key: key, backend: backend)
+        try ReLoRA.store(target, into: weight, rounding: .nearest, backend: backend)
     }
     public func initializeFactors(_ adapter: LoRAAdapter, residual: Tensor, key: MergeKey, backend: Backend) throws -> Bool {
         try compensation.initialize(adapter, residual: residual, key: key, backend: backend)
@@ -161,12 +160,9 @@ public struct MasterCopyMerge: MergePolicy {
     public let name = "master"
     public init() {}
     public func store(_ target: Tensor, into weight: FrozenWeight, key: MergeKey, backend: Backend) throws {
-        switch weight {
-        case .dense(let w): backend.copy(target, to: w)
-        case .quantized(let q):
-            precondition(q.master != nil, "merge policy 'master' needs weights with master copies (LlamaModel masterCopies)")
-            try storeQuantized(target, into: q, rounding: .nearest, backend: backend)
-        }
+        precondition(weight.quantized.map { $0.master != nil } ?? true,
+                     "merge policy 'master' needs weights with master copies (LlamaModel masterCopies)")
+        try ReLoRA.store(target, into: weight, rounding: .nearest, backend: backend)
     }
 }
 
