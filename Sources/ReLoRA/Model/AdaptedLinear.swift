@@ -167,10 +167,12 @@ public final class AdaptedLinear: @unchecked Sendable {
         guard let ad = adapter else { preconditionFailure("merge on a linear without an adapter") }
         let base = MergeStats.width * slot
         let target = b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
-        let w = b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
+        // W as f32: a dense f32 W is read in place; others (bf16, quantized) through a workspace copy.
+        let inPlace = weight.dense.flatMap { $0.dtype == .f32 ? $0 : nil }
+        let w = inPlace ?? b.makeTensor([outFeatures, inFeatures], dtype: .f32, tag: .workspace, zeroed: false)
         b.matmul(ad.b, ad.a, target, m: outFeatures, n: inFeatures, k: ad.rank, alphaScale: ad.scale)
         b.sumOfSquares(target, into: stats, at: base + MergeStats.update)
-        weight.read(into: w, b)
+        if inPlace == nil { weight.read(into: w, b) }
         b.sumOfSquares(w, into: stats, at: base + MergeStats.weight)
         b.axpy(1, w, target)
         do {
@@ -183,7 +185,7 @@ public final class AdaptedLinear: @unchecked Sendable {
             try policy.store(target, into: weight, key: key, backend: b)
             if let old, let q = weight.quantized { b.countChangedCodes(old: old, new: q, into: stats, at: base + MergeStats.changedCodes) }
         }
-        weight.read(into: w, b)
+        if inPlace == nil { weight.read(into: w, b) }
         b.axpy(-1, w, target)
         b.sumOfSquares(target, into: stats, at: base + MergeStats.lost)
         guard let reinitialize else { return false }
