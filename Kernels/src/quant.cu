@@ -176,7 +176,12 @@ static relora_status quantize_any(const char *op, int32_t format, const float *s
 }
 
 relora_status relora_cuda_quantize(int32_t format, const float *src, int64_t rows, int64_t cols, void *blocks,
-                                   uint64_t *failure, void *stream) {
+                                   int32_t rounding, uint64_t seed, uint64_t stream_id, uint64_t *failure,
+                                   void *stream) {
+    (void)seed;
+    (void)stream_id;
+    // PENDING(issue 9): stochastic rounding on the device.
+    RELORA_REQUIRE(rounding == RELORA_ROUND_NEAREST, "quantize", "rounding %d is not implemented yet", (int)rounding);
     return quantize_any("quantize", format, src, nullptr, rows, cols, blocks, failure, false, stream);
 }
 

@@ -77,6 +77,27 @@ relora_status relora_cuda_library_info(relora_library_info *info) {
     info->block_nf4_size = (int32_t)sizeof(block_nf4);
     info->block_nf4_align = (int32_t)alignof(block_nf4);
     info->bf16_size = (int32_t)sizeof(__nv_bfloat16);
+    info->device_properties_size = (int32_t)sizeof(relora_device_properties);
+    return RELORA_OK;
+}
+
+relora_status relora_cuda_device_properties(relora_device_properties *props) {
+    RELORA_REQUIRE(props, "device_properties", "null result pointer");
+    memset(props, 0, sizeof *props);
+    cudaDeviceProp prop;
+    RELORA_CHECK(check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
+    // Truncating copy (cudaDeviceProp.name is 256 bytes): always terminated.
+    const size_t length = strnlen(prop.name, sizeof props->name - 1);
+    memcpy(props->name, prop.name, length);
+    props->total_memory = (int64_t)prop.totalGlobalMem;
+    props->compute_major = prop.major;
+    props->compute_minor = prop.minor;
+    props->multiprocessors = prop.multiProcessorCount;
+#if !defined(RELORA_EMU)
+    int clock_khz = 0;
+    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0) == cudaSuccess) props->clock_khz = clock_khz;
+    (void)cudaGetLastError();
+#endif
     return RELORA_OK;
 }
 

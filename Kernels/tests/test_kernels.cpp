@@ -333,7 +333,7 @@ bool test_quantize(const Format &f, int64_t rows, int64_t cols) {
     src.upload(w.data(), src.bytes);
     char name[96];
     snprintf(name, sizeof name, "quantize %s [%lld, %lld]", f.name, (long long)rows, (long long)cols);
-    EXPECT_OK(name, api.quantize(f.id, (const float *)src.ptr, rows, cols, blocks.ptr, (uint64_t *)failure.ptr, nullptr));
+    EXPECT_OK(name, api.quantize(f.id, (const float *)src.ptr, rows, cols, blocks.ptr, RELORA_ROUND_NEAREST, 0, 0, (uint64_t *)failure.ptr, nullptr));
     bool ok = check_bytes(name, download_bytes(blocks), q.blocks);
     if (download_failure(failure) != RELORA_QUANT_NO_FAILURE) {
         record(false, name, "failure word set for valid input");
@@ -372,7 +372,7 @@ bool test_quantize_failures(const Format &f) {
         src.upload(w.data(), src.bytes);
         char name[128];
         snprintf(name, sizeof name, "quantize %s failure: %s", f.name, c.what);
-        EXPECT_OK(name, api.quantize(f.id, (const float *)src.ptr, rows, cols, blocks.ptr, (uint64_t *)failure.ptr, nullptr));
+        EXPECT_OK(name, api.quantize(f.id, (const float *)src.ptr, rows, cols, blocks.ptr, RELORA_ROUND_NEAREST, 0, 0, (uint64_t *)failure.ptr, nullptr));
         const uint64_t word = download_failure(failure);
         const int64_t index = (int64_t)(word >> 2), padded = q.padded;
         const bool match = word != RELORA_QUANT_NO_FAILURE && (int)(word & 3) == want_status && index / padded == want_row &&

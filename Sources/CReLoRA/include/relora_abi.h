@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 2
+#define RELORA_ABI_VERSION 3
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -46,11 +46,16 @@ typedef enum relora_status {
 // Storage dtypes of float tensors (the `dtype` arguments).
 #define RELORA_DTYPE_F32 1
 #define RELORA_DTYPE_BF16 2
+#define RELORA_DTYPE_F16 3  // storage only: `convert` reads and writes it, no compute kernel takes it
 
 // Quantized block formats (the `format` arguments); layouts in relora_quant.h.
 #define RELORA_FORMAT_Q8_0 1
 #define RELORA_FORMAT_Q4_0 2
 #define RELORA_FORMAT_NF4 3
+
+// Rounding of the quantizers (`quantize`'s rounding argument; QuantRounding on the Swift side).
+#define RELORA_ROUND_NEAREST 0
+#define RELORA_ROUND_STOCHASTIC 1
 
 // memcpy directions (the values of cudaMemcpyKind).
 #define RELORA_MEMCPY_HOST_TO_DEVICE 1
@@ -60,6 +65,10 @@ typedef enum relora_status {
 // Device scratch that sum_of_squares and dot_accumulate need (partial sums of at most 1024 blocks, in
 // double). One workspace must not be shared by calls that may run concurrently (two streams).
 #define RELORA_REDUCE_WORKSPACE_BYTES 8192
+
+// Device scratch that prune_magnitude, prune_moments and count_changed_codes need (histograms of the
+// radix select, partial counts). Same rule: one workspace per stream.
+#define RELORA_SELECT_WORKSPACE_BYTES (1 << 20)
 
 // The quantizers' failure word (a device uint64_t): RELORA_QUANT_NO_FAILURE when every block was
 // stored; otherwise (index << 2) | status for the first failing element in row-major order of the
@@ -77,8 +86,19 @@ typedef struct relora_library_info {
     int32_t block_nf4_size;
     int32_t block_nf4_align;
     int32_t bf16_size;          // sizeof(__nv_bfloat16)
+    int32_t device_properties_size;  // sizeof(relora_device_properties)
     char build[96];             // compiler and targets, e.g. "nvcc 13.0 sm_80,sm_86,sm_89,sm_90+PTX"
 } relora_library_info;
+
+// The device the library runs on (device 0), for the backend's probe, its log line and MFU.
+typedef struct relora_device_properties {
+    char name[96];              // cudaDeviceProp.name; the emulation: "relora CPU emulation"
+    int64_t total_memory;       // bytes (the emulation: its configured limit)
+    int32_t compute_major;      // compute capability
+    int32_t compute_minor;
+    int32_t multiprocessors;
+    int32_t clock_khz;          // peak SM clock (0 when the runtime does not report it)
+} relora_device_properties;
 
 // X(return type, name without the relora_cuda_ prefix, parameter list)
 #define RELORA_CUDA_FUNCTIONS(X)                                                                          \
@@ -90,6 +110,7 @@ typedef struct relora_library_info {
     /* human-readable text of the calling thread's last failure */                                       \
     X(const char *, last_error, (void))                                                                   \
     X(relora_status, library_info, (relora_library_info *info))                                          \
+    X(relora_status, device_properties, (relora_device_properties *props))                               \
     /* ---- Memory and streams (cudaMalloc & co.; the emulation guards every allocation) ---- */         \
     X(relora_status, malloc, (void **ptr, int64_t bytes))                                                 \
     X(relora_status, free, (void *ptr))                                                                   \
@@ -106,13 +127,45 @@ typedef struct relora_library_info {
     X(relora_status, dequantize, (int32_t format, const void *blocks, int64_t rows, int64_t cols,         \
                                   void *out, int32_t out_dtype, void *stream))                            \
     /* blocks = quantize(src), src f32 [rows, cols], rows zero-padded; *failure as described above */   \
+    /* rounding RELORA_ROUND_NEAREST: the reference quantizer; RELORA_ROUND_STOCHASTIC: */             \
+    /* relora_quantize_row_*_sr, element (r, c) drawing counter r * padded_cols + c of (seed, stream_id) */\
     X(relora_status, quantize, (int32_t format, const float *src, int64_t rows, int64_t cols,             \
-                                void *blocks, uint64_t *failure, void *stream))                           \
+                                void *blocks, int32_t rounding, uint64_t seed, uint64_t stream_id,        \
+                                uint64_t *failure, void *stream))                                         \
     /* rtn merge: out = quantize(dequantize(in) + delta) (delta f32 [rows, cols], one f32 add per */     \
     /* element; NULL = no update); out may equal in (in place) */                                        \
     X(relora_status, requantize_rtn, (int32_t format, const void *in_blocks, const float *delta,          \
                                       int64_t rows, int64_t cols, void *out_blocks, uint64_t *failure,    \
                                       void *stream))                                                      \
+    /* out[index] (f32) = how many element codes differ between old and new blocks of one [rows, cols] */\
+    /* matrix (scales not compared; padding never differs): Backend.countChangedCodes. Exact below 2^24 */\
+    X(relora_status, count_changed_codes, (int32_t format, const void *old_blocks, const void *new_blocks,\
+                                           int64_t rows, int64_t cols, float *out, int64_t index,         \
+                                           void *workspace, void *stream))                                \
+    /* ---- Fills, conversions, elementwise ---- */                                                     \
+    /* dst = src for count elements, src_dtype and dst_dtype F32|BF16|F16 (narrowing: round to nearest */\
+    /* even, as FloatBits on the host); equal dtypes copy the bytes */                                  \
+    X(relora_status, convert, (const void *src, int32_t src_dtype, void *dst, int32_t dst_dtype,          \
+                               int64_t count, void *stream))                                              \
+    X(relora_status, fill, (void *x, float value, int64_t count, int32_t dtype, void *stream))            \
+    /* x[i] = (2 * relora_rng_uniform(seed, stream_id, i) - 1) * bound, as CPUBackend.fillUniform */   \
+    X(relora_status, fill_uniform, (void *x, int64_t count, float bound, uint64_t seed,                   \
+                                    uint64_t stream_id, int32_t dtype, void *stream))                     \
+    /* x[i] ~ N(0, std^2), Box-Muller from counters 2i and 2i+1, as CPUBackend.fillNormal */              \
+    X(relora_status, fill_normal, (void *x, int64_t count, float std, uint64_t seed, uint64_t stream_id,   \
+                                   int32_t dtype, void *stream))                                          \
+    /* a[i] += alpha * b[i] for i < count; a and b each F32 or BF16 */                                   \
+    X(relora_status, axpy, (float alpha, const void *b, int32_t b_dtype, void *a, int32_t a_dtype,        \
+                            int64_t count, void *stream))                                                 \
+    X(relora_status, scale, (void *x, float alpha, int64_t count, int32_t dtype, void *stream))           \
+    /* ---- GEMM (cuBLAS cublasGemmEx, f32 compute; the emulation: OpenBLAS) ---- */                     \
+    /* Row-major, as Backend.matmul: c[m,n] = alpha * s * op(a)[m,k] op(b)[k,n] + beta * c, with */      \
+    /* s = *alpha_scale (a device f32 scalar) or 1 when NULL; op(a) = a^T when trans_a (a stored [k,m]),*/\
+    /* op(b) = b^T when trans_b (b stored [n,k]). a and b: ab_dtype (F32: computed in f32, no TF32; */   \
+    /* BF16: bf16 inputs, f32 accumulation); c: F32 or BF16 (rounded once). beta == 0 ignores c. */     \
+    X(relora_status, gemm, (int32_t trans_a, int32_t trans_b, int64_t m, int64_t n, int64_t k, float alpha,\
+                            const float *alpha_scale, const void *a, const void *b, int32_t ab_dtype,     \
+                            float beta, void *c, int32_t c_dtype, void *stream))                          \
     /* ---- Layers ---- */                                                                               \
     /* x, out, weight: dtype; rstd: f32 [rows] */                                                        \
     X(relora_status, rmsnorm_forward, (const void *x, const void *weight, void *out, float *rstd,         \
@@ -133,6 +186,26 @@ typedef struct relora_library_info {
     X(relora_status, embedding_backward, (const int32_t *ids, const void *dout, float *dtable,            \
                                           int64_t tokens, int64_t dim, int64_t vocab, int32_t dtype,      \
                                           void *stream))                                                  \
+    /* Rotary embedding in place, Hugging Face's rotate-half convention, angles as CPUBackend.ropeTables */\
+    /* (x: [batch * seq_len, heads * head_dim]; inverse: the transposed rotation = the backward) */     \
+    X(relora_status, rope, (void *x, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_dim,     \
+                            float theta, int32_t inverse, int32_t dtype, void *stream))                   \
+    /* Causal grouped-query attention, scale 1/sqrt(head_dim): q, out [N, heads*head_dim], k, v */       \
+    /* [N, kv_heads*head_dim] (dtype); lse f32 [batch, heads, seq_len] saved for the backward */         \
+    X(relora_status, attention_forward, (const void *q, const void *k, const void *v, void *out,          \
+                                         float *lse, int64_t batch, int64_t seq_len, int64_t heads,       \
+                                         int64_t kv_heads, int64_t head_dim, int32_t dtype, void *stream))\
+    /* overwrites dq, dk, dv (dk, dv sum over the query heads of a group, in a fixed order) */           \
+    X(relora_status, attention_backward, (const void *dout, const void *q, const void *k, const void *v,  \
+                                          const void *out, const float *lse, void *dq, void *dk, void *dv,\
+                                          int64_t batch, int64_t seq_len, int64_t heads, int64_t kv_heads,\
+                                          int64_t head_dim, int32_t dtype, void *stream))                 \
+    /* Fused softmax cross-entropy over logits [rows, vocab] (dtype), targets i32 [rows]: losses f32 */  \
+    /* [rows] (0 where target < 0); with_grad: logits = grad_scale * (softmax - onehot) (zero rows */   \
+    /* where target < 0). A target >= vocab is RELORA_ERR_INVALID_ARGUMENT at the next synchronize. */   \
+    X(relora_status, cross_entropy, (void *logits, const int32_t *targets, float *losses, int64_t rows,   \
+                                     int64_t vocab, int32_t with_grad, float grad_scale, int32_t dtype,   \
+                                     void *stream))                                                       \
     /* inverted dropout, mask from relora_rng_uniform(seed, stream_id, i) >= p; out may equal x */       \
     X(relora_status, dropout, (const void *x, void *out, int64_t count, float p, uint64_t seed,           \
                                uint64_t stream_id, int32_t dtype, void *stream))                          \
@@ -146,7 +219,18 @@ typedef struct relora_library_info {
                                       int64_t index, void *workspace, void *stream))                      \
     /* out[0] += sum a[i] * b[i] (summed in double) */                                                   \
     X(relora_status, dot_accumulate, (const void *a, const void *b, int64_t count, int32_t dtype,         \
-                                      float *out, void *workspace, void *stream))
+                                      float *out, void *workspace, void *stream))                         \
+    /* ---- Optimizer-state pruning (ReLoRA's reset; Backend.prune / pruneMoments). These synchronize */\
+    /* `stream` and write the number of zeroed entries to the HOST int64 *zeroed. ---- */               \
+    /* zeroes x[i] where |x[i]| <= the k-th smallest |x| (k >= 1, exact radix select over the bits) */   \
+    X(relora_status, prune_magnitude, (void *x, int64_t count, int32_t dtype, int64_t k, void *workspace, \
+                                       int64_t *zeroed, void *stream))                                    \
+    /* zeroes x[i] where (double)relora_rng_uniform(seed, stream_id, i) < probability */                 \
+    X(relora_status, prune_random, (void *x, int64_t count, int32_t dtype, double probability,            \
+                                    uint64_t seed, uint64_t stream_id, int64_t *zeroed, void *stream))    \
+    /* zeroes m[i] and v[i] where score |m|/(sqrt(v)+eps) (IEEE f32 ops) <= the k-th smallest score */   \
+    X(relora_status, prune_moments, (float *m, float *v, int64_t count, int64_t k, float eps,             \
+                                     void *workspace, int64_t *zeroed, void *stream))
 
 // ---- Prototypes, for the kernel library only ------------------------------------------------------
 #if defined(RELORA_CUDA_LIBRARY)
