@@ -2,29 +2,56 @@ import Foundation
 import ReLoRA
 
 let selfTestUsage = """
-    Usage: relora selftest [--device cpu|cuda] [--json]
+    Usage: relora selftest [--device cpu|cuda] [--group G[,G...]] [--json]
 
     Runs the backend conformance suite on the device: every op of the backend (transfers and dtype
     conversions, fills, matmul, rmsnorm, rope, attention, swiglu, embedding, cross-entropy, dropout,
-    reductions, AdamW, pruning) against naive Double references, with a bound derived per op and dtype,
-    and every backward against finite differences of its forward. Prints one line per check (op, shape,
+    reductions, AdamW, pruning, quantization) against naive Double references, with a bound derived per op
+    and dtype, and every backward against finite differences of its forward. On cuda every op runs in f32
+    and in bf16, and a few training steps of a tiny model (full-rank, ReLoRA over q4_0 and nf4 with a
+    restart) are compared with the CPU backend, in f32 and in bf16. Prints one line per check (op, shape,
     dtype, max error, bound, pass/FAIL) and "N passed, M failed"; exits 1 if any check failed.
 
-      --device D   cpu (default) or cuda
+      --device D   cpu (default) or cuda (the kernel library: RELORA_CUDA_LIB, next to the executable,
+                   or Kernels/build/libreloracuda.so; RELORA_CUDA_LIB=Kernels/build/libreloracuda-emu.so
+                   runs the kernels in their CPU emulation)
+      --group G    only these groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))
       --json       print {"backend", "passed", "failed", "checks": [...]} instead of the table
     """
 
 func runSelfTest(_ args: [String]) throws {
     if args.contains("--help") || args.contains("-h") { print(selfTestUsage); return }
     let a = try Arguments(args, flagNames: ["json"])
-    try a.checkKnown(["device", "json"])
+    try a.checkKnown(["device", "json", "group"])
     guard a.positional.isEmpty else { throw ReLoRAError.usage("selftest takes no arguments; see `relora selftest --help`") }
+    var groups = ConformanceGroup.allCases
+    if let list = a.string("group") {
+        groups = try list.split(separator: ",").map { name in
+            guard let g = ConformanceGroup(rawValue: String(name)) else {
+                throw ReLoRAError.usage("unknown group '\(name)'; groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return g
+        }
+    }
     let backend = try a.backend()
-    let checks = Conformance.run(on: backend)
+    let quiet = a.flag("json")
+    let progress: (ConformanceCheck) -> Void = { c in
+        if !quiet && !c.passed { printLine("FAIL \(c.op) [\(c.shape)] \(c.dtype): \(c.note)") }
+    }
+    // A backend that computes in bf16 is checked in both dtypes.
+    let computeDTypes: [DType] = backend.precision.activations == .f32 ? [.f32] : [.f32, backend.precision.activations]
+    var checks = Conformance.run(on: backend, computeDTypes: computeDTypes, groups: groups.filter { $0 != .training },
+                                 progress: progress)
+    if let device = backend as? CUDABackend, groups.contains(.training) {
+        checks += try TrainingConformance.run(makeDevice: { CUDABackend(library: device.library, precision: $0) }, progress: progress)
+    }
     if a.flag("json") {
         print(Conformance.json(checks, backend: backend.name))
     } else {
         print(Conformance.table(checks))
+        if let device = backend as? CUDABackend {
+            print("device: \(device.library.deviceName) (\(device.library.buildDescription), \(device.library.path))")
+        }
         print("\(backend.name): \(Conformance.summary(checks))")
     }
     if checks.contains(where: { !$0.passed }) { exit(1) }

@@ -13,14 +13,14 @@ public enum Device: String, Sendable, CaseIterable {
 
 /// The one place backends are constructed (tests may build `CPUBackend` directly).
 public enum BackendFactory {
-    /// A computing backend for `device`. `cuda` fails with one sentence until the CUDA backend lands.
+    /// A computing backend for `device`. `cuda` without a kernel library or a device fails with one sentence
+    /// naming what is missing (`CUDALibrary.open`).
     public static func make(_ device: Device) throws -> Backend {
         switch device {
         case .cpu:
             return CPUBackend()
         case .cuda:
-            throw ReLoRAError.invalidConfig(
-                "device 'cuda' is not available: this build has no CUDA backend yet (the kernels in Kernels/ and the Swift CUDA backend are not built); use --device cpu, or plan a CUDA run with `relora memory --device cuda`")
+            return try CUDABackend.open()
         }
     }
 

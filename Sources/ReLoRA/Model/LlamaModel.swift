@@ -432,10 +432,13 @@ final class BlockActivations {
         let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
         let dtype = backend.precision.activations
         func t(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .activations, zeroed: false) }
-        ln1 = t([n, c]); rstd1 = t([n])
+        // Per-row statistics the backward reads (RMSNorm's 1/rms, attention's log-sum-exp) stay f32 on
+        // every backend: they are small, and a bf16 rstd or lse would cost the backward 8 bits.
+        func stat(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: .f32, tag: .activations, zeroed: false) }
+        ln1 = t([n, c]); rstd1 = stat([n])
         q = t([n, cfg.queryWidth]); k = t([n, cfg.keyValueWidth]); v = t([n, cfg.keyValueWidth])
-        attn = t([n, cfg.queryWidth]); lse = t([batch, cfg.numAttentionHeads, seqLen])
-        res2 = t([n, c]); ln2 = t([n, c]); rstd2 = t([n])
+        attn = t([n, cfg.queryWidth]); lse = stat([batch, cfg.numAttentionHeads, seqLen])
+        res2 = t([n, c]); ln2 = t([n, c]); rstd2 = stat([n])
         gate = t([n, f]); up = t([n, f]); h = t([n, f])
         loraUT = loraRank.map { t([LinearKind.allCases.count * $0, n]) }
         self.loraRank = loraRank ?? 0
@@ -486,7 +489,9 @@ final class Workspace {
         }
         ids = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
         targets = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
-        lnf = act([n, c]); rstdf = act([n]); logits = act([n, cfg.vocabSize]); losses = act([n])
+        // rstd and per-token losses in f32 (see BlockActivations); logits in the activation dtype.
+        lnf = act([n, c]); rstdf = backend.makeTensor([n], dtype: .f32, tag: .activations, zeroed: false)
+        logits = act([n, cfg.vocabSize]); losses = backend.makeTensor([n], dtype: .f32, tag: .activations, zeroed: false)
         if training {
             dres = scratch([n, c]); dln = scratch([n, c])
             dq = scratch([n, cfg.queryWidth]); dk = scratch([n, cfg.keyValueWidth]); dv = scratch([n, cfg.keyValueWidth])

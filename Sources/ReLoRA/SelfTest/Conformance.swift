@@ -23,6 +23,9 @@ public enum ConformanceGroup: String, CaseIterable, Sendable, Codable {
     /// quantize (round to nearest, stochastic: bytes, reproducibility, unbiasedness), dequantize and
     /// countChangedCodes, per quantized format.
     case quantization
+    /// Training steps of a tiny model on a device backend against the CPU (`TrainingConformance`; run by
+    /// `relora selftest` for a device other than the CPU, not by `Conformance.run`).
+    case training
 }
 
 /// One conformance check: an op on one shape and dtype, its worst error against the suite's reference
