@@ -59,13 +59,6 @@ func runMemory(_ args: [String]) throws {
 /// Refuses (before anything is allocated) a run whose plan exceeds `budget`, naming a change that fits.
 func checkBudget(_ recipe: Recipe, budget: Int) throws {
     let device = try Device(parsing: recipe.device)
-    let config = try LlamaConfig(contentsOf: recipe.model)
-    let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget)
-    guard plan.fits else {
-        let fix = MemoryPlanner.suggestion(for: recipe, config: config, device: device, budget: budget)
-            .map { "; this would fit: \($0)" } ?? "; no standard change (block checkpointing, micro-batch 1, smaller rank) fits it"
-        throw ReLoRAError.invalidConfig(
-            "the run needs \(formatBytes(plan.report.peakTotal)) on \(device.rawValue) (planned), more than the budget \(formatBytes(budget))\(fix)")
-    }
+    let plan = try MemoryPlanner.requireFits(recipe, config: try LlamaConfig(contentsOf: recipe.model), device: device, budget: budget)
     printLine("memory plan: peak \(formatBytes(plan.report.peakTotal)) of the \(formatBytes(budget)) budget on \(device.rawValue)")
 }

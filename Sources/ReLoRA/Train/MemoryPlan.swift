@@ -21,6 +21,20 @@ public enum MemoryPlanner {
         return MemoryPlan(device: device, report: backend.ledger.report(), budget: budget)
     }
 
+    /// The plan for `recipe` on `device`, or one sentence with the first standard change that fits when its
+    /// peak exceeds `budget` (`what` names the budget: "the budget", "free device memory").
+    public static func requireFits(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int,
+                                   what: String = "the budget") throws -> MemoryPlan {
+        let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget)
+        guard plan.fits else {
+            let fix = suggestion(for: recipe, config: config, device: device, budget: budget)
+                .map { "; this would fit: \($0)" } ?? "; no standard change (block checkpointing, micro-batch 1, smaller rank) fits it"
+            throw ReLoRAError.invalidConfig(
+                "the run needs \(formatBytes(plan.report.peakTotal)) on \(device.rawValue) (planned), more than \(what) (\(formatBytes(budget)))\(fix)")
+        }
+        return plan
+    }
+
     /// The planned code path on any backend (tests run it on the CPU to prove plan = measured).
     static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend) throws {
         try recipe.loraConfig?.validate(for: config)

@@ -43,6 +43,8 @@ public final class Trainer {
     public private(set) var lastStepTransfers = TransferCount()
     /// Every step's metrics of this process, in order (tests compare runs with it).
     public private(set) var history: [StepMetrics] = []
+    /// The plan's device peak, for a run on a GPU (printed beside the measured peak after the first step).
+    public private(set) var plannedPeak: Int?
 
     /// How restarts merge: the recipe's `merge_policy` (default `exact` for dense weights, `rtn` for quantized ones).
     var mergePolicy: MergePolicy { recipe.effectiveMergePolicy.policy }
@@ -88,6 +90,17 @@ public final class Trainer {
         schedule = recipe.schedule
         try recipe.loraConfig?.validate(for: config)
 
+        if let device = backend as? CUDABackend {
+            guard !recipe.keepsMasterCopies else {
+                throw ReLoRAError.invalidConfig("merge_policy 'master' keeps f32 master copies in host memory, which the CUDA backend cannot merge into yet; use merge_policy compensate or stochastic on cuda, or train on the cpu")
+            }
+            // Refuse before allocating a run whose plan does not fit what the device has free now.
+            let free = device.deviceMemory().free
+            let plan = try MemoryPlanner.requireFits(recipe, config: config, device: .cuda, budget: free,
+                                                     what: "the free memory of \(device.library.deviceName)")
+            plannedPeak = plan.report.peakTotal
+            log("memory plan: peak \(formatBytes(plan.report.peakTotal)) of \(formatBytes(free)) free on \(device.library.deviceName)")
+        }
         model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
                            quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
         stepFLOPs = ModelFLOPs.perStep(config: config, recipe: recipe)
@@ -319,8 +332,12 @@ public final class Trainer {
             eta.record(done: state.step, at: monotonicSeconds())
             lastLoss = metrics.loss
             if history.count == 1 {
-                log("memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
-                    + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down")
+                var text = "memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
+                    + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down"
+                if let device = model.backend as? CUDABackend {
+                    text += "\n" + device.memorySummary() + (plannedPeak.map { "; planned peak \(formatBytes($0))" } ?? "")
+                }
+                log(text)
             }
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics, secondsLeft: eta.secondsRemaining))
