@@ -22,6 +22,30 @@ if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "compression" {
     exit(0)
 }
 
+// `relora-bench gpu [--config FILE] [--seq-len N] [--batch B] [--steps S] [--json OUT]`: the CUDA backend's
+// figures (GPUBench.swift); the kernel library as `relora --device cuda` finds it (RELORA_CUDA_LIB, ...).
+if CommandLine.arguments.count > 1, CommandLine.arguments[1] == "gpu" {
+    var g = GPUBenchOptions()
+    var args = Array(CommandLine.arguments.dropFirst(2))
+    while !args.isEmpty {
+        let key = args.removeFirst()
+        guard !args.isEmpty else { FileHandle.standardError.write(Data("error: \(key) needs a value\n".utf8)); exit(2) }
+        let value = args.removeFirst()
+        switch key {
+        case "--config": g.config = value
+        case "--seq-len": g.seqLen = Int(value) ?? g.seqLen
+        case "--batch": g.batch = Int(value) ?? g.batch
+        case "--steps": g.steps = max(1, Int(value) ?? g.steps)
+        case "--json": g.json = value
+        default: FileHandle.standardError.write(Data("error: unknown option \(key) (--config --seq-len --batch --steps --json)\n".utf8)); exit(2)
+        }
+    }
+    do { try runGPUBench(g) } catch {
+        FileHandle.standardError.write(Data("error: \(error)\n".utf8)); exit(2)
+    }
+    exit(0)
+}
+
 struct Options {
     var config = "Configs/models/llama_20m.json"
     var seqLen = 256

@@ -66,12 +66,24 @@ public enum PeakFLOPs {
     /// which raises the MFU of steps that run while they are quiet: read MFU as a ratio within one run.
     public static let cpu: Double = sgemm(m: 1024, n: 1024, k: 1024)
 
-    /// The peak for `backend`'s MFU: the measured sgemm rate on the CPU; nil where none is known (a planning
-    /// backend; a CUDA backend will report its device's bf16 tensor-core peak here).
+    /// The peak for `backend`'s MFU: the measured sgemm rate on the CPU, the device's dense bf16 tensor-core
+    /// peak on a GPU (`cudaBF16Peak`); nil where none is known (a planning backend, the emulation, a GPU
+    /// missing from the table).
     public static func peak(for backend: Backend) -> Double? {
-        switch backend.name {
-        case "cpu": return cpu
-        default: return nil
+        if let device = backend as? CUDABackend {
+            return device.library.emulated ? nil : cudaBF16Peak(deviceName: device.library.deviceName)
         }
+        return backend.name == "cpu" ? cpu : nil
+    }
+
+    /// Dense bf16 tensor-core FLOP/s with fp32 accumulation (no sparsity) from the vendors' data sheets, by
+    /// device name (`cudaDeviceProp.name`). SXM parts unless the name says PCIe.
+    public static func cudaBF16Peak(deviceName name: String) -> Double? {
+        let table: [(String, Double)] = [
+            ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+            ("L40S", 362e12), ("RTX 6000 Ada", 364e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+            ("RTX A6000", 154.8e12), ("L4", 121e12), ("A10", 125e12),
+        ]
+        return table.first { name.contains($0.0) }?.1
     }
 }

@@ -39,10 +39,19 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         self.library = library
         self.precision = precision
         name = library.emulated ? "cuda-emulated" : "cuda"
-        allocator = DeviceAllocator(library: library)
+        let limit = ProcessInfo.processInfo.environment["RELORA_DEVICE_MEMORY_LIMIT"].flatMap { try? MemoryPlanner.parseBytes($0) }
+        allocator = DeviceAllocator(library: library, limit: limit)
         reduceWorkspace = allocator.allocate(Int(RELORA_REDUCE_WORKSPACE_BYTES), tag: .workspace)
         selectWorkspace = allocator.allocate(Int(RELORA_SELECT_WORKSPACE_BYTES), tag: .workspace)
         failureWord = allocator.allocate(8, tag: .workspace)
+    }
+
+    /// Runs after the last tensor went away (each holds its backend): the cache goes back to the device.
+    deinit {
+        allocator.release(reduceWorkspace)
+        allocator.release(selectWorkspace)
+        allocator.release(failureWord)
+        allocator.emptyCache()
     }
 
     /// The backend on the process's kernel library (`CUDALibrary.open()`'s search), or one sentence saying
@@ -79,12 +88,18 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         return allocator.stats
     }
 
-    /// What the device reports (`cudaMemGetInfo`): free and total bytes.
+    /// What the device reports (`cudaMemGetInfo`): free and total bytes; under a `RELORA_DEVICE_MEMORY_LIMIT`
+    /// cap, what the cap leaves (total = the cap, free = the cap less what the allocator reserved).
     public func deviceMemory() -> (free: Int, total: Int) {
         var free: Int64 = 0, total: Int64 = 0
         library.check(api.mem_get_info!(&free, &total), "mem_get_info")
-        return (Int(free), Int(total))
+        lock.lock(); defer { lock.unlock() }
+        guard let limit = allocator.limit else { return (Int(free), Int(total)) }
+        return (min(Int(free), max(0, limit - allocator.stats.reserved)), min(Int(total), limit))
     }
+
+    /// Waits for every queued kernel (benchmarks time with it; ops that return values already wait).
+    public func synchronize() { sync() }
 
     /// One line for a run's log: the allocator's high-water marks and the device's own view.
     public func memorySummary() -> String {

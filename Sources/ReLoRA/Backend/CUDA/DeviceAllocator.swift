@@ -25,12 +25,18 @@ final class DeviceAllocator {
     }
 
     private let library: CUDALibrary
+    /// A cap on reserved bytes below the device's memory (`RELORA_DEVICE_MEMORY_LIMIT`): how a 24 GB card
+    /// is measured on a bigger one. nil: the device's own limit.
+    let limit: Int?
     private var cache: [Int: [UnsafeMutableRawPointer]] = [:]
     private var live: [UnsafeMutableRawPointer: (bytes: Int, tag: MemoryTag)] = [:]
     private var inUseByTag: [MemoryTag: Int] = [:]
     private(set) var stats = Stats()
 
-    init(library: CUDALibrary) { self.library = library }
+    init(library: CUDALibrary, limit: Int?) {
+        self.library = library
+        self.limit = limit
+    }
 
     static func roundedSize(_ bytes: Int) -> Int {
         let small = 512, large = 2 << 20
@@ -81,13 +87,14 @@ final class DeviceAllocator {
 
     private func mallocOrTrim(_ size: Int) -> UnsafeMutableRawPointer {
         var ptr: UnsafeMutableRawPointer?
-        var status = library.api.malloc!(&ptr, Int64(size))
+        let overCap = { self.limit.map { self.stats.reserved + size > $0 } ?? false }
+        var status = overCap() ? RELORA_ERR_OUT_OF_MEMORY : library.api.malloc!(&ptr, Int64(size))
         if status == RELORA_ERR_OUT_OF_MEMORY && !cache.isEmpty {
             emptyCache()
-            status = library.api.malloc!(&ptr, Int64(size))
+            status = overCap() ? RELORA_ERR_OUT_OF_MEMORY : library.api.malloc!(&ptr, Int64(size))
         }
         if status != RELORA_OK || ptr == nil {
-            let message = library.lastError
+            let message = overCap() ? "over the RELORA_DEVICE_MEMORY_LIMIT cap of \(formatBytes(limit!))" : library.lastError
             fatalError("cuda: out of device memory allocating \(formatBytes(size)) (\(formatBytes(stats.inUse)) in use, \(formatBytes(stats.reserved)) reserved): \(message); plan the run with `relora memory --device cuda` and apply its suggestion (block checkpointing, a smaller micro-batch, a quantized base)")
         }
         stats.mallocCalls += 1

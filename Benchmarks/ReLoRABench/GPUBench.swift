@@ -1,0 +1,173 @@
+import Foundation
+import ReLoRA
+
+// `relora-bench --mode gpu`: the CUDA backend's figures (issue 9, item 6), each against a baseline measured
+// in the same run on the same device.
+//   1. quantized linear (dequantize into the bf16 scratch + cuBLAS) vs plain cuBLAS bf16 on the same shapes:
+//      1b and 7b layer shapes, M = 4096, 8192, 16384 tokens, forward and input gradient;
+//   2. dequantize and quantize (the merge's requantization) bandwidth vs a device-to-device copy;
+//   3. whole training steps of a config (default llama_1b): full bf16, relora dense, relora q8_0, relora
+//      q4_0: tokens/s, MFU (the trainer's model FLOPs over the device's bf16 peak), memory by tag and the
+//      allocator's peak beside the plan;
+//   4. which configs fit 24 GiB by plan (relora q4_0, block checkpointing).
+// On the CPU emulation of the kernels every shape is shrunk (the fibers run ~10^6 threads/s): that checks
+// the code path only, its numbers mean nothing.
+struct GPUBenchOptions {
+    var config = "Configs/models/llama_1b.json"
+    var seqLen = 1024
+    var batch = 4
+    var steps = 3
+    var json: String?
+}
+
+func runGPUBench(_ o: GPUBenchOptions) throws {
+    let backend = try CUDABackend.open()
+    let lib = backend.library
+    let emulated = lib.emulated
+    print("device: \(lib.deviceName) (\(lib.buildDescription)); library \(lib.path)")
+    if emulated { print("NOTE: the CPU emulation of the kernels: shapes shrunk, numbers meaningless (a code-path check)") }
+    var results: [String: Any] = ["device": lib.deviceName, "library": lib.buildDescription, "emulated": emulated]
+
+    func time(_ reps: Int, _ body: () -> Void) -> Double {
+        body()
+        backend.synchronize()
+        var best = Double.infinity
+        for _ in 0..<reps {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            body()
+            backend.synchronize()
+            best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+        }
+        return best
+    }
+    let reps = emulated ? 1 : 5
+
+    // 1. Quantized linear vs plain cuBLAS bf16.
+    let shapes: [(String, Int, Int)] = emulated
+        ? [("tiny", 96, 64)]
+        : [("1b attn [2048,2048]", 2048, 2048), ("1b up [5461,2048]", 5461, 2048), ("1b down [2048,5461]", 2048, 5461),
+           ("7b attn [4096,4096]", 4096, 4096), ("7b up [11008,4096]", 11008, 4096), ("7b down [4096,11008]", 4096, 11008)]
+    let tokenCounts = emulated ? [64] : [4096, 8192, 16384]
+    var gemmRows: [[String: Any]] = []
+    print("\n1. quantized linear (dequantize + cuBLAS bf16) vs plain cuBLAS bf16, TFLOP/s (ratio to plain)")
+    print("shape                     M       plain fwd  q8_0 fwd        q4_0 fwd        nf4 fwd         plain dX  q4_0 dX")
+    for (label, out, inF) in shapes {
+        let w = backend.makeTensor([out, inF], dtype: .bf16, tag: .frozenWeights, zeroed: false)
+        backend.fillUniform(w, bound: 0.05, seed: 1, stream: 1)
+        let master = backend.makeTensor([out, inF], dtype: .f32, tag: .workspace, zeroed: false)
+        backend.fillUniform(master, bound: 0.05, seed: 1, stream: 1)
+        let scratch = backend.makeTensor(backend.dequantizeScratchShape(rows: out, cols: inF), dtype: .bf16, tag: .workspace, zeroed: false)
+        var quantized: [(QuantFormat, QuantizedTensor)] = []
+        for f in [QuantFormat.q8_0, .q4_0, .nf4] {
+            let q = QuantizedTensor(format: f, rows: out, cols: inF, backend: backend, tag: .frozenWeights)
+            if let failure = backend.quantize(master, into: q) { throw failure.error(format: f, name: label) }
+            quantized.append((f, q))
+        }
+        for m in tokenCounts {
+            let x = backend.makeTensor([m, inF], dtype: .bf16, tag: .activations, zeroed: false)
+            backend.fillUniform(x, bound: 1, seed: 2, stream: 2)
+            let y = backend.makeTensor([m, out], dtype: .bf16, tag: .activations, zeroed: false)
+            let dx = backend.makeTensor([m, inF], dtype: .bf16, tag: .activations, zeroed: false)
+            let flops = 2.0 * Double(m) * Double(out) * Double(inF)
+            let plain = time(reps) { backend.matmul(x, w, y, m: m, n: out, k: inF, transB: true) }
+            let plainDX = time(reps) { backend.matmul(y, w, dx, m: m, n: inF, k: out) }
+            var row: [String: Any] = ["shape": label, "out": out, "in": inF, "tokens": m,
+                                      "plain_fwd_tflops": flops / plain / 1e12, "plain_dx_tflops": flops / plainDX / 1e12]
+            var line = String(format: "%-24@ %6d  %6.1f", label as NSString, m, flops / plain / 1e12)
+            for (f, q) in quantized {
+                let t = time(reps) { backend.quantizedLinear(x, q, y, tokens: m, beta: 0, scratch: scratch) }
+                row["\(f.rawValue)_fwd_tflops"] = flops / t / 1e12
+                row["\(f.rawValue)_fwd_ratio"] = plain / t
+                line += String(format: "    %6.1f (%4.2f)", flops / t / 1e12, plain / t)
+            }
+            let q4 = quantized[1].1
+            let tdx = time(reps) { backend.quantizedLinearInput(y, q4, dx, tokens: m, beta: 0, scratch: scratch) }
+            row["q4_0_dx_ratio"] = plainDX / tdx
+            line += String(format: "   %6.1f  %6.1f (%4.2f)", flops / plainDX / 1e12, flops / tdx / 1e12, plainDX / tdx)
+            print(line)
+            gemmRows.append(row)
+        }
+    }
+    results["quantized_linear"] = gemmRows
+
+    // 2. Dequantize / quantize bandwidth vs a device-to-device copy of the bf16 weight.
+    print("\n2. dequantize and quantize (merge) bandwidth, GB/s (ratio to a bf16 device copy of the same weight)")
+    var bandwidthRows: [[String: Any]] = []
+    let (bwOut, bwIn) = emulated ? (96, 64) : (11008, 4096)
+    let src = backend.makeTensor([bwOut, bwIn], dtype: .f32, tag: .workspace, zeroed: false)
+    backend.fillUniform(src, bound: 0.05, seed: 3, stream: 3)
+    let bf = backend.makeTensor([bwOut, bwIn], dtype: .bf16, tag: .workspace, zeroed: false)
+    let bf2 = backend.makeTensor([bwOut, bwIn], dtype: .bf16, tag: .workspace, zeroed: false)
+    let copySeconds = time(reps) { backend.copy(bf, to: bf2) }
+    let copyGBs = Double(2 * bf.byteCount) / copySeconds / 1e9
+    print(String(format: "copy bf16 [%d,%d]: %.0f GB/s (read + write)", bwOut, bwIn, copyGBs))
+    for f in [QuantFormat.q8_0, .q4_0, .nf4] {
+        let q = QuantizedTensor(format: f, rows: bwOut, cols: bwIn, backend: backend, tag: .frozenWeights)
+        let tq = time(reps) { _ = backend.quantize(src, into: q) }
+        let td = time(reps) { backend.dequantize(q, firstRow: 0, rowCount: bwOut, into: bf) }
+        let deqGBs = Double(q.blocks.byteCount + bf.byteCount) / td / 1e9
+        let quantGBs = Double(src.byteCount + q.blocks.byteCount) / tq / 1e9
+        print(String(format: "%@: dequantize -> bf16 %.0f GB/s (%.2f of copy), quantize f32 -> blocks %.0f GB/s (%.2f of copy)",
+                     f.rawValue, deqGBs, deqGBs / copyGBs, quantGBs, quantGBs / copyGBs))
+        bandwidthRows.append(["format": f.rawValue, "dequantize_gbs": deqGBs, "quantize_gbs": quantGBs, "copy_gbs": copyGBs])
+    }
+    results["bandwidth"] = bandwidthRows
+
+    // 3. Whole training steps.
+    let configPath = emulated ? "Configs/models/llama_tiny.json" : o.config
+    let config = try LlamaConfig(contentsOf: configPath)
+    let seqLen = emulated ? 32 : o.seqLen, batch = emulated ? 2 : o.batch
+    print("\n3. training steps: \(configPath), \(batch) x \(seqLen) tokens, median of \(o.steps) steps after a warm-up")
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("relora-gpu-bench-\(getpid())").path
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    var rng = SystemRandomNumberGenerator()
+    let tokens = (0..<max(200_000, 4 * batch * seqLen * (o.steps + 2))).map { _ in Int64.random(in: 0..<Int64(config.vocabSize), using: &rng) }
+    try NpyWriter.write(tokens: tokens, dtype: .uint32, to: dir + "/train.npy")
+    var stepRows: [[String: Any]] = []
+    let variants: [(String, TrainingMode, FrozenStorage)] = [
+        ("full bf16", .full, .none), ("relora dense", .relora, .none), ("relora q8_0", .relora, .q8_0), ("relora q4_0", .relora, .q4_0),
+    ]
+    for (label, mode, quant) in variants {
+        var r = Recipe(model: configPath, trainData: dir + "/train.npy", runDir: dir + "/run-\(stepRows.count)")
+        r.seqLen = seqLen; r.microBatch = batch; r.steps = o.steps + 1; r.warmupSteps = 0
+        r.evalEvery = 1_000_000; r.checkpointEvery = 1_000_000; r.logEvery = 1_000_000
+        r.checkpointing = .block; r.mode = mode; r.quant = quant
+        if mode != .full { r.loraRank = 128; r.loraAlpha = 32; r.reloraEvery = 1_000_000 }
+        let stepBackend = try CUDABackend.open()
+        let trainer = try Trainer(recipe: r, resume: false, backend: stepBackend, log: { _ in })
+        while trainer.state.step < r.steps { _ = try trainer.trainStep() }
+        let times = trainer.history.dropFirst().map { $0.milliseconds / 1000 }.sorted()
+        let median = times[times.count / 2]
+        let mfu = trainer.history.last?.mfu
+        let report = stepBackend.ledger.report()
+        let line = String(format: "%-14@ %8.0f tokens/s  MFU %@  ledger peak %@ (plan %@)", label as NSString,
+                          Double(r.tokensPerStep) / median, mfu.map { String(format: "%.1f%%", 100 * $0) } ?? "n/a",
+                          formatBytes(report.peakTotal), trainer.plannedPeak.map(formatBytes) ?? "n/a")
+        print(line)
+        print("    " + stepBackend.memorySummary())
+        stepRows.append(["variant": label, "tokens_per_second": Double(r.tokensPerStep) / median, "mfu": mfu ?? NSNull(),
+                         "ledger_peak_bytes": report.peakTotal, "planned_peak_bytes": trainer.plannedPeak ?? NSNull(),
+                         "peak_by_tag": Dictionary(uniqueKeysWithValues: report.peak.map { ($0.key.rawValue, $0.value) })])
+    }
+    results["training_steps"] = stepRows
+
+    // 4. What fits 24 GiB by plan.
+    print("\n4. planned peak on cuda, relora q4_0, block checkpointing, seq 1024, micro-batch 4 (24 GiB card)")
+    var fitRows: [[String: Any]] = []
+    for name in ["llama_1b", "llama_7b", "llama_13b"] {
+        let path = "Configs/models/\(name).json"
+        var r = Recipe(model: path, trainData: dir + "/train.npy", runDir: dir + "/plan")
+        r.seqLen = 1024; r.microBatch = 4; r.mode = .relora; r.quant = .q4_0; r.checkpointing = .block
+        r.loraRank = 128; r.reloraEvery = 1000
+        let plan = try MemoryPlanner.plan(r, config: try LlamaConfig(contentsOf: path), device: .cuda, budget: 24 << 30)
+        print("\(name): \(formatBytes(plan.report.peakTotal)) \(plan.fits ? "fits" : "does not fit")")
+        fitRows.append(["config": name, "planned_peak_bytes": plan.report.peakTotal, "fits_24gib": plan.fits])
+    }
+    results["fits_24gib"] = fitRows
+
+    if let path = o.json {
+        try JSONSerialization.data(withJSONObject: results, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: path))
+        print("\nwrote \(path)")
+    }
+}
