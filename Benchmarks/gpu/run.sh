@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issue 9 on any machine with a CUDA GPU and nvcc, without Swift:
+#   1. builds Kernels/ with the machine's nvcc (CUDA_HOME, or the nvcc on PATH, or /usr/local/cuda);
+#   2. `make test-cuda`: every kernel against its scalar reference on the GPU;
+#   3. `relora selftest --device cuda`: every backend op (f32 and bf16) and training steps against the CPU;
+#   4. `relora-bench gpu`: quantized linear vs cuBLAS, dequantize/merge bandwidth, 1b training steps, 24 GiB fits.
+# Needs dist/gpu/ from Benchmarks/gpu/package.sh (static-stdlib binaries + their shared libraries).
+# Results go to $OUT (default ./gpu-results): one log per stage, selftest.json, bench.json, summary.txt.
+# Usage: bash Benchmarks/gpu/run.sh            (each stage's exit status is recorded; later stages still run)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/gpu-results}"
+mkdir -p "$OUT"
+DIST="${DIST:-$PWD/dist/gpu}"
+export LD_LIBRARY_PATH="$DIST/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+summary="$OUT/summary.txt"
+: > "$summary"
+stage() {  # stage NAME TIMEOUT_S COMMAND...: runs it with its output in $OUT/NAME.log and records the status
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$summary"
+    return $rc
+}
+
+if [ -z "${CUDA_HOME:-}" ]; then
+    if command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    else CUDA_HOME=/usr/local/cuda; fi
+fi
+export CUDA_HOME
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1; "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -2; } > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+# The machine's nvcc may be older or newer than the pinned 13.0: build for its own GPU's arch only.
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
+stage build 400 make -C Kernels -j"$(nproc)" cuda CUDA_HOME="$CUDA_HOME" ${arch:+CUDA_ARCHS="$arch"} \
+    ${arch:+GENCODE="-gencode arch=compute_$arch,code=sm_$arch"} ${arch:+ARCH_TEXT="sm_$arch"} || { echo "kernel build failed: $OUT/build.log"; exit 1; }
+cp Kernels/build/ptxas_report.txt "$OUT/" 2>/dev/null
+stage kernel-tests 120 make -C Kernels test-cuda CUDA_HOME="$CUDA_HOME"
+export RELORA_CUDA_LIB="$PWD/Kernels/build/libreloracuda.so"
+stage selftest 300 "$DIST/relora" selftest --device cuda
+"$DIST/relora" selftest --device cuda --json > "$OUT/selftest.json" 2>/dev/null || true
+stage bench 400 "$DIST/relora-bench" gpu --json "$OUT/bench.json"
+echo "results in $OUT:"; ls -la "$OUT"
+cat "$summary"
