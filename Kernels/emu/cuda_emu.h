@@ -346,6 +346,11 @@ inline float __fsqrt_rn(float a) { return sqrtf(a); }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return sqrt(a); }
+inline float __double2float_rn(double a) { return (float)a; }
+inline float __ll2float_rn(long long a) { return (float)a; }
+inline float __ull2float_rn(unsigned long long a) { return (float)a; }
 inline unsigned int __float_as_uint(float f) {
     unsigned int u;
     memcpy(&u, &f, sizeof u);

@@ -107,5 +107,7 @@ bool sync(const char *name);
 
 // Entry points of the emulation self-checks (test_emulation.cu).
 bool run_emulation_checks();
+// GEMM, conversions, fills, axpy/scale, stochastic quantize, changed codes, pruning (test_ops.cpp).
+bool run_ops_suite();
 
 #endif  // RELORA_KERNEL_HARNESS_H

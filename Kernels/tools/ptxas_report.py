@@ -28,10 +28,24 @@ HOT = [
     "adamw_kernel",
     "reduce_partial_kernel",
     "reduce_final_kernel",
+    "convert_kernel",
+    "fill_kernel",
+    "fill_uniform_kernel",
+    "fill_normal_kernel",
+    "axpy_kernel",
+    "scale_kernel",
+    "gemm_scalars_kernel",
 ]
-# Kernels that run once per restart or less (the merge): reported, spills allowed.
+# Kernels that run once per restart or less (the merge, optimizer-state pruning, the merge report):
+# reported, spills allowed.
 COLD = [
     "quantize_kernel",
+    "select_histogram_kernel",
+    "select_scan_kernel",
+    "select_zero_kernel",
+    "prune_random_kernel",
+    "changed_codes_kernel",
+    "changed_codes_final_kernel",
 ]
 
 

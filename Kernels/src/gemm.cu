@@ -1,0 +1,161 @@
+// GEMM through cuBLAS (cublasGemmEx), Backend.matmul's row-major semantics:
+//   c[m, n] = alpha * s * op(a)[m, k] op(b)[k, n] + beta * c,   s = *alpha_scale (device f32) or 1.
+//
+// Row-major onto column-major: a row-major [r, c] matrix is the column-major [c, r] matrix with the same
+// leading dimension, so c^T = op(b)^T op(a)^T is computed as the column-major product of b (first
+// operand) and a (second): m' = n, n' = m, transa' = trans_b, transb' = trans_a, ldc = n.
+//
+// Numerics: CUBLAS_COMPUTE_32F with CUBLAS_DEFAULT_MATH (no TF32: that needs CUBLAS_TF32_TENSOR_OP_MATH or
+// CUBLAS_COMPUTE_32F_FAST_TF32) and reduced-precision reductions disallowed, so f32 inputs are multiplied in
+// f32 and bf16 inputs are widened exactly and accumulated in f32; c is rounded once when bf16. The order of
+// the accumulation is cuBLAS' (split-K and tensor-core algorithms included), so results are not the CPU's bit
+// for bit: the tests bound the error by k * u32 * sum |a||b| (+ one bf16 rounding of the output).
+//
+// alpha_scale: the product alpha * *alpha_scale is formed on the device by a one-thread kernel into a
+// per-stream pair of device floats {alpha * s, beta} (one f32 multiply, as the CPU's `alpha * scale`), and
+// cuBLAS reads both with CUBLAS_POINTER_MODE_DEVICE. Without alpha_scale the scalars are host values.
+// beta == 0 ignores c: in host pointer mode cuBLAS never reads C when beta is 0; in device pointer mode c is
+// first cleared (cudaMemsetAsync) so that a NaN in c cannot leak whatever the algorithm does.
+//
+// c bf16 with f32 inputs is not a type combination cublasGemmEx offers: the product goes through a
+// temporary f32 [m, n] (cudaMalloc, and the call synchronizes the stream before freeing it): a slow path,
+// correct but not for a training step's hot loop.
+#if defined(__CUDACC__)
+#include <cublas_v2.h>
+#else
+#include "cublas_emu.h"
+#endif
+
+#include <limits.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "relora_cuda.cuh"
+
+namespace relora {
+namespace {
+
+// The library's one cuBLAS handle, created on first use, and each stream's two device scalars. A cuBLAS
+// handle is not safe for concurrent use, so every call holds the lock from cublasSetStream to the enqueue.
+std::mutex g_mutex;
+cublasHandle_t g_handle = nullptr;
+std::unordered_map<cudaStream_t, float *> g_scalars;
+
+relora_status cublas_check(cublasStatus_t status, const char *what) {
+    if (status == CUBLAS_STATUS_SUCCESS) return RELORA_OK;
+    return fail(RELORA_ERR_CUBLAS, "gemm: %s: %s (cuBLAS status %d)", what, cublasGetStatusString(status), (int)status);
+}
+
+relora_status handle_locked(cublasHandle_t *out) {
+    if (!g_handle) {
+        cublasHandle_t h = nullptr;
+        RELORA_CHECK(cublas_check(cublasCreate(&h), "cublasCreate"));
+        const cublasStatus_t s =
+            cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+        if (s != CUBLAS_STATUS_SUCCESS) {
+            cublasDestroy(h);
+            return cublas_check(s, "cublasSetMathMode");
+        }
+        g_handle = h;
+    }
+    *out = g_handle;
+    return RELORA_OK;
+}
+
+relora_status scalars_locked(cudaStream_t stream, float **out) {
+    auto it = g_scalars.find(stream);
+    if (it == g_scalars.end()) {
+        float *p = nullptr;
+        RELORA_CHECK(check(cudaMalloc((void **)&p, 2 * sizeof(float)), "gemm: device scalars"));
+        it = g_scalars.emplace(stream, p).first;
+    }
+    *out = it->second;
+    return RELORA_OK;
+}
+
+// scalars = {alpha * *alpha_scale, beta}: one f32 product, as the CPU computes `alpha * scale`.
+__global__ void __launch_bounds__(32) gemm_scalars_kernel(float alpha, const float *alpha_scale, float beta,
+                                                          float *scalars) {
+    if (threadIdx.x == 0) {
+        scalars[0] = __fmul_rn(alpha, alpha_scale[0]);
+        scalars[1] = beta;
+    }
+}
+
+// A leading dimension cuBLAS accepts when a dimension is 0 (it requires ld >= max(1, rows)).
+int ld(int rows) { return rows > 1 ? rows : 1; }
+
+cudaDataType data_type(int32_t dtype) { return dtype == RELORA_DTYPE_F32 ? CUDA_R_32F : CUDA_R_16BF; }
+
+// One cublasGemmEx on `stream` (the lock held). c_type is the type of c as cuBLAS sees it.
+relora_status gemm_locked(cublasHandle_t h, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                          const float *alpha_scale, const void *a, const void *b, cudaDataType ab_type, float beta,
+                          void *c, cudaDataType c_type, cudaStream_t stream) {
+    RELORA_CHECK(cublas_check(cublasSetStream(h, stream), "cublasSetStream"));
+    const void *alpha_p = &alpha, *beta_p = &beta;
+    if (alpha_scale) {
+        float *scalars = nullptr;
+        RELORA_CHECK(scalars_locked(stream, &scalars));
+        if (beta == 0.0f) {
+            const size_t bytes = (size_t)m * (size_t)n * (c_type == CUDA_R_32F ? 4 : 2);
+            RELORA_CHECK(check(cudaMemsetAsync(c, 0, bytes, stream), "gemm: clearing c (beta = 0)"));
+        }
+        RELORA_LAUNCH(gemm_scalars_kernel, dim3(1), dim3(32), 0, stream)(alpha, alpha_scale, beta, scalars);
+        RELORA_CHECK(check_launch("gemm_scalars_kernel"));
+        RELORA_CHECK(cublas_check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_DEVICE), "cublasSetPointerMode"));
+        alpha_p = scalars;
+        beta_p = scalars + 1;
+    } else {
+        RELORA_CHECK(cublas_check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode"));
+    }
+    // Column-major: c^T [n, m] = op(b)^T [n, k] op(a)^T [k, m].
+    const cublasStatus_t s = cublasGemmEx(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n,
+                                          m, k, alpha_p, b, ab_type, ld(trans_b ? k : n), a, ab_type, ld(trans_a ? m : k),
+                                          beta_p, c, c_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    RELORA_CHECK(cublas_check(s, "cublasGemmEx"));
+    return check_launch("cublasGemmEx");
+}
+
+}  // namespace
+}  // namespace relora
+
+using namespace relora;
+
+relora_status relora_cuda_gemm(int32_t trans_a, int32_t trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                               const float *alpha_scale, const void *a, const void *b, int32_t ab_dtype, float beta,
+                               void *c, int32_t c_dtype, void *stream) {
+    RELORA_REQUIRE(m >= 0 && n >= 0 && k >= 0, "gemm", "negative shape m=%lld n=%lld k=%lld", (long long)m,
+                   (long long)n, (long long)k);
+    RELORA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "gemm", "a dimension above 2^31 - 1 (m=%lld n=%lld k=%lld)",
+                   (long long)m, (long long)n, (long long)k);
+    RELORA_REQUIRE(ab_dtype == RELORA_DTYPE_F32 || ab_dtype == RELORA_DTYPE_BF16, "gemm", "unknown input dtype %d",
+                   (int)ab_dtype);
+    RELORA_REQUIRE(c_dtype == RELORA_DTYPE_F32 || c_dtype == RELORA_DTYPE_BF16, "gemm", "unknown output dtype %d",
+                   (int)c_dtype);
+    if (m == 0 || n == 0) return RELORA_OK;
+    RELORA_REQUIRE(c && ((a && b) || k == 0), "gemm", "null pointer");
+    const cudaStream_t s = as_stream(stream);
+    std::lock_guard<std::mutex> lock(g_mutex);
+    cublasHandle_t h = nullptr;
+    RELORA_CHECK(handle_locked(&h));
+    if (!(ab_dtype == RELORA_DTYPE_F32 && c_dtype == RELORA_DTYPE_BF16)) {
+        return gemm_locked(h, trans_a != 0, trans_b != 0, (int)m, (int)n, (int)k, alpha, alpha_scale, a, b,
+                           data_type(ab_dtype), beta, c, data_type(c_dtype), s);
+    }
+    // f32 inputs, bf16 output: through a temporary f32 c.
+    float *tmp = nullptr;
+    RELORA_CHECK(check(cudaMalloc((void **)&tmp, (size_t)(m * n) * sizeof(float)), "gemm: temporary f32 output"));
+    relora_status status = RELORA_OK;
+    if (beta != 0.0f) status = relora_cuda_convert(c, RELORA_DTYPE_BF16, tmp, RELORA_DTYPE_F32, m * n, stream);
+    if (status == RELORA_OK) {
+        status = gemm_locked(h, trans_a != 0, trans_b != 0, (int)m, (int)n, (int)k, alpha, alpha_scale, a, b,
+                             CUDA_R_32F, beta, tmp, CUDA_R_32F, s);
+    }
+    if (status == RELORA_OK) status = relora_cuda_convert(tmp, RELORA_DTYPE_F32, c, RELORA_DTYPE_BF16, m * n, stream);
+    const relora_status synced = check(cudaStreamSynchronize(s), "gemm: synchronizing before freeing the temporary");
+    const relora_status freed = check(cudaFree(tmp), "gemm: freeing the temporary");
+    RELORA_CHECK(status);
+    RELORA_CHECK(synced);
+    return freed;
+}
