@@ -107,5 +107,7 @@ bool sync(const char *name);
 
 // Entry points of the emulation self-checks (test_emulation.cu).
 bool run_emulation_checks();
+// RoPE, attention and cross-entropy checks (test_attention.cpp), part of the kernel suite.
+bool run_attention_suite();
 
 #endif  // RELORA_KERNEL_HARNESS_H

@@ -745,6 +745,7 @@ bool run_kernel_suite() {
     ok &= test_adamw(5003);
     ok &= test_reduction_determinism();
     ok &= test_invalid_arguments();
+    ok &= run_attention_suite();
     return ok;
 }
 

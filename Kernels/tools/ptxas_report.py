@@ -28,6 +28,11 @@ HOT = [
     "adamw_kernel",
     "reduce_partial_kernel",
     "reduce_final_kernel",
+    "rope_kernel",
+    "attention_forward_kernel",
+    "attention_backward_dq_kernel",
+    "attention_backward_dkv_kernel",
+    "cross_entropy_kernel",
 ]
 # Kernels that run once per restart or less (the merge): reported, spills allowed.
 COLD = [
