@@ -23,7 +23,8 @@ constexpr unsigned long long kNoBadRow = ~0ull;
 
 // The lowest row with an out-of-range target since the last check (kNoBadRow: none).
 __device__ unsigned long long g_bad_target_row = ~0ull;
-// Set on the host when a cross_entropy launch may have written the word since the last check.
+// Set on the host when a cross_entropy launch may have written the word since the last check (host
+// threads may launch and synchronize concurrently: atomic builtins).
 bool g_armed = false;
 
 template <typename T>
@@ -91,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 relora_status launch(void *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab, int with_grad,
                      float grad_scale, cudaStream_t stream) {
-    g_armed = true;
+    __atomic_store_n(&g_armed, true, __ATOMIC_SEQ_CST);
     RELORA_LAUNCH(cross_entropy_kernel<T>, dim3(grid_for(rows, 1)), dim3(kThreads), 0, stream)
     (static_cast<T *>(logits), targets, losses, rows, vocab, with_grad, grad_scale);
     return check_launch("cross_entropy_kernel");
@@ -101,7 +102,7 @@ relora_status launch(void *logits, const int32_t *targets, float *losses, int64_
 
 // Called by relora_cuda_stream_synchronize after the stream is idle.
 relora_status take_cross_entropy_failure() {
-    if (!g_armed) return RELORA_OK;
+    if (!__atomic_exchange_n(&g_armed, false, __ATOMIC_SEQ_CST)) return RELORA_OK;
     unsigned long long row = kNoBadRow;
 #if defined(RELORA_EMU)
     row = g_bad_target_row;
@@ -112,7 +113,6 @@ relora_status take_cross_entropy_failure() {
         RELORA_CHECK(check(cudaMemcpyToSymbol(g_bad_target_row, &kNoBadRow, sizeof kNoBadRow), "cross_entropy failure word"));
     }
 #endif
-    g_armed = false;
     if (row == kNoBadRow) return RELORA_OK;
     return fail(RELORA_ERR_INVALID_ARGUMENT, "cross_entropy: row %llu has a target >= vocab (its loss is NaN)", row);
 }
