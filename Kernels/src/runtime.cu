@@ -157,6 +157,12 @@ relora_status relora_cuda_stream_destroy(void *stream) {
     return check(cudaStreamDestroy(relora::as_stream(stream)), "cudaStreamDestroy");
 }
 
+namespace relora {
+relora_status take_cross_entropy_failure();  // loss.cu: a target >= vocab since the last check
+}
+
+// Kernel failures recorded in device words (not CUDA errors) surface here, after the stream is idle.
 relora_status relora_cuda_stream_synchronize(void *stream) {
-    return check(cudaStreamSynchronize(relora::as_stream(stream)), "cudaStreamSynchronize");
+    RELORA_CHECK(check(cudaStreamSynchronize(relora::as_stream(stream)), "cudaStreamSynchronize"));
+    return relora::take_cross_entropy_failure();
 }

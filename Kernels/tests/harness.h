@@ -109,5 +109,7 @@ bool sync(const char *name);
 bool run_emulation_checks();
 // GEMM, conversions, fills, axpy/scale, stochastic quantize, changed codes, pruning (test_ops.cpp).
 bool run_ops_suite();
+// RoPE, attention and cross-entropy checks (test_attention.cpp), part of the kernel suite.
+bool run_attention_suite();
 
 #endif  // RELORA_KERNEL_HARNESS_H

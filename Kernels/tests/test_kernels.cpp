@@ -746,6 +746,7 @@ bool run_kernel_suite() {
     ok &= test_reduction_determinism();
     ok &= test_invalid_arguments();
     ok &= run_ops_suite();
+    ok &= run_attention_suite();
     return ok;
 }
 

@@ -35,6 +35,11 @@ HOT = [
     "axpy_kernel",
     "scale_kernel",
     "gemm_scalars_kernel",
+    "rope_kernel",
+    "attention_forward_kernel",
+    "attention_backward_dq_kernel",
+    "attention_backward_dkv_kernel",
+    "cross_entropy_kernel",
 ]
 # Kernels that run once per restart or less (the merge, optimizer-state pruning, the merge report):
 # reported, spills allowed.

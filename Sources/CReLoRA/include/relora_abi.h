@@ -191,7 +191,8 @@ typedef struct relora_device_properties {
     X(relora_status, rope, (void *x, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_dim,     \
                             float theta, int32_t inverse, int32_t dtype, void *stream))                   \
     /* Causal grouped-query attention, scale 1/sqrt(head_dim): q, out [N, heads*head_dim], k, v */       \
-    /* [N, kv_heads*head_dim] (dtype); lse f32 [batch, heads, seq_len] saved for the backward */         \
+    /* [N, kv_heads*head_dim] (dtype); lse f32 [batch, heads, seq_len] saved for the backward; */        \
+    /* head_dim in [1, 128] and heads % kv_heads == 0, else RELORA_ERR_INVALID_ARGUMENT */               \
     X(relora_status, attention_forward, (const void *q, const void *k, const void *v, void *out,          \
                                          float *lse, int64_t batch, int64_t seq_len, int64_t heads,       \
                                          int64_t kv_heads, int64_t head_dim, int32_t dtype, void *stream))\
@@ -202,7 +203,9 @@ typedef struct relora_device_properties {
                                           int64_t head_dim, int32_t dtype, void *stream))                 \
     /* Fused softmax cross-entropy over logits [rows, vocab] (dtype), targets i32 [rows]: losses f32 */  \
     /* [rows] (0 where target < 0); with_grad: logits = grad_scale * (softmax - onehot) (zero rows */   \
-    /* where target < 0). A target >= vocab is RELORA_ERR_INVALID_ARGUMENT at the next synchronize. */   \
+    /* where target < 0). A target >= vocab is RELORA_ERR_INVALID_ARGUMENT at the next synchronize */    \
+    /* (of any stream; reported once, naming the lowest such row), and that row's loss and gradient */    \
+    /* row are NaN. */                                                                                   \
     X(relora_status, cross_entropy, (void *logits, const int32_t *targets, float *losses, int64_t rows,   \
                                      int64_t vocab, int32_t with_grad, float grad_scale, int32_t dtype,   \
                                      void *stream))                                                       \

@@ -1,0 +1,485 @@
+// RoPE, causal GQA attention (forward and backward) and the fused cross-entropy against scalar references
+// in double, through the ABI table (run_attention_suite, called by run_kernel_suite in test_kernels.cpp).
+//
+// Tolerances (derived at each check): f32 unit roundoff u = 2^-24 per operation, expf/logf within 2 ulp
+// (CUDA's bound), a sequential f32 sum of n terms within (n - 1) u of the sum of the magnitudes; bf16
+// storage adds one rounding ub = 2^-8 of the output. References read the stored (bf16-rounded) inputs.
+// Derived bounds are first-order; each is doubled to cover second-order terms.
+#include <algorithm>
+
+#include "harness.h"
+
+using namespace harness;
+
+namespace {
+
+// ---- RoPE ------------------------------------------------------------------------------------------------
+// The CPU's tables (CPUBackend.ropeTables) and its f32 rotation, evaluated on the host with
+// -ffp-contract=off: the kernel must match it bit for bit (bf16: the same f32 value rounded once).
+bool test_rope(int32_t dtype, int64_t batch, int64_t seq, int64_t heads, int64_t dim, float theta, bool inverse) {
+    const int64_t n = batch * seq * heads * dim, half = dim / 2;
+    const std::vector<float> x = stored(uniform((size_t)n, -3.0f, 3.0f, 100 + (uint64_t)dim), dtype);
+    Tensor tx(dtype, n);
+    tx.upload(x);
+    char name[128];
+    snprintf(name, sizeof name, "rope%s %s [%lld x %lld, %lld x %lld]", inverse ? " inverse" : "", dtype_name(dtype),
+             (long long)batch, (long long)seq, (long long)heads, (long long)dim);
+    EXPECT_OK(name, api.rope(tx.buffer.ptr, batch, seq, heads, dim, theta, inverse ? 1 : 0, dtype, nullptr));
+    std::vector<float> want(x);
+    const float sign = inverse ? -1.0f : 1.0f;
+    for (int64_t r = 0; r < batch * seq; ++r) {
+        const int64_t pos = r % seq;
+        for (int64_t h = 0; h < heads; ++h) {
+            float *v = want.data() + r * heads * dim + h * dim;
+            for (int64_t i = 0; i < half; ++i) {
+                const double inv_freq = 1.0 / pow((double)theta, (double)(2 * i) / (double)dim);
+                const double angle = (double)pos * inv_freq;
+                const float c = (float)cos(angle), s = sign * (float)sin(angle);
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c - b * s;
+                v[i + half] = b * c + a * s;
+            }
+        }
+    }
+    return check_bits(name, tx.download(), stored(want, dtype));
+}
+
+// ---- Attention ----------------------------------------------------------------------------------------------
+struct AttnShape {
+    int64_t batch, seq, heads, kv_heads, dim;
+};
+
+struct AttnData {
+    std::vector<float> q, k, v, dout;
+};
+
+// Forward reference in double with first-order f32 error bounds (see test_attention_case).
+struct FwdRef {
+    std::vector<double> out, out_bound, lse, lse_bound;
+};
+
+float attn_scale(int64_t dim) { return 1.0f / sqrtf((float)dim); }
+
+// scores s_ij = scale * q_i . k_j for one (b, h): the double value and the magnitude sum_d |q k|.
+void scores(const AttnShape &s, const AttnData &x, int64_t b, int64_t h, int64_t i, int64_t j, double *value,
+            double *magnitude) {
+    const int64_t D = s.dim, g = h / (s.heads / s.kv_heads);
+    const float *qi = x.q.data() + (b * s.seq + i) * s.heads * D + h * D;
+    const float *kj = x.k.data() + (b * s.seq + j) * s.kv_heads * D + g * D;
+    double dot = 0, mag = 0;
+    for (int64_t d = 0; d < D; ++d) {
+        dot += (double)qi[d] * kj[d];
+        mag += fabs((double)qi[d] * kj[d]);
+    }
+    const double scale = attn_scale(D);
+    *value = scale * dot;
+    *magnitude = scale * mag;
+}
+
+// Forward: o_i = sum_j p_ij v_j / l_i with p_ij = exp(s_ij - m_i). The kernel's f32 score has absolute error
+// <= (D + 1) u scale sum|q k| (a D-term dot and the scale); s - m rounds by u |s - m| and expf adds 2 ulp, so
+// each p_ij carries relative error e_ij <= (D + 1) u scale sum|q k| + u |s - m| + 3u (its m's error is common
+// to the row and cancels in o). Perturbing p_j by p_j e_j moves o by sum_j P_ij e_ij |v_j - o_i|. The
+// accumulations (T terms, plus one rescale per 32-key tile and the final division) add
+// (T + T/16 + 4) u (sum_j P_ij |v_j| + |o_i|). lse = m + log(l): sum_j P_ij e_ij + (T + T/16 + 4) u
+// + 2 ulp of log + u |lse|. bf16 adds ub |o| for the output rounding.
+FwdRef reference_forward(const AttnShape &s, const AttnData &x, int32_t dtype) {
+    const int64_t T = s.seq, D = s.dim, H = s.heads, KV = s.kv_heads, g = H / KV;
+    FwdRef r;
+    const size_t n = (size_t)(s.batch * T * H * D);
+    r.out.assign(n, 0);
+    r.out_bound.assign(n, 0);
+    r.lse.assign((size_t)(s.batch * H * T), 0);
+    r.lse_bound.assign(r.lse.size(), 0);
+    std::vector<double> sv((size_t)T), smag((size_t)T), p((size_t)T);
+    for (int64_t b = 0; b < s.batch; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+            const int64_t kvh = h / g;
+            for (int64_t i = 0; i < T; ++i) {
+                double m = -INFINITY;
+                for (int64_t j = 0; j <= i; ++j) {
+                    scores(s, x, b, h, i, j, &sv[(size_t)j], &smag[(size_t)j]);
+                    m = std::max(m, sv[(size_t)j]);
+                }
+                double l = 0;
+                for (int64_t j = 0; j <= i; ++j) l += (p[(size_t)j] = exp(sv[(size_t)j] - m));
+                const double lse = m + log(l);
+                const double acc = ((double)T + (double)T / 16 + 4) * kU32;
+                double pe = 0;  // sum_j P_ij e_ij
+                for (int64_t j = 0; j <= i; ++j) {
+                    const double e = (double)(D + 1) * kU32 * smag[(size_t)j] + kU32 * fabs(sv[(size_t)j] - m) + 3 * kU32;
+                    pe += p[(size_t)j] / l * e;
+                }
+                const size_t li = (size_t)((b * H + h) * T + i);
+                r.lse[li] = lse;
+                r.lse_bound[li] = 2 * (pe + acc + 2 * kU32 + kU32 * fabs(lse)) + 1e-30;
+                for (int64_t d = 0; d < D; ++d) {
+                    double o = 0, pv = 0;
+                    for (int64_t j = 0; j <= i; ++j) {
+                        const double vj = x.v[(size_t)((b * T + j) * KV * D + kvh * D + d)];
+                        o += p[(size_t)j] / l * vj;
+                        pv += p[(size_t)j] / l * fabs(vj);
+                    }
+                    double moved = 0;
+                    for (int64_t j = 0; j <= i; ++j) {
+                        const double vj = x.v[(size_t)((b * T + j) * KV * D + kvh * D + d)];
+                        const double e = (double)(D + 1) * kU32 * smag[(size_t)j] + kU32 * fabs(sv[(size_t)j] - m) + 3 * kU32;
+                        moved += p[(size_t)j] / l * e * fabs(vj - o);
+                    }
+                    const size_t oi = (size_t)((b * T + i) * H * D + h * D + d);
+                    r.out[oi] = o;
+                    r.out_bound[oi] = 2 * (moved + acc * (pv + fabs(o))) +
+                                      (dtype == RELORA_DTYPE_BF16 ? kUBF16 : 0) * fabs(o) + 1e-30;
+                }
+            }
+        }
+    }
+    return r;
+}
+
+struct BwdRef {
+    std::vector<double> dq, dq_bound, dk, dk_bound, dv, dv_bound;
+};
+
+// Backward reference from the kernel's own out and lse (the backward's inputs), in double:
+//   P_ij = exp(s_ij - lse_i), dP_ij = dO_i . v_j, D_i = dO_i . O_i, dS = P (dP - D),
+//   dQ_i = scale sum_j dS_ij k_j, dK_j = scale sum_{h in group, i >= j} dS_ij q_i, dV_j = sum P_ij dO_i.
+// f32 errors: P_ij relative e_ij = (D + 1) u scale sum|q k| + u |s - lse| + 3u; dP within (D + 1) u sum|dO v|;
+// D_i within (D + 2) u sum|dO O| (partial sums over a split of the columns, then the partials); so dS_ij
+// within e_ij |dS_ij| + P_ij ((D + 1) u sum|dO v| + (D + 2) u sum|dO O| + u |dP - D|) =: f_ij.
+// dQ_i: scale sum_j f_ij |k_j| + (T + 2) u scale sum_j |dS_ij k_j|; dK_j likewise over the group's n = G T
+// query rows; dV_j: sum e_ij P_ij |dO_i| + (n + 2) u sum P_ij |dO_i|. bf16 adds ub |ref| on output.
+BwdRef reference_backward(const AttnShape &s, const AttnData &x, const std::vector<float> &out,
+                          const std::vector<float> &lse, int32_t dtype) {
+    const int64_t T = s.seq, D = s.dim, H = s.heads, KV = s.kv_heads, G = H / KV;
+    const double scale = attn_scale(D), ub = dtype == RELORA_DTYPE_BF16 ? kUBF16 : 0;
+    BwdRef r;
+    const size_t nq = (size_t)(s.batch * T * H * D), nk = (size_t)(s.batch * T * KV * D);
+    r.dq.assign(nq, 0);
+    r.dq_bound.assign(nq, 0);
+    r.dk.assign(nk, 0);
+    r.dk_bound.assign(nk, 0);
+    r.dv.assign(nk, 0);
+    r.dv_bound.assign(nk, 0);
+    std::vector<double> dkm(nk, 0), dvm(nk, 0);  // magnitude sums for the accumulation terms
+    auto qa = [&](int64_t b, int64_t i, int64_t h) { return (size_t)((b * T + i) * H * D + h * D); };
+    auto ka = [&](int64_t b, int64_t j, int64_t g) { return (size_t)((b * T + j) * KV * D + g * D); };
+    for (int64_t b = 0; b < s.batch; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+            const int64_t g = h / G;
+            for (int64_t i = 0; i < T; ++i) {
+                const double L = lse[(size_t)((b * H + h) * T + i)];
+                double Di = 0, Dmag = 0;
+                for (int64_t d = 0; d < D; ++d) {
+                    Di += (double)x.dout[qa(b, i, h) + d] * out[qa(b, i, h) + d];
+                    Dmag += fabs((double)x.dout[qa(b, i, h) + d] * out[qa(b, i, h) + d]);
+                }
+                for (int64_t j = 0; j <= i; ++j) {
+                    double sv, smag;
+                    scores(s, x, b, h, i, j, &sv, &smag);
+                    const double P = exp(sv - L);
+                    double dP = 0, dPmag = 0;
+                    for (int64_t d = 0; d < D; ++d) {
+                        dP += (double)x.dout[qa(b, i, h) + d] * x.v[ka(b, j, g) + d];
+                        dPmag += fabs((double)x.dout[qa(b, i, h) + d] * x.v[ka(b, j, g) + d]);
+                    }
+                    const double dS = P * (dP - Di);
+                    const double e = (double)(D + 1) * kU32 * smag + kU32 * fabs(sv - L) + 3 * kU32;
+                    const double f = e * fabs(dS) + P * ((double)(D + 1) * kU32 * dPmag + (double)(D + 2) * kU32 * Dmag +
+                                                         kU32 * fabs(dP - Di));
+                    for (int64_t d = 0; d < D; ++d) {
+                        const double kd = x.k[ka(b, j, g) + d], qd = x.q[qa(b, i, h) + d], dod = x.dout[qa(b, i, h) + d];
+                        r.dq[qa(b, i, h) + d] += scale * dS * kd;
+                        r.dq_bound[qa(b, i, h) + d] += scale * (f + (double)(T + 2) * kU32 * fabs(dS)) * fabs(kd);
+                        r.dk[ka(b, j, g) + d] += scale * dS * qd;
+                        r.dk_bound[ka(b, j, g) + d] += scale * f * fabs(qd);
+                        dkm[ka(b, j, g) + d] += scale * fabs(dS * qd);
+                        r.dv[ka(b, j, g) + d] += P * dod;
+                        r.dv_bound[ka(b, j, g) + d] += e * P * fabs(dod);
+                        dvm[ka(b, j, g) + d] += P * fabs(dod);
+                    }
+                }
+            }
+        }
+    }
+    const double n = (double)(G * T + 2);
+    for (size_t i = 0; i < nq; ++i) r.dq_bound[i] = 2 * r.dq_bound[i] + ub * fabs(r.dq[i]) + 1e-30;
+    for (size_t i = 0; i < nk; ++i) {
+        r.dk_bound[i] = 2 * (r.dk_bound[i] + n * kU32 * dkm[i]) + ub * fabs(r.dk[i]) + 1e-30;
+        r.dv_bound[i] = 2 * (r.dv_bound[i] + n * kU32 * dvm[i]) + ub * fabs(r.dv[i]) + 1e-30;
+    }
+    return r;
+}
+
+AttnData attention_inputs(const AttnShape &s, int32_t dtype, uint64_t seed) {
+    const size_t nq = (size_t)(s.batch * s.seq * s.heads * s.dim), nk = (size_t)(s.batch * s.seq * s.kv_heads * s.dim);
+    AttnData x;
+    // q and k in [-2, 2): scores up to ~4 sqrt(D/3), so the softmax is far from uniform.
+    x.q = stored(uniform(nq, -2.0f, 2.0f, seed), dtype);
+    x.k = stored(uniform(nk, -2.0f, 2.0f, seed + 1), dtype);
+    x.v = stored(uniform(nk, -1.0f, 1.0f, seed + 2), dtype);
+    x.dout = stored(uniform(nq, -1.0f, 1.0f, seed + 3), dtype);
+    return x;
+}
+
+std::string attn_label(const char *op, int32_t dtype, const AttnShape &s) {
+    char buf[160];
+    snprintf(buf, sizeof buf, "%s %s b%lld T%lld h%lld/%lld D%lld", op, dtype_name(dtype), (long long)s.batch,
+             (long long)s.seq, (long long)s.heads, (long long)s.kv_heads, (long long)s.dim);
+    return buf;
+}
+
+bool test_attention_case(int32_t dtype, const AttnShape &s, bool repeat_backward = false) {
+    const int64_t nq = s.batch * s.seq * s.heads * s.dim, nk = s.batch * s.seq * s.kv_heads * s.dim;
+    const AttnData x = attention_inputs(s, dtype, 200 + (uint64_t)s.seq);
+    Tensor tq(dtype, nq), tk(dtype, nk), tv(dtype, nk), tout(dtype, nq), tdout(dtype, nq);
+    Tensor tlse(RELORA_DTYPE_F32, s.batch * s.heads * s.seq), tdq(dtype, nq), tdk(dtype, nk), tdv(dtype, nk);
+    tq.upload(x.q);
+    tk.upload(x.k);
+    tv.upload(x.v);
+    tdout.upload(x.dout);
+    const std::string fwd = attn_label("attention_forward", dtype, s), bwd = attn_label("attention_backward", dtype, s);
+    EXPECT_OK(fwd.c_str(), api.attention_forward(tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr, tout.buffer.ptr,
+                                                 (float *)tlse.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim,
+                                                 dtype, nullptr));
+    const std::vector<float> out = tout.download(), lse = tlse.download();
+    const FwdRef f = reference_forward(s, x, dtype);
+    bool ok = check_bounds(fwd + " out", out, f.out, f.out_bound);
+    ok &= check_bounds(fwd + " lse", lse, f.lse, f.lse_bound);
+    EXPECT_OK(bwd.c_str(), api.attention_backward(tdout.buffer.ptr, tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr,
+                                                  tout.buffer.ptr, (const float *)tlse.buffer.ptr, tdq.buffer.ptr,
+                                                  tdk.buffer.ptr, tdv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads,
+                                                  s.dim, dtype, nullptr));
+    const BwdRef g = reference_backward(s, x, out, lse, dtype);
+    const std::vector<float> dq = tdq.download(), dk = tdk.download(), dv = tdv.download();
+    ok &= check_bounds(bwd + " dq", dq, g.dq, g.dq_bound);
+    ok &= check_bounds(bwd + " dk", dk, g.dk, g.dk_bound);
+    ok &= check_bounds(bwd + " dv", dv, g.dv, g.dv_bound);
+    if (repeat_backward) {
+        // No atomics: a second run gives the same bits.
+        EXPECT_OK(bwd.c_str(), api.attention_backward(tdout.buffer.ptr, tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr,
+                                                      tout.buffer.ptr, (const float *)tlse.buffer.ptr, tdq.buffer.ptr,
+                                                      tdk.buffer.ptr, tdv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads,
+                                                      s.dim, dtype, nullptr));
+        ok &= check_bits(bwd + " dq repeatable", tdq.download(), dq);
+        ok &= check_bits(bwd + " dk repeatable", tdk.download(), dk);
+        ok &= check_bits(bwd + " dv repeatable", tdv.download(), dv);
+    }
+    return ok;
+}
+
+// The backward is the gradient of the forward: L = sum out * dout, differentiated by central differences of the
+// double reference forward (step 1e-3: truncation error ~ h^2 |f'''| ~ 1e-6, rounding ~ 1e-16 / h), against
+// the f32 kernel. Bound: 1e-4 absolute + 1e-4 relative (the kernel's f32 error is ~1e-6 at these sizes).
+bool test_attention_gradient() {
+    const AttnShape s{1, 5, 2, 1, 8};
+    const int32_t dtype = RELORA_DTYPE_F32;
+    AttnData x = attention_inputs(s, dtype, 300);
+    const int64_t nq = s.batch * s.seq * s.heads * s.dim, nk = s.batch * s.seq * s.kv_heads * s.dim;
+    Tensor tq(dtype, nq), tk(dtype, nk), tv(dtype, nk), tout(dtype, nq), tdout(dtype, nq);
+    Tensor tlse(RELORA_DTYPE_F32, s.batch * s.heads * s.seq), tdq(dtype, nq), tdk(dtype, nk), tdv(dtype, nk);
+    tq.upload(x.q);
+    tk.upload(x.k);
+    tv.upload(x.v);
+    tdout.upload(x.dout);
+    const char *name = "attention_backward finite differences b1 T5 h2/1 D8";
+    EXPECT_OK(name, api.attention_forward(tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr, tout.buffer.ptr,
+                                          (float *)tlse.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim, dtype,
+                                          nullptr));
+    EXPECT_OK(name, api.attention_backward(tdout.buffer.ptr, tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr,
+                                           tout.buffer.ptr, (const float *)tlse.buffer.ptr, tdq.buffer.ptr,
+                                           tdk.buffer.ptr, tdv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim,
+                                           dtype, nullptr));
+    // The reference forward in double, evaluated on perturbed inputs held as doubles.
+    struct Dbl {
+        std::vector<double> q, k, v;
+    } base{std::vector<double>(x.q.begin(), x.q.end()), std::vector<double>(x.k.begin(), x.k.end()),
+           std::vector<double>(x.v.begin(), x.v.end())};
+    const double scale = attn_scale(s.dim);
+    auto loss = [&](const Dbl &in) {
+        const int64_t T = s.seq, D = s.dim, H = s.heads, KV = s.kv_heads, G = H / KV;
+        double total = 0;
+        for (int64_t h = 0; h < H; ++h) {
+            for (int64_t i = 0; i < T; ++i) {
+                std::vector<double> sv((size_t)(i + 1));
+                double m = -INFINITY, l = 0;
+                for (int64_t j = 0; j <= i; ++j) {
+                    double dot = 0;
+                    for (int64_t d = 0; d < D; ++d) dot += in.q[(size_t)(i * H * D + h * D + d)] * in.k[(size_t)(j * KV * D + h / G * D + d)];
+                    sv[(size_t)j] = scale * dot;
+                    m = std::max(m, sv[(size_t)j]);
+                }
+                for (int64_t j = 0; j <= i; ++j) l += exp(sv[(size_t)j] - m);
+                for (int64_t d = 0; d < D; ++d) {
+                    double o = 0;
+                    for (int64_t j = 0; j <= i; ++j) o += exp(sv[(size_t)j] - m) / l * in.v[(size_t)(j * KV * D + h / G * D + d)];
+                    total += o * x.dout[(size_t)(i * H * D + h * D + d)];
+                }
+            }
+        }
+        return total;
+    };
+    const double step = 1e-3;
+    auto numeric = [&](std::vector<double> Dbl::*member) {
+        std::vector<double> grad((base.*member).size());
+        for (size_t e = 0; e < grad.size(); ++e) {
+            Dbl plus = base, minus = base;
+            (plus.*member)[e] += step;
+            (minus.*member)[e] -= step;
+            grad[e] = (loss(plus) - loss(minus)) / (2 * step);
+        }
+        return grad;
+    };
+    bool ok = true;
+    const std::pair<const char *, std::pair<std::vector<double> Dbl::*, const Tensor *>> parts[] = {
+        {"dq", {&Dbl::q, &tdq}}, {"dk", {&Dbl::k, &tdk}}, {"dv", {&Dbl::v, &tdv}}};
+    for (const auto &part : parts) {
+        const std::vector<double> ref = numeric(part.second.first);
+        std::vector<double> bound(ref.size());
+        for (size_t e = 0; e < ref.size(); ++e) bound[e] = 1e-4 + 1e-4 * fabs(ref[e]);
+        ok &= check_bounds(std::string(name) + " " + part.first, part.second.second->download(), ref, bound);
+    }
+    return ok;
+}
+
+// ---- Cross-entropy ------------------------------------------------------------------------------------------------
+// loss = m + log(sum_j exp(x_j - m)) - x_t. f32: x - m rounds by u |x - m|, expf adds 2 ulp, the sum of V terms
+// (V/256 per thread in sequence, then a tree of depth 8) adds (V/256 + 8) u, so sum is within
+// (V/256 + 11) u + u max|x - m| relative; logf adds 2 ulp of log(sum) and the two adds u each of their
+// magnitudes: |err| <= (V/256 + 11) u + u max|x - m| + 4u (|m| + |log sum| + |x_t|).
+// grad_j = exp(x_j - m) * (scale / sum) - scale [j = t]: relative to the softmax term
+// (V/256 + 11) u + u |x_j - m| + u max|x - m| + 3u, plus u |grad_j| for the subtraction; bf16 adds ub |grad_j|.
+bool test_cross_entropy(int32_t dtype, int64_t rows, int64_t vocab, bool with_grad) {
+    const float grad_scale = 0.25f;
+    std::vector<float> logits = stored(uniform((size_t)(rows * vocab), -6.0f, 6.0f, 400 + (uint64_t)vocab), dtype);
+    std::vector<int32_t> targets((size_t)rows);
+    for (int64_t r = 0; r < rows; ++r) {
+        targets[(size_t)r] = r % 3 == 1 ? -1 : (int32_t)((r * 7919 + 13) % vocab);
+    }
+    if (rows > 2) {  // one row with a large shift: the max subtraction matters
+        for (int64_t j = 0; j < vocab; ++j) logits[(size_t)(2 * vocab + j)] += 1000.0f;
+        logits = stored(logits, dtype);
+    }
+    Tensor tl(dtype, rows * vocab), tloss(RELORA_DTYPE_F32, rows);
+    Buffer tt(rows * 4);
+    tl.upload(logits);
+    tt.upload(targets.data(), rows * 4);
+    char name[128];
+    snprintf(name, sizeof name, "cross_entropy%s %s [%lld, %lld]", with_grad ? "+grad" : "", dtype_name(dtype),
+             (long long)rows, (long long)vocab);
+    EXPECT_OK(name, api.cross_entropy(tl.buffer.ptr, (const int32_t *)tt.ptr, (float *)tloss.buffer.ptr, rows, vocab,
+                                      with_grad ? 1 : 0, grad_scale, dtype, nullptr));
+    const std::vector<float> losses = tloss.download(), grads = tl.download();
+    std::vector<double> rl((size_t)rows), bl((size_t)rows), rg(logits.size()), bg(logits.size());
+    const double V = (double)vocab;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = logits.data() + r * vocab;
+        const int32_t t = targets[(size_t)r];
+        if (t < 0) {  // exact zeros
+            rl[(size_t)r] = 0;
+            bl[(size_t)r] = 0;
+            for (int64_t j = 0; j < vocab; ++j) {
+                rg[(size_t)(r * vocab + j)] = with_grad ? 0 : x[j];
+                bg[(size_t)(r * vocab + j)] = 0;
+            }
+            continue;
+        }
+        double m = -INFINITY, spread = 0, sum = 0;
+        for (int64_t j = 0; j < vocab; ++j) m = std::max(m, (double)x[j]);
+        for (int64_t j = 0; j < vocab; ++j) {
+            sum += exp(x[j] - m);
+            spread = std::max(spread, m - x[j]);
+        }
+        const double ls = log(sum);
+        rl[(size_t)r] = m + ls - x[t];
+        bl[(size_t)r] = 2 * ((V / 256 + 11) * kU32 + kU32 * spread + 4 * kU32 * (fabs(m) + fabs(ls) + fabs((double)x[t])));
+        for (int64_t j = 0; j < vocab; ++j) {
+            const size_t e = (size_t)(r * vocab + j);
+            if (!with_grad) {
+                rg[e] = x[j];
+                bg[e] = 0;
+                continue;
+            }
+            const double soft = grad_scale * exp(x[j] - m) / sum;
+            rg[e] = soft - (j == t ? grad_scale : 0.0);
+            bg[e] = 2 * (((V / 256 + 14) * kU32 + kU32 * (m - x[j]) + kU32 * spread) * soft + kU32 * fabs(rg[e])) +
+                    (dtype == RELORA_DTYPE_BF16 ? kUBF16 : 0) * fabs(rg[e]) + 1e-30;
+        }
+    }
+    bool ok = check_bounds(std::string(name) + " loss", losses, rl, bl);
+    ok &= check_bounds(std::string(name) + (with_grad ? " grad" : " logits kept"), grads, rg, bg);
+    return ok;
+}
+
+// A target >= vocab: NaN loss for that row, and the next synchronize reports it once.
+bool test_cross_entropy_bad_target() {
+    const int64_t rows = 3, vocab = 5;
+    const std::vector<float> logits = uniform((size_t)(rows * vocab), -1.0f, 1.0f, 450);
+    const int32_t targets[3] = {1, 5, 0};
+    Tensor tl(RELORA_DTYPE_F32, rows * vocab), tloss(RELORA_DTYPE_F32, rows);
+    Buffer tt(rows * 4);
+    tl.upload(logits);
+    tt.upload(targets, sizeof targets);
+    const char *name = "cross_entropy target >= vocab";
+    EXPECT_OK(name, api.cross_entropy(tl.buffer.ptr, (const int32_t *)tt.ptr, (float *)tloss.buffer.ptr, rows, vocab, 1,
+                                      1.0f, RELORA_DTYPE_F32, nullptr));
+    const relora_status first = api.stream_synchronize(nullptr);
+    const std::string message = api.last_error();
+    const relora_status second = api.stream_synchronize(nullptr);
+    float losses[3];
+    tloss.buffer.download(losses, sizeof losses);
+    const bool ok = first == RELORA_ERR_INVALID_ARGUMENT && second == RELORA_OK && isnan(losses[1]) &&
+                    !isnan(losses[0]) && !isnan(losses[2]) && message.find("row 1") != std::string::npos;
+    record(ok, name, "sync %d then %d, losses %g %g %g (%s)", (int)first, (int)second, (double)losses[0],
+           (double)losses[1], (double)losses[2], message.c_str());
+    return ok;
+}
+
+bool test_attention_arguments() {
+    void *p = (void *)16;
+    const relora_status a = api.attention_forward(p, p, p, p, (float *)p, 1, 4, 2, 1, 129, RELORA_DTYPE_F32, nullptr);
+    const relora_status b = api.attention_forward(p, p, p, p, (float *)p, 1, 4, 3, 2, 8, RELORA_DTYPE_F32, nullptr);
+    const relora_status c = api.attention_backward(p, p, p, p, p, (const float *)p, p, p, p, 1, 4, 2, 0, 8,
+                                                   RELORA_DTYPE_F32, nullptr);
+    const relora_status d = api.rope(p, 1, 4, 2, 7, 10000.0f, 0, RELORA_DTYPE_F32, nullptr);
+    const relora_status e = api.cross_entropy(p, (const int32_t *)p, (float *)p, 2, 8, 0, 1.0f, 7, nullptr);
+    const relora_status z = api.attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, 1, 8,
+                                                  RELORA_DTYPE_F32, nullptr);
+    const bool ok = a == RELORA_ERR_INVALID_ARGUMENT && b == RELORA_ERR_INVALID_ARGUMENT &&
+                    c == RELORA_ERR_INVALID_ARGUMENT && d == RELORA_ERR_INVALID_ARGUMENT &&
+                    e == RELORA_ERR_INVALID_ARGUMENT && z == RELORA_OK;
+    record(ok, "attention/rope/cross_entropy arguments", "head_dim 129 %d, heads 3/2 %d, kv_heads 0 %d, odd rope dim %d, "
+           "dtype 7 %d, empty batch %d", a, b, c, d, e, z);
+    return ok;
+}
+
+}  // namespace
+
+bool run_attention_suite() {
+    bool ok = true;
+    for (int32_t dtype : {RELORA_DTYPE_F32, RELORA_DTYPE_BF16}) {
+        ok &= test_rope(dtype, 2, 7, 3, 16, 10000.0f, false);
+        ok &= test_rope(dtype, 1, 33, 2, 64, 500000.0f, true);
+        ok &= test_rope(dtype, 1, 3, 1, 2, 10000.0f, false);
+    }
+    const int32_t f32 = RELORA_DTYPE_F32, bf16 = RELORA_DTYPE_BF16;
+    ok &= test_attention_case(f32, {2, 1, 4, 2, 8});
+    ok &= test_attention_case(f32, {1, 7, 4, 4, 16}, true);
+    ok &= test_attention_case(f32, {2, 33, 4, 2, 16});
+    ok &= test_attention_case(f32, {1, 70, 2, 1, 64});
+    ok &= test_attention_case(f32, {1, 40, 2, 1, 128});  // the 8-row backward tiles
+    ok &= test_attention_case(f32, {1, 9, 2, 2, 24});
+    ok &= test_attention_case(bf16, {2, 33, 4, 2, 64});
+    ok &= test_attention_case(bf16, {1, 70, 4, 2, 16});
+    ok &= test_attention_case(bf16, {1, 17, 2, 1, 128}, true);
+    ok &= test_attention_gradient();
+    for (int32_t dtype : {f32, bf16}) {
+        ok &= test_cross_entropy(dtype, 1, 1, true);
+        ok &= test_cross_entropy(dtype, 5, 37, true);
+        ok &= test_cross_entropy(dtype, 4, 1000, true);
+        ok &= test_cross_entropy(dtype, 4, 1000, false);
+    }
+    ok &= test_cross_entropy_bad_target();
+    ok &= test_attention_arguments();
+    return ok;
+}
