@@ -10,11 +10,13 @@ import Foundation
 /// - **f32** (the device backend computing in f32, `Precision.fp32`): the only differences from the CPU are
 ///   the order of additions inside GEMMs and reductions, ~`k * 2^-24` relative per op. Through 6 steps
 ///   of a 2-layer model (each loss a sum of ~10^3 terms of ~10^-3 relative sensitivity to the weights) the
-///   losses agree to `1e-4` relative; a wrong kernel is off by 10^-2 or more from the first step on.
+///   losses agree to `1e-5` relative (the emulation measured 3e-8: its GEMM is OpenBLAS, as on the CPU; a
+///   GPU's cuBLAS sums in another order); a wrong kernel is off by 10^-2 or more from the first step on.
 /// - **bf16** (`Precision.cudaMixed`, what GPU runs use): activations, LoRA factors and working copies are
 ///   rounded to 8 significant bits at every op, a relative error of `2^-8 = 0.4 %` per rounding that does
 ///   not cancel in a loss that averages over tokens of a model this small; the loss is checked to within
-///   `3 %` relative (about 8 such roundings compounding), and it must fall as the CPU's does.
+///   `3 %` relative (about 8 such roundings compounding; the emulation measured 0.3 %), and it must fall
+///   as the CPU's does.
 public enum TrainingConformance {
     public struct Case: Sendable {
         public var name: String
@@ -42,7 +44,7 @@ public enum TrainingConformance {
         var checks: [ConformanceCheck] = []
         for c in cases {
             let reference = try losses(recipe(c, data, run: "\(dir)/cpu-\(checks.count)"), backend: CPUBackend())
-            for (precision, label, bound) in [(Precision.fp32, "f32", 1e-4), (Precision.cudaMixed, "bf16", 3e-2)] {
+            for (precision, label, bound) in [(Precision.fp32, "f32", 1e-5), (Precision.cudaMixed, "bf16", 3e-2)] {
                 let got = try losses(recipe(c, data, run: "\(dir)/dev-\(checks.count)"), backend: makeDevice(precision))
                 var worst = 0.0
                 for (g, r) in zip(got, reference) { worst = max(worst, abs(g - r) / abs(r)) }
