@@ -8,7 +8,7 @@ import XCTest
 ///
 /// - The kernel harness (`make -C Kernels emu test`: every kernel against scalar references, in four
 ///   thread schedules, plus the emulation's own checks) passes.
-/// - The emulated library loads through `relora_cuda_load`, the loader the CUDA backend will use, and
+/// - The emulated library loads through `relora_cuda_load`, the loader the CUDA backend uses, and
 ///   agrees with this side's view of the ABI: the version, `relora_library_info`'s size and the quantized
 ///   block layouts as the kernels' compiler laid them out.
 /// - A call through the loaded table from Swift (upload, dequantize on the emulated device, download)

@@ -10,9 +10,9 @@ import CReLoRA
 /// Padding (the 1b config's down_proj has 5461 inputs) is zeros, quantizes like any value and is dropped
 /// by `dequantize()`; it never reaches a GEMM.
 ///
-/// This is deliberately simple host storage (`[UInt8]`) with the scalar reference quantizer: the backend's
-/// tagged device storage and the fast dequantize-in-tiles paths are later steps, and must match these
-/// bytes and values bit for bit.
+/// This is deliberately simple host storage (`[UInt8]`) with the scalar reference quantizer: the backends'
+/// tagged storage (`QuantizedTensor`) and their fast paths (the CPU's tiles, the CUDA kernels) must match
+/// these bytes and values bit for bit.
 ///
 /// `quantize(dequantize(q)) == q` for every matrix this type produces, so merging a zero update into
 /// frozen weights changes no code.
