@@ -133,7 +133,7 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
         r.seqLen = seqLen; r.microBatch = batch; r.steps = o.steps + 1; r.warmupSteps = 0
         r.evalEvery = 1_000_000; r.checkpointEvery = 1_000_000; r.logEvery = 1_000_000
         r.checkpointing = .block; r.mode = mode; r.quant = quant
-        if mode != .full { r.loraRank = 128; r.loraAlpha = 32; r.reloraEvery = 1_000_000 }
+        if mode != .full { r.loraRank = emulated ? 8 : 128; r.loraAlpha = 32; r.reloraEvery = r.steps; r.restartWarmup = 0 }  // one restart, after the timed steps
         let stepBackend = try CUDABackend.open()
         let trainer = try Trainer(recipe: r, resume: false, backend: stepBackend, log: { _ in })
         while trainer.state.step < r.steps { _ = try trainer.trainStep() }
