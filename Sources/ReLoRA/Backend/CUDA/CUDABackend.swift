@@ -112,9 +112,14 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
 
     private func sync() { library.check(api.stream_synchronize!(nil), "stream_synchronize") }
 
+    /// How many converted temporaries `operand` has made: 0 over a training step (the model's calls use
+    /// the kernels' native dtype combinations; `TrainingConformance` checks it), so plans stay exact.
+    public private(set) var conversionTemporaries = 0
+
     /// `t`, or a temporary copy of it converted to `dtype` (see the type's comment on mixed dtypes).
     private func operand(_ t: Tensor, as dtype: DType) -> Tensor {
         if t.dtype == dtype { return t }
+        conversionTemporaries += 1
         let tmp = makeTensor(t.shape, dtype: dtype, tag: .workspace, zeroed: false)
         copy(t, to: tmp)
         return tmp
