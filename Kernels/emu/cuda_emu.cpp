@@ -85,6 +85,7 @@ struct Allocation {
     size_t size;          // requested bytes
     size_t tail;          // canary bytes after the user's bytes
     uint64_t serial;
+    bool host;            // cudaHostAlloc'd (pinned host memory the kernels may read): not device memory
 };
 
 std::map<uintptr_t, Allocation> g_allocations;  // by user pointer
@@ -476,48 +477,64 @@ void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers,
 }
 
 // ---- Runtime API ----
-cudaError_t cudaMalloc(void **ptr, size_t bytes) {
+namespace {
+// cudaMalloc and cudaHostAlloc: guarded memory; only device allocations count against the device's limit.
+cudaError_t allocate_guarded(void **ptr, size_t bytes, bool host, const char *what) {
     std::lock_guard<std::mutex> guard(g_lock);
     RELORA_EMU_STICKY_CHECK();
-    if (!ptr) return fail(cudaErrorInvalidValue, "cudaMalloc: null result pointer", false);
+    if (!ptr) return fail(cudaErrorInvalidValue, format("%s: null result pointer", what), false);
     *ptr = nullptr;
-    if (bytes > total_memory() - g_used) {
+    if (!host && bytes > total_memory() - g_used) {
         return fail(cudaErrorMemoryAllocation,
-                    format("cudaMalloc of %zu bytes: the emulated device has %zu of %zu bytes free", bytes,
+                    format("%s of %zu bytes: the emulated device has %zu of %zu bytes free", what, bytes,
                            total_memory() - g_used, total_memory()),
                     false);
     }
     const size_t rounded = (bytes + 255) / 256 * 256;
     const size_t tail = rounded - bytes + kGuard;
     unsigned char *base = (unsigned char *)aligned_alloc(256, kGuard + rounded + kGuard);
-    if (!base) return fail(cudaErrorMemoryAllocation, format("cudaMalloc of %zu bytes: host memory exhausted", bytes), false);
+    if (!base) return fail(cudaErrorMemoryAllocation, format("%s of %zu bytes: host memory exhausted", what, bytes), false);
     memset(base, kCanary, kGuard);
     memset(base + kGuard, kPoison, bytes);
     memset(base + kGuard + bytes, kCanary, tail);
-    g_allocations[(uintptr_t)(base + kGuard)] = Allocation{base, bytes, tail, ++g_serial};
-    g_used += bytes;
+    g_allocations[(uintptr_t)(base + kGuard)] = Allocation{base, bytes, tail, ++g_serial, host};
+    if (!host) g_used += bytes;
     *ptr = base + kGuard;
     return cudaSuccess;
 }
 
-cudaError_t cudaFree(void *ptr) {
+cudaError_t free_guarded(void *ptr, bool host, const char *what) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!ptr) return cudaSuccess;
     RELORA_EMU_STICKY_CHECK();
     auto it = g_allocations.find((uintptr_t)ptr);
-    if (it == g_allocations.end()) {
-        return fail(cudaErrorInvalidValue, format("cudaFree(%p): not a live device allocation (freed twice?)", ptr), false);
+    if (it == g_allocations.end() || it->second.host != host) {
+        return fail(cudaErrorInvalidValue,
+                    format("%s(%p): not a live %s allocation (freed twice?)", what, ptr, host ? "cudaHostAlloc" : "device"),
+                    false);
     }
     const Allocation a = it->second;
     long long offset = 0;
     const std::string corruption =
-        find_corruption(a, &offset) ? corruption_message(a, offset, "a kernel (found at cudaFree)") : std::string();
+        find_corruption(a, &offset) ? corruption_message(a, offset, format("a kernel (found at %s)", what).c_str()) : std::string();
     g_allocations.erase(it);
-    g_used -= a.size;
+    if (!host) g_used -= a.size;
     free(a.base);
     if (!corruption.empty()) return fail(cudaErrorIllegalAddress, corruption, true);
     return cudaSuccess;
 }
+}  // namespace
+
+cudaError_t cudaMalloc(void **ptr, size_t bytes) { return allocate_guarded(ptr, bytes, false, "cudaMalloc"); }
+
+cudaError_t cudaHostAlloc(void **ptr, size_t bytes, unsigned int flags) {
+    (void)flags;  // every emulated allocation is host memory the kernels can read: mapped, portable
+    return allocate_guarded(ptr, bytes, true, "cudaHostAlloc");
+}
+
+cudaError_t cudaFreeHost(void *ptr) { return free_guarded(ptr, true, "cudaFreeHost"); }
+
+cudaError_t cudaFree(void *ptr) { return free_guarded(ptr, false, "cudaFree"); }
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);

@@ -131,6 +131,10 @@ struct cudaDeviceProp {
 
 RELORA_EMU_API cudaError_t cudaMalloc(void **ptr, size_t bytes);
 RELORA_EMU_API cudaError_t cudaFree(void *ptr);
+#define cudaHostAllocPortable 0x01
+#define cudaHostAllocMapped 0x02
+RELORA_EMU_API cudaError_t cudaHostAlloc(void **ptr, size_t bytes, unsigned int flags);
+RELORA_EMU_API cudaError_t cudaFreeHost(void *ptr);
 RELORA_EMU_API cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind);
 RELORA_EMU_API cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind,
                                            cudaStream_t stream);

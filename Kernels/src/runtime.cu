@@ -119,6 +119,21 @@ relora_status relora_cuda_malloc(void **ptr, int64_t bytes) {
 
 relora_status relora_cuda_free(void *ptr) { return check(cudaFree(ptr), "cudaFree"); }
 
+relora_status relora_cuda_host_alloc(void **ptr, int64_t bytes) {
+    RELORA_REQUIRE(ptr, "host_alloc", "null result pointer");
+    RELORA_REQUIRE(bytes >= 0, "host_alloc", "negative size %lld", (long long)bytes);
+    *ptr = nullptr;
+    if (bytes == 0) return RELORA_OK;
+    const cudaError_t e = cudaHostAlloc(ptr, (size_t)bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError();
+        return fail(RELORA_ERR_OUT_OF_MEMORY, "cannot allocate %lld bytes of pinned host memory", (long long)bytes);
+    }
+    return check(e, "cudaHostAlloc");
+}
+
+relora_status relora_cuda_host_free(void *ptr) { return check(cudaFreeHost(ptr), "cudaFreeHost"); }
+
 relora_status relora_cuda_memcpy(void *dst, const void *src, int64_t bytes, int32_t kind, void *stream) {
     RELORA_REQUIRE(bytes >= 0, "memcpy", "negative size %lld", (long long)bytes);
     RELORA_REQUIRE(kind == RELORA_MEMCPY_HOST_TO_DEVICE || kind == RELORA_MEMCPY_DEVICE_TO_HOST ||

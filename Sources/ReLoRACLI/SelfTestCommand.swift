@@ -8,8 +8,8 @@ let selfTestUsage = """
     conversions, fills, matmul, rmsnorm, rope, attention, swiglu, embedding, cross-entropy, dropout,
     reductions, AdamW, pruning, quantization) against naive Double references, with a bound derived per op
     and dtype, and every backward against finite differences of its forward. On cuda every op runs in f32
-    and in bf16, and a few training steps of a tiny model (full-rank, ReLoRA over q4_0 and nf4 with a
-    restart) are compared with the CPU backend, in f32 and in bf16. Prints one line per check (op, shape,
+    and in bf16, and a few training steps of a tiny model (full-rank; ReLoRA over q4_0, nf4 and q8_0 with
+    rtn, stochastic and master merges at a restart) are compared with the CPU backend, in f32 and in bf16. Prints one line per check (op, shape,
     dtype, max error, bound, pass/FAIL) and "N passed, M failed"; exits 1 if any check failed.
 
       --device D   cpu (default) or cuda (the kernel library: RELORA_CUDA_LIB, next to the executable,

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 3
+#define RELORA_ABI_VERSION 4
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -114,6 +114,10 @@ typedef struct relora_device_properties {
     /* ---- Memory and streams (cudaMalloc & co.; the emulation guards every allocation) ---- */         \
     X(relora_status, malloc, (void **ptr, int64_t bytes))                                                 \
     X(relora_status, free, (void *ptr))                                                                   \
+    /* pinned host memory the kernels can read and write through the same pointer (cudaHostAlloc, mapped */\
+    /* and portable; unified addressing): the f32 master copies of the `master` merge policy */          \
+    X(relora_status, host_alloc, (void **ptr, int64_t bytes))                                             \
+    X(relora_status, host_free, (void *ptr))                                                              \
     /* kind: RELORA_MEMCPY_*; host memory must stay valid until the stream is synchronized */           \
     X(relora_status, memcpy, (void *dst, const void *src, int64_t bytes, int32_t kind, void *stream))     \
     X(relora_status, memset, (void *ptr, int32_t value, int64_t bytes, void *stream))                     \

@@ -26,11 +26,13 @@ public enum TrainingConformance {
     }
 
     /// full-rank; relora over q4_0 with a restart (rtn merge, magnitude reset) after step 3; relora over
-    /// nf4 with stochastic merges and LoRA dropout.
+    /// nf4 with stochastic merges and LoRA dropout; relora over q8_0 merging into f32 master copies (pinned
+    /// host memory on a GPU).
     public static let cases: [Case] = [
         Case(name: "full", mode: .full, quant: .none, mergePolicy: nil),
         Case(name: "relora q4_0 rtn", mode: .relora, quant: .q4_0, mergePolicy: .rtn),
         Case(name: "relora nf4 stochastic", mode: .relora, quant: .nf4, mergePolicy: .stochastic),
+        Case(name: "relora q8_0 master", mode: .relora, quant: .q8_0, mergePolicy: .master),
     ]
 
     public static let steps = 6

@@ -91,9 +91,6 @@ public final class Trainer {
         try recipe.loraConfig?.validate(for: config)
 
         if let device = backend as? CUDABackend {
-            guard !recipe.keepsMasterCopies else {
-                throw ReLoRAError.invalidConfig("merge_policy 'master' keeps f32 master copies in host memory, which the CUDA backend cannot merge into yet; use merge_policy compensate or stochastic on cuda, or train on the cpu")
-            }
             // Refuse before allocating a run whose plan does not fit what the device has free now.
             let free = device.deviceMemory().free
             let plan = try MemoryPlanner.requireFits(recipe, config: config, device: .cuda, budget: free,

@@ -64,9 +64,15 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         let bytes = shape.reduce(1, *) * dtype.byteSize
         var storage: UnsafeMutableRawPointer?
         if bytes > 0 {
-            lock.lock()
-            storage = allocator.allocate(bytes, tag: tag)
-            lock.unlock()
+            if tag.isHost {
+                // Pinned host memory the kernels read through the same pointer (the `master` policy's
+                // f32 copies, which would not fit the device): not the allocator's, not device memory.
+                library.check(api.host_alloc!(&storage, Int64(bytes)), "host_alloc")
+            } else {
+                lock.lock()
+                storage = allocator.allocate(bytes, tag: tag)
+                lock.unlock()
+            }
             if zeroed { library.check(api.memset!(storage, 0, Int64(bytes), nil), "memset") }
         }
         ledger.allocated(bytes, tag)
@@ -75,9 +81,13 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
 
     public func release(_ tensor: TensorRelease) {
         if let storage = tensor.storage {
-            lock.lock()
-            allocator.release(storage)
-            lock.unlock()
+            if tensor.tag.isHost {
+                library.check(api.host_free!(storage), "host_free")
+            } else {
+                lock.lock()
+                allocator.release(storage)
+                lock.unlock()
+            }
         }
         ledger.freed(tensor.byteCount, tensor.tag)
     }
