@@ -187,8 +187,50 @@ bool valid_stream(cudaStream_t s) { return s == nullptr || g_streams.count(s) !=
 // ---- Fibers -----------------------------------------------------------------------------------------------
 enum FiberState { kRunnable, kAtBarrier, kAtWarpBarrier, kDone };
 
+// Context switches. glibc's swapcontext saves and restores the signal mask with a system call on every
+// switch, which made it most of the emulation's cost; on x86-64 a fiber switch is instead the function
+// below: push the callee-saved registers (and MXCSR / the x87 control word, which the ABI also makes
+// callee-saved), store the stack pointer, load the other one, pop, return. Elsewhere: ucontext.
+#if defined(__x86_64__)
+#define RELORA_EMU_FAST_SWITCH 1
+extern "C" void relora_emu_switch(void **save_sp, void *load_sp);
+__asm__(R"(
+    .text
+    .globl relora_emu_switch
+    .hidden relora_emu_switch
+    .type relora_emu_switch, @function
+relora_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size relora_emu_switch, .-relora_emu_switch
+)");
+#endif
+
 struct Fiber {
+#if defined(RELORA_EMU_FAST_SWITCH)
+    void *sp;  // saved stack pointer (relora_emu_switch's frame on the fiber's stack)
+#else
     ucontext_t context;
+#endif
     uint3 tid;
     FiberState state;
 };
@@ -209,7 +251,11 @@ struct Stack {
 std::vector<Stack> g_stacks;
 std::vector<Fiber> g_fibers;
 std::vector<Warp> g_warps;
+#if defined(RELORA_EMU_FAST_SWITCH)
+void *g_scheduler_sp;
+#else
 ucontext_t g_scheduler;
+#endif
 unsigned int g_current = 0;  // index of the running fiber
 unsigned int g_threads = 0;  // threads per block
 unsigned int g_at_barrier = 0;
@@ -251,18 +297,48 @@ void switch_to(unsigned int i) {
     relora_emu_thread_idx = g_fibers[i].tid;
     relora_emu_linear_tid = i;
     ++g_switches;
+#if defined(RELORA_EMU_FAST_SWITCH)
+    relora_emu_switch(&g_scheduler_sp, g_fibers[i].sp);
+#else
     swapcontext(&g_scheduler, &g_fibers[i].context);
+#endif
 }
 
-void yield_to_scheduler() { swapcontext(&g_fibers[g_current].context, &g_scheduler); }
+void yield_to_scheduler() {
+#if defined(RELORA_EMU_FAST_SWITCH)
+    relora_emu_switch(&g_fibers[g_current].sp, g_scheduler_sp);
+#else
+    swapcontext(&g_fibers[g_current].context, &g_scheduler);
+#endif
+}
 
 void fiber_entry(int index) {
     g_body(g_closure);
     g_fibers[(unsigned int)index].state = kDone;
     ++g_done;
-    swapcontext(&g_fibers[(unsigned int)index].context, &g_scheduler);
+    yield_to_scheduler();
     abort();  // a finished fiber is never resumed
 }
+
+#if defined(RELORA_EMU_FAST_SWITCH)
+// Where a new fiber's first switch returns to: it runs the thread whose switch_to started it.
+void fiber_start() { fiber_entry((int)g_current); }
+
+// A fresh stack laid out as relora_emu_switch leaves a suspended one: the saved MXCSR / x87 control words
+// (their defaults), six zero registers, then fiber_start as the return address, placed so that fiber_start
+// begins with the stack aligned as after a call (rsp + 8 a multiple of 16).
+void *initial_stack(void *memory, size_t bytes) {
+    uint64_t *top = (uint64_t *)(((uintptr_t)memory + bytes) & ~(uintptr_t)15);
+    *--top = 0;                             // fiber_start's own (never used) return address
+    *--top = (uint64_t)(uintptr_t)&fiber_start;  // 16-byte aligned slot: ret pops it
+    for (int r = 0; r < 6; ++r) *--top = 0;  // rbp, rbx, r12-r15
+    uint32_t control[2] = {0x1F80u, 0x037Fu};  // MXCSR, x87 control word: the ABI's initial values
+    uint64_t packed;
+    memcpy(&packed, control, sizeof packed);
+    *--top = packed;
+    return top;
+}
+#endif
 
 std::string where() {
     const uint3 b = relora_emu_block_idx, t = g_fibers[g_current].tid;
@@ -281,11 +357,15 @@ bool run_block() {
         Fiber &f = g_fibers[i];
         f.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
         f.state = kRunnable;
+#if defined(RELORA_EMU_FAST_SWITCH)
+        f.sp = initial_stack(g_stacks[i].memory, g_stacks[i].bytes);
+#else
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = g_stacks[i].memory;
         f.context.uc_stack.ss_size = g_stacks[i].bytes;
         f.context.uc_link = nullptr;
         makecontext(&f.context, (void (*)())fiber_entry, 1, (int)i);
+#endif
     }
     for (size_t w = 0; w < g_warps.size(); ++w) {
         Warp &warp = g_warps[w];

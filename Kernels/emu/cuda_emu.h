@@ -9,7 +9,7 @@
 //   kernel's parameter types once (as a launch copies them), then the grid runs to completion before
 //   the call returns, block after block (x fastest, then y, then z), on the calling host thread.
 //   Launches from several host threads are serialized by one lock (one emulated device).
-// - Threads. Each thread of a block is a fiber (ucontext: makecontext/swapcontext) with its own small
+// - Threads. Each thread of a block is a fiber (x86-64: a hand-written stack switch; elsewhere ucontext) with its own small
 //   stack (64 KiB, RELORA_EMU_STACK_KB; a guard page below it turns an overflow into SIGSEGV). A
 //   scheduler runs the block's fibers in turn (in one of four orders, relora_emu_set_schedule); a fiber
 //   runs until it finishes or waits at a barrier, so fibers never preempt each other and plain
