@@ -207,6 +207,24 @@ __device__ __forceinline__ void load_queries(float *Qs, float *dOs, float *Dpart
     Dpart[r * TPR + t] = part;
 }
 
+// The backward's two dot products for one key row (kr, vr: this lane's key) against R query rows of the
+// shared tiles (q, dout: [R, D]): s[r] = q_r . k (unscaled score), dp[r] = dO_r . v. Both backward
+// kernels use it, so they recompute P and dP in the same order.
+template <int R>
+__device__ __forceinline__ void score_dots(const float *q, const float *dout, const float *kr, const float *vr, int D,
+                                           float (&s)[R], float (&dp)[R]) {
+    RELORA_UNROLL
+    for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.0f;
+    for (int d = 0; d < D; ++d) {
+        const float kd = kr[d], vd = vr[d];
+        RELORA_UNROLL
+        for (int r = 0; r < R; ++r) {
+            s[r] += q[r * D + d] * kd;
+            dp[r] += dout[r * D + d] * vd;
+        }
+    }
+}
+
 template <int QT>
 __device__ __forceinline__ float row_dot(const float *Dpart, int row) {
     constexpr int TPR = kThreads / QT;
@@ -256,17 +274,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             __syncthreads();
             const int64_t key = k0 + lane;
             float s[R], dp[R];
-            RELORA_UNROLL
-            for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.0f;
-            const float *kr = Ks + lane * Dp, *vr = Vs + lane * Dp;
-            for (int d = 0; d < D; ++d) {
-                const float kd = kr[d], vd = vr[d];
-                RELORA_UNROLL
-                for (int r = 0; r < R; ++r) {
-                    s[r] += Qs[(warp * R + r) * D + d] * kd;
-                    dp[r] += dOs[(warp * R + r) * D + d] * vd;
-                }
-            }
+            score_dots<R>(Qs + warp * R * D, dOs + warp * R * D, Ks + lane * Dp, Vs + lane * Dp, D, s, dp);
             RELORA_UNROLL
             for (int r = 0; r < R; ++r) {
                 const int64_t i = q0 + warp * R + r;
@@ -342,17 +350,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                 load_queries<T, QT>(Qs, dOs, Dpart, q + qoff, dout + qoff, out + qoff, qstride, q0, T_, D);
                 __syncthreads();
                 float s[R], dp[R];
-                RELORA_UNROLL
-                for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.0f;
-                const float *kr = Ks + lane * Dp, *vr = Vs + lane * Dp;
-                for (int d = 0; d < D; ++d) {
-                    const float kd = kr[d], vd = vr[d];
-                    RELORA_UNROLL
-                    for (int r = 0; r < R; ++r) {
-                        s[r] += Qs[(warp * R + r) * D + d] * kd;
-                        dp[r] += dOs[(warp * R + r) * D + d] * vd;
-                    }
-                }
+                score_dots<R>(Qs + warp * R * D, dOs + warp * R * D, Ks + lane * Dp, Vs + lane * Dp, D, s, dp);
                 RELORA_UNROLL
                 for (int r = 0; r < R; ++r) {
                     const int row = warp * R + r;

@@ -165,6 +165,10 @@ public enum PruneRule: Sendable, Equatable {
     case random(probability: Double)
     /// Every entry.
     case all
+
+    /// How many of `n` entries a magnitude rule with `ratio` selects at least: k = ceil(ratio * n), the rank of
+    /// the threshold (every backend computes it here, so their masks agree).
+    public static func magnitudeRank(ratio: Double, of n: Int) -> Int { Int((ratio * Double(n)).rounded(.up)) }
 }
 
 /// The dtype of each role a tensor can play, per backend (DESIGN.md's precision plan).

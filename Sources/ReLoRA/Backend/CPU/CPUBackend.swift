@@ -517,7 +517,7 @@ public final class CPUBackend: Backend, TensorStorageOwner {
             }
             return zeroed
         case .magnitude(let ratio):
-            let k = Int((ratio * Double(n)).rounded(.up))
+            let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
             guard k > 0 else { return 0 }
             if k >= n { zero(tensor); return n }
             let threshold = Self.kthSmallestMagnitudeBits(p, n, k)
@@ -537,7 +537,7 @@ public final class CPUBackend: Backend, TensorStorageOwner {
         ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
         let n = m.count
         guard n > 0 else { return 0 }
-        let k = Int((ratio * Double(n)).rounded(.up))
+        let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
         guard k > 0 else { return 0 }
         if k >= n { zero(m); zero(v); return n }
         let mp = m.f32, vp = v.f32

@@ -451,7 +451,7 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
                 library.check(api.prune_random!(t.storage, Int64(n), Self.code(t.dtype), probability, seed, stream, &zeroed, nil), "prune_random")
             }
         case .magnitude(let ratio):
-            let k = Int((ratio * Double(n)).rounded(.up))
+            let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
             guard k > 0 else { return 0 }
             if k >= n { zero(tensor); return n }
             inPlace(tensor, as: Self.computeType(tensor)) { t in
@@ -466,7 +466,7 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
         let n = m.count
         guard n > 0 else { return 0 }
-        let k = Int((ratio * Double(n)).rounded(.up))
+        let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
         guard k > 0 else { return 0 }
         if k >= n { zero(m); zero(v); return n }
         var zeroed: Int64 = 0
