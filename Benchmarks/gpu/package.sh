@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Packages what a GPU machine without Swift needs to run Benchmarks/gpu/run.sh: release builds of `relora`
 # and `relora-bench` with the Swift runtime linked in (--static-swift-stdlib), plus the shared libraries
-# they load that a bare CUDA image may lack (OpenBLAS and its Fortran runtime, zstd), into dist/gpu/.
-# Run it here (where Swift is); copy the checkout with dist/gpu/ to the GPU machine (the device tool carries
-# it: carry ["dist"]).
+# they load that a bare CUDA image may lack (OpenBLAS and its Fortran runtime, zstd), into dist/gpu/, and the
+# same, stripped, as dist/gpu.tar.xz (~36 MB: what fits the device tool's 64 MiB carry; run.sh unpacks it).
+# Run it here (where Swift is); carry dist/gpu.tar.xz to the GPU machine (device tool: carry ["dist/gpu.tar.xz"]).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 swift build -c release --static-swift-stdlib --product relora
@@ -18,5 +18,6 @@ for exe in "$out/relora" "$out/relora-bench"; do
         cp -Ln "$lib" "$out/lib/" 2>/dev/null || true
     done
 done
-ls -la "$out" "$out/lib"
-du -sh "$out"
+strip "$out/relora" "$out/relora-bench"
+tar -C dist -cJf dist/gpu.tar.xz gpu
+ls -la "$out" "$out/lib" dist/gpu.tar.xz

@@ -4,7 +4,7 @@
 #   2. `make test-cuda`: every kernel against its scalar reference on the GPU;
 #   3. `relora selftest --device cuda`: every backend op (f32 and bf16) and training steps against the CPU;
 #   4. `relora-bench gpu`: quantized linear vs cuBLAS, dequantize/merge bandwidth, 1b training steps, 24 GiB fits.
-# Needs dist/gpu/ from Benchmarks/gpu/package.sh (static-stdlib binaries + their shared libraries).
+# Needs dist/gpu/ (or dist/gpu.tar.xz) from Benchmarks/gpu/package.sh (static-stdlib binaries + their libraries).
 # Results go to $OUT (default ./gpu-results): one log per stage, selftest.json, bench.json, summary.txt.
 # Usage: bash Benchmarks/gpu/run.sh            (each stage's exit status is recorded; later stages still run)
 set -uo pipefail
@@ -12,6 +12,10 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 DIST="${DIST:-$PWD/dist/gpu}"
+if [ ! -x "$DIST/relora" ] && [ -f dist/gpu.tar.xz ]; then  # what package.sh made, carried compressed
+    tar -C dist -xJf dist/gpu.tar.xz 2>/dev/null || python3 -c 'import tarfile; tarfile.open("dist/gpu.tar.xz").extractall("dist")'
+fi
+[ -x "$DIST/relora" ] || { echo "no $DIST/relora: run Benchmarks/gpu/package.sh where Swift is and carry dist/gpu.tar.xz"; exit 1; }
 export LD_LIBRARY_PATH="$DIST/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -38,7 +42,8 @@ stage build 400 make -C Kernels -j"$(nproc)" cuda CUDA_HOME="$CUDA_HOME" ${arch:
     ${arch:+GENCODE="-gencode arch=compute_$arch,code=sm_$arch"} ${arch:+ARCH_TEXT="sm_$arch"} || { echo "kernel build failed: $OUT/build.log"; exit 1; }
 cp Kernels/build/ptxas_report.txt "$OUT/" 2>/dev/null
 stage kernel-tests 120 make -C Kernels test-cuda CUDA_HOME="$CUDA_HOME"
-export RELORA_CUDA_LIB="$PWD/Kernels/build/libreloracuda.so"
+# RELORA_CUDA_LIB set by the caller is kept (a dry run of this script on the CPU emulation: make -C Kernels emu first).
+export RELORA_CUDA_LIB="${RELORA_CUDA_LIB:-$PWD/Kernels/build/libreloracuda.so}"
 stage selftest 300 "$DIST/relora" selftest --device cuda
 "$DIST/relora" selftest --device cuda --json > "$OUT/selftest.json" 2>/dev/null || true
 stage bench 400 "$DIST/relora-bench" gpu --json "$OUT/bench.json"
