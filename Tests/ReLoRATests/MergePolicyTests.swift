@@ -35,6 +35,38 @@ final class MergePolicyTests: XCTestCase {
         }
     }
 
+    /// `master_copies: file` keeps the master copies in memory-mapped files of the run directory: the run
+    /// is bit-identical to one with the copies in RAM (losses, restart included), the copies are counted
+    /// as host memory, no file is left behind, and a cuda run is told the key is for the cpu.
+    func testMasterCopiesInMappedFilesTrainLikeRAM() throws {
+        let d = try TrainerTests.makeByteData()
+        func run(_ storage: MasterCopyStorage) throws -> (losses: [Double], host: Int, dir: String) {
+            let r = TrainerTests.recipe(d, run: "master-\(storage.rawValue)") {
+                $0.mode = .relora; $0.reloraEvery = 2; $0.restartWarmup = 1; $0.steps = 4; $0.evalEvery = 100
+                $0.loraRank = 4; $0.loraAlpha = 8; $0.quant = .q8_0; $0.mergePolicy = .master; $0.masterCopies = storage
+            }
+            let backend = CPUBackend()
+            let trainer = try Trainer(recipe: r, resume: false, backend: backend, log: { _ in })
+            while trainer.state.step < r.steps { _ = try trainer.trainStep() }
+            return (trainer.history.map(\.loss), backend.ledger.report().peak(.hostMaster), r.runDir)
+        }
+        let ram = try run(.ram), file = try run(.file)
+        XCTAssertEqual(ram.losses, file.losses)
+        XCTAssertEqual(ram.host, file.host)
+        XCTAssertGreaterThan(file.host, 0)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: file.dir).filter { $0.hasPrefix(".master-copy") }
+        XCTAssertEqual(leftovers, [], "the mapped files are unlinked when mapped")
+
+        var r = TrainerTests.recipe(d, run: "master-cuda") {
+            $0.mode = .relora; $0.reloraEvery = 4; $0.quant = .q8_0; $0.mergePolicy = .master; $0.masterCopies = .file
+        }
+        r.device = "cpu"
+        let cfg = try LlamaConfig(contentsOf: r.model)
+        XCTAssertThrowsError(try Trainer.mapMasterCopies(r, config: cfg, backend: PlanningBackend(target: .cuda))) {
+            XCTAssertTrue("\($0)".contains("'master_copies' 'file' is for the cpu device"), "\($0)")
+        }
+    }
+
     // MARK: The experiment
 
     /// Weight `[128, 256]`, LoRA rank 4, s = 1. Every block's first weight is the block's extreme (`pin`,

@@ -55,6 +55,8 @@ final class RecipeTests: XCTestCase {
         // base has dense weights: `exact` is their only policy (and not the unset default).
         "merge_policy": ["merge_policy": .string("exact")],
         "relora_every": ["relora_every": .number(200)],
+        // (ignored unless merge_policy is master, but stored like any relora key)
+        "master_copies": ["master_copies": .string("file")],
         "restart_warmup": ["restart_warmup": .number(30)],
         "optimizer_reset": ["optimizer_reset": .string("random")],
         "optimizer_reset_ratio": ["optimizer_reset_ratio": .number(0.5)],
@@ -113,7 +115,7 @@ final class RecipeTests: XCTestCase {
 
     func testKeysAreWrittenOnlyForTheirModes() throws {
         let loraKeys: Set = ["lora_r", "lora_alpha", "lora_dropout", "lora_trainable_scale", "quant"]
-        let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule"]
+        let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule", "master_copies"]
         let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler", "merge_policy"]
         let inputOnly: Set = ["tokens_per_step", "token_budget", "description"]
         let always = Recipe.knownKeys.subtracting(loraKeys).subtracting(reloraKeys).subtracting(optionalKeys).subtracting(inputOnly)

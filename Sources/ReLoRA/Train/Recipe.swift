@@ -7,6 +7,16 @@ public enum TrainingMode: String, Sendable, CaseIterable {
 }
 
 /// How a `lora`/`relora` run stores its frozen base weights: dense (the backend's precision) or a block format.
+/// Where the `master` merge policy keeps its f32 master copies on the CPU (`master_copies`).
+public enum MasterCopyStorage: String, Sendable, CaseIterable {
+    /// In RAM.
+    case ram
+    /// In memory-mapped files in the run directory (deleted as soon as they are mapped, so nothing is left
+    /// behind, even after a crash): the page cache holds what fits and the rest goes to disk, for weights
+    /// whose f32 copy does not fit in RAM. Same values, same results; restarts read the copy once.
+    case file
+}
+
 public enum FrozenStorage: String, Sendable, CaseIterable {
     case none, q8_0, q4_0, nf4
 
@@ -88,6 +98,9 @@ public struct Recipe: Sendable, Equatable {
     /// How `relora` restarts merge into the frozen weights (`MergePolicyKind`); nil: the default, `exact`
     /// for dense weights and `rtn` for quantized ones (`effectiveMergePolicy`).
     public var mergePolicy: MergePolicyKind?
+    /// Where `merge_policy: master` keeps its f32 copies on the CPU: `ram` (default) or `file` (memory-mapped).
+    /// Other policies keep no copies and ignore it (the trainer says so in its log).
+    public var masterCopies: MasterCopyStorage = .ram
     /// A full-rank checkpoint (or run directory) whose weights, step count and dense optimizer state
     /// this run starts from.
     public var warmStart: String?
@@ -291,6 +304,7 @@ extension Recipe {
         .bool("lora_trainable_scale", \.loraTrainableScale, when: loraModes),
         .choice("quant", \.quant, when: loraModes),
         .optionalChoice("merge_policy", \.mergePolicy, when: reloraMode),
+        .choice("master_copies", \.masterCopies, when: reloraMode),
         .optional("relora_every", \.reloraEvery, read: { try $0.optionalInt($1) }, when: reloraMode),
         .int("restart_warmup", \.restartWarmup, when: reloraMode),
         .choice("optimizer_reset", \.optimizerReset, when: reloraMode),

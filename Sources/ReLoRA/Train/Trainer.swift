@@ -90,6 +90,13 @@ public final class Trainer {
         schedule = recipe.schedule
         try recipe.loraConfig?.validate(for: config)
 
+        if recipe.masterCopies == .file {
+            if recipe.keepsMasterCopies {
+                try Self.mapMasterCopies(recipe, config: config, backend: backend)
+            } else {
+                log("note: master_copies 'file' has no effect: only merge_policy 'master' (with quantized weights) keeps master copies")
+            }
+        }
         if let device = backend as? CUDABackend {
             // Refuse before allocating a run whose plan does not fit what the device has free now.
             let free = device.deviceMemory().free
@@ -314,6 +321,24 @@ public final class Trainer {
     }
 
     /// Runs until `recipe.steps` (or a stop request). Returns a summary.
+    /// `master_copies: file`: the CPU backend maps the master copies from files in the run directory, after
+    /// checking that its file system has room for them (one sentence if not, before anything is allocated).
+    static func mapMasterCopies(_ recipe: Recipe, config: LlamaConfig, backend: Backend) throws {
+        guard let cpu = backend as? CPUBackend else {
+            throw ReLoRAError.invalidConfig("'master_copies' 'file' is for the cpu device; on \(backend.name) the master copies live in pinned host memory: drop the key or set it to 'ram'")
+        }
+        try Files.createDirectory(recipe.runDir)
+        let needed = try MemoryPlanner.plan(recipe, config: config, device: .cpu).report.hostPeakTotal
+        var fs = statvfs()
+        if statvfs(recipe.runDir, &fs) == 0 {
+            let free = Int(fs.f_bavail) * Int(fs.f_frsize)
+            guard free >= needed else {
+                throw ReLoRAError.invalidConfig("'master_copies' 'file' needs \(formatBytes(needed)) in \(recipe.runDir), which has \(formatBytes(free)) free; free space there, choose another run_dir, or use 'ram'")
+            }
+        }
+        cpu.hostFileDirectory = recipe.runDir
+    }
+
     public func run() throws -> TrainingSummary {
         let r = recipe
         let trainable = optimizer.parameters.reduce(0) { $0 + $1.value.count }

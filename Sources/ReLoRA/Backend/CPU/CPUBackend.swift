@@ -14,20 +14,59 @@ public final class CPUBackend: Backend, TensorStorageOwner {
 
     public init() {}
 
+    /// Where host-tagged tensors (`MemoryTag.isHost`: the `master` policy's f32 copies) live: nil for RAM,
+    /// else a directory for memory-mapped files (`master_copies: file`), each unlinked as soon as it is mapped.
+    public var hostFileDirectory: String? {
+        get { mappedLock.lock(); defer { mappedLock.unlock() }; return fileDirectory }
+        set { mappedLock.lock(); fileDirectory = newValue; mappedLock.unlock() }
+    }
+    private let mappedLock = NSLock()
+    nonisolated(unsafe) private var fileDirectory: String?
+    /// Storage that is a file mapping (released with munmap), by address.
+    nonisolated(unsafe) private var mapped: Set<UnsafeMutableRawPointer> = []
+
     // MARK: Memory
 
     public func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
         let bytes = shape.reduce(1, *) * dtype.byteSize
-        // 64-byte alignment: whole cache lines, and what AVX-512 loads like.
-        let storage = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
-        if zeroed { storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(bytes, 1)) }
+        let storage: UnsafeMutableRawPointer
+        if tag.isHost, let dir = hostFileDirectory, bytes > 0 {
+            storage = mapFile(bytes, in: dir)  // a fresh file reads as zeros
+        } else {
+            // 64-byte alignment: whole cache lines, and what AVX-512 loads like.
+            storage = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 1), alignment: 64)
+            if zeroed { storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(bytes, 1)) }
+        }
         ledger.allocated(bytes, tag)
         return Tensor(shape: shape, dtype: dtype, tag: tag, storage: storage, owner: self)
     }
 
     public func release(_ tensor: TensorRelease) {
-        tensor.storage?.deallocate()
+        if let storage = tensor.storage {
+            mappedLock.lock()
+            let wasMapped = mapped.remove(storage) != nil
+            mappedLock.unlock()
+            if wasMapped { munmap(storage, tensor.byteCount) } else { storage.deallocate() }
+        }
         ledger.freed(tensor.byteCount, tensor.tag)
+    }
+
+    /// A shared mapping of a new `bytes`-long file in `dir`, unlinked at once (the mapping keeps it alive).
+    /// Failing here means the disk or the directory cannot hold the copy: one sentence, and the run stops
+    /// before training (the copies are made when the model is built).
+    private func mapFile(_ bytes: Int, in dir: String) -> UnsafeMutableRawPointer {
+        let path = dir + "/.master-copy-\(getpid())-\(UUID().uuidString)"
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0o600)
+        guard fd >= 0 else { fatalError("master_copies file: cannot create \(path): \(String(cString: strerror(errno))); choose master_copies ram or free the run directory's disk") }
+        defer { close(fd); unlink(path) }
+        guard ftruncate(fd, off_t(bytes)) == 0, posix_fallocate(fd, 0, off_t(bytes)) == 0 else {
+            fatalError("master_copies file: cannot reserve \(formatBytes(bytes)) in \(dir) (disk full?); free space there or use master_copies ram")
+        }
+        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            fatalError("master_copies file: cannot map \(formatBytes(bytes)): \(String(cString: strerror(errno)))")
+        }
+        mappedLock.lock(); mapped.insert(p); mappedLock.unlock()
+        return p
     }
 
     // MARK: Transfers and fills
