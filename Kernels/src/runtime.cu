@@ -137,7 +137,7 @@ relora_status relora_cuda_host_free(void *ptr) { return check(cudaFreeHost(ptr),
 relora_status relora_cuda_memcpy(void *dst, const void *src, int64_t bytes, int32_t kind, void *stream) {
     RELORA_REQUIRE(bytes >= 0, "memcpy", "negative size %lld", (long long)bytes);
     RELORA_REQUIRE(kind == RELORA_MEMCPY_HOST_TO_DEVICE || kind == RELORA_MEMCPY_DEVICE_TO_HOST ||
-                       kind == RELORA_MEMCPY_DEVICE_TO_DEVICE,
+                       kind == RELORA_MEMCPY_DEVICE_TO_DEVICE || kind == RELORA_MEMCPY_DEFAULT,
                    "memcpy", "unknown direction %d", (int)kind);
     if (bytes == 0) return RELORA_OK;
     RELORA_REQUIRE(dst && src, "memcpy", "null pointer");

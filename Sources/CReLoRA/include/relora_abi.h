@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 4
+#define RELORA_ABI_VERSION 5
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -61,6 +61,8 @@ typedef enum relora_status {
 #define RELORA_MEMCPY_HOST_TO_DEVICE 1
 #define RELORA_MEMCPY_DEVICE_TO_HOST 2
 #define RELORA_MEMCPY_DEVICE_TO_DEVICE 3
+#define RELORA_MEMCPY_DEFAULT 4  // direction inferred from the pointers (unified addressing): copies that
+                                 // involve pinned host memory from host_alloc
 
 // Device scratch that sum_of_squares and dot_accumulate need (partial sums of at most 1024 blocks, in
 // double). One workspace must not be shared by calls that may run concurrently (two streams).

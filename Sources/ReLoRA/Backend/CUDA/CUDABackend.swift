@@ -68,12 +68,13 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
                 // Pinned host memory the kernels read through the same pointer (the `master` policy's
                 // f32 copies, which would not fit the device): not the allocator's, not device memory.
                 library.check(api.host_alloc!(&storage, Int64(bytes)), "host_alloc")
+                if zeroed { storage!.initializeMemory(as: UInt8.self, repeating: 0, count: bytes) }
             } else {
                 lock.lock()
                 storage = allocator.allocate(bytes, tag: tag)
                 lock.unlock()
+                if zeroed { library.check(api.memset!(storage, 0, Int64(bytes), nil), "memset") }
             }
-            if zeroed { library.check(api.memset!(storage, 0, Int64(bytes), nil), "memset") }
         }
         ledger.allocated(bytes, tag)
         return Tensor(shape: shape, dtype: dtype, tag: tag, storage: storage, owner: self)
@@ -189,6 +190,11 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     private func uploadConverted(_ raw: UnsafeRawBufferPointer, _ dtype: DType, to tensor: Tensor) {
         ledger.uploaded(tensor.byteCount)
         guard tensor.count > 0 else { return }
+        if tensor.tag.isHost {  // pinned host memory: written by the host, once queued kernels are done with it
+            sync()
+            HostConversion.convert(raw.baseAddress!, dtype, tensor.storage!, tensor.dtype, count: tensor.count)
+            return
+        }
         if dtype == tensor.dtype {
             library.check(api.memcpy!(tensor.storage, raw.baseAddress, Int64(tensor.byteCount), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
         } else {
@@ -214,7 +220,8 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     private func copyToHost(_ tensor: Tensor) -> UnsafeMutableRawPointer {
         let host = UnsafeMutableRawPointer.allocate(byteCount: max(1, tensor.byteCount), alignment: 64)
         if tensor.byteCount > 0 {
-            library.check(api.memcpy!(host, tensor.storage, Int64(tensor.byteCount), RELORA_MEMCPY_DEVICE_TO_HOST, nil), "memcpy")
+            library.check(api.memcpy!(host, tensor.storage, Int64(tensor.byteCount),
+                                      tensor.tag.isHost ? RELORA_MEMCPY_DEFAULT : RELORA_MEMCPY_DEVICE_TO_HOST, nil), "memcpy")
         }
         sync()
         return host
@@ -224,7 +231,8 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
         guard src.count > 0 else { return }
         if src.dtype == dst.dtype {
-            library.check(api.memcpy!(dst.storage, src.storage, Int64(src.byteCount), RELORA_MEMCPY_DEVICE_TO_DEVICE, nil), "memcpy")
+            let kind = src.tag.isHost || dst.tag.isHost ? RELORA_MEMCPY_DEFAULT : RELORA_MEMCPY_DEVICE_TO_DEVICE
+            library.check(api.memcpy!(dst.storage, src.storage, Int64(src.byteCount), kind, nil), "memcpy")
         } else {
             library.check(api.convert!(src.storage, Self.code(src.dtype), dst.storage, Self.code(dst.dtype), Int64(src.count), nil), "convert")
         }
