@@ -90,6 +90,7 @@ final class KernelEmulationTests: XCTestCase {
         XCTAssertEqual(Int(info.block_nf4_size), MemoryLayout<block_nf4>.size)
         XCTAssertEqual(Int(info.block_nf4_align), MemoryLayout<block_nf4>.alignment)
         XCTAssertEqual(Int(info.bf16_size), DType.bf16.byteSize)
+        XCTAssertEqual(Int(info.device_properties_size), MemoryLayout<relora_device_properties>.size)
         for format in QuantFormat.allCases {
             let kernelBytes = [QuantFormat.q8_0: info.block_q8_0_size, .q4_0: info.block_q4_0_size, .nf4: info.block_nf4_size][format]!
             XCTAssertEqual(Int(kernelBytes), format.bytesPerBlock, format.rawValue)
@@ -118,6 +119,7 @@ final class KernelEmulationTests: XCTestCase {
         XCTAssertEqual(Int(info.block_q4_0_size), MemoryLayout<block_q4_0>.size)
         XCTAssertEqual(Int(info.block_nf4_size), MemoryLayout<block_nf4>.size)
         XCTAssertEqual(Int(info.bf16_size), 2)
+        XCTAssertEqual(Int(info.device_properties_size), MemoryLayout<relora_device_properties>.size)
         // No device is an answer, not an error.
         var count: Int32 = -1
         XCTAssertEqual(api.device_count?(&count), Int32(RELORA_OK.rawValue))
