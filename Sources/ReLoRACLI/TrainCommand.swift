@@ -13,7 +13,11 @@ let trainUsage = """
 
       --set key=value   override a recipe key (value parsed as JSON, else taken as a string), repeatable
       --resume RUN_DIR  continue a run from its latest checkpoint (uses RUN_DIR/recipe.json)
-      --device D        cpu or cuda (same as --set device=D)
+      --device D        cpu or cuda (same as --set device=D). On cuda the run is planned first and refused,
+                        before allocating, if the plan exceeds the device's free memory; after the first step
+                        it prints the allocator's and the device's measured peaks beside the plan.
+                        Kernel library: RELORA_CUDA_LIB, libreloracuda.so next to relora, or Kernels/build/;
+                        RELORA_DEVICE_MEMORY_LIMIT=24GiB caps device memory (a smaller card on a bigger one)
       --budget SIZE     refuse to start, before allocating, if the memory plan exceeds SIZE (e.g. 24GiB)
     """
 
