@@ -21,7 +21,8 @@ warm start), restart warmup R/10, magnitude reset 0.99 of the LoRA moments, jagg
   relora           ReLoRA: that warm start + restarts + reset + jagged schedule     -- "ReLoRA"
   optional (--arms): restarts (restarts only, no warm start, no reset, plain cosine), restarts_jagged
   (restarts + jagged, no reset), relora_no_ws (ReLoRA without warm start), full_lr2x (full-rank at 2L),
-  relora_lr1x (ReLoRA stages at L: an lr control), relora_r12 (restarts every N/12: 9 cycles after the warm start)
+  relora_lr1x (ReLoRA stages at L: an lr control), relora_r12 (restarts every N/12: 9 cycles after the warm start),
+  relora_joint (the reset prunes m and v with one mask, `magnitude_joint`)
 
 Each arm: `relora train`, `relora export RUN --format hf`, `relora eval` of the export on the val and ood sets.
 Evaluation uses --eval-windows evenly spaced 256-token windows of each file (default 512, i.e. 131K tokens
@@ -46,7 +47,8 @@ LABELS = {
     "lora": "LoRA (from scratch)", "lora_ws": "LoRA + warm start", "relora": "ReLoRA",
     "restarts": "ablation: restarts only (no ws, no reset, no jagged)", "restarts_jagged": "ablation: restarts + jagged, no reset, no ws",
     "relora_no_ws": "ablation: ReLoRA without warm start", "full_lr2x": "full-rank at 2L (lr control)",
-    "relora_lr1x": "ReLoRA with LoRA stages at L (lr control)", "relora_r12": "ReLoRA restarting every N/12 (9 cycles; interval control)",
+    "relora_lr1x": "ReLoRA with LoRA stages at L (lr control)", "relora_joint": "ReLoRA with the joint-mask reset (magnitude_joint 0.99)",
+    "relora_r12": "ReLoRA restarting every N/12 (9 cycles; interval control)",
 }
 
 MODEL = {
@@ -128,6 +130,7 @@ def arms_for(out, seed, N, W, RE):
         "relora_no_ws": {**relora},
         "full_lr2x": {"lr": 2 * lr},
         "relora_lr1x": {**relora, "lr": lr, "warm_start": warm_run},
+        "relora_joint": {**relora, "optimizer_reset": "magnitude_joint", "warm_start": warm_run},
         "relora_r12": {**relora, "relora_every": N // 12, "restart_warmup": max(2, N // 120), "warm_start": warm_run},
     }
     return base, arms, warm, warm_run
