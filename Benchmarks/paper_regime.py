@@ -296,7 +296,7 @@ def write_table(out, N, W, RE, results, eval_sets):
         f"warm start at step {W}, restarts every {RE} (ReLoRA: 3 cycles after the warm start), r = 32, alpha = 8, "
         f"lr 2e-3 (full-rank) / 4e-3 (LoRA stages).",
         f"Model 6 x 256 (FFN 688), vocab 8192: {MODEL_PARAMS:,} parameters, {nonemb:,} non-embedding; "
-        f"{N * 2048 / nonemb:.2f} tokens per non-embedding parameter (the paper's 130M: ~36).",
+        f"{N * 2048 / nonemb:.2f} tokens per non-embedding parameter (the paper's 130M: on the order of 30).",
         f"Perplexity of the exported model on {vt:,} predicted tokens of val.npy and {ot:,} of ood.npy "
         f"(evenly spaced 256-token windows; the same for every arm). Mean ± std (min-max) over seeds; the ratio to "
         f"full-rank is per seed (same seed's full-rank run: same data order), mean (min-max) over seeds.",
