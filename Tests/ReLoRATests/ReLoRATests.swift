@@ -257,6 +257,19 @@ final class ReLoRATests: XCTestCase {
         _ = try t.run()
         XCTAssertEqual(t.history.count, 4)
 
+        // A checkpoint directory named directly is a training checkpoint even when it also looks like a
+        // Hugging Face directory (format-1 checkpoints hold config.json + model.safetensors): step 4, not 0.
+        let checkpoint = try XCTUnwrap(TrainingCheckpoint.latest(runDir: warm.runDir))
+        FileManager.default.createFile(atPath: checkpoint + "/model.safetensors", contents: Data())
+        XCTAssertTrue(HFCheckpoint.isModelDirectory(checkpoint))
+        let direct = recipe(d, run: "relora-warm-direct") {
+            $0.mode = .relora; $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 8; $0.reloraEvery = 2; $0.restartWarmup = 1
+            $0.warmStart = checkpoint
+        }
+        let t2 = try Trainer(recipe: direct, resume: false, log: { _ in })
+        XCTAssertEqual(t2.state.step, 4)
+        XCTAssertEqual(t2.optimizer.stepCount, 4)
+
         // Another architecture is a clear error.
         let other = try makeOtherConfig(d)
         let bad = recipe(d, run: "relora-bad") { $0.mode = .lora; $0.loraRank = 4; $0.model = other; $0.warmStart = warm.runDir }

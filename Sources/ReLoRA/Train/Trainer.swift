@@ -225,7 +225,11 @@ public final class Trainer {
     /// run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
                           log: @escaping (String) -> Void) throws -> TrainingState {
-        if HFCheckpoint.isModelDirectory(path) {
+        // A training checkpoint (it has state.json) also holds config.json and, in format 1 or when a tensor
+        // file is stored uncompressed, model.safetensors: check for it first, or its step, optimizer state
+        // and data position would be dropped as if it were a Hugging Face export.
+        let isTrainingCheckpoint = FileManager.default.fileExists(atPath: path + "/state.json")
+        if !isTrainingCheckpoint && HFCheckpoint.isModelDirectory(path) {
             let config = try HFCheckpoint.readConfig(directory: path)
             try checkSameArchitecture(config, model.config, source: path)
             try HFCheckpoint.loadWeights(directory: path, into: model, warn: { log("warning: \($0)") },
