@@ -7,44 +7,27 @@
 namespace relora {
 namespace {
 
-struct Q8_0 {
-    using Block = block_q8_0;
-    static constexpr int kSize = RELORA_QK8_0;
-    static __device__ __forceinline__ float at(const Block *b, int j) { return relora_dequantize_q8_0_at(b, j); }
-    static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {
-        return relora_quantize_block_q8_0(x, y, bad_j);
-    }
-    static __device__ __forceinline__ int quantize_sr(const float *x, Block *y, uint64_t seed, uint64_t stream,
-                                                      uint64_t counter0, int *bad_j) {
-        return relora_quantize_block_q8_0_sr(x, y, seed, stream, counter0, bad_j);
-    }
-};
-
-struct Q4_0 {
-    using Block = block_q4_0;
-    static constexpr int kSize = RELORA_QK4_0;
-    static __device__ __forceinline__ float at(const Block *b, int j) { return relora_dequantize_q4_0_at(b, j); }
-    static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {
-        return relora_quantize_block_q4_0(x, y, bad_j);
-    }
-    static __device__ __forceinline__ int quantize_sr(const float *x, Block *y, uint64_t seed, uint64_t stream,
-                                                      uint64_t counter0, int *bad_j) {
-        return relora_quantize_block_q4_0_sr(x, y, seed, stream, counter0, bad_j);
-    }
-};
-
-struct NF4 {
-    using Block = block_nf4;
-    static constexpr int kSize = RELORA_QKNF4;
-    static __device__ __forceinline__ float at(const Block *b, int j) { return relora_dequantize_nf4_at(b, j); }
-    static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {
-        return relora_quantize_block_nf4(x, y, bad_j);
-    }
-    static __device__ __forceinline__ int quantize_sr(const float *x, Block *y, uint64_t seed, uint64_t stream,
-                                                      uint64_t counter0, int *bad_j) {
-        return relora_quantize_block_nf4_sr(x, y, seed, stream, counter0, bad_j);
-    }
-};
+// The format traits: the header's functions of one format under uniform names, so the kernels below are
+// written once. RELORA_FORMAT_TRAIT(Trait, suffix, block size) wraps relora_*_<suffix> and block_<suffix>.
+#define RELORA_FORMAT_TRAIT(Trait, suffix, size)                                                                 \
+    struct Trait {                                                                                              \
+        using Block = block_##suffix;                                                                           \
+        static constexpr int kSize = size;                                                                      \
+        static __device__ __forceinline__ float at(const Block *b, int j) {                                     \
+            return relora_dequantize_##suffix##_at(b, j);                                                       \
+        }                                                                                                       \
+        static __device__ __forceinline__ int quantize(const float *x, Block *y, int *bad_j) {                  \
+            return relora_quantize_block_##suffix(x, y, bad_j);                                                 \
+        }                                                                                                       \
+        static __device__ __forceinline__ int quantize_sr(const float *x, Block *y, uint64_t seed,              \
+                                                          uint64_t stream, uint64_t counter0, int *bad_j) {     \
+            return relora_quantize_block_##suffix##_sr(x, y, seed, stream, counter0, bad_j);                   \
+        }                                                                                                       \
+    };
+RELORA_FORMAT_TRAIT(Q8_0, q8_0, RELORA_QK8_0)
+RELORA_FORMAT_TRAIT(Q4_0, q4_0, RELORA_QK4_0)
+RELORA_FORMAT_TRAIT(NF4, nf4, RELORA_QKNF4)
+#undef RELORA_FORMAT_TRAIT
 
 constexpr int kDequantThreads = 256;
 
