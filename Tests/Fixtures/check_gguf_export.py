@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from check_hf_export import compare_losses  # same directory
+
 SAMPLE = "ROMEO.\nBut soft, what light through yonder window breaks?\n  It is the east, and Juliet is the sun!  123 4567"
 
 
@@ -56,24 +58,12 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=torch.float32, attn_implementation="eager")
     model.eval()
-    ids = np.load(args.tokens)
-    n = min(args.windows, len(ids) // args.seq_len)
-    sub = ids[: n * args.seq_len].astype(np.int64)
-    losses = []
-    with torch.no_grad():
-        for w in range(n):
-            x = torch.from_numpy(sub[w * args.seq_len:(w + 1) * args.seq_len]).unsqueeze(0)
-            losses.append(model(input_ids=x, labels=x).loss.double().item())
-    hf_loss = float(np.mean(losses))
+    n, hf_loss, relora_loss = compare_losses(model, path, args.tokens, args.seq_len, args.windows, args.relora)
+    sub = np.load(args.tokens)[: args.seq_len].astype(np.int64)  # the first window, for llama.cpp below
 
     with tempfile.TemporaryDirectory() as tmp:
-        windows = os.path.join(tmp, "windows.npy")
-        np.save(windows, sub.astype(ids.dtype))
-        out = subprocess.run([args.relora, "eval", "--model", path, "--data", windows, "--seq-len", str(args.seq_len),
-                              "--json"], check=True, capture_output=True, text=True)
-        ours = json.loads(out.stdout)
-        diff = abs(ours["loss"] - hf_loss)
-        print(f"{os.path.basename(path)}: transformers loss {hf_loss:.6f}  relora loss {ours['loss']:.6f}  "
+        diff = abs(relora_loss - hf_loss)
+        print(f"{os.path.basename(path)}: transformers loss {hf_loss:.6f}  relora loss {relora_loss:.6f}  "
               f"|diff| {diff:.2e}  ({n} windows of {args.seq_len})")
         ok &= diff < 1e-4
 

@@ -17,6 +17,26 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 
+def compare_losses(model, relora_model, tokens, seq_len, windows, relora):
+    """Mean transformers loss of `model` over the first `windows` windows of `seq_len` tokens of the token
+    file, and `relora eval --model relora_model` on a .npy of exactly those windows: (n, hf, relora).
+    Shared by check_gguf_export.py."""
+    ids = np.load(tokens)
+    n = min(windows, len(ids) // seq_len)
+    sub = ids[: n * seq_len].astype(np.int64)
+    losses = []
+    with torch.no_grad():
+        for w in range(n):
+            x = torch.from_numpy(sub[w * seq_len:(w + 1) * seq_len]).unsqueeze(0)
+            losses.append(model(input_ids=x, labels=x).loss.double().item())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "windows.npy")
+        np.save(path, sub.astype(ids.dtype))
+        out = subprocess.run([relora, "eval", "--model", relora_model, "--data", path, "--seq-len", str(seq_len),
+                              "--json"], check=True, capture_output=True, text=True)
+    return n, float(np.mean(losses)), json.loads(out.stdout)["loss"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
@@ -29,24 +49,9 @@ def main():
     model = LlamaForCausalLM.from_pretrained(args.model_dir, torch_dtype=torch.float32, attn_implementation="eager")
     model.eval()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    ids = np.load(args.tokens)
-    n = min(args.windows, len(ids) // args.seq_len)
-    sub = ids[: n * args.seq_len].astype(np.int64)
-    losses = []
-    with torch.no_grad():
-        for w in range(n):
-            x = torch.from_numpy(sub[w * args.seq_len:(w + 1) * args.seq_len]).unsqueeze(0)
-            losses.append(model(input_ids=x, labels=x).loss.double().item())
-    hf_loss = float(np.mean(losses))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "windows.npy")
-        np.save(path, sub.astype(ids.dtype))
-        out = subprocess.run([args.relora, "eval", "--model", args.model_dir, "--data", path,
-                              "--seq-len", str(args.seq_len), "--json"], check=True, capture_output=True, text=True)
-        ours = json.loads(out.stdout)
-    diff = abs(ours["loss"] - hf_loss)
-    print(f"transformers loss {hf_loss:.6f}  relora loss {ours['loss']:.6f}  |diff| {diff:.2e}  ({n} windows of {args.seq_len})")
+    n, hf_loss, relora_loss = compare_losses(model, args.model_dir, args.tokens, args.seq_len, args.windows, args.relora)
+    diff = abs(relora_loss - hf_loss)
+    print(f"transformers loss {hf_loss:.6f}  relora loss {relora_loss:.6f}  |diff| {diff:.2e}  ({n} windows of {args.seq_len})")
 
     text = "ROMEO.\nBut soft, what light through yonder window breaks?\n  It is the east — and Juliet is the sun! 🌞"
     enc = tok(text, add_special_tokens=False)["input_ids"]
