@@ -33,21 +33,7 @@ R = os.path.join(ROOT, ".build/release/relora")
 DATA = os.path.join(ROOT, "data/shakespeare")
 MODEL = os.path.join(ROOT, "Configs/models/llama_shakespeare.json")
 
-
-def sh(args, log=None):
-    """Runs a command, streaming its output to stdout and an optional log file; fails loudly."""
-    print("$ " + " ".join(args), flush=True)
-    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as p:
-        lines = []
-        for line in p.stdout:
-            lines.append(line)
-            if log:
-                log.write(line)
-            if not line.startswith("step ") or "00/" in line or "SKIPPED" in line:
-                print("  " + line, end="", flush=True)
-        if p.wait() != 0:
-            sys.exit(f"error: {' '.join(args[:2])} failed (exit {p.returncode})")
-    return "".join(lines)
+from paper_regime import sh  # the same runner (streams output, thins step lines, fails loudly); same directory
 
 
 def prepare_data():
