@@ -109,6 +109,13 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         return (min(Int(free), max(0, limit - allocator.stats.reserved)), min(Int(total), limit))
     }
 
+    /// Returns the allocator's cached (free) blocks to the device, e.g. between benchmarks that use
+    /// different backends, so `cudaMemGetInfo` shows only what is live.
+    public func releaseCachedMemory() {
+        lock.lock(); defer { lock.unlock() }
+        allocator.emptyCache()
+    }
+
     /// Waits for every queued kernel (benchmarks time with it; ops that return values already wait).
     public func synchronize() { sync() }
 
@@ -116,7 +123,9 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     public func memorySummary() -> String {
         let s = allocatorStats
         let (free, total) = deviceMemory()
-        return "device \(library.deviceName): allocator peak \(formatBytes(s.peakInUse)) in use, \(formatBytes(s.peakReserved)) reserved (\(s.mallocCalls) cudaMalloc, \(s.cacheHits) cache hits); cudaMemGetInfo \(formatBytes(total - free)) used of \(formatBytes(total))"
+        let byTag = s.inUseAtPeakByTag.filter { $0.value > 0 }.sorted { $0.value > $1.value }
+            .map { "\($0.key.rawValue) \(formatBytes($0.value))" }.joined(separator: ", ")
+        return "device \(library.deviceName): allocator peak \(formatBytes(s.peakInUse)) in use (\(byTag)), \(formatBytes(s.peakReserved)) reserved (\(s.mallocCalls) cudaMalloc, \(s.cacheHits) cache hits); cudaMemGetInfo \(formatBytes(total - free)) used of \(formatBytes(total))"
     }
 
     // MARK: Helpers
