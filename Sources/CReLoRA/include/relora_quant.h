@@ -239,13 +239,34 @@ RELORA_HD int relora_nf4_code(float s) {
 // Each quantizer returns RELORA_QUANT_OK, or RELORA_QUANT_ERR_SCALE_OVERFLOW with *bad_j set to the
 // in-block index of the largest |x| (the block is then not written).
 
-RELORA_HD int relora_quantize_block_q8_0(const float *x, block_q8_0 *y, int *bad_j) {
+// The scans every block quantizer (round to nearest and stochastic) starts with. Both start from +0 and
+// keep the first index on a tie (strict >), so an all-zero block gives +0 and index 0; NaNs never compare
+// greater (the row functions reject non-finite inputs before any block is quantized).
+// The largest |x[j]| of n values and its index.
+RELORA_HD float relora_block_absmax(const float *x, int n, int *jmax) {
     float amax = 0.0f;
-    int jmax = 0;
-    for (int j = 0; j < RELORA_QK8_0; ++j) {
+    *jmax = 0;
+    for (int j = 0; j < n; ++j) {
         const float a = fabsf(x[j]);
-        if (a > amax) { amax = a; jmax = j; }
+        if (a > amax) { amax = a; *jmax = j; }
     }
+    return amax;
+}
+
+// The signed value of largest magnitude (q4_0's scale source; +a before -a keeps +a) and its index.
+RELORA_HD float relora_block_signed_extreme(const float *x, int n, int *jmax) {
+    float amax = 0.0f, max = 0.0f;
+    *jmax = 0;
+    for (int j = 0; j < n; ++j) {
+        const float a = fabsf(x[j]);
+        if (a > amax) { amax = a; max = x[j]; *jmax = j; }
+    }
+    return max;
+}
+
+RELORA_HD int relora_quantize_block_q8_0(const float *x, block_q8_0 *y, int *bad_j) {
+    int jmax;
+    const float amax = relora_block_absmax(x, RELORA_QK8_0, &jmax);
     const float d = RELORA_FDIV(amax, 127.0f);
     const relora_half dh = relora_fp32_to_fp16(d);
     if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
@@ -276,12 +297,8 @@ RELORA_HD float relora_dequantize_q8_0_at(const block_q8_0 *x, int j) {
 RELORA_HD int relora_quantize_block_q4_0(const float *x, block_q4_0 *y, int *bad_j) {
     // The signed value of largest magnitude; the first one on a tie (+a before -a keeps +a).
     // Starting from +0.0f makes an all-zero block's d = +0 / -8 = -0, as in ggml's C.
-    float amax = 0.0f, max = 0.0f;
-    int jmax = 0;
-    for (int j = 0; j < RELORA_QK4_0; ++j) {
-        const float a = fabsf(x[j]);
-        if (a > amax) { amax = a; max = x[j]; jmax = j; }
-    }
+    int jmax;
+    const float max = relora_block_signed_extreme(x, RELORA_QK4_0, &jmax);
     const float d = RELORA_FDIV(max, -8.0f);
     const relora_half dh = relora_fp32_to_fp16(d);
     if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
@@ -324,11 +341,9 @@ RELORA_HD float relora_dequantize_q4_0_at(const block_q4_0 *x, int j) {
 // nf4 has no scale overflow (absmax is stored in fp32), so this always returns RELORA_QUANT_OK.
 RELORA_HD int relora_quantize_block_nf4(const float *x, block_nf4 *y, int *bad_j) {
     (void)bad_j;
-    float absmax = 0.0f;
-    for (int j = 0; j < RELORA_QKNF4; ++j) {
-        const float a = fabsf(x[j]);
-        if (a > absmax) absmax = a;
-    }
+    int jmax;
+    const float absmax = relora_block_absmax(x, RELORA_QKNF4, &jmax);
+    (void)jmax;
     if (absmax < relora_nf4_absmax_min()) {
         // Canonical zero block (also what bitsandbytes writes when absmax is exactly 0).
         y->absmax = 0.0f;
@@ -449,12 +464,8 @@ RELORA_HD int relora_dequantize_row_nf4(const block_nf4 *x, float *y, int64_t n)
 
 RELORA_HD int relora_quantize_block_q8_0_sr(const float *x, block_q8_0 *y, uint64_t seed, uint64_t stream,
                                             uint64_t counter0, int *bad_j) {
-    float amax = 0.0f;
-    int jmax = 0;
-    for (int j = 0; j < RELORA_QK8_0; ++j) {
-        const float a = fabsf(x[j]);
-        if (a > amax) { amax = a; jmax = j; }
-    }
+    int jmax;
+    const float amax = relora_block_absmax(x, RELORA_QK8_0, &jmax);
     const float d = RELORA_FDIV(amax, 127.0f);
     const relora_half dh = relora_fp32_to_fp16(d);
     if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
@@ -477,12 +488,8 @@ RELORA_HD int relora_quantize_block_q8_0_sr(const float *x, block_q8_0 *y, uint6
 
 RELORA_HD int relora_quantize_block_q4_0_sr(const float *x, block_q4_0 *y, uint64_t seed, uint64_t stream,
                                             uint64_t counter0, int *bad_j) {
-    float amax = 0.0f, max = 0.0f;
-    int jmax = 0;
-    for (int j = 0; j < RELORA_QK4_0; ++j) {
-        const float a = fabsf(x[j]);
-        if (a > amax) { amax = a; max = x[j]; jmax = j; }
-    }
+    int jmax;
+    const float max = relora_block_signed_extreme(x, RELORA_QK4_0, &jmax);
     const float d = RELORA_FDIV(max, -8.0f);
     const relora_half dh = relora_fp32_to_fp16(d);
     if (relora_fp16_is_inf(dh)) { *bad_j = jmax; return RELORA_QUANT_ERR_SCALE_OVERFLOW; }
@@ -510,11 +517,9 @@ RELORA_HD int relora_quantize_block_q4_0_sr(const float *x, block_q4_0 *y, uint6
 RELORA_HD int relora_quantize_block_nf4_sr(const float *x, block_nf4 *y, uint64_t seed, uint64_t stream,
                                            uint64_t counter0, int *bad_j) {
     (void)bad_j;
-    float absmax = 0.0f;
-    for (int j = 0; j < RELORA_QKNF4; ++j) {
-        const float a = fabsf(x[j]);
-        if (a > absmax) absmax = a;
-    }
+    int jmax;
+    const float absmax = relora_block_absmax(x, RELORA_QKNF4, &jmax);
+    (void)jmax;
     if (absmax < relora_nf4_absmax_min()) {
         y->absmax = 0.0f;
         for (int k = 0; k < RELORA_QKNF4 / 2; ++k) y->qs[k] = 0x77u;
