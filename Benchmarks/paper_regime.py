@@ -23,6 +23,10 @@ warm start), restart warmup R/10, magnitude reset 0.99 of the LoRA moments, jagg
   (restarts + jagged, no reset), relora_no_ws (ReLoRA without warm start), full_lr2x (full-rank at 2L),
   relora_lr1x (ReLoRA stages at L: an lr control), relora_r12 (restarts every N/12: 9 cycles after the warm start),
   relora_joint (the reset prunes m and v with one mask, `magnitude_joint`)
+  quantized (issue 8; --arms quant = all twelve): relora_<format>_<policy>, the relora arm with its frozen block
+  linears stored as q8_0, q4_0 or nf4 and restarts merged by rtn, stochastic, compensate or master; their own
+  table in results.md compares each with dense ReLoRA of the same seed (perplexity ratio, share of each merged
+  update lost to the requantization, codes changed, measured peak memory, planned frozen-weight bytes)
 
 Each arm: `relora train`, `relora export RUN --format hf`, `relora eval` of the export on the val and ood sets.
 Evaluation uses --eval-windows evenly spaced 256-token windows of each file (default 512, i.e. 131K tokens
@@ -50,6 +54,11 @@ LABELS = {
     "relora_lr1x": "ReLoRA with LoRA stages at L (lr control)", "relora_joint": "ReLoRA with the joint-mask reset (magnitude_joint 0.99)",
     "relora_r12": "ReLoRA restarting every N/12 (9 cycles; interval control)",
 }
+# Issue 8's quality arms: the relora arm with its frozen block linears stored in a format and merged under a
+# policy (relora_<format>_<policy>), compared per seed with dense ReLoRA (the relora arm) in their own table.
+QUANT_FORMATS = ("q8_0", "q4_0", "nf4")
+MERGE_POLICIES = ("rtn", "stochastic", "compensate", "master")
+QUANT_LABELS = {f"relora_{f}_{p}": (f, p) for f in QUANT_FORMATS for p in MERGE_POLICIES}
 
 MODEL = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -133,6 +142,8 @@ def arms_for(out, seed, N, W, RE):
         "relora_joint": {**relora, "optimizer_reset": "magnitude_joint", "warm_start": warm_run},
         "relora_r12": {**relora, "relora_every": N // 12, "restart_warmup": max(2, N // 120), "warm_start": warm_run},
     }
+    for name, (fmt, policy) in QUANT_LABELS.items():
+        arms[name] = {**relora, "quant": fmt, "merge_policy": policy, "warm_start": warm_run}
     return base, arms, warm, warm_run
 
 
@@ -178,7 +189,7 @@ def main():
     assert budget < train_tokens - 257 * 8, f"budget {budget} tokens exceeds one epoch of {train_tokens}"
     results = json.load(open(f"{out}/results.json")) if os.path.exists(f"{out}/results.json") else {}
     seeds = [int(s) for s in args.seeds.split(",")]
-    selected = args.arms.split(",")
+    selected = [a for arm in args.arms.split(",") for a in (QUANT_LABELS if arm == "quant" else [arm])]
 
     eval_sets = {}
     for split in ("val", "ood"):
@@ -225,6 +236,9 @@ def main():
             metrics = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if l.strip()]
             tps = [x["tokens_per_second"] for x in metrics if "tokens_per_second" in x]
             restarts = [x for x in metrics if "restart" in x]
+            # The first restart merges the B = 0 factors of the warm start's step (nothing to lose): only
+            # restarts that merged an update count for the lost share and codes changed.
+            merged = [x for x in restarts if x.get("relative_update", 0) > 0]
             first = int(re.search(r"steps (\d+)\.\.<", train_out).group(1)) if re.search(r"steps (\d+)\.\.<", train_out) else 0
             results.setdefault(name, {})[str(seed)] = {
                 "val_loss": ev["val"]["loss"], "val_perplexity": ev["val"]["perplexity"], "val_tokens": ev["val"]["tokens"],
@@ -236,7 +250,13 @@ def main():
                 "restarts": len(restarts), "zeroed_m": [r.get("zeroed_m") for r in restarts],
                 "relative_update": [r.get("relative_update") for r in restarts],
                 "final_train_loss": statistics.mean([x["loss"] for x in metrics if "loss" in x and "step" in x][-20:]),
+                "merge_error": [x.get("merge_error") for x in merged], "codes_changed": [x.get("codes_changed") for x in merged],
+                "residual_recovered": [x["residual_recovered"] for x in merged if "residual_recovered" in x],
+                "merge_seconds": [x.get("merge_seconds") for x in restarts],
+                "peak_memory_bytes": max((x["memory_bytes"] for x in metrics if "memory_bytes" in x), default=None),
             }
+            if name in QUANT_LABELS or name == "relora":
+                results[name][str(seed)]["planned_bytes"] = planned_bytes(f"{out}/recipes/{name}_s{seed}.json")
             json.dump(results, open(f"{out}/results.json", "w"), indent=2)
             write_table(out, N, W, RE, results, eval_sets)
             figures(out, warm if seed == 0 else None)
@@ -259,6 +279,12 @@ def figures(out, warm):
             and not os.path.exists(f"{out}/analysis/spectra.json"):
         sh([R, "analyze", *trio, "--against", warm, "--labels", "full-rank,LoRA + warm start,ReLoRA",
             "--out", f"{out}/analysis"], quiet=True)
+
+
+def planned_bytes(recipe):
+    """`relora memory RECIPE --json`'s planned peak bytes per tag on the cpu (equal to a real run's, tested)."""
+    plan = json.loads(sh([R, "memory", recipe, "--json"], quiet=True).strip().splitlines()[-1])
+    return plan
 
 
 def stats(values):
@@ -316,8 +342,51 @@ def write_table(out, N, W, RE, results, eval_sets):
         tps = statistics.mean([r["tokens_per_second"] for r in rs.values()])
         ts = statistics.mean([r["train_seconds"] for r in rs.values()])
         lines.append(f"| {label} | {','.join(sorted(rs))} | {fmt(v)} | {rv} | {fmt(o)} | {ro} | {paper} | {tp:,.0f} | {tps:.0f} | {ts:.0f} |")
+    lines += quant_table(results)
     open(f"{out}/results.md", "w").write("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines), flush=True)
+
+
+def quant_table(results):
+    """Issue 8's table: each quantized arm against dense ReLoRA of the same seed (empty without quantized arms)."""
+    dense = results.get("relora", {})
+    present = [k for k in QUANT_LABELS if results.get(k)]
+    if not present:
+        return []
+    mean = lambda xs: statistics.mean(xs) if xs else None
+    mib = lambda b: f"{b / 2**20:.1f} MiB" if b else "-"
+    lines = [
+        "", "Quantized frozen weights (issue 8): ReLoRA above with its seven block linears stored as q8_0, q4_0 or nf4, "
+        "restarts merged by `merge_policy`; everything else identical (seed, data order, warm start). The ratio is to "
+        "dense ReLoRA's perplexity of the same seed, mean (min-max) over seeds. Lost: the share of each merged update's "
+        "norm the requantization lost (`merge_error`), mean over the restarts that merged an update; codes changed: "
+        "the share of weights whose code changed at those merges. Frozen weights: planned bytes of the block linears' "
+        "storage (tag `frozen_weights`; dense: f32); peak: the measured peak of the run (CPU, all tags).",
+        "",
+        "| format | merge policy | seeds | val ppl | val ratio to dense ReLoRA | ood ratio to dense ReLoRA | update lost per merge | codes changed | residual recovered | frozen weights | peak memory | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    def row(fmt, policy, rs):
+        v = stats([r["val_perplexity"] for r in rs.values()])
+        rv, ro = paired(rs, dense, "val_perplexity"), paired(rs, dense, "ood_perplexity")
+        lost = mean([e for r in rs.values() for e in r.get("merge_error", []) if e is not None])
+        changed = mean([c for r in rs.values() for c in r.get("codes_changed", []) if c is not None])
+        recovered = mean([c for r in rs.values() for c in r.get("residual_recovered", [])])
+        frozen = next((r["planned_bytes"]["peak_bytes_by_tag"].get("frozen_weights") for r in rs.values() if r.get("planned_bytes")), None)
+        peak = mean([r["peak_memory_bytes"] for r in rs.values() if r.get("peak_memory_bytes")])
+        ts = statistics.mean([r["train_seconds"] for r in rs.values()])
+        f3 = lambda x: "-" if x is None else f"{x:.3f}"
+        return (f"| {fmt} | {policy} | {','.join(sorted(rs))} | {fmt_ppl(v)} | {rv} | {ro} | {f3(lost)} | {f3(changed)} | "
+                f"{f3(recovered)} | {mib(frozen)} | {mib(peak)} | {ts:.0f} |")
+    if dense:
+        lines.append(row("dense f32", "exact", dense))
+    for key in present:
+        lines.append(row(*QUANT_LABELS[key], results[key]))
+    return lines
+
+
+def fmt_ppl(s):
+    return "-" if s is None else f"{s[0]:.2f}" + (f" ± {s[1]:.2f}" if s[1] else "")
 
 
 MODEL_PARAMS = 8940800
