@@ -409,14 +409,19 @@ RELORA_HD int relora_first_nonfinite(const float *x, int count) {
     }                                                                                         \
     return RELORA_QUANT_OK;
 
+// The body of relora_dequantize_row_<format>: n must be whole blocks (else RELORA_QUANT_ERR_LENGTH, y
+// untouched); block b of x fills y[b * QK, (b + 1) * QK).
+#define RELORA_DEQUANTIZE_ROW(QK, BLOCK_FN)                                                   \
+    if (n < 0 || n % (QK) != 0) return RELORA_QUANT_ERR_LENGTH;                               \
+    for (int64_t b = 0; b < n / (QK); ++b) BLOCK_FN(x + b, y + b * (QK));                     \
+    return RELORA_QUANT_OK;
+
 RELORA_HD int relora_quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t n, int64_t *bad_index) {
     RELORA_QUANTIZE_ROW(RELORA_QK8_0, relora_quantize_block_q8_0(xb, y + b, &bad_j))
 }
 
 RELORA_HD int relora_dequantize_row_q8_0(const block_q8_0 *x, float *y, int64_t n) {
-    if (n < 0 || n % RELORA_QK8_0 != 0) return RELORA_QUANT_ERR_LENGTH;
-    for (int64_t b = 0; b < n / RELORA_QK8_0; ++b) relora_dequantize_block_q8_0(x + b, y + b * RELORA_QK8_0);
-    return RELORA_QUANT_OK;
+    RELORA_DEQUANTIZE_ROW(RELORA_QK8_0, relora_dequantize_block_q8_0)
 }
 
 RELORA_HD int relora_quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t n, int64_t *bad_index) {
@@ -424,9 +429,7 @@ RELORA_HD int relora_quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t n,
 }
 
 RELORA_HD int relora_dequantize_row_q4_0(const block_q4_0 *x, float *y, int64_t n) {
-    if (n < 0 || n % RELORA_QK4_0 != 0) return RELORA_QUANT_ERR_LENGTH;
-    for (int64_t b = 0; b < n / RELORA_QK4_0; ++b) relora_dequantize_block_q4_0(x + b, y + b * RELORA_QK4_0);
-    return RELORA_QUANT_OK;
+    RELORA_DEQUANTIZE_ROW(RELORA_QK4_0, relora_dequantize_block_q4_0)
 }
 
 RELORA_HD int relora_quantize_row_nf4(const float *x, block_nf4 *y, int64_t n, int64_t *bad_index) {
@@ -434,9 +437,7 @@ RELORA_HD int relora_quantize_row_nf4(const float *x, block_nf4 *y, int64_t n, i
 }
 
 RELORA_HD int relora_dequantize_row_nf4(const block_nf4 *x, float *y, int64_t n) {
-    if (n < 0 || n % RELORA_QKNF4 != 0) return RELORA_QUANT_ERR_LENGTH;
-    for (int64_t b = 0; b < n / RELORA_QKNF4; ++b) relora_dequantize_block_nf4(x + b, y + b * RELORA_QKNF4);
-    return RELORA_QUANT_OK;
+    RELORA_DEQUANTIZE_ROW(RELORA_QKNF4, relora_dequantize_block_nf4)
 }
 
 // ---- Stochastic rounding (the `stochastic` merge policy) -------------------------------------------

@@ -171,6 +171,12 @@ public enum PruneRule: Sendable, Equatable {
     public static func magnitudeRank(ratio: Double, of n: Int) -> Int { Int((ratio * Double(n)).rounded(.up)) }
 }
 
+/// `Backend.pruneMomentsPrologue`'s answer: finished with this count, or select the k-th smallest score.
+enum MomentPruneStart {
+    case done(Int)
+    case select(k: Int)
+}
+
 /// The dtype of each role a tensor can play, per backend (DESIGN.md's precision plan).
 public struct Precision: Sendable, Equatable, Codable {
     public var activations: DType
@@ -201,6 +207,19 @@ public struct Precision: Sendable, Equatable, Codable {
 }
 
 extension Backend {
+    /// What every backend's `pruneMoments` does before its select: counts the returned count's transfer,
+    /// checks the shapes and settles the cases that need no select (nothing to zero: 0; every position:
+    /// both zeroed, n). Returns `.done(zeroed)` for those, else `.select(k)` with the rank of the threshold.
+    func pruneMomentsPrologue(m: Tensor, v: Tensor, ratio: Double) -> MomentPruneStart {
+        precondition(m.count == v.count, "pruneMoments: m has \(m.count) entries, v \(v.count)")
+        ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
+        let n = m.count
+        let k = n > 0 ? PruneRule.magnitudeRank(ratio: ratio, of: n) : 0
+        if k <= 0 { return .done(0) }
+        if k >= n { zero(m); zero(v); return .done(n) }
+        return .select(k: k)
+    }
+
     /// A zeroed tensor of `dtype` (default f32).
     public func makeTensor(_ shape: [Int], dtype: DType = .f32, tag: MemoryTag) -> Tensor {
         makeTensor(shape, dtype: dtype, tag: tag, zeroed: true)

@@ -572,13 +572,12 @@ public final class CPUBackend: Backend, TensorStorageOwner {
     /// The scores `|m| / (sqrt(v) + eps)` go into a host buffer of n floats (the CPU's workspace; a GPU
     /// kernel keeps them on the device) and the same radix select as `prune` finds the k-th smallest.
     public func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
-        precondition(m.count == v.count, "pruneMoments: m has \(m.count) entries, v \(v.count)")
-        ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
+        let k: Int
+        switch pruneMomentsPrologue(m: m, v: v, ratio: ratio) {
+        case .done(let zeroed): return zeroed
+        case .select(let rank): k = rank
+        }
         let n = m.count
-        guard n > 0 else { return 0 }
-        let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
-        guard k > 0 else { return 0 }
-        if k >= n { zero(m); zero(v); return n }
         let mp = m.f32, vp = v.f32
         var scores = [Float](repeating: 0, count: n)
         return scores.withUnsafeMutableBufferPointer { s in

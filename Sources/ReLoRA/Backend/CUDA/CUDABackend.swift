@@ -479,13 +479,12 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     }
 
     public func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
-        precondition(m.count == v.count, "pruneMoments: m has \(m.count) entries, v \(v.count)")
-        ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
+        let k: Int
+        switch pruneMomentsPrologue(m: m, v: v, ratio: ratio) {
+        case .done(let zeroed): return zeroed
+        case .select(let rank): k = rank
+        }
         let n = m.count
-        guard n > 0 else { return 0 }
-        let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
-        guard k > 0 else { return 0 }
-        if k >= n { zero(m); zero(v); return n }
         var zeroed: Int64 = 0
         inPlace(m, as: .f32) { m2 in
             inPlace(v, as: .f32) { v2 in
