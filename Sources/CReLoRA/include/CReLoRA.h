@@ -3,4 +3,5 @@
 #include "relora_abi.h"
 #include "relora_rng.h"
 #include "relora_quant.h"
+#include "relora_adam8.h"
 #include "relora_blas_core.h"

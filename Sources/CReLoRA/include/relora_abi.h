@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 5
+#define RELORA_ABI_VERSION 6
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -223,6 +223,19 @@ typedef struct relora_device_properties {
     X(relora_status, adamw, (float *param, const float *grad, float *m, float *v, void *param_bf16,       \
                              int64_t count, float lr, float beta1, float beta2, float eps,                \
                              float weight_decay, int64_t step, void *stream))                             \
+    /* AdamW with blockwise 8-bit moments (relora_adam8.h, relora_adamw8_block per block of 256): param, \
+       grad f32 [count]; m_codes, v_codes [count]; m_absmax, v_absmax [ceil(count / 256)]; maps: the     \
+       512 floats of relora_adam8_build_maps, on the device. Bit-exact with the host reference. */        \
+    X(relora_status, adamw_8bit, (float *param, const float *grad, uint8_t *m_codes, float *m_absmax,     \
+                                  uint8_t *v_codes, float *v_absmax, const float *maps, int64_t count,    \
+                                  float lr, float beta1, float beta2, float eps, float weight_decay,      \
+                                  int64_t step, void *stream))                                            \
+    /* out[i] = map[codes[i]] * absmax[i / 256], map = maps (is_signed) or maps + 256 (f32 out) */       \
+    X(relora_status, dequantize_8bit, (const uint8_t *codes, const float *absmax, const float *maps,      \
+                                       int32_t is_signed, int64_t count, float *out, void *stream))       \
+    /* relora_adam8_quantize_block for every block of the f32 x: codes [count], absmax [ceil(count/256)] */\
+    X(relora_status, quantize_8bit, (const float *x, const float *maps, int32_t is_signed, int64_t count,  \
+                                     uint8_t *codes, float *absmax, void *stream))                        \
     /* out[index] = sum x[i]^2 (f32 out, summed in double) */                                            \
     X(relora_status, sum_of_squares, (const void *x, int64_t count, int32_t dtype, float *out,            \
                                       int64_t index, void *workspace, void *stream))                      \
