@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "harness.h"
+#include "relora_adam8.h"
 
 namespace harness {
 
@@ -643,6 +644,222 @@ bool test_adamw(int64_t n) {
     return ok;
 }
 
+// ---- AdamW with 8-bit moments (relora_adam8.h) ------------------------------------------------------------------
+// Every check here is bit for bit (bytes for codes) against the header's host functions, called in plain C++:
+// relora_adamw8_block, relora_adam8_quantize_block, relora_adam8_value.
+std::vector<float> adam8_maps() {
+    std::vector<float> maps(2 * RELORA_ADAM8_MAP);
+    relora_adam8_build_maps(maps.data());
+    return maps;
+}
+
+// Host only: the maps' shape (256 strictly ascending entries each; signed: 0 and 1 present, minimum above -1;
+// unsigned: from 0 to 1).
+bool test_adam8_maps() {
+    const std::vector<float> maps = adam8_maps();
+    bool ok = true;
+    for (int is_signed = 1; is_signed >= 0; --is_signed) {
+        const float *map = maps.data() + (is_signed ? 0 : RELORA_ADAM8_MAP);
+        int ascending = 1, zero = 0, one = 0;
+        for (int i = 0; i < RELORA_ADAM8_MAP; ++i) {
+            if (i > 0 && !(map[i - 1] < map[i])) ascending = 0;
+            zero += map[i] == 0.0f;
+            one += map[i] == 1.0f;
+        }
+        const bool ends = is_signed ? (map[0] > -1.0f && zero == 1 && one == 1)
+                                    : (f32_bits(map[0]) == 0 && map[RELORA_ADAM8_MAP - 1] == 1.0f);
+        const bool good = ascending && ends;
+        record(good, is_signed ? "adam8 signed map" : "adam8 unsigned map",
+               "256 entries, strictly ascending %d, [%.9g, %.9g], zeros %d, ones %d", ascending, (double)map[0],
+               (double)map[RELORA_ADAM8_MAP - 1], zero, one);
+        ok &= good;
+    }
+    return ok;
+}
+
+// Gradients of one step: absmax block b has magnitude 10^-(b % 6); a block with (b + step) % 5 == 1 is all zero
+// this step (its moments decay), one with (b + step) % 5 == 2 has one huge element (+1e4 or -3e4; its other
+// moments fall far down the map or to 0), and blocks with b % 7 == 3 are zero at every step (absmax 0 throughout).
+std::vector<float> adam8_grads(int64_t n, int step) {
+    static const float kScale[] = {1.0f, 1e-1f, 1e-2f, 1e-3f, 1e-4f, 1e-5f};
+    std::vector<float> g = uniform((size_t)n, -1.0f, 1.0f, 80 + (uint64_t)step);
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = i / RELORA_ADAM8_BLOCK, j = i % RELORA_ADAM8_BLOCK;
+        const int64_t len = std::min<int64_t>(RELORA_ADAM8_BLOCK, n - b * RELORA_ADAM8_BLOCK);
+        const int kind = (int)((b + step) % 5);
+        if (b % 7 == 3 || kind == 1) {
+            g[(size_t)i] = 0.0f;
+        } else if (kind == 2 && j == (b * 37 + step) % len) {
+            g[(size_t)i] = step % 2 ? 1e4f : -3e4f;
+        } else {
+            g[(size_t)i] *= kScale[b % 6];
+        }
+    }
+    return g;
+}
+
+bool test_adamw_8bit(int64_t n) {
+    const std::vector<float> maps = adam8_maps();
+    const int64_t blocks = relora_adam8_blocks(n);
+    // Zero moments: the code of 0 under each map, absmax 0.
+    std::vector<float> p = uniform((size_t)n, -1.0f, 1.0f, 85), m_absmax((size_t)blocks, 0.0f), v_absmax((size_t)blocks, 0.0f);
+    std::vector<uint8_t> m_codes((size_t)n, relora_adam8_code(maps.data(), 0.0f));
+    std::vector<uint8_t> v_codes((size_t)n, relora_adam8_code(maps.data() + RELORA_ADAM8_MAP, 0.0f));
+    Buffer bp(n * 4), bg(n * 4), bmc(n), bvc(n), bma(blocks * 4), bva(blocks * 4), bmaps(2 * RELORA_ADAM8_MAP * 4);
+    bp.upload(p.data(), bp.bytes);
+    bmc.upload(m_codes.data(), bmc.bytes);
+    bvc.upload(v_codes.data(), bvc.bytes);
+    bma.upload(m_absmax.data(), bma.bytes);
+    bva.upload(v_absmax.data(), bva.bytes);
+    bmaps.upload(maps.data(), bmaps.bytes);
+    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, wd = 0.01f;
+    bool ok = true;
+    for (int step = 1; step <= 5; ++step) {
+        const std::vector<float> g = adam8_grads(n, step);
+        bg.upload(g.data(), bg.bytes);
+        const relora_adam_scalars s = relora_adam_scalars_make(lr, beta1, beta2, eps, wd, step);
+        for (int64_t b = 0; b < blocks; ++b) {
+            relora_adamw8_block(maps.data(), &s, p.data(), g.data(), m_codes.data(), m_absmax.data(), v_codes.data(),
+                                v_absmax.data(), n, b);
+        }
+        char name[96];
+        snprintf(name, sizeof name, "adamw_8bit n=%lld step %d", (long long)n, step);
+        EXPECT_OK(name, api.adamw_8bit((float *)bp.ptr, (const float *)bg.ptr, (uint8_t *)bmc.ptr, (float *)bma.ptr,
+                                       (uint8_t *)bvc.ptr, (float *)bva.ptr, (const float *)bmaps.ptr, n, lr, beta1,
+                                       beta2, eps, wd, step, nullptr));
+        std::vector<float> gp((size_t)n), gma((size_t)blocks), gva((size_t)blocks);
+        std::vector<uint8_t> gmc((size_t)n), gvc((size_t)n);
+        bp.download(gp.data(), bp.bytes);
+        bmc.download(gmc.data(), bmc.bytes);
+        bvc.download(gvc.data(), bvc.bytes);
+        bma.download(gma.data(), bma.bytes);
+        bva.download(gva.data(), bva.bytes);
+        ok &= check_bits(std::string(name) + " param", gp, p);
+        ok &= check_bytes(std::string(name) + " m codes", gmc, m_codes);
+        ok &= check_bytes(std::string(name) + " v codes", gvc, v_codes);
+        ok &= check_bits(std::string(name) + " m absmax", gma, m_absmax);
+        ok &= check_bits(std::string(name) + " v absmax", gva, v_absmax);
+    }
+    // The inputs reached what they were meant to: moments that are not all zero, and (n >= 1024) a block whose
+    // scales stayed 0.
+    const uint8_t m_zero = relora_adam8_code(maps.data(), 0.0f);
+    int64_t zero_blocks = 0, nonzero_codes = 0;
+    for (int64_t b = 0; b < blocks; ++b) zero_blocks += m_absmax[(size_t)b] == 0.0f && v_absmax[(size_t)b] == 0.0f;
+    for (int64_t i = 0; i < n; ++i) nonzero_codes += m_codes[(size_t)i] != m_zero || v_codes[(size_t)i] != 0;
+    const bool exercised = nonzero_codes > 0 && (n < 4 * RELORA_ADAM8_BLOCK || zero_blocks > 0);
+    char name[96];
+    snprintf(name, sizeof name, "adamw_8bit n=%lld inputs exercised", (long long)n);
+    record(exercised, name, "%lld of %lld blocks with zero scales, %lld elements with a nonzero m or v code",
+           (long long)zero_blocks, (long long)blocks, (long long)nonzero_codes);
+    return ok && exercised;
+}
+
+// Inputs for the moment quantizer: block b has magnitude 10^-(b % 6); b % 4 == 1 all zero, b % 4 == 2 one element
+// 1000 times the rest, b % 4 == 3 (signed) a negative extreme. Unsigned: |x|. With positive_extreme, instead, the
+// first element of every block is +scale, above every other |x| of the block (see test_quantize_8bit).
+std::vector<float> adam8_inputs(int64_t n, bool is_signed, bool positive_extreme, uint64_t stream) {
+    static const float kScale[] = {1.0f, 1e-1f, 1e-2f, 1e-3f, 1e-4f, 1e-5f};
+    std::vector<float> x = uniform((size_t)n, -1.0f, 1.0f, stream);
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = i / RELORA_ADAM8_BLOCK, j = i % RELORA_ADAM8_BLOCK;
+        float v = x[(size_t)i] * kScale[b % 6];
+        if (!is_signed) v = fabsf(v);
+        if (positive_extreme) {
+            if (j == 0) v = kScale[b % 6];
+        } else if (b % 4 == 1) {
+            v = 0.0f;
+        } else if (b % 4 == 2 && j == 3 % std::min<int64_t>(RELORA_ADAM8_BLOCK, n - b * RELORA_ADAM8_BLOCK)) {
+            v = 1000.0f * kScale[b % 6];
+        } else if (b % 4 == 3 && is_signed && j == 5) {
+            v = -2.0f * kScale[b % 6];
+        }
+        x[(size_t)i] = v;
+    }
+    return x;
+}
+
+// quantize_8bit and dequantize_8bit against relora_adam8_quantize_block and relora_adam8_value, then
+// idempotence: quantizing the dequantized values gives the same codes and scales. That holds when the block's
+// extreme is positive (its code is the map's 1, so the new absmax is the old one): the signed map has no -1
+// (its minimum is -0.99297), so a block whose extreme is negative dequantizes to a smaller absmax and its
+// requantized codes may move (in about one such block in two of random inputs). The idempotence inputs
+// therefore have a positive extreme in every block.
+bool test_quantize_8bit(int64_t n, bool is_signed) {
+    const std::vector<float> maps = adam8_maps();
+    const float *map = maps.data() + (is_signed ? 0 : RELORA_ADAM8_MAP);
+    const int64_t blocks = relora_adam8_blocks(n);
+    Buffer bx(n * 4), by(n * 4), bc(n), bc2(n), ba(blocks * 4), ba2(blocks * 4), bmaps(2 * RELORA_ADAM8_MAP * 4);
+    bmaps.upload(maps.data(), bmaps.bytes);
+    char name[96];
+    snprintf(name, sizeof name, "quantize_8bit %s n=%lld", is_signed ? "signed" : "unsigned", (long long)n);
+    bool ok = true;
+    for (int pass = 0; pass < 2; ++pass) {
+        const bool idempotence = pass == 1;
+        const std::string tag = std::string(name) + (idempotence ? " (positive extremes)" : "");
+        const std::vector<float> x = adam8_inputs(n, is_signed, idempotence, 90 + (uint64_t)is_signed + 2 * (uint64_t)pass);
+        std::vector<uint8_t> codes((size_t)n);
+        std::vector<float> absmax((size_t)blocks), y((size_t)n);
+        for (int64_t b = 0; b < blocks; ++b) relora_adam8_quantize_block(map, x.data(), codes.data(), absmax.data(), n, b);
+        for (int64_t i = 0; i < n; ++i) {
+            y[(size_t)i] = relora_adam8_value(map, codes[(size_t)i], absmax[(size_t)(i / RELORA_ADAM8_BLOCK)]);
+        }
+        bx.upload(x.data(), bx.bytes);
+        EXPECT_OK(tag.c_str(), api.quantize_8bit((const float *)bx.ptr, (const float *)bmaps.ptr, is_signed, n,
+                                                 (uint8_t *)bc.ptr, (float *)ba.ptr, nullptr));
+        std::vector<uint8_t> got_codes((size_t)n);
+        std::vector<float> got_absmax((size_t)blocks), got_y((size_t)n);
+        bc.download(got_codes.data(), bc.bytes);
+        ba.download(got_absmax.data(), ba.bytes);
+        ok &= check_bytes(tag + " codes", got_codes, codes);
+        ok &= check_bits(tag + " absmax", got_absmax, absmax);
+        // Dequantize the reference's codes and scales (the device's, if they differ, were reported above).
+        bc.upload(codes.data(), bc.bytes);
+        ba.upload(absmax.data(), ba.bytes);
+        EXPECT_OK(tag.c_str(), api.dequantize_8bit((const uint8_t *)bc.ptr, (const float *)ba.ptr,
+                                                   (const float *)bmaps.ptr, is_signed, n, (float *)by.ptr, nullptr));
+        by.download(got_y.data(), by.bytes);
+        ok &= check_bits(std::string(tag).replace(0, 8, "dequantize") + " values", got_y, y);
+        if (idempotence) {
+            EXPECT_OK(tag.c_str(), api.quantize_8bit((const float *)by.ptr, (const float *)bmaps.ptr, is_signed, n,
+                                                     (uint8_t *)bc2.ptr, (float *)ba2.ptr, nullptr));
+            std::vector<uint8_t> again((size_t)n);
+            std::vector<float> again_absmax((size_t)blocks);
+            bc2.download(again.data(), bc2.bytes);
+            ba2.download(again_absmax.data(), ba2.bytes);
+            ok &= check_bytes(tag + " requantized codes", again, codes);
+            ok &= check_bits(tag + " requantized absmax", again_absmax, absmax);
+        }
+    }
+    return ok;
+}
+
+// Argument checks of the three 8-bit entry points; count 0 is a no-op that touches no pointer.
+bool test_adam8_invalid_arguments() {
+    float *f = (float *)16;
+    uint8_t *c = (uint8_t *)16;
+    const relora_status a = api.adamw_8bit(nullptr, f, c, f, c, f, f, 4, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, 1, nullptr);
+    const relora_status b = api.adamw_8bit(f, f, c, f, c, f, f, -1, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, 1, nullptr);
+    const relora_status d = api.adamw_8bit(f, f, c, f, c, f, f, 4, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, 0, nullptr);
+    const relora_status e = api.adamw_8bit(f, f, c, f, c, f, nullptr, 4, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.0f, 1, nullptr);
+    const relora_status q = api.quantize_8bit(f, f, 1, -5, c, f, nullptr);
+    const relora_status r = api.quantize_8bit(f, nullptr, 0, 5, c, f, nullptr);
+    const relora_status s = api.dequantize_8bit(c, f, f, 1, -5, f, nullptr);
+    const relora_status t = api.dequantize_8bit(c, nullptr, f, 0, 5, f, nullptr);
+    const relora_status bad = RELORA_ERR_INVALID_ARGUMENT;
+    const bool rejected = a == bad && b == bad && d == bad && e == bad && q == bad && r == bad && s == bad && t == bad;
+    record(rejected, "adam8 invalid arguments rejected",
+           "adamw_8bit null param %d, negative count %d, step 0 %d, null maps %d; quantize_8bit negative count %d, "
+           "null maps %d; dequantize_8bit negative count %d, null absmax %d (last: %s)",
+           a, b, d, e, q, r, s, t, api.last_error());
+    const relora_status z1 = api.adamw_8bit(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 1e-3f, 0.9f,
+                                            0.999f, 1e-8f, 0.0f, 1, nullptr);
+    const relora_status z2 = api.quantize_8bit(nullptr, nullptr, 1, 0, nullptr, nullptr, nullptr);
+    const relora_status z3 = api.dequantize_8bit(nullptr, nullptr, nullptr, 0, 0, nullptr, nullptr);
+    const bool noop = z1 == RELORA_OK && z2 == RELORA_OK && z3 == RELORA_OK;
+    record(noop, "adam8 zero-size calls are no-ops", "statuses %d %d %d", z1, z2, z3);
+    return rejected && noop;
+}
+
 // ---- Reductions --------------------------------------------------------------------------------------------------
 bool test_reductions(int32_t dtype, int64_t n) {
     const std::vector<float> a = stored(uniform((size_t)n, -2.0f, 2.0f, 60), dtype);
@@ -743,6 +960,12 @@ bool run_kernel_suite() {
     }
     ok &= test_adamw(1);
     ok &= test_adamw(5003);
+    for (int64_t n : {1, 255, 256, 257, 5003, 70000}) ok &= test_adamw_8bit(n);  // 70000: 274 blocks, the stride loop wraps
+    for (int64_t n : {1, 255, 256, 257, 5003}) {
+        ok &= test_quantize_8bit(n, true);
+        ok &= test_quantize_8bit(n, false);
+    }
+    ok &= test_adam8_invalid_arguments();
     ok &= test_reduction_determinism();
     ok &= test_invalid_arguments();
     ok &= run_ops_suite();
@@ -796,6 +1019,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     ok &= test_element_functions();
+    ok &= test_adam8_maps();
     if (info.emulated) {
         // The emulation runs a block's threads in turn until they wait. Each scheduling order satisfies some
         // missing barriers by luck: run the suite under all of them.

@@ -26,6 +26,10 @@ HOT = [
     "embedding_backward_kernel",
     "dropout_kernel",
     "adamw_kernel",
+    "adamw8_kernel",
+    # the 8-bit moments' quantizer and dequantizer (checkpoints, conversions): small, held to no spills too
+    "quantize8_kernel",
+    "dequantize8_kernel",
     "reduce_partial_kernel",
     "reduce_final_kernel",
     "convert_kernel",
