@@ -78,6 +78,13 @@ extension ForwardingToCPU {
         inner.adamw(param: param, grad: grad, m: m, v: v, lr: lr, beta1: beta1, beta2: beta2, eps: eps,
                     weightDecay: weightDecay, step: step)
     }
+    func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
+                   beta2: Float, eps: Float, weightDecay: Float, step: Int) {
+        inner.adamw8bit(param: param, grad: grad, m: m, v: v, lr: lr, beta1: beta1, beta2: beta2, eps: eps,
+                        weightDecay: weightDecay, step: step)
+    }
+    func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) { inner.dequantizeMoments(moments, into: out) }
+    func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments) { inner.quantizeMoments(x, into: moments) }
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
         inner.prune(tensor, rule, seed: seed, stream: stream)
     }

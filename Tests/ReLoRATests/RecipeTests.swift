@@ -28,6 +28,7 @@ final class RecipeTests: XCTestCase {
         "lr": ["lr": .number(3.0e-4)],
         "warmup_steps": ["warmup_steps": .number(60)],
         "min_lr_ratio": ["min_lr_ratio": .number(0.123456789012345)],
+        "optimizer_states": ["optimizer_states": .string("int8")],
         "adam_beta1": ["adam_beta1": .number(0.8)],
         "adam_beta2": ["adam_beta2": .number(0.95)],
         "adam_eps": ["adam_eps": .number(1e-6)],

@@ -115,6 +115,16 @@ public protocol Backend: AnyObject, Sendable {
     func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
                eps: Float, weightDecay: Float, step: Int)
 
+    /// One AdamW step with blockwise 8-bit moments (`optimizer_states: int8`): per block of 256 entries,
+    /// dequantize m and v, the update above in f32 (`relora_adamw8_block`), requantize with the block's new
+    /// absmax. Every backend gives the host reference's bits. param, grad: f32; m signed, v unsigned.
+    func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
+                   beta2: Float, eps: Float, weightDecay: Float, step: Int)
+    /// `out` (f32, same count) = the values of 8-bit moments.
+    func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor)
+    /// 8-bit moments = `x` (f32, same count) quantized blockwise (`relora_adam8_quantize_block`).
+    func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments)
+
     /// Zeroes entries of `tensor` by `rule` and returns to the host how many it zeroed (one transfer).
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int
 
@@ -218,6 +228,15 @@ extension Backend {
         if k <= 0 { return .done(0) }
         if k >= n { zero(m); zero(v); return .done(n) }
         return .select(k: k)
+    }
+
+    /// The shape checks of the 8-bit moment ops: every tensor holds `count` entries of its dtype.
+    func checkMoments(_ op: String, count: Int, _ moments: BlockwiseMoments..., f32: Tensor...) {
+        for t in f32 { precondition(t.dtype == .f32 && t.count == count, "\(op): expected f32 [\(count)], got \(t.dtype) [\(t.count)]") }
+        for q in moments {
+            precondition(q.codes.dtype == .u8 && q.codes.count == count && q.absmax.dtype == .f32
+                         && q.absmax.count == BlockwiseMoments.blocks(count), "\(op): 8-bit moments do not hold \(count) entries")
+        }
     }
 
     /// A zeroed tensor of `dtype` (default f32).

@@ -91,6 +91,11 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         ledger.downloaded(MemoryLayout<Int>.size)
         return 0
     }
+    public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
+                          beta2: Float, eps: Float, weightDecay: Float, step: Int) {}
+    public func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) {}
+    public func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments) {}
+
     public func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
         ledger.downloaded(MemoryLayout<Int>.size)
         return 0

@@ -127,10 +127,7 @@ public enum TrainingCheckpoint {
                           metadata: ["rank": "\(lora.rank)", "alpha": "\(lora.alpha)"])
             }
             var moments: [SafetensorsEntry] = []
-            for (i, p) in optimizer.parameters.enumerated() {
-                moments.append(TensorIO.entry("m." + p.name, optimizer.m[i], backend: backend))
-                moments.append(TensorIO.entry("v." + p.name, optimizer.v[i], backend: backend))
-            }
+            for i in optimizer.parameters.indices { moments += momentEntries(optimizer, i, backend: backend) }
             try write("optimizer", moments)
             try Files.writeJSON(model.config.jsonObject(), to: temp + "/config.json")
             try Files.writeJSON(recipe.jsonObject(), to: temp + "/recipe.json")
@@ -241,14 +238,65 @@ public enum TrainingCheckpoint {
         model.merges = state.loraMerges ?? 0
         if let opt = optimizer {
             let moments = try openTensors(path, "optimizer", version: state.formatVersion)
-            for (i, p) in opt.parameters.enumerated() {
-                try TensorIO.load(opt.m[i], from: moments, "m." + p.name, backend: model.backend)
-                try TensorIO.load(opt.v[i], from: moments, "v." + p.name, backend: model.backend)
-            }
+            for i in opt.parameters.indices { try loadMoments(opt, i, from: moments, backend: model.backend) }
             opt.stepCount = state.optimizerStep
             opt.refreshMasterCopies()
         }
         return state
+    }
+
+    /// Parameter i's moments as `optimizer` tensor-file entries: `m.<name>` and `v.<name>`, F32 with the
+    /// parameter's shape; 8-bit moments as their codes (U8, the parameter's shape) with the block scales
+    /// beside them (`m.<name>.absmax`, F32 `[ceil(n / 256)]`), never expanded.
+    static func momentEntries(_ optimizer: AdamW, _ i: Int, backend: Backend) -> [SafetensorsEntry] {
+        let name = optimizer.parameters[i].name
+        guard let q = optimizer.eightBit[i] else {
+            return [TensorIO.entry("m." + name, optimizer.m[i], backend: backend), TensorIO.entry("v." + name, optimizer.v[i], backend: backend)]
+        }
+        return [("m.", q.m), ("v.", q.v)].flatMap { prefix, moments in
+            [SafetensorsEntry(name: prefix + name, dtype: .U8, shape: moments.codes.shape) { backend.downloadRaw(moments.codes) },
+             TensorIO.entry(prefix + name + ".absmax", moments.absmax, backend: backend)]
+        }
+    }
+
+    /// Loads parameter i's moments from an `optimizer` tensor file, converting where the file and the
+    /// optimizer store them differently (a run resumed or warm-started with another `optimizer_states`):
+    /// 8-bit moments are dequantized into f32 ones, f32 moments quantized into 8-bit ones (on the host).
+    static func loadMoments(_ optimizer: AdamW, _ i: Int, from file: any TensorFile, backend: Backend) throws {
+        let name = optimizer.parameters[i].name
+        for (prefix, isSigned) in [("m.", true), ("v.", false)] {
+            let key = prefix + name, stored8 = file.header(key)?.dtype == .U8
+            let target = isSigned ? optimizer.m[i] : optimizer.v[i]
+            let moments = optimizer.eightBit[i].map { isSigned ? $0.m : $0.v }
+            if !stored8, moments == nil {
+                try TensorIO.load(target, from: file, key, backend: backend)
+                continue
+            }
+            var codes: [UInt8] = [], absmax: [Float] = []
+            if stored8 {
+                guard let header = file.header(key), header.shape == target.shape else {
+                    throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(key)' has shape \(file.header(key)?.shape ?? []), expected \(target.shape)")
+                }
+                guard let scales = file.header(key + ".absmax"), scales.dtype == .F32,
+                      scales.shape == [BlockwiseMoments.blocks(target.count)] else {
+                    throw ReLoRAError.invalidFile(path: file.path, reason: "8-bit moments '\(key)' lack their block scales '\(key).absmax' (F32 [\(BlockwiseMoments.blocks(target.count))])")
+                }
+                codes = try file.withRawBytes(key) { Array($0) }
+                absmax = try file.floats(key + ".absmax")
+            } else {
+                let values = try file.floats(key)
+                guard values.count == target.count else {
+                    throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(key)' has \(values.count) values, expected \(target.count)")
+                }
+                (codes, absmax) = BlockwiseMoments.quantize(values, isSigned: isSigned)
+            }
+            if let q = moments {
+                codes.withUnsafeBytes { backend.upload(raw: $0, dtype: .u8, to: q.codes) }
+                backend.upload(absmax, to: q.absmax)
+            } else {
+                backend.upload(BlockwiseMoments.dequantize(codes: codes, absmax: absmax, isSigned: isSigned), to: target)
+            }
+        }
     }
 
     /// The `model` tensor file (and `lora` for a model with adapters) into the model's tensors.

@@ -150,6 +150,57 @@ extension ConformanceSuite {
         expect("adamw v", shape, .f32, got: backend.download(v), want: ref.v.value, magnitude: ref.v.magnitude, tolerance: tol)
     }
 
+    /// AdamW with blockwise 8-bit moments (`relora_adam8.h`): three steps from zero states on 3 blocks and a
+    /// tail, with per-block gradient scales from 1e-4 to 1e2 and an all-zero block, against the header's host
+    /// reference `relora_adamw8_block`: parameters, codes and scales bit for bit (every backend runs the same
+    /// single-rounded operations). Then the moments' quantize and dequantize ops against the host functions,
+    /// and requantizing the dequantized moments keeps them.
+    func checkAdamW8bit() {
+        let n = 3 * 256 + 77, steps = 3, blocks = BlockwiseMoments.blocks(n)
+        let lr: Float = 1e-2, beta1: Float = 0.9, beta2: Float = 0.999, eps: Float = 1e-8, wd: Float = 0.1
+        let shape = "\(n) x \(steps) steps"
+        var p = values(n, -1, 1)
+        let param = backend.makeTensor([n], dtype: .f32, tag: .trainable, zeroed: false)
+        backend.upload(p, to: param)
+        let m = BlockwiseMoments(backend: backend, shape: [n], isSigned: true, tag: .optimizer)
+        let v = BlockwiseMoments(backend: backend, shape: [n], isSigned: false, tag: .optimizer)
+        var mc = [UInt8](repeating: 0, count: n), vc = mc
+        var ma = [Float](repeating: 0, count: blocks), va = ma
+        let scales: [Float] = [1e-4, 0, 1e2, 1]
+        for step in 1...steps {
+            let g = values(n, -1, 1).enumerated().map { $1 * scales[$0 / 256] }
+            let grad = backend.makeTensor([n], dtype: .f32, tag: .gradients, zeroed: false)
+            backend.upload(g, to: grad)
+            backend.adamw8bit(param: param, grad: grad, m: m, v: v, lr: lr, beta1: beta1, beta2: beta2, eps: eps, weightDecay: wd, step: step)
+            var scalars = relora_adam_scalars_make(lr, beta1, beta2, eps, wd, Int64(step))
+            for b in 0..<blocks {
+                relora_adamw8_block(BlockwiseMoments.maps, &scalars, &p, g, &mc, &ma, &vc, &va, Int64(n), Int64(b))
+            }
+        }
+        expectBits("adamw8bit param", shape, "f32", got: backend.download(param), want: p)
+        expectBytes("adamw8bit m codes", shape, "u8", got: backend.downloadRaw(m.codes), want: mc)
+        expectBytes("adamw8bit v codes", shape, "u8", got: backend.downloadRaw(v.codes), want: vc)
+        expectBits("adamw8bit m absmax", shape, "f32", got: backend.download(m.absmax), want: ma)
+        expectBits("adamw8bit v absmax", shape, "f32", got: backend.download(v.absmax), want: va)
+
+        let x = values(n, -1, 1).enumerated().map { $1 * scales[$0 / 256] }
+        let xt = backend.makeTensor([n], dtype: .f32, tag: .workspace, zeroed: false)
+        for q in [m, v] {
+            let input = q.isSigned ? x : x.map(abs)
+            let label = q.isSigned ? "signed" : "unsigned"
+            backend.upload(input, to: xt)
+            backend.quantizeMoments(xt, into: q)
+            let want = BlockwiseMoments.quantize(input, isSigned: q.isSigned)
+            expectBytes("quantizeMoments codes", "\(n) \(label)", "u8", got: backend.downloadRaw(q.codes), want: want.codes)
+            expectBits("quantizeMoments absmax", "\(n) \(label)", "f32", got: backend.download(q.absmax), want: want.absmax)
+            backend.dequantizeMoments(q, into: xt)
+            let values = BlockwiseMoments.dequantize(codes: want.codes, absmax: want.absmax, isSigned: q.isSigned)
+            expectBits("dequantizeMoments", "\(n) \(label)", "f32", got: backend.download(xt), want: values)
+            backend.quantizeMoments(xt, into: q)
+            expectBytes("requantized moments", "\(n) \(label)", "u8", got: backend.downloadRaw(q.codes), want: want.codes)
+        }
+    }
+
     // MARK: Prune
 
     func checkPrune() {

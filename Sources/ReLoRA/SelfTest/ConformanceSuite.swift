@@ -47,7 +47,7 @@ final class ConformanceSuite {
         case .dropout: checkDropout()
         case .reductions: checkReductions()
         case .elementwise: checkElementwise()
-        case .adamw: checkAdamW()
+        case .adamw: checkAdamW(); checkAdamW8bit()
         case .prune: checkPrune()
         case .quantization: checkQuantization()
         case .training: break  // TrainingConformance, which needs a second backend

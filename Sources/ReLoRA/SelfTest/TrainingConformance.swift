@@ -23,16 +23,19 @@ public enum TrainingConformance {
         public var mode: TrainingMode
         public var quant: FrozenStorage
         public var mergePolicy: MergePolicyKind?
+        public var optimizerStates: OptimizerStates = .f32
     }
 
     /// full-rank; relora over q4_0 with a restart (rtn merge, magnitude reset) after step 3; relora over
     /// nf4 with stochastic merges and LoRA dropout; relora over q8_0 merging into f32 master copies (pinned
-    /// host memory on a GPU).
+    /// host memory on a GPU); full-rank with 8-bit Adam moments (every matrix of this model has >= 4096
+    /// entries, so the block linears and the embeddings take the 8-bit update).
     public static let cases: [Case] = [
         Case(name: "full", mode: .full, quant: .none, mergePolicy: nil),
         Case(name: "relora q4_0 rtn", mode: .relora, quant: .q4_0, mergePolicy: .rtn),
         Case(name: "relora nf4 stochastic", mode: .relora, quant: .nf4, mergePolicy: .stochastic),
         Case(name: "relora q8_0 master", mode: .relora, quant: .q8_0, mergePolicy: .master),
+        Case(name: "full int8 moments", mode: .full, quant: .none, mergePolicy: nil, optimizerStates: .int8),
     ]
 
     public static let steps = 6
@@ -104,6 +107,7 @@ public enum TrainingConformance {
         r.mode = c.mode
         r.quant = c.quant
         r.mergePolicy = c.mergePolicy
+        r.optimizerStates = c.optimizerStates
         if c.mode != .full {
             r.loraRank = 8; r.loraAlpha = 16; r.loraDropout = c.mergePolicy == .stochastic ? 0.1 : 0
         }

@@ -42,7 +42,7 @@ public enum MemoryPlanner {
                                quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
         model.enableGradients()
         let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
-                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
+                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
         optimizer.refreshMasterCopies()
         let n = recipe.microBatch * recipe.seqLen
         let ids = [Int32](repeating: 0, count: n)

@@ -6,7 +6,6 @@ public enum TrainingMode: String, Sendable, CaseIterable {
     case full, lora, relora
 }
 
-/// How a `lora`/`relora` run stores its frozen base weights: dense (the backend's precision) or a block format.
 /// Where the `master` merge policy keeps its f32 master copies on the CPU (`master_copies`).
 public enum MasterCopyStorage: String, Sendable, CaseIterable {
     /// In RAM.
@@ -17,6 +16,16 @@ public enum MasterCopyStorage: String, Sendable, CaseIterable {
     case file
 }
 
+/// Storage of Adam's moments (`optimizer_states`).
+public enum OptimizerStates: String, Sendable, CaseIterable {
+    /// f32 m and v: 8 bytes per trained parameter.
+    case f32
+    /// Blockwise 8-bit m and v (`BlockwiseMoments`, `relora_adam8.h`; bitsandbytes' 8-bit Adam scheme) for
+    /// every trained tensor of at least 4096 entries: about 2.03 bytes per parameter. Smaller tensors keep f32.
+    case int8
+}
+
+/// How a `lora`/`relora` run stores its frozen base weights: dense (the backend's precision) or a block format.
 public enum FrozenStorage: String, Sendable, CaseIterable {
     case none, q8_0, q4_0, nf4
 
@@ -47,6 +56,8 @@ public struct Recipe: Sendable, Equatable {
     public var warmupSteps: Int = 100
     /// The cosine decays from lr to lr * min_lr_ratio at the last step.
     public var minLRRatio: Double = 0.1
+    /// Adam's moments in f32 (default) or blockwise 8-bit (`int8`).
+    public var optimizerStates: OptimizerStates = .f32
     public var adamBeta1: Double = 0.9
     public var adamBeta2: Double = 0.999
     public var adamEps: Double = 1e-8
@@ -273,6 +284,7 @@ extension Recipe {
         .double("lr", \.lr),
         .int("warmup_steps", \.warmupSteps),
         .double("min_lr_ratio", \.minLRRatio),
+        .choice("optimizer_states", \.optimizerStates),
         .double("adam_beta1", \.adamBeta1),
         .double("adam_beta2", \.adamBeta2),
         .double("adam_eps", \.adamEps),

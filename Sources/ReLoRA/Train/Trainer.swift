@@ -111,7 +111,7 @@ public final class Trainer {
         model.dropoutSeed = recipe.seed
         model.enableGradients()
         optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
-                          eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay))
+                          eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
         if resume {
             guard let path = latest else {
                 throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
@@ -250,8 +250,7 @@ public final class Trainer {
         }
         let moments = try TrainingCheckpoint.openTensors(checkpoint, "optimizer", version: warmState.formatVersion)
         for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA {
-            try TensorIO.load(optimizer.m[i], from: moments, "m." + p.name, backend: model.backend)
-            try TensorIO.load(optimizer.v[i], from: moments, "v." + p.name, backend: model.backend)
+            try TrainingCheckpoint.loadMoments(optimizer, i, from: moments, backend: model.backend)
         }
         optimizer.stepCount = warmState.optimizerStep
         return TrainingState(step: warmState.step, optimizerStep: warmState.optimizerStep, skippedSteps: 0,

@@ -14,6 +14,12 @@ extension Tensor {
         return storage!.assumingMemoryBound(to: Int32.self)
     }
 
+    /// u8 view of host storage (8-bit codes).
+    @inline(__always) var u8: UnsafeMutablePointer<UInt8> {
+        precondition(dtype == .u8, "a u8 op got a \(dtype.rawValue) tensor \(shape)")
+        return storage!.assumingMemoryBound(to: UInt8.self)
+    }
+
     /// The raw bytes of host storage.
     var hostBytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: storage, count: byteCount) }
 }

@@ -32,6 +32,8 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     private let reduceWorkspace: UnsafeMutableRawPointer
     private let selectWorkspace: UnsafeMutableRawPointer
     private let failureWord: UnsafeMutableRawPointer
+    /// The 8-bit Adam moments' two maps (`BlockwiseMoments.maps`, 2 KiB), uploaded once.
+    private let adam8Maps: UnsafeMutableRawPointer
 
     private var api: relora_cuda_api { library.api }
 
@@ -44,6 +46,9 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         reduceWorkspace = allocator.allocate(Int(RELORA_REDUCE_WORKSPACE_BYTES), tag: .workspace)
         selectWorkspace = allocator.allocate(Int(RELORA_SELECT_WORKSPACE_BYTES), tag: .workspace)
         failureWord = allocator.allocate(8, tag: .workspace)
+        let mapBytes = 2 * Int(RELORA_ADAM8_MAP) * MemoryLayout<Float>.size
+        adam8Maps = allocator.allocate(mapBytes, tag: .workspace)
+        library.check(api.memcpy!(adam8Maps, BlockwiseMoments.maps, Int64(mapBytes), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
     }
 
     /// Runs after the last tensor went away (each holds its backend): the cache goes back to the device.
@@ -51,6 +56,7 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         allocator.release(reduceWorkspace)
         allocator.release(selectWorkspace)
         allocator.release(failureWord)
+        allocator.release(adam8Maps)
         allocator.emptyCache()
     }
 
@@ -452,6 +458,33 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
                 }
             }
         }
+    }
+
+    public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
+                          beta2: Float, eps: Float, weightDecay: Float, step: Int) {
+        let n = param.count
+        checkMoments("adamw8bit", count: n, m, v, f32: param, grad)
+        precondition(m.isSigned && !v.isSigned, "adamw8bit: m takes the signed map, v the unsigned one")
+        library.check(api.adamw_8bit!(param.storage?.assumingMemoryBound(to: Float.self), grad.storage?.assumingMemoryBound(to: Float.self),
+                                      m.codes.storage?.assumingMemoryBound(to: UInt8.self), m.absmax.storage?.assumingMemoryBound(to: Float.self),
+                                      v.codes.storage?.assumingMemoryBound(to: UInt8.self), v.absmax.storage?.assumingMemoryBound(to: Float.self),
+                                      adam8Maps.assumingMemoryBound(to: Float.self), Int64(n), lr, beta1, beta2, eps, weightDecay,
+                                      Int64(step), nil), "adamw_8bit")
+    }
+
+    public func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) {
+        checkMoments("dequantizeMoments", count: out.count, moments, f32: out)
+        library.check(api.dequantize_8bit!(moments.codes.storage?.assumingMemoryBound(to: UInt8.self),
+                                           moments.absmax.storage?.assumingMemoryBound(to: Float.self), adam8Maps.assumingMemoryBound(to: Float.self),
+                                           moments.isSigned ? 1 : 0, Int64(out.count), out.storage?.assumingMemoryBound(to: Float.self), nil),
+                      "dequantize_8bit")
+    }
+
+    public func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments) {
+        checkMoments("quantizeMoments", count: x.count, moments, f32: x)
+        library.check(api.quantize_8bit!(x.storage?.assumingMemoryBound(to: Float.self), adam8Maps.assumingMemoryBound(to: Float.self),
+                                         moments.isSigned ? 1 : 0, Int64(x.count), moments.codes.storage?.assumingMemoryBound(to: UInt8.self),
+                                         moments.absmax.storage?.assumingMemoryBound(to: Float.self), nil), "quantize_8bit")
     }
 
     public func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
