@@ -27,6 +27,8 @@ warm start), restart warmup R/10, magnitude reset 0.99 of the LoRA moments, jagg
   linears stored as q8_0, q4_0 or nf4 and restarts merged by rtn, stochastic, compensate or master; their own
   table in results.md compares each with dense ReLoRA of the same seed (perplexity ratio, share of each merged
   update lost to the requantization, codes changed, measured peak memory, planned frozen-weight bytes)
+  8-bit Adam (issue 8): any arm name + _adam8 runs it with `optimizer_states: int8` (e.g. relora_adam8,
+  relora_q4_0_compensate_adam8); the quantized table lists those rows too
 
 Each arm: `relora train`, `relora export RUN --format hf`, `relora eval` of the export on the val and ood sets.
 Evaluation uses --eval-windows evenly spaced 256-token windows of each file (default 512, i.e. 131K tokens
@@ -59,6 +61,17 @@ LABELS = {
 QUANT_FORMATS = ("q8_0", "q4_0", "nf4")
 MERGE_POLICIES = ("rtn", "stochastic", "compensate", "master")
 QUANT_LABELS = {f"relora_{f}_{p}": (f, p) for f in QUANT_FORMATS for p in MERGE_POLICIES}
+# Any arm with the suffix _adam8 runs with 8-bit Adam moments (`optimizer_states: int8`); relora_adam8 and
+# relora_<format>_<policy>_adam8 are rows of the quantized table.
+ADAM8 = "_adam8"
+
+
+def quant_key(name):
+    """(format, policy, 8-bit moments) of a row of the quantized table, or None."""
+    base, adam8 = (name[:-len(ADAM8)], True) if name.endswith(ADAM8) else (name, False)
+    if base == "relora":
+        return ("dense f32", "exact", adam8) if adam8 else None
+    return (*QUANT_LABELS[base], adam8) if base in QUANT_LABELS else None
 
 MODEL = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -144,6 +157,8 @@ def arms_for(out, seed, N, W, RE):
     }
     for name, (fmt, policy) in QUANT_LABELS.items():
         arms[name] = {**relora, "quant": fmt, "merge_policy": policy, "warm_start": warm_run}
+    for name in list(arms):
+        arms[name + ADAM8] = {**arms[name], "optimizer_states": "int8"}
     return base, arms, warm, warm_run
 
 
@@ -255,7 +270,7 @@ def main():
                 "merge_seconds": [x.get("merge_seconds") for x in restarts],
                 "peak_memory_bytes": max((x["memory_bytes"] for x in metrics if "memory_bytes" in x), default=None),
             }
-            if name in QUANT_LABELS or name == "relora":
+            if quant_key(name) or name == "relora":
                 results[name][str(seed)]["planned_bytes"] = planned_bytes(f"{out}/recipes/{name}_s{seed}.json")
             json.dump(results, open(f"{out}/results.json", "w"), indent=2)
             write_table(out, N, W, RE, results, eval_sets)
@@ -350,7 +365,7 @@ def write_table(out, N, W, RE, results, eval_sets):
 def quant_table(results):
     """Issue 8's table: each quantized arm against dense ReLoRA of the same seed (empty without quantized arms)."""
     dense = results.get("relora", {})
-    present = [k for k in QUANT_LABELS if results.get(k)]
+    present = sorted((k for k in results if quant_key(k)), key=lambda k: (k.endswith(ADAM8), list(QUANT_LABELS).index(k.removesuffix(ADAM8)) if k.removesuffix(ADAM8) in QUANT_LABELS else -1))
     if not present:
         return []
     mean = lambda xs: statistics.mean(xs) if xs else None
@@ -361,27 +376,29 @@ def quant_table(results):
         "dense ReLoRA's perplexity of the same seed, mean (min-max) over seeds. Lost: the share of each merged update's "
         "norm the requantization lost (`merge_error`), mean over the restarts that merged an update; codes changed: "
         "the share of weights whose code changed at those merges. Frozen weights: planned bytes of the block linears' "
-        "storage (tag `frozen_weights`; dense: f32); peak: the measured peak of the run (CPU, all tags).",
+        "storage (tag `frozen_weights`; dense: f32); optimizer states: planned bytes of Adam's moments (tag `optimizer`, "
+        "f32 or 8-bit); peak: the measured peak of the run (CPU, all tags).",
         "",
-        "| format | merge policy | seeds | val ppl | val ratio to dense ReLoRA | ood ratio to dense ReLoRA | update lost per merge | codes changed | residual recovered | frozen weights | peak memory | train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| format | merge policy | Adam moments | seeds | val ppl | val ratio to dense ReLoRA | ood ratio to dense ReLoRA | update lost per merge | codes changed | residual recovered | frozen weights | optimizer states | peak memory | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    def row(fmt, policy, rs):
+    def row(fmt, policy, adam8, rs):
         v = stats([r["val_perplexity"] for r in rs.values()])
         rv, ro = paired(rs, dense, "val_perplexity"), paired(rs, dense, "ood_perplexity")
         lost = mean([e for r in rs.values() for e in r.get("merge_error", []) if e is not None])
         changed = mean([c for r in rs.values() for c in r.get("codes_changed", []) if c is not None])
         recovered = mean([c for r in rs.values() for c in r.get("residual_recovered", [])])
-        frozen = next((r["planned_bytes"]["peak_bytes_by_tag"].get("frozen_weights") for r in rs.values() if r.get("planned_bytes")), None)
+        planned = next((r["planned_bytes"]["peak_bytes_by_tag"] for r in rs.values() if r.get("planned_bytes")), {})
+        frozen, states = planned.get("frozen_weights"), planned.get("optimizer")
         peak = mean([r["peak_memory_bytes"] for r in rs.values() if r.get("peak_memory_bytes")])
         ts = statistics.mean([r["train_seconds"] for r in rs.values()])
         f3 = lambda x: "-" if x is None else f"{x:.3f}"
-        return (f"| {fmt} | {policy} | {','.join(sorted(rs))} | {fmt_ppl(v)} | {rv} | {ro} | {f3(lost)} | {f3(changed)} | "
-                f"{f3(recovered)} | {mib(frozen)} | {mib(peak)} | {ts:.0f} |")
+        return (f"| {fmt} | {policy} | {'int8' if adam8 else 'f32'} | {','.join(sorted(rs))} | {fmt_ppl(v)} | {rv} | {ro} | "
+                f"{f3(lost)} | {f3(changed)} | {f3(recovered)} | {mib(frozen)} | {mib(states)} | {mib(peak)} | {ts:.0f} |")
     if dense:
-        lines.append(row("dense f32", "exact", dense))
+        lines.append(row("dense f32", "exact", False, dense))
     for key in present:
-        lines.append(row(*QUANT_LABELS[key], results[key]))
+        lines.append(row(*quant_key(key), results[key]))
     return lines
 
 

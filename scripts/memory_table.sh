@@ -33,18 +33,19 @@ echo
 echo "GiB; cuda precision plan: bf16 activations, LoRA factors and working copies; f32 gradients, master copies and Adam states."
 
 echo
-echo "Quantized frozen weights (block checkpointing, same recipe):"
+echo "Quantized frozen weights and 8-bit Adam moments (optimizer_states: int8) (block checkpointing, same recipe):"
 echo
 echo "| model | run | frozen weights | other | peak | vs full-rank | fits 24 GiB |"
 echo "|---|---|---|---|---|---|---|"
 for model in 1b 7b 13b; do
     full=""
-    for variant in full none q8_0 q4_0 nf4; do
-        if [ "$variant" = full ]; then
-            args=(--set mode=full --set relora_every=null)
-        else
-            args=(--set mode=relora --set quant=$variant)
-        fi
+    for variant in full full_int8 none q8_0 q4_0 nf4 q4_0_int8; do
+        case $variant in
+            full) args=(--set mode=full --set relora_every=null) ;;
+            full_int8) args=(--set mode=full --set relora_every=null --set optimizer_states=int8) ;;
+            *_int8) args=(--set mode=relora --set quant=${variant%_int8} --set optimizer_states=int8) ;;
+            *) args=(--set mode=relora --set quant=$variant) ;;
+        esac
         json=$("$RELORA" memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB --json \
             --set model=Configs/models/llama_$model.json --set checkpointing=block "${args[@]}" || true)
         full=$(python3 - "$model" "$variant" "$json" "$full" <<'PY'
@@ -54,7 +55,8 @@ p = json.loads(raw)
 peak = p["peak_total_bytes"]
 frozen = p["peak_bytes_by_tag"]["frozen_weights"]
 full = int(full) if full else peak
-name = {"full": "full-rank bf16", "none": "relora, dense bf16 W"}.get(variant, f"relora, {variant} W")
+name = {"full": "full-rank bf16", "full_int8": "full-rank bf16, 8-bit Adam", "none": "relora, dense bf16 W",
+        "q4_0_int8": "relora, q4_0 W, 8-bit Adam"}.get(variant, f"relora, {variant} W")
 g = lambda b: f"{b / 2**30:.2f}"
 print(f"| {model} | {name} | {g(frozen)} | {g(peak - frozen)} | **{g(peak)}** | {peak / full:.2f}x | {'yes' if p['fits'] else 'no'} |", file=sys.stderr)
 print(full)

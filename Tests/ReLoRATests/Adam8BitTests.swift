@@ -74,7 +74,7 @@ final class Adam8BitTests: XCTestCase {
     /// 8-bit Adam follows f32 Adam: the same noisy least-squares problem (300 steps at lr 1e-2 with weight
     /// decay, 4396 entries: 17 blocks and a tail), with targets and noise of magnitude 1e-3 .. 1 varying
     /// from block to block, reaches a loss within 10 % of f32 Adam's and parameters within 2 % of f32 Adam's
-    /// (relative to their norm). A NumPy transcription gave 7 % and 0.56 %. What blockwise scaling cannot
+    /// (relative to their norm); measured 5.9 % and 0.52 %. What blockwise scaling cannot
     /// absorb is a range of magnitudes inside one block: with the magnitudes cycling 1e-3 .. 1 from entry
     /// to entry the loss came out 65 % above f32 Adam's, since v entries under ~1e-7 of their block's
     /// largest round to 0 (bitsandbytes' scheme has the same limit; a weight row's entries are of one scale).
@@ -163,6 +163,11 @@ final class Adam8BitTests: XCTestCase {
         let tail8 = straight.history.suffix(3).map(\.loss).reduce(0, +) / 3, tail32 = f32.history.suffix(3).map(\.loss).reduce(0, +) / 3
         XCTAssertTrue(straight.history.allSatisfy { $0.loss.isFinite })
         XCTAssertEqual(tail8, tail32, accuracy: 0.05 * tail32, "mean loss of the last 3 steps: 8-bit moments \(tail8), f32 \(tail32)")
+        // The checkpoint's "bf16 equivalent" counts moments as values either way (JSON files aside).
+        let size8 = try TrainingCheckpoint.footprint(try XCTUnwrap(TrainingCheckpoint.latest(runDir: straight.recipe.runDir)))
+        let size32 = try TrainingCheckpoint.footprint(try XCTUnwrap(TrainingCheckpoint.latest(runDir: f32.recipe.runDir)))
+        XCTAssertEqual(Double(size8.bf16Bytes), Double(size32.bf16Bytes), accuracy: 64)
+        XCTAssertLessThan(size8.bytes, size32.bytes)
         let bytes8 = straight.model.backend.ledger.report().peak(.optimizer)
         let bytes32 = f32.model.backend.ledger.report().peak(.optimizer)
         XCTAssertLessThan(Double(bytes8) / Double(bytes32), 0.3, "optimizer bytes \(bytes8) vs \(bytes32)")

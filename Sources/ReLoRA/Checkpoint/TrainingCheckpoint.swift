@@ -341,8 +341,8 @@ public enum TrainingCheckpoint {
         /// The "bf16 equivalent": every stored tensor (weights, LoRA factors, optimizer moments) at 2 bytes
         /// per value, uncompressed. A quantized weight counts the values its blocks hold (rows x blocks per
         /// row x block size: its parameters, plus the zero padding of a last partial block when the input
-        /// size is not a multiple of the block size); tensors of other dtypes count as stored, and the JSON
-        /// files as they are.
+        /// size is not a multiple of the block size), and so do 8-bit Adam moments (their codes; their block
+        /// scales are not counted); tensors of other dtypes count as stored, and the JSON files as they are.
         public var bf16Bytes: Int
         public var ratio: Double { bf16Bytes > 0 ? Double(bytes) / Double(bf16Bytes) : 0 }
     }
@@ -364,7 +364,12 @@ public enum TrainingCheckpoint {
             let tensors = try openTensors(path, String(file.prefix { $0 != "." }), version: version)
             for name in tensors.tensorNames {
                 guard let header = tensors.header(name) else { continue }
-                if header.dtype.isFloatingPoint {
+                let eightBitMoments = file.hasPrefix("optimizer") && (name.hasPrefix("m.") || name.hasPrefix("v."))
+                if eightBitMoments, name.hasSuffix(".absmax") {
+                    continue  // the scales of 8-bit moments, counted with their values below
+                } else if eightBitMoments, header.dtype == .U8 {
+                    result.bf16Bytes += 2 * header.elementCount  // one code per moment value
+                } else if header.dtype.isFloatingPoint {
                     result.bf16Bytes += 2 * header.elementCount
                 } else if header.dtype == .U8, let format = QuantFormat(rawValue: String(name.split(separator: ".").last ?? "")),
                           header.shape.count == 2, header.shape[1] % format.bytesPerBlock == 0 {
