@@ -199,6 +199,32 @@ final class Adam8BitTests: XCTestCase {
         }
     }
 
+    /// A damaged optimizer file is one clear error: 8-bit codes without their scales, codes of the wrong
+    /// shape, f32 moments of the wrong size.
+    func testDamagedEightBitMomentsAreOneClearError() throws {
+        let backend = CPUBackend()
+        let shape = [16, 512]
+        let value = backend.makeTensor(shape, dtype: .f32, tag: .trainable), grad = backend.makeTensor(shape, dtype: .f32, tag: .gradients)
+        let opt = AdamW(parameters: [TrainableParameter(name: "w", value: value, grad: grad, isLoRA: false, loraFactor: nil)],
+                        backend: backend, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, states: .int8)
+        let dir = temporaryDirectory()
+        let codes = [UInt8](repeating: 3, count: 16 * 512), scales = [Float](repeating: 1, count: 32)
+        let cases: [(String, [SafetensorsEntry], String)] = [
+            ("no scales", [SafetensorsEntry(name: "m.w", dtype: .U8, shape: shape, bytes: codes)], "lack their block scales 'm.w.absmax'"),
+            ("wrong shape", [SafetensorsEntry(name: "m.w", dtype: .U8, shape: [8, 1024], bytes: codes),
+                             SafetensorsEntry.f32("m.w.absmax", shape: [32], scales)], "has shape [8, 1024], expected [16, 512]"),
+            ("short f32", [SafetensorsEntry.f32("m.w", shape: [4], [1, 2, 3, 4])], "has 4 values, expected 8192"),
+        ]
+        for (label, entries, message) in cases {
+            let path = "\(dir)/\(label.replacingOccurrences(of: " ", with: "_")).safetensors"
+            try SafetensorsWriter.write(entries, to: path)
+            let file = try SafetensorsFile(path: path)
+            XCTAssertThrowsError(try TrainingCheckpoint.loadMoments(opt, 0, from: file, backend: backend), label) { error in
+                XCTAssertTrue("\(error)".contains(message), "\(label): \(error)")
+            }
+        }
+    }
+
     /// A checkpoint made with one `optimizer_states` resumes under the other: f32 moments are quantized on
     /// load (equal to quantizing them directly) and 8-bit ones dequantized; training continues.
     func testResumeConvertsBetweenMomentStorages() throws {

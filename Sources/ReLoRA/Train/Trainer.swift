@@ -347,6 +347,12 @@ public final class Trainer {
         let trainable = optimizer.parameters.reduce(0) { $0 + $1.value.count }
         log("model \(r.model): \(model.config.parameterCount) parameters, \(trainable) trained (mode \(r.mode.rawValue)); \(r.tokensPerStep) tokens/step "
             + "(\(r.microBatch) x \(r.seqLen) x \(r.gradAccum)); steps \(state.step)..<\(r.steps)")
+        if r.optimizerStates == .int8 {
+            let eight = optimizer.parameters.indices.filter { optimizer.eightBit[$0] != nil }
+            let entries = eight.reduce(0) { $0 + optimizer.parameters[$1].value.count }
+            log("Adam moments: 8-bit (blockwise) for \(eight.count) of \(optimizer.parameters.count) tensors (\(entries) of \(trainable) "
+                + "parameters), f32 for the tensors under \(BlockwiseMoments.minimumCount) entries")
+        }
         logSampler()
         var lastLoss = Double.nan, lastVal: Double? = nil, lastCheckpoint: String? = nil
         var stoppedEarly = false
