@@ -114,6 +114,27 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
         }
     }
     results["bandwidth"] = bandwidthRows
+
+    // 2b. One AdamW step over n parameters: f32 moments vs blockwise 8-bit ones (bytes a step moves: f32
+    // param read + write, grad read, m and v read + write; 8-bit: codes instead of the moments, plus scales).
+    do {
+        let n = emulated ? 4096 + 77 : 64 << 20
+        let p = backend.makeTensor([n], dtype: .f32, tag: .masterWeights, zeroed: false)
+        let g = backend.makeTensor([n], dtype: .f32, tag: .gradients, zeroed: false)
+        backend.fillUniform(p, bound: 0.05, seed: 4, stream: 1)
+        backend.fillUniform(g, bound: 1e-3, seed: 4, stream: 2)
+        let m = backend.makeTensor([n], dtype: .f32, tag: .optimizer), v = backend.makeTensor([n], dtype: .f32, tag: .optimizer)
+        let m8 = BlockwiseMoments(backend: backend, shape: [n], isSigned: true, tag: .optimizer)
+        let v8 = BlockwiseMoments(backend: backend, shape: [n], isSigned: false, tag: .optimizer)
+        var step = 0
+        let t32 = time(reps) { step += 1; backend.adamw(param: p, grad: g, m: m, v: v, lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, step: step) }
+        step = 0
+        let t8 = time(reps) { step += 1; backend.adamw8bit(param: p, grad: g, m: m8, v: v8, lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, step: step) }
+        let bytes32 = Double(n) * 28, bytes8 = Double(n) * 16 + Double(4 * 4 * BlockwiseMoments.blocks(n))
+        print(String(format: "\nAdamW step over %d parameters: f32 moments %.2f ms (%.0f GB/s), 8-bit moments %.2f ms (%.0f GB/s), time ratio %.2f",
+                     n, 1e3 * t32, bytes32 / t32 / 1e9, 1e3 * t8, bytes8 / t8 / 1e9, t8 / t32))
+        results["adamw"] = ["parameters": n, "f32_seconds": t32, "int8_seconds": t8, "f32_gbs": bytes32 / t32 / 1e9, "int8_gbs": bytes8 / t8 / 1e9]
+    }
     // The training steps below run on their own backends (one ledger each): hand this one's cache back so
     // their cudaMemGetInfo figures are theirs.
     backend.releaseCachedMemory()
@@ -130,14 +151,15 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
     let tokens = (0..<max(200_000, 4 * batch * seqLen * (o.steps + 2))).map { _ in Int64.random(in: 0..<Int64(config.vocabSize), using: &rng) }
     try NpyWriter.write(tokens: tokens, dtype: .uint32, to: dir + "/train.npy")
     var stepRows: [[String: Any]] = []
-    let variants: [(String, TrainingMode, FrozenStorage)] = [
-        ("full bf16", .full, .none), ("relora dense", .relora, .none), ("relora q8_0", .relora, .q8_0), ("relora q4_0", .relora, .q4_0),
+    let variants: [(String, TrainingMode, FrozenStorage, OptimizerStates)] = [
+        ("full bf16", .full, .none, .f32), ("relora dense", .relora, .none, .f32), ("relora q8_0", .relora, .q8_0, .f32),
+        ("relora q4_0", .relora, .q4_0, .f32), ("relora q4_0 a8", .relora, .q4_0, .int8),
     ]
-    for (label, mode, quant) in variants {
+    for (label, mode, quant, states) in variants {
         var r = Recipe(model: configPath, trainData: dir + "/train.npy", runDir: dir + "/run-\(stepRows.count)")
         r.seqLen = seqLen; r.microBatch = batch; r.steps = o.steps + 1; r.warmupSteps = 0
         r.evalEvery = 1_000_000; r.checkpointEvery = 1_000_000; r.logEvery = 1_000_000
-        r.checkpointing = .block; r.mode = mode; r.quant = quant
+        r.checkpointing = .block; r.mode = mode; r.quant = quant; r.optimizerStates = states
         if mode != .full { r.loraRank = emulated ? 8 : 128; r.loraAlpha = 32; r.reloraEvery = r.steps; r.restartWarmup = 0 }  // one restart, after the timed steps
         let stepBackend = try CUDABackend.open()
         let trainer = try Trainer(recipe: r, resume: false, backend: stepBackend, log: { _ in })
@@ -158,16 +180,18 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
     results["training_steps"] = stepRows
 
     // 4. What fits 24 GiB by plan.
-    print("\n4. planned peak on cuda, relora q4_0, block checkpointing, seq 1024, micro-batch 4 (24 GiB card)")
+    print("\n4. planned peak on cuda, relora q4_0, block checkpointing, seq 1024, micro-batch 4 (24 GiB card), f32 / 8-bit Adam moments")
     var fitRows: [[String: Any]] = []
     for name in ["llama_1b", "llama_7b", "llama_13b"] {
-        let path = "Configs/models/\(name).json"
-        var r = Recipe(model: path, trainData: dir + "/train.npy", runDir: dir + "/plan")
-        r.seqLen = 1024; r.microBatch = 4; r.mode = .relora; r.quant = .q4_0; r.checkpointing = .block
-        r.loraRank = 128; r.reloraEvery = 1000
-        let plan = try MemoryPlanner.plan(r, config: try LlamaConfig(contentsOf: path), device: .cuda, budget: 24 << 30)
-        print("\(name): \(formatBytes(plan.report.peakTotal)) \(plan.fits ? "fits" : "does not fit")")
-        fitRows.append(["config": name, "planned_peak_bytes": plan.report.peakTotal, "fits_24gib": plan.fits])
+        for states in OptimizerStates.allCases {
+            let path = "Configs/models/\(name).json"
+            var r = Recipe(model: path, trainData: dir + "/train.npy", runDir: dir + "/plan")
+            r.seqLen = 1024; r.microBatch = 4; r.mode = .relora; r.quant = .q4_0; r.checkpointing = .block
+            r.loraRank = 128; r.reloraEvery = 1000; r.optimizerStates = states
+            let plan = try MemoryPlanner.plan(r, config: try LlamaConfig(contentsOf: path), device: .cuda, budget: 24 << 30)
+            print("\(name) (\(states.rawValue) moments): \(formatBytes(plan.report.peakTotal)) \(plan.fits ? "fits" : "does not fit")")
+            fitRows.append(["config": name, "optimizer_states": states.rawValue, "planned_peak_bytes": plan.report.peakTotal, "fits_24gib": plan.fits])
+        }
     }
     results["fits_24gib"] = fitRows
 
