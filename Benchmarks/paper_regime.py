@@ -219,6 +219,8 @@ def main():
     for seed in ([] if args.table_only else seeds):
         base, arms, warm, warm_run = arms_for(out, seed, N, W, RE)
         for name in arms:
+            if name not in selected and name != "relora":  # relora's recipe is `relora control`'s input
+                continue
             recipe = {**base, **arms[name], "run_dir": f"{out}/{name}_s{seed}"}
             json.dump(recipe, open(f"{out}/recipes/{name}_s{seed}.json", "w"), indent=2)
         sh([R, "control", f"{out}/recipes/relora_s{seed}.json", "--out", f"{out}/control_config.json"])
@@ -285,7 +287,7 @@ def main():
 def figures(out, warm):
     """Loss curves of the seed-0 main arms; update spectra of full, lora_ws, relora (seed 0) against the warm start."""
     runs = [(a, f"{out}/{a}_s0") for a in MAIN if os.path.exists(f"{out}/{a}_s0/metrics.jsonl")]
-    if runs:
+    if len(runs) == len(MAIN):  # a partial rerun (e.g. only the quantized arms) keeps the published figure
         sh([R, "plot", *[r for _, r in runs], "--out", f"{out}/loss_curves.svg", "--labels",
             ",".join(LABELS[a].split(" (")[0] for a, _ in runs), "--title",
             "Python corpus, 6 x 256 LLaMA, seed 0, no token seen twice"], quiet=True)
