@@ -186,10 +186,7 @@ final class Adam8BitTests: XCTestCase {
             let trainer = try Trainer(recipe: r, resume: false, log: { lines.append($0) })
             _ = try trainer.run()
             if mode == .relora { XCTAssertTrue(lines.contains { $0.hasPrefix("restart 1") }, "the run must include a restart") }
-            let measured = trainer.model.backend.ledger.report()
-            let plan = try MemoryPlanner.plan(r, config: config, device: .cpu)
-            for tag in MemoryTag.allCases { XCTAssertEqual(plan.report.peak(tag), measured.peak(tag), "\(mode): \(tag.rawValue)") }
-            XCTAssertEqual(plan.report.peakTotal, measured.peakTotal, "\(mode)")
+            let (plan, _) = try MemoryPlanTests.assertPlanEqualsMeasured(trainer, config: config, "\(mode)")
             // 1 + 4/256 bytes per entry of each 8-bit moment, 4 per f32 one.
             let want = trainer.optimizer.parameters.indices.reduce(0) { sum, i in
                 let n = trainer.optimizer.parameters[i].value.count

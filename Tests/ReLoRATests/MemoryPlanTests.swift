@@ -18,6 +18,18 @@ final class MemoryPlanTests: XCTestCase {
         }
     }
 
+    /// The CPU plan of a finished run's recipe against its ledger: every tag's peak, the device total and the
+    /// host total equal, to the byte. Returns both for further checks.
+    @discardableResult
+    static func assertPlanEqualsMeasured(_ trainer: Trainer, config: LlamaConfig, _ label: String) throws -> (plan: MemoryPlan, measured: MemoryReport) {
+        let measured = trainer.model.backend.ledger.report()
+        let plan = try MemoryPlanner.plan(trainer.recipe, config: config, device: .cpu)
+        for tag in MemoryTag.allCases { XCTAssertEqual(plan.report.peak(tag), measured.peak(tag), "\(label): \(tag.rawValue)") }
+        XCTAssertEqual(plan.report.peakTotal, measured.peakTotal, label)
+        XCTAssertEqual(plan.report.hostPeakTotal, measured.hostPeakTotal, label)
+        return (plan, measured)
+    }
+
     /// For full, lora and relora under both checkpointing settings: the planned peak of every tag equals
     /// the peak the CPU ledger measured over a real run (two steps, and for relora a restart after the
     /// second, under each merge policy: its workspace, e.g. compensate's sketch, and master copies
@@ -36,14 +48,8 @@ final class MemoryPlanTests: XCTestCase {
                     let trainer = try Trainer(recipe: r, resume: false, log: { lines.append($0) })
                     _ = try trainer.run()
                     if mode == .relora { XCTAssertTrue(lines.contains { $0.hasPrefix("restart 1") }, "the run must include a restart") }
-                    let measured = trainer.model.backend.ledger.report()
-                    let plan = try MemoryPlanner.plan(r, config: config, device: .cpu)
                     let label = "\(mode) \(checkpointing) dropout \(dropout) quant \(quant) policy \(r.effectiveMergePolicy)"
-                    for tag in MemoryTag.allCases {
-                        XCTAssertEqual(plan.report.peak(tag), measured.peak(tag), "\(label): \(tag.rawValue)")
-                    }
-                    XCTAssertEqual(plan.report.peakTotal, measured.peakTotal, label)
-                    XCTAssertEqual(plan.report.hostPeakTotal, measured.hostPeakTotal, label)
+                    let (plan, measured) = try Self.assertPlanEqualsMeasured(trainer, config: config, label)
                     // Master copies: f32 of every frozen linear, in host memory, outside the device total.
                     let linears = LinearKind.allCases.reduce(0) { $0 + $1.shape(config).out * $1.shape(config).in } * config.numHiddenLayers
                     XCTAssertEqual(plan.report.peak(.hostMaster), policy == .master ? 4 * linears : 0, label)
