@@ -104,6 +104,17 @@ final class MemoryPlanTests: XCTestCase {
         let s = try XCTUnwrap(MemoryPlanner.suggestion(for: r, config: config, device: .cpu, budget: budget))
         XCTAssertTrue(s.hasPrefix("--set checkpointing=block"), s)
         XCTAssertNil(MemoryPlanner.suggestion(for: r, config: config, device: .cpu, budget: 1000))
+
+        // Already lean (block checkpointing, one sequence per micro-batch): the next lever is 8-bit Adam.
+        var lean = r
+        lean.checkpointing = .block; lean.microBatch = 1; lean.gradAccum = r.microBatch * r.gradAccum
+        var lean8 = lean
+        lean8.optimizerStates = .int8
+        let leanPeak = try MemoryPlanner.plan(lean, config: config, device: .cpu).report.peakTotal
+        let lean8Peak = try MemoryPlanner.plan(lean8, config: config, device: .cpu).report.peakTotal
+        XCTAssertLessThan(lean8Peak, leanPeak)
+        let s8 = try XCTUnwrap(MemoryPlanner.suggestion(for: lean, config: config, device: .cpu, budget: (lean8Peak + leanPeak) / 2))
+        XCTAssertTrue(s8.hasPrefix("--set optimizer_states=int8 (planned peak"), s8)
     }
 
     func testParseBytes() throws {

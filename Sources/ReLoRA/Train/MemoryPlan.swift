@@ -53,9 +53,10 @@ public enum MemoryPlanner {
         }
     }
 
-    /// The first of a few standard changes (block checkpointing, smaller micro-batches at the same
-    /// tokens per step, a smaller LoRA rank) whose plan fits `budget`, as `--set` overrides with the
-    /// planned peak; nil if none does.
+    /// The first of a few standard changes whose plan fits `budget`, as `--set` overrides with the planned
+    /// peak; nil if none does. In order: those that leave the arithmetic alone (block checkpointing, smaller
+    /// micro-batches at the same tokens per step), then those that store something in fewer bits (8-bit
+    /// Adam moments; q8_0, then q4_0 frozen weights), then a smaller LoRA rank.
     public static func suggestion(for recipe: Recipe, config: LlamaConfig, device: Device, budget: Int) -> String? {
         var candidates: [(String, Recipe)] = []
         func add(_ text: String, _ edit: (inout Recipe) -> Void) {
@@ -76,13 +77,23 @@ public enum MemoryPlanner {
             }
             mb /= 2
         }
+        let leanest = "--set checkpointing=block --set micro_batch=1 --set grad_accum=\(recipe.tokensPerStep / recipe.seqLen)"
+        func lean(_ r: inout Recipe) { r.checkpointing = .block; r.microBatch = 1; r.gradAccum = recipe.tokensPerStep / recipe.seqLen }
+        if recipe.optimizerStates == .f32 {
+            add("--set optimizer_states=int8") { $0.optimizerStates = .int8 }
+            add("\(leanest) --set optimizer_states=int8") { lean(&$0); $0.optimizerStates = .int8 }
+        }
+        if recipe.mode != .full, recipe.quant == .none {
+            for q in [FrozenStorage.q8_0, .q4_0] {
+                add("--set quant=\(q.rawValue)") { $0.quant = q }
+                add("\(leanest) --set quant=\(q.rawValue) --set optimizer_states=int8") { lean(&$0); $0.quant = q; $0.optimizerStates = .int8 }
+            }
+        }
         if recipe.mode != .full {
             var r = recipe.loraRank / 2
             while r >= 8 {
                 let rank = r
-                add("--set checkpointing=block --set micro_batch=1 --set grad_accum=\(recipe.tokensPerStep / recipe.seqLen) --set lora_r=\(rank)") {
-                    $0.checkpointing = .block; $0.microBatch = 1; $0.gradAccum = recipe.tokensPerStep / recipe.seqLen; $0.loraRank = rank
-                }
+                add("\(leanest) --set lora_r=\(rank)") { lean(&$0); $0.loraRank = rank }
                 r /= 2
             }
         }
