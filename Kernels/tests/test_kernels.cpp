@@ -719,7 +719,7 @@ bool test_adamw_8bit(int64_t n) {
         bg.upload(g.data(), bg.bytes);
         const relora_adam_scalars s = relora_adam_scalars_make(lr, beta1, beta2, eps, wd, step);
         for (int64_t b = 0; b < blocks; ++b) {
-            relora_adamw8_block(maps.data(), &s, p.data(), g.data(), m_codes.data(), m_absmax.data(), v_codes.data(),
+            relora_adamw8_block(maps.data(), nullptr, &s, p.data(), g.data(), m_codes.data(), m_absmax.data(), v_codes.data(),
                                 v_absmax.data(), n, b);
         }
         char name[96];
@@ -796,7 +796,7 @@ bool test_quantize_8bit(int64_t n, bool is_signed) {
         const std::vector<float> x = adam8_inputs(n, is_signed, idempotence, 90 + (uint64_t)is_signed + 2 * (uint64_t)pass);
         std::vector<uint8_t> codes((size_t)n);
         std::vector<float> absmax((size_t)blocks), y((size_t)n);
-        for (int64_t b = 0; b < blocks; ++b) relora_adam8_quantize_block(map, x.data(), codes.data(), absmax.data(), n, b);
+        for (int64_t b = 0; b < blocks; ++b) relora_adam8_quantize_block(map, nullptr, x.data(), codes.data(), absmax.data(), n, b);
         for (int64_t i = 0; i < n; ++i) {
             y[(size_t)i] = relora_adam8_value(map, codes[(size_t)i], absmax[(size_t)(i / RELORA_ADAM8_BLOCK)]);
         }

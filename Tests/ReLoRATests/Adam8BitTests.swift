@@ -26,6 +26,34 @@ final class Adam8BitTests: XCTestCase {
         XCTAssertEqual(unsigned[1], Float(0.325e-6), "the smallest positive of the unsigned map")
     }
 
+    /// The CPU's indexed code search gives the binary search's code for every map entry, the floats next to
+    /// it, the midpoints between neighbouring entries and the floats next to those, +-0, +-inf, NaN, and 2^20
+    /// random bit patterns (every magnitude and sign).
+    func testIndexedSearchEqualsBinarySearch() {
+        for isSigned in [true, false] {
+            let map = BlockwiseMoments.map(signed: isSigned), index = BlockwiseMoments.index(signed: isSigned)
+            var probes: [Float] = [0, -0, .infinity, -.infinity, .nan, .leastNonzeroMagnitude, -.leastNonzeroMagnitude]
+            for i in 0..<256 {
+                probes += [map[i], map[i].nextUp, map[i].nextDown]
+                if i < 255 {
+                    let mid = (map[i] + map[i + 1]) / 2
+                    probes += [mid, mid.nextUp, mid.nextDown]
+                }
+            }
+            var state: UInt64 = isSigned ? 7 : 8
+            for _ in 0..<(1 << 20) {
+                state = state &* 6364136223846793005 &+ 1442695040888963407
+                probes.append(Float(bitPattern: UInt32(truncatingIfNeeded: state >> 32)))
+            }
+            var mismatches = 0
+            for s in probes where relora_adam8_code(map, s) != relora_adam8_code_indexed(map, index, s) {
+                mismatches += 1
+                if mismatches <= 5 { XCTFail("signed \(isSigned): s = \(s): binary \(relora_adam8_code(map, s)), indexed \(relora_adam8_code_indexed(map, index, s))") }
+            }
+            XCTAssertEqual(mismatches, 0, "signed \(isSigned)")
+        }
+    }
+
     /// The quantizer picks the nearest map entry (ties to the lower code) for every value; requantizing the
     /// dequantized moments gives back the same codes and scales; the backend ops equal the host functions.
     func testQuantizerIsNearestAndIdempotent() {

@@ -38,6 +38,17 @@ public struct BlockwiseMoments: @unchecked Sendable {
 
     static func map(signed: Bool) -> UnsafePointer<Float> { signed ? maps : maps + Int(RELORA_ADAM8_MAP) }
 
+    /// The two maps' host search indexes (`relora_adam8_build_index`, 2 x 64 KiB: signed, then unsigned):
+    /// the CPU's codes are the binary search's, found faster. Built once, when first used.
+    nonisolated(unsafe) static let index: UnsafePointer<UInt8> = {
+        let p = UnsafeMutablePointer<UInt8>.allocate(capacity: 2 * Int(RELORA_ADAM8_INDEX))
+        relora_adam8_build_index(maps, p)
+        relora_adam8_build_index(maps + Int(RELORA_ADAM8_MAP), p + Int(RELORA_ADAM8_INDEX))
+        return UnsafePointer(p)
+    }()
+
+    static func index(signed: Bool) -> UnsafePointer<UInt8> { signed ? index : index + Int(RELORA_ADAM8_INDEX) }
+
     /// Host quantization of `values` (checkpoint conversion): codes and absmax as `quantizeMoments` makes them.
     public static func quantize(_ values: [Float], isSigned: Bool) -> (codes: [UInt8], absmax: [Float]) {
         let n = values.count
@@ -46,7 +57,7 @@ public struct BlockwiseMoments: @unchecked Sendable {
             codes.withUnsafeMutableBufferPointer { c in
                 absmax.withUnsafeMutableBufferPointer { a in
                     for b in 0..<blocks(n) {
-                        relora_adam8_quantize_block(map(signed: isSigned), x.baseAddress, c.baseAddress, a.baseAddress, Int64(n), Int64(b))
+                        relora_adam8_quantize_block(map(signed: isSigned), index(signed: isSigned), x.baseAddress, c.baseAddress, a.baseAddress, Int64(n), Int64(b))
                     }
                 }
             }

@@ -174,7 +174,7 @@ extension ConformanceSuite {
             backend.adamw8bit(param: param, grad: grad, m: m, v: v, lr: lr, beta1: beta1, beta2: beta2, eps: eps, weightDecay: wd, step: step)
             var scalars = relora_adam_scalars_make(lr, beta1, beta2, eps, wd, Int64(step))
             for b in 0..<blocks {
-                relora_adamw8_block(BlockwiseMoments.maps, &scalars, &p, g, &mc, &ma, &vc, &va, Int64(n), Int64(b))
+                relora_adamw8_block(BlockwiseMoments.maps, nil, &scalars, &p, g, &mc, &ma, &vc, &va, Int64(n), Int64(b))  // binary search
             }
         }
         expectBits("adamw8bit param", shape, "f32", got: backend.download(param), want: p)

@@ -531,18 +531,19 @@ public final class CPUBackend: Backend, TensorStorageOwner {
         }
     }
 
-    /// Blocks of 256 in parallel chunks; each block is `relora_adamw8_block`, the reference itself.
+    /// Blocks of 256 in parallel chunks; each block is `relora_adamw8_block`, the reference itself, with the
+    /// host search index (the same codes as the binary search, tested).
     public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
                           beta2: Float, eps: Float, weightDecay: Float, step: Int) {
         let n = param.count
         checkMoments("adamw8bit", count: n, m, v, f32: param, grad)
         precondition(m.isSigned && !v.isSigned, "adamw8bit: m takes the signed map, v the unsigned one")
         var scalars = relora_adam_scalars_make(lr, beta1, beta2, eps, weightDecay, Int64(step))
-        let p = param.f32, g = grad.f32, maps = BlockwiseMoments.maps
+        let p = param.f32, g = grad.f32, maps = BlockwiseMoments.maps, index = BlockwiseMoments.index
         let mc = m.codes.u8, ma = m.absmax.f32
         let vc = v.codes.u8, va = v.absmax.f32
         parallelChunks(BlockwiseMoments.blocks(n), minPerChunk: 64) { _, r in
-            for b in r { relora_adamw8_block(maps, &scalars, p, g, mc, ma, vc, va, Int64(n), Int64(b)) }
+            for b in r { relora_adamw8_block(maps, index, &scalars, p, g, mc, ma, vc, va, Int64(n), Int64(b)) }
         }
     }
 
@@ -558,7 +559,8 @@ public final class CPUBackend: Backend, TensorStorageOwner {
         checkMoments("quantizeMoments", count: n, moments, f32: x)
         let map = BlockwiseMoments.map(signed: moments.isSigned)
         let c = moments.codes.u8, a = moments.absmax.f32, xp = x.f32
-        for b in 0..<BlockwiseMoments.blocks(n) { relora_adam8_quantize_block(map, xp, c, a, Int64(n), Int64(b)) }
+        let index = BlockwiseMoments.index(signed: moments.isSigned)
+        for b in 0..<BlockwiseMoments.blocks(n) { relora_adam8_quantize_block(map, index, xp, c, a, Int64(n), Int64(b)) }
     }
 
     // MARK: Pruning (optimizer reset)
