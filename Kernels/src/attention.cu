@@ -67,6 +67,34 @@ struct Shape {
 
 // Loads rows [first, first + rows) of one head (columns col0 .. col0 + D of a row of `stride` elements)
 // into dst[r * pitch + d] as f32; rows at or past seq are zeros.
+// Lane's kCols columns (d = lane + 32 c) of row `row` of a shared-memory tile with `pitch` floats per row;
+// columns at or past D read as 0.
+__device__ __forceinline__ void lane_columns(float (&x)[kCols], const float *tile, int row, int pitch, int D, int lane) {
+    RELORA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+        const int d = lane + 32 * c;
+        x[c] = d < D ? tile[row * pitch + d] : 0.0f;
+    }
+}
+
+// acc[r][c] += sum over the key tile's kKeys keys j, in order, of W[r * kKeys + j] * X[j][lane's column c]:
+// the forward's P.V and dQ's dS.K (W: this warp's R rows of weights, X: the tile's V or K rows).
+template <int R>
+__device__ __forceinline__ void accumulate_keys(float (&acc)[R][kCols], const float *W, const float *X, int pitch, int D,
+                                                int lane) {
+    RELORA_UNROLL_8
+    for (int j = 0; j < kKeys; ++j) {
+        float xj[kCols];
+        lane_columns(xj, X, j, pitch, D, lane);
+        RELORA_UNROLL
+        for (int r = 0; r < R; ++r) {
+            const float w = W[r * kKeys + j];
+            RELORA_UNROLL
+            for (int c = 0; c < kCols; ++c) acc[r][c] += w * xj[c];
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void load_tile(float *dst, int pitch, const T *src, int64_t stride, int64_t first,
                                           int rows, int64_t seq, int D) {
@@ -150,22 +178,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                 RELORA_UNROLL
                 for (int c = 0; c < kCols; ++c) o[r][c] *= alpha[r];
             }
-            RELORA_UNROLL_8
-            for (int j = 0; j < kKeys; ++j) {
-                float vj[kCols];
-                RELORA_UNROLL
-                for (int c = 0; c < kCols; ++c) {
-                    const int d = lane + 32 * c;
-                    vj[c] = d < D ? Vs[j * D + d] : 0.0f;
-                }
-                RELORA_UNROLL
-                for (int r = 0; r < R; ++r) {
-                    const float p = Ps[(warp * R + r) * kKeys + j];
-                    l[r] += p;
-                    RELORA_UNROLL
-                    for (int c = 0; c < kCols; ++c) o[r][c] += p * vj[c];
-                }
+            RELORA_UNROLL
+            for (int r = 0; r < R; ++r) {
+                RELORA_UNROLL_8
+                for (int j = 0; j < kKeys; ++j) l[r] += Ps[(warp * R + r) * kKeys + j];
             }
+            accumulate_keys<R>(o, Ps + warp * R * kKeys, Vs, D, D, lane);
         }
         RELORA_UNROLL
         for (int r = 0; r < R; ++r) {
@@ -282,21 +300,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                 DSs[(warp * R + r) * kKeys + lane] = p * (dp[r] - Di[r]);
             }
             __syncwarp();
-            RELORA_UNROLL_8
-            for (int j = 0; j < kKeys; ++j) {
-                float kj[kCols];
-                RELORA_UNROLL
-                for (int c = 0; c < kCols; ++c) {
-                    const int d = lane + 32 * c;
-                    kj[c] = d < D ? Ks[j * Dp + d] : 0.0f;
-                }
-                RELORA_UNROLL
-                for (int r = 0; r < R; ++r) {
-                    const float ds = DSs[(warp * R + r) * kKeys + j];
-                    RELORA_UNROLL
-                    for (int c = 0; c < kCols; ++c) acc[r][c] += ds * kj[c];
-                }
-            }
+            accumulate_keys<R>(acc, DSs + warp * R * kKeys, Ks, Dp, D, lane);
         }
         RELORA_UNROLL
         for (int r = 0; r < R; ++r) {
@@ -366,12 +370,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                 __syncthreads();
                 for (int i = 0; i < QT; ++i) {
                     float qd[kCols], dod[kCols];
-                    RELORA_UNROLL
-                    for (int c = 0; c < kCols; ++c) {
-                        const int d = lane + 32 * c;
-                        qd[c] = d < D ? Qs[i * D + d] : 0.0f;
-                        dod[c] = d < D ? dOs[i * D + d] : 0.0f;
-                    }
+                    lane_columns(qd, Qs, i, D, D, lane);
+                    lane_columns(dod, dOs, i, D, D, lane);
                     RELORA_UNROLL
                     for (int jj = 0; jj < KW; ++jj) {
                         const float p = Ps[i * kKeys + warp * KW + jj], ds = DSs[i * kKeys + warp * KW + jj];
