@@ -229,41 +229,49 @@ std::string attn_label(const char *op, int32_t dtype, const AttnShape &s) {
     return buf;
 }
 
+// The device tensors of one attention case, q, k, v and dout uploaded from `x`.
+struct AttnTensors {
+    Tensor q, k, v, out, dout, lse, dq, dk, dv;
+    AttnTensors(int32_t dtype, const AttnShape &s, const AttnData &x)
+        : q(dtype, s.batch * s.seq * s.heads * s.dim), k(dtype, s.batch * s.seq * s.kv_heads * s.dim), v(dtype, k.count),
+          out(dtype, q.count), dout(dtype, q.count), lse(RELORA_DTYPE_F32, s.batch * s.heads * s.seq), dq(dtype, q.count),
+          dk(dtype, k.count), dv(dtype, k.count) {
+        q.upload(x.q);
+        k.upload(x.k);
+        v.upload(x.v);
+        dout.upload(x.dout);
+    }
+};
+
 bool test_attention_case(int32_t dtype, const AttnShape &s, bool repeat_backward = false) {
-    const int64_t nq = s.batch * s.seq * s.heads * s.dim, nk = s.batch * s.seq * s.kv_heads * s.dim;
     const AttnData x = attention_inputs(s, dtype, 200 + (uint64_t)s.seq);
-    Tensor tq(dtype, nq), tk(dtype, nk), tv(dtype, nk), tout(dtype, nq), tdout(dtype, nq);
-    Tensor tlse(RELORA_DTYPE_F32, s.batch * s.heads * s.seq), tdq(dtype, nq), tdk(dtype, nk), tdv(dtype, nk);
-    tq.upload(x.q);
-    tk.upload(x.k);
-    tv.upload(x.v);
-    tdout.upload(x.dout);
+    AttnTensors a(dtype, s, x);
     const std::string fwd = attn_label("attention_forward", dtype, s), bwd = attn_label("attention_backward", dtype, s);
-    EXPECT_OK(fwd.c_str(), api.attention_forward(tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr, tout.buffer.ptr,
-                                                 (float *)tlse.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim,
+    EXPECT_OK(fwd.c_str(), api.attention_forward(a.q.buffer.ptr, a.k.buffer.ptr, a.v.buffer.ptr, a.out.buffer.ptr,
+                                                 (float *)a.lse.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim,
                                                  dtype, nullptr));
-    const std::vector<float> out = tout.download(), lse = tlse.download();
+    const std::vector<float> out = a.out.download(), lse = a.lse.download();
     const FwdRef f = reference_forward(s, x, dtype);
     bool ok = check_bounds(fwd + " out", out, f.out, f.out_bound);
     ok &= check_bounds(fwd + " lse", lse, f.lse, f.lse_bound);
-    EXPECT_OK(bwd.c_str(), api.attention_backward(tdout.buffer.ptr, tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr,
-                                                  tout.buffer.ptr, (const float *)tlse.buffer.ptr, tdq.buffer.ptr,
-                                                  tdk.buffer.ptr, tdv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads,
+    EXPECT_OK(bwd.c_str(), api.attention_backward(a.dout.buffer.ptr, a.q.buffer.ptr, a.k.buffer.ptr, a.v.buffer.ptr,
+                                                  a.out.buffer.ptr, (const float *)a.lse.buffer.ptr, a.dq.buffer.ptr,
+                                                  a.dk.buffer.ptr, a.dv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads,
                                                   s.dim, dtype, nullptr));
     const BwdRef g = reference_backward(s, x, out, lse, dtype);
-    const std::vector<float> dq = tdq.download(), dk = tdk.download(), dv = tdv.download();
+    const std::vector<float> dq = a.dq.download(), dk = a.dk.download(), dv = a.dv.download();
     ok &= check_bounds(bwd + " dq", dq, g.dq, g.dq_bound);
     ok &= check_bounds(bwd + " dk", dk, g.dk, g.dk_bound);
     ok &= check_bounds(bwd + " dv", dv, g.dv, g.dv_bound);
     if (repeat_backward) {
         // No atomics: a second run gives the same bits.
-        EXPECT_OK(bwd.c_str(), api.attention_backward(tdout.buffer.ptr, tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr,
-                                                      tout.buffer.ptr, (const float *)tlse.buffer.ptr, tdq.buffer.ptr,
-                                                      tdk.buffer.ptr, tdv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads,
+        EXPECT_OK(bwd.c_str(), api.attention_backward(a.dout.buffer.ptr, a.q.buffer.ptr, a.k.buffer.ptr, a.v.buffer.ptr,
+                                                      a.out.buffer.ptr, (const float *)a.lse.buffer.ptr, a.dq.buffer.ptr,
+                                                      a.dk.buffer.ptr, a.dv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads,
                                                       s.dim, dtype, nullptr));
-        ok &= check_bits(bwd + " dq repeatable", tdq.download(), dq);
-        ok &= check_bits(bwd + " dk repeatable", tdk.download(), dk);
-        ok &= check_bits(bwd + " dv repeatable", tdv.download(), dv);
+        ok &= check_bits(bwd + " dq repeatable", a.dq.download(), dq);
+        ok &= check_bits(bwd + " dk repeatable", a.dk.download(), dk);
+        ok &= check_bits(bwd + " dv repeatable", a.dv.download(), dv);
     }
     return ok;
 }
@@ -275,20 +283,14 @@ bool test_attention_gradient() {
     const AttnShape s{1, 5, 2, 1, 8};
     const int32_t dtype = RELORA_DTYPE_F32;
     AttnData x = attention_inputs(s, dtype, 300);
-    const int64_t nq = s.batch * s.seq * s.heads * s.dim, nk = s.batch * s.seq * s.kv_heads * s.dim;
-    Tensor tq(dtype, nq), tk(dtype, nk), tv(dtype, nk), tout(dtype, nq), tdout(dtype, nq);
-    Tensor tlse(RELORA_DTYPE_F32, s.batch * s.heads * s.seq), tdq(dtype, nq), tdk(dtype, nk), tdv(dtype, nk);
-    tq.upload(x.q);
-    tk.upload(x.k);
-    tv.upload(x.v);
-    tdout.upload(x.dout);
+    AttnTensors a(dtype, s, x);
     const char *name = "attention_backward finite differences b1 T5 h2/1 D8";
-    EXPECT_OK(name, api.attention_forward(tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr, tout.buffer.ptr,
-                                          (float *)tlse.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim, dtype,
+    EXPECT_OK(name, api.attention_forward(a.q.buffer.ptr, a.k.buffer.ptr, a.v.buffer.ptr, a.out.buffer.ptr,
+                                          (float *)a.lse.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim, dtype,
                                           nullptr));
-    EXPECT_OK(name, api.attention_backward(tdout.buffer.ptr, tq.buffer.ptr, tk.buffer.ptr, tv.buffer.ptr,
-                                           tout.buffer.ptr, (const float *)tlse.buffer.ptr, tdq.buffer.ptr,
-                                           tdk.buffer.ptr, tdv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim,
+    EXPECT_OK(name, api.attention_backward(a.dout.buffer.ptr, a.q.buffer.ptr, a.k.buffer.ptr, a.v.buffer.ptr,
+                                           a.out.buffer.ptr, (const float *)a.lse.buffer.ptr, a.dq.buffer.ptr,
+                                           a.dk.buffer.ptr, a.dv.buffer.ptr, s.batch, s.seq, s.heads, s.kv_heads, s.dim,
                                            dtype, nullptr));
     // The reference forward in double, evaluated on perturbed inputs held as doubles.
     struct Dbl {
@@ -332,7 +334,7 @@ bool test_attention_gradient() {
     };
     bool ok = true;
     const std::pair<const char *, std::pair<std::vector<double> Dbl::*, const Tensor *>> parts[] = {
-        {"dq", {&Dbl::q, &tdq}}, {"dk", {&Dbl::k, &tdk}}, {"dv", {&Dbl::v, &tdv}}};
+        {"dq", {&Dbl::q, &a.dq}}, {"dk", {&Dbl::k, &a.dk}}, {"dv", {&Dbl::v, &a.dv}}};
     for (const auto &part : parts) {
         const std::vector<double> ref = numeric(part.second.first);
         std::vector<double> bound(ref.size());
