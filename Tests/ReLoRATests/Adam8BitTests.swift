@@ -101,7 +101,7 @@ final class Adam8BitTests: XCTestCase {
 
     /// 8-bit Adam follows f32 Adam: the same noisy least-squares problem (300 steps at lr 1e-2 with weight
     /// decay, 4396 entries: 17 blocks and a tail), with targets and noise of magnitude 1e-3 .. 1 varying
-    /// from block to block, reaches a loss within 10 % of f32 Adam's and parameters within 2 % of f32 Adam's
+    /// from block to block, reaches a loss within 10 % of f32 Adam's and parameters within 1 % of f32 Adam's
     /// (relative to their norm); measured 5.9 % and 0.52 %. What blockwise scaling cannot
     /// absorb is a range of magnitudes inside one block: with the magnitudes cycling 1e-3 .. 1 from entry
     /// to entry the loss came out 65 % above f32 Adam's, since v entries under ~1e-7 of their block's
@@ -136,7 +136,7 @@ final class Adam8BitTests: XCTestCase {
         XCTAssertLessThan(abs(int8.loss - f32.loss) / f32.loss, 0.10, "losses \(int8.loss) vs \(f32.loss)")
         let norm = f32.params.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
         let apart = zip(int8.params, f32.params).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }.squareRoot()
-        XCTAssertLessThan(apart / norm, 0.02, "8-bit parameters \(apart / norm) of their norm from f32 Adam's")
+        XCTAssertLessThan(apart / norm, 0.01, "8-bit parameters \(apart / norm) of their norm from f32 Adam's")
         print("8-bit Adam on the least-squares problem: loss \(int8.loss) vs f32 \(f32.loss), parameters \(apart / norm) apart")
     }
 

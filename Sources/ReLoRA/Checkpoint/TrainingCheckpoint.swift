@@ -281,6 +281,11 @@ public enum TrainingCheckpoint {
                       scales.shape == [BlockwiseMoments.blocks(target.count)] else {
                     throw ReLoRAError.invalidFile(path: file.path, reason: "8-bit moments '\(key)' lack their block scales '\(key).absmax' (F32 [\(BlockwiseMoments.blocks(target.count))])")
                 }
+                if let q = moments {  // stored as they are kept: straight from the file's bytes
+                    try file.withRawBytes(key) { backend.upload(raw: $0, dtype: .u8, to: q.codes) }
+                    try TensorIO.load(q.absmax, from: file, key + ".absmax", backend: backend)
+                    continue
+                }
                 codes = try file.withRawBytes(key) { Array($0) }
                 absmax = try file.floats(key + ".absmax")
             } else {
