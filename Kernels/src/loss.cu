@@ -28,25 +28,6 @@ __device__ unsigned long long g_bad_target_row = ~0ull;
 bool g_armed = false;
 
 template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-
-// Max over a block whose blockDim.x is a multiple of 32 (block_sum's structure); every thread gets it.
-__device__ float block_max(float v) {
-    __shared__ float warp_totals[32];
-    const int lane = (int)(threadIdx.x & 31u), warp = (int)(threadIdx.x >> 5);
-    const int warps = (int)(blockDim.x >> 5);
-    v = warp_max(v);
-    __syncthreads();  // readers of a previous call are done with warp_totals
-    if (lane == 0) warp_totals[warp] = v;
-    __syncthreads();
-    v = lane < warps ? warp_totals[lane] : -INFINITY;
-    return warp_max(v);
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_kernel(T *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab, int with_grad,
                          float grad_scale) {

@@ -16,37 +16,12 @@ namespace relora {
 namespace {
 
 constexpr int kThreads = RELORA_ADAM8_BLOCK;  // one thread per element of an absmax block
-constexpr int kWarps = kThreads / 32;
 static_assert(kThreads % 32 == 0, "whole warps");
 
 // Copies n floats of global memory into shared memory (consecutive threads, consecutive floats), then waits.
 __device__ __forceinline__ void stage_map(float *shared, const float *global, int n) {
     for (int i = (int)threadIdx.x; i < n; i += kThreads) shared[i] = global[i];
     __syncthreads();
-}
-
-// Replaces a and b by their maxima over the block, in every thread. Inputs are >= +0 and not NaN (the
-// callers pass fmaxf(0, |x|): relora_adam8_absmax's fmaxf from 0 skips NaN, and so does this), so the
-// result does not depend on the order of the fmaxf calls. Safe to call repeatedly: the first barrier
-// keeps a previous call's readers ahead of this call's writers.
-__device__ __forceinline__ void block_max2(float &a, float &b) {
-    __shared__ float warp_max[2][kWarps];
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, offset));
-        b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, offset));
-    }
-    __syncthreads();
-    if ((threadIdx.x & 31u) == 0) {
-        warp_max[0][threadIdx.x >> 5] = a;
-        warp_max[1][threadIdx.x >> 5] = b;
-    }
-    __syncthreads();
-    a = warp_max[0][0];
-    b = warp_max[1][0];
-    for (int w = 1; w < kWarps; ++w) {
-        a = fmaxf(a, warp_max[0][w]);
-        b = fmaxf(b, warp_max[1][w]);
-    }
 }
 
 // A value's contribution to its block's absmax: |x|, or 0 for NaN (and for threads past the tail).
@@ -66,15 +41,14 @@ __global__ void __launch_bounds__(kThreads)
         const bool live = i < count;
         float m = 0.0f, v = 0.0f;
         if (live) {
-            // Every read of m_absmax[b] / v_absmax[b] precedes block_max2's barriers; thread 0 writes them after.
+            // Every read of m_absmax[b] / v_absmax[b] precedes block_max's barriers; thread 0 writes them after.
             m = relora_adam8_value(map_m, m_codes[i], m_absmax[b]);
             v = relora_adam8_value(map_v, v_codes[i], v_absmax[b]);
             float p = param[i];
             relora_adamw_element(&s, &p, grad[i], &m, &v);
             param[i] = p;
         }
-        float am = absmax_term(m), av = absmax_term(v);
-        block_max2(am, av);
+        const float am = block_max(absmax_term(m)), av = block_max(absmax_term(v));
         if (live) {
             m_codes[i] = relora_adam8_quantize_value(map_m, m, am);
             v_codes[i] = relora_adam8_quantize_value(map_v, v, av);
@@ -95,8 +69,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i = b * RELORA_ADAM8_BLOCK + threadIdx.x;
         const bool live = i < count;
         const float xi = live ? x[i] : 0.0f;
-        float a = absmax_term(xi), unused = 0.0f;
-        block_max2(a, unused);
+        const float a = block_max(absmax_term(xi));
         if (live) codes[i] = relora_adam8_quantize_value(smap, xi, a);
         if (threadIdx.x == 0) absmax[b] = a;
     }

@@ -68,29 +68,47 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // ---- Reductions -------------------------------------------------------------------------------------
-// Butterfly sum over the 32 lanes of a full warp: every lane ends with the same total, added in a
-// fixed order (fp addition is commutative, so lane i and lane i^o compute the same pair sum).
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+// Butterfly sum / max over the 32 lanes of a full warp: every lane ends with the same result, combined in
+// a fixed order (fp addition and fmaxf are commutative, so lane i and lane i^o compute the same pair).
+struct SumOp {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
 }
 
-// Sum over a block whose blockDim.x is a multiple of 32 (blockDim.y = blockDim.z = 1); every thread
-// gets the total. Warps reduce by shuffles, warp totals meet in shared memory, warp 0's tree finishes:
-// the same tree for the same block size, so results are deterministic. Safe to call repeatedly.
 template <typename T>
-__device__ T block_sum(T v) {
-    __shared__ T warp_totals[32];
+__device__ __forceinline__ T warp_sum(T v) { return warp_reduce(v, SumOp{}); }
+
+// Reduction over a block whose blockDim.x is a multiple of 32 (blockDim.y = blockDim.z = 1); every thread
+// gets the result. Warps reduce by shuffles, warp results meet in shared memory, warp 0's tree finishes:
+// the same tree for the same block size, so results are deterministic. `identity` fills the missing warps.
+// Safe to call repeatedly: the first barrier keeps a previous call's readers ahead of this call's writers.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T identity) {
+    __shared__ T warp_results[32];
     const int lane = (int)(threadIdx.x & 31u), warp = (int)(threadIdx.x >> 5);
     const int warps = (int)(blockDim.x >> 5);
-    v = warp_sum(v);
-    __syncthreads();  // readers of a previous call are done with warp_totals
-    if (lane == 0) warp_totals[warp] = v;
+    v = warp_reduce(v, op);
+    __syncthreads();  // readers of a previous call are done with warp_results
+    if (lane == 0) warp_results[warp] = v;
     __syncthreads();
-    v = lane < warps ? warp_totals[lane] : T(0);
-    return warp_sum(v);
+    v = lane < warps ? warp_results[lane] : identity;
+    return warp_reduce(v, op);
 }
+
+template <typename T>
+__device__ T block_sum(T v) { return block_reduce(v, SumOp{}, T(0)); }
+
+// Max over the block (fmaxf: NaN inputs are skipped unless every input is NaN).
+__device__ __forceinline__ float block_max(float v) { return block_reduce(v, MaxOp{}, -INFINITY); }
 
 }  // namespace relora
 
