@@ -12,8 +12,6 @@ public struct BlockwiseMoments: @unchecked Sendable {
     /// The signed map (m) or the unsigned one (v).
     public let isSigned: Bool
 
-    public var count: Int { codes.count }
-
     /// Number of absmax blocks of a tensor of `count` entries.
     public static func blocks(_ count: Int) -> Int { Int(relora_adam8_blocks(Int64(count))) }
 
