@@ -2,6 +2,20 @@
 // relora: ReLoRA pretraining in Swift with a CPU reference backend and dlopen'd CUDA kernels.
 // No Swift package dependencies; system libraries only (OpenBLAS, libzstd). CUDA is never linked:
 // Kernels/ builds libreloracuda.so, which CReLoRA's loader opens at run time.
+//
+// The targets are the layers (docs/architecture.md draws them); each imports only the layers below it,
+// and CI builds with `--explicit-target-dependency-import-check=error`, so an undeclared import fails.
+//
+//   ReLoRACLI, ReLoRABench            commands
+//   ReLoRASelfTest, ReLoRAAnalysis     conformance suite; spectra, plots, run listings
+//   ReLoRATrain                        recipe, trainer loop, AdamW, samplers, schedules, memory plan
+//   ReLoRACheckpoint                   training checkpoints, Hugging Face and GGUF model files
+//   ReLoRAModel                        LLaMA model, adapted (frozen + LoRA) linears, merge policies, eval
+//   ReLoRATokenizer                    byte-level BPE: tokenizer.json, trainer, GGUF vocabularies
+//   ReLoRACUDA                         CUDA backend over the dlopen'd kernel library; backend factory
+//   ReLoRAFormats                      safetensors, zstd tensor files, GGUF containers, .npy tokens
+//   ReLoRACore                         tensors, the Backend protocol, CPU and planning backends, quant
+//   CReLoRA, COpenBLAS, CZstd          C: kernel ABI and loader, quant blocks, RNG; system libraries
 import PackageDescription
 
 let package = Package(
@@ -9,7 +23,10 @@ let package = Package(
     products: [
         .executable(name: "relora", targets: ["ReLoRACLI"]),
         .executable(name: "relora-bench", targets: ["ReLoRABench"]),
-        .library(name: "ReLoRA", targets: ["ReLoRA"]),
+        .library(name: "ReLoRA", targets: [
+            "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "ReLoRACheckpoint",
+            "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest",
+        ]),
     ],
     targets: [
         .systemLibrary(
@@ -23,12 +40,48 @@ let package = Package(
             linkerSettings: [.linkedLibrary("dl")]),
         // Release is plain -O: preconditions (the size checks) stay. -Ounchecked measured within noise on
         // relora-bench (20m, full and LoRA step), and unsafe flags would bar use as a package dependency.
+        .target(name: "ReLoRACore", dependencies: ["CReLoRA", "COpenBLAS"], path: "Sources/ReLoRACore"),
+        .target(name: "ReLoRACUDA", dependencies: ["ReLoRACore", "CReLoRA"], path: "Sources/ReLoRACUDA"),
+        .target(name: "ReLoRAFormats", dependencies: ["ReLoRACore", "CReLoRA", "CZstd"], path: "Sources/ReLoRAFormats"),
+        .target(name: "ReLoRATokenizer", dependencies: ["ReLoRACore", "ReLoRAFormats"], path: "Sources/ReLoRATokenizer"),
         .target(
-            name: "ReLoRA", dependencies: ["CReLoRA", "COpenBLAS", "CZstd"], path: "Sources/ReLoRA"),
-        .executableTarget(name: "ReLoRACLI", dependencies: ["ReLoRA", "CReLoRA"], path: "Sources/ReLoRACLI"),
-        .executableTarget(name: "ReLoRABench", dependencies: ["ReLoRA", "CReLoRA", "COpenBLAS"], path: "Benchmarks/ReLoRABench"),
+            name: "ReLoRAModel", dependencies: ["ReLoRACore", "ReLoRAFormats", "CReLoRA"], path: "Sources/ReLoRAModel"),
+        .target(
+            name: "ReLoRACheckpoint", dependencies: ["ReLoRACore", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "CReLoRA"],
+            path: "Sources/ReLoRACheckpoint"),
+        .target(
+            name: "ReLoRATrain",
+            dependencies: ["ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "ReLoRACheckpoint", "CReLoRA"],
+            path: "Sources/ReLoRATrain"),
+        .target(
+            name: "ReLoRAAnalysis",
+            dependencies: ["ReLoRACore", "ReLoRAFormats", "ReLoRAModel", "ReLoRACheckpoint", "ReLoRATrain", "COpenBLAS"],
+            path: "Sources/ReLoRAAnalysis"),
+        .target(
+            name: "ReLoRASelfTest",
+            dependencies: ["ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRAModel", "ReLoRATrain", "CReLoRA"],
+            path: "Sources/ReLoRASelfTest"),
+        .executableTarget(
+            name: "ReLoRACLI",
+            dependencies: [
+                "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "ReLoRACheckpoint",
+                "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest", "CReLoRA",
+            ],
+            path: "Sources/ReLoRACLI"),
+        .executableTarget(
+            name: "ReLoRABench",
+            dependencies: [
+                "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRAModel", "ReLoRACheckpoint", "ReLoRATrain", "CReLoRA",
+                "COpenBLAS",
+            ],
+            path: "Benchmarks/ReLoRABench"),
         .testTarget(
-            name: "ReLoRATests", dependencies: ["ReLoRA", "CReLoRA", "COpenBLAS"], path: "Tests/ReLoRATests"),
+            name: "ReLoRATests",
+            dependencies: [
+                "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "ReLoRACheckpoint",
+                "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest", "CReLoRA", "COpenBLAS",
+            ],
+            path: "Tests/ReLoRATests"),
     ],
     swiftLanguageModes: [.v6]
 )

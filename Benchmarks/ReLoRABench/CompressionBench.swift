@@ -1,5 +1,10 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
 
 // relora-bench compression CHECKPOINT [--levels 1,3,9,19] [--json OUT]: how well zstd compresses a
 // training checkpoint's tensors, per file, level and filter, so the checkpoint writer's level and

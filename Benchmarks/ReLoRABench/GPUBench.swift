@@ -1,5 +1,10 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
 
 // `relora-bench --mode gpu`: the CUDA backend's figures (issue 9, item 6), each against a baseline measured
 // in the same run on the same device.

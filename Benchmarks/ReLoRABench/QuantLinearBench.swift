@@ -1,5 +1,10 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
 
 /// `relora-bench --mode quant-linear [--tokens M]`: a frozen linear's training work (forward `y = x W^T`
 /// and input gradient `dx = dy W`) with W in q8_0, q4_0 and nf4, dequantized tile by tile on the fly,

@@ -1,7 +1,12 @@
 import COpenBLAS
 import CReLoRA
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
 
 // First: restart on OpenBLAS's best kernels if it fell back to weak ones (see relora_blas_core.h).
 relora_blas_ensure_best_core(CommandLine.unsafeArgv)

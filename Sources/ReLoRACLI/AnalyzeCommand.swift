@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 let analyzeUsage = """
     Usage: relora analyze RUN_DIR [RUN_DIR ...] [--against CHECKPOINT|RUN_DIR] [--threshold 0.1]

@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 /// A tiny `--key value` / `--flag` parser: no package dependencies, errors are `ReLoRAError.usage`.
 struct Arguments {

@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 let memoryUsage = """
     Usage: relora memory RECIPE.json [--device cpu|cuda] [--budget SIZE] [--json] [--set key=value ...]
@@ -35,7 +43,7 @@ func runMemory(_ args: [String]) throws {
     guard a.positional.count == 1 else { throw ReLoRAError.usage("give one recipe file; see `relora memory --help`") }
     let recipe = try Recipe(contentsOf: a.positional[0], overrides: overrides)
     let device = try Device(parsing: a.string("device") ?? recipe.device)
-    let budget = try a.string("budget").map(MemoryPlanner.parseBytes)
+    let budget = try a.string("budget").map(parseBytes)
     let config = try LlamaConfig(contentsOf: recipe.model)
     let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget)
     if a.flag("json") {

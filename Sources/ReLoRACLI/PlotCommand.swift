@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 let plotUsage = """
     Usage: relora plot RUN_DIR [RUN_DIR ...] [--out FILE.svg] [--smooth N] [--labels a,b,...] [--title TEXT]

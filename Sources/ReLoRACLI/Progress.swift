@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 /// Progress of a long command on stderr (stdout stays for results): amount done of the total, the rate over
 /// the recent updates and the ETA at that rate, e.g.

@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 let tokenizerUsage = """
     Usage: relora tokenizer train --vocab-size N --in FILE [--in FILE ...] --out tokenizer.json [--min-frequency F]

@@ -1,5 +1,13 @@
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 let trainUsage = """
     Usage: relora train RECIPE.json [--set key=value ...] [--device cpu|cuda] [--budget SIZE]
@@ -47,7 +55,7 @@ func runTrain(_ args: [String]) throws {
             overrides.append(args[i + 1]); i += 2
         case "--budget":
             guard i + 1 < args.count else { throw ReLoRAError.usage("--budget needs a size, e.g. 24GiB") }
-            budget = try MemoryPlanner.parseBytes(args[i + 1]); i += 2
+            budget = try parseBytes(args[i + 1]); i += 2
         case "--device":
             guard i + 1 < args.count else { throw ReLoRAError.usage("--device needs cpu or cuda") }
             overrides.append("device=\(jsonQuoted(args[i + 1]))"); i += 2

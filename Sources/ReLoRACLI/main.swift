@@ -1,6 +1,14 @@
 import CReLoRA
 import Foundation
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 /// relora: ReLoRA pretraining. The CLI is thin: it parses arguments, calls the library and prints.
 

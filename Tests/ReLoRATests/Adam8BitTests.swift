@@ -1,6 +1,14 @@
 import CReLoRA
 import Foundation
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 import XCTest
 
 /// Blockwise 8-bit Adam moments (`optimizer_states: int8`, `relora_adam8.h`): the maps, the quantizer, the
@@ -244,7 +252,7 @@ final class Adam8BitTests: XCTestCase {
             let path = "\(dir)/\(label.replacingOccurrences(of: " ", with: "_")).safetensors"
             try SafetensorsWriter.write(entries, to: path)
             let file = try SafetensorsFile(path: path)
-            XCTAssertThrowsError(try TrainingCheckpoint.loadMoments(opt, 0, from: file, backend: backend), label) { error in
+            XCTAssertThrowsError(try TrainingCheckpoint.loadMoments(opt.checkpointMoments.entries[0], from: file, backend: backend), label) { error in
                 XCTAssertTrue("\(error)".contains(message), "\(label): \(error)")
             }
         }

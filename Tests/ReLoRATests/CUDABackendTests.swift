@@ -1,7 +1,15 @@
 import CReLoRA
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The Swift CUDA backend without a GPU: `CUDABackend` over the CPU emulation of the kernels
 /// (`Kernels/build/libreloracuda-emu.so`, built by `make -C Kernels emu`; `KernelEmulationTests` covers the

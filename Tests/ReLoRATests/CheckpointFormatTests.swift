@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// Training checkpoints in format 2 (zstd tensor files): what they hold, their size against bf16 in the
 /// log, the old uncompressed format 1 still loading (and resuming bit for bit), and a damaged latest
@@ -88,7 +96,8 @@ final class CheckpointFormatTests: XCTestCase {
             first.shouldStop = { first.state.step >= 5 }
             _ = try first.run()
             let ckpt = try TrainingCheckpoint.save(runDir: first.recipe.runDir, state: first.state, model: first.model,
-                                                   optimizer: first.optimizer, recipe: first.recipe, keep: 2, version: 1)
+                                                   moments: first.optimizer.checkpointMoments,
+                                                   recipe: first.recipe.jsonObject(), keep: 2, version: 1)
             XCTAssertEqual(try TrainingCheckpoint.readState(ckpt).formatVersion, 1)
             XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: ckpt).sorted(),
                            ["config.json", "lora.safetensors", "model.safetensors", "optimizer.safetensors", "recipe.json", "state.json"])

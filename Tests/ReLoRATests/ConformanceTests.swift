@@ -1,5 +1,13 @@
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The library's backend conformance suite (`Conformance`, also `relora selftest`) on every backend
 /// built here, one test per op group, and proof that its checks fail for broken ops.

@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The epoch sampler: its permutation is a bijection, every window is visited exactly once per epoch,
 /// orders differ by seed and epoch, the recipe's automatic choice, the warning and the epoch lines, and

@@ -1,4 +1,12 @@
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// A test backend that wraps a `CPUBackend`: every op forwards to `inner` unless the conforming type
 /// implements it itself (the faulty and narrow-storage backends of `ConformanceTests` override only the

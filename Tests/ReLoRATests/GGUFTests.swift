@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The GGUF container: what the writer writes reads back, and every kind of damage is one clear error.
 final class GGUFContainerTests: XCTestCase {

@@ -1,5 +1,13 @@
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The model against Hugging Face transformers: `Tests/Fixtures/make_llama_fixture.py` saved a tiny
 /// random LlamaForCausalLM (hidden 48, 3 heads sharing 1 kv head, FFN 80, vocab 97, 2 layers), an

@@ -1,7 +1,15 @@
 import CReLoRA
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The kernel library seen from Swift, without a GPU: `Kernels/`'s CPU emulation (`libreloracuda-emu.so`,
 /// the same kernel sources compiled by g++ against `Kernels/emu/cuda_emu.h`).

@@ -3,7 +3,15 @@ import Foundation
 import FoundationXML
 #endif
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// `relora plot`: real training runs (one full-rank, one ReLoRA with two restarts) read back and drawn; the
 /// SVG must parse, hold one series per run in each panel, and put each restart at its token position.

@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The planning backend against real runs: what `relora memory` says is what the CPU allocates.
 final class MemoryPlanTests: XCTestCase {
@@ -118,12 +126,12 @@ final class MemoryPlanTests: XCTestCase {
     }
 
     func testParseBytes() throws {
-        XCTAssertEqual(try MemoryPlanner.parseBytes("24GiB"), 24 << 30)
-        XCTAssertEqual(try MemoryPlanner.parseBytes("24 GB"), 24_000_000_000)
-        XCTAssertEqual(try MemoryPlanner.parseBytes("1.5gib"), 3 << 29)
-        XCTAssertEqual(try MemoryPlanner.parseBytes("4096"), 4096)
+        XCTAssertEqual(try parseBytes("24GiB"), 24 << 30)
+        XCTAssertEqual(try parseBytes("24 GB"), 24_000_000_000)
+        XCTAssertEqual(try parseBytes("1.5gib"), 3 << 29)
+        XCTAssertEqual(try parseBytes("4096"), 4096)
         for bad in ["", "GB", "-1GB", "lots", "1e400GB"] {
-            XCTAssertThrowsError(try MemoryPlanner.parseBytes(bad), bad)
+            XCTAssertThrowsError(try parseBytes(bad), bad)
         }
     }
 

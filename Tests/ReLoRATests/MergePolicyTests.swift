@@ -1,7 +1,15 @@
 import CReLoRA
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The merge policies (`MergePolicyKind`), and the proof that merges lose nothing (issue 8, item 4):
 /// many updates, each smaller than half a quantization step, merged one restart at a time into a

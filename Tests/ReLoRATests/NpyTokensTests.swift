@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 final class NpyTokensTests: XCTestCase {
     /// `np.save(f, np.array([1, 2, 3], dtype=np.uint16))` from numpy 2.x, byte for byte: magic, version 1.0,

@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The optimizer-reset variants: `magnitude_joint` prunes m and v at the same positions (the smallest
 /// Adam steps), `magnitude_reinit_a` clears A's moments and prunes B's like the paper, and a measurement

@@ -1,7 +1,15 @@
 import CReLoRA
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The quantized formats of `relora_quant.h`: byte compatibility with gguf (q8_0, q4_0) and bitsandbytes
 /// (nf4) on the fixture of `Tests/Fixtures/make_quant_fixture.py`, idempotence of requantization, the

@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// ReLoRA against an independent PyTorch reference. `Tests/Fixtures/make_relora_fixture.py` trained the
 /// tiny fixture model (tiny_llama/) for 12 steps with LoRA (r 4, alpha 8) on all 7 block linears, AdamW,

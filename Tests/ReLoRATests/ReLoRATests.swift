@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// LoRA wrapping, merges, optimizer resets and the ReLoRA training mode.
 final class ReLoRATests: XCTestCase {

@@ -3,7 +3,15 @@ import Foundation
 import Glibc
 #endif
 import XCTest
-import ReLoRA
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRATrain
+import ReLoRAAnalysis
+import ReLoRASelfTest
 
 final class SafetensorsTests: XCTestCase {
     // MARK: Round trips

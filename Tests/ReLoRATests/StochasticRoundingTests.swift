@@ -1,7 +1,15 @@
 import CReLoRA
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// The stochastic-rounding reference quantizers of `relora_quant.h` (`relora_quantize_row_*_sr`): the
 /// same scales as round to nearest, codes that are one of the two neighbours of each value, the

@@ -1,6 +1,14 @@
 import Foundation
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// Byte-level BPE against Hugging Face `tokenizers`: `Tests/Fixtures/make_tokenizer_fixture.py` trained two
 /// small tokenizers (GPT-2 and LLaMA-3 pre-tokenization, vocab 500) and recorded HF's ids and decodings for

@@ -3,7 +3,15 @@ import Foundation
 import FoundationXML
 #endif
 import XCTest
-@testable import ReLoRA
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAFormats
+@testable import ReLoRATokenizer
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
+@testable import ReLoRAAnalysis
+@testable import ReLoRASelfTest
 
 /// Singular values of learned updates (the paper's Figures 3/4) and their SVG plot.
 ///

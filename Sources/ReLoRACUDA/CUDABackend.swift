@@ -1,0 +1,606 @@
+import CReLoRA
+import Foundation
+import ReLoRACore
+
+/// The Backend protocol over the kernel library (`Kernels/`, ABI in `relora_abi.h`): device buffers from
+/// a caching allocator, bf16 activations, LoRA factors and working copies with f32 gradients, master
+/// copies and Adam states (`Precision.cudaMixed`), GEMMs through cuBLAS, the frozen weight of a quantized
+/// linear dequantized into a reused bf16 scratch right before its GEMM. The same code runs on the CPU
+/// emulation of the kernels (`libreloracuda-emu.so`), which is how CI runs the conformance suite and
+/// training steps on this backend without a GPU.
+///
+/// Every call goes to the default stream in program order; host reads (`download`, the values ops
+/// return) synchronize. A failed kernel call traps with the library's message (see `CUDALibrary.check`):
+/// user input is validated before it reaches a kernel, so what remains are device faults.
+///
+/// Mixed dtypes: the model's calls use the dtype combinations the kernels take natively (bf16 activations
+/// with f32 norms' `rstd`, attention's `lse`, per-token losses and gradients). Other combinations, which
+/// only the conformance suite makes (an op with every tensor in one dtype), go through converted
+/// temporaries (`operand(_:as:)`), correct but not planned for.
+public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable {
+    public let name: String
+    public let ledger = MemoryLedger()
+    /// `cudaMixed` for training; `fp32` runs every op in f32, which the selftest uses to compare whole
+    /// training steps with the CPU at f32 tolerances.
+    public let precision: Precision
+    public let computes = true
+    public let library: CUDALibrary
+
+    private let lock = NSLock()
+    private let allocator: DeviceAllocator
+    /// Persistent scratch of the reductions, selects and quantizers' failure word (not in the ledger:
+    /// one MiB, allocated once per backend).
+    private let reduceWorkspace: UnsafeMutableRawPointer
+    private let selectWorkspace: UnsafeMutableRawPointer
+    private let failureWord: UnsafeMutableRawPointer
+    /// The 8-bit Adam moments' two maps (`BlockwiseMoments.maps`, 2 KiB), uploaded once.
+    private let adam8Maps: UnsafeMutableRawPointer
+
+    private var api: relora_cuda_api { library.api }
+
+    public init(library: CUDALibrary, precision: Precision = .cudaMixed) {
+        self.library = library
+        self.precision = precision
+        name = library.emulated ? "cuda-emulated" : "cuda"
+        let limit = ProcessInfo.processInfo.environment["RELORA_DEVICE_MEMORY_LIMIT"].flatMap { try? parseBytes($0) }
+        allocator = DeviceAllocator(library: library, limit: limit)
+        reduceWorkspace = allocator.allocate(Int(RELORA_REDUCE_WORKSPACE_BYTES), tag: .workspace)
+        selectWorkspace = allocator.allocate(Int(RELORA_SELECT_WORKSPACE_BYTES), tag: .workspace)
+        failureWord = allocator.allocate(8, tag: .workspace)
+        let mapBytes = 2 * Int(RELORA_ADAM8_MAP) * MemoryLayout<Float>.size
+        adam8Maps = allocator.allocate(mapBytes, tag: .workspace)
+        library.check(api.memcpy!(adam8Maps, BlockwiseMoments.maps, Int64(mapBytes), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
+    }
+
+    /// Runs after the last tensor went away (each holds its backend): the cache goes back to the device.
+    deinit {
+        allocator.release(reduceWorkspace)
+        allocator.release(selectWorkspace)
+        allocator.release(failureWord)
+        allocator.release(adam8Maps)
+        allocator.emptyCache()
+    }
+
+    /// The backend on the process's kernel library (`CUDALibrary.open()`'s search), or one sentence saying
+    /// what is missing.
+    public static func open() throws -> CUDABackend { CUDABackend(library: try CUDALibrary.open()) }
+
+    // MARK: Memory
+
+    public func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
+        let bytes = shape.reduce(1, *) * dtype.byteSize
+        var storage: UnsafeMutableRawPointer?
+        if bytes > 0 {
+            if tag.isHost {
+                // Pinned host memory the kernels read through the same pointer (the `master` policy's
+                // f32 copies, which would not fit the device): not the allocator's, not device memory.
+                library.check(api.host_alloc!(&storage, Int64(bytes)), "host_alloc")
+                if zeroed { storage!.initializeMemory(as: UInt8.self, repeating: 0, count: bytes) }
+            } else {
+                lock.lock()
+                storage = allocator.allocate(bytes, tag: tag)
+                lock.unlock()
+                if zeroed { library.check(api.memset!(storage, 0, Int64(bytes), nil), "memset") }
+            }
+        }
+        ledger.allocated(bytes, tag)
+        return Tensor(shape: shape, dtype: dtype, tag: tag, storage: storage, owner: self)
+    }
+
+    public func release(_ tensor: TensorRelease) {
+        if let storage = tensor.storage {
+            if tensor.tag.isHost {
+                library.check(api.host_free!(storage), "host_free")
+            } else {
+                lock.lock()
+                allocator.release(storage)
+                lock.unlock()
+            }
+        }
+        ledger.freed(tensor.byteCount, tensor.tag)
+    }
+
+    /// The allocator's counters: reserved and in-use bytes with their high-water marks, per-tag use at the peak.
+    var allocatorStats: DeviceAllocator.Stats {
+        lock.lock(); defer { lock.unlock() }
+        return allocator.stats
+    }
+
+    /// What the device reports (`cudaMemGetInfo`): free and total bytes; under a `RELORA_DEVICE_MEMORY_LIMIT`
+    /// cap, what the cap leaves (total = the cap, free = the cap less what the allocator reserved).
+    public func deviceMemory() -> (free: Int, total: Int) {
+        var free: Int64 = 0, total: Int64 = 0
+        library.check(api.mem_get_info!(&free, &total), "mem_get_info")
+        lock.lock(); defer { lock.unlock() }
+        guard let limit = allocator.limit else { return (Int(free), Int(total)) }
+        return (min(Int(free), max(0, limit - allocator.stats.reserved)), min(Int(total), limit))
+    }
+
+    /// Returns the allocator's cached (free) blocks to the device, e.g. between benchmarks that use
+    /// different backends, so `cudaMemGetInfo` shows only what is live.
+    public func releaseCachedMemory() {
+        lock.lock(); defer { lock.unlock() }
+        allocator.emptyCache()
+    }
+
+    /// Waits for every queued kernel (benchmarks time with it; ops that return values already wait).
+    public func synchronize() { sync() }
+
+    /// One line for a run's log: the allocator's high-water marks and the device's own view.
+    public func memorySummary() -> String {
+        let s = allocatorStats
+        let (free, total) = deviceMemory()
+        let byTag = s.inUseAtPeakByTag.filter { $0.value > 0 }.sorted { $0.value > $1.value }
+            .map { "\($0.key.rawValue) \(formatBytes($0.value))" }.joined(separator: ", ")
+        return "device \(library.deviceName): allocator peak \(formatBytes(s.peakInUse)) in use (\(byTag)), \(formatBytes(s.peakReserved)) reserved (\(s.mallocCalls) cudaMalloc, \(s.cacheHits) cache hits); cudaMemGetInfo \(formatBytes(total - free)) used of \(formatBytes(total))"
+    }
+
+    // MARK: Helpers
+
+    private func sync() { library.check(api.stream_synchronize!(nil), "stream_synchronize") }
+
+    /// How many converted temporaries `operand` has made: 0 over a training step (the model's calls use
+    /// the kernels' native dtype combinations; `TrainingConformance` checks it), so plans stay exact.
+    public private(set) var conversionTemporaries = 0
+
+    /// `t`, or a temporary copy of it converted to `dtype` (see the type's comment on mixed dtypes).
+    private func operand(_ t: Tensor, as dtype: DType) -> Tensor {
+        if t.dtype == dtype { return t }
+        conversionTemporaries += 1
+        let tmp = makeTensor(t.shape, dtype: dtype, tag: .workspace, zeroed: false)
+        copy(t, to: tmp)
+        return tmp
+    }
+
+    /// Runs `body` on `t` in `dtype`: a converted temporary that is copied back afterwards when they differ.
+    private func inPlace(_ t: Tensor, as dtype: DType, _ body: (Tensor) -> Void) {
+        if t.dtype == dtype { body(t); return }
+        let tmp = operand(t, as: dtype)
+        body(tmp)
+        copy(tmp, to: t)
+    }
+
+    private static func code(_ dtype: DType) -> Int32 {
+        switch dtype {
+        case .f32: return RELORA_DTYPE_F32
+        case .bf16: return RELORA_DTYPE_BF16
+        case .f16: return RELORA_DTYPE_F16
+        case .i8, .u8, .i32: preconditionFailure("\(dtype.rawValue) is not a float dtype of the kernels")
+        }
+    }
+
+    /// The dtype kernels compute in for `t`: its own if f32 or bf16, f32 otherwise (f16 is storage only).
+    private static func computeType(_ t: Tensor) -> DType { t.dtype == .bf16 ? .bf16 : .f32 }
+
+    private static func format(_ f: QuantFormat) -> Int32 {
+        switch f {
+        case .q8_0: return RELORA_FORMAT_Q8_0
+        case .q4_0: return RELORA_FORMAT_Q4_0
+        case .nf4: return RELORA_FORMAT_NF4
+        }
+    }
+
+    // MARK: Transfers and fills
+
+    public func upload(_ values: [Float], to tensor: Tensor) {
+        precondition(values.count == tensor.count, "upload: \(values.count) values into a tensor of \(tensor.count)")
+        values.withUnsafeBytes { uploadConverted($0, .f32, to: tensor) }
+    }
+
+    public func upload(_ values: [Int32], to tensor: Tensor) {
+        precondition(values.count == tensor.count && tensor.dtype == .i32, "upload: \(values.count) ids into a \(tensor.dtype.rawValue) tensor of \(tensor.count)")
+        ledger.uploaded(tensor.byteCount)
+        guard tensor.count > 0 else { return }
+        values.withUnsafeBytes {
+            library.check(api.memcpy!(tensor.storage, $0.baseAddress, Int64(tensor.byteCount), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
+        }
+        sync()  // the host array may go away when this returns
+    }
+
+    public func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) {
+        precondition(raw.count == tensor.count * dtype.byteSize, "upload: \(raw.count) bytes of \(dtype.rawValue) into a tensor of \(tensor.count)")
+        uploadConverted(raw, dtype, to: tensor)
+    }
+
+    /// Host elements of `dtype` into `tensor`, converted on the host (round to nearest even), one copy.
+    private func uploadConverted(_ raw: UnsafeRawBufferPointer, _ dtype: DType, to tensor: Tensor) {
+        ledger.uploaded(tensor.byteCount)
+        guard tensor.count > 0 else { return }
+        if tensor.tag.isHost {  // pinned host memory: written by the host, once queued kernels are done with it
+            sync()
+            HostConversion.convert(raw.baseAddress!, dtype, tensor.storage!, tensor.dtype, count: tensor.count)
+            return
+        }
+        if dtype == tensor.dtype {
+            library.check(api.memcpy!(tensor.storage, raw.baseAddress, Int64(tensor.byteCount), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
+        } else {
+            let host = UnsafeMutableRawPointer.allocate(byteCount: tensor.byteCount, alignment: 64)
+            defer { host.deallocate() }
+            HostConversion.convert(raw.baseAddress!, dtype, host, tensor.dtype, count: tensor.count)
+            library.check(api.memcpy!(tensor.storage, host, Int64(tensor.byteCount), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
+        }
+        sync()
+    }
+
+    public func download(_ tensor: Tensor) -> [Float] {
+        ledger.downloaded(tensor.byteCount)
+        var out = [Float](repeating: 0, count: tensor.count)
+        guard tensor.count > 0 else { return out }
+        let host = copyToHost(tensor)
+        defer { host.deallocate() }
+        out.withUnsafeMutableBytes { HostConversion.convert(host, tensor.dtype, $0.baseAddress!, .f32, count: tensor.count) }
+        return out
+    }
+
+    /// The tensor's bytes in a fresh host buffer (the caller deallocates), after the stream drained.
+    private func copyToHost(_ tensor: Tensor) -> UnsafeMutableRawPointer {
+        let host = UnsafeMutableRawPointer.allocate(byteCount: max(1, tensor.byteCount), alignment: 64)
+        if tensor.byteCount > 0 {
+            library.check(api.memcpy!(host, tensor.storage, Int64(tensor.byteCount),
+                                      tensor.tag.isHost ? RELORA_MEMCPY_DEFAULT : RELORA_MEMCPY_DEVICE_TO_HOST, nil), "memcpy")
+        }
+        sync()
+        return host
+    }
+
+    public func copy(_ src: Tensor, to dst: Tensor) {
+        precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
+        guard src.count > 0 else { return }
+        if src.dtype == dst.dtype {
+            let kind = src.tag.isHost || dst.tag.isHost ? RELORA_MEMCPY_DEFAULT : RELORA_MEMCPY_DEVICE_TO_DEVICE
+            library.check(api.memcpy!(dst.storage, src.storage, Int64(src.byteCount), kind, nil), "memcpy")
+        } else {
+            library.check(api.convert!(src.storage, Self.code(src.dtype), dst.storage, Self.code(dst.dtype), Int64(src.count), nil), "convert")
+        }
+    }
+
+    public func zero(_ tensor: Tensor) {
+        guard tensor.byteCount > 0 else { return }
+        library.check(api.memset!(tensor.storage, 0, Int64(tensor.byteCount), nil), "memset")
+    }
+
+    public func fill(_ tensor: Tensor, value: Float) {
+        inPlace(tensor, as: Self.computeType(tensor)) { t in
+            library.check(api.fill!(t.storage, value, Int64(t.count), Self.code(t.dtype), nil), "fill")
+        }
+    }
+
+    public func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {
+        inPlace(tensor, as: Self.computeType(tensor)) { t in
+            library.check(api.fill_uniform!(t.storage, Int64(t.count), bound, seed, stream, Self.code(t.dtype), nil), "fill_uniform")
+        }
+    }
+
+    public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {
+        inPlace(tensor, as: Self.computeType(tensor)) { t in
+            library.check(api.fill_normal!(t.storage, Int64(t.count), std, seed, stream, Self.code(t.dtype), nil), "fill_normal")
+        }
+    }
+
+    // MARK: Dense math
+
+    public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
+        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+        let abType: DType = (a.dtype == .bf16 && b.dtype == .bf16) ? .bf16 : .f32
+        let a2 = operand(a, as: abType), b2 = operand(b, as: abType)
+        let scale = alphaScale.map { operand($0, as: .f32) }
+        inPlace(c, as: Self.computeType(c)) { c2 in
+            library.check(api.gemm!(transA ? 1 : 0, transB ? 1 : 0, Int64(m), Int64(n), Int64(k), alpha,
+                                    scale?.storage?.assumingMemoryBound(to: Float.self), a2.storage, b2.storage,
+                                    Self.code(abType), beta, c2.storage, Self.code(c2.dtype), nil), "gemm")
+        }
+    }
+
+    public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
+        let t = Self.computeType(x)
+        let w = operand(weight, as: t)
+        inPlace(out, as: t) { o in
+            inPlace(rstd, as: .f32) { r in
+                library.check(api.rmsnorm_forward!(x.storage, w.storage, o.storage, r.storage?.assumingMemoryBound(to: Float.self),
+                                                   Int64(rows), Int64(dim), eps, Self.code(t), nil), "rmsnorm_forward")
+            }
+        }
+    }
+
+    public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
+                                dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
+        let t = Self.computeType(x)
+        let d = operand(dout, as: t), w = operand(weight, as: t), r = operand(rstd, as: .f32)
+        inPlace(dx, as: t) { dx2 in
+            inPlace(dweight, as: .f32) { dw in
+                library.check(api.rmsnorm_backward!(d.storage, x.storage, w.storage, r.storage?.assumingMemoryBound(to: Float.self),
+                                                    dx2.storage, dw.storage?.assumingMemoryBound(to: Float.self),
+                                                    Int64(rows), Int64(dim), Self.code(t), nil), "rmsnorm_backward")
+            }
+        }
+    }
+
+    public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
+        inPlace(x, as: Self.computeType(x)) { t in
+            library.check(api.rope!(t.storage, Int64(batch), Int64(seqLen), Int64(heads), Int64(headDim), theta,
+                                    inverse ? 1 : 0, Self.code(t.dtype), nil), "rope")
+        }
+    }
+
+    public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        let t = Self.computeType(q)
+        let k2 = operand(k, as: t), v2 = operand(v, as: t)
+        inPlace(out, as: t) { o in
+            inPlace(lse, as: .f32) { l in
+                library.check(api.attention_forward!(q.storage, k2.storage, v2.storage, o.storage, l.storage?.assumingMemoryBound(to: Float.self),
+                                                     Int64(batch), Int64(seqLen), Int64(heads), Int64(kvHeads), Int64(headDim),
+                                                     Self.code(t), nil), "attention_forward")
+            }
+        }
+    }
+
+    public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  dq: Tensor, dk: Tensor, dv: Tensor,
+                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        let t = Self.computeType(q)
+        let d = operand(dout, as: t), k2 = operand(k, as: t), v2 = operand(v, as: t), o = operand(out, as: t)
+        let l = operand(lse, as: .f32)
+        inPlace(dq, as: t) { dq2 in
+            inPlace(dk, as: t) { dk2 in
+                inPlace(dv, as: t) { dv2 in
+                    library.check(api.attention_backward!(d.storage, q.storage, k2.storage, v2.storage, o.storage,
+                                                          l.storage?.assumingMemoryBound(to: Float.self),
+                                                          dq2.storage, dk2.storage, dv2.storage, Int64(batch), Int64(seqLen),
+                                                          Int64(heads), Int64(kvHeads), Int64(headDim), Self.code(t), nil),
+                                  "attention_backward")
+                }
+            }
+        }
+    }
+
+    public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {
+        let t = Self.computeType(gate)
+        let u = operand(up, as: t)
+        inPlace(out, as: t) { o in
+            library.check(api.swiglu_forward!(gate.storage, u.storage, o.storage, Int64(count), Self.code(t), nil), "swiglu_forward")
+        }
+    }
+
+    public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {
+        let t = Self.computeType(gate)
+        let d = operand(dout, as: t), u = operand(up, as: t)
+        inPlace(dgate, as: t) { dg in
+            inPlace(dup, as: t) { du in
+                library.check(api.swiglu_backward!(d.storage, gate.storage, u.storage, dg.storage, du.storage, Int64(count),
+                                                   Self.code(t), nil), "swiglu_backward")
+            }
+        }
+    }
+
+    public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {
+        let t = Self.computeType(table)
+        inPlace(out, as: t) { o in
+            library.check(api.embedding_forward!(ids.storage?.assumingMemoryBound(to: Int32.self), table.storage, o.storage,
+                                                 Int64(ids.count), Int64(dim), Int64(table.count / max(1, dim)),
+                                                 Self.code(t), nil), "embedding_forward")
+        }
+    }
+
+    public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
+        let t = Self.computeType(dout)
+        inPlace(dtable, as: .f32) { dt in
+            library.check(api.embedding_backward!(ids.storage?.assumingMemoryBound(to: Int32.self), dout.storage,
+                                                  dt.storage?.assumingMemoryBound(to: Float.self), Int64(ids.count), Int64(dim),
+                                                  Int64(dtable.count / max(1, dim)), Self.code(t), nil), "embedding_backward")
+        }
+    }
+
+    /// The per-row losses stay on the device; their sum comes back by downloading them (`rows` floats: one
+    /// transfer, summed in Double in row order on the host).
+    public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                             gradScale: Float?) -> Double {
+        precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
+        var sum = 0.0
+        inPlace(logits, as: Self.computeType(logits)) { lg in
+            inPlace(losses, as: .f32) { ls in
+                library.check(api.cross_entropy!(lg.storage, targets.storage?.assumingMemoryBound(to: Int32.self),
+                                                 ls.storage?.assumingMemoryBound(to: Float.self), Int64(rows), Int64(vocab),
+                                                 gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(lg.dtype), nil), "cross_entropy")
+                sum = download(ls.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
+            }
+        }
+        return sum
+    }
+
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+        let t = Self.computeType(x)
+        inPlace(out, as: t) { o in
+            library.check(api.dropout!(x.storage, o.storage, Int64(count), p, seed, stream, Self.code(t), nil), "dropout")
+        }
+    }
+
+    public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {
+        let t = Self.computeType(a)
+        let b2 = operand(b, as: t)
+        inPlace(out, as: .f32) { o in
+            library.check(api.dot_accumulate!(a.storage, b2.storage, Int64(count), Self.code(t), o.storage?.assumingMemoryBound(to: Float.self),
+                                              reduceWorkspace, nil), "dot_accumulate")
+        }
+    }
+
+    public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {
+        let b2 = operand(b, as: Self.computeType(b))
+        inPlace(a, as: Self.computeType(a)) { a2 in
+            library.check(api.axpy!(alpha, b2.storage, Self.code(b2.dtype), a2.storage, Self.code(a2.dtype), Int64(count), nil), "axpy")
+        }
+    }
+
+    public func scale(_ x: Tensor, by alpha: Float) {
+        inPlace(x, as: Self.computeType(x)) { t in
+            library.check(api.scale!(t.storage, alpha, Int64(t.count), Self.code(t.dtype), nil), "scale")
+        }
+    }
+
+    public func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) {
+        precondition(index >= 0 && index < out.count, "sumOfSquares: slot \(index) of \(out.count)")
+        let t = operand(x, as: Self.computeType(x))
+        inPlace(out, as: .f32) { o in
+            library.check(api.sum_of_squares!(t.storage, Int64(t.count), Self.code(t.dtype), o.storage?.assumingMemoryBound(to: Float.self),
+                                              Int64(index), reduceWorkspace, nil), "sum_of_squares")
+        }
+    }
+
+    public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
+                      eps: Float, weightDecay: Float, step: Int) {
+        let g = operand(grad, as: .f32)
+        inPlace(param, as: .f32) { p in
+            inPlace(m, as: .f32) { m2 in
+                inPlace(v, as: .f32) { v2 in
+                    library.check(api.adamw!(p.storage?.assumingMemoryBound(to: Float.self), g.storage?.assumingMemoryBound(to: Float.self),
+                                             m2.storage?.assumingMemoryBound(to: Float.self), v2.storage?.assumingMemoryBound(to: Float.self),
+                                             nil, Int64(p.count), lr, beta1, beta2, eps, weightDecay, Int64(step), nil), "adamw")
+                }
+            }
+        }
+    }
+
+    public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
+                          beta2: Float, eps: Float, weightDecay: Float, step: Int) {
+        let n = param.count
+        checkMoments("adamw8bit", count: n, m, v, f32: param, grad)
+        precondition(m.isSigned && !v.isSigned, "adamw8bit: m takes the signed map, v the unsigned one")
+        library.check(api.adamw_8bit!(param.storage?.assumingMemoryBound(to: Float.self), grad.storage?.assumingMemoryBound(to: Float.self),
+                                      m.codes.storage?.assumingMemoryBound(to: UInt8.self), m.absmax.storage?.assumingMemoryBound(to: Float.self),
+                                      v.codes.storage?.assumingMemoryBound(to: UInt8.self), v.absmax.storage?.assumingMemoryBound(to: Float.self),
+                                      adam8Maps.assumingMemoryBound(to: Float.self), Int64(n), lr, beta1, beta2, eps, weightDecay,
+                                      Int64(step), nil), "adamw_8bit")
+    }
+
+    public func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) {
+        checkMoments("dequantizeMoments", count: out.count, moments, f32: out)
+        library.check(api.dequantize_8bit!(moments.codes.storage?.assumingMemoryBound(to: UInt8.self),
+                                           moments.absmax.storage?.assumingMemoryBound(to: Float.self), adam8Maps.assumingMemoryBound(to: Float.self),
+                                           moments.isSigned ? 1 : 0, Int64(out.count), out.storage?.assumingMemoryBound(to: Float.self), nil),
+                      "dequantize_8bit")
+    }
+
+    public func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments) {
+        checkMoments("quantizeMoments", count: x.count, moments, f32: x)
+        library.check(api.quantize_8bit!(x.storage?.assumingMemoryBound(to: Float.self), adam8Maps.assumingMemoryBound(to: Float.self),
+                                         moments.isSigned ? 1 : 0, Int64(x.count), moments.codes.storage?.assumingMemoryBound(to: UInt8.self),
+                                         moments.absmax.storage?.assumingMemoryBound(to: Float.self), nil), "quantize_8bit")
+    }
+
+    public func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
+        ledger.downloaded(MemoryLayout<Int>.size)  // the returned count
+        let n = tensor.count
+        guard n > 0 else { return 0 }
+        var zeroed: Int64 = 0
+        switch rule {
+        case .all:
+            zero(tensor)
+            return n
+        case .random(let probability):
+            inPlace(tensor, as: Self.computeType(tensor)) { t in
+                library.check(api.prune_random!(t.storage, Int64(n), Self.code(t.dtype), probability, seed, stream, &zeroed, nil), "prune_random")
+            }
+        case .magnitude(let ratio):
+            let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
+            guard k > 0 else { return 0 }
+            if k >= n { zero(tensor); return n }
+            inPlace(tensor, as: Self.computeType(tensor)) { t in
+                library.check(api.prune_magnitude!(t.storage, Int64(n), Self.code(t.dtype), Int64(k), selectWorkspace, &zeroed, nil), "prune_magnitude")
+            }
+        }
+        return Int(zeroed)
+    }
+
+    public func pruneMoments(m: Tensor, v: Tensor, ratio: Double, eps: Float) -> Int {
+        let k: Int
+        switch pruneMomentsPrologue(m: m, v: v, ratio: ratio) {
+        case .done(let zeroed): return zeroed
+        case .select(let rank): k = rank
+        }
+        let n = m.count
+        var zeroed: Int64 = 0
+        inPlace(m, as: .f32) { m2 in
+            inPlace(v, as: .f32) { v2 in
+                library.check(api.prune_moments!(m2.storage?.assumingMemoryBound(to: Float.self), v2.storage?.assumingMemoryBound(to: Float.self),
+                                                 Int64(n), Int64(k), eps, selectWorkspace, &zeroed, nil), "prune_moments")
+            }
+        }
+        return Int(zeroed)
+    }
+
+    // MARK: Quantized weights
+
+    public func downloadRaw(_ tensor: Tensor) -> [UInt8] {
+        ledger.downloaded(tensor.byteCount)
+        let host = copyToHost(tensor)
+        defer { host.deallocate() }
+        return Array(UnsafeRawBufferPointer(start: host, count: tensor.byteCount))
+    }
+
+    public func quantize(_ source: Tensor, into q: QuantizedTensor, rounding: QuantRounding) -> QuantizationFailure? {
+        ledger.downloaded(MemoryLayout<Int32>.size)  // the status
+        precondition(source.count == q.rows * q.cols, "quantize: \(source.count) values for [\(q.rows), \(q.cols)]")
+        precondition(q.blocks.dtype == .u8 && q.blocks.count == q.rows * q.bytesPerRow, "quantize: blocks of the wrong size")
+        guard q.rows > 0, q.cols > 0 else { return nil }
+        let src = operand(source, as: .f32)
+        let (mode, seed, stream): (Int32, UInt64, UInt64) = {
+            switch rounding {
+            case .nearest: return (RELORA_ROUND_NEAREST, 0, 0)
+            case .stochastic(let seed, let stream): return (RELORA_ROUND_STOCHASTIC, seed, stream)
+            }
+        }()
+        library.check(api.quantize!(Self.format(q.format), src.storage?.assumingMemoryBound(to: Float.self), Int64(q.rows), Int64(q.cols),
+                                    q.blocks.storage, mode, seed, stream, failureWord.assumingMemoryBound(to: UInt64.self), nil), "quantize")
+        var word: UInt64 = 0
+        library.check(api.memcpy!(&word, failureWord, 8, RELORA_MEMCPY_DEVICE_TO_HOST, nil), "memcpy")
+        sync()
+        guard word != UInt64.max else { return nil }
+        let index = Int(word >> 2), status = Int32(word & 3)
+        let row = index / q.paddedCols, col = index % q.paddedCols
+        let value = download(src.view(offset: row * q.cols + col, shape: [1]))[0]
+        return QuantizationFailure(reason: status == RELORA_QUANT_ERR_NONFINITE ? .nonFinite : .scaleOverflow,
+                                   row: row, col: col, value: value)
+    }
+
+    public func countChangedCodes(old: Tensor, new q: QuantizedTensor, into out: Tensor, at index: Int) {
+        precondition(old.dtype == .u8 && old.count == q.blocks.count, "countChangedCodes: old blocks of another size")
+        inPlace(out, as: .f32) { o in
+            library.check(api.count_changed_codes!(Self.format(q.format), old.storage, q.blocks.storage, Int64(q.rows), Int64(q.cols),
+                                                   o.storage?.assumingMemoryBound(to: Float.self), Int64(index), selectWorkspace, nil),
+                          "count_changed_codes")
+        }
+    }
+
+    public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
+        precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
+        precondition(out.count >= rowCount * q.cols, "dequantize: output too small")
+        guard rowCount > 0, q.cols > 0 else { return }
+        let target = out.view(offset: 0, shape: [rowCount * q.cols])
+        inPlace(target, as: Self.computeType(out)) { o in
+            library.check(api.dequantize!(Self.format(q.format), q.blocks.storage! + firstRow * q.bytesPerRow, Int64(rowCount), Int64(q.cols),
+                                          o.storage, Self.code(o.dtype), nil), "dequantize")
+        }
+    }
+
+    /// The whole layer: cuBLAS runs one GEMM over the weight dequantized right before it (DESIGN.md).
+    public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { [rows, cols] }
+
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        let w = dequantizedWeight(q, scratch)
+        matmul(x, w, y, m: n, n: q.rows, k: q.cols, transA: false, transB: true, alpha: 1, beta: beta, alphaScale: nil)
+    }
+
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        let w = dequantizedWeight(q, scratch)
+        matmul(dy, w, dx, m: n, n: q.cols, k: q.rows, transA: false, transB: false, alpha: 1, beta: beta, alphaScale: nil)
+    }
+
+    /// W `[rows, cols]` dequantized into the first `rows * cols` elements of `scratch`, as a view.
+    private func dequantizedWeight(_ q: QuantizedTensor, _ scratch: Tensor) -> Tensor {
+        precondition(scratch.count >= q.rows * q.cols, "quantizedLinear: scratch of \(scratch.count) for [\(q.rows), \(q.cols)]")
+        let w = scratch.view(offset: 0, shape: [q.rows, q.cols])
+        dequantize(q, firstRow: 0, rowCount: q.rows, into: w)
+        return w
+    }
+}

@@ -1,0 +1,114 @@
+import CReLoRA
+import Foundation
+import ReLoRACore
+
+/// The kernel library (`libreloracuda.so`, or its CPU emulation `libreloracuda-emu.so`) opened with
+/// dlopen through `relora_cuda_load`, probed once per process. The Swift package never links CUDA: without
+/// a library, or without a device, `open()` throws one sentence naming what is missing and the CPU
+/// path is unaffected.
+///
+/// Where the library is looked for, first match wins:
+/// 1. `$RELORA_CUDA_LIB` (a path; how CI points the backend at the emulation),
+/// 2. `libreloracuda.so` next to the running executable (how a packaged build ships it),
+/// 3. `Kernels/build/libreloracuda.so` under the current directory (a source checkout after `make -C Kernels cuda`).
+/// The emulation is only ever used when named explicitly in `RELORA_CUDA_LIB`: nobody trains on it by accident.
+public final class CUDALibrary: @unchecked Sendable {
+    /// The resolved entry points; every member is non-nil after a successful load.
+    let api: relora_cuda_api
+    public let path: String
+    public let info: relora_library_info
+    public let device: relora_device_properties
+
+    private init(api: relora_cuda_api, path: String, info: relora_library_info, device: relora_device_properties) {
+        self.api = api; self.path = path; self.info = info; self.device = device
+    }
+
+    /// Whether the library is the CPU emulation of the kernels.
+    public var emulated: Bool { info.emulated != 0 }
+    public var deviceName: String { Self.text(device.name) }
+    public var buildDescription: String { Self.text(info.build) }
+
+    /// The paths `open()` tries, in order.
+    public static func candidatePaths(environment: [String: String] = ProcessInfo.processInfo.environment) -> [String] {
+        if let explicit = environment["RELORA_CUDA_LIB"], !explicit.isEmpty { return [explicit] }
+        var paths: [String] = []
+        if let exe = Bundle.main.executableURL?.resolvingSymlinksInPath().deletingLastPathComponent() {
+            paths.append(exe.appendingPathComponent("libreloracuda.so").path)
+        }
+        paths.append(FileManager.default.currentDirectoryPath + "/Kernels/build/libreloracuda.so")
+        return paths
+    }
+
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var loaded: Result<CUDALibrary, ReLoRAError>?
+
+    /// The process's kernel library, loaded and probed on first use (later calls return the same result).
+    public static func open() throws -> CUDALibrary {
+        lock.lock(); defer { lock.unlock() }
+        if let loaded { return try loaded.get() }
+        let result = Result<CUDALibrary, ReLoRAError> { () throws(ReLoRAError) in try load(candidatePaths()) }
+        loaded = result
+        return try result.get()
+    }
+
+    /// The library at `path`, loaded and probed now (not the process's cached one): tests use it.
+    public static func load(path: String) throws -> CUDALibrary { try load([path]) }
+
+    private static func load(_ paths: [String]) throws(ReLoRAError) -> CUDALibrary {
+        guard let path = paths.first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw .invalidConfig("device 'cuda' is not available: no CUDA kernel library found (looked for \(paths.joined(separator: ", "))); build it with `make -C Kernels cuda` on a machine with the CUDA toolchain, or set RELORA_CUDA_LIB; use --device cpu otherwise")
+        }
+        var api = relora_cuda_api()
+        var err = [CChar](repeating: 0, count: 1024)
+        if relora_cuda_load(path, &api, &err, err.count) != 0 {
+            throw .invalidConfig("device 'cuda' is not available: \(text(err))")
+        }
+        var count: Int32 = 0
+        _ = api.device_count!(&count)
+        if count < 1 {
+            let why = Self.lastError(api)
+            relora_cuda_unload(&api)
+            throw .invalidConfig("device 'cuda' is not available: the kernel library \(path) loaded but sees no CUDA device (\(why.isEmpty ? "no driver or no GPU" : why)); use --device cpu")
+        }
+        var info = relora_library_info()
+        var props = relora_device_properties()
+        guard api.library_info!(&info) == RELORA_OK, info.info_size == Int32(MemoryLayout<relora_library_info>.size),
+              info.device_properties_size == Int32(MemoryLayout<relora_device_properties>.size),
+              api.device_properties!(&props) == RELORA_OK else {
+            let why = Self.lastError(api)
+            relora_cuda_unload(&api)
+            throw .invalidConfig("device 'cuda' is not available: the kernel library \(path) does not describe itself as this build expects (\(why)); rebuild it with `make -C Kernels`")
+        }
+        return CUDALibrary(api: api, path: path, info: info, device: props)
+    }
+
+    /// Traps with one sentence when a kernel call failed. Arguments are validated before any call, so a
+    /// failure here is a device fault (out of memory past the plan, an illegal address), which no step can
+    /// recover from; the last checkpoint on disk is intact.
+    @inline(__always)
+    func check(_ status: relora_status, _ op: StaticString) {
+        if status != RELORA_OK { fail(status, op) }
+    }
+
+    func fail(_ status: relora_status, _ op: StaticString) -> Never {
+        let message = Self.lastError(api)
+        fatalError("cuda: \(op) failed (status \(status.rawValue)): \(message)")
+    }
+
+    /// The calling thread's last failure message of the library.
+    var lastError: String { Self.lastError(api) }
+
+    static func lastError(_ api: relora_cuda_api) -> String {
+        api.last_error!().map { String(cString: $0) } ?? ""
+    }
+
+    static func text<T>(_ tuple: T) -> String {
+        withUnsafeBytes(of: tuple) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+
+    static func text(_ buffer: [CChar]) -> String {
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

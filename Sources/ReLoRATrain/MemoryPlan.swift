@@ -1,0 +1,142 @@
+import Foundation
+import ReLoRACore
+import ReLoRACUDA
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+
+/// What a run would allocate on a device, by tag, from running the training code path on a
+/// `PlanningBackend` (nothing is allocated or computed).
+public struct MemoryPlan: Sendable {
+    public var device: Device
+    public var report: MemoryReport
+    /// Bytes the plan must fit in, if the user gave a budget.
+    public var budget: Int?
+    public var fits: Bool { budget.map { report.peakTotal <= $0 } ?? true }
+}
+
+public enum MemoryPlanner {
+    /// Plans `recipe` (model from `config`) on `device`: builds the model, gradients and optimizer as
+    /// the trainer does, runs one optimizer step (all `grad_accum` micro-batches through the recipe's
+    /// checkpointing) and, for `relora`, one restart (merge with the recipe's policy, whose workspace and
+    /// master copies it counts, + optimizer reset).
+    public static func plan(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int? = nil) throws -> MemoryPlan {
+        let backend = BackendFactory.planning(device)
+        try run(recipe, config: config, on: backend)
+        return MemoryPlan(device: device, report: backend.ledger.report(), budget: budget)
+    }
+
+    /// The plan for `recipe` on `device`, or one sentence with the first standard change that fits when its
+    /// peak exceeds `budget` (`what` names the budget: "the budget", "free device memory").
+    public static func requireFits(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int,
+                                   what: String = "the budget") throws -> MemoryPlan {
+        let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget)
+        guard plan.fits else {
+            let fix = suggestion(for: recipe, config: config, device: device, budget: budget)
+                .map { "; this would fit: \($0)" } ?? "; no standard change (block checkpointing, micro-batch 1, smaller rank) fits it"
+            throw ReLoRAError.invalidConfig(
+                "the run needs \(formatBytes(plan.report.peakTotal)) on \(device.rawValue) (planned), more than \(what) (\(formatBytes(budget)))\(fix)")
+        }
+        return plan
+    }
+
+    /// The planned code path on any backend (tests run it on the CPU to prove plan = measured).
+    static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend) throws {
+        try recipe.loraConfig?.validate(for: config)
+        let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
+                               quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
+        model.enableGradients()
+        let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
+                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
+        optimizer.refreshMasterCopies()
+        let n = recipe.microBatch * recipe.seqLen
+        let ids = [Int32](repeating: 0, count: n)
+        _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr) { _ in (ids, ids) }
+        if recipe.mode == .relora {
+            try model.mergeAdapters(policy: recipe.effectiveMergePolicy.policy, seed: recipe.seed)
+            _ = Trainer.resetAfterMerge(optimizer, recipe: recipe, restart: 0)
+        }
+    }
+
+    /// The first of a few standard changes whose plan fits `budget`, as `--set` overrides with the planned
+    /// peak; nil if none does. In order: those that leave the arithmetic alone (block checkpointing, smaller
+    /// micro-batches at the same tokens per step), then those that store something in fewer bits (8-bit
+    /// Adam moments; q8_0, then q4_0 frozen weights), then a smaller LoRA rank.
+    public static func suggestion(for recipe: Recipe, config: LlamaConfig, device: Device, budget: Int) -> String? {
+        var candidates: [(String, Recipe)] = []
+        func add(_ text: String, _ edit: (inout Recipe) -> Void) {
+            var r = recipe
+            edit(&r)
+            candidates.append((text, r))
+        }
+        let blocks = recipe.checkpointing == .block
+        if !blocks { add("--set checkpointing=block") { $0.checkpointing = .block } }
+        var mb = recipe.microBatch / 2
+        while mb >= 1 {
+            let m = mb, accum = recipe.gradAccum * recipe.microBatch / mb
+            if recipe.microBatch % mb == 0 {
+                if !blocks { add("--set micro_batch=\(m) --set grad_accum=\(accum)") { $0.microBatch = m; $0.gradAccum = accum } }
+                add("--set checkpointing=block --set micro_batch=\(m) --set grad_accum=\(accum)") {
+                    $0.checkpointing = .block; $0.microBatch = m; $0.gradAccum = accum
+                }
+            }
+            mb /= 2
+        }
+        let leanest = "--set checkpointing=block --set micro_batch=1 --set grad_accum=\(recipe.tokensPerStep / recipe.seqLen)"
+        func lean(_ r: inout Recipe) { r.checkpointing = .block; r.microBatch = 1; r.gradAccum = recipe.tokensPerStep / recipe.seqLen }
+        if recipe.optimizerStates == .f32 {
+            add("--set optimizer_states=int8") { $0.optimizerStates = .int8 }
+            add("\(leanest) --set optimizer_states=int8") { lean(&$0); $0.optimizerStates = .int8 }
+        }
+        if recipe.mode != .full, recipe.quant == .none {
+            for q in [FrozenStorage.q8_0, .q4_0] {
+                add("--set quant=\(q.rawValue)") { $0.quant = q }
+                add("\(leanest) --set quant=\(q.rawValue) --set optimizer_states=int8") { lean(&$0); $0.quant = q; $0.optimizerStates = .int8 }
+            }
+        }
+        if recipe.mode != .full {
+            var r = recipe.loraRank / 2
+            while r >= 8 {
+                let rank = r
+                add("\(leanest) --set lora_r=\(rank)") { lean(&$0); $0.loraRank = rank }
+                r /= 2
+            }
+        }
+        for (text, r) in candidates {
+            if let plan = try? plan(r, config: config, device: device, budget: budget), plan.fits {
+                return "\(text) (planned peak \(formatBytes(plan.report.peakTotal)))"
+            }
+        }
+        return nil
+    }
+}
+
+extension MemoryPlan {
+    /// A table: one line per tag with its planned peak, then the total, the budget and the verdict.
+    public func formatted(title: String) -> String {
+        var lines = [title]
+        for tag in MemoryTag.allCases where report.peak(tag) > 0 && !tag.isHost {
+            lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag)))
+        }
+        lines.append("  " + "peak total".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peakTotal))
+        for tag in MemoryTag.allCases where report.peak(tag) > 0 && tag.isHost {
+            lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag))
+                         + "  (host memory, not in the device total)")
+        }
+        if let budget {
+            lines.append("  " + "budget".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(budget)
+                         + (fits ? "  -> fits" : "  -> does NOT fit"))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    public func jsonObject() -> [String: Any] {
+        var peak: [String: Int] = [:]
+        for tag in MemoryTag.allCases { peak[tag.rawValue] = report.peak(tag) }
+        var o: [String: Any] = ["device": device.rawValue, "peak_bytes_by_tag": peak, "peak_total_bytes": report.peakTotal,
+                                "host_peak_total_bytes": report.hostPeakTotal]
+        if let budget { o["budget_bytes"] = budget; o["fits"] = fits }
+        return o
+    }
+}
