@@ -244,14 +244,64 @@ public enum TrainingCheckpoint {
     package static func earlierCheckpointAdvice(_ path: String) -> String {
         let url = URL(fileURLWithPath: path)
         let root = url.deletingLastPathComponent().path
-        let name = url.lastPathComponent
-        let earlier = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [])
-            .filter { $0.hasPrefix("step_") && !$0.contains(".old-") && $0 < name }.sorted().reversed()
-        for candidate in earlier {
-            guard let state = try? decodeState(root + "/" + candidate), damagedFile(root + "/" + candidate, state) == nil else { continue }
-            return "the earlier checkpoint \(root)/\(candidate) is intact: to resume from it, write '\(candidate)' into \(root)/latest (the steps after it are trained again, with the same results)"
+        guard let candidate = newestIntact(root: root, before: url.lastPathComponent) else {
+            return "the run has no intact earlier checkpoint; start the run again (or warm-start from another run)"
         }
-        return "the run has no intact earlier checkpoint; start the run again (or warm-start from another run)"
+        return "the earlier checkpoint \(root)/\(candidate) is intact: to resume from it, write '\(candidate)' into \(root)/latest" + redone
+    }
+
+    private static let redone = " (the steps after it are trained again, with the same results)"
+
+    /// The checkpoint directories (`step_*`, complete or not, without the `.old-` leftovers of a replaced
+    /// one) in the checkpoint directory `root`, oldest first.
+    package static func checkpointNames(root: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [])
+            .filter { $0.hasPrefix("step_") && !$0.contains(".old-") }.sorted()
+    }
+
+    /// The newest checkpoint in `root` (before `name`, if given) whose state and files verify.
+    package static func newestIntact(root: String, before name: String? = nil) -> String? {
+        checkpointNames(root: root).reversed().first { candidate in
+            guard name.map({ candidate < $0 }) ?? true, let state = try? decodeState(root + "/" + candidate) else { return false }
+            return damagedFile(root + "/" + candidate, state) == nil
+        }
+    }
+
+    /// Refuses to start a new run in `runDir` when it holds checkpoints: a `latest`, or any `step_*` directory
+    /// (a `latest` deleted by hand, as the advice for a damaged one says, must not let a new run overwrite
+    /// the old one's checkpoints and metrics). Nothing is written.
+    public static func requireNoCheckpoints(runDir: String) throws {
+        let root = directory(runDir: runDir)
+        let hasLatest = FileManager.default.fileExists(atPath: root + "/latest")
+        let names = checkpointNames(root: root)
+        guard hasLatest || !names.isEmpty else { return }
+        if hasLatest {
+            throw ReLoRAError.invalidData(
+                "\(runDir) already holds checkpoints; continue it with `relora train --resume \(runDir)` or choose another run_dir")
+        }
+        let resume = newestIntact(root: root).map {
+            "to continue the run, write '\($0)' (its newest intact checkpoint) into \(root)/latest and use `relora train --resume \(runDir)`, or"
+        } ?? "none of them is intact;"
+        throw ReLoRAError.invalidData(
+            "\(runDir) already holds checkpoints (\(names.joined(separator: ", "))) but no checkpoints/latest: \(resume) choose another run_dir")
+    }
+
+    /// The checkpoint `--resume` continues: the one `latest` names, or nil when the run has no checkpoints.
+    /// A run whose `step_*` directories are there without `latest` is an error naming the newest intact one
+    /// to write into `latest`, as for a damaged checkpoint (resuming by itself from another step than the
+    /// user chose could redo or skip what they meant to keep).
+    public static func resumePoint(runDir: String) throws -> String? {
+        if let path = try latest(runDir: runDir) { return path }
+        let root = directory(runDir: runDir)
+        let names = checkpointNames(root: root)
+        guard !names.isEmpty else { return nil }
+        guard let intact = newestIntact(root: root) else {
+            throw ReLoRAError.invalidData(
+                "\(root)/latest is missing and none of the run's checkpoints (\(names.joined(separator: ", "))) is intact; start the run again in another run_dir (or warm-start from another run)")
+        }
+        throw ReLoRAError.invalidData(
+            "\(root)/latest is missing, but the run holds checkpoints: the newest intact one is \(root)/\(intact); to resume from it, write '\(intact)' into \(root)/latest"
+            + (intact == names.last ? "" : redone))
     }
 
     /// Loads weights (and, if given, optimizer moments) of a verified checkpoint into existing tensors.
@@ -416,8 +466,11 @@ public enum TrainingCheckpoint {
     package static func prune(root: String, keep: Int) {
         let fm = FileManager.default
         guard let entries = try? fm.contentsOfDirectory(atPath: root) else { return }
-        let complete = entries.filter { $0.hasPrefix("step_") && !$0.contains(".old-") }.sorted()
-        for name in complete.dropLast(keep) { try? fm.removeItem(atPath: root + "/" + name) }
+        // Never the checkpoint `latest` names, even when others sort after it (step_ directories of another run).
+        let current = (try? String(contentsOfFile: root + "/latest", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        for name in checkpointNames(root: root).dropLast(keep) where name != current {
+            try? fm.removeItem(atPath: root + "/" + name)
+        }
         // Leftovers of interrupted saves by processes that are gone.
         for name in entries where name.hasPrefix(".tmp-") && !name.hasSuffix("-\(getpid())") {
             try? fm.removeItem(atPath: root + "/" + name)

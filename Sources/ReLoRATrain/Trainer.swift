@@ -74,8 +74,19 @@ public final class Trainer {
         }
         let train = try TokenArray(npyPath: recipe.trainData)
         try Self.checkVocabulary(train, config)
-        let latest = try TrainingCheckpoint.latest(runDir: recipe.runDir)
-        recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: resume ? latest : nil)
+        // Before anything is allocated or written: a new run never goes where checkpoints are, a resume
+        // only from the checkpoint `latest` names.
+        let latest: String?
+        if resume {
+            guard let path = try TrainingCheckpoint.resumePoint(runDir: recipe.runDir) else {
+                throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
+            }
+            latest = path
+        } else {
+            try TrainingCheckpoint.requireNoCheckpoints(runDir: recipe.runDir)
+            latest = nil
+        }
+        recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: latest)
         self.recipe = recipe
         switch recipe.sampler! {
         case .random: sampler = .random(try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed))
@@ -118,10 +129,7 @@ public final class Trainer {
         model.enableGradients()
         optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
                           eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
-        if resume {
-            guard let path = latest else {
-                throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
-            }
+        if resume, let path = latest {
             state = try TrainingCheckpoint.load(path, into: model, moments: optimizer.checkpointMoments)
             optimizer.stepCount = state.optimizerStep
             optimizer.refreshMasterCopies()
@@ -131,10 +139,6 @@ public final class Trainer {
             log("resumed from \(path) at step \(state.step)")
             try truncateMetrics(after: state.step)
         } else {
-            if latest != nil {
-                throw ReLoRAError.invalidData(
-                    "\(recipe.runDir) already holds checkpoints; continue it with `relora train --resume \(recipe.runDir)` or choose another run_dir")
-            }
             if let warm = recipe.warmStart {
                 state = try Self.warmStart(from: warm, model: model, optimizer: optimizer, seed: recipe.seed, log: log)
                 log("warm start from \(warm) at step \(state.step)")
