@@ -44,7 +44,8 @@ std::unordered_map<cudaStream_t, float *> g_scalars;
 
 relora_status cublas_check(cublasStatus_t status, const char *what) {
     if (status == CUBLAS_STATUS_SUCCESS) return RELORA_OK;
-    return fail(RELORA_ERR_CUBLAS, "gemm: %s: %s (cuBLAS status %d)", what, cublasGetStatusString(status), (int)status);
+    // cuBLAS could not allocate its handle or workspace: out of memory like any other allocation.
+    return fail(status == CUBLAS_STATUS_ALLOC_FAILED ? RELORA_ERR_OUT_OF_MEMORY : RELORA_ERR_CUBLAS, "gemm: %s: %s (cuBLAS status %d)", what, cublasGetStatusString(status), (int)status);
 }
 
 relora_status handle_locked(cublasHandle_t *out) {

@@ -17,6 +17,7 @@ let trainUsage = """
     Prints one line per step (step, loss, lr, grad norm, tokens/s, ms, memory, MFU, ETA); metrics also go
     to RUN_DIR/metrics.jsonl and to TensorBoard event files in RUN_DIR (`tensorboard --logdir`). Checkpoints are written atomically every checkpoint_every steps and at the end;
     Ctrl-C saves a checkpoint and stops with exit status 130 (press again to abort at once; SIGTERM: 143).
+    Running out of device memory or disk mid-run prints one line and exits with status 3 (checkpoints stay intact).
     --resume continues the latest checkpoint of RUN_DIR with bit-identical results to an uninterrupted run.
 
       --set key=value   override a recipe key (value parsed as JSON, else taken as a string), repeatable

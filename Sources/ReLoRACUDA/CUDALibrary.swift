@@ -82,9 +82,11 @@ public final class CUDALibrary: @unchecked Sendable {
         return CUDALibrary(api: api, path: path, info: info, device: props)
     }
 
-    /// Traps with one sentence when a kernel call failed. Arguments are validated before any call, so a
-    /// failure here is a device fault (out of memory past the plan, an illegal address), which no step can
-    /// recover from; the last checkpoint on disk is intact.
+    /// Ends the process when a kernel call failed (no step can recover from it half way; the last checkpoint
+    /// on disk is intact). Out of memory (pinned host memory for master copies, cuBLAS's workspace, a CUDA
+    /// call that could not allocate) is what a recipe can cause: one sentence and exit status 3
+    /// (`ResourceExhaustion`). Anything else traps: arguments are validated before every call, so what
+    /// remains is a device fault (an illegal address, a lost device) or a bug, and its backtrace is wanted.
     @inline(__always)
     func check(_ status: relora_status, _ op: StaticString) {
         if status != RELORA_OK { fail(status, op) }
@@ -92,6 +94,9 @@ public final class CUDALibrary: @unchecked Sendable {
 
     func fail(_ status: relora_status, _ op: StaticString) -> Never {
         let message = Self.lastError(api)
+        if status == RELORA_ERR_OUT_OF_MEMORY {
+            ResourceExhaustion.stop("cuda: \(op) ran out of memory: \(message); plan the run with `relora memory --device cuda` (device and host memory by tag) and apply its suggestion; " + ResourceExhaustion.resumeAdvice)
+        }
         fatalError("cuda: \(op) failed (status \(status.rawValue)): \(message)")
     }
 

@@ -6,7 +6,8 @@ import ReLoRACore
 /// again, so a training step (which frees and reallocates the same shapes every micro-batch) never calls
 /// cudaMalloc after the first one. Sizes round up to 512 bytes below 1 MiB and to 2 MiB above, so
 /// nearby sizes share blocks and fragmentation stays bounded. When cudaMalloc fails the cache is returned
-/// to the device and the call retried once before the failure is reported.
+/// to the device and the call retried once; if that fails too the process stops with one sentence
+/// (`ResourceExhaustion`: a training step cannot continue without the tensor, and nothing here can throw).
 ///
 /// Each live block carries the memory tag of its tensor, so the allocator can say what the device held by
 /// role at its high-water mark, beside the ledger's exact per-tensor bytes (the difference is rounding
@@ -96,7 +97,7 @@ final class DeviceAllocator {
         }
         if status != RELORA_OK || ptr == nil {
             let message = overCap() ? "over the RELORA_DEVICE_MEMORY_LIMIT cap of \(formatBytes(limit!))" : library.lastError
-            fatalError("cuda: out of device memory allocating \(formatBytes(size)) (\(formatBytes(stats.inUse)) in use, \(formatBytes(stats.reserved)) reserved): \(message); plan the run with `relora memory --device cuda` and apply its suggestion (block checkpointing, a smaller micro-batch, a quantized base)")
+            ResourceExhaustion.stop("cuda: out of device memory allocating \(formatBytes(size)) (\(formatBytes(stats.inUse)) in use, \(formatBytes(stats.reserved)) reserved): \(message); plan the run with `relora memory --device cuda` and apply its suggestion (block checkpointing, a smaller micro_batch, a quantized base); " + ResourceExhaustion.resumeAdvice)
         }
         stats.mallocCalls += 1
         stats.reserved += size

@@ -110,4 +110,92 @@ final class DataSafetyTests: XCTestCase {
         let left = try FileManager.default.contentsOfDirectory(atPath: root).filter { $0.hasPrefix("step_") }.sorted()
         XCTAssertEqual(left, ["step_00000003", "step_00000012"])
     }
+
+    // MARK: Out of memory or disk in the middle of a run
+
+    /// `relora` with `environment` added to this process's, through `/bin/sh -c 'SHELL; exec relora ...'`
+    /// when `shell` is given (a `ulimit` for the child only).
+    func runReloraWith(_ args: [String], environment: [String: String], shell: String? = nil) throws -> (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String) {
+        let p = Process()
+        let exe = try requireReloraExecutable()
+        if let shell {
+            p.executableURL = URL(fileURLWithPath: "/bin/sh")
+            p.arguments = ["-c", shell + "; exec \"$0\" \"$@\"", exe] + args
+        } else {
+            p.executableURL = URL(fileURLWithPath: exe)
+            p.arguments = args
+        }
+        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, p.terminationReason, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    /// A run stopped by exhausted memory or disk: exit status `ResourceExhaustion.exitStatus` (not a
+    /// trap), one line on stderr mentioning each of `mentions`.
+    func assertStoppedCleanly(_ r: (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String),
+                              mentions: [String], file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(r.reason, .exit, "ended by a signal (a trap): \(r.stderr.prefix(600))", file: file, line: line)
+        XCTAssertEqual(r.status, ResourceExhaustion.exitStatus, r.stderr, file: file, line: line)
+        let lines = r.stderr.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, "one sentence: \(r.stderr.prefix(600))", file: file, line: line)
+        for m in mentions { XCTAssertTrue(r.stderr.contains(m), "'\(m)' missing: \(r.stderr)", file: file, line: line) }
+    }
+
+    /// Device memory running out in the middle of a run on the emulated device: a run resumed under a
+    /// `RELORA_DEVICE_MEMORY_LIMIT` cap that admits exactly its plan (the plan counts tensors' bytes, the
+    /// allocator rounds them up) builds the model, loads the checkpoint and fails in its first step. It
+    /// ends with one sentence and the documented exit status, and the checkpoint it resumed is untouched.
+    func testDeviceOutOfMemoryMidRunEndsWithOneSentence() throws {
+        try KernelEmulationTests.buildEmulation()
+        let library = KernelEmulationTests.emulatedLibrary
+        let data = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let runDir = data.dir + "/run"
+        let recipe: [String: Any] = [
+            "model": data.model, "train_data": data.train, "run_dir": runDir, "seq_len": 32, "micro_batch": 2,
+            "steps": 2, "warmup_steps": 1, "eval_every": 100, "checkpoint_every": 2, "device": "cuda",
+        ]
+        try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
+        var r = try runReloraWith(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": library])
+        XCTAssertEqual(r.status, 0, r.stderr)
+
+        // The cap: what the backend reserves for itself at start plus the plan's peak, so the plan check passes.
+        let resumed = try Recipe(contentsOf: data.dir + "/r.json", overrides: ["steps=4"])
+        let planned = try MemoryPlanner.plan(resumed, config: LlamaConfig(contentsOf: data.model), device: .cuda).report.peakTotal
+        let ownReserve = CUDABackend(library: try CUDALibrary.load(path: library)).allocatorStats.reserved
+        let before = try snapshot(runDir + "/checkpoints")
+        let metrics = try Data(contentsOf: URL(fileURLWithPath: runDir + "/metrics.jsonl"))
+        r = try runReloraWith(["train", "--resume", runDir, "--set", "steps=4"],
+                          environment: ["RELORA_CUDA_LIB": library, "RELORA_DEVICE_MEMORY_LIMIT": "\(ownReserve + planned)"])
+        XCTAssertTrue(r.stdout.contains("resumed from \(runDir)/checkpoints/step_00000002"), "fails after the plan check and the load: \(r.stdout)")
+        XCTAssertFalse(r.stdout.contains("step 3/4"), r.stdout)
+        assertStoppedCleanly(r, mentions: ["out of device memory", "relora memory --device cuda", "--resume"])
+        XCTAssertEqual(try snapshot(runDir + "/checkpoints"), before, "the last checkpoint changed")
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: runDir + "/metrics.jsonl")), metrics)
+    }
+
+    /// `master_copies: file` failing after its free-space check (here a file-size limit makes reserving the
+    /// mapped file fail, as a quota or a full disk would): one sentence and the documented exit status, the
+    /// checkpoint the run resumed untouched.
+    func testMasterCopyFileFailureEndsWithOneSentence() throws {
+        let data = try TrainerTests.makeByteData(hidden: 32, layers: 1)
+        let runDir = data.dir + "/run"
+        let recipe: [String: Any] = [
+            "model": data.model, "train_data": data.train, "run_dir": runDir, "seq_len": 32, "micro_batch": 2,
+            "steps": 2, "warmup_steps": 1, "eval_every": 100, "checkpoint_every": 2, "mode": "relora", "relora_every": 2,
+            "restart_warmup": 1, "lora_r": 4, "quant": "q8_0", "merge_policy": "master", "master_copies": "file",
+        ]
+        try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
+        var r = try runReloraWith(["train", data.dir + "/r.json"], environment: [:])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let before = try snapshot(runDir)
+        // 1 KiB at most per file (the copies are 4 KiB and more); SIGXFSZ ignored, so writes fail with EFBIG.
+        r = try runReloraWith(["train", "--resume", runDir, "--set", "steps=4"], environment: [:], shell: "ulimit -f 1; trap '' XFSZ")
+        assertStoppedCleanly(r, mentions: ["master_copies", "ram", "--resume"])
+        XCTAssertEqual(try snapshot(runDir), before, "the run directory changed")
+    }
 }

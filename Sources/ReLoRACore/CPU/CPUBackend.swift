@@ -52,18 +52,25 @@ public final class CPUBackend: Backend, TensorStorageOwner {
     }
 
     /// A shared mapping of a new `bytes`-long file in `dir`, unlinked at once (the mapping keeps it alive).
-    /// Failing here means the disk or the directory cannot hold the copy: one sentence, and the run stops
-    /// before training (the copies are made when the model is built).
+    /// Failing here means the disk or the directory cannot hold the copy (the trainer checked the free
+    /// space, but a quota, a file-size limit or another writer can still refuse it): the file is removed and
+    /// the process stops with one sentence (`ResourceExhaustion`), before training (the copies are made
+    /// when the model is built).
     private func mapFile(_ bytes: Int, in dir: String) -> UnsafeMutableRawPointer {
         let path = dir + "/.master-copy-\(getpid())-\(UUID().uuidString)"
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0o600)
-        guard fd >= 0 else { fatalError("master_copies file: cannot create \(path): \(String(cString: strerror(errno))); choose master_copies ram or free the run directory's disk") }
-        defer { close(fd); unlink(path) }
-        guard ftruncate(fd, off_t(bytes)) == 0, posix_fallocate(fd, 0, off_t(bytes)) == 0 else {
-            fatalError("master_copies file: cannot reserve \(formatBytes(bytes)) in \(dir) (disk full?); free space there or use master_copies ram")
+        let held = ledger.report().hostLiveTotal
+        func stop(_ what: String, _ error: Int32) -> Never {
+            unlink(path)
+            ResourceExhaustion.stop("master_copies file: \(what) (\(String(cString: strerror(error))); \(formatBytes(held)) of master copies mapped so far); free space in \(dir) (or lift its quota), choose another run_dir, or set master_copies ram; " + ResourceExhaustion.resumeAdvice)
         }
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0o600)
+        guard fd >= 0 else { stop("cannot create \(path)", errno) }
+        defer { close(fd); unlink(path) }
+        if ftruncate(fd, off_t(bytes)) != 0 { stop("cannot reserve \(formatBytes(bytes)) in \(dir)", errno) }
+        let reserved = posix_fallocate(fd, 0, off_t(bytes))  // returns the error number
+        if reserved != 0 { stop("cannot reserve \(formatBytes(bytes)) in \(dir)", reserved) }
         guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            fatalError("master_copies file: cannot map \(formatBytes(bytes)): \(String(cString: strerror(errno)))")
+            stop("cannot map \(formatBytes(bytes)) from \(dir)", errno)
         }
         mappedLock.lock(); mapped.insert(p); mappedLock.unlock()
         return p
