@@ -10,13 +10,15 @@ import ReLoRACore
 /// training steps on this backend without a GPU.
 ///
 /// Every call goes to the default stream in program order; host reads (`download`, the values ops
-/// return) synchronize. A failed kernel call traps with the library's message (see `CUDALibrary.check`):
-/// user input is validated before it reaches a kernel, so what remains are device faults.
+/// return) synchronize. A failed kernel call ends the process with the library's message (see
+/// `CUDALibrary.check`): user input is validated before it reaches a kernel, so what remains is running
+/// out of memory (one sentence, exit status 3) or a device fault (a trap).
 ///
-/// Mixed dtypes: the model's calls use the dtype combinations the kernels take natively (bf16 activations
-/// with f32 norms' `rstd`, attention's `lse`, per-token losses and gradients). Other combinations, which
-/// only the conformance suite makes (an op with every tensor in one dtype), go through converted
-/// temporaries (`operand(_:as:)`), correct but not planned for.
+/// Dtypes: each op takes the combination its kernel takes, as the model calls it: compute tensors in one
+/// dtype, f32 or bf16 (f16 is storage only: `copy` converts it), and f32 where the kernels keep f32 (norms'
+/// `rstd` and weight gradients, attention's `lse`, per-token losses, embedding gradients, reduction
+/// outputs, a GEMM's `alphaScale`, AdamW's tensors). Another combination is a caller's bug and traps:
+/// nothing is converted behind the caller's back, so what a run allocates is what its plan counts.
 public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable {
     public let name: String
     public let ledger = MemoryLedger()
@@ -139,25 +141,12 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
 
     private func sync() { library.check(api.stream_synchronize!(nil), "stream_synchronize") }
 
-    /// How many converted temporaries `operand` has made: 0 over a training step (the model's calls use
-    /// the kernels' native dtype combinations; `TrainingConformance` checks it), so plans stay exact.
-    public private(set) var conversionTemporaries = 0
-
-    /// `t`, or a temporary copy of it converted to `dtype` (see the type's comment on mixed dtypes).
-    private func operand(_ t: Tensor, as dtype: DType) -> Tensor {
-        if t.dtype == dtype { return t }
-        conversionTemporaries += 1
-        let tmp = makeTensor(t.shape, dtype: dtype, tag: .workspace, zeroed: false)
-        copy(t, to: tmp)
-        return tmp
-    }
-
-    /// Runs `body` on `t` in `dtype`: a converted temporary that is copied back afterwards when they differ.
-    private func inPlace(_ t: Tensor, as dtype: DType, _ body: (Tensor) -> Void) {
-        if t.dtype == dtype { body(t); return }
-        let tmp = operand(t, as: dtype)
-        body(tmp)
-        copy(tmp, to: t)
+    /// Checks that `tensors` are in `dtype`, the one the kernel of `op` takes for them (see the type's comment).
+    private static func require(_ dtype: DType, _ tensors: Tensor?..., op: StaticString) {
+        for t in tensors {
+            guard let t else { continue }
+            precondition(t.dtype == dtype, "CUDABackend.\(op): a \(t.dtype.rawValue) tensor where the kernel takes \(dtype.rawValue)")
+        }
     }
 
     private static func code(_ dtype: DType) -> Int32 {
@@ -169,8 +158,11 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         }
     }
 
-    /// The dtype kernels compute in for `t`: its own if f32 or bf16, f32 otherwise (f16 is storage only).
-    private static func computeType(_ t: Tensor) -> DType { t.dtype == .bf16 ? .bf16 : .f32 }
+    /// The dtype kernels compute `t` in: its own, which must be f32 or bf16 (f16 is storage only).
+    private static func computeType(_ t: Tensor, op: StaticString) -> DType {
+        precondition(t.dtype == .f32 || t.dtype == .bf16, "CUDABackend.\(op): a \(t.dtype.rawValue) tensor; the kernels compute in f32 or bf16")
+        return t.dtype
+    }
 
     private static func format(_ f: QuantFormat) -> Int32 {
         switch f {
@@ -260,21 +252,18 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     }
 
     public func fill(_ tensor: Tensor, value: Float) {
-        inPlace(tensor, as: Self.computeType(tensor)) { t in
-            library.check(api.fill!(t.storage, value, Int64(t.count), Self.code(t.dtype), nil), "fill")
-        }
+        let t = Self.computeType(tensor, op: "fill")
+        library.check(api.fill!(tensor.storage, value, Int64(tensor.count), Self.code(t), nil), "fill")
     }
 
     public func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {
-        inPlace(tensor, as: Self.computeType(tensor)) { t in
-            library.check(api.fill_uniform!(t.storage, Int64(t.count), bound, seed, stream, Self.code(t.dtype), nil), "fill_uniform")
-        }
+        let t = Self.computeType(tensor, op: "fillUniform")
+        library.check(api.fill_uniform!(tensor.storage, Int64(tensor.count), bound, seed, stream, Self.code(t), nil), "fill_uniform")
     }
 
     public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {
-        inPlace(tensor, as: Self.computeType(tensor)) { t in
-            library.check(api.fill_normal!(t.storage, Int64(t.count), std, seed, stream, Self.code(t.dtype), nil), "fill_normal")
-        }
+        let t = Self.computeType(tensor, op: "fillNormal")
+        library.check(api.fill_normal!(tensor.storage, Int64(tensor.count), std, seed, stream, Self.code(t), nil), "fill_normal")
     }
 
     // MARK: Dense math
@@ -282,114 +271,88 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
                        transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
         precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
-        let abType: DType = (a.dtype == .bf16 && b.dtype == .bf16) ? .bf16 : .f32
-        let a2 = operand(a, as: abType), b2 = operand(b, as: abType)
-        let scale = alphaScale.map { operand($0, as: .f32) }
-        inPlace(c, as: Self.computeType(c)) { c2 in
-            library.check(api.gemm!(transA ? 1 : 0, transB ? 1 : 0, Int64(m), Int64(n), Int64(k), alpha,
-                                    scale?.storage?.assumingMemoryBound(to: Float.self), a2.storage, b2.storage,
-                                    Self.code(abType), beta, c2.storage, Self.code(c2.dtype), nil), "gemm")
-        }
+        let abType = Self.computeType(a, op: "matmul"), cType = Self.computeType(c, op: "matmul")
+        Self.require(abType, b, op: "matmul")
+        Self.require(.f32, alphaScale, op: "matmul")
+        library.check(api.gemm!(transA ? 1 : 0, transB ? 1 : 0, Int64(m), Int64(n), Int64(k), alpha,
+                                alphaScale?.storage?.assumingMemoryBound(to: Float.self), a.storage, b.storage,
+                                Self.code(abType), beta, c.storage, Self.code(cType), nil), "gemm")
     }
 
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
-        let t = Self.computeType(x)
-        let w = operand(weight, as: t)
-        inPlace(out, as: t) { o in
-            inPlace(rstd, as: .f32) { r in
-                library.check(api.rmsnorm_forward!(x.storage, w.storage, o.storage, r.storage?.assumingMemoryBound(to: Float.self),
-                                                   Int64(rows), Int64(dim), eps, Self.code(t), nil), "rmsnorm_forward")
-            }
-        }
+        let t = Self.computeType(x, op: "rmsnormForward")
+        Self.require(t, weight, out, op: "rmsnormForward")
+        Self.require(.f32, rstd, op: "rmsnormForward")
+        library.check(api.rmsnorm_forward!(x.storage, weight.storage, out.storage, rstd.storage?.assumingMemoryBound(to: Float.self),
+                                           Int64(rows), Int64(dim), eps, Self.code(t), nil), "rmsnorm_forward")
     }
 
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                                 dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
-        let t = Self.computeType(x)
-        let d = operand(dout, as: t), w = operand(weight, as: t), r = operand(rstd, as: .f32)
-        inPlace(dx, as: t) { dx2 in
-            inPlace(dweight, as: .f32) { dw in
-                library.check(api.rmsnorm_backward!(d.storage, x.storage, w.storage, r.storage?.assumingMemoryBound(to: Float.self),
-                                                    dx2.storage, dw.storage?.assumingMemoryBound(to: Float.self),
-                                                    Int64(rows), Int64(dim), Self.code(t), nil), "rmsnorm_backward")
-            }
-        }
+        let t = Self.computeType(x, op: "rmsnormBackward")
+        Self.require(t, dout, weight, dx, op: "rmsnormBackward")
+        Self.require(.f32, rstd, dweight, op: "rmsnormBackward")
+        library.check(api.rmsnorm_backward!(dout.storage, x.storage, weight.storage, rstd.storage?.assumingMemoryBound(to: Float.self),
+                                            dx.storage, dweight.storage?.assumingMemoryBound(to: Float.self),
+                                            Int64(rows), Int64(dim), Self.code(t), nil), "rmsnorm_backward")
     }
 
     public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
-        inPlace(x, as: Self.computeType(x)) { t in
-            library.check(api.rope!(t.storage, Int64(batch), Int64(seqLen), Int64(heads), Int64(headDim), theta,
-                                    inverse ? 1 : 0, Self.code(t.dtype), nil), "rope")
-        }
+        let t = Self.computeType(x, op: "rope")
+        library.check(api.rope!(x.storage, Int64(batch), Int64(seqLen), Int64(heads), Int64(headDim), theta,
+                                inverse ? 1 : 0, Self.code(t), nil), "rope")
     }
 
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
-        let t = Self.computeType(q)
-        let k2 = operand(k, as: t), v2 = operand(v, as: t)
-        inPlace(out, as: t) { o in
-            inPlace(lse, as: .f32) { l in
-                library.check(api.attention_forward!(q.storage, k2.storage, v2.storage, o.storage, l.storage?.assumingMemoryBound(to: Float.self),
-                                                     Int64(batch), Int64(seqLen), Int64(heads), Int64(kvHeads), Int64(headDim),
-                                                     Self.code(t), nil), "attention_forward")
-            }
-        }
+        let t = Self.computeType(q, op: "attentionForward")
+        Self.require(t, k, v, out, op: "attentionForward")
+        Self.require(.f32, lse, op: "attentionForward")
+        library.check(api.attention_forward!(q.storage, k.storage, v.storage, out.storage, lse.storage?.assumingMemoryBound(to: Float.self),
+                                             Int64(batch), Int64(seqLen), Int64(heads), Int64(kvHeads), Int64(headDim),
+                                             Self.code(t), nil), "attention_forward")
     }
 
     public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   dq: Tensor, dk: Tensor, dv: Tensor,
                                   batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
-        let t = Self.computeType(q)
-        let d = operand(dout, as: t), k2 = operand(k, as: t), v2 = operand(v, as: t), o = operand(out, as: t)
-        let l = operand(lse, as: .f32)
-        inPlace(dq, as: t) { dq2 in
-            inPlace(dk, as: t) { dk2 in
-                inPlace(dv, as: t) { dv2 in
-                    library.check(api.attention_backward!(d.storage, q.storage, k2.storage, v2.storage, o.storage,
-                                                          l.storage?.assumingMemoryBound(to: Float.self),
-                                                          dq2.storage, dk2.storage, dv2.storage, Int64(batch), Int64(seqLen),
-                                                          Int64(heads), Int64(kvHeads), Int64(headDim), Self.code(t), nil),
-                                  "attention_backward")
-                }
-            }
-        }
+        let t = Self.computeType(q, op: "attentionBackward")
+        Self.require(t, dout, k, v, out, dq, dk, dv, op: "attentionBackward")
+        Self.require(.f32, lse, op: "attentionBackward")
+        library.check(api.attention_backward!(dout.storage, q.storage, k.storage, v.storage, out.storage,
+                                              lse.storage?.assumingMemoryBound(to: Float.self),
+                                              dq.storage, dk.storage, dv.storage, Int64(batch), Int64(seqLen),
+                                              Int64(heads), Int64(kvHeads), Int64(headDim), Self.code(t), nil),
+                      "attention_backward")
     }
 
     public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {
-        let t = Self.computeType(gate)
-        let u = operand(up, as: t)
-        inPlace(out, as: t) { o in
-            library.check(api.swiglu_forward!(gate.storage, u.storage, o.storage, Int64(count), Self.code(t), nil), "swiglu_forward")
-        }
+        let t = Self.computeType(gate, op: "swigluForward")
+        Self.require(t, up, out, op: "swigluForward")
+        library.check(api.swiglu_forward!(gate.storage, up.storage, out.storage, Int64(count), Self.code(t), nil), "swiglu_forward")
     }
 
     public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {
-        let t = Self.computeType(gate)
-        let d = operand(dout, as: t), u = operand(up, as: t)
-        inPlace(dgate, as: t) { dg in
-            inPlace(dup, as: t) { du in
-                library.check(api.swiglu_backward!(d.storage, gate.storage, u.storage, dg.storage, du.storage, Int64(count),
-                                                   Self.code(t), nil), "swiglu_backward")
-            }
-        }
+        let t = Self.computeType(gate, op: "swigluBackward")
+        Self.require(t, dout, up, dgate, dup, op: "swigluBackward")
+        library.check(api.swiglu_backward!(dout.storage, gate.storage, up.storage, dgate.storage, dup.storage, Int64(count),
+                                           Self.code(t), nil), "swiglu_backward")
     }
 
     public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {
-        let t = Self.computeType(table)
-        inPlace(out, as: t) { o in
-            library.check(api.embedding_forward!(ids.storage?.assumingMemoryBound(to: Int32.self), table.storage, o.storage,
-                                                 Int64(ids.count), Int64(dim), Int64(table.count / max(1, dim)),
-                                                 Self.code(t), nil), "embedding_forward")
-        }
+        let t = Self.computeType(table, op: "embeddingForward")
+        Self.require(t, out, op: "embeddingForward")
+        library.check(api.embedding_forward!(ids.storage?.assumingMemoryBound(to: Int32.self), table.storage, out.storage,
+                                             Int64(ids.count), Int64(dim), Int64(table.count / max(1, dim)),
+                                             Self.code(t), nil), "embedding_forward")
     }
 
     public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
-        let t = Self.computeType(dout)
-        inPlace(dtable, as: .f32) { dt in
-            library.check(api.embedding_backward!(ids.storage?.assumingMemoryBound(to: Int32.self), dout.storage,
-                                                  dt.storage?.assumingMemoryBound(to: Float.self), Int64(ids.count), Int64(dim),
-                                                  Int64(dtable.count / max(1, dim)), Self.code(t), nil), "embedding_backward")
-        }
+        let t = Self.computeType(dout, op: "embeddingBackward")
+        Self.require(.f32, dtable, op: "embeddingBackward")
+        library.check(api.embedding_backward!(ids.storage?.assumingMemoryBound(to: Int32.self), dout.storage,
+                                              dtable.storage?.assumingMemoryBound(to: Float.self), Int64(ids.count), Int64(dim),
+                                              Int64(dtable.count / max(1, dim)), Self.code(t), nil), "embedding_backward")
     }
 
     /// The per-row losses stay on the device; their sum comes back by downloading them (`rows` floats: one
@@ -397,68 +360,52 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?) -> Double {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
-        var sum = 0.0
-        inPlace(logits, as: Self.computeType(logits)) { lg in
-            inPlace(losses, as: .f32) { ls in
-                library.check(api.cross_entropy!(lg.storage, targets.storage?.assumingMemoryBound(to: Int32.self),
-                                                 ls.storage?.assumingMemoryBound(to: Float.self), Int64(rows), Int64(vocab),
-                                                 gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(lg.dtype), nil), "cross_entropy")
-                sum = download(ls.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
-            }
-        }
-        return sum
+        let t = Self.computeType(logits, op: "crossEntropy")
+        Self.require(.f32, losses, op: "crossEntropy")
+        library.check(api.cross_entropy!(logits.storage, targets.storage?.assumingMemoryBound(to: Int32.self),
+                                         losses.storage?.assumingMemoryBound(to: Float.self), Int64(rows), Int64(vocab),
+                                         gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(t), nil), "cross_entropy")
+        return download(losses.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
     }
 
     public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
-        let t = Self.computeType(x)
-        inPlace(out, as: t) { o in
-            library.check(api.dropout!(x.storage, o.storage, Int64(count), p, seed, stream, Self.code(t), nil), "dropout")
-        }
+        let t = Self.computeType(x, op: "dropout")
+        Self.require(t, out, op: "dropout")
+        library.check(api.dropout!(x.storage, out.storage, Int64(count), p, seed, stream, Self.code(t), nil), "dropout")
     }
 
     public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {
-        let t = Self.computeType(a)
-        let b2 = operand(b, as: t)
-        inPlace(out, as: .f32) { o in
-            library.check(api.dot_accumulate!(a.storage, b2.storage, Int64(count), Self.code(t), o.storage?.assumingMemoryBound(to: Float.self),
-                                              reduceWorkspace, nil), "dot_accumulate")
-        }
+        let t = Self.computeType(a, op: "dotAccumulate")
+        Self.require(t, b, op: "dotAccumulate")
+        Self.require(.f32, out, op: "dotAccumulate")
+        library.check(api.dot_accumulate!(a.storage, b.storage, Int64(count), Self.code(t), out.storage?.assumingMemoryBound(to: Float.self),
+                                          reduceWorkspace, nil), "dot_accumulate")
     }
 
     public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {
-        let b2 = operand(b, as: Self.computeType(b))
-        inPlace(a, as: Self.computeType(a)) { a2 in
-            library.check(api.axpy!(alpha, b2.storage, Self.code(b2.dtype), a2.storage, Self.code(a2.dtype), Int64(count), nil), "axpy")
-        }
+        let bType = Self.computeType(b, op: "axpy"), aType = Self.computeType(a, op: "axpy")
+        library.check(api.axpy!(alpha, b.storage, Self.code(bType), a.storage, Self.code(aType), Int64(count), nil), "axpy")
     }
 
     public func scale(_ x: Tensor, by alpha: Float) {
-        inPlace(x, as: Self.computeType(x)) { t in
-            library.check(api.scale!(t.storage, alpha, Int64(t.count), Self.code(t.dtype), nil), "scale")
-        }
+        let t = Self.computeType(x, op: "scale")
+        library.check(api.scale!(x.storage, alpha, Int64(x.count), Self.code(t), nil), "scale")
     }
 
     public func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) {
         precondition(index >= 0 && index < out.count, "sumOfSquares: slot \(index) of \(out.count)")
-        let t = operand(x, as: Self.computeType(x))
-        inPlace(out, as: .f32) { o in
-            library.check(api.sum_of_squares!(t.storage, Int64(t.count), Self.code(t.dtype), o.storage?.assumingMemoryBound(to: Float.self),
-                                              Int64(index), reduceWorkspace, nil), "sum_of_squares")
-        }
+        let t = Self.computeType(x, op: "sumOfSquares")
+        Self.require(.f32, out, op: "sumOfSquares")
+        library.check(api.sum_of_squares!(x.storage, Int64(x.count), Self.code(t), out.storage?.assumingMemoryBound(to: Float.self),
+                                          Int64(index), reduceWorkspace, nil), "sum_of_squares")
     }
 
     public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
                       eps: Float, weightDecay: Float, step: Int) {
-        let g = operand(grad, as: .f32)
-        inPlace(param, as: .f32) { p in
-            inPlace(m, as: .f32) { m2 in
-                inPlace(v, as: .f32) { v2 in
-                    library.check(api.adamw!(p.storage?.assumingMemoryBound(to: Float.self), g.storage?.assumingMemoryBound(to: Float.self),
-                                             m2.storage?.assumingMemoryBound(to: Float.self), v2.storage?.assumingMemoryBound(to: Float.self),
-                                             nil, Int64(p.count), lr, beta1, beta2, eps, weightDecay, Int64(step), nil), "adamw")
-                }
-            }
-        }
+        Self.require(.f32, param, grad, m, v, op: "adamw")
+        library.check(api.adamw!(param.storage?.assumingMemoryBound(to: Float.self), grad.storage?.assumingMemoryBound(to: Float.self),
+                                 m.storage?.assumingMemoryBound(to: Float.self), v.storage?.assumingMemoryBound(to: Float.self),
+                                 nil, Int64(param.count), lr, beta1, beta2, eps, weightDecay, Int64(step), nil), "adamw")
     }
 
     public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
@@ -498,16 +445,14 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
             zero(tensor)
             return n
         case .random(let probability):
-            inPlace(tensor, as: Self.computeType(tensor)) { t in
-                library.check(api.prune_random!(t.storage, Int64(n), Self.code(t.dtype), probability, seed, stream, &zeroed, nil), "prune_random")
-            }
+            let t = Self.computeType(tensor, op: "prune")
+            library.check(api.prune_random!(tensor.storage, Int64(n), Self.code(t), probability, seed, stream, &zeroed, nil), "prune_random")
         case .magnitude(let ratio):
             let k = PruneRule.magnitudeRank(ratio: ratio, of: n)
             guard k > 0 else { return 0 }
             if k >= n { zero(tensor); return n }
-            inPlace(tensor, as: Self.computeType(tensor)) { t in
-                library.check(api.prune_magnitude!(t.storage, Int64(n), Self.code(t.dtype), Int64(k), selectWorkspace, &zeroed, nil), "prune_magnitude")
-            }
+            let t = Self.computeType(tensor, op: "prune")
+            library.check(api.prune_magnitude!(tensor.storage, Int64(n), Self.code(t), Int64(k), selectWorkspace, &zeroed, nil), "prune_magnitude")
         }
         return Int(zeroed)
     }
@@ -520,12 +465,9 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         }
         let n = m.count
         var zeroed: Int64 = 0
-        inPlace(m, as: .f32) { m2 in
-            inPlace(v, as: .f32) { v2 in
-                library.check(api.prune_moments!(m2.storage?.assumingMemoryBound(to: Float.self), v2.storage?.assumingMemoryBound(to: Float.self),
-                                                 Int64(n), Int64(k), eps, selectWorkspace, &zeroed, nil), "prune_moments")
-            }
-        }
+        Self.require(.f32, m, v, op: "pruneMoments")
+        library.check(api.prune_moments!(m.storage?.assumingMemoryBound(to: Float.self), v.storage?.assumingMemoryBound(to: Float.self),
+                                         Int64(n), Int64(k), eps, selectWorkspace, &zeroed, nil), "prune_moments")
         return Int(zeroed)
     }
 
@@ -543,14 +485,14 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         precondition(source.count == q.rows * q.cols, "quantize: \(source.count) values for [\(q.rows), \(q.cols)]")
         precondition(q.blocks.dtype == .u8 && q.blocks.count == q.rows * q.bytesPerRow, "quantize: blocks of the wrong size")
         guard q.rows > 0, q.cols > 0 else { return nil }
-        let src = operand(source, as: .f32)
+        Self.require(.f32, source, op: "quantize")
         let (mode, seed, stream): (Int32, UInt64, UInt64) = {
             switch rounding {
             case .nearest: return (RELORA_ROUND_NEAREST, 0, 0)
             case .stochastic(let seed, let stream): return (RELORA_ROUND_STOCHASTIC, seed, stream)
             }
         }()
-        library.check(api.quantize!(Self.format(q.format), src.storage?.assumingMemoryBound(to: Float.self), Int64(q.rows), Int64(q.cols),
+        library.check(api.quantize!(Self.format(q.format), source.storage?.assumingMemoryBound(to: Float.self), Int64(q.rows), Int64(q.cols),
                                     q.blocks.storage, mode, seed, stream, failureWord.assumingMemoryBound(to: UInt64.self), nil), "quantize")
         var word: UInt64 = 0
         library.check(api.memcpy!(&word, failureWord, 8, RELORA_MEMCPY_DEVICE_TO_HOST, nil), "memcpy")
@@ -558,29 +500,26 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         guard word != UInt64.max else { return nil }
         let index = Int(word >> 2), status = Int32(word & 3)
         let row = index / q.paddedCols, col = index % q.paddedCols
-        let value = download(src.view(offset: row * q.cols + col, shape: [1]))[0]
+        let value = download(source.view(offset: row * q.cols + col, shape: [1]))[0]
         return QuantizationFailure(reason: status == RELORA_QUANT_ERR_NONFINITE ? .nonFinite : .scaleOverflow,
                                    row: row, col: col, value: value)
     }
 
     public func countChangedCodes(old: Tensor, new q: QuantizedTensor, into out: Tensor, at index: Int) {
         precondition(old.dtype == .u8 && old.count == q.blocks.count, "countChangedCodes: old blocks of another size")
-        inPlace(out, as: .f32) { o in
-            library.check(api.count_changed_codes!(Self.format(q.format), old.storage, q.blocks.storage, Int64(q.rows), Int64(q.cols),
-                                                   o.storage?.assumingMemoryBound(to: Float.self), Int64(index), selectWorkspace, nil),
-                          "count_changed_codes")
-        }
+        Self.require(.f32, out, op: "countChangedCodes")
+        library.check(api.count_changed_codes!(Self.format(q.format), old.storage, q.blocks.storage, Int64(q.rows), Int64(q.cols),
+                                               out.storage?.assumingMemoryBound(to: Float.self), Int64(index), selectWorkspace, nil),
+                      "count_changed_codes")
     }
 
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
         precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
         precondition(out.count >= rowCount * q.cols, "dequantize: output too small")
         guard rowCount > 0, q.cols > 0 else { return }
-        let target = out.view(offset: 0, shape: [rowCount * q.cols])
-        inPlace(target, as: Self.computeType(out)) { o in
-            library.check(api.dequantize!(Self.format(q.format), q.blocks.storage! + firstRow * q.bytesPerRow, Int64(rowCount), Int64(q.cols),
-                                          o.storage, Self.code(o.dtype), nil), "dequantize")
-        }
+        let t = Self.computeType(out, op: "dequantize")
+        library.check(api.dequantize!(Self.format(q.format), q.blocks.storage! + firstRow * q.bytesPerRow, Int64(rowCount), Int64(q.cols),
+                                      out.storage, Self.code(t), nil), "dequantize")
     }
 
     /// The whole layer: cuBLAS runs one GEMM over the weight dequantized right before it (DESIGN.md).

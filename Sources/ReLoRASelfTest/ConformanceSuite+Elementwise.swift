@@ -43,12 +43,12 @@ extension ConformanceSuite {
 
     func checkReductions() {
         for dtype in computeDTypes {
-            // dotAccumulate: out[0] += sum_{i < count} a_i b_i. Specified as a Double sum; the bound allows
-            // a sequential f32 one (count + 2 roundings relative to sum |a b| + |out|), one rounding into out.
+            // dotAccumulate: out[0] += sum_{i < count} a_i b_i (out f32). Specified as a Double sum; the bound
+            // allows a sequential f32 one (count + 2 roundings relative to sum |a b| + |out|), one into out.
             let size = 101, count = 97
             let (a, av) = tensor([size], dtype, values(size, -1, 1))
             let (b, bv) = tensor([size], dtype, values(size, -1, 1))
-            let (out, out0) = tensor([1], dtype, [0.5])
+            let (out, out0) = tensor([1], .f32, [0.5])  // f32 in every compute dtype, as the model's
             backend.dotAccumulate(a, b, count: count, into: out)
             var sum = Double(out0[0]), magnitude = abs(Double(out0[0]))
             for i in 0..<count { sum += Double(av[i]) * Double(bv[i]); magnitude += abs(Double(av[i]) * Double(bv[i])) }

@@ -28,9 +28,9 @@ extension ConformanceSuite {
                                                 alpha: 0.75, beta: -0.5, s: 1)
                 expect("matmul", layout + " alpha 0.75 beta -0.5", dtype, got: backend.download(c), want: ref.value,
                        magnitude: ref.magnitude, tolerance: tol)
-                // A device-side scale, and beta = 0 over NaN: c is not read (BLAS semantics; the model
-                // relies on it for outputs allocated without zeroing).
-                let (s, sv) = tensor([1], dtype, [1.25])
+                // A device-side scale (f32, as LoRA's scale tensors), and beta = 0 over NaN: c is not read
+                // (BLAS semantics; the model relies on it for outputs allocated without zeroing).
+                let (s, sv) = tensor([1], .f32, [1.25])
                 let c2 = output([m * n], dtype)
                 backend.matmul(a, b, c2, m: m, n: n, k: k, transA: transA, transB: transB, alpha: -0.5, beta: 0, alphaScale: s)
                 let ref2 = NaiveReference.matmul(av, bv, cv, m: m, n: n, k: k, transA: transA, transB: transB,
@@ -81,7 +81,8 @@ extension ConformanceSuite {
             for i in 0..<dim { xs[3 * dim + i] = 0; xs[5 * dim + i] *= 1e-3 }
             let (x, xv) = tensor([rows, dim], dtype, xs)
             let (w, wv) = tensor([dim], dtype, values(dim, -1.5, 1.5))
-            let out = output([rows, dim], dtype), rstd = output([rows], dtype)
+            // rstd and the weight's gradient are f32 in every compute dtype (as the model keeps them).
+            let out = output([rows, dim], dtype), rstd = output([rows], .f32)
             backend.rmsnormForward(x, weight: w, out: out, rstd: rstd, rows: rows, dim: dim, eps: eps)
             let ref = NaiveReference.rmsnormForward(xv, wv, rows: rows, dim: dim, eps: Double(eps))
             // out = x * s * w: the sum of dim squares (dim roundings), / dim, + eps, sqrt, 1/, two products;
@@ -95,11 +96,12 @@ extension ConformanceSuite {
             let dyv = values(rows * dim, -1, 1)
             let (dy, dyh) = tensor([rows, dim], dtype, dyv)
             let (dx, dx0) = tensor([rows, dim], dtype, values(rows * dim, -0.5, 0.5))
-            let (dw, dw0) = tensor([dim], dtype, values(dim, -0.5, 0.5))
+            let (dw, dw0) = tensor([dim], .f32, values(dim, -0.5, 0.5))
             backend.rmsnormBackward(dy, x: x, weight: w, rstd: rstd, dx: dx, dweight: dw, rows: rows, dim: dim)
             let bwd = NaiveReference.rmsnormBackward(dyh, xv, wv, dx0: dx0, dw0: dw0, rows: rows, dim: dim, eps: Double(eps))
-            // dx: the row's dot (dim roundings) and the rest (~10); rstd is read as stored (rounded to the
-            // dtype) and enters cubed: 3 + 1 (output) + 1 (accumulate) roundings in the dtype.
+            // dx: the row's dot (dim roundings) and the rest (~10); rstd enters cubed: 3 + 1 (output) + 1
+            // (accumulate) roundings in the dtype. (The bounds of the f32 rstd and dweight keep the dtype's
+            // roundings too: looser than their f32 storage needs, the same bounds in every compute dtype.)
             expect("rmsnormBackward dx (accumulates)", shape, dtype, got: backend.download(dx), want: bwd.dx.value,
                    magnitude: bwd.dx.magnitude, tolerance: tolerance(acc: Double(dim + 10), io: 5, dtype))
             // dw: a sum over rows of dy x s (rows + 2 roundings, + accumulate); rstd rounded once.
@@ -214,7 +216,8 @@ extension ConformanceSuite {
         let n = s.batch * s.seqLen, qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim
         let qs = values(n * qw, -1.5, 1.5), ks = values(n * kw, -1.5, 1.5), vs = values(n * kw, -1, 1)
         let (q, qv) = tensor([n, qw], dtype, qs), (k, kv) = tensor([n, kw], dtype, ks), (v, vv) = tensor([n, kw], dtype, vs)
-        let out = output([n, qw], dtype), lse = output([s.batch, s.heads, s.seqLen], dtype)
+        // lse is f32 in every compute dtype (as the model keeps it).
+        let out = output([n, qw], dtype), lse = output([s.batch, s.heads, s.seqLen], .f32)
         backend.attentionForward(q: q, k: k, v: v, out: out, lse: lse, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                  kvHeads: s.kvHeads, headDim: s.headDim)
         let ref = NaiveReference.attentionForward(qv, kv, vv, s)
@@ -231,7 +234,7 @@ extension ConformanceSuite {
         var ks2 = ks, vs2 = vs
         for b in 0..<s.batch { for c in 0..<kw { ks2[(b * s.seqLen + s.seqLen - 1) * kw + c] += 0.5; vs2[(b * s.seqLen + s.seqLen - 1) * kw + c] -= 0.75 } }
         let (k2, _) = tensor([n, kw], dtype, ks2), (v2, _) = tensor([n, kw], dtype, vs2)
-        let out2 = output([n, qw], dtype), lse2 = output([s.batch, s.heads, s.seqLen], dtype)
+        let out2 = output([n, qw], dtype), lse2 = output([s.batch, s.heads, s.seqLen], .f32)
         backend.attentionForward(q: q, k: k2, v: v2, out: out2, lse: lse2, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                  kvHeads: s.kvHeads, headDim: s.headDim)
         let gotOut2 = backend.download(out2), gotLse2 = backend.download(lse2)
@@ -349,10 +352,10 @@ extension ConformanceSuite {
             backend.embeddingForward(ids: idTensor, table: table, out: out, dim: dim)
             expectBits("embeddingForward", shape, dtype.rawValue, got: backend.download(out),
                        want: idValues.flatMap { tv[Int($0) * dim..<(Int($0) + 1) * dim] })
-            // Backward accumulates into dtable (from values), repeated ids summing in token order: a row hit
-            // c times rounds c times, each relative to the running |sum|, in f32 and in the dtype.
+            // Backward accumulates into dtable (f32, from values), repeated ids summing in token order: a row
+            // hit c times rounds c times, each relative to the running |sum| (the bound allows the dtype's).
             let (dout, dov) = tensor([n, dim], dtype, values(n * dim, -1, 1))
-            let (dtable, dt0) = tensor([vocab, dim], dtype, values(vocab * dim, -0.5, 0.5))
+            let (dtable, dt0) = tensor([vocab, dim], .f32, values(vocab * dim, -0.5, 0.5))  // f32, as the model's
             backend.embeddingBackward(ids: idTensor, dout: dout, dtable: dtable, dim: dim)
             let ref = NaiveReference.embeddingBackward(ids: idValues, dout: dov, dtable0: dt0, dim: dim)
             let hits = Double(idValues.reduce(into: [Int32: Int]()) { $0[$1, default: 0] += 1 }.values.max() ?? 1)
@@ -385,7 +388,7 @@ extension ConformanceSuite {
         logitValues[6 * vocab + 2] = 25
         for dtype in computeDTypes {
             let (logits, lv) = tensor([rows, vocab], dtype, logitValues)
-            let losses = output([rows], dtype)
+            let losses = output([rows], .f32)  // per-row losses are f32 in every compute dtype, as the model's
             let sum = backend.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: nil)
             let ref = NaiveReference.crossEntropy(lv, targets: targetValues, rows: rows, vocab: vocab, gradScale: Double(gradScale))
             // A vocab-term sum of exps (V roundings, + exp's) becomes an absolute error of its log; max, the
@@ -399,7 +402,7 @@ extension ConformanceSuite {
 
             // The gradient path: same sum, logits overwritten by gradScale (softmax - onehot), ignored rows 0.
             let (glogits, _) = tensor([rows, vocab], dtype, logitValues)
-            let losses2 = output([rows], dtype)
+            let losses2 = output([rows], .f32)
             let sum2 = backend.crossEntropy(logits: glogits, targets: targets, losses: losses2, rows: rows, vocab: vocab,
                                             gradScale: gradScale)
             expectScalar("crossEntropy returned sum (gradScale path)", shape, dtype.rawValue, got: sum2, want: want, bound: sumBound)
