@@ -1,5 +1,5 @@
-// Quantized weights: dequantize (to f32 or bf16), quantize and the rtn merge (dequantize -> add delta
-// -> requantize). The arithmetic is relora_quant.h's, called as it is: one trait per format wraps that
+// Quantized weights: dequantize (to f32 or bf16) and quantize (round to nearest or stochastic rounding); a
+// merge is dequantize -> add -> quantize through these. The arithmetic is relora_quant.h's, called as it is: one trait per format wraps that
 // header's element dequantizer and block quantizer, one generic kernel per operation, one switch per
 // entry point. Adding a format touches one trait and one case.
 #include "relora_cuda.cuh"
@@ -52,20 +52,18 @@ constexpr int kQuantThreads = 128;  // quantization blocks per CUDA block, one p
 // by construction. The block's inputs are first staged through shared memory with coalesced loads
 // (consecutive threads read consecutive floats of a row); each thread's row of the tile is padded to
 // kSize + 1 floats so that the 32 lanes reading element j of their blocks hit 32 different banks.
-// kMode: kQuantize: x = src, padding 0, the round-to-nearest block quantizer; kMerge: x = dequantize(in) + delta
-// (one f32 add, as the CPU merge computes W + sBA), padding 0, round to nearest; kStochastic: x = src, padding 0,
+// kMode: kQuantize: x = src, padding 0, the round-to-nearest block quantizer; kStochastic: x = src, padding 0,
 // the header's stochastic-rounding block quantizer, element (r, c) drawing counter r * padded_cols + c of
 // (seed, stream_id) (block b of row r starts at counter r * padded_cols + b * B), as the CPU's row loop does. A failure is folded into *failure with atomicMin, so the first failing
 // element in row-major order wins whatever the launch order (see RELORA_QUANT_NO_FAILURE).
 // Throughput is not the point here (a merge runs once per restart): the staging loop pays a 64-bit
 // division per element.
-enum QuantMode { kQuantize = 0, kMerge = 1, kStochastic = 2 };
+enum QuantMode { kQuantize = 0, kStochastic = 2 };  // 1 was the rtn merge (requantize_rtn, gone in ABI 7)
 
 template <typename F, int kMode>
 __global__ void __launch_bounds__(kQuantThreads)
-    quantize_kernel(const float *src, const unsigned char *in_blocks, unsigned char *out_blocks, int64_t rows,
-                    int64_t cols, int64_t blocks_per_row, uint64_t seed, uint64_t stream_id,
-                    unsigned long long *failure) {
+    quantize_kernel(const float *src, unsigned char *out_blocks, int64_t rows, int64_t cols, int64_t blocks_per_row,
+                    uint64_t seed, uint64_t stream_id, unsigned long long *failure) {
     constexpr int B = F::kSize, kStride = B + 1;
     __shared__ float tile[kQuantThreads * kStride];
     const int64_t total = rows * blocks_per_row;
@@ -74,7 +72,7 @@ __global__ void __launch_bounds__(kQuantThreads)
         for (int e = (int)threadIdx.x; e < kQuantThreads * B; e += kQuantThreads) {
             const int64_t g = first + e / B;
             float v = 0.0f;
-            if (g < total && src != nullptr) {
+            if (g < total) {
                 const int64_t r = g / blocks_per_row;
                 const int64_t c = (g - r * blocks_per_row) * B + e % B;
                 if (c < cols) v = src[r * cols + c];
@@ -86,10 +84,6 @@ __global__ void __launch_bounds__(kQuantThreads)
         if (g < total) {
             float *x = tile + threadIdx.x * kStride;
             const int64_t r = g / blocks_per_row, b = g - r * blocks_per_row;
-            if (kMode == kMerge) {
-                const typename F::Block *old = reinterpret_cast<const typename F::Block *>(in_blocks + r * row_bytes) + b;
-                for (int j = 0; j < B; ++j) x[j] = b * B + j < cols ? RELORA_FADD(F::at(old, j), x[j]) : 0.0f;
-            }
             typename F::Block *dst = reinterpret_cast<typename F::Block *>(out_blocks + r * row_bytes) + b;
             int bad = relora_first_nonfinite(x, B);
             int status = RELORA_QUANT_ERR_NONFINITE;
@@ -117,23 +111,20 @@ relora_status launch_dequantize(const void *blocks, int64_t rows, int64_t cols, 
 }
 
 template <typename F>
-relora_status launch_quantize(const float *src, const void *in_blocks, int64_t rows, int64_t cols, void *out_blocks,
-                              uint64_t *failure, int mode, uint64_t seed, uint64_t stream_id, cudaStream_t stream) {
+relora_status launch_quantize(const float *src, int64_t rows, int64_t cols, void *out_blocks, uint64_t *failure, int mode,
+                              uint64_t seed, uint64_t stream_id, cudaStream_t stream) {
     static_assert(sizeof(unsigned long long) == sizeof(uint64_t), "the failure word is 64 bits");
     RELORA_CHECK(check(cudaMemsetAsync(failure, 0xFF, sizeof(uint64_t), stream), "quantize: resetting the failure word"));
     const int64_t blocks_per_row = (cols + F::kSize - 1) / F::kSize;
     const unsigned int grid = grid_for(rows * blocks_per_row, kQuantThreads);
     unsigned long long *word = reinterpret_cast<unsigned long long *>(failure);
     unsigned char *out = static_cast<unsigned char *>(out_blocks);
-    if (mode == kMerge) {
-        RELORA_LAUNCH((quantize_kernel<F, kMerge>), dim3(grid), dim3(kQuantThreads), 0, stream)
-        (src, static_cast<const unsigned char *>(in_blocks), out, rows, cols, blocks_per_row, seed, stream_id, word);
-    } else if (mode == kStochastic) {
+    if (mode == kStochastic) {
         RELORA_LAUNCH((quantize_kernel<F, kStochastic>), dim3(grid), dim3(kQuantThreads), 0, stream)
-        (src, nullptr, out, rows, cols, blocks_per_row, seed, stream_id, word);
+        (src, out, rows, cols, blocks_per_row, seed, stream_id, word);
     } else {
         RELORA_LAUNCH((quantize_kernel<F, kQuantize>), dim3(grid), dim3(kQuantThreads), 0, stream)
-        (src, nullptr, out, rows, cols, blocks_per_row, seed, stream_id, word);
+        (src, out, rows, cols, blocks_per_row, seed, stream_id, word);
     }
     return check_launch("quantize_kernel");
 }
@@ -164,10 +155,9 @@ relora_status relora_cuda_dequantize(int32_t format, const void *blocks, int64_t
 #undef RELORA_DEQUANT_CASE
 }
 
-static relora_status quantize_any(const char *op, int32_t format, const float *src, const void *in_blocks, int64_t rows,
-                                  int64_t cols, void *out_blocks, uint64_t *failure, int mode, uint64_t seed,
-                                  uint64_t stream_id, void *stream) {
-    const bool merge = mode == kMerge;
+static relora_status quantize_any(const char *op, int32_t format, const float *src, int64_t rows, int64_t cols,
+                                  void *out_blocks, uint64_t *failure, int mode, uint64_t seed, uint64_t stream_id,
+                                  void *stream) {
     if (rows < 0 || cols < 0) {
         return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: negative shape [%lld, %lld]", op, (long long)rows, (long long)cols);
     }
@@ -175,12 +165,12 @@ static relora_status quantize_any(const char *op, int32_t format, const float *s
     if (rows == 0 || cols == 0) {
         return check(cudaMemsetAsync(failure, 0xFF, sizeof(uint64_t), as_stream(stream)), op);
     }
-    if (!out_blocks || (merge ? !in_blocks : !src)) return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: null pointer", op);
+    if (!out_blocks || !src) return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: null pointer", op);
     const cudaStream_t s = as_stream(stream);
     switch (format) {
-    case RELORA_FORMAT_Q8_0: return launch_quantize<Q8_0>(src, in_blocks, rows, cols, out_blocks, failure, mode, seed, stream_id, s);
-    case RELORA_FORMAT_Q4_0: return launch_quantize<Q4_0>(src, in_blocks, rows, cols, out_blocks, failure, mode, seed, stream_id, s);
-    case RELORA_FORMAT_NF4: return launch_quantize<NF4>(src, in_blocks, rows, cols, out_blocks, failure, mode, seed, stream_id, s);
+    case RELORA_FORMAT_Q8_0: return launch_quantize<Q8_0>(src, rows, cols, out_blocks, failure, mode, seed, stream_id, s);
+    case RELORA_FORMAT_Q4_0: return launch_quantize<Q4_0>(src, rows, cols, out_blocks, failure, mode, seed, stream_id, s);
+    case RELORA_FORMAT_NF4: return launch_quantize<NF4>(src, rows, cols, out_blocks, failure, mode, seed, stream_id, s);
     default: return fail(RELORA_ERR_INVALID_ARGUMENT, "%s: unknown format %d", op, (int)format);
     }
 }
@@ -190,11 +180,7 @@ relora_status relora_cuda_quantize(int32_t format, const float *src, int64_t row
                                    void *stream) {
     RELORA_REQUIRE(rounding == RELORA_ROUND_NEAREST || rounding == RELORA_ROUND_STOCHASTIC, "quantize",
                    "unknown rounding %d", (int)rounding);
-    return quantize_any("quantize", format, src, nullptr, rows, cols, blocks, failure,
+    return quantize_any("quantize", format, src, rows, cols, blocks, failure,
                         rounding == RELORA_ROUND_STOCHASTIC ? kStochastic : kQuantize, seed, stream_id, stream);
 }
 
-relora_status relora_cuda_requantize_rtn(int32_t format, const void *in_blocks, const float *delta, int64_t rows,
-                                         int64_t cols, void *out_blocks, uint64_t *failure, void *stream) {
-    return quantize_any("requantize_rtn", format, delta, in_blocks, rows, cols, out_blocks, failure, kMerge, 0, 0, stream);
-}

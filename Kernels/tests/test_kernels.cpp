@@ -386,38 +386,6 @@ bool test_quantize_failures(const Format &f) {
     return ok;
 }
 
-// The rtn merge: blocks = quantize(dequantize(blocks) + delta), compared byte for byte with the reference
-// functions applied on the host (padding zero), out of place and in place; and a null delta leaves every
-// code unchanged (quantize(dequantize(q)) == q).
-bool test_requantize(const Format &f, int64_t rows, int64_t cols) {
-    const std::vector<float> w = weights(rows, cols, 400 + (uint64_t)f.id);
-    Quantized q;
-    reference_quantize(f, w, rows, cols, &q);
-    // Updates around a quantization step (~absmax/127 for q8_0, /8 for q4_0), so many codes move.
-    std::vector<float> delta = uniform((size_t)(rows * cols), -0.05f, 0.05f, 401);
-    std::vector<float> target = reference_dequantize(f, q);
-    for (size_t i = 0; i < target.size(); ++i) target[i] = target[i] + delta[i];
-    Quantized want;
-    reference_quantize(f, target, rows, cols, &want);
-    Buffer in((int64_t)q.blocks.size()), out((int64_t)q.blocks.size()), d(rows * cols * 4), failure(8);
-    in.upload(q.blocks.data(), in.bytes);
-    d.upload(delta.data(), d.bytes);
-    char name[96];
-    bool ok = true;
-    snprintf(name, sizeof name, "requantize_rtn %s [%lld, %lld]", f.name, (long long)rows, (long long)cols);
-    EXPECT_OK(name, api.requantize_rtn(f.id, in.ptr, (const float *)d.ptr, rows, cols, out.ptr, (uint64_t *)failure.ptr, nullptr));
-    ok &= check_bytes(name, download_bytes(out), want.blocks);
-    ok &= download_failure(failure) == RELORA_QUANT_NO_FAILURE;
-    snprintf(name, sizeof name, "requantize_rtn %s in place [%lld, %lld]", f.name, (long long)rows, (long long)cols);
-    EXPECT_OK(name, api.requantize_rtn(f.id, in.ptr, (const float *)d.ptr, rows, cols, in.ptr, (uint64_t *)failure.ptr, nullptr));
-    ok &= check_bytes(name, download_bytes(in), want.blocks);
-    snprintf(name, sizeof name, "requantize_rtn %s zero update keeps codes", f.name);
-    in.upload(q.blocks.data(), in.bytes);
-    EXPECT_OK(name, api.requantize_rtn(f.id, in.ptr, nullptr, rows, cols, out.ptr, (uint64_t *)failure.ptr, nullptr));
-    ok &= check_bytes(name, download_bytes(out), q.blocks);
-    return ok;
-}
-
 // ---- RMSNorm ----------------------------------------------------------------------------------------------
 bool test_rmsnorm(int32_t dtype, int64_t rows, int64_t dim) {
     const float eps = 1e-5f;
@@ -933,7 +901,6 @@ bool run_kernel_suite() {
         for (const auto &s : kQuantShapes) {
             ok &= test_dequantize(f, s[0], s[1]);
             ok &= test_quantize(f, s[0], s[1]);
-            ok &= test_requantize(f, s[0], s[1]);
         }
         ok &= test_quantize_failures(f);
     }

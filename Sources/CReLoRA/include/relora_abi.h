@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 6
+#define RELORA_ABI_VERSION 7
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -138,11 +138,6 @@ typedef struct relora_device_properties {
     X(relora_status, quantize, (int32_t format, const float *src, int64_t rows, int64_t cols,             \
                                 void *blocks, int32_t rounding, uint64_t seed, uint64_t stream_id,        \
                                 uint64_t *failure, void *stream))                                         \
-    /* rtn merge: out = quantize(dequantize(in) + delta) (delta f32 [rows, cols], one f32 add per */     \
-    /* element; NULL = no update); out may equal in (in place) */                                        \
-    X(relora_status, requantize_rtn, (int32_t format, const void *in_blocks, const float *delta,          \
-                                      int64_t rows, int64_t cols, void *out_blocks, uint64_t *failure,    \
-                                      void *stream))                                                      \
     /* out[index] (f32) = how many element codes differ between old and new blocks of one [rows, cols] */\
     /* matrix (scales not compared; padding never differs): Backend.countChangedCodes. Exact below 2^24 */\
     X(relora_status, count_changed_codes, (int32_t format, const void *old_blocks, const void *new_blocks,\
