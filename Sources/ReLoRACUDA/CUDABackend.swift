@@ -19,6 +19,11 @@ import ReLoRACore
 /// `rstd` and weight gradients, attention's `lse`, per-token losses, embedding gradients, reduction
 /// outputs, a GEMM's `alphaScale`, AdamW's tensors). Another combination is a caller's bug and traps:
 /// nothing is converted behind the caller's back, so what a run allocates is what its plan counts.
+///
+/// Sendable (as every `Backend`): its only mutable state, the allocator, is used under `lock`; every other
+/// stored property is a `let` (the workspace pointers are device addresses, written by kernels only), and
+/// the ledger is thread-safe. Kernel calls from several threads go to the one default stream in the order
+/// they are made.
 public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable {
     public let name: String
     public let ledger = MemoryLedger()

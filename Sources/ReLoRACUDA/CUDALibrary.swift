@@ -12,6 +12,9 @@ import ReLoRACore
 /// 2. `libreloracuda.so` next to the running executable (how a packaged build ships it),
 /// 3. `Kernels/build/libreloracuda.so` under the current directory (a source checkout after `make -C Kernels cuda`).
 /// The emulation is only ever used when named explicitly in `RELORA_CUDA_LIB`: nobody trains on it by accident.
+///
+/// Sendable: every stored property is a `let` set in `init` (`api` is a C table of function pointers, which
+/// Swift does not mark Sendable), and the process's cached library (`loaded`) is read and written under `lock`.
 public final class CUDALibrary: @unchecked Sendable {
     /// The resolved entry points; every member is non-nil after a successful load.
     let api: relora_cuda_api

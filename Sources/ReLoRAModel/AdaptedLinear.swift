@@ -23,7 +23,7 @@ enum MergeStats {
 ///
 /// The adapter's projection is kept transposed, `uT = A drop(x)^T` `[r, N]`, so the projections of a
 /// group are contiguous rows of one `[g*r, N]` buffer and one GEMM computes them all.
-public final class AdaptedLinear: @unchecked Sendable {
+public final class AdaptedLinear {
     public let kind: LinearKind
     public let layer: Int
     public let outFeatures: Int, inFeatures: Int
@@ -160,7 +160,7 @@ public final class AdaptedLinear: @unchecked Sendable {
 /// with a fixed scale, the group's input projection `uT = A x^T`, A's gradient `dA += s gT x` and the
 /// input gradient `dx += s gT^T A` are one GEMM each instead of one per linear: fewer, larger GEMMs for
 /// the skinny adapter shapes, where OpenBLAS spends much of its time packing.
-final class AdapterGroup: @unchecked Sendable {
+final class AdapterGroup {
     let linears: [AdaptedLinear]
     /// A of every member, stacked: `[g*r, in]`.
     let a: Tensor

@@ -38,7 +38,7 @@ public struct TrainableParameter {
 ///
 /// Shapes: a batch is `batch` sequences of `seqLen` tokens, flattened to `N = batch * seqLen` rows.
 /// `C` hidden, `F` intermediate, `H`/`Hkv` query/key-value heads of `D` dims, `V` vocabulary.
-public final class LlamaModel: @unchecked Sendable {
+public final class LlamaModel {
     public let config: LlamaConfig
     public let backend: Backend
     public let weights: LlamaParameters

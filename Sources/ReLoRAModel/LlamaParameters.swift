@@ -1,7 +1,7 @@
 import ReLoRACore
 import ReLoRAFormats
 /// One decoder block's parameters, Hugging Face layout (`[out, in]` for linears).
-public final class BlockParameters: @unchecked Sendable {
+public final class BlockParameters {
     public let attnNorm: Tensor           // [C]   input_layernorm
     public let mlpNorm: Tensor            // [C]   post_attention_layernorm
     /// q, k, v, o, gate, up, down, indexed by `LinearKind.rawValue`.
@@ -38,7 +38,7 @@ public final class BlockParameters: @unchecked Sendable {
 }
 
 /// All parameters of a LLaMA model: embeddings, blocks (norms + adapted linears), final norm, head.
-public final class LlamaParameters: @unchecked Sendable {
+public final class LlamaParameters {
     public let config: LlamaConfig
     public let embed: Tensor           // [V, C]  model.embed_tokens
     public let blocks: [BlockParameters]
@@ -114,7 +114,7 @@ public final class LlamaParameters: @unchecked Sendable {
 
 /// Gradients of the dense trained tensors (embeddings, norms, head). Block linears keep theirs
 /// (`AdaptedLinear.weightGrad` in full-rank training, the adapter's under LoRA).
-public final class DenseGradients: @unchecked Sendable {
+public final class DenseGradients {
     public let embed: Tensor
     public let attnNorm: [Tensor]
     public let mlpNorm: [Tensor]

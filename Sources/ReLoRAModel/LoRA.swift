@@ -66,7 +66,7 @@ public struct LoRAConfig: Sendable, Equatable {
 /// `precision.loraFactors`), the scale s as a `[1]` f32 tensor (so it can be trained and stays on the
 /// device), and, once gradients are enabled, their gradients. A (and its gradient) is a view into its
 /// `AdapterGroup`'s contiguous storage.
-public final class LoRAAdapter: @unchecked Sendable {
+public final class LoRAAdapter {
     public let a: Tensor
     public let b: Tensor
     public let scale: Tensor

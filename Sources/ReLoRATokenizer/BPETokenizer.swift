@@ -24,7 +24,7 @@ import ReLoRAFormats
 ///
 /// Thread safety: every stored property is an immutable value, so `encode`/`decode` may run concurrently
 /// on one instance; all per-call state (cache, work arrays) is local to the call.
-public final class BPETokenizer: @unchecked Sendable {
+public final class BPETokenizer: Sendable {
     /// `model.vocab` keys by id (`0..<modelTokens.count`), in the byte-level spelling.
     let modelTokens: [String]
     /// The bytes each id decodes to (`0..<vocabSize`): model tokens via the byte-level alphabet (or their

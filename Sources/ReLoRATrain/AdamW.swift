@@ -12,7 +12,7 @@ import ReLoRACheckpoint
 /// `v[i]` are then their u8 codes); a parameter whose working copy is narrower than f32 (bf16 on CUDA) gets
 /// an f32 master copy (tag `.masterWeights`) that the update runs on and that is converted back into the
 /// working copy. `stepCount` counts applied updates (bias correction uses it, 1-based).
-public final class AdamW: @unchecked Sendable {
+public final class AdamW {
     public struct Parameter {
         public let name: String
         public let value: Tensor

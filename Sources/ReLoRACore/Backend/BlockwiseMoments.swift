@@ -6,7 +6,7 @@ import CReLoRA
 /// `map[codes[i]] * absmax[i / 256]`, with the signed dynamic map for the first moment m and the unsigned one
 /// for the second moment v. A block whose absmax is 0 holds zeros whatever its codes (a fresh state is all
 /// zero bytes).
-public struct BlockwiseMoments: @unchecked Sendable {
+public struct BlockwiseMoments: Sendable {
     public let codes: Tensor
     public let absmax: Tensor
     /// The signed map (m) or the unsigned one (v).

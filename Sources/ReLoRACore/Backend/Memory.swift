@@ -28,7 +28,7 @@ public enum MemoryTag: String, CaseIterable, Sendable, Codable {
 /// A backend calls `allocated` when it makes a tensor and `freed` when the tensor goes away, whether
 /// or not it allocates real memory: the planning backend drives the same ledger without allocating,
 /// which is how `relora memory` and a real run report from the same code.
-public final class MemoryLedger: @unchecked Sendable {
+public final class MemoryLedger: @unchecked Sendable {  // every var is read and written under `lock`
     private let lock = NSLock()
     private var live: [MemoryTag: Int] = [:]
     private var peakByTag: [MemoryTag: Int] = [:]

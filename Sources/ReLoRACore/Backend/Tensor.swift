@@ -41,6 +41,9 @@ public struct TensorRelease {
 /// Tensors are reference types: ops write into tensors the caller allocated (llm.c style), so the model
 /// controls exactly what is live at any time. The storage is released (and the memory ledger updated)
 /// when the last reference goes away.
+///
+/// Sendable: every stored property is a `let`; `storage` (a raw pointer, which Swift does not mark Sendable)
+/// is memory of the backend, read and written by its ops only.
 public final class Tensor: @unchecked Sendable {
     public let shape: [Int]
     public let count: Int
