@@ -32,6 +32,8 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
     public let precision: Precision
     public let computes = true
     public let library: CUDALibrary
+    /// `attention_forward`/`attention_backward` take head_dim in [1, 128] (`relora_abi.h`).
+    public let maxAttentionHeadDim: Int? = 128
 
     private let lock = NSLock()
     private let allocator: DeviceAllocator

@@ -267,7 +267,17 @@ public final class LlamaModel {
 
     // MARK: Validation
 
+    /// Refuses a model `backend`'s kernels cannot run (a head_dim past the CUDA attention kernels'), before
+    /// anything is allocated or a kernel call fails.
+    public static func checkSupported(_ config: LlamaConfig, on backend: Backend) throws {
+        if let limit = backend.maxAttentionHeadDim, config.headDim > limit {
+            throw ReLoRAError.unsupported(
+                "the model's head_dim \(config.headDim) exceeds \(limit), the most the \(backend.name) attention kernels take; use --device cpu")
+        }
+    }
+
     private func validate(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int) throws {
+        try Self.checkSupported(config, on: backend)
         guard batch > 0, seqLen > 0 else {
             throw ReLoRAError.invalidData("batch size and sequence length must be positive, got \(batch) x \(seqLen)")
         }

@@ -114,6 +114,7 @@ public final class Trainer {
                 log("note: master_copies 'file' has no effect: only merge_policy 'master' (with quantized weights) keeps master copies")
             }
         }
+        try LlamaModel.checkSupported(config, on: backend)
         if let device = backend as? CUDABackend {
             // Refuse before allocating a run whose plan does not fit what the device has free now.
             let free = device.deviceMemory().free

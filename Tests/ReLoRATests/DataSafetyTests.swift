@@ -198,4 +198,36 @@ final class DataSafetyTests: XCTestCase {
         assertStoppedCleanly(r, mentions: ["master_copies", "ram", "--resume"])
         XCTAssertEqual(try snapshot(runDir), before, "the run directory changed")
     }
+
+    // MARK: A model the CUDA kernels cannot run
+
+    /// A model whose head_dim exceeds the CUDA attention kernels' 128 reached a failed kernel call, which
+    /// traps (`CUDALibrary.fail`): on cuda the run is refused before anything is allocated, with one
+    /// sentence, and a model built anyway refuses its forward pass the same way.
+    func testHeadDimBeyondTheCUDAKernelsIsRefused() throws {
+        try KernelEmulationTests.buildEmulation()
+        let data = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let config: [String: Any] = [
+            "hidden_size": 256, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "num_key_value_heads": 1, "vocab_size": 256, "max_position_embeddings": 64,
+        ]
+        try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: data.dir + "/wide.json"))
+        let recipe: [String: Any] = [
+            "model": data.dir + "/wide.json", "train_data": data.train, "run_dir": data.dir + "/run", "seq_len": 32,
+            "micro_batch": 2, "steps": 2, "warmup_steps": 1, "eval_every": 100, "checkpoint_every": 2, "device": "cuda",
+        ]
+        try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
+        let r = try runReloraWith(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": KernelEmulationTests.emulatedLibrary])
+        XCTAssertEqual(r.reason, .exit, "ended by a signal (a trap): \(r.stderr.prefix(600))")
+        XCTAssertEqual(r.status, 2, r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("head_dim 256") && r.stderr.contains("--device cpu"), r.stderr)
+        XCTAssertFalse(r.stdout.contains("step 1/2"), r.stdout)
+
+        let backend = try CUDABackendTests.emulatedBackend()
+        let model = LlamaModel(config: try LlamaConfig(contentsOf: data.dir + "/wide.json"), backend: backend)
+        XCTAssertThrowsError(try model.logits(inputs: [1, 2, 3], batch: 1, seqLen: 3)) {
+            XCTAssertTrue("\($0)".contains("head_dim 256"), "\($0)")
+        }
+    }
 }

@@ -22,6 +22,8 @@ public protocol Backend: AnyObject, Sendable {
     var precision: Precision { get }
     /// False for a planning backend: tensors have no storage and ops return placeholders.
     var computes: Bool { get }
+    /// The largest attention `head_dim` the backend's kernels take, nil for any (the default).
+    var maxAttentionHeadDim: Int? { get }
 
     func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor
 
@@ -217,6 +219,8 @@ public struct Precision: Sendable, Equatable, Codable {
 }
 
 extension Backend {
+    public var maxAttentionHeadDim: Int? { nil }
+
     /// What every backend's `pruneMoments` does before its select: counts the returned count's transfer,
     /// checks the shapes and settles the cases that need no select (nothing to zero: 0; every position:
     /// both zeroed, n). Returns `.done(zeroed)` for those, else `.select(k)` with the rank of the threshold.
