@@ -2,8 +2,8 @@
 """Writes a small random LLaMA as a Hugging Face model directory, to try continuing a Hugging Face
 model with ReLoRA without downloading one.
 
-    python3 -m pip install numpy safetensors tokenizers
-    python3 scripts/make_hf_model.py --text my_text.txt --out data/hf_model
+    python3 -m venv .venv && .venv/bin/pip install numpy safetensors tokenizers
+    .venv/bin/python scripts/make_hf_model.py --text my_text.txt --out data/hf_model
 
 The directory holds what `LlamaForCausalLM.save_pretrained` and a tokenizer's `save_pretrained` write:
 config.json (a LlamaConfig), model.safetensors (float32, Hugging Face tensor names, metadata
@@ -24,7 +24,7 @@ try:
     from safetensors.numpy import save_file
     from tokenizers import ByteLevelBPETokenizer
 except ImportError as e:
-    sys.exit(f"make_hf_model: {e.name} is missing: python3 -m pip install numpy safetensors tokenizers")
+    sys.exit(f"make_hf_model: {e.name} is missing: pip install numpy safetensors tokenizers (in a venv: python3 -m venv .venv)")
 
 SPECIAL = "<|endoftext|>"
 
