@@ -114,7 +114,9 @@ def main() -> int:
             m = FENCE.match(line)
             if m:
                 fence = None if fence and m.group(1)[0] == fence else (fence or m.group(1)[0])
-            bare = INLINE_LINK.sub(" ", URL.sub(" ", line))  # links are judged as links below
+            bare = URL.sub(" ", line)
+            for link in (INLINE_LINK, HTML_LINK, REF_DEF):
+                bare = link.sub(" ", bare)  # links are judged as links below
             # Path text, in prose and code alike: nothing may lead outside the repository.
             for p in UP_PATH.findall(bare):
                 if inside(rel_dir, p.rstrip(".")) is None:
