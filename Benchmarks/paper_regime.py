@@ -23,11 +23,11 @@ warm start), restart warmup R/10, magnitude reset 0.99 of the LoRA moments, jagg
   (restarts + jagged, no reset), relora_no_ws (ReLoRA without warm start), full_lr2x (full-rank at 2L),
   relora_lr1x (ReLoRA stages at L: an lr control), relora_r12 (restarts every N/12: 9 cycles after the warm start),
   relora_joint (the reset prunes m and v with one mask, `magnitude_joint`)
-  quantized (issue 8; --arms quant = all twelve): relora_<format>_<policy>, the relora arm with its frozen block
+  quantized (--arms quant = all twelve): relora_<format>_<policy>, the relora arm with its frozen block
   linears stored as q8_0, q4_0 or nf4 and restarts merged by rtn, stochastic, compensate or master; their own
   table in results.md compares each with dense ReLoRA of the same seed (perplexity ratio, share of each merged
   update lost to the requantization, codes changed, measured peak memory, planned frozen-weight bytes)
-  8-bit Adam (issue 8): any arm name + _adam8 runs it with `optimizer_states: int8` (e.g. relora_adam8,
+  8-bit Adam: any arm name + _adam8 runs it with `optimizer_states: int8` (e.g. relora_adam8,
   relora_q4_0_compensate_adam8); the quantized table lists those rows too
 
 Each arm: `relora train`, `relora export RUN --format hf`, `relora eval` of the export on the val and ood sets.
@@ -373,7 +373,7 @@ def quant_table(results):
     mean = lambda xs: statistics.mean(xs) if xs else None
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b else "-"
     lines = [
-        "", "Quantized frozen weights (issue 8): ReLoRA above with its seven block linears stored as q8_0, q4_0 or nf4, "
+        "", "Quantized frozen weights: ReLoRA above with its seven block linears stored as q8_0, q4_0 or nf4, "
         "restarts merged by `merge_policy`; everything else identical (seed, data order, warm start). The ratio is to "
         "dense ReLoRA's perplexity of the same seed, mean (min-max) over seeds. Lost: the share of each merged update's "
         "norm the requantization lost (`merge_error`), mean over the restarts that merged an update; codes changed: "

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """ReLoRA with quantized frozen weights against dense ReLoRA and full-rank, on the default Shakespeare data
-(standard library only; issue 8's quality experiment, at demo scale).
+(standard library only; the quality experiment at demo scale).
 
-Every arm continues the main job's model (`bash scripts/demo.sh`: runs/shakespeare-demo, full-rank, step
+Every arm continues the demo's model (`bash scripts/demo.sh`: runs/shakespeare-demo, full-rank, step
 400) for the same budget with the recipe Configs/recipes/shakespeare_relora.json (r 32, alpha 8, restarts
 every 100 steps, magnitude reset 0.99, jagged schedule, lr 4e-3), changing only the frozen weights'
 storage (`quant`) and, where the build has them, the merge policy (`merge_policy`). The control arm

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up, fetch the default data (Shakespeare), train a tokenizer,
+# The demo on a fresh machine: set up, fetch the default data (Shakespeare), train a tokenizer,
 # tokenize, train a small LLaMA on CPU for a few minutes, evaluate on the held-out plays, print a
 # sample and export a Hugging Face checkpoint. Re-running starts a fresh run (the old one is replaced).
 set -euo pipefail

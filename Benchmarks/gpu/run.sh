@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of issue 9 on any machine with a CUDA GPU and nvcc, without Swift:
+# The GPU checks and benchmarks on any machine with a CUDA GPU and nvcc, without Swift:
 #   1. builds Kernels/ with the machine's nvcc (CUDA_HOME, or the nvcc on PATH, or /usr/local/cuda);
 #   2. `make test-cuda`: every kernel against its scalar reference on the GPU;
 #   3. `relora selftest --device cuda`: every backend op (f32 and bf16) and training steps against the CPU;
