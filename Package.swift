@@ -59,7 +59,7 @@ let package = Package(
             path: "Sources/ReLoRAAnalysis"),
         .target(
             name: "ReLoRASelfTest",
-            dependencies: ["ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRAModel", "ReLoRATrain", "CReLoRA"],
+            dependencies: ["ReLoRACore", "ReLoRAFormats", "ReLoRAModel", "ReLoRATrain", "CReLoRA"],
             path: "Sources/ReLoRASelfTest"),
         .executableTarget(
             name: "ReLoRACLI",

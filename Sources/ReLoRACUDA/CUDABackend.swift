@@ -24,7 +24,7 @@ import ReLoRACore
 /// stored property is a `let` (the workspace pointers are device addresses, written by kernels only), and
 /// the ledger is thread-safe. Kernel calls from several threads go to the one default stream in the order
 /// they are made.
-public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable {
+public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Sendable {
     public let name: String
     public let ledger = MemoryLedger()
     /// `cudaMixed` for training; `fp32` runs every op in f32, which the selftest uses to compare whole
@@ -114,6 +114,10 @@ public final class CUDABackend: Backend, TensorStorageOwner, @unchecked Sendable
         lock.lock(); defer { lock.unlock() }
         return allocator.stats
     }
+
+    public var device: Device { .cuda }
+    public var deviceName: String { library.deviceName }
+    public var isEmulated: Bool { library.emulated }
 
     /// What the device reports (`cudaMemGetInfo`): free and total bytes; under a `RELORA_DEVICE_MEMORY_LIMIT`
     /// cap, what the cap leaves (total = the cap, free = the cap less what the allocator reserved).

@@ -1,7 +1,6 @@
 import CReLoRA
 import Foundation
 import ReLoRACore
-import ReLoRACUDA
 import ReLoRAFormats
 import ReLoRAModel
 import ReLoRATrain

@@ -1,6 +1,5 @@
 import Foundation
 import ReLoRACore
-import ReLoRACUDA
 import ReLoRAFormats
 import ReLoRATokenizer
 import ReLoRAModel

@@ -1,6 +1,5 @@
 import Foundation
 import ReLoRACore
-import ReLoRACUDA
 import ReLoRAFormats
 import ReLoRATokenizer
 import ReLoRAModel
@@ -22,7 +21,7 @@ public enum MemoryPlanner {
     /// checkpointing) and, for `relora`, one restart (merge with the recipe's policy, whose workspace and
     /// master copies it counts, + optimizer reset).
     public static func plan(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int? = nil) throws -> MemoryPlan {
-        let backend = BackendFactory.planning(device)
+        let backend = PlanningBackend(target: device)
         try run(recipe, config: config, on: backend)
         return MemoryPlan(device: device, report: backend.ledger.report(), budget: budget)
     }

@@ -1,7 +1,6 @@
 import COpenBLAS
 import Foundation
 import ReLoRACore
-import ReLoRACUDA
 import ReLoRAFormats
 import ReLoRATokenizer
 import ReLoRAModel
@@ -76,8 +75,8 @@ public enum PeakFLOPs {
     /// peak on a GPU (`cudaBF16Peak`); nil where none is known (a planning backend, the emulation, a GPU
     /// missing from the table).
     public static func peak(for backend: Backend) -> Double? {
-        if let device = backend as? CUDABackend {
-            return device.library.emulated ? nil : cudaBF16Peak(deviceName: device.library.deviceName)
+        if let device = backend as? DeviceBackend {
+            return device.isEmulated ? nil : cudaBF16Peak(deviceName: device.deviceName)
         }
         return backend.name == "cpu" ? cpu : nil
     }

@@ -1,5 +1,4 @@
 import ReLoRACore
-import ReLoRACUDA
 import ReLoRAFormats
 import ReLoRATokenizer
 import ReLoRAModel

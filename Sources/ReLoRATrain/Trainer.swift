@@ -115,13 +115,13 @@ public final class Trainer {
             }
         }
         try LlamaModel.checkSupported(config, on: backend)
-        if let device = backend as? CUDABackend {
+        if let device = backend as? DeviceBackend {
             // Refuse before allocating a run whose plan does not fit what the device has free now.
             let free = device.deviceMemory().free
-            let plan = try MemoryPlanner.requireFits(recipe, config: config, device: .cuda, budget: free,
-                                                     what: "the free memory of \(device.library.deviceName)")
+            let plan = try MemoryPlanner.requireFits(recipe, config: config, device: device.device, budget: free,
+                                                     what: "the free memory of \(device.deviceName)")
             plannedPeak = plan.report.peakTotal
-            log("memory plan: peak \(formatBytes(plan.report.peakTotal)) of \(formatBytes(free)) free on \(device.library.deviceName)")
+            log("memory plan: peak \(formatBytes(plan.report.peakTotal)) of \(formatBytes(free)) free on \(device.deviceName)")
         }
         model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
                            quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
@@ -341,7 +341,7 @@ public final class Trainer {
     /// `master_copies: file`: the CPU backend maps the master copies from files in the run directory, after
     /// checking that its file system has room for them (one sentence if not, before anything is allocated).
     static func mapMasterCopies(_ recipe: Recipe, config: LlamaConfig, backend: Backend) throws {
-        guard let cpu = backend as? CPUBackend else {
+        guard let host = backend as? HostFileBacking else {
             throw ReLoRAError.invalidConfig("'master_copies' 'file' is for the cpu device; on \(backend.name) the master copies live in pinned host memory: drop the key or set it to 'ram'")
         }
         try Files.createDirectory(recipe.runDir)
@@ -353,7 +353,7 @@ public final class Trainer {
                 throw ReLoRAError.invalidConfig("'master_copies' 'file' needs \(formatBytes(needed)) in \(recipe.runDir), which has \(formatBytes(free)) free; free space there, choose another run_dir, or use 'ram'")
             }
         }
-        cpu.hostFileDirectory = recipe.runDir
+        host.hostFileDirectory = recipe.runDir
     }
 
     public func run() throws -> TrainingSummary {
@@ -379,7 +379,7 @@ public final class Trainer {
             if history.count == 1 {
                 var text = "memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
                     + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down"
-                if let device = model.backend as? CUDABackend {
+                if let device = model.backend as? DeviceBackend {
                     text += "\n" + device.memorySummary() + (plannedPeak.map { "; planned peak \(formatBytes($0))" } ?? "")
                 }
                 log(text)

@@ -1,6 +1,5 @@
 import CReLoRA
 import ReLoRACore
-import ReLoRACUDA
 import ReLoRAFormats
 import ReLoRATokenizer
 import ReLoRAModel

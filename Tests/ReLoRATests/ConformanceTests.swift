@@ -72,7 +72,7 @@ final class ConformanceTests: XCTestCase {
 
     /// A planning backend computes nothing: one failed check that says so, no crash.
     func testPlanningBackendIsReportedNotRun() {
-        let checks = Conformance.run(on: BackendFactory.planning(.cpu))
+        let checks = Conformance.run(on: PlanningBackend(target: .cpu))
         XCTAssertEqual(checks.count, 1)
         XCTAssertFalse(checks[0].passed)
         XCTAssertTrue(checks[0].note.contains("does not compute"))

@@ -46,7 +46,7 @@ final class ModelFLOPsTests: XCTestCase {
         let peak = PeakFLOPs.sgemm(m: 256, n: 256, k: 256, reps: 2)
         XCTAssertGreaterThan(peak, 1e8)   // any CPU of this century
         XCTAssertLessThan(peak, 1e14)     // no CPU of this decade
-        XCTAssertNil(PeakFLOPs.peak(for: BackendFactory.planning(.cpu)))
+        XCTAssertNil(PeakFLOPs.peak(for: PlanningBackend(target: .cpu)))
     }
 
     func testETAAndDuration() {

@@ -8,17 +8,13 @@
 /// op-internal scratch (the CPU attention's `[T, T]` score buffers; none for the CUDA kernels, whose
 /// attention is fused and whose cuBLAS workspace is counted by the caching allocator, not per op).
 public final class PlanningBackend: Backend, TensorStorageOwner {
-    public enum Target: String, Sendable, CaseIterable {
-        case cpu, cuda
-    }
-
-    public let target: Target
+    public let target: Device
     public let ledger = MemoryLedger()
     public let precision: Precision
     public let computes = false
     public var name: String { "plan:\(target.rawValue)" }
 
-    public init(target: Target) {
+    public init(target: Device) {
         self.target = target
         precision = target == .cpu ? .fp32 : .cudaMixed
     }

@@ -6,7 +6,7 @@ import Foundation
 /// the rest (parallel over rows where that pays on a few cores). Readability first: this is the
 /// specification the CUDA kernels are checked against. Accumulations that span many terms
 /// (norms, losses) use Double.
-public final class CPUBackend: Backend, TensorStorageOwner {
+public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public let name = "cpu"
     public let ledger = MemoryLedger()
     public let precision = Precision.fp32
