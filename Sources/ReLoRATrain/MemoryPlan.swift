@@ -43,11 +43,7 @@ public enum MemoryPlanner {
     /// The planned code path on any backend (tests run it on the CPU to prove plan = measured).
     static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend) throws {
         try recipe.loraConfig?.validate(for: config)
-        let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
-                               quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
-        model.enableGradients()
-        let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
-                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
+        let (model, optimizer) = TrainingModel.build(recipe, config: config, backend: backend)
         optimizer.refreshMasterCopies()
         let n = recipe.microBatch * recipe.seqLen
         let ids = [Int32](repeating: 0, count: n)

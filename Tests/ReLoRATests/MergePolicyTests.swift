@@ -70,7 +70,7 @@ final class MergePolicyTests: XCTestCase {
         }
         r.device = "cpu"
         let cfg = try LlamaConfig(contentsOf: r.model)
-        XCTAssertThrowsError(try Trainer.mapMasterCopies(r, config: cfg, backend: PlanningBackend(target: .cuda))) {
+        XCTAssertThrowsError(try RunSetup.mapMasterCopies(r, config: cfg, backend: PlanningBackend(target: .cuda))) {
             XCTAssertTrue("\($0)".contains("'master_copies' 'file' is for the cpu device"), "\($0)")
         }
     }

@@ -1,6 +1,6 @@
 /// Typed host access to a tensor's storage. Only the CPU backend (whose storage is host memory), its
-/// upload/download ops and the tests use these; everything else goes through `Backend` ops (checked
-/// by `grep -rn '\.f32\b\|hostBytes' Sources/ReLoRA` outside `Backend/CPU`).
+/// upload/download ops and the tests use these; everything else goes through `Backend` ops. They are
+/// internal to ReLoRACore, so the compiler holds that rule: no other target can read tensor memory.
 extension Tensor {
     /// f32 view of host storage. Traps if the tensor is not f32 or has no host storage.
     @inline(__always) var f32: UnsafeMutablePointer<Float> {

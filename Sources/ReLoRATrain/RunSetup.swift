@@ -1,0 +1,151 @@
+import Foundation
+import ReLoRACore
+import ReLoRAFormats
+import ReLoRAModel
+import ReLoRACheckpoint
+
+/// Everything a run reads and checks before it allocates anything or writes a file: the recipe (validated,
+/// its sampler resolved), the model's config, the token data and the checkpoint a resume continues.
+/// The guards that keep a new run away from existing checkpoints live here, so a refused run leaves its
+/// run directory exactly as it found it.
+struct RunSetup {
+    /// The recipe as given, with `sampler` resolved (see `Recipe.sampler`).
+    let recipe: Recipe
+    let config: LlamaConfig
+    let sampler: TrainingSampler
+    let valTokens: TokenArray?
+    /// The checkpoint a resume continues (`checkpoints/latest`); nil for a new run.
+    let resumePoint: String?
+
+    init(recipe given: Recipe, resume: Bool) throws {
+        try given.validate()  // recipes built in code skip the decoder's checks
+        var recipe = given
+        config = try LlamaConfig(contentsOf: recipe.model)
+        guard recipe.seqLen <= config.maxPositionEmbeddings else {
+            throw ReLoRAError.invalidConfig("seq_len \(recipe.seqLen) exceeds the model's max_position_embeddings \(config.maxPositionEmbeddings)")
+        }
+        let train = try TokenArray(npyPath: recipe.trainData)
+        try Self.checkVocabulary(train, config)
+        // A new run never goes where checkpoints are; a resume only from the checkpoint `latest` names.
+        if resume {
+            guard let path = try TrainingCheckpoint.resumePoint(runDir: recipe.runDir) else {
+                throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
+            }
+            resumePoint = path
+        } else {
+            try TrainingCheckpoint.requireNoCheckpoints(runDir: recipe.runDir)
+            resumePoint = nil
+        }
+        recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: resumePoint)
+        switch recipe.sampler! {
+        case .random: sampler = .random(try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed))
+        case .epoch:
+            sampler = .epoch(try EpochSampler(tokens: train, seqLen: recipe.seqLen, microBatch: recipe.microBatch,
+                                              gradAccum: recipe.gradAccum, seed: recipe.seed))
+        }
+        if let v = recipe.valData {
+            let val = try TokenArray(npyPath: v)
+            try Self.checkVocabulary(val, config)
+            guard val.count >= recipe.seqLen else {
+                throw ReLoRAError.invalidData("\(v) has \(val.count) tokens, fewer than one evaluation window of seq_len \(recipe.seqLen)")
+            }
+            valTokens = val
+        } else {
+            valTokens = nil
+        }
+        try recipe.loraConfig?.validate(for: config)
+        self.recipe = recipe
+    }
+
+    /// The sampler of a run: on a resume the checkpoint's (a recipe naming another one is an error: the
+    /// data position of a run is its step under the sampler it started with); else the recipe's, or
+    /// `SamplerMode.automatic` for the training data and the run's budget.
+    static func resolveSampler(_ recipe: Recipe, train: TokenArray, resumingFrom checkpoint: String?) throws -> SamplerMode {
+        if let checkpoint {
+            let saved = try TrainingCheckpoint.readState(checkpoint).sampler
+            guard let mode = SamplerMode(stateName: saved) else {
+                throw ReLoRAError.invalidData("\(checkpoint)/state.json names sampler '\(saved)', which this version does not know")
+            }
+            if let asked = recipe.sampler, asked != mode {
+                throw ReLoRAError.invalidData(
+                    "the checkpoint was made with sampler '\(mode.rawValue)' but the recipe says '\(asked.rawValue)'; a run cannot change samplers (its data position is its step under the sampler it started with): resume with sampler '\(mode.rawValue)' or start a new run")
+            }
+            return mode
+        }
+        return recipe.sampler ?? .automatic(windows: (train.count - 1) / recipe.seqLen, needed: recipe.steps * recipe.microBatch * recipe.gradAccum)
+    }
+
+    static func checkVocabulary(_ tokens: TokenArray, _ config: LlamaConfig) throws {
+        guard tokens.count > 0 else { throw ReLoRAError.invalidData("\(tokens.path) holds no tokens") }
+        let lo = tokens.minValue(), hi = tokens.maxValue()
+        if lo < 0 || hi >= Int64(config.vocabSize) {
+            throw ReLoRAError.invalidData(
+                "\(tokens.path) holds token ids in [\(lo), \(hi)] but the model's vocabulary is [0, \(config.vocabSize)); tokenize with the matching tokenizer or fix vocab_size")
+        }
+    }
+
+    /// Prepares `backend` for the run before the model is built: `master_copies: file` maps the master
+    /// copies from files in the run directory (after checking it has room: one sentence if not), and on a
+    /// device the plan must fit the memory it has free now. Returns the planned device peak, if planned.
+    func prepare(_ backend: Backend, log: (String) -> Void) throws -> Int? {
+        if recipe.masterCopies == .file {
+            if recipe.keepsMasterCopies {
+                try Self.mapMasterCopies(recipe, config: config, backend: backend)
+            } else {
+                log("note: master_copies 'file' has no effect: only merge_policy 'master' (with quantized weights) keeps master copies")
+            }
+        }
+        try LlamaModel.checkSupported(config, on: backend)
+        guard let device = backend as? DeviceBackend else { return nil }
+        let free = device.deviceMemory().free
+        let plan = try MemoryPlanner.requireFits(recipe, config: config, device: device.device, budget: free,
+                                                 what: "the free memory of \(device.deviceName)")
+        log("memory plan: peak \(formatBytes(plan.report.peakTotal)) of \(formatBytes(free)) free on \(device.deviceName)")
+        return plan.report.peakTotal
+    }
+
+    /// `master_copies: file` on a backend that can keep host tensors in mapped files (the CPU backend).
+    static func mapMasterCopies(_ recipe: Recipe, config: LlamaConfig, backend: Backend) throws {
+        guard let host = backend as? HostFileBacking else {
+            throw ReLoRAError.invalidConfig("'master_copies' 'file' is for the cpu device; on \(backend.name) the master copies live in pinned host memory: drop the key or set it to 'ram'")
+        }
+        try Files.createDirectory(recipe.runDir)
+        let needed = try MemoryPlanner.plan(recipe, config: config, device: .cpu).report.hostPeakTotal
+        var fs = statvfs()
+        if statvfs(recipe.runDir, &fs) == 0 {
+            let free = Int(fs.f_bavail) * Int(fs.f_frsize)
+            guard free >= needed else {
+                throw ReLoRAError.invalidConfig("'master_copies' 'file' needs \(formatBytes(needed)) in \(recipe.runDir), which has \(formatBytes(free)) free; free space there, choose another run_dir, or use 'ram'")
+            }
+        }
+        host.hostFileDirectory = recipe.runDir
+    }
+
+    /// A new run's files: the run directory, `recipe.json` (the resolved recipe) and a copy of the
+    /// tokenizer the recipe names (so the run directory alone can sample and export).
+    func createRunDirectory() throws {
+        try Files.createDirectory(recipe.runDir)
+        try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
+        if let tok = recipe.tokenizer {
+            guard let data = FileManager.default.contents(atPath: tok) else {
+                throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
+            }
+            try writeFileAtomically(data, to: recipe.runDir + "/tokenizer.json")
+        }
+    }
+}
+
+/// The model and the optimizer a recipe trains, built one way for the trainer and the memory planner (so
+/// a plan allocates exactly what a run does): the model with the recipe's checkpointing, LoRA, frozen-weight
+/// format and master copies, gradients enabled, and AdamW with its moments in the recipe's precision.
+enum TrainingModel {
+    static func build(_ recipe: Recipe, config: LlamaConfig, backend: Backend) -> (model: LlamaModel, optimizer: AdamW) {
+        let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
+                               quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
+        model.dropoutSeed = recipe.seed
+        model.enableGradients()
+        let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
+                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
+        return (model, optimizer)
+    }
+}
