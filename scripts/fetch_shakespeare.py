@@ -528,7 +528,7 @@ def write_fixtures(out_dir, manifest, fix_dir):
         "# Shakespeare test slices",
         "",
         "Small, committed excerpts of the default training data (see",
-        "`scripts/fetch_shakespeare.py` and DESIGN.md, \"Default data\"), so tests",
+        "`scripts/fetch_shakespeare.py` and [docs/data.md](../../../docs/data.md)), so tests",
         "can run without network access.",
         "",
         f"Source: PyPI package `{src['requirement']}` (`{src['archive']}`,",

@@ -6,7 +6,7 @@ import ReLoRAModel
 import ReLoRACheckpoint
 import ReLoRATrain
 
-// `relora-bench --mode gpu`: the CUDA backend's figures (issue 9, item 6), each against a baseline measured
+// `relora-bench --mode gpu`: the CUDA backend's figures, each against a baseline measured
 // in the same run on the same device.
 //   1. quantized linear (dequantize into the bf16 scratch + cuBLAS) vs plain cuBLAS bf16 on the same shapes:
 //      1b and 7b layer shapes, M = 4096, 8192, 16384 tokens, forward and input gradient;

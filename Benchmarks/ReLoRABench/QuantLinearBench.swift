@@ -9,7 +9,7 @@ import ReLoRATrain
 /// `relora-bench --mode quant-linear [--tokens M]`: a frozen linear's training work (forward `y = x W^T`
 /// and input gradient `dx = dy W`) with W in q8_0, q4_0 and nf4, dequantized tile by tile on the fly,
 /// against the same two products with a dense f32 W (plain sgemm), on the 1b config's layer shapes and
-/// one ragged shape, measured in the same run. The target (issue 8): quantized within 15 % of dense.
+/// one ragged shape, measured in the same run. The target: quantized within 15 % of dense.
 func runQuantLinearBench(tokens m: Int, reps: Int, json: String?) throws {
     let backend = try BackendFactory.make(.cpu)
     // [out, in]: 1b attention (2048 x 2048), MLP up (5461 x 2048) and down (2048 x 5461, rows padded).

@@ -533,7 +533,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
                                       out.storage, Self.code(t), nil), "dequantize")
     }
 
-    /// The whole layer: cuBLAS runs one GEMM over the weight dequantized right before it (DESIGN.md).
+    /// The whole layer: cuBLAS runs one GEMM over the weight dequantized right before it.
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { [rows, cols] }
 
     public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {

@@ -8,7 +8,7 @@ import ReLoRACheckpoint
 /// Learning-rate multiplier per optimizer step: linear warmup, cosine decay to `minRatio` at the last
 /// step, and (for ReLoRA) the jagged variant that drops to 0 at every restart and ramps linearly back
 /// to the cosine curve over `restartWarmup` steps. This is the reference implementation's formula
-/// (PAPER.md, recipe step 5), with N total steps, W0 warmup, R restart interval, w restart warmup,
+/// (the ReLoRA paper's recipe; docs/recipes-and-relora.md), with N total steps, W0 warmup, R restart interval, w restart warmup,
 /// m min ratio and t the 0-based step about to be taken:
 ///
 ///     t < W0:                 t / W0

@@ -14,7 +14,7 @@ byte-identical files. Writes next to this script:
   relora_reference.json          the hyperparameters, and how far a float64 run and two ablations move
                                  the results (see "Conditioning")
 
-Everything here is written from ReLoRA's description (shared/PAPER.md, "The recipe"; README "LoRA and
+Everything here is written from ReLoRA's description (the ReLoRA paper's recipe, Lialin et al. 2023; README "LoRA and
 ReLoRA"), not from relora's Swift code. Where the description leaves a convention open, the convention
 chosen is relora's (read from its sources only for that) and is stated here as the spec:
 
@@ -62,12 +62,12 @@ lambda(0)); the reference code restarts when the 1-based update count u satisfie
 update, i.e. after the 0-based step R, whose lambda is 0: the same timing as above.
 
 Open conventions and how they were resolved (relora's choice, recorded here):
-  * the reset threshold: PAPER.md says "magnitude below the p-quantile". The reference code prunes
+  * the reset threshold: the paper says "magnitude below the p-quantile". The reference code prunes
     |x| <= torch.quantile(|x|, p) (linear interpolation, which prunes floor(p*(n-1)) + 1 entries);
     relora and this fixture prune the k = ceil(p * n) smallest (one entry more for most sizes here).
     The script also trains with the quantile rule: that changes a loss by 7e-3 and a merged weight by
     8% of its tensor's largest entry, so the test does pin relora's rule.
-  * the ramp target after a restart is cos_curve(k*R + w) as in PAPER.md (one version of the reference
+  * the ramp target after a restart is cos_curve(k*R + w) as in the paper (one version of the reference
     code uses the cosine at progress k*R / (N - W0) instead);
   * clipping without torch's +1e-6 in the denominator, and only when the norm exceeds the maximum.
 

@@ -113,28 +113,6 @@ final class DataSafetyTests: XCTestCase {
 
     // MARK: Out of memory or disk in the middle of a run
 
-    /// `relora` with `environment` added to this process's, through `/bin/sh -c 'SHELL; exec relora ...'`
-    /// when `shell` is given (a `ulimit` for the child only).
-    func runReloraWith(_ args: [String], environment: [String: String], shell: String? = nil) throws -> (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String) {
-        let p = Process()
-        let exe = try requireReloraExecutable()
-        if let shell {
-            p.executableURL = URL(fileURLWithPath: "/bin/sh")
-            p.arguments = ["-c", shell + "; exec \"$0\" \"$@\"", exe] + args
-        } else {
-            p.executableURL = URL(fileURLWithPath: exe)
-            p.arguments = args
-        }
-        p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, p.terminationReason, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-    }
-
     /// A run stopped by exhausted memory or disk: exit status `ResourceExhaustion.exitStatus` (not a
     /// trap), one line on stderr mentioning each of `mentions`.
     func assertStoppedCleanly(_ r: (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String),
@@ -160,7 +138,7 @@ final class DataSafetyTests: XCTestCase {
             "steps": 2, "warmup_steps": 1, "eval_every": 100, "checkpoint_every": 2, "device": "cuda",
         ]
         try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
-        var r = try runReloraWith(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": library])
+        var r = try runReloraProcess(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": library])
         XCTAssertEqual(r.status, 0, r.stderr)
 
         // The cap: what the backend reserves for itself at start plus the plan's peak, so the plan check passes.
@@ -169,7 +147,7 @@ final class DataSafetyTests: XCTestCase {
         let ownReserve = CUDABackend(library: try CUDALibrary.load(path: library)).allocatorStats.reserved
         let before = try snapshot(runDir + "/checkpoints")
         let metrics = try Data(contentsOf: URL(fileURLWithPath: runDir + "/metrics.jsonl"))
-        r = try runReloraWith(["train", "--resume", runDir, "--set", "steps=4"],
+        r = try runReloraProcess(["train", "--resume", runDir, "--set", "steps=4"],
                           environment: ["RELORA_CUDA_LIB": library, "RELORA_DEVICE_MEMORY_LIMIT": "\(ownReserve + planned)"])
         XCTAssertTrue(r.stdout.contains("resumed from \(runDir)/checkpoints/step_00000002"), "fails after the plan check and the load: \(r.stdout)")
         XCTAssertFalse(r.stdout.contains("step 3/4"), r.stdout)
@@ -190,11 +168,11 @@ final class DataSafetyTests: XCTestCase {
             "restart_warmup": 1, "lora_r": 4, "quant": "q8_0", "merge_policy": "master", "master_copies": "file",
         ]
         try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
-        var r = try runReloraWith(["train", data.dir + "/r.json"], environment: [:])
+        var r = try runReloraProcess(["train", data.dir + "/r.json"], environment: [:])
         XCTAssertEqual(r.status, 0, r.stderr)
         let before = try snapshot(runDir)
         // 1 KiB at most per file (the copies are 4 KiB and more); SIGXFSZ ignored, so writes fail with EFBIG.
-        r = try runReloraWith(["train", "--resume", runDir, "--set", "steps=4"], environment: [:], shell: "ulimit -f 1; trap '' XFSZ")
+        r = try runReloraProcess(["train", "--resume", runDir, "--set", "steps=4"], environment: [:], shell: "ulimit -f 1; trap '' XFSZ")
         assertStoppedCleanly(r, mentions: ["master_copies", "ram", "--resume"])
         XCTAssertEqual(try snapshot(runDir), before, "the run directory changed")
     }
@@ -217,7 +195,7 @@ final class DataSafetyTests: XCTestCase {
             "micro_batch": 2, "steps": 2, "warmup_steps": 1, "eval_every": 100, "checkpoint_every": 2, "device": "cuda",
         ]
         try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
-        let r = try runReloraWith(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": KernelEmulationTests.emulatedLibrary])
+        let r = try runReloraProcess(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": KernelEmulationTests.emulatedLibrary])
         XCTAssertEqual(r.reason, .exit, "ended by a signal (a trap): \(r.stderr.prefix(600))")
         XCTAssertEqual(r.status, 2, r.stderr)
         XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)

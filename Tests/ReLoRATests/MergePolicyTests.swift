@@ -11,7 +11,7 @@ import XCTest
 @testable import ReLoRAAnalysis
 @testable import ReLoRASelfTest
 
-/// The merge policies (`MergePolicyKind`), and the proof that merges lose nothing (issue 8, item 4):
+/// The merge policies (`MergePolicyKind`), and the proof that merges lose nothing:
 /// many updates, each smaller than half a quantization step, merged one restart at a time into a
 /// quantized weight through `AdaptedLinear.merge` (the model's one merge path). Round to nearest loses
 /// every one of them (the reason the other policies exist); stochastic rounding keeps their sum in

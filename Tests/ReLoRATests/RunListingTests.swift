@@ -31,10 +31,10 @@ final class RunListingTests: XCTestCase {
 
         let f = try XCTUnwrap(rows.first { $0.run == "full" })
         let lines = try metricsLines(full.runDir)
-        let losses = lines.compactMap { $0["loss"] as? Double }
+        let losses = lines.compactMap { $0["loss"] }
         let vals = lines.compactMap { l -> (Int, Double, Double)? in
-            guard let v = l["val_loss"] as? Double else { return nil }
-            return (l["step"] as! Int, v, l["val_perplexity"] as! Double)
+            guard let v = l["val_loss"] else { return nil }
+            return (Int(l["step"]!), v, l["val_perplexity"]!)
         }
         XCTAssertEqual(f.mode, "full")
         XCTAssertEqual(f.quantization, "dense")
@@ -98,8 +98,11 @@ final class RunListingTests: XCTestCase {
         XCTAssertTrue(object["best_val_loss"] is NSNull)
     }
 
-    func metricsLines(_ runDir: String) throws -> [[String: Any]] {
+    /// The numbers of each metrics.jsonl line. Read with JSONDecoder, which rounds correctly (as `relora runs`
+    /// does); JSONSerialization's NSDecimalNumber can be a unit in the last place off as a Double.
+    func metricsLines(_ runDir: String) throws -> [[String: Double]] {
         try String(contentsOfFile: runDir + "/metrics.jsonl", encoding: .utf8).split(separator: "\n")
-            .map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any] }
+            .map { try JSONDecoder().decode([String: JSONValue].self, from: Data($0.utf8)) }
+            .map { $0.compactMapValues { if case .number(let x) = $0 { return x } else { return nil } } }
     }
 }

@@ -111,17 +111,35 @@ struct MissingExecutable: Error, CustomStringConvertible {
     }
 }
 
-func runRelora(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+/// The built `relora` with `args` and this process's environment, changed by `environment` (a nil value
+/// removes the variable); through `/bin/sh -c 'SHELL; exec relora ...'` when `shell` is given (a `ulimit`
+/// for the child only). Returns how it ended and what it printed.
+func runReloraProcess(_ args: [String], environment: [String: String?] = [:], shell: String? = nil) throws
+    -> (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String) {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: try requireReloraExecutable())
-    p.arguments = args
+    let exe = try requireReloraExecutable()
+    if let shell {
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", shell + "; exec \"$0\" \"$@\"", exe] + args
+    } else {
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = args
+    }
+    var env = ProcessInfo.processInfo.environment
+    for (key, value) in environment { env[key] = value }
+    p.environment = env
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
     try p.run()
     let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    return (p.terminationStatus, p.terminationReason, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
+
+func runRelora(_ args: [String], environment: [String: String?] = [:]) throws -> (status: Int32, stdout: String, stderr: String) {
+    let r = try runReloraProcess(args, environment: environment)
+    return (r.status, r.stdout, r.stderr)
 }
 
 

@@ -11,7 +11,7 @@
 //                                      compress_statistics=False): its absmax array element and 32 code bytes
 //
 // Rows whose length is not a multiple of the block are rejected here (RELORA_QUANT_ERR_LENGTH); the
-// caller zero-pads each row to whole blocks (DESIGN.md: the padding is stored but never reaches a GEMM).
+// caller zero-pads each row to whole blocks (the padding is stored but never reaches a GEMM).
 // For nf4, bitsandbytes blocks the row-major flattened tensor, so a matrix matches its bytes exactly
 // when the row length is a multiple of 64 (every LLaMA linear but the 1b config's down_proj).
 //

@@ -189,7 +189,7 @@ package enum MomentPruneStart {
     case select(k: Int)
 }
 
-/// The dtype of each role a tensor can play, per backend (DESIGN.md's precision plan).
+/// The dtype of each role a tensor can play, per backend (the precision plan in docs/cuda.md).
 public struct Precision: Sendable, Equatable, Codable {
     public var activations: DType
     public var loraFactors: DType

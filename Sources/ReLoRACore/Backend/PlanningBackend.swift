@@ -109,7 +109,7 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func countChangedCodes(old: Tensor, new: QuantizedTensor, into out: Tensor, at index: Int) {}
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {}
     /// CPU: the CPU backend's row tiles. CUDA: the whole layer, dequantized right before its GEMMs
-    /// (DESIGN.md: one reused buffer, then cuBLAS).
+    /// (one reused buffer, then cuBLAS).
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] {
         target == .cpu ? [CPUBackend.tileRows(rows: rows, cols: cols), cols] : [rows, cols]
     }
