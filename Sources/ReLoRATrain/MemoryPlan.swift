@@ -59,51 +59,63 @@ public enum MemoryPlanner {
     /// micro-batches at the same tokens per step), then those that store something in fewer bits (8-bit
     /// Adam moments; q8_0, then q4_0 frozen weights), then a smaller LoRA rank.
     public static func suggestion(for recipe: Recipe, config: LlamaConfig, device: Device, budget: Int) -> String? {
-        var candidates: [(String, Recipe)] = []
-        func add(_ text: String, _ edit: (inout Recipe) -> Void) {
+        var candidates: [Recipe] = []
+        func add(_ edit: (inout Recipe) -> Void) {
             var r = recipe
             edit(&r)
-            candidates.append((text, r))
+            candidates.append(r)
         }
-        let blocks = recipe.checkpointing == .block
-        if !blocks { add("--set checkpointing=block") { $0.checkpointing = .block } }
+        add { $0.checkpointing = .block }
         var mb = recipe.microBatch / 2
         while mb >= 1 {
             let m = mb, accum = recipe.gradAccum * recipe.microBatch / mb
             if recipe.microBatch % mb == 0 {
-                if !blocks { add("--set micro_batch=\(m) --set grad_accum=\(accum)") { $0.microBatch = m; $0.gradAccum = accum } }
-                add("--set checkpointing=block --set micro_batch=\(m) --set grad_accum=\(accum)") {
-                    $0.checkpointing = .block; $0.microBatch = m; $0.gradAccum = accum
-                }
+                add { $0.microBatch = m; $0.gradAccum = accum }
+                add { $0.checkpointing = .block; $0.microBatch = m; $0.gradAccum = accum }
             }
             mb /= 2
         }
-        let leanest = "--set checkpointing=block --set micro_batch=1 --set grad_accum=\(recipe.tokensPerStep / recipe.seqLen)"
         func lean(_ r: inout Recipe) { r.checkpointing = .block; r.microBatch = 1; r.gradAccum = recipe.tokensPerStep / recipe.seqLen }
         if recipe.optimizerStates == .f32 {
-            add("--set optimizer_states=int8") { $0.optimizerStates = .int8 }
-            add("\(leanest) --set optimizer_states=int8") { lean(&$0); $0.optimizerStates = .int8 }
+            add { $0.optimizerStates = .int8 }
+            add { lean(&$0); $0.optimizerStates = .int8 }
         }
         if recipe.mode != .full, recipe.quant == .none {
             for q in [FrozenStorage.q8_0, .q4_0] {
-                add("--set quant=\(q.rawValue)") { $0.quant = q }
-                add("\(leanest) --set quant=\(q.rawValue) --set optimizer_states=int8") { lean(&$0); $0.quant = q; $0.optimizerStates = .int8 }
+                add { $0.quant = q }
+                add { lean(&$0); $0.quant = q; $0.optimizerStates = .int8 }
             }
         }
         if recipe.mode != .full {
             var r = recipe.loraRank / 2
             while r >= 8 {
                 let rank = r
-                add("\(leanest) --set lora_r=\(rank)") { lean(&$0); $0.loraRank = rank }
+                add { lean(&$0); $0.loraRank = rank }
                 r /= 2
             }
         }
-        for (text, r) in candidates {
+        var tried = Set<String>()
+        for r in candidates {
+            // Only what the candidate changes; a change the recipe already has is no candidate.
+            let text = overrides(from: recipe, to: r)
+            guard !text.isEmpty, tried.insert(text).inserted else { continue }
             if let plan = try? plan(r, config: config, device: device, budget: budget), plan.fits {
                 return "\(text) (planned peak \(formatBytes(plan.report.peakTotal)))"
             }
         }
         return nil
+    }
+
+    /// The `--set` overrides that turn `recipe` into `changed`, over the keys a suggestion edits.
+    static func overrides(from recipe: Recipe, to changed: Recipe) -> String {
+        var sets: [String] = []
+        if changed.checkpointing != recipe.checkpointing { sets.append("checkpointing=\(changed.checkpointing.rawValue)") }
+        if changed.microBatch != recipe.microBatch { sets.append("micro_batch=\(changed.microBatch)") }
+        if changed.gradAccum != recipe.gradAccum { sets.append("grad_accum=\(changed.gradAccum)") }
+        if changed.optimizerStates != recipe.optimizerStates { sets.append("optimizer_states=\(changed.optimizerStates.rawValue)") }
+        if changed.quant != recipe.quant { sets.append("quant=\(changed.quant.rawValue)") }
+        if changed.loraRank != recipe.loraRank { sets.append("lora_r=\(changed.loraRank)") }
+        return sets.map { "--set \($0)" }.joined(separator: " ")
     }
 }
 

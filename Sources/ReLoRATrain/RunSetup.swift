@@ -125,13 +125,22 @@ struct RunSetup {
     /// tokenizer the recipe names (so the run directory alone can sample and export).
     func createRunDirectory() throws {
         try Files.createDirectory(recipe.runDir)
-        try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
+        try writeRecipe()
         if let tok = recipe.tokenizer {
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
             }
             try writeFileAtomically(data, to: recipe.runDir + "/tokenizer.json")
         }
+    }
+}
+
+extension RunSetup {
+    /// `recipe.json`, the recipe the run goes on with: written by a new run, and rewritten by a resume, whose
+    /// `--set` overrides (more `steps`, another `eval_every`) are then what `relora runs`, `relora plot` and a
+    /// later `--resume` read.
+    func writeRecipe() throws {
+        try Files.writeJSON(recipe.jsonObject(), to: recipe.runDir + "/recipe.json")
     }
 }
 

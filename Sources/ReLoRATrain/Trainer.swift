@@ -67,7 +67,7 @@ public final class Trainer {
         (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend)
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
-        if setup.resumePoint == nil { try setup.createRunDirectory() }
+        if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
         optimizer.refreshMasterCopies()
         metrics = try MetricsLog(runDir: recipe.runDir, resumeStep: setup.resumePoint == nil ? nil : state.step)
     }

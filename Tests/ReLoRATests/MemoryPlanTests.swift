@@ -123,6 +123,16 @@ final class MemoryPlanTests: XCTestCase {
         XCTAssertLessThan(lean8Peak, leanPeak)
         let s8 = try XCTUnwrap(MemoryPlanner.suggestion(for: lean, config: config, device: .cpu, budget: (lean8Peak + leanPeak) / 2))
         XCTAssertTrue(s8.hasPrefix("--set optimizer_states=int8 (planned peak"), s8)
+
+        // Block checkpointing already set: the suggestion names only what it changes (it repeated
+        // --set checkpointing=block before).
+        XCTAssertGreaterThan(r.microBatch, 1)
+        var halfBatch = blockRecipe
+        halfBatch.microBatch = r.microBatch / 2; halfBatch.gradAccum = r.gradAccum * 2
+        let halfPeak = try MemoryPlanner.plan(halfBatch, config: config, device: .cpu).report.peakTotal
+        XCTAssertLessThan(halfPeak, block)
+        let sb = try XCTUnwrap(MemoryPlanner.suggestion(for: blockRecipe, config: config, device: .cpu, budget: (halfPeak + block) / 2))
+        XCTAssertTrue(sb.hasPrefix("--set micro_batch=\(halfBatch.microBatch) --set grad_accum=\(halfBatch.gradAccum) (planned peak"), sb)
     }
 
     func testParseBytes() throws {

@@ -67,6 +67,20 @@ final class RunListingTests: XCTestCase {
         XCTAssertThrowsError(try RunListing.rows(under: root + "/nowhere"))
     }
 
+    /// A resume that extends the run (`--resume --set steps=N`) is listed with its new total: the resume
+    /// rewrites recipe.json (before, `relora runs` kept showing the first recipe's steps).
+    func testResumedRunWithMoreStepsShowsItsNewTotal() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let first = TrainerTests.recipe(d, run: "runs/extended") { $0.steps = 4; $0.valData = nil }
+        _ = try Trainer(recipe: first, resume: false, log: { _ in }).run()
+        var more = first
+        more.steps = 6
+        _ = try Trainer(recipe: more, resume: true, log: { _ in }).run()
+        let row = try XCTUnwrap(try RunListing.rows(under: d.dir + "/runs").first)
+        XCTAssertEqual(row.stepsDone, 6)
+        XCTAssertEqual(row.stepsTotal, 6)
+    }
+
     func testTableIsAligned() throws {
         let rows = [
             RunRow(run: "a", mode: "full", quantization: "dense", stepsDone: 12, stepsTotal: 12, tokensSeen: 3072,
