@@ -33,7 +33,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     public let computes = true
     public let library: CUDALibrary
     /// `attention_forward`/`attention_backward` take head_dim in [1, 128] (`relora_abi.h`).
-    public let maxAttentionHeadDim: Int? = 128
+    public var maxAttentionHeadDim: Int? { Device.cuda.maxAttentionHeadDim }
 
     private let lock = NSLock()
     private let allocator: DeviceAllocator

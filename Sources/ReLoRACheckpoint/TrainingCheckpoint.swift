@@ -191,14 +191,15 @@ public enum TrainingCheckpoint {
         return root + "/" + name
     }
 
-    /// A checkpoint directory itself (it has `state.json`), or a run directory's latest checkpoint;
+    /// A checkpoint directory itself (it has `state.json`), or a run directory's latest checkpoint (a run
+    /// whose `latest` is missing is the error `resumePoint` gives, naming the checkpoint to write into it);
     /// returns the checkpoint and its run directory.
     public static func resolve(_ path: String) throws -> (checkpoint: String, runDir: String) {
         if FileManager.default.fileExists(atPath: path + "/state.json") {
             let run = URL(fileURLWithPath: path).deletingLastPathComponent().deletingLastPathComponent().path
             return (path, run)
         }
-        if let latest = try latest(runDir: path) { return (latest, path) }
+        if let latest = try resumePoint(runDir: path) { return (latest, path) }
         throw ReLoRAError.invalidFile(path: path, reason: "is neither a checkpoint directory nor a run directory with checkpoints")
     }
 

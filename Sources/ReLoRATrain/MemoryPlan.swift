@@ -22,6 +22,7 @@ public enum MemoryPlanner {
     /// master copies it counts, + optimizer reset).
     public static func plan(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int? = nil) throws -> MemoryPlan {
         let backend = PlanningBackend(target: device)
+        try LlamaModel.checkSupported(config, on: backend)  // a plan for a run the device cannot make is an error
         try run(recipe, config: config, on: backend)
         return MemoryPlan(device: device, report: backend.ledger.report(), budget: budget)
     }

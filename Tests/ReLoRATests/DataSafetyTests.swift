@@ -92,6 +92,11 @@ final class DataSafetyTests: XCTestCase {
             XCTAssertFalse(text.contains("\n"), text)
         }
         XCTAssertEqual(try snapshot(r.runDir), before)
+        // Export, eval and warm starts find a run's checkpoint the same way, with the same advice (they said
+        // "is neither a checkpoint directory nor a run directory with checkpoints").
+        XCTAssertThrowsError(try TrainingCheckpoint.resolve(r.runDir)) {
+            XCTAssertTrue("\($0)".contains("write 'step_00000004' into \(root)/latest"), "\($0)")
+        }
         try "step_00000004\n".write(toFile: root + "/latest", atomically: true, encoding: .utf8)
         let resumed = try Trainer(recipe: r, resume: true, log: { _ in })
         XCTAssertEqual(resumed.state.step, 4)
@@ -195,6 +200,13 @@ final class DataSafetyTests: XCTestCase {
             "micro_batch": 2, "steps": 2, "warmup_steps": 1, "eval_every": 100, "checkpoint_every": 2, "device": "cuda",
         ]
         try JSONSerialization.data(withJSONObject: recipe).write(to: URL(fileURLWithPath: data.dir + "/r.json"))
+        // A plan for cuda says so too (it planned the run as if it could happen); one for the cpu is made.
+        let plain = try Recipe(contentsOf: data.dir + "/r.json")
+        let wide = try LlamaConfig(contentsOf: data.dir + "/wide.json")
+        XCTAssertThrowsError(try MemoryPlanner.plan(plain, config: wide, device: .cuda)) {
+            XCTAssertTrue("\($0)".contains("head_dim 256") && "\($0)".contains("--device cpu"), "\($0)")
+        }
+        XCTAssertNoThrow(try MemoryPlanner.plan(plain, config: wide, device: .cpu))
         let r = try runReloraProcess(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": KernelEmulationTests.emulatedLibrary])
         XCTAssertEqual(r.reason, .exit, "ended by a signal (a trap): \(r.stderr.prefix(600))")
         XCTAssertEqual(r.status, 2, r.stderr)

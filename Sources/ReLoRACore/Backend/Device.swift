@@ -11,6 +11,16 @@ public enum Device: String, Sendable, CaseIterable {
         }
         self = d
     }
+
+    /// The largest attention `head_dim` the device's kernels take, nil for any: the CUDA attention kernels
+    /// keep a query row and its output accumulator in registers, sized for head_dim <= 128 (every LLaMA size
+    /// in Configs/models). `Backend.maxAttentionHeadDim` of the CUDA backend and of a plan for it.
+    public var maxAttentionHeadDim: Int? {
+        switch self {
+        case .cpu: return nil
+        case .cuda: return 128
+        }
+    }
 }
 
 // MARK: Capabilities

@@ -13,6 +13,7 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public let precision: Precision
     public let computes = false
     public var name: String { "plan:\(target.rawValue)" }
+    public var maxAttentionHeadDim: Int? { target.maxAttentionHeadDim }
 
     public init(target: Device) {
         self.target = target
