@@ -21,6 +21,9 @@ public struct TrainingState: Codable, Sendable, Equatable {
     public var checksums: [String: String] = [:]
     /// ReLoRA merges done so far (nil in full-rank runs).
     public var loraMerges: Int?
+    /// How the run keys its LoRA dropout masks (`DropoutKey.Keying`); absent in checkpoints written before
+    /// masks were keyed per micro-batch, which resume with the old keying.
+    public var dropoutKeying = DropoutKey.Keying.current
 
     public init(step: Int, optimizerStep: Int, skippedSteps: Int, tokensSeen: Int, seed: UInt64, loraMerges: Int? = nil) {
         self.step = step; self.optimizerStep = optimizerStep; self.skippedSteps = skippedSteps
@@ -29,7 +32,21 @@ public struct TrainingState: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", step, optimizerStep = "optimizer_step", skippedSteps = "skipped_steps"
-        case tokensSeen = "tokens_seen", sampler, seed, checksums, loraMerges = "lora_merges"
+        case tokensSeen = "tokens_seen", sampler, seed, checksums, loraMerges = "lora_merges", dropoutKeying = "dropout_keying"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        formatVersion = try c.decode(Int.self, forKey: .formatVersion)
+        step = try c.decode(Int.self, forKey: .step)
+        optimizerStep = try c.decode(Int.self, forKey: .optimizerStep)
+        skippedSteps = try c.decode(Int.self, forKey: .skippedSteps)
+        tokensSeen = try c.decode(Int.self, forKey: .tokensSeen)
+        sampler = try c.decodeIfPresent(String.self, forKey: .sampler) ?? sampler
+        seed = try c.decode(UInt64.self, forKey: .seed)
+        checksums = try c.decodeIfPresent([String: String].self, forKey: .checksums) ?? [:]
+        loraMerges = try c.decodeIfPresent(Int.self, forKey: .loraMerges)
+        dropoutKeying = try c.decodeIfPresent(DropoutKey.Keying.self, forKey: .dropoutKeying) ?? .perStep
     }
 }
 

@@ -250,7 +250,7 @@ struct LinearContext {
     /// Adapter dropout probability (0 = off, and always off outside training).
     let dropout: Float
     let dropoutSeed: UInt64
-    let dropoutStep: Int
+    let dropoutKey: DropoutKey
     /// `gT = B^T dy^T` of a group, `[3r, N]` (training with adapters).
     let gT: Tensor?
     /// Where quantized weights are dequantized, tile by tile (models with quantized weights).
@@ -258,10 +258,7 @@ struct LinearContext {
     /// The dropped-out adapter input / its gradient `[N, max(in)]` (training with dropout).
     let loraX: Tensor?
 
-    /// Dropout mask stream of one linear at this step: distinct per (step, layer, kind).
-    func dropoutStream(_ layer: Int, _ kind: LinearKind) -> UInt64 {
-        (UInt64(dropoutStep) << 24) | (UInt64(layer) << 8) | UInt64(kind.rawValue)
-    }
+    func dropoutStream(_ layer: Int, _ kind: LinearKind) -> UInt64 { dropoutKey.stream(layer: layer, kind: kind) }
 
     /// The adapter's input: `x`, or its dropout for `linear` (into `loraX`) while training with dropout.
     func adapterInput(_ x: Tensor, _ linear: AdaptedLinear, tokens n: Int) -> Tensor {
@@ -269,5 +266,44 @@ struct LinearContext {
         backend.dropout(x, scratch, count: n * linear.inFeatures, p: dropout, seed: dropoutSeed,
                         stream: dropoutStream(linear.layer, linear.kind))
         return scratch
+    }
+}
+
+/// What keys a LoRA dropout mask: the counter-based RNG's stream for one linear in one micro-batch (with the
+/// recipe's seed). Masks depend on nothing else, so a resumed run and a run on any number of processes draw
+/// the same ones.
+public struct DropoutKey: Sendable, Equatable {
+    /// How a run's checkpoints key their masks (`state.json`'s `dropout_keying`).
+    public enum Keying: Int, Sendable, Codable {
+        /// Before format 2 of the keying: by (step, layer, kind), so every micro-batch of a step shared its
+        /// mask, and the stream could coincide with a LoRA initialisation's. Kept so older runs resume.
+        case perStep = 1
+        /// By (global micro-batch, layer, kind) in a stream space of its own (top byte 0x44).
+        case perMicroBatch = 2
+
+        /// What new runs use.
+        public static let current = Keying.perMicroBatch
+    }
+
+    public var keying: Keying
+    /// The optimizer step (0-based).
+    public var step: Int
+    /// The micro-batch's index in the run: `step * grad_accum + micro`, the same for any number of ranks.
+    public var microBatch: Int
+
+    public init(keying: Keying = .current, step: Int = 0, microBatch: Int = 0) {
+        self.keying = keying; self.step = step; self.microBatch = microBatch
+    }
+
+    /// perMicroBatch: `0x44 << 56 | microBatch << 16 | layer << 4 | kind` (40 bits of micro-batch index, 12 of
+    /// layer); perStep: `step << 24 | layer << 8 | kind`, as before.
+    public func stream(layer: Int, kind: LinearKind) -> UInt64 {
+        switch keying {
+        case .perStep:
+            return (UInt64(step) << 24) | (UInt64(layer) << 8) | UInt64(kind.rawValue)
+        case .perMicroBatch:
+            precondition(layer < 1 << 12 && microBatch < 1 << 40, "dropout key out of range: layer \(layer), micro-batch \(microBatch)")
+            return (0x44 << 56) | (UInt64(microBatch) << 16) | (UInt64(layer) << 4) | UInt64(kind.rawValue)
+        }
     }
 }

@@ -53,9 +53,9 @@ public final class LlamaModel {
     public private(set) var loraConfig: LoRAConfig?
     /// ReLoRA merges done so far (the restart index of the next merge).
     public package(set) var merges = 0
-    /// Seed and step that key the LoRA dropout masks (set by the trainer each step).
+    /// Seed and key of the LoRA dropout masks (the trainer sets the key for each micro-batch).
     public var dropoutSeed: UInt64 = 0
-    public var dropoutStep = 0
+    public var dropoutKey = DropoutKey()
     private var workspace: Workspace?
 
     /// The storage format of the frozen base weights (nil = dense).
@@ -380,7 +380,7 @@ public final class LlamaModel {
 
     private func context(_ ws: Workspace) -> LinearContext {
         LinearContext(backend: backend, dropout: ws.training ? Float(loraConfig?.dropout ?? 0) : 0,
-                      dropoutSeed: dropoutSeed, dropoutStep: dropoutStep, gT: ws.gT, dequantScratch: ws.dequantScratch,
+                      dropoutSeed: dropoutSeed, dropoutKey: dropoutKey, gT: ws.gT, dequantScratch: ws.dequantScratch,
                       loraX: ws.loraX)
     }
 

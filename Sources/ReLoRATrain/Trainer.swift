@@ -28,7 +28,7 @@ public final class Trainer {
     public let recipe: Recipe
     public let model: LlamaModel
     public let optimizer: AdamW
-    public private(set) var state: TrainingState
+    public internal(set) var state: TrainingState
     let sampler: TrainingSampler
     let valTokens: TokenArray?
     let schedule: LRSchedule
@@ -67,6 +67,7 @@ public final class Trainer {
         (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend)
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
+        model.dropoutKey.keying = state.dropoutKeying
         if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
         optimizer.refreshMasterCopies()
         metrics = try MetricsLog(runDir: recipe.runDir, resumeStep: setup.resumePoint == nil ? nil : state.step)
@@ -82,6 +83,9 @@ public final class Trainer {
             optimizer.stepCount = state.optimizerStep
             guard state.seed == recipe.seed else {
                 throw ReLoRAError.invalidData("the checkpoint was made with seed \(state.seed) but the recipe says \(recipe.seed)")
+            }
+            if state.dropoutKeying != .current, (recipe.loraConfig?.dropout ?? 0) > 0 {
+                log("note: this run keys its LoRA dropout masks per step (it began before masks were keyed per micro-batch), and keeps doing so to stay reproducible")
             }
             log("resumed from \(path) at step \(state.step)")
             return state
@@ -223,11 +227,12 @@ public final class Trainer {
     static func optimizerStep(model: LlamaModel, optimizer: AdamW, recipe r: Recipe, step: Int, lr: Double,
                               batch: (Int) -> ([Int32], [Int32])) throws -> (loss: Double, norm: Double, skipped: Bool) {
         model.zeroGradients()
-        model.dropoutStep = step
         let tokensInStep = r.tokensPerStep
         var lossSum = 0.0
         for micro in 0..<r.gradAccum {
             let (inputs, targets) = batch(micro)
+            model.dropoutKey.step = step
+            model.dropoutKey.microBatch = step * r.gradAccum + micro
             let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
                                               gradScale: 1 / Float(tokensInStep))
             lossSum += l.sum

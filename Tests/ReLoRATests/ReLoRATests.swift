@@ -12,13 +12,18 @@ import XCTest
 
 /// LoRA wrapping, merges, optimizer resets and the ReLoRA training mode.
 final class ReLoRATests: XCTestCase {
-    func config() throws -> LlamaConfig {
+    static func config() throws -> LlamaConfig {
         try LlamaConfig(hiddenSize: 16, intermediateSize: 20, numHiddenLayers: 2, numAttentionHeads: 4,
                         numKeyValueHeads: 2, vocabSize: 13, maxPositionEmbeddings: 16)
     }
+    func config() throws -> LlamaConfig { try Self.config() }
 
     /// A LoRA model whose base weights equal `makeBase`'s and whose adapters are random (B != 0).
     func loraModel(_ lora: LoRAConfig, checkpointing: GradientCheckpointing = .none, randomB: Bool = true) throws -> LlamaModel {
+        try Self.loraModel(lora, checkpointing: checkpointing, randomB: randomB)
+    }
+
+    static func loraModel(_ lora: LoRAConfig, checkpointing: GradientCheckpointing = .none, randomB: Bool = true) throws -> LlamaModel {
         let model = LlamaModel(config: try config(), backend: CPUBackend(), checkpointing: checkpointing, lora: lora)
         try model.weights.initializeRandom(seed: 7, std: 0.3, backend: model.backend)
         model.initializeLoRA(seed: 9)
@@ -33,7 +38,9 @@ final class ReLoRATests: XCTestCase {
     }
 
     let batch = 2, seqLen = 6
-    func data() -> ([Int32], [Int32]) {
+    func data() -> ([Int32], [Int32]) { Self.data() }
+    /// Inputs and targets of `batch` x `seqLen` tokens.
+    static func data() -> ([Int32], [Int32]) {
         var rng = TestRNG(3)
         return ((0..<12).map { _ in Int32(rng.int(13)) }, (0..<12).map { _ in Int32(rng.int(13)) })
     }
