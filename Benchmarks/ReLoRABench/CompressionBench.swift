@@ -64,7 +64,10 @@ enum CompressionBench {
             }
             return level
         }
-        let files = try FileManager.default.contentsOfDirectory(atPath: checkpoint).filter { $0.hasSuffix(".safetensors") }.sorted()
+        guard let listing = try? FileManager.default.contentsOfDirectory(atPath: checkpoint) else {
+            throw ReLoRAError.invalidFile(path: checkpoint, reason: "cannot list the directory; give a checkpoint directory")
+        }
+        let files = listing.filter { $0.hasSuffix(".safetensors") }.sorted()
         var rows: [Row] = []
         /// "F32", "BF16", ... or the format of quantized blocks stored as U8 `<name>.<format>`.
         func kind(_ file: SafetensorsFile, _ tensor: String) -> String {
