@@ -6,7 +6,7 @@
 // The targets are the layers (docs/architecture.md draws them); each imports only the layers below it,
 // and CI builds with `--explicit-target-dependency-import-check=error`, so an undeclared import fails.
 //
-//   ReLoRACLI, ReLoRABench            commands
+//   ReLoRACLI, ReLoRABench            commands (relora, relora-bench)
 //   ReLoRASelfTest, ReLoRAAnalysis     conformance suite; spectra, plots, run listings
 //   ReLoRATrain                        recipe, trainer loop, AdamW, samplers, schedules, memory plan
 //   ReLoRACheckpoint                   training checkpoints, Hugging Face and GGUF model files
@@ -14,6 +14,7 @@
 //   ReLoRATokenizer                    byte-level BPE: tokenizer.json, trainer, GGUF vocabularies
 //   ReLoRACUDA                         CUDA backend over the dlopen'd kernel library; backend factory
 //   ReLoRAFormats                      safetensors, zstd tensor files, GGUF containers, .npy tokens
+//   ReLoRACommandLine                  the one option parser and --help text of both executables
 //   ReLoRACore                         tensors, the Backend protocol, CPU and planning backends, quant
 //   CReLoRA, COpenBLAS, CZstd          C: kernel ABI and loader, quant blocks, RNG; system libraries
 import PackageDescription
@@ -41,6 +42,7 @@ let package = Package(
         // Release is plain -O: preconditions (the size checks) stay. -Ounchecked measured within noise on
         // relora-bench (20m, full and LoRA step), and unsafe flags would bar use as a package dependency.
         .target(name: "ReLoRACore", dependencies: ["CReLoRA", "COpenBLAS"], path: "Sources/ReLoRACore"),
+        .target(name: "ReLoRACommandLine", dependencies: ["ReLoRACore"], path: "Sources/ReLoRACommandLine"),
         .target(name: "ReLoRACUDA", dependencies: ["ReLoRACore", "CReLoRA"], path: "Sources/ReLoRACUDA"),
         .target(name: "ReLoRAFormats", dependencies: ["ReLoRACore", "CReLoRA", "CZstd"], path: "Sources/ReLoRAFormats"),
         .target(name: "ReLoRATokenizer", dependencies: ["ReLoRACore", "ReLoRAFormats"], path: "Sources/ReLoRATokenizer"),
@@ -65,21 +67,21 @@ let package = Package(
             name: "ReLoRACLI",
             dependencies: [
                 "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "ReLoRACheckpoint",
-                "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest", "CReLoRA",
+                "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest", "ReLoRACommandLine", "CReLoRA",
             ],
             path: "Sources/ReLoRACLI"),
         .executableTarget(
             name: "ReLoRABench",
             dependencies: [
-                "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRAModel", "ReLoRACheckpoint", "ReLoRATrain", "CReLoRA",
-                "COpenBLAS",
+                "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRAModel", "ReLoRACheckpoint", "ReLoRATrain",
+                "ReLoRACommandLine", "CReLoRA", "COpenBLAS",
             ],
             path: "Benchmarks/ReLoRABench"),
         .testTarget(
             name: "ReLoRATests",
             dependencies: [
                 "ReLoRACore", "ReLoRACUDA", "ReLoRAFormats", "ReLoRATokenizer", "ReLoRAModel", "ReLoRACheckpoint",
-                "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest", "CReLoRA", "COpenBLAS",
+                "ReLoRATrain", "ReLoRAAnalysis", "ReLoRASelfTest", "ReLoRACommandLine", "CReLoRA", "COpenBLAS",
             ],
             path: "Tests/ReLoRATests"),
     ],

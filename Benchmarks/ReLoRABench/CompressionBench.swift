@@ -5,8 +5,9 @@ import ReLoRAFormats
 import ReLoRAModel
 import ReLoRACheckpoint
 import ReLoRATrain
+import ReLoRACommandLine
 
-// relora-bench compression CHECKPOINT [--levels 1,3,9,19] [--json OUT]: how well zstd compresses a
+// relora-bench compression CHECKPOINT_DIR [--levels 1,3,9,19] [--json OUT]: how well zstd compresses a
 // training checkpoint's tensors, per file, level and filter, so the checkpoint writer's level and
 // shuffle choice rest on numbers (README "Checkpoints"). Every tensor is one independent frame, as the
 // writer does it; time is single-threaded wall time of compressing (and of decompressing, with the
@@ -16,6 +17,23 @@ import ReLoRATrain
 // quantized blocks (U8 `<name>.<format>`), at the block stride (q8_0: 34, q4_0: 18, nf4: 36), which
 // puts the scales' bytes together and each code position together. F32 tensors are also measured
 // after rounding to BF16 (`bf16`, `bf16+shuffle`) to see what a bf16 checkpoint would gain.
+
+let compressionBenchCommand = CommandSpec(
+    name: "relora-bench compression",
+    summary: "how well zstd compresses a checkpoint's tensors, per file, level and filter",
+    discussion: """
+        Compresses every tensor of every .safetensors file of CHECKPOINT_DIR as one independent zstd frame (as
+        the checkpoint writer does) at each level, without a filter and with a byte shuffle (F32 tensors also
+        rounded to BF16), decompresses it and checks the round trip. Prints one line per file, kind, level
+        and filter: sizes, ratio and single-threaded MB/s of compressing and decompressing.
+        """,
+    positionals: .one("CHECKPOINT_DIR"),
+    options: [
+        .value("levels", "L,L,...", help: "the zstd levels to measure", default: "1,3,9,19"),
+        .value("json", "OUT.json", help: "also write the rows to this JSON file"),
+    ],
+    examples: ["relora-bench compression runs/shakespeare-demo/checkpoints/step_00000400 --levels 1,3 --json /tmp/zstd.json"],
+    helpWhenEmpty: true)
 
 enum CompressionBench {
     struct Row: Codable {
@@ -35,24 +53,21 @@ enum CompressionBench {
         }
     }
 
-    static func run(_ arguments: [String]) throws {
-        var args = arguments
-        var levels = [1, 3, 9, 19]
-        var json: String?
-        var checkpoint: String?
-        while !args.isEmpty {
-            let key = args.removeFirst()
-            switch key {
-            case "--levels": levels = args.removeFirst().split(separator: ",").compactMap { Int($0) }
-            case "--json": json = args.removeFirst()
-            default: checkpoint = key
+    static func run(_ args: [String]) throws {
+        guard let a = try compressionBenchCommand.parseOrPrintHelp(args) else { return }
+        let checkpoint = a.positional[0]
+        let json = a.string("json")
+        let levels = try a.list("levels")!.map { item in
+            guard let level = Int(item), Zstd.levels.contains(level) else {
+                throw compressionBenchCommand.usageError(
+                    "--levels takes zstd levels (\(Zstd.levels.lowerBound) to \(Zstd.levels.upperBound)) separated by commas, got '\(item)'")
             }
+            return level
         }
-        guard let checkpoint else {
-            print("usage: relora-bench compression CHECKPOINT_DIR [--levels 1,3,9,19] [--json OUT]")
-            return
+        guard let listing = try? FileManager.default.contentsOfDirectory(atPath: checkpoint) else {
+            throw ReLoRAError.invalidFile(path: checkpoint, reason: "cannot list the directory; give a checkpoint directory")
         }
-        let files = try FileManager.default.contentsOfDirectory(atPath: checkpoint).filter { $0.hasSuffix(".safetensors") }.sorted()
+        let files = listing.filter { $0.hasSuffix(".safetensors") }.sorted()
         var rows: [Row] = []
         /// "F32", "BF16", ... or the format of quantized blocks stored as U8 `<name>.<format>`.
         func kind(_ file: SafetensorsFile, _ tensor: String) -> String {

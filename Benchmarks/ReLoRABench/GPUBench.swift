@@ -5,8 +5,9 @@ import ReLoRAFormats
 import ReLoRAModel
 import ReLoRACheckpoint
 import ReLoRATrain
+import ReLoRACommandLine
 
-// `relora-bench --mode gpu`: the CUDA backend's figures, each against a baseline measured
+// `relora-bench gpu`: the CUDA backend's figures, each against a baseline measured
 // in the same run on the same device.
 //   1. quantized linear (dequantize into the bf16 scratch + cuBLAS) vs plain cuBLAS bf16 on the same shapes:
 //      1b and 7b layer shapes, M = 4096, 8192, 16384 tokens, forward and input gradient;
@@ -17,12 +18,45 @@ import ReLoRATrain
 //   4. which configs fit 24 GiB by plan (relora q4_0, block checkpointing).
 // On the CPU emulation of the kernels every shape is shrunk (the fibers run ~10^6 threads/s): that checks
 // the code path only, its numbers mean nothing.
+let gpuBenchCommand = CommandSpec(
+    name: "relora-bench gpu",
+    summary: "the CUDA backend's figures, each against a baseline measured in the same run",
+    discussion: """
+        Quantized linear (dequantize + cuBLAS) against plain cuBLAS bf16 on 1b and 7b layer shapes;
+        dequantize and quantize bandwidth against a device-to-device copy; whole training steps of --config
+        (full bf16, relora dense, q8_0, q4_0: tokens/s, MFU, memory by tag and the allocator's peak beside the
+        plan); which configs fit 24 GiB by plan. The kernel library is found as `relora --device cuda` finds it
+        (RELORA_CUDA_LIB, libreloracuda.so next to the executable, Kernels/build/); on its CPU emulation
+        (libreloracuda-emu.so) the shapes are shrunk and the numbers mean nothing (a code-path check).
+        """,
+    options: [
+        .value("config", "FILE", help: "the model config of the training steps", default: "Configs/models/llama_1b.json"),
+        .value("seq-len", "N", help: "tokens per sequence", default: "1024"),
+        .value("batch", "B", help: "sequences per step", default: "4"),
+        .value("steps", "S", help: "timed training steps per variant", default: "3"),
+        .value("json", "OUT.json", help: "also write the figures to this JSON file"),
+    ],
+    examples: ["RELORA_CUDA_LIB=Kernels/build/libreloracuda.so relora-bench gpu --json bench.json"])
+
 struct GPUBenchOptions {
-    var config = "Configs/models/llama_1b.json"
-    var seqLen = 1024
-    var batch = 4
-    var steps = 3
+    var config: String
+    var seqLen: Int
+    var batch: Int
+    var steps: Int
     var json: String?
+
+    init(_ a: ParsedArguments) throws {
+        config = try a.required("config")
+        seqLen = try a.int("seq-len", atLeast: 1)
+        batch = try a.int("batch", atLeast: 1)
+        steps = try a.int("steps", atLeast: 1)
+        json = a.string("json")
+    }
+}
+
+func runGPUBench(_ args: [String]) throws {
+    guard let a = try gpuBenchCommand.parseOrPrintHelp(args) else { return }
+    try runGPUBench(GPUBenchOptions(a))
 }
 
 func runGPUBench(_ o: GPUBenchOptions) throws {

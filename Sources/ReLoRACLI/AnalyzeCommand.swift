@@ -8,37 +8,39 @@ import ReLoRACheckpoint
 import ReLoRATrain
 import ReLoRAAnalysis
 import ReLoRASelfTest
+import ReLoRACommandLine
 
-let analyzeUsage = """
-    Usage: relora analyze RUN_DIR [RUN_DIR ...] [--against CHECKPOINT|RUN_DIR] [--threshold 0.1]
-                          [--kind q_proj] [--out DIR] [--labels a,b,c]
-
-    Singular values of each run's learned update (final weights, with the current LoRA cycle merged,
-    minus the reference weights) for every attention and MLP matrix of every layer, and how many fall
-    below the threshold (the ReLoRA paper's update-rank count). The reference is --against if given,
-    else the run's warm_start checkpoint, else its seeded initialisation (regenerated from the recipe).
-    Writes DIR/spectra.json (all numbers) and DIR/spectra.svg (histograms and sorted spectra of --kind
-    for the runs side by side, the paper's Figures 3/4). Default --out: the first run's directory.
-    """
+let analyzeCommand = CommandSpec(
+    name: "relora analyze",
+    summary: "singular-value spectra of learned updates (update rank), JSON + SVG",
+    discussion: """
+        Singular values of each run's learned update (final weights, with the current LoRA cycle merged,
+        minus the reference weights) for every attention and MLP matrix of every layer, and how many fall
+        below the threshold (the ReLoRA paper's update-rank count). The reference is --against if given,
+        else the run's warm_start checkpoint, else its seeded initialisation (regenerated from the recipe).
+        Writes DIR/spectra.json (all numbers) and DIR/spectra.svg (histograms and sorted spectra of --kind
+        for the runs side by side, the paper's Figures 3/4).
+        """,
+    positionals: .oneOrMore("RUN_DIR"),
+    options: [
+        .value("against", "CHECKPOINT|RUN_DIR", help: "the reference weights for every run"),
+        .value("threshold", "X", help: "count the singular values below X", default: "0.1"),
+        .value("kind", "KIND", help: "the matrices the SVG draws", default: "q_proj", choices: UpdateSpectrum.kindOrder),
+        .value("out", "DIR", help: "where to write spectra.json and spectra.svg (default: the first run's directory)"),
+        .value("labels", "a,b,...", help: "one label per run (default: the run directories' names)"),
+        deviceOption,
+    ],
+    examples: ["relora analyze runs/full runs/relora --against runs/warm --out runs/analysis"],
+    helpWhenEmpty: true)
 
 func runAnalyze(_ args: [String]) throws {
-    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(analyzeUsage); return }
-    let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["against", "threshold", "kind", "out", "labels", "device"])
+    guard let a = try analyzeCommand.parseOrPrintHelp(args) else { return }
     let backend = try a.backend()
     let runs = a.positional
-    guard !runs.isEmpty else { throw ReLoRAError.usage("give at least one run directory") }
-    var threshold = 0.1
-    if let t = a.string("threshold") {
-        guard let v = Double(t), v >= 0 else { throw ReLoRAError.usage("--threshold must be a number >= 0") }
-        threshold = v
-    }
-    let kind = a.string("kind") ?? "q_proj"
-    guard UpdateSpectrum.kindOrder.contains(kind) else {
-        throw ReLoRAError.usage("--kind must be one of \(UpdateSpectrum.kindOrder.joined(separator: ", "))")
-    }
+    let threshold = try a.double("threshold", atLeast: 0)
+    let kind = try a.required("kind")
     let labels = a.string("labels")?.split(separator: ",").map(String.init)
-    if let labels, labels.count != runs.count { throw ReLoRAError.usage("--labels needs one label per run (\(runs.count))") }
+    if let labels, labels.count != runs.count { throw analyzeCommand.usageError("--labels needs one label per run (\(runs.count))") }
     let out = a.string("out") ?? runs[0]
 
     // A shared --against reference is loaded once, not once per run.
@@ -102,27 +104,4 @@ func defaultReference(runDir: String, backend: Backend) throws -> (weights: Weig
     let model = LlamaModel(config: config, backend: backend)
     try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
     return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")
-}
-
-let controlUsage = """
-    Usage: relora control RECIPE.json --out CONFIG.json
-
-    Writes the control baseline's model config for a lora/relora recipe: a full-rank model of the same
-    depth and vocabulary, narrowed so that its parameter count matches the number of parameters the
-    recipe's run trains (embeddings, head, norms and LoRA factors).
-    """
-
-func runControl(_ args: [String]) throws {
-    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(controlUsage); return }
-    let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["out"])
-    guard a.positional.count == 1 else { throw ReLoRAError.usage("give one recipe") }
-    let recipe = try Recipe(contentsOf: a.positional[0])
-    guard recipe.mode != .full else { throw ReLoRAError.usage("the recipe trains full-rank; a control baseline is for lora/relora recipes") }
-    let base = try LlamaConfig(contentsOf: recipe.model)
-    let target = ControlBaseline.trainableCount(model: base, rank: recipe.loraRank, trainableScale: recipe.loraTrainableScale)
-    let control = try ControlBaseline.config(matching: target, like: base)
-    let out = try a.required("out")
-    try writeFileAtomically(try JSONSerialization.data(withJSONObject: control.jsonObject(), options: [.prettyPrinted, .sortedKeys]), to: out)
-    printLine("\(recipe.mode.rawValue) run trains \(target) parameters; control: hidden \(control.hiddenSize), intermediate \(control.intermediateSize), heads \(control.numAttentionHeads) -> \(control.parameterCount) parameters; wrote \(out)")
 }

@@ -8,42 +8,36 @@ import ReLoRACheckpoint
 import ReLoRATrain
 import ReLoRAAnalysis
 import ReLoRASelfTest
+import ReLoRACommandLine
 
-let memoryUsage = """
-    Usage: relora memory RECIPE.json [--device cpu|cuda] [--budget SIZE] [--json] [--set key=value ...]
-
-    Plans a run's memory without allocating it: the training code path (model build, one optimizer step
-    over every micro-batch with the recipe's checkpointing, and a restart for relora) runs on a planning
-    backend that records every tensor's shape, dtype and tag. Prints the planned peak bytes per tag and
-    in total, and whether they fit SIZE. On cpu the plan equals what a real run allocates, to the byte (a
-    test checks it); on cuda it follows the precision plan (bf16 activations, LoRA factors and working
-    copies; f32 gradients, master copies and Adam states). The data files need not exist.
-
-      --device D        cpu (default) or cuda
-      --budget SIZE     e.g. 24GiB (a 24 GB card), 80GB; if the plan does not fit, names a change that would
-      --json            print the plan as JSON
-      --set key=value   override a recipe key (e.g. --set model=Configs/models/llama_7b.json), repeatable
-    """
+let memoryCommand = CommandSpec(
+    name: "relora memory",
+    summary: "plan a run's memory by tag (cpu or cuda) without allocating it",
+    discussion: """
+        Plans a run's memory without allocating it: the training code path (model build, one optimizer step
+        over every micro-batch with the recipe's checkpointing, and a restart for relora) runs on a planning
+        backend that records every tensor's shape, dtype and tag. Prints the planned peak bytes per tag and
+        in total, and whether they fit SIZE. On cpu the plan equals what a real run allocates, to the byte (a
+        test checks it); on cuda it follows the precision plan (bf16 activations, LoRA factors and working
+        copies; f32 gradients, master copies and Adam states). The data files need not exist.
+        Exits with status 3 when the plan does not fit --budget (the plan is still printed).
+        """,
+    positionals: .one("RECIPE.json"),
+    options: [
+        .value("device", "cpu|cuda", help: "the device to plan for (default: the recipe's device)"),
+        .value("budget", "SIZE", help: "e.g. 24GiB (a 24 GB card), 80GB; if the plan does not fit, names a change that would"),
+        .flag("json", help: "print the plan as JSON"),
+        .repeated("set", "key=value", help: "override a recipe key (e.g. --set model=Configs/models/llama_7b.json)"),
+    ],
+    examples: ["relora memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB"],
+    helpWhenEmpty: true)
 
 func runMemory(_ args: [String]) throws {
-    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(memoryUsage); return }
-    var overrides: [String] = []
-    var rest: [String] = []
-    var i = 0
-    while i < args.count {
-        if args[i] == "--set" {
-            guard i + 1 < args.count else { throw ReLoRAError.usage("--set needs key=value") }
-            overrides.append(args[i + 1]); i += 2
-        } else {
-            rest.append(args[i]); i += 1
-        }
-    }
-    let a = try Arguments(rest, flagNames: ["json"])
-    try a.checkKnown(["device", "budget", "json"])
-    guard a.positional.count == 1 else { throw ReLoRAError.usage("give one recipe file; see `relora memory --help`") }
+    guard let a = try memoryCommand.parseOrPrintHelp(args) else { return }
+    let overrides = a.values("set")
     let recipe = try Recipe(contentsOf: a.positional[0], overrides: overrides)
     let device = try Device(parsing: a.string("device") ?? recipe.device)
-    let budget = try a.string("budget").map(parseBytes)
+    let budget = try a.bytes("budget")
     let config = try LlamaConfig(contentsOf: recipe.model)
     let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget)
     if a.flag("json") {

@@ -8,36 +8,37 @@ import ReLoRACheckpoint
 import ReLoRATrain
 import ReLoRAAnalysis
 import ReLoRASelfTest
+import ReLoRACommandLine
 
-let plotUsage = """
-    Usage: relora plot RUN_DIR [RUN_DIR ...] [--out FILE.svg] [--smooth N] [--labels a,b,...] [--title TEXT]
-
-    Draws the loss curves of one or more runs from their metrics.jsonl (the ReLoRA paper's loss figure) as
-    a self-contained SVG: training loss (smoothed) and validation loss (dots) against tokens seen, one
-    colour per run, each ReLoRA restart as a dashed vertical line, and the learning rate in a second panel.
-    Tokens seen = step x tokens per step (seq_len x micro_batch x grad_accum, from the run's recipe.json).
-    Malformed lines in metrics.jsonl (e.g. one cut short by a crash) are skipped with a warning.
-
-      --out FILE      the SVG to write (default: RUN_DIR/loss.svg of the first run)
-      --smooth N      training loss as the mean of the last N logged steps (default: 1% of the longest
-                      run's steps, at least 1; 1 = the raw per-step loss)
-      --labels a,b    one legend label per run (default: the run directories' names)
-      --title TEXT    the figure's title
-    """
+let plotCommand = CommandSpec(
+    name: "relora plot",
+    summary: "loss curves of runs (train, validation, restarts, learning rate) as SVG",
+    discussion: """
+        Draws the loss curves of one or more runs from their metrics.jsonl (the ReLoRA paper's loss figure) as
+        a self-contained SVG: training loss (smoothed) and validation loss (dots) against tokens seen, one
+        colour per run, each ReLoRA restart as a dashed vertical line, and the learning rate in a second panel.
+        Tokens seen = step x tokens per step (seq_len x micro_batch x grad_accum, from the run's recipe.json).
+        Malformed lines in metrics.jsonl (e.g. one cut short by a crash) are skipped with a warning.
+        """,
+    positionals: .oneOrMore("RUN_DIR"),
+    options: [
+        .value("out", "FILE.svg", help: "the SVG to write (default: RUN_DIR/loss.svg of the first run)"),
+        .value("smooth", "N", help: """
+            training loss as the mean of the last N logged steps (default: 1% of the longest run's steps, at \
+            least 1; 1 = the raw per-step loss)
+            """),
+        .value("labels", "a,b,...", help: "one legend label per run (default: the run directories' names)"),
+        .value("title", "TEXT", help: "the figure's title", default: "Training and validation loss"),
+    ],
+    examples: ["relora plot runs/full runs/relora --labels full-rank,ReLoRA --out loss.svg"],
+    helpWhenEmpty: true)
 
 func runPlot(_ args: [String]) throws {
-    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(plotUsage); return }
-    let a = try Arguments(args, flagNames: [])
-    try a.checkKnown(["out", "smooth", "labels", "title"])
+    guard let a = try plotCommand.parseOrPrintHelp(args) else { return }
     let dirs = a.positional
-    guard !dirs.isEmpty else { throw ReLoRAError.usage("give at least one run directory") }
-    let labels = a.string("labels")?.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-    if let labels, labels.count != dirs.count { throw ReLoRAError.usage("--labels needs one label per run (\(dirs.count))") }
-    var smooth: Int?
-    if a.string("smooth") != nil {
-        smooth = try a.int("smooth")
-        guard smooth! >= 1 else { throw ReLoRAError.usage("--smooth must be at least 1 (1 = no smoothing)") }
-    }
+    let labels = a.list("labels")
+    if let labels, labels.count != dirs.count { throw plotCommand.usageError("--labels needs one label per run (\(dirs.count))") }
+    let smooth = a.has("smooth") ? try a.int("smooth", atLeast: 1) : nil
     let runs = try dirs.enumerated().map { i, dir -> RunMetrics in
         let run = try RunMetrics.load(runDir: dir, label: labels?[i])
         if run.malformedLines > 0 {
@@ -46,7 +47,7 @@ func runPlot(_ args: [String]) throws {
         return run
     }
     let window = smooth ?? LossPlot.defaultSmoothing(runs)
-    let svg = LossPlot.render(runs: runs, smoothing: window, title: a.string("title") ?? "Training and validation loss")
+    let svg = LossPlot.render(runs: runs, smoothing: window, title: try a.required("title"))
     let out = a.string("out") ?? dirs[0] + "/loss.svg"
     try writeFileAtomically(Data(svg.utf8), to: out)
     for run in runs {

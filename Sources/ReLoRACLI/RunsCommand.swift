@@ -8,21 +8,24 @@ import ReLoRACheckpoint
 import ReLoRATrain
 import ReLoRAAnalysis
 import ReLoRASelfTest
+import ReLoRACommandLine
 
-let runsUsage = """
-    Usage: relora runs DIR [--json]
-
-    Lists the runs under DIR (DIR itself and directories one or two levels below it that hold recipe.json
-    and metrics.jsonl), one line each: mode, quantization of the frozen weights, steps done/total, tokens
-    seen, the last training loss, the last and the best validation loss and perplexity, and the step of
-    the best. --json prints a JSON array with the same fields (null where a run has no value).
-    """
+let runsCommand = CommandSpec(
+    name: "relora runs",
+    summary: "list the runs under a directory: mode, steps, tokens, losses",
+    discussion: """
+        Lists the runs under DIR (DIR itself and directories one or two levels below it that hold recipe.json
+        and metrics.jsonl), one line each: mode, quantization of the frozen weights, steps done/total, tokens
+        seen, the last training loss, the last and the best validation loss and perplexity, and the step of
+        the best.
+        """,
+    positionals: .one("DIR"),
+    options: [.flag("json", help: "print a JSON array with the same fields (null where a run has no value)")],
+    examples: ["relora runs runs/"],
+    helpWhenEmpty: true)
 
 func runRuns(_ args: [String]) throws {
-    if args.isEmpty || args.contains("--help") || args.contains("-h") { print(runsUsage); return }
-    let a = try Arguments(args, flagNames: ["json"])
-    try a.checkKnown(["json"])
-    guard a.positional.count == 1 else { throw ReLoRAError.usage("give one directory") }
+    guard let a = try runsCommand.parseOrPrintHelp(args) else { return }
     let rows = try RunListing.rows(under: a.positional[0]) { standardError("warning: \($0)") }
     if a.flag("json") {
         let encoder = JSONEncoder()

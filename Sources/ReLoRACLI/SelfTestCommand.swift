@@ -8,35 +8,36 @@ import ReLoRACheckpoint
 import ReLoRATrain
 import ReLoRAAnalysis
 import ReLoRASelfTest
+import ReLoRACommandLine
 
-let selfTestUsage = """
-    Usage: relora selftest [--device cpu|cuda] [--group G[,G...]] [--json]
-
-    Runs the backend conformance suite on the device: every op of the backend (transfers and dtype
-    conversions, fills, matmul, rmsnorm, rope, attention, swiglu, embedding, cross-entropy, dropout,
-    reductions, AdamW, pruning, quantization) against naive Double references, with a bound derived per op
-    and dtype, and every backward against finite differences of its forward. On cuda every op runs in f32
-    and in bf16, and a few training steps of a tiny model (full-rank; ReLoRA over q4_0, nf4 and q8_0 with
-    rtn, stochastic and master merges at a restart) are compared with the CPU backend, in f32 and in bf16. Prints one line per check (op, shape,
-    dtype, max error, bound, pass/FAIL) and "N passed, M failed"; exits 1 if any check failed.
-
-      --device D   cpu (default) or cuda (the kernel library: RELORA_CUDA_LIB, next to the executable,
-                   or Kernels/build/libreloracuda.so; RELORA_CUDA_LIB=Kernels/build/libreloracuda-emu.so
-                   runs the kernels in their CPU emulation)
-      --group G    only these groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))
-      --json       print {"backend", "passed", "failed", "checks": [...]} instead of the table
-    """
+let selfTestCommand = CommandSpec(
+    name: "relora selftest",
+    summary: "check every backend op against reference implementations (--device cpu|cuda)",
+    discussion: """
+        Runs the backend conformance suite on the device: every op of the backend (transfers and dtype
+        conversions, fills, matmul, rmsnorm, rope, attention, swiglu, embedding, cross-entropy, dropout,
+        reductions, AdamW, pruning, quantization) against naive Double references, with a bound derived per op
+        and dtype, and every backward against finite differences of its forward. On cuda every op runs in f32
+        and in bf16, and a few training steps of a tiny model (full-rank; ReLoRA over q4_0, nf4 and q8_0 with
+        rtn, stochastic and master merges at a restart) are compared with the CPU backend, in f32 and in bf16.
+        Prints one line per check (op, shape, dtype, max error, bound, pass/FAIL) and "N passed, M failed";
+        exits with status 1 if any check failed. RELORA_CUDA_LIB=Kernels/build/libreloracuda-emu.so runs the
+        cuda kernels in their CPU emulation.
+        """,
+    options: [
+        deviceOption,
+        .value("group", "G[,G...]", help: "only these groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))"),
+        .flag("json", help: "print {\"backend\", \"passed\", \"failed\", \"checks\": [...]} instead of the table"),
+    ],
+    examples: ["relora selftest --device cuda --group training"])
 
 func runSelfTest(_ args: [String]) throws {
-    if args.contains("--help") || args.contains("-h") { print(selfTestUsage); return }
-    let a = try Arguments(args, flagNames: ["json"])
-    try a.checkKnown(["device", "json", "group"])
-    guard a.positional.isEmpty else { throw ReLoRAError.usage("selftest takes no arguments; see `relora selftest --help`") }
+    guard let a = try selfTestCommand.parseOrPrintHelp(args) else { return }
     var groups = ConformanceGroup.allCases
     if let list = a.string("group") {
         groups = try list.split(separator: ",").map { name in
             guard let g = ConformanceGroup(rawValue: String(name)) else {
-                throw ReLoRAError.usage("unknown group '\(name)'; groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))")
+                throw selfTestCommand.usageError("unknown group '\(name)'; groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))")
             }
             return g
         }

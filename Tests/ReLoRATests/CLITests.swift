@@ -184,3 +184,158 @@ final class CLIPipelineTests: XCTestCase {
         XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
     }
 }
+
+/// `--help` on every command of both executables, usage errors as one line with exit status 2, and
+/// docs/cli.md naming exactly the options each command has.
+final class CLIHelpTests: XCTestCase {
+    /// The command words `relora --help` lists ("train", "tokenizer train", ...).
+    func listedCommands() throws -> [String] {
+        let r = try runRelora(["--help"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        guard let section = r.stdout.components(separatedBy: "Commands:\n").dropFirst().first else {
+            XCTFail("no Commands: in \(r.stdout)")
+            return []
+        }
+        return section.split(separator: "\n").prefix { $0.hasPrefix("  ") }.map {
+            $0.trimmingCharacters(in: .whitespaces).components(separatedBy: "  ")[0]
+        }
+    }
+
+    /// The option names (without dashes) the Options: section of a usage text lists, --help aside.
+    func options(inUsage text: String) -> Set<String> {
+        let section = text.components(separatedBy: "\nOptions:\n").dropFirst().first ?? ""
+        return Set(section.split(separator: "\n").prefix { $0.hasPrefix(" ") }.compactMap { line -> String? in
+            guard line.hasPrefix("  --") else { return nil }
+            return String(line.dropFirst(4).prefix { $0.isLetter || $0.isNumber || $0 == "-" })
+        })
+    }
+
+    func testTopLevelHelpListsEveryCommandAndPointsToTheDocs() throws {
+        let help = try runRelora(["--help"])
+        XCTAssertEqual(help.status, 0)
+        XCTAssertTrue(help.stdout.contains("docs/cli.md"), help.stdout)
+        XCTAssertEqual(try runRelora(["-h"]).stdout, help.stdout)
+        let bare = try runRelora([])
+        XCTAssertEqual(bare.status, 1, "relora without a command prints the usage and exits 1 (docs/cli.md)")
+        XCTAssertEqual(bare.stdout, help.stdout)
+        let commands = try listedCommands()
+        for word in ["train", "export", "eval", "sample", "tokenizer train", "tokenize", "memory", "plot", "runs",
+                     "analyze", "control", "selftest", "info"] {
+            XCTAssertTrue(commands.contains(word), "relora --help does not list \(word): \(commands)")
+        }
+    }
+
+    func testEveryCommandHasHelp() throws {
+        let commands = try listedCommands()
+        XCTAssertGreaterThanOrEqual(commands.count, 13)
+        for words in commands + ["tokenizer"] {
+            let args = words.split(separator: " ").map(String.init)
+            for flag in ["--help", "-h"] {
+                let r = try runRelora(args + [flag])
+                XCTAssertEqual(r.status, 0, "relora \(words) \(flag): \(r.stderr)")
+                XCTAssertEqual(r.stderr, "", "relora \(words) \(flag)")
+                XCTAssertTrue(r.stdout.hasPrefix("relora \(words): "), "relora \(words) \(flag): \(r.stdout)")
+                XCTAssertTrue(r.stdout.contains("\nUsage: relora \(words) "), "relora \(words) \(flag): \(r.stdout)")
+                XCTAssertTrue(r.stdout.contains("\nOptions:\n"), "relora \(words) \(flag): \(r.stdout)")
+                if words != "tokenizer" {
+                    XCTAssertTrue(r.stdout.contains("\nExample:\n  relora \(words) ") || r.stdout.contains("\nExamples:\n  relora \(words) "),
+                                  "relora \(words) \(flag) has no example: \(r.stdout)")
+                }
+            }
+        }
+        // train's help keeps the exit statuses a script needs.
+        let train = try runRelora(["train", "--help"]).stdout
+        XCTAssertTrue(train.contains("exits with status 3"), train)
+        XCTAssertTrue(train.contains("exit status 130"), train)
+    }
+
+    func testUsageErrorsAreOneLineAndExit2() throws {
+        let r = try runRelora(["train", "--bogus"])
+        XCTAssertEqual(r.status, 2, r.stderr)
+        XCTAssertEqual(r.stdout, "")
+        XCTAssertEqual(r.stderr, "error: usage error: relora train: unknown option --bogus; see `relora train --help`\n")
+        let cases: [([String], String)] = [
+            (["train", "recipe.json", "--set"], "relora train: --set needs a value"),
+            (["train", "a.json", "b.json"], "relora train: unexpected argument 'b.json'"),
+            (["train", "a.json", "--budget", "lots"], "relora train: --budget lots is not a size"),
+            (["eval", "--model", "m", "--data", "d", "--seq-len", "4", "stray"], "relora eval: unexpected argument 'stray'"),
+            (["eval", "--model", "m", "--data", "d", "--seq-len", "4", "--seq-len", "8"], "relora eval: --seq-len is given twice"),
+            (["sample", "--model", "m", "--prompt", "p", "--temperature", "hot"], "relora sample: --temperature must be a number >= 0"),
+            (["export", "run", "--format", "onnx", "--out", "x"], "relora export: --format onnx is not supported; use hf or gguf"),
+            (["tokenizer", "train", "--vocab-size", "400", "--out", "t.json"], "relora tokenizer train: missing required option --in"),
+            (["tokenizer", "merge"], "relora tokenizer: unknown subcommand 'merge'"),
+            (["plot", "run", "--smooth", "0"], "relora plot: --smooth must be an integer >= 1"),
+            (["runs", "a", "b"], "relora runs: unexpected argument 'b'"),
+            (["selftest", "--jsn"], "relora selftest: unknown option --jsn (did you mean --json?)"),
+            (["info", "--blas"], "relora info: unknown option --blas"),
+            (["--bogus"], "relora: unknown option --bogus"),
+        ]
+        for (args, fragment) in cases {
+            let r = try runRelora(args)
+            XCTAssertEqual(r.status, 2, "\(args): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr '\(r.stderr)' should mention '\(fragment)'")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): expected one line, got '\(r.stderr)'")
+        }
+    }
+
+    func testBenchHelpAndUsageErrors() throws {
+        for sub in [[], ["gpu"], ["compression"]] {
+            let name = (["relora-bench"] + sub).joined(separator: " ")
+            let r = try runReloraBench(sub + ["--help"])
+            XCTAssertEqual(r.status, 0, "\(name) --help: \(r.stderr)")
+            XCTAssertTrue(r.stdout.hasPrefix("\(name): ") && r.stdout.contains("\nUsage: \(name)"), r.stdout)
+            XCTAssertTrue(r.stdout.contains("Example"), r.stdout)
+        }
+        XCTAssertTrue(try runReloraBench(["--help"]).stdout.contains("\n  gpu "), "relora-bench --help lists gpu")
+        let cases: [([String], String)] = [
+            (["--bogus"], "relora-bench: unknown option --bogus"),
+            (["--steps", "0"], "relora-bench: --steps must be an integer >= 1, got '0'"),
+            (["--mode", "fast"], "relora-bench: --mode fast is not supported"),
+            (["stray"], "relora-bench: unexpected argument 'stray'"),
+            (["gpu", "--steps", "x"], "relora-bench gpu: --steps must be an integer >= 1, got 'x'"),
+            (["compression", "ckpt", "--levels", "1,x"], "relora-bench compression: --levels takes zstd levels"),
+        ]
+        for (args, fragment) in cases {
+            let r = try runReloraBench(args)
+            XCTAssertEqual(r.status, 2, "\(args): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr '\(r.stderr)' should mention '\(fragment)'")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): expected one line, got '\(r.stderr)'")
+        }
+    }
+
+    /// docs/cli.md's command block names each command's options exactly: none missing, none stale.
+    func testDocsNameEveryOptionOfEveryCommand() throws {
+        let docsPath = URL(fileURLWithPath: fixturesDirectory()).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("docs/cli.md").path
+        let docs = try String(contentsOfFile: docsPath, encoding: .utf8).split(separator: "\n").map(String.init)
+        /// The `--options` of the docs lines that start with `prefix` and then `next` (a word or a character),
+        /// with their indented continuation lines.
+        func documented(_ prefix: String, next: (Substring) -> Bool) -> Set<String> {
+            var lines: [String] = []
+            var continuing = false
+            for line in docs {
+                if line.hasPrefix(prefix + " ") && next(line.dropFirst(prefix.count + 1)) {
+                    lines.append(line)
+                    continuing = true
+                } else if continuing && line.hasPrefix(" ") {
+                    lines.append(line)
+                } else {
+                    continuing = false
+                }
+            }
+            XCTAssertFalse(lines.isEmpty, "docs/cli.md has no line for \(prefix)")
+            let words = lines.flatMap { $0.split(whereSeparator: { !($0.isLetter || $0.isNumber || $0 == "-") }) }
+            return Set(words.filter { $0.hasPrefix("--") && $0.count > 2 }.map { String($0.dropFirst(2)) })
+        }
+        for words in try listedCommands() {
+            let helped = options(inUsage: try runRelora(words.split(separator: " ").map(String.init) + ["--help"]).stdout)
+            XCTAssertEqual(documented("relora \(words)") { _ in true }, helped, "docs/cli.md vs relora \(words) --help")
+        }
+        for sub in ["gpu", "compression"] {
+            let helped = options(inUsage: try runReloraBench([sub, "--help"]).stdout)
+            XCTAssertEqual(documented("relora-bench \(sub)") { _ in true }, helped, "docs/cli.md vs relora-bench \(sub) --help")
+        }
+        let helped = options(inUsage: try runReloraBench(["--help"]).stdout)
+        XCTAssertEqual(documented("relora-bench") { $0.hasPrefix("[") || $0.hasPrefix("-") }, helped, "docs/cli.md vs relora-bench --help")
+    }
+}

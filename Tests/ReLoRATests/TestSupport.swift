@@ -85,19 +85,24 @@ func temporaryDirectory(_ name: String = #function) -> String {
 }
 
 /// `relora` sits next to the test runner (`.build/<config>/reloraPackageTests.xctest`) in the build directory.
-var reloraExecutable: String {
+var reloraExecutable: String { builtExecutable("relora") }
+
+/// An executable product of this package (`relora`, `relora-bench`) in the build directory.
+func builtExecutable(_ name: String) -> String {
     let candidates = [
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent(),
         Bundle(for: CLITests.self).bundleURL.deletingLastPathComponent(),
         Bundle.main.bundleURL,
-    ].map { $0.appendingPathComponent("relora").path }
+    ].map { $0.appendingPathComponent(name).path }
     return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates[0]
 }
 
 /// The `relora` executable's path; a missing one is a test failure, not a skip (`swift test` and
 /// `swift build --build-tests` build it with the tests).
-func requireReloraExecutable() throws -> String {
-    let path = reloraExecutable
+func requireReloraExecutable() throws -> String { try requireExecutable("relora") }
+
+func requireExecutable(_ name: String) throws -> String {
+    let path = builtExecutable(name)
     guard FileManager.default.isExecutableFile(atPath: path) else {
         throw MissingExecutable(path: path)
     }
@@ -107,7 +112,7 @@ func requireReloraExecutable() throws -> String {
 struct MissingExecutable: Error, CustomStringConvertible {
     let path: String
     var description: String {
-        "the relora executable is not at \(path); build it with `swift build --build-tests` before `swift test --skip-build`"
+        "the executable is not at \(path); build it with `swift build --build-tests` before `swift test --skip-build`"
     }
 }
 
@@ -116,8 +121,14 @@ struct MissingExecutable: Error, CustomStringConvertible {
 /// for the child only). Returns how it ended and what it printed.
 func runReloraProcess(_ args: [String], environment: [String: String?] = [:], shell: String? = nil) throws
     -> (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String) {
+    try runBuiltExecutable("relora", args, environment: environment, shell: shell)
+}
+
+/// `runReloraProcess` for any executable product of the package (`relora`, `relora-bench`).
+func runBuiltExecutable(_ name: String, _ args: [String], environment: [String: String?] = [:], shell: String? = nil) throws
+    -> (status: Int32, reason: Process.TerminationReason, stdout: String, stderr: String) {
     let p = Process()
-    let exe = try requireReloraExecutable()
+    let exe = try requireExecutable(name)
     if let shell {
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
         p.arguments = ["-c", shell + "; exec \"$0\" \"$@\"", exe] + args
@@ -139,6 +150,11 @@ func runReloraProcess(_ args: [String], environment: [String: String?] = [:], sh
 
 func runRelora(_ args: [String], environment: [String: String?] = [:]) throws -> (status: Int32, stdout: String, stderr: String) {
     let r = try runReloraProcess(args, environment: environment)
+    return (r.status, r.stdout, r.stderr)
+}
+
+func runReloraBench(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    let r = try runBuiltExecutable("relora-bench", args)
     return (r.status, r.stdout, r.stderr)
 }
 

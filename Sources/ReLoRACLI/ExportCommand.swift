@@ -1,0 +1,92 @@
+import Foundation
+import ReLoRACore
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRACommandLine
+
+let exportCommand = CommandSpec(
+    name: "relora export",
+    summary: "export a checkpoint as a Hugging Face model directory or a GGUF file",
+    synopsis: [
+        "CHECKPOINT|RUN_DIR --format hf --out DIR [--dtype float32|bfloat16] [--device cpu|cuda]",
+        "CHECKPOINT|RUN_DIR --format gguf --out FILE.gguf [--quant f32|f16|bf16|q8_0|q4_0] [--device cpu|cuda]",
+    ],
+    discussion: """
+        Exports the trained model (a LoRA run's current cycle merged in; quantized frozen weights dequantized).
+        A RUN_DIR exports its latest checkpoint.
+
+        --format hf: a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, the run's
+        tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load.
+        --format gguf: one GGUF v3 file for llama.cpp (and transformers' GGUF loader): LLaMA metadata, llama.cpp
+        tensor names with q/k rows permuted to llama.cpp's rotary convention, and the tokenizer. f16/bf16 store
+        2-D tensors in 16 bits; q8_0 quantizes every 2-D tensor; q4_0 the block linears (embedding and head in
+        q8_0). Norms stay f32; rows that are not whole 32-weight blocks stay f16. A run whose frozen weights are
+        in the same format has its codes copied, not requantized, where the current cycle's update is zero.
+        """,
+    positionals: .one("CHECKPOINT|RUN_DIR"),
+    options: [
+        .value("format", help: "hf: a Hugging Face directory; gguf: one llama.cpp file", default: "hf", choices: ["hf", "gguf"]),
+        .value("out", "PATH", help: "the directory (hf) or file (gguf) to write", required: true),
+        .value("dtype", help: "the weights' dtype in model.safetensors (--format hf only)", default: "float32",
+               choices: ["float32", "bfloat16"]),
+        .value("quant", help: "the 2-D tensors' type (--format gguf only)", default: "f32",
+               choices: GGUFWeightType.allCases.map(\.rawValue)),
+        deviceOption,
+    ],
+    examples: [
+        "relora export runs/shakespeare-demo --format hf --out runs/shakespeare-demo/hf",
+        "relora export runs/shakespeare-demo --format gguf --quant q8_0 --out shakespeare-q8_0.gguf",
+    ],
+    helpWhenEmpty: true)
+
+func runExport(_ args: [String]) throws {
+    guard let a = try exportCommand.parseOrPrintHelp(args) else { return }
+    let out = try a.required("out")
+    let (checkpoint, runDir) = try TrainingCheckpoint.resolve(a.positional[0])
+    switch a.string("format") {
+    case "gguf":
+        guard !a.has("dtype") else {
+            throw exportCommand.usageError("--dtype is for --format hf; use --quant f32|f16|bf16|q8_0|q4_0 with gguf")
+        }
+        try exportGGUF(checkpoint: checkpoint, runDir: runDir, out: out, a)
+    default:
+        guard !a.has("quant") else { throw exportCommand.usageError("--quant is for --format gguf; use --dtype with hf") }
+        try exportHF(checkpoint: checkpoint, runDir: runDir, out: out, a)
+    }
+}
+
+func exportHF(checkpoint: String, runDir: String, out: String, _ a: ParsedArguments) throws {
+    let dtype = try a.required("dtype")
+    let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
+    let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
+    if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
+    let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
+    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer) { done, _ in
+        progress.update(done)
+    }
+    progress.finish()
+    print("exported \(checkpoint) -> \(out) (\(dtype))")
+}
+
+func exportGGUF(checkpoint: String, runDir: String, out: String, _ a: ParsedArguments) throws {
+    let weights = GGUFWeightType(rawValue: try a.required("quant"))!  // one of the declared choices
+    let tokenizerPath = runDir + "/tokenizer.json"
+    var tokenizer: BPETokenizer?
+    if FileManager.default.fileExists(atPath: tokenizerPath) {
+        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+    } else {
+        standardError("warning: \(runDir) has no tokenizer.json; the GGUF will have no tokenizer, which llama.cpp needs to load it")
+    }
+    // The exporter reports (done, total) per tensor, total = the loaded model's parameter list
+    // (`LlamaParameters.named()`); the reporter starts with the first report.
+    var progress: ProgressReporter?
+    let name = URL(fileURLWithPath: runDir).lastPathComponent
+    let summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer, weights: weights, to: out,
+                                       backend: try a.backend(), name: name) { done, total in
+        if progress == nil { progress = ProgressReporter("export", total: total, unit: .count("tensors")) }
+        progress?.update(done)
+    }
+    progress?.finish()
+    print("exported \(checkpoint) -> \(out) (\(summary.description))")
+}

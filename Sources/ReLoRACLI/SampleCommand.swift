@@ -1,0 +1,89 @@
+import Foundation
+import ReLoRACore
+import ReLoRAFormats
+import ReLoRATokenizer
+import ReLoRAModel
+import ReLoRACheckpoint
+import ReLoRACommandLine
+
+let sampleCommand = CommandSpec(
+    name: "relora sample",
+    summary: "generate text from a model",
+    discussion: """
+        Generates text after the prompt and prints both. DIR is a Hugging Face directory with tokenizer.json
+        (e.g. from `relora export`), a checkpoint directory, or a run directory (its latest checkpoint and its
+        tokenizer.json); FILE.gguf a LLaMA GGUF file with its tokenizer in the metadata (e.g. from
+        `relora export --format gguf`). Stops at --max-tokens or at the tokenizer's <|endoftext|>.
+        """,
+    options: [
+        .value("model", "DIR|FILE.gguf", help: "the model and its tokenizer", required: true),
+        .value("prompt", "TEXT", help: "the text to continue", required: true),
+        .value("max-tokens", "N", help: "at most this many new tokens", default: "200"),
+        .value("temperature", "T", help: "softmax temperature, >= 0; 0 = greedy", default: "0.8"),
+        .value("top-k", "K", help: "sample among the K most likely tokens; 0 = all", default: "40"),
+        .value("seed", "S", help: "the sampler's random seed (the same seed gives the same text)", default: "0"),
+        deviceOption,
+    ],
+    examples: ["relora sample --model runs/shakespeare-demo --prompt \"ROMEO.\" --max-tokens 120 --seed 1"],
+    helpWhenEmpty: true)
+
+func runSample(_ args: [String]) throws {
+    guard let a = try sampleCommand.parseOrPrintHelp(args) else { return }
+    var options = Generator.Options()
+    options.maxTokens = try a.int("max-tokens")
+    options.topK = try a.int("top-k")
+    options.seed = UInt64(max(0, try a.int("seed")))
+    options.temperature = try a.double("temperature", atLeast: 0)
+    let prompt = try a.required("prompt")
+    let dir = try a.required("model")
+    let backend = try a.backend()
+    let model: LlamaModel
+    let tokenizer: BPETokenizer
+    if LlamaGGUF.isGGUF(dir) {
+        let file = try GGUFFile(path: dir)
+        model = try LlamaGGUF.loadModel(file, backend: backend, warn: { standardError("warning: \($0)") })
+        tokenizer = try BPETokenizer(gguf: file)
+    } else {
+        let tokenizerPath: String
+        if FileManager.default.fileExists(atPath: dir + "/config.json") && FileManager.default.fileExists(atPath: dir + "/tokenizer.json")
+            && !FileManager.default.fileExists(atPath: dir + "/state.json") {
+            model = try HFCheckpoint.load(directory: dir, backend: backend)
+            tokenizerPath = dir + "/tokenizer.json"
+        } else {
+            let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
+            model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
+            tokenizerPath = runDir + "/tokenizer.json"
+        }
+        guard FileManager.default.fileExists(atPath: tokenizerPath) else {
+            throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json to encode the prompt with")
+        }
+        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+    }
+    options.stopToken = tokenizer.endOfTextId
+    FileHandle.standardOutput.write(Data(prompt.utf8))
+    // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.
+    var pending: [UInt8] = []
+    _ = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), options: options) { id in
+        guard id != tokenizer.endOfTextId else { return }
+        pending += tokenizer.bytes(of: id) ?? []
+        let cut = completeUTF8Prefix(pending)
+        if cut > 0 {
+            FileHandle.standardOutput.write(Data(pending[..<cut]))
+            pending.removeFirst(cut)
+        }
+    }
+    FileHandle.standardOutput.write(Data(String(decoding: pending, as: UTF8.self).utf8) + Data("\n".utf8))
+}
+
+/// Length of the longest prefix that does not end inside a multi-byte UTF-8 sequence.
+func completeUTF8Prefix(_ bytes: [UInt8]) -> Int {
+    var i = bytes.count
+    var back = 0
+    while i > 0 && back < 4 {
+        let b = bytes[i - 1]
+        if b & 0xC0 == 0x80 { i -= 1; back += 1; continue }  // continuation byte
+        let need = b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : b >= 0xC0 ? 2 : 1
+        return need == back + 1 ? bytes.count : i - 1
+    }
+    return bytes.count
+}
