@@ -63,6 +63,7 @@ func runTokenize(_ args: [String]) throws {
     }
     progress.finish()
     let dtype: TokenDType = tokenizer.vocabSize <= 65536 ? .uint16 : .uint32
+    try Files.createParentDirectory(of: out)
     try NpyWriter.write(tokens: tokens, dtype: dtype, to: out)
     printLine(String(format: "wrote %@: %d tokens (%@), %.2f bytes/token, unigram entropy %.3f nats",
                      out, tokens.count, dtype.rawValue, Double(bytesRead) / Double(max(1, tokens.count)),

@@ -44,6 +44,7 @@ func runTokenizerTrain(_ args: [String]) throws {
     let start = Date()
     let trainer = BPETrainer(vocabSize: vocab, minFrequency: try a.int("min-frequency"))
     let tokenizer = try trainer.train(files: files) { standardError("tokenizer: \($0)") }
+    try Files.createParentDirectory(of: out)
     try tokenizer.save(to: out)
     printLine(String(format: "wrote %@: vocab %d (%.1f s)", out, tokenizer.vocabSize, Date().timeIntervalSince(start)))
 }

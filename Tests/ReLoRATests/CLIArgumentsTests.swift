@@ -118,7 +118,7 @@ final class CLIArgumentsTests: XCTestCase {
     func testMalformedNumbersAreNamedWhenRead() throws {
         let a = try parse(["runs/a", "--model", "m", "--seq-len", "four", "--temperature", "hot", "--budget", "lots"])
         XCTAssertThrowsError(try a.int("seq-len")) {
-            XCTAssertEqual("\($0)", "usage error: relora demo: --seq-len must be an integer, got 'four'; see `relora demo --help`")
+            XCTAssertEqual("\($0)", "relora demo: --seq-len must be an integer, got 'four'; see `relora demo --help`")
         }
         XCTAssertThrowsError(try a.double("temperature")) { XCTAssertTrue("\($0)".contains("--temperature must be a number, got 'hot'"), "\($0)") }
         XCTAssertThrowsError(try a.bytes("budget")) { XCTAssertTrue("\($0)".contains("--budget lots is not a size"), "\($0)") }

@@ -22,6 +22,17 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(obj["perplexity"] as! Double, 169.865155, accuracy: 1e-2)
     }
 
+    /// `--out` into folders that do not exist yet (a fresh checkout's `data/mine/`) creates them.
+    func testTokenizerOutputsCreateTheirFolders() throws {
+        let dir = temporaryDirectory()
+        try String(repeating: "To be, or not to be: that is the question.\n", count: 20).write(toFile: "\(dir)/t.txt", atomically: true, encoding: .utf8)
+        var r = try runRelora(["tokenizer", "train", "--vocab-size", "280", "--in", "\(dir)/t.txt", "--out", "\(dir)/a/b/tok.json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        r = try runRelora(["tokenize", "--tokenizer", "\(dir)/a/b/tok.json", "--in", "\(dir)/t.txt", "--out", "\(dir)/c/d/t.npy"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertGreaterThan(try TokenArray(npyPath: "\(dir)/c/d/t.npy").count, 0)
+    }
+
     func testBadInputsExitNonZeroWithOneLine() throws {
         let f = fixturesDirectory()
         let dir = temporaryDirectory()
@@ -253,7 +264,7 @@ final class CLIHelpTests: XCTestCase {
         let r = try runRelora(["train", "--bogus"])
         XCTAssertEqual(r.status, 2, r.stderr)
         XCTAssertEqual(r.stdout, "")
-        XCTAssertEqual(r.stderr, "error: usage error: relora train: unknown option --bogus; see `relora train --help`\n")
+        XCTAssertEqual(r.stderr, "error: relora train: unknown option --bogus; see `relora train --help`\n")
         let cases: [([String], String)] = [
             (["train", "recipe.json", "--set"], "relora train: --set needs a value"),
             (["train", "a.json", "b.json"], "relora train: unexpected argument 'b.json'"),

@@ -1,9 +1,9 @@
 import Foundation
 import XCTest
 
-/// `scripts/fetch_corpus.py`: its split and dedup logic (doctests and a synthetic corpus, no network),
-/// and, where the corpus has been built, that its train, val and ood sets share no file path and no
-/// content hash (from the corpus's own `files.tsv`).
+/// `scripts/fetch_corpus.py`: its split and dedup logic (doctests and a synthetic corpus, no network). A
+/// built corpus is checked by the script itself (`fetch_corpus.py --check`, docs/data.md), not here: the
+/// tests never download it, so such a test would always skip.
 final class CorpusScriptTests: XCTestCase {
     var repoRoot: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
@@ -29,13 +29,5 @@ final class CorpusScriptTests: XCTestCase {
         let r = try runScript(["--self-test"])
         XCTAssertEqual(r.status, 0, r.output)
         XCTAssertTrue(r.output.contains("splits disjoint by path and content"), r.output)
-    }
-
-    func testBuiltCorpusSplitsAreDisjoint() throws {
-        let manifest = repoRoot + "/data/corpus/manifest.json"
-        try XCTSkipUnless(FileManager.default.fileExists(atPath: manifest), "no corpus built (python3 scripts/fetch_corpus.py)")
-        let r = try runScript(["--check"])
-        XCTAssertEqual(r.status, 0, r.output)
-        XCTAssertTrue(r.output.contains("no shared path, no shared content hash"), r.output)
     }
 }

@@ -156,6 +156,13 @@ package enum Files {
         }
     }
 
+    /// Creates the directory `path` will be written into, if missing (an output path's folders, as a user
+    /// would expect `--out data/mine/train.npy` to work in a fresh checkout).
+    package static func createParentDirectory(of path: String) throws {
+        let parent = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        if !FileManager.default.fileExists(atPath: parent) { try createDirectory(parent) }
+    }
+
     /// Pretty-printed, sorted keys, written atomically.
     package static func writeJSON(_ object: [String: Any], to path: String) throws {
         try writeFileAtomically(try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]), to: path)

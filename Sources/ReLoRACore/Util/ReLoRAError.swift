@@ -17,7 +17,7 @@ public enum ReLoRAError: Error, CustomStringConvertible, Equatable {
         case .invalidConfig(let m): return "invalid config: \(m)"
         case .invalidFile(let path, let reason): return "\(path): \(reason)"
         case .invalidData(let m): return "invalid data: \(m)"
-        case .usage(let m): return "usage error: \(m)"
+        case .usage(let m): return m
         case .unsupported(let m): return "unsupported: \(m)"
         }
     }
