@@ -108,24 +108,6 @@ public final class Trainer {
     }
 
     /// Runs until `recipe.steps` (or a stop request). Returns a summary.
-    /// `master_copies: file`: the CPU backend maps the master copies from files in the run directory, after
-    /// checking that its file system has room for them (one sentence if not, before anything is allocated).
-    static func mapMasterCopies(_ recipe: Recipe, config: LlamaConfig, backend: Backend) throws {
-        guard let host = backend as? HostFileBacking else {
-            throw ReLoRAError.invalidConfig("'master_copies' 'file' is for the cpu device; on \(backend.name) the master copies live in pinned host memory: drop the key or set it to 'ram'")
-        }
-        try Files.createDirectory(recipe.runDir)
-        let needed = try MemoryPlanner.plan(recipe, config: config, device: .cpu).report.hostPeakTotal
-        var fs = statvfs()
-        if statvfs(recipe.runDir, &fs) == 0 {
-            let free = Int(fs.f_bavail) * Int(fs.f_frsize)
-            guard free >= needed else {
-                throw ReLoRAError.invalidConfig("'master_copies' 'file' needs \(formatBytes(needed)) in \(recipe.runDir), which has \(formatBytes(free)) free; free space there, choose another run_dir, or use 'ram'")
-            }
-        }
-        host.hostFileDirectory = recipe.runDir
-    }
-
     public func run() throws -> TrainingSummary {
         let r = recipe
         let trainable = optimizer.parameters.reduce(0) { $0 + $1.value.count }
