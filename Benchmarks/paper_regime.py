@@ -56,7 +56,7 @@ LABELS = {
     "relora_lr1x": "ReLoRA with LoRA stages at L (lr control)", "relora_joint": "ReLoRA with the joint-mask reset (magnitude_joint 0.99)",
     "relora_r12": "ReLoRA restarting every N/12 (9 cycles; interval control)",
 }
-# Issue 8's quality arms: the relora arm with its frozen block linears stored in a format and merged under a
+# The quality arms: the relora arm with its frozen block linears stored in a format and merged under a
 # policy (relora_<format>_<policy>), compared per seed with dense ReLoRA (the relora arm) in their own table.
 QUANT_FORMATS = ("q8_0", "q4_0", "nf4")
 MERGE_POLICIES = ("rtn", "stochastic", "compensate", "master")
@@ -365,7 +365,7 @@ def write_table(out, N, W, RE, results, eval_sets):
 
 
 def quant_table(results):
-    """Issue 8's table: each quantized arm against dense ReLoRA of the same seed (empty without quantized arms)."""
+    """The quantization table: each quantized arm against dense ReLoRA of the same seed (empty without quantized arms)."""
     dense = results.get("relora", {})
     present = sorted((k for k in results if quant_key(k)), key=lambda k: (k.endswith(ADAM8), list(QUANT_LABELS).index(k.removesuffix(ADAM8)) if k.removesuffix(ADAM8) in QUANT_LABELS else -1))
     if not present:
