@@ -17,8 +17,12 @@ struct RunSetup {
     /// The checkpoint a resume continues (`checkpoints/latest`); nil for a new run.
     let resumePoint: String?
 
-    init(recipe given: Recipe, resume: Bool) throws {
+    init(recipe given: Recipe, resume: Bool, worldSize: Int = 1) throws {
         try given.validate()  // recipes built in code skip the decoder's checks
+        guard given.gradAccum % worldSize == 0 else {
+            throw ReLoRAError.invalidConfig(
+                "grad_accum \(given.gradAccum) counts the micro-batches of a step over all ranks and must be divisible by the \(worldSize) ranks; set grad_accum to a multiple of \(worldSize) (micro_batch is per rank)")
+        }
         var recipe = given
         config = try LlamaConfig(contentsOf: recipe.model)
         guard recipe.seqLen <= config.maxPositionEmbeddings else {

@@ -33,7 +33,11 @@ public final class Trainer {
     let valTokens: TokenArray?
     let schedule: LRSchedule
     let log: (String) -> Void
-    let metrics: MetricsLog
+    /// metrics.jsonl and the TensorBoard events; nil on ranks other than 0, which write nothing.
+    let metrics: MetricsLog?
+    /// The run's processes (`SingleProcess` unless data-parallel). Every rank trains the same model on its
+    /// share of each step's micro-batches; rank 0 alone prints, writes metrics and saves checkpoints.
+    public let communicator: Communicator
     /// Checked between steps; when it returns true the trainer saves a checkpoint and stops.
     public var shouldStop: () -> Bool = { false }
     /// Host<->device transfers of the latest `trainStep` (O(1): ids and targets up and the loss down per
@@ -53,13 +57,18 @@ public final class Trainer {
     public private(set) lazy var peakFLOPs: Double? = PeakFLOPs.peak(for: model.backend)
 
     /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
-    /// the latest checkpoint of `recipe.runDir`. `backend` defaults to the recipe's `device`.
-    public init(recipe: Recipe, resume: Bool, backend: Backend? = nil, log: @escaping (String) -> Void) throws {
-        let setup = try RunSetup(recipe: recipe, resume: resume)
+    /// the latest checkpoint of `recipe.runDir`. `backend` defaults to the recipe's `device`. Under a
+    /// `communicator` of W ranks every rank makes its own Trainer with the same recipe; `log` is called on
+    /// rank 0 only.
+    public init(recipe: Recipe, resume: Bool, backend: Backend? = nil, communicator: Communicator = SingleProcess(),
+                log: @escaping (String) -> Void) throws {
+        let log = communicator.rank == 0 ? log : { _ in }
+        let setup = try RunSetup(recipe: recipe, resume: resume, worldSize: communicator.worldSize)
         let recipe = setup.recipe
         let backend = try backend ?? BackendFactory.make(Device(parsing: recipe.device))
         self.recipe = recipe
         self.log = log
+        self.communicator = communicator
         sampler = setup.sampler
         valTokens = setup.valTokens
         schedule = recipe.schedule
@@ -68,9 +77,17 @@ public final class Trainer {
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
         model.dropoutKey.keying = state.dropoutKeying
-        if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
         optimizer.refreshMasterCopies()
-        metrics = try MetricsLog(runDir: recipe.runDir, resumeStep: setup.resumePoint == nil ? nil : state.step)
+        if communicator.rank == 0 {
+            if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
+            metrics = try MetricsLog(runDir: recipe.runDir, resumeStep: setup.resumePoint == nil ? nil : state.step)
+        } else {
+            metrics = nil
+        }
+        if communicator.worldSize > 1 {
+            log("data parallel: \(communicator.worldSize) ranks (\(communicator.engine)), each \(recipe.gradAccum / communicator.worldSize) of the step's \(recipe.gradAccum) micro-batches")
+            try checkRanksAgree(at: "the start")
+        }
     }
 
     /// The state a run starts from, with the model's and optimizer's tensors set: the checkpoint a resume
@@ -139,7 +156,7 @@ public final class Trainer {
             if (state.step) % r.logEvery == 0 || state.step == r.steps || metrics.skipped {
                 log(format(metrics, secondsLeft: eta.secondsRemaining))
             }
-            try self.metrics.append(metrics)
+            try self.metrics?.append(metrics)
             logEpochs(ofStep: state.step - 1)
             // Restart right after the step t = k*R (k >= 1), whose learning rate the jagged schedule made 0;
             // its console and metrics lines follow that step's.
@@ -154,13 +171,13 @@ public final class Trainer {
                         "\(state.skippedSteps) of \(state.step) steps had a non-finite loss or gradient (allowed: \(Int(allowed))); lower lr or check the data. Last good state saved at \(lastCheckpoint!)")
                 }
             }
-            if state.step % r.evalEvery == 0 || state.step == r.steps, valTokens != nil {
+            if state.step % r.evalEvery == 0 || state.step == r.steps, valTokens != nil, communicator.rank == 0 {
                 lastVal = try evaluate()
             }
             if state.step % r.checkpointEvery == 0 || state.step == r.steps {
                 lastCheckpoint = try saveCheckpoint()
             }
-            if shouldStop() && state.step < r.steps {
+            if try stopRequested() && state.step < r.steps {
                 if lastCheckpoint?.hasSuffix(TrainingCheckpoint.name(step: state.step)) != true {
                     lastCheckpoint = try saveCheckpoint()
                 }
@@ -183,7 +200,8 @@ public final class Trainer {
         let tokensInStep = r.tokensPerStep
         let lr = r.lr * schedule.multiplier(step: state.step)
         let step = state.step
-        let (loss, norm, skipped) = try Self.optimizerStep(model: model, optimizer: optimizer, recipe: r, step: step, lr: lr) { micro in
+        let (loss, norm, skipped) = try Self.optimizerStep(model: model, optimizer: optimizer, recipe: r, step: step, lr: lr,
+                                                           communicator: communicator) { micro in
             sampler.batch(step: step, micro: micro, microBatch: r.microBatch)
         }
         if skipped {
@@ -197,27 +215,43 @@ public final class Trainer {
         let metrics = StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
                                   tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
                                   memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped,
-                                  mfu: peak.map { stepFLOPs / seconds / $0 })
+                                  mfu: peak.map { stepFLOPs / Double(communicator.worldSize) / seconds / $0 })
         history.append(metrics)
         return metrics
     }
 
     /// The backend work of one optimizer step, shared by the trainer and the memory planner: zero the
-    /// gradients, forward+backward over `recipe.gradAccum` micro-batches (`batch(micro)` gives each
-    /// one's inputs and targets), the global gradient norm, clipping and the AdamW update (skipped when
-    /// the loss or the norm is not finite). Returns the mean loss, the norm and whether it was skipped.
+    /// gradients, forward+backward over this rank's micro-batches of the step (`batch(micro)` gives the
+    /// inputs and targets of global micro-batch `micro`), the sum of the trained gradients over the ranks,
+    /// the global gradient norm, clipping and the AdamW update (skipped when the loss or the norm is not
+    /// finite). Returns the mean loss, the norm and whether it was skipped.
+    ///
+    /// Rank r of W runs micro-batches r, r + W, r + 2W, ... of the step's `grad_accum` (W divides it), each
+    /// scaled by the step's global token count, so the summed gradients are the mean over the step's tokens
+    /// for any W. The loss is the sum of the per-micro-batch losses in micro-batch order, gathered from the
+    /// ranks: the same bits for any W.
     static func optimizerStep(model: LlamaModel, optimizer: AdamW, recipe r: Recipe, step: Int, lr: Double,
+                              communicator: Communicator = SingleProcess(),
                               batch: (Int) -> ([Int32], [Int32])) throws -> (loss: Double, norm: Double, skipped: Bool) {
         model.zeroGradients()
         let tokensInStep = r.tokensPerStep
-        var lossSum = 0.0
-        for micro in 0..<r.gradAccum {
+        let w = communicator.worldSize, mine = Array(stride(from: communicator.rank, to: r.gradAccum, by: w))
+        var losses: [Double] = []
+        for micro in mine {
             let (inputs, targets) = batch(micro)
             model.dropoutKey.step = step
             model.dropoutKey.microBatch = step * r.gradAccum + micro
             let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
                                               gradScale: 1 / Float(tokensInStep))
-            lossSum += l.sum
+            losses.append(l.sum)
+        }
+        var lossSum = 0.0
+        if w > 1 {
+            let all = try communicator.allGather(losses)  // all[q][i] is micro-batch q + i W
+            for micro in 0..<r.gradAccum { lossSum += all[micro % w][micro / w] }
+            try sumGradients(optimizer, communicator)
+        } else {
+            for l in losses { lossSum += l }
         }
         let loss = lossSum / Double(tokensInStep)
         let norm = optimizer.gradientNorm()
@@ -229,6 +263,33 @@ public final class Trainer {
         return (loss, norm, skipped)
     }
 
+    /// The largest gradient bucket summed over the ranks at once (floats): 4 Mi floats, 16 MiB of host memory.
+    static let gradientBucket = 1 << 22
+
+    /// Sums every trained gradient over the ranks (`Communicator.sumInRankOrder`), in buckets of whole
+    /// tensors (a tensor larger than a bucket goes alone), through host memory.
+    static func sumGradients(_ optimizer: AdamW, _ communicator: Communicator) throws {
+        let backend = optimizer.backend
+        var bucket: [Float] = [], members: [Tensor] = []
+        func flush() throws {
+            guard !members.isEmpty else { return }
+            try communicator.sumInRankOrder(&bucket)
+            var offset = 0
+            for g in members {
+                backend.upload(Array(bucket[offset ..< offset + g.count]), to: g)
+                offset += g.count
+            }
+            bucket.removeAll(keepingCapacity: true)
+            members.removeAll()
+        }
+        for p in optimizer.parameters {
+            if !members.isEmpty && bucket.count + p.grad.count > gradientBucket { try flush() }
+            bucket += backend.download(p.grad)
+            members.append(p.grad)
+        }
+        try flush()
+    }
+
     func evaluate() throws -> Double {
         guard let val = valTokens else { return .nan }
         let start = Date()
@@ -237,12 +298,17 @@ public final class Trainer {
                                             maxWindows: windows)
         log(String(format: "eval step %d | val loss %.4f | val ppl %.2f | %d tokens | %.1f s", state.step, result.loss,
                    result.perplexity, result.tokens, Date().timeIntervalSince(start)))
-        try metrics.append(EvalMetrics(step: state.step, valLoss: result.loss, valPerplexity: result.perplexity,
+        try metrics?.append(EvalMetrics(step: state.step, valLoss: result.loss, valPerplexity: result.perplexity,
                                        valTokens: result.tokens))
         return result.loss
     }
 
+    /// Saves a checkpoint (rank 0; every rank first checks that all hold the same weights) and returns its path.
     func saveCheckpoint() throws -> String {
+        if communicator.worldSize > 1 { try checkRanksAgree(at: "the checkpoint of step \(state.step)") }
+        guard communicator.rank == 0 else {
+            return TrainingCheckpoint.directory(runDir: recipe.runDir) + "/" + TrainingCheckpoint.name(step: state.step)
+        }
         let start = Date()
         let path = try TrainingCheckpoint.save(runDir: recipe.runDir, state: state, model: model,
                                                moments: optimizer.checkpointMoments, recipe: recipe.jsonObject(),
@@ -285,8 +351,42 @@ public final class Trainer {
         }
         log(String(format: "restart %d after step %d | %@ | optimizer reset %@: zeroed %.4f of m, %.4f of v",
                    merge.restart + 1, state.step, mergeLine, reset.description, reset.m, reset.v))
-        try metrics.append(RestartMetrics(step: state.step, restart: merge.restart + 1, merge: merge, zeroedM: reset.m, zeroedV: reset.v))
+        try metrics?.append(RestartMetrics(step: state.step, restart: merge.restart + 1, merge: merge, zeroedM: reset.m, zeroedV: reset.v))
         lastResetFractions = (reset.m, reset.v)
+        if communicator.worldSize > 1 { try checkRanksAgree(at: "restart \(merge.restart + 1)") }
+    }
+
+    /// Whether to stop after this step: `shouldStop` on any rank stops every rank (a signal may reach the
+    /// ranks between different steps; they must still leave the loop after the same one).
+    func stopRequested() throws -> Bool {
+        guard communicator.worldSize > 1 else { return shouldStop() }
+        return try communicator.allGather([UInt8(shouldStop() ? 1 : 0)]).contains { $0[0] != 0 }
+    }
+
+    /// A hash of every weight the run holds (frozen or quantized base weights and their master copies,
+    /// dense trained tensors, LoRA factors), from this rank's device.
+    func weightsHash() -> UInt64 {
+        let b = model.backend
+        var tensors: [Tensor] = []
+        for (_, slot) in model.weights.slots() {
+            tensors.append(slot.storage)
+            if let master = slot.quantized?.master { tensors.append(master) }
+        }
+        tensors += model.loraTensors().map(\.value)
+        let hashes: [UInt64] = tensors.map { t in b.downloadRaw(t).withUnsafeBytes { contentHash64($0) } }
+        return hashes.withUnsafeBytes { contentHash64($0) }
+    }
+
+    /// Every rank must hold the same weights (the same updates from the same summed gradients, the same
+    /// merges from the same counter-based RNG): compared by hash at the start, every restart and every
+    /// checkpoint. A difference stops the run naming the ranks.
+    func checkRanksAgree(at moment: String) throws {
+        let hashes = try communicator.allGather([weightsHash()]).map { $0[0] }
+        guard Set(hashes).count > 1 else { return }
+        let groups = Dictionary(grouping: hashes.indices, by: { hashes[$0] }).values.sorted { $0[0] < $1[0] }
+        let text = groups.map { "ranks \($0.map(String.init).joined(separator: ","))" }.joined(separator: " vs ")
+        throw ReLoRAError.invalidData(
+            "the ranks' weights differ at \(moment) (\(text)); the run stops rather than train diverging copies: resume from the last checkpoint, and report it if it happens again")
     }
 
     /// ReLoRA's optimizer reset after merge `restart`: the recipe's `optimizer_reset`, except under merge

@@ -136,5 +136,5 @@ final class TensorBoardTests: XCTestCase {
 }
 
 extension Trainer {
-    func appendMetricsForTest(_ line: String) throws { try metrics.append(line: line) }
+    func appendMetricsForTest(_ line: String) throws { try metrics!.append(line: line) }
 }
