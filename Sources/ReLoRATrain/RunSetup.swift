@@ -36,6 +36,7 @@ struct RunSetup {
                 throw ReLoRAError.invalidData("\(recipe.runDir) has no checkpoint to resume from; start the run without --resume")
             }
             resumePoint = path
+            try Self.checkSameBatch(recipe, checkpoint: path)
         } else {
             try TrainingCheckpoint.requireNoCheckpoints(runDir: recipe.runDir)
             resumePoint = nil
@@ -77,6 +78,20 @@ struct RunSetup {
             return mode
         }
         return recipe.sampler ?? .automatic(windows: (train.count - 1) / recipe.seqLen, needed: recipe.steps * recipe.microBatch * recipe.gradAccum)
+    }
+
+    /// A resume keeps the run's batch: the data position of a run is its step under `seq_len`, `micro_batch`
+    /// (per rank) and `grad_accum` (the step's micro-batches over all ranks), so any number of ranks may
+    /// continue it, but another batch would train on other tokens than the run's (one sentence).
+    static func checkSameBatch(_ recipe: Recipe, checkpoint: String) throws {
+        guard let data = FileManager.default.contents(atPath: checkpoint + "/recipe.json"),
+              let saved = try? JSONDecoder().decode([String: JSONValue].self, from: data) else { return }  // checked by the load
+        let asked: [(String, Int)] = [("seq_len", recipe.seqLen), ("micro_batch", recipe.microBatch), ("grad_accum", recipe.gradAccum)]
+        for (key, value) in asked {
+            guard case .number(let had)? = saved[key], Int(had) != value else { continue }
+            throw ReLoRAError.invalidConfig(
+                "the checkpoint \(checkpoint) was trained with \(key) \(Int(had)), the resume asks for \(value): a run's data position is its step under the batch it started with (seq_len, micro_batch per rank, grad_accum over all ranks); resume with \(key) \(Int(had)), or start a new run with warm_start")
+        }
     }
 
     static func checkVocabulary(_ tokens: TokenArray, _ config: LlamaConfig) throws {

@@ -70,6 +70,17 @@ final class DataParallelTests: XCTestCase {
         }
     }
 
+    /// Any number of ranks may continue a run, but not with another batch (it would train on other tokens).
+    func testResumeWithAnotherBatchIsRefused() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        _ = try Self.train(Self.recipe(d, run: "batch", steps: 2, reloraEvery: 2), ranks: 1)
+        var other = Self.recipe(d, run: "batch", steps: 4, reloraEvery: 2)
+        other.gradAccum = 4
+        XCTAssertThrowsError(try Self.train(other, ranks: 2, resume: true)) {
+            XCTAssertTrue("\($0)".contains("trained with grad_accum 6, the resume asks for 4"), "\($0)")
+        }
+    }
+
     func testGradAccumMustDivideAmongTheRanks() throws {
         let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
         var r = Self.recipe(d, run: "odd")
