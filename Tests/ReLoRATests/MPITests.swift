@@ -100,7 +100,7 @@ final class MPITests: XCTestCase {
         }
     }
 
-    func testPluginSearchFollowsTheKernelLibrarys() {
+    func testPluginSearchIsTheKernelLibrarySearch() {
         XCTAssertEqual(MPICommunicator.candidatePaths(environment: ["RELORA_MPI_LIB": "/x/p.so"]), ["/x/p.so"])
         let paths = MPICommunicator.candidatePaths(environment: [:])
         XCTAssertTrue(paths.allSatisfy { $0.hasSuffix("/librelora-mpi.so") }, "\(paths)")
