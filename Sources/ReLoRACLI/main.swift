@@ -51,10 +51,9 @@ do {
         throw relora.usageError(word.hasPrefix("-") ? "unknown option \(word) (a command comes first)" : "unknown command '\(word)'")
     }
     try command.run(Array(argv.dropFirst()))
+    Communicators.finishProcess()
 } catch let error as ReLoRAError {
-    standardError("error: \(error)")
-    exit(2)
+    Communicators.fail("error: \(error)", status: 2)  // in a run of several processes: every rank ends
 } catch {
-    standardError("error: \(error)")
-    exit(1)
+    Communicators.fail("error: \(error)", status: 1)
 }

@@ -31,15 +31,9 @@ public final class CUDALibrary: @unchecked Sendable {
     public var deviceName: String { Self.text(device.name) }
     public var buildDescription: String { Self.text(info.build) }
 
-    /// The paths `open()` tries, in order.
+    /// The paths `open()` tries, in order (`RuntimeLibrary`'s search, shared with the MPI plugin).
     public static func candidatePaths(environment: [String: String] = ProcessInfo.processInfo.environment) -> [String] {
-        if let explicit = environment["RELORA_CUDA_LIB"], !explicit.isEmpty { return [explicit] }
-        var paths: [String] = []
-        if let exe = Bundle.main.executableURL?.resolvingSymlinksInPath().deletingLastPathComponent() {
-            paths.append(exe.appendingPathComponent("libreloracuda.so").path)
-        }
-        paths.append(FileManager.default.currentDirectoryPath + "/Kernels/build/libreloracuda.so")
-        return paths
+        RuntimeLibrary.candidatePaths(fileName: "libreloracuda.so", variable: "RELORA_CUDA_LIB", environment: environment)
     }
 
     private static let lock = NSLock()
@@ -58,7 +52,7 @@ public final class CUDALibrary: @unchecked Sendable {
     public static func load(path: String) throws -> CUDALibrary { try load([path]) }
 
     private static func load(_ paths: [String]) throws(ReLoRAError) -> CUDALibrary {
-        guard let path = paths.first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+        guard let path = RuntimeLibrary.firstExisting(paths) else {
             throw .invalidConfig("device 'cuda' is not available: no CUDA kernel library found (looked for \(paths.joined(separator: ", "))); build it with `make -C Kernels cuda` on a machine with the CUDA toolchain, or set RELORA_CUDA_LIB; use --device cpu otherwise")
         }
         var api = relora_cuda_api()

@@ -30,6 +30,10 @@ public enum ConformanceGroup: String, CaseIterable, Sendable, Codable {
     /// Training steps of a tiny model on a device backend against the CPU (`TrainingConformance`; run by
     /// `relora selftest` for a device other than the CPU, not by `Conformance.run`).
     case training
+    /// The collectives of the process's communicator on every rank against sequential references
+    /// (`CollectiveConformance`; run by `relora selftest`, under `mpirun` for the MPI engine, not by
+    /// `Conformance.run`). Last, so that the other groups' input streams keep their numbers.
+    case collectives
 }
 
 /// One conformance check: an op on one shape and dtype, its worst error against the suite's reference

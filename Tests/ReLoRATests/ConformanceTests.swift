@@ -50,8 +50,9 @@ final class ConformanceTests: XCTestCase {
     /// The whole suite in one run (what `relora selftest` does), covering every op of the protocol.
     func testWholeSuiteCoversEveryGroup() {
         let checks = Conformance.run(on: CPUBackend())
-        // (`training` compares a device backend with the CPU: TrainingConformance, CUDABackendTests)
-        XCTAssertEqual(Set(checks.map(\.group)), Set(ConformanceGroup.allCases).subtracting([.training]))
+        // (`training` compares a device backend with the CPU: TrainingConformance, CUDABackendTests;
+        // `collectives` checks a communicator: CollectiveConformance, MPITests)
+        XCTAssertEqual(Set(checks.map(\.group)), Set(ConformanceGroup.allCases).subtracting([.training, .collectives]))
         let failed = checks.filter { !$0.passed }
         XCTAssertTrue(failed.isEmpty, Conformance.table(failed))
         XCTAssertGreaterThan(checks.filter { $0.op.hasSuffix("(finite differences)") }.count, 12)

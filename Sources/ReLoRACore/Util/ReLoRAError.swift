@@ -11,6 +11,8 @@ public enum ReLoRAError: Error, CustomStringConvertible, Equatable {
     case usage(String)
     /// A valid request this build cannot serve (no CUDA library, an unsupported dtype or option).
     case unsupported(String)
+    /// A collective of a multi-process run failed (a peer died, the network failed).
+    case communication(String)
 
     public var description: String {
         switch self {
@@ -19,6 +21,7 @@ public enum ReLoRAError: Error, CustomStringConvertible, Equatable {
         case .invalidData(let m): return "invalid data: \(m)"
         case .usage(let m): return m
         case .unsupported(let m): return "unsupported: \(m)"
+        case .communication(let m): return "communication failed: \(m)"
         }
     }
 }
