@@ -75,7 +75,9 @@ func runTrain(_ args: [String]) throws {
     }
     if let budget { try checkBudget(recipe, budget: budget) }
     installStopHandler()
-    let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, log: { printLine($0) })
+    // One process, or every rank of an MPI launch (docs/distributed.md): each runs this same command.
+    let communicator = try Communicators.forThisProcess()
+    let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, communicator: communicator, log: { printLine($0) })
     trainer.shouldStop = { stopRequested != 0 }
     let summary = try trainer.run()
     var line = summary.stoppedEarly
@@ -84,9 +86,12 @@ func runTrain(_ args: [String]) throws {
     if let v = summary.lastValLoss { line += String(format: ", val loss %.4f (ppl %.2f)", v, exp(v)) }
     if summary.skippedSteps > 0 { line += ", \(summary.skippedSteps) skipped" }
     if let c = summary.checkpoint { line += "; checkpoint \(c)" }
-    print(line)
+    if communicator.rank == 0 { print(line) }
     let status = trainExitStatus(summary, signal: stopRequested)
-    if status != 0 { exit(status) }  // exit() flushes stdout
+    if status != 0 {
+        Communicators.finishProcess()  // every rank stopped after the same step
+        exit(status)  // exit() flushes stdout
+    }
 }
 
 /// 0 for a run that reached its last step; a run stopped by a signal exits as shells report a process

@@ -1,6 +1,9 @@
 import Foundation
 import XCTest
+import CReLoRA
 @testable import ReLoRACore
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
 @testable import ReLoRASelfTest
 
 /// The MPI engine and how a process finds out it was launched as one of several: launcher variables,
@@ -226,6 +229,71 @@ final class MPITests: XCTestCase {
                           && err.contains("make -C Kernels mpi"), err)
         }
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: work), [])
+    }
+
+    // MARK: Training under mpirun
+
+    /// Writes `recipe` as a JSON file and returns its path.
+    private func write(_ recipe: Recipe, to path: String) throws -> String {
+        try JSONSerialization.data(withJSONObject: recipe.jsonObject()).write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    /// The step losses of a run's metrics.jsonl (written in shortest round-trip form: read back exactly).
+    private func losses(_ runDir: String) throws -> [Double] {
+        try String(contentsOfFile: runDir + "/metrics.jsonl", encoding: .utf8).split(separator: "\n").compactMap { line in
+            let d = try JSONDecoder().decode([String: JSONValue].self, from: Data(line.utf8))
+            if case .number(let loss)? = d["loss"] { return loss }
+            return nil
+        }
+    }
+
+    /// W MPI processes train exactly as W in-process ranks: the same loss bits every step and the same bytes
+    /// in the final checkpoint's tensor files (ReLoRA over q4_0 with a restart, dropout, 8-bit moments). The
+    /// ranks run OpenBLAS on this process's kernels (relora would otherwise restart itself on the best core
+    /// for the CPU, whose sgemm may round differently).
+    func testMPITrainingEqualsTheInProcessGroup() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let core = try XCTUnwrap(relora_blas_core_name().map { String(cString: $0) })
+        for ranks in [2, 3] {
+            let viaMPI = DataParallelTests.recipe(d, run: "mpi-\(ranks)")
+            let r = try mpirun(ranks: ranks, ["train", try write(viaMPI, to: d.dir + "/mpi-\(ranks).json")],
+                               environment: ["RELORA_MPI_LIB": try pluginPath(), "OPENBLAS_CORETYPE": core])
+            XCTAssertEqual(r.status, 0, r.output)
+            XCTAssertEqual(r.output.components(separatedBy: "done: 6 steps").count - 1, 1, "rank 0 alone reports: \(r.output)")
+            let inProcess = DataParallelTests.recipe(d, run: "group-\(ranks)")
+            let reference = try DataParallelTests.train(inProcess, ranks: ranks)
+            XCTAssertEqual(try losses(viaMPI.runDir).map(\.bitPattern), reference.losses.map(\.bitPattern), "W \(ranks)")
+            let last = "/checkpoints/" + TrainingCheckpoint.name(step: 6)
+            for file in ["model.tensors.zst", "lora.tensors.zst", "optimizer.tensors.zst"] {
+                XCTAssertEqual(FileManager.default.contents(atPath: viaMPI.runDir + last + "/" + file),
+                               FileManager.default.contents(atPath: inProcess.runDir + last + "/" + file), "W \(ranks): \(file)")
+            }
+        }
+    }
+
+    /// A rank killed mid-run (SIGKILL) brings the job down with a non-zero status, and the run resumes from
+    /// its last checkpoint to the end with one process.
+    func testAKilledRankEndsTheJobAndTheRunResumes() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        var recipe = DataParallelTests.recipe(d, run: "killed", steps: 300)
+        recipe.checkpointEvery = 3
+        let path = try write(recipe, to: d.dir + "/killed.json")
+        // Rank 1 is killed 3 s after it starts; the others would wait for it in their next collective.
+        let wrapper = """
+            r=${OMPI_COMM_WORLD_RANK:-$PMI_RANK}; if [ "$r" = 1 ]; then "$0" "$@" & p=$!; sleep 3; kill -9 $p; wait $p; exit 137; else exec "$0" "$@"; fi
+            """
+        let start = Date()
+        let r = try mpirun(ranks: 2, ["train", path], environment: ["RELORA_MPI_LIB": try pluginPath()], wrapper: wrapper)
+        XCTAssertNotEqual(r.status, 0, r.output)
+        XCTAssertNotEqual(r.status, 124, "the job hung until the time limit: \(r.output)")
+        XCTAssertLessThan(Date().timeIntervalSince(start), 60, r.output)
+        let saved = try XCTUnwrap(TrainingCheckpoint.latest(runDir: recipe.runDir), "no checkpoint before the kill: \(r.output)")
+        let step = try TrainingCheckpoint.readState(saved).step
+        XCTAssertLessThan(step, 300)
+        let resumed = try Trainer(recipe: recipe, resume: true, log: { _ in })
+        XCTAssertEqual(resumed.state.step, step)
+        XCTAssertEqual(try resumed.run().steps, 300)
     }
 
     // MARK: Helpers
