@@ -14,9 +14,12 @@ public struct StepMetrics: Sendable, Encodable {
     public var skipped: Bool
     /// Model FLOPs utilisation of the step (`ModelFLOPs` over `PeakFLOPs`); nil where the backend's peak is unknown.
     public var mfu: Double? = nil
+    /// Data parallel: the step's time in collectives (gathering the losses, summing the gradients: host
+    /// copies, waiting for the slowest rank and the transfers); nil in one process.
+    public var communicationMilliseconds: Double? = nil
 
     enum CodingKeys: String, CodingKey {
-        case step, loss, lr, skipped, mfu
+        case step, loss, lr, skipped, mfu, communicationMilliseconds = "comm_ms"
         case gradNorm = "grad_norm", tokensPerSecond = "tokens_per_second", milliseconds = "ms", memoryBytes = "memory_bytes"
     }
 
@@ -31,6 +34,7 @@ public struct StepMetrics: Sendable, Encodable {
         try c.encode(memoryBytes, forKey: .memoryBytes)
         try c.encode(skipped, forKey: .skipped)
         if let mfu { try c.encodeFinite(mfu, forKey: .mfu) }
+        if let communicationMilliseconds { try c.encodeFinite(communicationMilliseconds, forKey: .communicationMilliseconds) }
     }
 }
 

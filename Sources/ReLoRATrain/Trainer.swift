@@ -200,8 +200,9 @@ public final class Trainer {
         let tokensInStep = r.tokensPerStep
         let lr = r.lr * schedule.multiplier(step: state.step)
         let step = state.step
+        var communication = 0.0
         let (loss, norm, skipped) = try Self.optimizerStep(model: model, optimizer: optimizer, recipe: r, step: step, lr: lr,
-                                                           communicator: communicator) { micro in
+                                                           communicator: communicator, communicationSeconds: &communication) { micro in
             sampler.batch(step: step, micro: micro, microBatch: r.microBatch)
         }
         if skipped {
@@ -215,7 +216,8 @@ public final class Trainer {
         let metrics = StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
                                   tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
                                   memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped,
-                                  mfu: peak.map { stepFLOPs / Double(communicator.worldSize) / seconds / $0 })
+                                  mfu: peak.map { stepFLOPs / Double(communicator.worldSize) / seconds / $0 },
+                                  communicationMilliseconds: communicator.worldSize > 1 ? communication * 1000 : nil)
         history.append(metrics)
         return metrics
     }
@@ -232,6 +234,7 @@ public final class Trainer {
     /// ranks: the same bits for any W.
     static func optimizerStep(model: LlamaModel, optimizer: AdamW, recipe r: Recipe, step: Int, lr: Double,
                               communicator: Communicator = SingleProcess(),
+                              communicationSeconds: UnsafeMutablePointer<Double>? = nil,
                               batch: (Int) -> ([Int32], [Int32])) throws -> (loss: Double, norm: Double, skipped: Bool) {
         model.zeroGradients()
         let tokensInStep = r.tokensPerStep
@@ -247,9 +250,11 @@ public final class Trainer {
         }
         var lossSum = 0.0
         if w > 1 {
+            let start = monotonicSeconds()
             let all = try communicator.allGather(losses)  // all[q][i] is micro-batch q + i W
             for micro in 0..<r.gradAccum { lossSum += all[micro % w][micro / w] }
             try sumGradients(optimizer, communicator)
+            communicationSeconds?.pointee += monotonicSeconds() - start
         } else {
             for l in losses { lossSum += l }
         }
@@ -329,8 +334,10 @@ public final class Trainer {
             return String(format: "step %d/%d | SKIPPED: non-finite loss %.4g or grad norm %.4g (%d skipped so far)",
                           m.step, recipe.steps, m.loss, m.gradNorm, state.skippedSteps)
         }
-        return String(format: "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.0f ms | mem %@", m.step,
-                      recipe.steps, m.loss, m.lr, m.gradNorm, m.tokensPerSecond, m.milliseconds, formatBytes(m.memoryBytes))
+        let communication = m.communicationMilliseconds.map { String(format: " (comm %.0f)", $0) } ?? ""
+        return String(format: "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | %.0f ms%@ | mem %@", m.step,
+                      recipe.steps, m.loss, m.lr, m.gradNorm, m.tokensPerSecond, m.milliseconds, communication,
+                      formatBytes(m.memoryBytes))
             + (m.mfu.map { String(format: " | mfu %.1f%%", 100 * $0) } ?? "") + " | eta " + formatDuration(secondsLeft)
     }
 

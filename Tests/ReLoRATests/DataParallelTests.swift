@@ -43,7 +43,7 @@ final class DataParallelTests: XCTestCase {
             }
             // Rank 0 alone wrote the metrics: each step once.
             let lines = try String(contentsOfFile: d.dir + "/w\(w)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
-            XCTAssertEqual(lines.filter { $0.contains("\"loss\"") }.count, 6)
+            XCTAssertEqual(lines.filter { $0.contains("\"loss\"") && $0.contains("\"comm_ms\"") }.count, 6)
         }
         // Reproducible: the same W gives the same bits.
         let again = try Self.train(Self.recipe(d, run: "w2-again"), ranks: 2)
