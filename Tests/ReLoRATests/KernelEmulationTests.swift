@@ -36,16 +36,7 @@ final class KernelEmulationTests: XCTestCase {
 
     /// Runs `make -C Kernels <targets>`; returns the exit status and the combined output.
     static func make(_ targets: [String]) throws -> (status: Int32, output: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: which("make")!)
-        p.arguments = ["-C", kernelsDirectory] + targets
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+        try runProcess(which("make")!, ["-C", kernelsDirectory] + targets)
     }
 
     /// A NUL-terminated C string in a buffer.

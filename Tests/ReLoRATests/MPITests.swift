@@ -328,7 +328,7 @@ final class MPITests: XCTestCase {
         let relora = try requireReloraExecutable()
         var launcher = ["-np", "\(ranks)"]
         var env = ProcessInfo.processInfo.environment
-        let version = try run(mpirun, ["--version"], environment: env, directory: Self.packageRoot)
+        let version = try runProcess(mpirun, ["--version"], environment: env, directory: Self.packageRoot)
         if version.output.contains("Open MPI") {
             launcher += ["--oversubscribe"]  // more ranks than this machine's cores
             if geteuid() == 0 { launcher += ["--allow-run-as-root"] }
@@ -342,22 +342,7 @@ final class MPITests: XCTestCase {
         for (key, value) in environment { env[key] = value }
         let command = wrapper.map { ["/bin/sh", "-c", $0, relora] } ?? [relora]
         // The time limit ends a hung job (a collective that never completes) instead of the test run.
-        return try run("/usr/bin/timeout", ["-k", "10", "300", mpirun] + launcher + command + args, environment: env, directory: Self.packageRoot)
-    }
-
-    private func run(_ executable: String, _ args: [String], environment: [String: String], directory: String) throws -> (status: Int32, output: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
-        p.environment = environment
-        p.currentDirectoryURL = URL(fileURLWithPath: directory)
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+        return try runProcess("/usr/bin/timeout", ["-k", "10", "300", mpirun] + launcher + command + args, environment: env, directory: Self.packageRoot)
     }
 }
 

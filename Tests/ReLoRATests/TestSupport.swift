@@ -116,6 +116,24 @@ struct MissingExecutable: Error, CustomStringConvertible {
     }
 }
 
+/// Runs `executable` with `args` (in `directory`, with `environment`, or this process's) and returns its
+/// exit status and its stdout and stderr together, in the order written.
+func runProcess(_ executable: String, _ args: [String], environment: [String: String]? = nil,
+                directory: String? = nil) throws -> (status: Int32, output: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = args
+    if let environment { p.environment = environment }
+    if let directory { p.currentDirectoryURL = URL(fileURLWithPath: directory) }
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
 /// The built `relora` with `args` and this process's environment, changed by `environment` (a nil value
 /// removes the variable); through `/bin/sh -c 'SHELL; exec relora ...'` when `shell` is given (a `ulimit`
 /// for the child only). Returns how it ended and what it printed.
