@@ -12,7 +12,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public let precision = Precision.fp32
     public let computes = true
 
-    public init() {}
+    public init() { _ = CPUThreads.processDefault }  // reads RELORA_CPU_THREADS (and warns) up front
 
     /// Where host-tagged tensors (`MemoryTag.isHost`: the `master` policy's f32 copies) live: nil for RAM,
     /// else a directory for memory-mapped files (`master_copies: file`), each unlinked as soon as it is mapped.

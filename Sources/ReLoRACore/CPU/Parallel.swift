@@ -1,8 +1,59 @@
+import COpenBLAS
 import Dispatch
 import Foundation
 
-/// Number of worker chunks for row-parallel CPU ops (one per core).
-public let cpuThreadCount = max(1, ProcessInfo.processInfo.activeProcessorCount)
+// The CPU backend's threads: `cpuThreadCount` row-parallel chunks, and OpenBLAS's own threads.
+
+/// How many threads the CPU backend runs: `RELORA_CPU_THREADS` if set (a positive integer), else one per
+/// active core; `withCPUThreads` overrides it for a scope.
+public var cpuThreadCount: Int { CPUThreads.scoped ?? CPUThreads.processDefault }
+
+/// Where `cpuThreadCount` comes from.
+package enum CPUThreads {
+    /// The variable that sets the process's thread count.
+    package static let environmentVariable = "RELORA_CPU_THREADS"
+
+    /// `RELORA_CPU_THREADS`, read once, on first use; the active core count if it is unset. A value that
+    /// is not a positive integer falls back to the core count with a one-line warning on stderr. When set,
+    /// it is OpenBLAS's thread count too, unless `OPENBLAS_NUM_THREADS` is.
+    package static let processDefault: Int = {
+        let environment = ProcessInfo.processInfo.environment
+        let cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
+        let (threads, warning) = parse(environment[environmentVariable], cores: cores)
+        if let warning { FileHandle.standardError.write(Data(("relora: warning: " + warning + "\n").utf8)) }
+        if environment[environmentVariable] != nil && environment["OPENBLAS_NUM_THREADS"] == nil {
+            openblas_set_num_threads(Int32(clamping: threads))
+        }
+        return threads
+    }()
+
+    /// The thread count a `RELORA_CPU_THREADS` value asks for (nil: unset), and the warning for a bad one.
+    package static func parse(_ value: String?, cores: Int) -> (threads: Int, warning: String?) {
+        guard let value else { return (cores, nil) }
+        let trimmed = value.trimmingCharacters(in: .whitespaces)
+        if let n = Int(trimmed), n > 0 { return (n, nil) }
+        return (cores, "\(environmentVariable)=\(value) is not a positive integer; using \(cores) threads (one per core)")
+    }
+
+    /// The thread count `withCPUThreads` set for the running task or thread, if any.
+    @TaskLocal package static var scoped: Int?
+
+    /// Serializes `withCPUThreads` (recursive: a scope may open another).
+    static let scopeLock = NSRecursiveLock()
+}
+
+/// Runs `body` with the CPU backend on `threads` threads: the row-parallel chunks of this task or thread
+/// (nested calls see the innermost) and OpenBLAS's, which are process-wide, so calls are serialized by a
+/// lock and OpenBLAS's count is restored afterwards. For tests.
+package func withCPUThreads<R>(_ threads: Int, _ body: () throws -> R) rethrows -> R {
+    precondition(threads > 0, "withCPUThreads: \(threads) threads")
+    CPUThreads.scopeLock.lock()
+    defer { CPUThreads.scopeLock.unlock() }
+    let blasThreads = openblas_get_num_threads()
+    openblas_set_num_threads(Int32(clamping: threads))
+    defer { openblas_set_num_threads(blasThreads) }
+    return try CPUThreads.$scoped.withValue(threads, operation: body)
+}
 
 /// Runs `body` over `0..<count` split into at most `cpuThreadCount` contiguous chunks.
 /// Chunk boundaries depend only on `count` and the thread count, so any per-chunk partial
