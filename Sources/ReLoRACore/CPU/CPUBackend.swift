@@ -164,16 +164,17 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     /// With g = w * dy and s = rstd: dx_i += s*g_i - s^3 * x_i * (sum_j g_j x_j) / dim; dw_i += dy_i x_i s.
+    /// dweight sums over the rows: one partial row per block of rows (at least 16 rows, at most 64 blocks,
+    /// fixed by `rows`), added into dweight in block order, the columns in parallel.
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                                 dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
         let dyp = dout.f32, xp = x.f32, wp = weight.f32, rp = rstd.f32, dxp = dx.f32
-        let chunks = parallelChunkCount(rows, minPerChunk: 16)
-        // Per-chunk partial dweight, summed in chunk order afterwards (deterministic).
-        let partial = UnsafeMutablePointer<Float>.allocate(capacity: chunks * dim)
-        partial.initialize(repeating: 0, count: chunks * dim)
+        let blocks = ReductionBlocks(rows, minSize: 16, maxBlocks: 64)
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: max(1, blocks.blockCount * dim))
         defer { partial.deallocate() }
-        parallelChunks(rows, minPerChunk: 16) { chunk, range in
-            let dw = partial + chunk * dim
+        blocks.forEach { block, range in
+            let dw = partial + block * dim
+            dw.initialize(repeating: 0, count: dim)
             for r in range {
                 let dy = dyp + r * dim, xr = xp + r * dim, dxr = dxp + r * dim
                 let s = rp[r]
@@ -186,8 +187,13 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
                 }
             }
         }
-        let dwp = dweight.f32
-        for c in 0..<chunks { for i in 0..<dim { dwp[i] += partial[c * dim + i] } }
+        let dwp = dweight.f32, n = blocks.blockCount
+        parallelChunks(dim, minPerChunk: 256) { _, columns in
+            for b in 0..<n {
+                let p = partial + b * dim
+                for i in columns { dwp[i] += p[i] }
+            }
+        }
     }
 
     // MARK: RoPE
@@ -394,46 +400,38 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?) -> Double {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
-        let lp = logits.f32, lossp = losses.f32
-        let chunks = parallelChunkCount(rows, minPerChunk: 4)
-        var partial = [Double](repeating: 0, count: chunks)
+        let lp = logits.f32, lossp = losses.f32, tb = targets.i32
         ledger.downloaded(MemoryLayout<Double>.size)  // the returned sum
-        do {
-            partial.withUnsafeMutableBufferPointer { pp in
-                let tb = targets.i32, pb = pp.baseAddress!
-                parallelChunks(rows, minPerChunk: 4) { chunk, range in
-                    var acc = 0.0
-                    for r in range {
-                        let row = lp + r * vocab
-                        let target = Int(tb[r])
-                        if target < 0 {
-                            lossp[r] = 0
-                            if gradScale != nil { row.update(repeating: 0, count: vocab) }
-                            continue
-                        }
-                        let mx = rowMax(row, vocab)
-                        let targetLogit = row[target]
-                        let sum: Float
-                        if let g = gradScale {
-                            // One exp per logit: keep exp(x - max) in place, then scale it into softmax.
-                            sum = expShiftedSum(row, row, vocab, shift: mx)
-                            let inv = SIMD8<Float>(repeating: g / sum)
-                            var j = 0
-                            while j + 8 <= vocab { storeSIMD8(loadSIMD8(row + j) * inv, row + j); j += 8 }
-                            while j < vocab { row[j] *= inv[0]; j += 1 }
-                            row[target] -= g
-                        } else {
-                            sum = expShiftedSum(row, nil, vocab, shift: mx)
-                        }
-                        let loss = mx + logf(sum) - targetLogit
-                        lossp[r] = loss
-                        acc += Double(loss)
-                    }
-                    pb[chunk] = acc
+        parallelChunks(rows, minPerChunk: 4) { _, range in
+            for r in range {
+                let row = lp + r * vocab
+                let target = Int(tb[r])
+                if target < 0 {
+                    lossp[r] = 0
+                    if gradScale != nil { row.update(repeating: 0, count: vocab) }
+                    continue
                 }
+                let mx = rowMax(row, vocab)
+                let targetLogit = row[target]
+                let sum: Float
+                if let g = gradScale {
+                    // One exp per logit: keep exp(x - max) in place, then scale it into softmax.
+                    sum = expShiftedSum(row, row, vocab, shift: mx)
+                    let inv = SIMD8<Float>(repeating: g / sum)
+                    var j = 0
+                    while j + 8 <= vocab { storeSIMD8(loadSIMD8(row + j) * inv, row + j); j += 8 }
+                    while j < vocab { row[j] *= inv[0]; j += 1 }
+                    row[target] -= g
+                } else {
+                    sum = expShiftedSum(row, nil, vocab, shift: mx)
+                }
+                lossp[r] = mx + logf(sum) - targetLogit
             }
         }
-        return partial.reduce(0, +)
+        // The sum in row order, after the rows: the same bits with any thread count (a few thousand adds).
+        var total = 0.0
+        for r in 0..<rows { total += Double(lossp[r]) }
+        return total
     }
 
     // MARK: Elementwise
@@ -469,13 +467,15 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
         out.f32[index] = Float(Self.sumOfSquares(x.f32, count: x.count))
     }
 
+    /// Float sums over runs of 256 (SIMD lanes), Double across the runs of each 2^16-element block, and the
+    /// blocks' partials added in block order: the blocks are fixed by `count`, so the bits are too.
     static func sumOfSquares(_ p: UnsafeMutablePointer<Float>, count: Int) -> Double {
-        let chunks = parallelChunkCount(count, minPerChunk: 1 << 16)
-        var partial = [Double](repeating: 0, count: chunks)
+        if count == 0 { return 0 }
+        let blocks = ReductionBlocks(count, size: 1 << 16)
+        var partial = [Double](repeating: 0, count: blocks.blockCount)
         partial.withUnsafeMutableBufferPointer { out in
             let o = out.baseAddress!
-            parallelChunks(count, minPerChunk: 1 << 16) { chunk, range in
-                // Float partial sums over blocks of 256 (SIMD lanes), Double across blocks.
+            blocks.forEach { block, range in
                 var acc = 0.0
                 var i = range.lowerBound
                 while i < range.upperBound {
@@ -492,7 +492,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
                     acc += Double(s)
                     i = end
                 }
-                o[chunk] = acc
+                o[block] = acc
             }
         }
         return partial.reduce(0, +)

@@ -3,6 +3,12 @@ import Dispatch
 import Foundation
 
 // The CPU backend's threads: `cpuThreadCount` row-parallel chunks, and OpenBLAS's own threads.
+//
+// Ops whose outputs are independent (elementwise, per row) split their index range into `cpuThreadCount`
+// contiguous chunks (`parallelChunks`); each output is computed within one chunk, the same way whichever
+// chunk it falls in. Reductions (a sum over rows or elements) keep one partial per block of a size fixed
+// by the problem alone (`ReductionBlocks`) and add the partials in block order: the threads only choose
+// which blocks they run, so the result has the same bits with any thread count.
 
 /// How many threads the CPU backend runs: `RELORA_CPU_THREADS` if set (a positive integer), else one per
 /// active core; `withCPUThreads` overrides it for a scope.
@@ -55,12 +61,19 @@ package func withCPUThreads<R>(_ threads: Int, _ body: () throws -> R) rethrows 
     return try CPUThreads.$scoped.withValue(threads, operation: body)
 }
 
-/// Runs `body` over `0..<count` split into at most `cpuThreadCount` contiguous chunks.
-/// Chunk boundaries depend only on `count` and the thread count, so any per-chunk partial
-/// reduction is deterministic run to run. Work below `minPerChunk` items stays on one thread.
+/// Runs `body` over `0..<count` split into at most `cpuThreadCount` contiguous chunks (fewer when a
+/// chunk would hold under `minPerChunk` items; work below that stays on the calling thread). The chunks
+/// depend on the thread count: use this where each output is computed within one chunk, and
+/// `ReductionBlocks` where partial results are combined.
 @inline(__always)
 func parallelChunks(_ count: Int, minPerChunk: Int = 1, _ body: (_ chunk: Int, _ range: Range<Int>) -> Void) {
-    let chunks = max(1, min(cpuThreadCount, count / max(1, minPerChunk)))
+    runChunks(count, chunks: min(cpuThreadCount, count / max(1, minPerChunk)), body)
+}
+
+/// Runs `body` over `0..<count` in `chunks` contiguous chunks (at least one), concurrently.
+@inline(__always)
+private func runChunks(_ count: Int, chunks: Int, _ body: (_ chunk: Int, _ range: Range<Int>) -> Void) {
+    let chunks = max(1, chunks)
     if chunks == 1 {
         if count > 0 { body(0, 0..<count) }
         return
@@ -77,13 +90,49 @@ func parallelChunks(_ count: Int, minPerChunk: Int = 1, _ body: (_ chunk: Int, _
     }
 }
 
+/// `0..<count` cut into blocks whose boundaries depend on `count` alone: block `b` is
+/// `b * size ..< min(count, (b + 1) * size)`. A reduction keeps one partial per block and combines the
+/// partials in block order, so its bits do not depend on how many threads ran the blocks.
+struct ReductionBlocks {
+    let count: Int
+    /// Items per block (the last block may hold fewer).
+    let size: Int
+
+    /// Blocks of `size` items.
+    init(_ count: Int, size: Int) {
+        precondition(count >= 0 && size > 0, "ReductionBlocks: \(count) items in blocks of \(size)")
+        self.count = count
+        self.size = size
+    }
+
+    /// Blocks of at least `minSize` items, and at most `maxBlocks` of them (which bounds the partials'
+    /// memory where each partial is a row of numbers rather than one).
+    init(_ count: Int, minSize: Int, maxBlocks: Int) {
+        self.init(count, size: max(minSize, (count + maxBlocks - 1) / maxBlocks, 1))
+    }
+
+    var blockCount: Int { (count + size - 1) / size }
+
+    func range(_ block: Int) -> Range<Int> { block * size ..< min(count, (block + 1) * size) }
+
+    /// Runs `body(block, range)` once per block, the blocks spread over at most `cpuThreadCount` threads
+    /// and no more threads than whole blocks (a short last block does not earn a thread of its own).
+    @inline(__always)
+    func forEach(_ body: (_ block: Int, _ range: Range<Int>) -> Void) {
+        runChunks(blockCount, chunks: min(cpuThreadCount, count / size)) { _, blocks in
+            for b in blocks { body(b, range(b)) }
+        }
+    }
+}
+
 /// Wraps a value that is known to be used safely across threads (see the call sites).
 struct UncheckedSendable<T>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
 }
 
-/// The number of chunks `parallelChunks(count, minPerChunk:)` uses (to size per-chunk partials).
+/// The number of chunks `parallelChunks(count, minPerChunk:)` uses (to size per-chunk results that are not
+/// combined arithmetically, such as `quantize`'s first failure, or are integers, whose sum is exact).
 func parallelChunkCount(_ count: Int, minPerChunk: Int = 1) -> Int {
     max(1, min(cpuThreadCount, count / max(1, minPerChunk)))
 }
