@@ -1,11 +1,16 @@
+import CReLoRA
 import Foundation
 import XCTest
 @testable import ReLoRACore
+@testable import ReLoRAModel
+@testable import ReLoRACheckpoint
+@testable import ReLoRATrain
 
 /// The CPU backend computes the same bits with any number of threads (`RELORA_CPU_THREADS`,
 /// `withCPUThreads`): data-parallel ranks split a node's cores between them and must agree with one
-/// process. Each op whose work is combined across rows or elements runs with 1, 2 and 3 threads (3 on a
-/// 2-core machine still splits the work three ways).
+/// process. Each op whose work is combined across rows or elements, the matrix products, the eigensolver
+/// the compensating merge uses, and a few training steps, run with 1, 2 and 3 threads (3 on a 2-core
+/// machine still splits the work three ways); `relora train` too, as a launcher would start it.
 final class ThreadCountTests: XCTestCase {
     static let threadCounts = [1, 2, 3]
 
@@ -109,6 +114,111 @@ final class ThreadCountTests: XCTestCase {
         assertSameBits("countChangedCodes") { () -> Float in
             b.countChangedCodes(old: old, new: q, into: out, at: 0)
             return out.toArray()[0]
+        }
+    }
+
+    /// Matrix products in the shapes where OpenBLAS's own threading changed bits: partitions of M and N (its
+    /// Haswell and SSE3 kernels), K between one and two of its K blocks (split one way single-threaded and
+    /// another way threaded), skinny products; one and several tiles, ragged ones; every transpose; with
+    /// beta = 1 as the backward accumulates.
+    func testMatmul() {
+        let b = CPUBackend()
+        var rng = TestRNG(5)
+        let shapes = [(256, 104, 48), (300, 72, 700), (96, 8, 1100), (520, 600, 64), (1, 300, 64)]
+        for (m, n, k) in shapes {
+            let a = makeTensor(b, [m * k], rng.floats(m * k)), bm = makeTensor(b, [k * n], rng.floats(k * n))
+            let c0 = rng.floats(m * n)
+            for (transA, transB) in [(false, false), (false, true), (true, false), (true, true)] {
+                assertSameBits("matmul \(m)x\(n)x\(k) transA \(transA) transB \(transB)") { () -> [UInt32] in
+                    let c = makeTensor(b, [m * n], c0)
+                    b.matmul(a, bm, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: 0.7, beta: 1, alphaScale: nil)
+                    return bits(c.toArray())
+                }
+            }
+        }
+    }
+
+    /// The eigensolver of the compensating merge (LAPACK through OpenBLAS, in Double).
+    func testSymmetricEigen() throws {
+        var rng = TestRNG(6)
+        for n in [4, 16, 64] {
+            var a = [Double](repeating: 0, count: n * n)
+            for i in 0..<n { for j in 0...i { let v = Double(rng.uniform()); a[i * n + j] = v; a[j * n + i] = v } }
+            try assertSameBits("symmetricEigen n \(n)") { () -> [UInt64] in
+                let (values, vectors) = try LAPACK.symmetricEigen(n: n, a)
+                return (values + vectors).map(\.bitPattern)
+            }
+        }
+    }
+
+    // MARK: Training
+
+    /// A few steps of full-rank training, and of ReLoRA on q4_0 base weights with 8-bit moments and the
+    /// compensating merge (a restart after step 2): the same losses and the same final state, bit for bit.
+    func testTrainingIsBitIdentical() throws {
+        let data = try TrainerTests.makeByteData()
+        let runs: [(String, (inout Recipe) -> Void)] = [
+            ("full", { $0.steps = 2; $0.warmupSteps = 1 }),
+            ("relora", {
+                $0.mode = .relora; $0.quant = .q4_0; $0.optimizerStates = .int8; $0.mergePolicy = .compensate
+                $0.loraRank = 4; $0.loraAlpha = 8; $0.steps = 4; $0.reloraEvery = 2; $0.restartWarmup = 1; $0.warmupSteps = 1
+            }),
+        ]
+        for (name, edit) in runs {
+            var count = 0
+            try assertSameBits("\(name) training") { () -> [[UInt8]] in
+                count += 1
+                let recipe = TrainerTests.recipe(data, run: "\(name)-\(count)") {
+                    $0.microBatch = 2; $0.gradAccum = 1; $0.evalEvery = 100; $0.checkpointEvery = 100; edit(&$0)
+                }
+                let t = try Trainer(recipe: recipe, resume: false, log: { _ in })
+                _ = try t.run()
+                let bk = t.model.backend
+                let losses = t.history.map(\.loss).flatMap { withUnsafeBytes(of: $0.bitPattern, Array.init) }
+                return [losses] + t.model.weights.slots().map { bk.downloadRaw($0.1.storage) }
+                    + t.model.loraTensors().map { bk.downloadRaw($0.value) }
+                    + t.optimizer.m.map(bk.downloadRaw) + t.optimizer.v.map(bk.downloadRaw)
+                    + t.optimizer.eightBit.compactMap { $0 }.flatMap { [bk.downloadRaw($0.m.absmax), bk.downloadRaw($0.v.absmax)] }
+            }
+        }
+    }
+
+    /// `relora train` with `RELORA_CPU_THREADS` and `OPENBLAS_NUM_THREADS` set to 1, 2 and 3, as a launcher
+    /// dividing a node's cores would, on OpenBLAS's Haswell kernels where the CPU has AVX2 (their bits
+    /// depend most on how the work is partitioned): the same losses and the same checkpoint, byte for byte.
+    /// A value that is not a positive integer is one warning line and the run goes on.
+    func testTrainCommandIsBitIdentical() throws {
+        let data = try TrainerTests.makeByteData()
+        let recipe: [String: Any] = [
+            "model": data.model, "train_data": data.train, "seq_len": 32, "micro_batch": 2, "steps": 2, "warmup_steps": 1,
+            "eval_every": 100, "checkpoint_every": 100,
+        ]
+        let cpu = relora_cpu_features_detect()
+        let core: String? = cpu.avx2 != 0 && cpu.fma != 0 && cpu.os_ymm != 0 ? "Haswell" : nil
+        var outputs: [[Data]] = []
+        for threads in ["1", "2", "3", "three"] {
+            var r = recipe
+            r["run_dir"] = data.dir + "/run-\(threads)"
+            let path = data.dir + "/recipe-\(threads).json"
+            try JSONSerialization.data(withJSONObject: r).write(to: URL(fileURLWithPath: path))
+            let run = try runRelora(["train", path], environment: [
+                "RELORA_CPU_THREADS": threads, "OPENBLAS_NUM_THREADS": Int(threads).map(String.init) ?? "2",
+                "OPENBLAS_CORETYPE": core ?? ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"],
+            ])
+            XCTAssertEqual(run.status, 0, run.stderr)
+            let warning = "relora: warning: RELORA_CPU_THREADS=three is not a positive integer; using"
+            XCTAssertEqual(run.stderr.contains(warning), threads == "three", run.stderr)
+            let metrics = try String(contentsOfFile: data.dir + "/run-\(threads)/metrics.jsonl", encoding: .utf8)
+            struct Line: Decodable { let loss: Double? }
+            let losses = try metrics.split(separator: "\n").compactMap { try JSONDecoder().decode(Line.self, from: Data($0.utf8)).loss }
+            XCTAssertEqual(losses.count, 2)
+            let checkpoint = try XCTUnwrap(TrainingCheckpoint.latest(runDir: data.dir + "/run-\(threads)"))
+            outputs.append([Data(losses.flatMap { withUnsafeBytes(of: $0.bitPattern, Array.init) })] + (try ["model.tensors.zst", "optimizer.tensors.zst"].map {
+                try Data(contentsOf: URL(fileURLWithPath: checkpoint + "/" + $0))
+            }))
+        }
+        for (threads, output) in zip(["2", "3", "three"], outputs.dropFirst()) {
+            XCTAssertTrue(output == outputs[0], "RELORA_CPU_THREADS=\(threads) differs from 1 (OpenBLAS core \(core ?? "default"))")
         }
     }
 }

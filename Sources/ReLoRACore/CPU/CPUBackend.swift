@@ -1,9 +1,9 @@
-import COpenBLAS
 import CReLoRA
 import Foundation
 
 /// The CPU reference backend: fp32 everywhere, OpenBLAS sgemm for matrix products, plain loops for
-/// the rest (parallel over rows where that pays on a few cores). Readability first: this is the
+/// the rest (parallel over rows where that pays on a few cores; the same bits with any thread count,
+/// see Parallel.swift). Readability first: this is the
 /// specification the CUDA kernels are checked against. Accumulations that span many terms
 /// (norms, losses) use Double.
 public final class CPUBackend: HostFileBacking, TensorStorageOwner {
@@ -12,7 +12,10 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public let precision = Precision.fp32
     public let computes = true
 
-    public init() { _ = CPUThreads.processDefault }  // reads RELORA_CPU_THREADS (and warns) up front
+    public init() {
+        _ = CPUThreads.processDefault  // reads RELORA_CPU_THREADS (and warns) up front
+        _ = CPUThreads.pinOpenBLAS
+    }
 
     /// Where host-tagged tensors (`MemoryTag.isHost`: the `master` policy's f32 copies) live: nil for RAM,
     /// else a directory for memory-mapped files (`master_copies: file`), each unlinked as soon as it is mapped.
@@ -125,26 +128,6 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
             let r = (-2 * Foundation.log(1 - u1)).squareRoot()  // 1 - u1 in (0, 1]: log is finite
             p[i] = Float(r * Foundation.cos(2 * Double.pi * u2)) * std
         }
-    }
-
-    // MARK: GEMM
-
-    public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
-        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
-        let s = alphaScale.map { alpha * $0.f32[0] } ?? alpha
-        Self.sgemm(a.f32, b.f32, c.f32, m: m, n: n, k: k, lda: transA ? m : k, ldb: transB ? k : n, ldc: n,
-                   transA: transA, transB: transB, alpha: s, beta: beta)
-    }
-
-    /// Row-major sgemm on raw pointers with explicit leading dimensions (strided head views).
-    @inline(__always)
-    static func sgemm(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>,
-                      m: Int, n: Int, k: Int, lda: Int, ldb: Int, ldc: Int,
-                      transA: Bool, transB: Bool, alpha: Float, beta: Float) {
-        if m == 0 || n == 0 { return }
-        cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
     }
 
     // MARK: RMSNorm

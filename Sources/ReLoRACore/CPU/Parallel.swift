@@ -1,14 +1,17 @@
 import COpenBLAS
 import Dispatch
 import Foundation
+import Synchronization
 
-// The CPU backend's threads: `cpuThreadCount` row-parallel chunks, and OpenBLAS's own threads.
+// The CPU backend's threads. Results have the same bits whatever their number:
 //
 // Ops whose outputs are independent (elementwise, per row) split their index range into `cpuThreadCount`
 // contiguous chunks (`parallelChunks`); each output is computed within one chunk, the same way whichever
 // chunk it falls in. Reductions (a sum over rows or elements) keep one partial per block of a size fixed
 // by the problem alone (`ReductionBlocks`) and add the partials in block order: the threads only choose
-// which blocks they run, so the result has the same bits with any thread count.
+// which blocks they run, so the result has the same bits with any thread count. Matrix products run as a
+// grid of tiles fixed by their shape, each one single-threaded OpenBLAS call (CPUMatmul.swift says why
+// OpenBLAS's own threads cannot be used).
 
 /// How many threads the CPU backend runs: `RELORA_CPU_THREADS` if set (a positive integer), else one per
 /// active core; `withCPUThreads` overrides it for a scope.
@@ -20,16 +23,12 @@ package enum CPUThreads {
     package static let environmentVariable = "RELORA_CPU_THREADS"
 
     /// `RELORA_CPU_THREADS`, read once, on first use; the active core count if it is unset. A value that
-    /// is not a positive integer falls back to the core count with a one-line warning on stderr. When set,
-    /// it is OpenBLAS's thread count too, unless `OPENBLAS_NUM_THREADS` is.
+    /// is not a positive integer falls back to the core count with a one-line warning on stderr: the count
+    /// changes only speed, so a typo does not stop a run.
     package static let processDefault: Int = {
-        let environment = ProcessInfo.processInfo.environment
         let cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
-        let (threads, warning) = parse(environment[environmentVariable], cores: cores)
+        let (threads, warning) = parse(ProcessInfo.processInfo.environment[environmentVariable], cores: cores)
         if let warning { FileHandle.standardError.write(Data(("relora: warning: " + warning + "\n").utf8)) }
-        if environment[environmentVariable] != nil && environment["OPENBLAS_NUM_THREADS"] == nil {
-            openblas_set_num_threads(Int32(clamping: threads))
-        }
         return threads
     }()
 
@@ -44,20 +43,16 @@ package enum CPUThreads {
     /// The thread count `withCPUThreads` set for the running task or thread, if any.
     @TaskLocal package static var scoped: Int?
 
-    /// Serializes `withCPUThreads` (recursive: a scope may open another).
-    static let scopeLock = NSRecursiveLock()
+    /// OpenBLAS held to one thread, once per process, before the CPU backend's first matrix product or
+    /// LAPACK call: its own threads would make results depend on their number (CPUMatmul.swift); the
+    /// backend's tiles run on `cpuThreadCount` threads instead, so `OPENBLAS_NUM_THREADS` has no effect.
+    package static let pinOpenBLAS: Void = openblas_set_num_threads(1)
 }
 
-/// Runs `body` with the CPU backend on `threads` threads: the row-parallel chunks of this task or thread
-/// (nested calls see the innermost) and OpenBLAS's, which are process-wide, so calls are serialized by a
-/// lock and OpenBLAS's count is restored afterwards. For tests.
+/// Runs `body` with the CPU backend on `threads` threads, on this task or thread only (nested calls see
+/// the innermost; other threads keep theirs). For tests, and for workers sharing one process.
 package func withCPUThreads<R>(_ threads: Int, _ body: () throws -> R) rethrows -> R {
     precondition(threads > 0, "withCPUThreads: \(threads) threads")
-    CPUThreads.scopeLock.lock()
-    defer { CPUThreads.scopeLock.unlock() }
-    let blasThreads = openblas_get_num_threads()
-    openblas_set_num_threads(Int32(clamping: threads))
-    defer { openblas_set_num_threads(blasThreads) }
     return try CPUThreads.$scoped.withValue(threads, operation: body)
 }
 
@@ -86,6 +81,29 @@ private func runChunks(_ count: Int, chunks: Int, _ body: (_ chunk: Int, _ range
         DispatchQueue.concurrentPerform(iterations: chunks) { c in
             let lo = c * per, hi = min(count, lo + per)
             if lo < hi { work.value(c, lo..<hi) }
+        }
+    }
+}
+
+/// Runs `body(task, worker)` for every task in `0..<count` on at most `min(workers, cpuThreadCount)`
+/// threads, each taking the next task until none is left; `worker` (below `workers`) is the running
+/// thread's index, for per-thread scratch. For tasks of uneven cost or count; which thread runs a task
+/// must not change its result.
+func parallelTasks(_ count: Int, workers: Int, _ body: (_ task: Int, _ worker: Int) -> Void) {
+    let threads = max(1, min(workers, cpuThreadCount, count))
+    if threads == 1 {
+        for t in 0..<count { body(t, 0) }
+        return
+    }
+    let next = Atomic<Int>(0)
+    withoutActuallyEscaping(body) { body in
+        let work = UncheckedSendable(body)
+        DispatchQueue.concurrentPerform(iterations: threads) { worker in
+            while true {
+                let t = next.wrappingAdd(1, ordering: .relaxed).oldValue
+                if t >= count { return }
+                work.value(t, worker)
+            }
         }
     }
 }
