@@ -138,6 +138,26 @@ final class ThreadCountTests: XCTestCase {
         }
     }
 
+    /// Attention runs (batch, kv head) pairs in parallel; dK and dV sum over the query heads of a group.
+    func testAttention() {
+        let b = CPUBackend()
+        var rng = TestRNG(7)
+        let (batch, T, heads, kvHeads, D) = (3, 40, 4, 2, 16)
+        let q = makeTensor(b, [batch * T, heads * D], rng.floats(batch * T * heads * D))
+        let k = makeTensor(b, [batch * T, kvHeads * D], rng.floats(batch * T * kvHeads * D))
+        let v = makeTensor(b, [batch * T, kvHeads * D], rng.floats(batch * T * kvHeads * D))
+        let dout = makeTensor(b, [batch * T, heads * D], rng.floats(batch * T * heads * D))
+        assertSameBits("attention") { () -> [UInt32] in
+            let out = b.makeTensor([batch * T, heads * D], tag: .workspace), lse = b.makeTensor([batch * heads * T], tag: .workspace)
+            let dq = b.makeTensor(q.shape, tag: .workspace), dk = b.makeTensor(k.shape, tag: .workspace)
+            let dv = b.makeTensor(v.shape, tag: .workspace)
+            b.attentionForward(q: q, k: k, v: v, out: out, lse: lse, batch: batch, seqLen: T, heads: heads, kvHeads: kvHeads, headDim: D)
+            b.attentionBackward(dout: dout, q: q, k: k, v: v, out: out, lse: lse, dq: dq, dk: dk, dv: dv,
+                                batch: batch, seqLen: T, heads: heads, kvHeads: kvHeads, headDim: D)
+            return bits(out.toArray() + lse.toArray() + dq.toArray() + dk.toArray() + dv.toArray())
+        }
+    }
+
     /// The eigensolver of the compensating merge (LAPACK through OpenBLAS, in Double).
     func testSymmetricEigen() throws {
         var rng = TestRNG(6)

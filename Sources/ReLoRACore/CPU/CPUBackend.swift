@@ -233,101 +233,107 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
 
     // MARK: Attention
 
-    /// The CPU attention's per-head score scratch (`[T, T]`; the forward needs one, the backward two
-    /// plus a `[T]` row). Allocated through the ledger (tag `.workspace`) so plans count it too.
-    static func attentionScratchShape(seqLen T: Int) -> [Int] { [T, T] }
+    /// How many (batch, kv head) pairs the CPU attention runs at once, each with its own score scratch:
+    /// fixed by the shape (at most 8), so the scratch, and the memory plan, do not depend on the thread count.
+    static func attentionSlots(batch: Int, kvHeads: Int) -> Int { max(1, min(batch * kvHeads, 8)) }
 
+    /// The CPU attention's score scratch, one `[T, T]` per slot (the forward needs one set, the backward
+    /// two plus a `[slots, T]` row). Allocated through the ledger (tag `.workspace`) so plans count it too.
+    static func attentionScratchShape(seqLen T: Int, slots: Int) -> [Int] { [slots, T, T] }
+
+    /// The (batch, kv head) pairs of causal attention in parallel, the query heads of a pair in order on one
+    /// thread with one scratch slot, every product one OpenBLAS call on that thread: each output (and each
+    /// dK, dV sum over a group's query heads) is computed the same way whichever thread runs it.
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D  // row strides
         let scale = 1 / Float(D).squareRoot()
-        let scoresTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
-        let scores = scoresTensor.f32
-        let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32
-        for b in 0..<batch {
-            for h in 0..<heads {
-                let kvh = h / group
+        let slots = Self.attentionSlots(batch: batch, kvHeads: kvHeads)
+        let scoresTensor = makeTensor(Self.attentionScratchShape(seqLen: T, slots: slots), tag: .workspace, zeroed: false)
+        let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32, sp = scoresTensor.f32
+        parallelTasks(batch * kvHeads, workers: slots) { pair, slot in
+            let b = pair / kvHeads, kvh = pair % kvHeads
+            let scores = sp + slot * T * T
+            let kh = kp + b * T * ks + kvh * D
+            let vh = vp + b * T * ks + kvh * D
+            for h in kvh * group ..< (kvh + 1) * group {
                 let qh = qp + b * T * qs + h * D
-                let kh = kp + b * T * ks + kvh * D
-                let vh = vp + b * T * ks + kvh * D
                 let oh = op + b * T * qs + h * D
                 // S = scale * Q K^T  [T, T]; only j <= i is used (causal).
-                Self.sgemm(qh, kh, scores, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
-                           transA: false, transB: true, alpha: scale, beta: 0)
+                Self.sgemmOneThread(qh, kh, scores, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                                    transA: false, transB: true, alpha: scale, beta: 0)
                 let lrow = lp + (b * heads + h) * T
-                parallelChunks(T, minPerChunk: 32) { _, range in
-                    for i in range {
-                        let row = scores + i * T
-                        var mx = -Float.infinity
-                        for j in 0...i { mx = max(mx, row[j]) }
-                        var sum: Float = 0
-                        for j in 0...i { let e = expf(row[j] - mx); row[j] = e; sum += e }
-                        let inv = 1 / sum
-                        for j in 0...i { row[j] *= inv }
-                        for j in (i + 1)..<T { row[j] = 0 }
-                        lrow[i] = mx + logf(sum)
-                    }
+                for i in 0..<T {
+                    let row = scores + i * T
+                    var mx = -Float.infinity
+                    for j in 0...i { mx = max(mx, row[j]) }
+                    var sum: Float = 0
+                    for j in 0...i { let e = expf(row[j] - mx); row[j] = e; sum += e }
+                    let inv = 1 / sum
+                    for j in 0...i { row[j] *= inv }
+                    for j in (i + 1)..<T { row[j] = 0 }
+                    lrow[i] = mx + logf(sum)
                 }
                 // O = P V  [T, D]
-                Self.sgemm(scores, vh, oh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
-                           transA: false, transB: false, alpha: 1, beta: 0)
+                Self.sgemmOneThread(scores, vh, oh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
+                                    transA: false, transB: false, alpha: 1, beta: 0)
             }
         }
     }
 
     /// With P recomputed from the saved lse: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
-    /// dQ = scale * dS K, dK = scale * dS^T Q. dK and dV sum over the query heads of a group.
+    /// dQ = scale * dS K, dK = scale * dS^T Q. dK and dV sum over the query heads of a group, in head order.
     public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   dq: Tensor, dk: Tensor, dv: Tensor,
                                   batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D
         let scale = 1 / Float(D).squareRoot()
-        let probsTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
-        let dprobsTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
-        let rowDotTensor = makeTensor([T], tag: .workspace, zeroed: false)
-        let probs = probsTensor.f32, dprobs = dprobsTensor.f32, rowDot = rowDotTensor.f32
+        let slots = Self.attentionSlots(batch: batch, kvHeads: kvHeads)
+        let probsTensor = makeTensor(Self.attentionScratchShape(seqLen: T, slots: slots), tag: .workspace, zeroed: false)
+        let dprobsTensor = makeTensor(Self.attentionScratchShape(seqLen: T, slots: slots), tag: .workspace, zeroed: false)
+        let rowDotTensor = makeTensor([slots, T], tag: .workspace, zeroed: false)
+        let pp = probsTensor.f32, dpp = dprobsTensor.f32, rp = rowDotTensor.f32
         zero(dk); zero(dv)
         let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32, dop = dout.f32
         let dqp = dq.f32, dkp = dk.f32, dvp = dv.f32
-        for b in 0..<batch {
-            for h in 0..<heads {
-                let kvh = h / group
+        parallelTasks(batch * kvHeads, workers: slots) { pair, slot in
+            let b = pair / kvHeads, kvh = pair % kvHeads
+            let probs = pp + slot * T * T, dprobs = dpp + slot * T * T, rowDot = rp + slot * T
+            let kh = kp + b * T * ks + kvh * D, vh = vp + b * T * ks + kvh * D
+            let dkh = dkp + b * T * ks + kvh * D, dvh = dvp + b * T * ks + kvh * D
+            for h in kvh * group ..< (kvh + 1) * group {
                 let qh = qp + b * T * qs + h * D, oh = op + b * T * qs + h * D, doh = dop + b * T * qs + h * D
-                let kh = kp + b * T * ks + kvh * D, vh = vp + b * T * ks + kvh * D
                 let dqh = dqp + b * T * qs + h * D
-                let dkh = dkp + b * T * ks + kvh * D, dvh = dvp + b * T * ks + kvh * D
                 let lrow = lp + (b * heads + h) * T
-                Self.sgemm(qh, kh, probs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
-                           transA: false, transB: true, alpha: scale, beta: 0)
+                Self.sgemmOneThread(qh, kh, probs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                                    transA: false, transB: true, alpha: scale, beta: 0)
                 // dP = dO V^T
-                Self.sgemm(doh, vh, dprobs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
-                           transA: false, transB: true, alpha: 1, beta: 0)
-                parallelChunks(T, minPerChunk: 32) { _, range in
-                    for i in range {
-                        var dot: Float = 0
-                        for d in 0..<D { dot += doh[i * qs + d] * oh[i * qs + d] }
-                        rowDot[i] = dot
-                        let p = probs + i * T, dp = dprobs + i * T
-                        let l = lrow[i]
-                        for j in 0...i {
-                            let pij = expf(p[j] - l)
-                            p[j] = pij
-                            dp[j] = pij * (dp[j] - dot)
-                        }
-                        for j in (i + 1)..<T { p[j] = 0; dp[j] = 0 }
+                Self.sgemmOneThread(doh, vh, dprobs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                                    transA: false, transB: true, alpha: 1, beta: 0)
+                for i in 0..<T {
+                    var dot: Float = 0
+                    for d in 0..<D { dot += doh[i * qs + d] * oh[i * qs + d] }
+                    rowDot[i] = dot
+                    let p = probs + i * T, dp = dprobs + i * T
+                    let l = lrow[i]
+                    for j in 0...i {
+                        let pij = expf(p[j] - l)
+                        p[j] = pij
+                        dp[j] = pij * (dp[j] - dot)
                     }
+                    for j in (i + 1)..<T { p[j] = 0; dp[j] = 0 }
                 }
                 // dV += P^T dO   [T, D]
-                Self.sgemm(probs, doh, dvh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
-                           transA: true, transB: false, alpha: 1, beta: 1)
+                Self.sgemmOneThread(probs, doh, dvh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
+                                    transA: true, transB: false, alpha: 1, beta: 1)
                 // dQ = scale * dS K   [T, D]
-                Self.sgemm(dprobs, kh, dqh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
-                           transA: false, transB: false, alpha: scale, beta: 0)
+                Self.sgemmOneThread(dprobs, kh, dqh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
+                                    transA: false, transB: false, alpha: scale, beta: 0)
                 // dK += scale * dS^T Q   [T, D]
-                Self.sgemm(dprobs, qh, dkh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
-                           transA: true, transB: false, alpha: scale, beta: 1)
+                Self.sgemmOneThread(dprobs, qh, dkh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
+                                    transA: true, transB: false, alpha: scale, beta: 1)
             }
         }
     }

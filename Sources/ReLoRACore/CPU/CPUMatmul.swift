@@ -42,6 +42,17 @@ extension CPUBackend {
         parallelTasks(tileRows * tileCols, workers: .max) { t, _ in run(t) }
     }
 
+    /// One OpenBLAS call on the calling thread (OpenBLAS is held to one thread): for ops that run several
+    /// small products in parallel themselves (attention's heads).
+    static func sgemmOneThread(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>,
+                               m: Int, n: Int, k: Int, lda: Int, ldb: Int, ldc: Int,
+                               transA: Bool, transB: Bool, alpha: Float, beta: Float) {
+        if m == 0 || n == 0 { return }
+        _ = CPUThreads.pinOpenBLAS
+        cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+
     /// The tile of an `m x n x k` product, from the shape alone (never the thread count): starting from the
     /// whole of C, the longer side is halved (to a multiple of 16, OpenBLAS's widest register block) while
     /// the grid has fewer than 16 tiles, a tile keeps at least 2^21 multiply-adds (~20-40 us on one core;
