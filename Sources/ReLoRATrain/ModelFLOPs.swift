@@ -1,4 +1,3 @@
-import COpenBLAS
 import Foundation
 import ReLoRACore
 import ReLoRAFormats
@@ -46,14 +45,17 @@ public enum ModelFLOPs {
 
 /// The peak FLOP/s a backend's MFU is measured against.
 public enum PeakFLOPs {
-    /// Best FLOP/s of OpenBLAS sgemm (row-major, `C[m,n] = A[m,k] B[k,n]`, B stored `[n,k]` if `transB`)
-    /// over `reps` timed calls after one untimed warm-up call.
+    /// Best FLOP/s of the CPU backend's sgemm (OpenBLAS tiles on `cpuThreadCount` threads; row-major,
+    /// `C[m,n] = A[m,k] B[k,n]`, B stored `[n,k]` if `transB`) over `reps` timed calls after one untimed
+    /// warm-up call.
     public static func sgemm(m: Int, n: Int, k: Int, transB: Bool = false, reps: Int = 3) -> Double {
         let a = [Float](repeating: 0.5, count: m * k), b = [Float](repeating: 0.25, count: k * n)
         var c = [Float](repeating: 0, count: m * n)
         func run() {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, transB ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), Int32(k),
-                        1, a, Int32(k), b, Int32(transB ? k : n), 0, &c, Int32(n))
+            c.withUnsafeMutableBufferPointer { cp in
+                CPUBackend.sgemm(a, b, cp.baseAddress!, m: m, n: n, k: k, lda: k, ldb: transB ? k : n, ldc: n,
+                                 transA: false, transB: transB, alpha: 1, beta: 0)
+            }
         }
         run()
         var best = 0.0

@@ -5,7 +5,7 @@
 ///
 /// `target` says whose allocations to mirror: the precision plan (f32 on the CPU; bf16 activations,
 /// LoRA factors and working copies with f32 gradients, master copies and Adam states on CUDA) and the
-/// op-internal scratch (the CPU attention's `[T, T]` score buffers; none for the CUDA kernels, whose
+/// op-internal scratch (the CPU attention's `[T, T]` score buffers, one set per slot; none for the CUDA kernels, whose
 /// attention is fused and whose cuBLAS workspace is counted by the caching allocator, not per op).
 public final class PlanningBackend: Backend, TensorStorageOwner {
     public let target: Device
@@ -55,7 +55,8 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
         if target == .cpu {
-            _ = makeTensor(CPUBackend.attentionScratchShape(seqLen: seqLen), tag: .workspace, zeroed: false)
+            let slots = CPUBackend.attentionSlots(batch: batch, kvHeads: kvHeads)
+            _ = makeTensor(CPUBackend.attentionScratchShape(seqLen: seqLen, slots: slots), tag: .workspace, zeroed: false)
         }
     }
 
@@ -63,7 +64,9 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
                                   dq: Tensor, dk: Tensor, dv: Tensor,
                                   batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
         if target == .cpu {
-            let scratch = [CPUBackend.attentionScratchShape(seqLen: seqLen), CPUBackend.attentionScratchShape(seqLen: seqLen), [seqLen]]
+            let slots = CPUBackend.attentionSlots(batch: batch, kvHeads: kvHeads)
+            let scores = CPUBackend.attentionScratchShape(seqLen: seqLen, slots: slots)
+            let scratch = [scores, scores, [slots, seqLen]]
             withExtendedLifetime(scratch.map { makeTensor($0, tag: .workspace, zeroed: false) }) {}
         }
     }

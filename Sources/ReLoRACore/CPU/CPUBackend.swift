@@ -1,9 +1,9 @@
-import COpenBLAS
 import CReLoRA
 import Foundation
 
 /// The CPU reference backend: fp32 everywhere, OpenBLAS sgemm for matrix products, plain loops for
-/// the rest (parallel over rows where that pays on a few cores). Readability first: this is the
+/// the rest (parallel over rows where that pays on a few cores; the same bits with any thread count,
+/// see Parallel.swift). Readability first: this is the
 /// specification the CUDA kernels are checked against. Accumulations that span many terms
 /// (norms, losses) use Double.
 public final class CPUBackend: HostFileBacking, TensorStorageOwner {
@@ -12,7 +12,10 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public let precision = Precision.fp32
     public let computes = true
 
-    public init() {}
+    public init() {
+        _ = CPUThreads.processDefault  // reads RELORA_CPU_THREADS (and warns) up front
+        _ = CPUThreads.pinOpenBLAS
+    }
 
     /// Where host-tagged tensors (`MemoryTag.isHost`: the `master` policy's f32 copies) live: nil for RAM,
     /// else a directory for memory-mapped files (`master_copies: file`), each unlinked as soon as it is mapped.
@@ -127,26 +130,6 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
         }
     }
 
-    // MARK: GEMM
-
-    public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
-        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
-        let s = alphaScale.map { alpha * $0.f32[0] } ?? alpha
-        Self.sgemm(a.f32, b.f32, c.f32, m: m, n: n, k: k, lda: transA ? m : k, ldb: transB ? k : n, ldc: n,
-                   transA: transA, transB: transB, alpha: s, beta: beta)
-    }
-
-    /// Row-major sgemm on raw pointers with explicit leading dimensions (strided head views).
-    @inline(__always)
-    static func sgemm(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>,
-                      m: Int, n: Int, k: Int, lda: Int, ldb: Int, ldc: Int,
-                      transA: Bool, transB: Bool, alpha: Float, beta: Float) {
-        if m == 0 || n == 0 { return }
-        cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
-    }
-
     // MARK: RMSNorm
 
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
@@ -164,16 +147,17 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     /// With g = w * dy and s = rstd: dx_i += s*g_i - s^3 * x_i * (sum_j g_j x_j) / dim; dw_i += dy_i x_i s.
+    /// dweight sums over the rows: one partial row per block of rows (at least 16 rows, at most 64 blocks,
+    /// fixed by `rows`), added into dweight in block order, the columns in parallel.
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                                 dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
         let dyp = dout.f32, xp = x.f32, wp = weight.f32, rp = rstd.f32, dxp = dx.f32
-        let chunks = parallelChunkCount(rows, minPerChunk: 16)
-        // Per-chunk partial dweight, summed in chunk order afterwards (deterministic).
-        let partial = UnsafeMutablePointer<Float>.allocate(capacity: chunks * dim)
-        partial.initialize(repeating: 0, count: chunks * dim)
+        let blocks = ReductionBlocks(rows, minSize: 16, maxBlocks: 64)
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: max(1, blocks.blockCount * dim))
         defer { partial.deallocate() }
-        parallelChunks(rows, minPerChunk: 16) { chunk, range in
-            let dw = partial + chunk * dim
+        blocks.forEach { block, range in
+            let dw = partial + block * dim
+            dw.initialize(repeating: 0, count: dim)
             for r in range {
                 let dy = dyp + r * dim, xr = xp + r * dim, dxr = dxp + r * dim
                 let s = rp[r]
@@ -186,8 +170,13 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
                 }
             }
         }
-        let dwp = dweight.f32
-        for c in 0..<chunks { for i in 0..<dim { dwp[i] += partial[c * dim + i] } }
+        let dwp = dweight.f32, n = blocks.blockCount
+        parallelChunks(dim, minPerChunk: 256) { _, columns in
+            for b in 0..<n {
+                let p = partial + b * dim
+                for i in columns { dwp[i] += p[i] }
+            }
+        }
     }
 
     // MARK: RoPE
@@ -244,101 +233,107 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
 
     // MARK: Attention
 
-    /// The CPU attention's per-head score scratch (`[T, T]`; the forward needs one, the backward two
-    /// plus a `[T]` row). Allocated through the ledger (tag `.workspace`) so plans count it too.
-    static func attentionScratchShape(seqLen T: Int) -> [Int] { [T, T] }
+    /// How many (batch, kv head) pairs the CPU attention runs at once, each with its own score scratch:
+    /// fixed by the shape (at most 8), so the scratch, and the memory plan, do not depend on the thread count.
+    static func attentionSlots(batch: Int, kvHeads: Int) -> Int { max(1, min(batch * kvHeads, 8)) }
 
+    /// The CPU attention's score scratch, one `[T, T]` per slot (the forward needs one set, the backward
+    /// two plus a `[slots, T]` row). Allocated through the ledger (tag `.workspace`) so plans count it too.
+    static func attentionScratchShape(seqLen T: Int, slots: Int) -> [Int] { [slots, T, T] }
+
+    /// The (batch, kv head) pairs of causal attention in parallel, the query heads of a pair in order on one
+    /// thread with one scratch slot, every product one OpenBLAS call on that thread: each output (and each
+    /// dK, dV sum over a group's query heads) is computed the same way whichever thread runs it.
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D  // row strides
         let scale = 1 / Float(D).squareRoot()
-        let scoresTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
-        let scores = scoresTensor.f32
-        let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32
-        for b in 0..<batch {
-            for h in 0..<heads {
-                let kvh = h / group
+        let slots = Self.attentionSlots(batch: batch, kvHeads: kvHeads)
+        let scoresTensor = makeTensor(Self.attentionScratchShape(seqLen: T, slots: slots), tag: .workspace, zeroed: false)
+        let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32, sp = scoresTensor.f32
+        parallelTasks(batch * kvHeads, workers: slots) { pair, slot in
+            let b = pair / kvHeads, kvh = pair % kvHeads
+            let scores = sp + slot * T * T
+            let kh = kp + b * T * ks + kvh * D
+            let vh = vp + b * T * ks + kvh * D
+            for h in kvh * group ..< (kvh + 1) * group {
                 let qh = qp + b * T * qs + h * D
-                let kh = kp + b * T * ks + kvh * D
-                let vh = vp + b * T * ks + kvh * D
                 let oh = op + b * T * qs + h * D
                 // S = scale * Q K^T  [T, T]; only j <= i is used (causal).
-                Self.sgemm(qh, kh, scores, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
-                           transA: false, transB: true, alpha: scale, beta: 0)
+                Self.sgemmOneThread(qh, kh, scores, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                                    transA: false, transB: true, alpha: scale, beta: 0)
                 let lrow = lp + (b * heads + h) * T
-                parallelChunks(T, minPerChunk: 32) { _, range in
-                    for i in range {
-                        let row = scores + i * T
-                        var mx = -Float.infinity
-                        for j in 0...i { mx = max(mx, row[j]) }
-                        var sum: Float = 0
-                        for j in 0...i { let e = expf(row[j] - mx); row[j] = e; sum += e }
-                        let inv = 1 / sum
-                        for j in 0...i { row[j] *= inv }
-                        for j in (i + 1)..<T { row[j] = 0 }
-                        lrow[i] = mx + logf(sum)
-                    }
+                for i in 0..<T {
+                    let row = scores + i * T
+                    var mx = -Float.infinity
+                    for j in 0...i { mx = max(mx, row[j]) }
+                    var sum: Float = 0
+                    for j in 0...i { let e = expf(row[j] - mx); row[j] = e; sum += e }
+                    let inv = 1 / sum
+                    for j in 0...i { row[j] *= inv }
+                    for j in (i + 1)..<T { row[j] = 0 }
+                    lrow[i] = mx + logf(sum)
                 }
                 // O = P V  [T, D]
-                Self.sgemm(scores, vh, oh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
-                           transA: false, transB: false, alpha: 1, beta: 0)
+                Self.sgemmOneThread(scores, vh, oh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
+                                    transA: false, transB: false, alpha: 1, beta: 0)
             }
         }
     }
 
     /// With P recomputed from the saved lse: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
-    /// dQ = scale * dS K, dK = scale * dS^T Q. dK and dV sum over the query heads of a group.
+    /// dQ = scale * dS K, dK = scale * dS^T Q. dK and dV sum over the query heads of a group, in head order.
     public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   dq: Tensor, dk: Tensor, dv: Tensor,
                                   batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D
         let scale = 1 / Float(D).squareRoot()
-        let probsTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
-        let dprobsTensor = makeTensor(Self.attentionScratchShape(seqLen: T), tag: .workspace, zeroed: false)
-        let rowDotTensor = makeTensor([T], tag: .workspace, zeroed: false)
-        let probs = probsTensor.f32, dprobs = dprobsTensor.f32, rowDot = rowDotTensor.f32
+        let slots = Self.attentionSlots(batch: batch, kvHeads: kvHeads)
+        let probsTensor = makeTensor(Self.attentionScratchShape(seqLen: T, slots: slots), tag: .workspace, zeroed: false)
+        let dprobsTensor = makeTensor(Self.attentionScratchShape(seqLen: T, slots: slots), tag: .workspace, zeroed: false)
+        let rowDotTensor = makeTensor([slots, T], tag: .workspace, zeroed: false)
+        let pp = probsTensor.f32, dpp = dprobsTensor.f32, rp = rowDotTensor.f32
         zero(dk); zero(dv)
         let qp = q.f32, kp = k.f32, vp = v.f32, op = out.f32, lp = lse.f32, dop = dout.f32
         let dqp = dq.f32, dkp = dk.f32, dvp = dv.f32
-        for b in 0..<batch {
-            for h in 0..<heads {
-                let kvh = h / group
+        parallelTasks(batch * kvHeads, workers: slots) { pair, slot in
+            let b = pair / kvHeads, kvh = pair % kvHeads
+            let probs = pp + slot * T * T, dprobs = dpp + slot * T * T, rowDot = rp + slot * T
+            let kh = kp + b * T * ks + kvh * D, vh = vp + b * T * ks + kvh * D
+            let dkh = dkp + b * T * ks + kvh * D, dvh = dvp + b * T * ks + kvh * D
+            for h in kvh * group ..< (kvh + 1) * group {
                 let qh = qp + b * T * qs + h * D, oh = op + b * T * qs + h * D, doh = dop + b * T * qs + h * D
-                let kh = kp + b * T * ks + kvh * D, vh = vp + b * T * ks + kvh * D
                 let dqh = dqp + b * T * qs + h * D
-                let dkh = dkp + b * T * ks + kvh * D, dvh = dvp + b * T * ks + kvh * D
                 let lrow = lp + (b * heads + h) * T
-                Self.sgemm(qh, kh, probs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
-                           transA: false, transB: true, alpha: scale, beta: 0)
+                Self.sgemmOneThread(qh, kh, probs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                                    transA: false, transB: true, alpha: scale, beta: 0)
                 // dP = dO V^T
-                Self.sgemm(doh, vh, dprobs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
-                           transA: false, transB: true, alpha: 1, beta: 0)
-                parallelChunks(T, minPerChunk: 32) { _, range in
-                    for i in range {
-                        var dot: Float = 0
-                        for d in 0..<D { dot += doh[i * qs + d] * oh[i * qs + d] }
-                        rowDot[i] = dot
-                        let p = probs + i * T, dp = dprobs + i * T
-                        let l = lrow[i]
-                        for j in 0...i {
-                            let pij = expf(p[j] - l)
-                            p[j] = pij
-                            dp[j] = pij * (dp[j] - dot)
-                        }
-                        for j in (i + 1)..<T { p[j] = 0; dp[j] = 0 }
+                Self.sgemmOneThread(doh, vh, dprobs, m: T, n: T, k: D, lda: qs, ldb: ks, ldc: T,
+                                    transA: false, transB: true, alpha: 1, beta: 0)
+                for i in 0..<T {
+                    var dot: Float = 0
+                    for d in 0..<D { dot += doh[i * qs + d] * oh[i * qs + d] }
+                    rowDot[i] = dot
+                    let p = probs + i * T, dp = dprobs + i * T
+                    let l = lrow[i]
+                    for j in 0...i {
+                        let pij = expf(p[j] - l)
+                        p[j] = pij
+                        dp[j] = pij * (dp[j] - dot)
                     }
+                    for j in (i + 1)..<T { p[j] = 0; dp[j] = 0 }
                 }
                 // dV += P^T dO   [T, D]
-                Self.sgemm(probs, doh, dvh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
-                           transA: true, transB: false, alpha: 1, beta: 1)
+                Self.sgemmOneThread(probs, doh, dvh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
+                                    transA: true, transB: false, alpha: 1, beta: 1)
                 // dQ = scale * dS K   [T, D]
-                Self.sgemm(dprobs, kh, dqh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
-                           transA: false, transB: false, alpha: scale, beta: 0)
+                Self.sgemmOneThread(dprobs, kh, dqh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
+                                    transA: false, transB: false, alpha: scale, beta: 0)
                 // dK += scale * dS^T Q   [T, D]
-                Self.sgemm(dprobs, qh, dkh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
-                           transA: true, transB: false, alpha: scale, beta: 1)
+                Self.sgemmOneThread(dprobs, qh, dkh, m: T, n: D, k: T, lda: T, ldb: qs, ldc: ks,
+                                    transA: true, transB: false, alpha: scale, beta: 1)
             }
         }
     }
@@ -394,46 +389,38 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?) -> Double {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
-        let lp = logits.f32, lossp = losses.f32
-        let chunks = parallelChunkCount(rows, minPerChunk: 4)
-        var partial = [Double](repeating: 0, count: chunks)
+        let lp = logits.f32, lossp = losses.f32, tb = targets.i32
         ledger.downloaded(MemoryLayout<Double>.size)  // the returned sum
-        do {
-            partial.withUnsafeMutableBufferPointer { pp in
-                let tb = targets.i32, pb = pp.baseAddress!
-                parallelChunks(rows, minPerChunk: 4) { chunk, range in
-                    var acc = 0.0
-                    for r in range {
-                        let row = lp + r * vocab
-                        let target = Int(tb[r])
-                        if target < 0 {
-                            lossp[r] = 0
-                            if gradScale != nil { row.update(repeating: 0, count: vocab) }
-                            continue
-                        }
-                        let mx = rowMax(row, vocab)
-                        let targetLogit = row[target]
-                        let sum: Float
-                        if let g = gradScale {
-                            // One exp per logit: keep exp(x - max) in place, then scale it into softmax.
-                            sum = expShiftedSum(row, row, vocab, shift: mx)
-                            let inv = SIMD8<Float>(repeating: g / sum)
-                            var j = 0
-                            while j + 8 <= vocab { storeSIMD8(loadSIMD8(row + j) * inv, row + j); j += 8 }
-                            while j < vocab { row[j] *= inv[0]; j += 1 }
-                            row[target] -= g
-                        } else {
-                            sum = expShiftedSum(row, nil, vocab, shift: mx)
-                        }
-                        let loss = mx + logf(sum) - targetLogit
-                        lossp[r] = loss
-                        acc += Double(loss)
-                    }
-                    pb[chunk] = acc
+        parallelChunks(rows, minPerChunk: 4) { _, range in
+            for r in range {
+                let row = lp + r * vocab
+                let target = Int(tb[r])
+                if target < 0 {
+                    lossp[r] = 0
+                    if gradScale != nil { row.update(repeating: 0, count: vocab) }
+                    continue
                 }
+                let mx = rowMax(row, vocab)
+                let targetLogit = row[target]
+                let sum: Float
+                if let g = gradScale {
+                    // One exp per logit: keep exp(x - max) in place, then scale it into softmax.
+                    sum = expShiftedSum(row, row, vocab, shift: mx)
+                    let inv = SIMD8<Float>(repeating: g / sum)
+                    var j = 0
+                    while j + 8 <= vocab { storeSIMD8(loadSIMD8(row + j) * inv, row + j); j += 8 }
+                    while j < vocab { row[j] *= inv[0]; j += 1 }
+                    row[target] -= g
+                } else {
+                    sum = expShiftedSum(row, nil, vocab, shift: mx)
+                }
+                lossp[r] = mx + logf(sum) - targetLogit
             }
         }
-        return partial.reduce(0, +)
+        // The sum in row order, after the rows: the same bits with any thread count (a few thousand adds).
+        var total = 0.0
+        for r in 0..<rows { total += Double(lossp[r]) }
+        return total
     }
 
     // MARK: Elementwise
@@ -469,13 +456,15 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
         out.f32[index] = Float(Self.sumOfSquares(x.f32, count: x.count))
     }
 
+    /// Float sums over runs of 256 (SIMD lanes), Double across the runs of each 2^16-element block, and the
+    /// blocks' partials added in block order: the blocks are fixed by `count`, so the bits are too.
     static func sumOfSquares(_ p: UnsafeMutablePointer<Float>, count: Int) -> Double {
-        let chunks = parallelChunkCount(count, minPerChunk: 1 << 16)
-        var partial = [Double](repeating: 0, count: chunks)
+        if count == 0 { return 0 }
+        let blocks = ReductionBlocks(count, size: 1 << 16)
+        var partial = [Double](repeating: 0, count: blocks.blockCount)
         partial.withUnsafeMutableBufferPointer { out in
             let o = out.baseAddress!
-            parallelChunks(count, minPerChunk: 1 << 16) { chunk, range in
-                // Float partial sums over blocks of 256 (SIMD lanes), Double across blocks.
+            blocks.forEach { block, range in
                 var acc = 0.0
                 var i = range.lowerBound
                 while i < range.upperBound {
@@ -492,7 +481,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
                     acc += Double(s)
                     i = end
                 }
-                o[chunk] = acc
+                o[block] = acc
             }
         }
         return partial.reduce(0, +)

@@ -65,6 +65,7 @@ extension CPUBackend {
         precondition(old.dtype == .u8 && old.count == q.blocks.count, "countChangedCodes: old blocks of another size")
         let a = UnsafeRawPointer(old.storage!), b = UnsafeRawPointer(q.blocks.storage!)
         let blocksPerRow = q.format.blocksPerRow(cols: q.cols), bytesPerRow = q.bytesPerRow, format = q.format
+        // Integer counts per chunk: their sum is exact, so the thread count cannot change it.
         let chunks = parallelChunkCount(q.rows, minPerChunk: 64)
         var partial = [Int](repeating: 0, count: chunks)
         partial.withUnsafeMutableBufferPointer { counts in

@@ -67,6 +67,7 @@ package enum LAPACK {
     /// with DGESVD (QR iteration) on a fresh copy. Accuracy: each value has absolute error about
     /// `p(m,n) * eps_f64 * s_max` (LAPACK Users' Guide, section 4.9), i.e. ~1e-13 * s_max for the sizes here.
     package static func singularValues(m: Int, n: Int, columnMajor a: [Double]) throws -> [Double] {
+        _ = CPUThreads.pinOpenBLAS  // OpenBLAS's LAPACK gives other bits with more than one thread
         precondition(a.count == m * n, "LAPACK.singularValues: \(a.count) values for a \(m) x \(n) matrix")
         let k = min(m, n)
         if k == 0 { return [] }
@@ -98,6 +99,7 @@ package enum LAPACK {
     /// DSYEV if this LAPACK lacks it. `vectors[j * n ..< (j + 1) * n]` is the eigenvector of `values[j]`.
     /// Accuracy: each eigenvalue within about `p(n) * eps_f64 * max|lambda|` (LAPACK Users' Guide, 4.7).
     package static func symmetricEigen(n: Int, _ a: [Double]) throws -> (values: [Double], vectors: [Double]) {
+        _ = CPUThreads.pinOpenBLAS  // OpenBLAS's LAPACK gives other bits with more than one thread
         precondition(a.count == n * n, "LAPACK.symmetricEigen: \(a.count) values for a \(n) x \(n) matrix")
         if n == 0 { return ([], []) }
         var jobz = CChar(UInt8(ascii: "V")), uplo = CChar(UInt8(ascii: "L"))
