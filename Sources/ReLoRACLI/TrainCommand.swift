@@ -77,9 +77,18 @@ func runTrain(_ args: [String]) throws {
     installStopHandler()
     // One process, or every rank of an MPI launch (docs/distributed.md): each runs this same command.
     let communicator = try Communicators.forThisProcess()
-    let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, communicator: communicator, log: { printLine($0) })
-    trainer.shouldStop = { stopRequested != 0 }
-    let summary = try trainer.run()
+    // The ranks on a node share its cores: each gets its share unless RELORA_CPU_THREADS says otherwise.
+    let cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    let threads = communicator.localSize > 1 && ProcessInfo.processInfo.environment[CPUThreads.environmentVariable] == nil
+        ? max(1, cores / communicator.localSize) : cpuThreadCount
+    let summary = try withCPUThreads(threads) {
+        let trainer = try Trainer(recipe: recipe, resume: resumeDir != nil, communicator: communicator, log: { printLine($0) })
+        if communicator.localSize > 1 && communicator.rank == 0 {
+            printLine("cpu threads: \(threads) per process (\(communicator.localSize) processes on this node, \(cores) cores)")
+        }
+        trainer.shouldStop = { stopRequested != 0 }
+        return try trainer.run()
+    }
     var line = summary.stoppedEarly
         ? String(format: "stopped at step %d of %d, last loss %.4f", summary.steps, recipe.steps, summary.lastLoss)
         : String(format: "done: %d steps, last loss %.4f", summary.steps, summary.lastLoss)
