@@ -21,9 +21,10 @@ public struct TrainingState: Codable, Sendable, Equatable {
     public var checksums: [String: String] = [:]
     /// ReLoRA merges done so far (nil in full-rank runs).
     public var loraMerges: Int?
-    /// How the run keys its LoRA dropout masks (`DropoutKey.Keying`); absent in checkpoints written before
-    /// masks were keyed per micro-batch, which resume with the old keying.
-    public var dropoutKeying = DropoutKey.Keying.current
+    /// How the run keys its LoRA dropout masks; nil in checkpoints written before masks were keyed per
+    /// micro-batch (`dropoutKeys` reads that as the old keying, with which such runs resume).
+    public var dropoutKeying: DropoutKey.Keying? = DropoutKey.Keying.current
+    public var dropoutKeys: DropoutKey.Keying { dropoutKeying ?? .perStep }
 
     public init(step: Int, optimizerStep: Int, skippedSteps: Int, tokensSeen: Int, seed: UInt64, loraMerges: Int? = nil) {
         self.step = step; self.optimizerStep = optimizerStep; self.skippedSteps = skippedSteps
@@ -33,20 +34,6 @@ public struct TrainingState: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", step, optimizerStep = "optimizer_step", skippedSteps = "skipped_steps"
         case tokensSeen = "tokens_seen", sampler, seed, checksums, loraMerges = "lora_merges", dropoutKeying = "dropout_keying"
-    }
-
-    public init(from decoder: Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        formatVersion = try c.decode(Int.self, forKey: .formatVersion)
-        step = try c.decode(Int.self, forKey: .step)
-        optimizerStep = try c.decode(Int.self, forKey: .optimizerStep)
-        skippedSteps = try c.decode(Int.self, forKey: .skippedSteps)
-        tokensSeen = try c.decode(Int.self, forKey: .tokensSeen)
-        sampler = try c.decodeIfPresent(String.self, forKey: .sampler) ?? sampler
-        seed = try c.decode(UInt64.self, forKey: .seed)
-        checksums = try c.decodeIfPresent([String: String].self, forKey: .checksums) ?? [:]
-        loraMerges = try c.decodeIfPresent(Int.self, forKey: .loraMerges)
-        dropoutKeying = try c.decodeIfPresent(DropoutKey.Keying.self, forKey: .dropoutKeying) ?? .perStep
     }
 }
 

@@ -76,7 +76,7 @@ public final class Trainer {
         (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend)
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
-        model.dropoutKey.keying = state.dropoutKeying
+        model.dropoutKey.keying = state.dropoutKeys
         optimizer.refreshMasterCopies()
         if communicator.rank == 0 {
             if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
@@ -101,7 +101,7 @@ public final class Trainer {
             guard state.seed == recipe.seed else {
                 throw ReLoRAError.invalidData("the checkpoint was made with seed \(state.seed) but the recipe says \(recipe.seed)")
             }
-            if state.dropoutKeying != .current, (recipe.loraConfig?.dropout ?? 0) > 0 {
+            if state.dropoutKeys != .current, (recipe.loraConfig?.dropout ?? 0) > 0 {
                 log("note: this run keys its LoRA dropout masks per step (it began before masks were keyed per micro-batch), and keeps doing so to stay reproducible")
             }
             log("resumed from \(path) at step \(state.step)")
@@ -200,9 +200,8 @@ public final class Trainer {
         let tokensInStep = r.tokensPerStep
         let lr = r.lr * schedule.multiplier(step: state.step)
         let step = state.step
-        var communication = 0.0
-        let (loss, norm, skipped) = try Self.optimizerStep(model: model, optimizer: optimizer, recipe: r, step: step, lr: lr,
-                                                           communicator: communicator, communicationSeconds: &communication) { micro in
+        let (loss, norm, skipped, communication) = try Self.optimizerStep(model: model, optimizer: optimizer, recipe: r, step: step,
+                                                                          lr: lr, communicator: communicator) { micro in
             sampler.batch(step: step, micro: micro, microBatch: r.microBatch)
         }
         if skipped {
@@ -226,7 +225,7 @@ public final class Trainer {
     /// gradients, forward+backward over this rank's micro-batches of the step (`batch(micro)` gives the
     /// inputs and targets of global micro-batch `micro`), the sum of the trained gradients over the ranks,
     /// the global gradient norm, clipping and the AdamW update (skipped when the loss or the norm is not
-    /// finite). Returns the mean loss, the norm and whether it was skipped.
+    /// finite). Returns the mean loss, the norm, whether it was skipped and the seconds spent in collectives.
     ///
     /// Rank r of W runs micro-batches r, r + W, r + 2W, ... of the step's `grad_accum` (W divides it), each
     /// scaled by the step's global token count, so the summed gradients are the mean over the step's tokens
@@ -234,8 +233,8 @@ public final class Trainer {
     /// ranks: the same bits for any W.
     static func optimizerStep(model: LlamaModel, optimizer: AdamW, recipe r: Recipe, step: Int, lr: Double,
                               communicator: Communicator = SingleProcess(),
-                              communicationSeconds: UnsafeMutablePointer<Double>? = nil,
-                              batch: (Int) -> ([Int32], [Int32])) throws -> (loss: Double, norm: Double, skipped: Bool) {
+                              batch: (Int) -> ([Int32], [Int32])) throws
+        -> (loss: Double, norm: Double, skipped: Bool, communicationSeconds: Double) {
         model.zeroGradients()
         let tokensInStep = r.tokensPerStep
         let w = communicator.worldSize, mine = Array(stride(from: communicator.rank, to: r.gradAccum, by: w))
@@ -248,13 +247,13 @@ public final class Trainer {
                                               gradScale: 1 / Float(tokensInStep))
             losses.append(l.sum)
         }
-        var lossSum = 0.0
+        var lossSum = 0.0, communication = 0.0
         if w > 1 {
             let start = monotonicSeconds()
             let all = try communicator.allGather(losses)  // all[q][i] is micro-batch q + i W
             for micro in 0..<r.gradAccum { lossSum += all[micro % w][micro / w] }
             try sumGradients(optimizer, communicator)
-            communicationSeconds?.pointee += monotonicSeconds() - start
+            communication = monotonicSeconds() - start
         } else {
             for l in losses { lossSum += l }
         }
@@ -265,7 +264,7 @@ public final class Trainer {
             if r.gradClip > 0 && norm > r.gradClip { optimizer.scaleGradients(by: Float(r.gradClip / norm)) }
             optimizer.step(lr: Float(lr))
         }
-        return (loss, norm, skipped)
+        return (loss, norm, skipped, communication)
     }
 
     /// The largest gradient bucket summed over the ranks at once (floats): 4 Mi floats, 16 MiB of host memory.

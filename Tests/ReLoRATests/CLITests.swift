@@ -281,12 +281,7 @@ final class CLIHelpTests: XCTestCase {
             (["info", "--blas"], "relora info: unknown option --blas"),
             (["--bogus"], "relora: unknown option --bogus"),
         ]
-        for (args, fragment) in cases {
-            let r = try runRelora(args)
-            XCTAssertEqual(r.status, 2, "\(args): \(r.stderr)")
-            XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr '\(r.stderr)' should mention '\(fragment)'")
-            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): expected one line, got '\(r.stderr)'")
-        }
+        try assertUsageErrors(cases) { try runRelora($0) }
     }
 
     func testBenchHelpAndUsageErrors() throws {
@@ -306,11 +301,17 @@ final class CLIHelpTests: XCTestCase {
             (["gpu", "--steps", "x"], "relora-bench gpu: --steps must be an integer >= 1, got 'x'"),
             (["compression", "ckpt", "--levels", "1,x"], "relora-bench compression: --levels takes zstd levels"),
         ]
+        try assertUsageErrors(cases, run: runReloraBench)
+    }
+
+    /// Each command line ends with exit status 2 and one line on stderr that contains its fragment.
+    func assertUsageErrors(_ cases: [([String], String)], run: ([String]) throws -> (status: Int32, stdout: String, stderr: String),
+                           file: StaticString = #filePath, line: UInt = #line) throws {
         for (args, fragment) in cases {
-            let r = try runReloraBench(args)
-            XCTAssertEqual(r.status, 2, "\(args): \(r.stderr)")
-            XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr '\(r.stderr)' should mention '\(fragment)'")
-            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): expected one line, got '\(r.stderr)'")
+            let r = try run(args)
+            XCTAssertEqual(r.status, 2, "\(args): \(r.stderr)", file: file, line: line)
+            XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr '\(r.stderr)' should mention '\(fragment)'", file: file, line: line)
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): expected one line, got '\(r.stderr)'", file: file, line: line)
         }
     }
 

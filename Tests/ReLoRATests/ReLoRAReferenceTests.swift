@@ -81,7 +81,7 @@ final class ReLoRAReferenceTests: XCTestCase {
             // The trainer's step: loss and gradients, global norm, clip, AdamW at the scheduled lr.
             let lr = peakLR * schedule.multiplier(step: t)
             let window = t * tokens ..< (t + 1) * tokens
-            let (loss, norm, skipped) = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: t, lr: lr) { _ in
+            let (loss, norm, skipped, _) = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: t, lr: lr) { _ in
                 (Array(inputs[window]), Array(targets[window]))
             }
             XCTAssertFalse(skipped)
