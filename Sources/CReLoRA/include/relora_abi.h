@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 7
+#define RELORA_ABI_VERSION 8
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -41,6 +41,9 @@ typedef enum relora_status {
     RELORA_ERR_NO_DEVICE = 5,
     RELORA_ERR_OUT_OF_BOUNDS = 6,     // a kernel touched memory outside its allocations: CUDA's illegal
                                       // address, or the emulation's guard bytes found overwritten
+    RELORA_ERR_COMMUNICATION = 7,     // a collective failed: a peer died or left, the network failed, or the
+                                      // communicator's timeout passed; the communicator is aborted
+    RELORA_ERR_UNAVAILABLE = 8,       // NCCL cannot be loaded on this machine (libnccl.so.2 or RELORA_NCCL_LIB)
 } relora_status;
 
 // Storage dtypes of float tensors (the `dtype` arguments).
@@ -77,6 +80,9 @@ typedef enum relora_status {
 // zero-padded matrix, where status is RELORA_QUANT_ERR_NONFINITE or RELORA_QUANT_ERR_SCALE_OVERFLOW
 // (relora_quant.h) and index = row * padded_cols + col. Blocks after a failure may have been written.
 #define RELORA_QUANT_NO_FAILURE UINT64_MAX
+
+// The bytes of an NCCL unique id (ncclUniqueId, NCCL_UNIQUE_ID_BYTES).
+#define RELORA_NCCL_ID_BYTES 128
 
 // What the library was built as, for the loader's checks and the Swift side's layout test.
 typedef struct relora_library_info {
@@ -127,6 +133,9 @@ typedef struct relora_device_properties {
     X(relora_status, stream_create, (void **stream))                                                      \
     X(relora_status, stream_destroy, (void *stream))                                                      \
     X(relora_status, stream_synchronize, (void *stream))                                                  \
+    /* cudaSetDevice(ordinal) for the calling process (a rank's GPU, chosen by its local rank); later  */ \
+    /* device_properties describe it. The emulation has one device: ordinal 0 only */                  \
+    X(relora_status, set_device, (int32_t ordinal))                                                       \
     /* ---- Quantized weights (relora_quant.h) ---- */                                                   \
     /* out[r, c] = element c of row r of `blocks` ([rows, cols], padding dropped), out_dtype F32|BF16; */ \
     /* blocks points at the first row to dequantize (rows are whole blocks, zero-padded). */             \
@@ -247,7 +256,39 @@ typedef struct relora_device_properties {
                                     uint64_t seed, uint64_t stream_id, int64_t *zeroed, void *stream))    \
     /* zeroes m[i] and v[i] where score |m|/(sqrt(v)+eps) (IEEE f32 ops) <= the k-th smallest score */   \
     X(relora_status, prune_moments, (float *m, float *v, int64_t count, int64_t k, float eps,             \
-                                     void *workspace, int64_t *zeroed, void *stream))
+                                     void *workspace, int64_t *zeroed, void *stream))                     \
+    /* ---- Collectives over NCCL (data-parallel training). NCCL is opened with dlopen on first use   */ \
+    /* ($RELORA_NCCL_LIB, else libnccl.so.2): the library loads and every other entry works on a     */ \
+    /* machine without NCCL, and these fail with RELORA_ERR_UNAVAILABLE and one sentence. The        */ \
+    /* emulation implements them over TCP between the processes (loopback or the NCCL_COMM_ID host), */ \
+    /* with NCCL's semantics for the id. `comm` is an opaque communicator; the data entries enqueue on */ \
+    /* `stream` and return; nccl_wait waits for them. Buffers are device memory, counted in bytes. */    \
+    /* Any failure (a peer that died, a timeout) aborts the communicator: later calls on it fail. ---- */\
+    /* NCCL's version code (NCCL_VERSION_CODE of the loaded library, e.g. 22703) */                     \
+    X(relora_status, nccl_version, (int32_t *version))                                                    \
+    /* ncclGetUniqueId into id[RELORA_NCCL_ID_BYTES]: called by rank 0, sent to the others (over MPI). */ \
+    /* With NCCL_COMM_ID=host:port set, every rank may call it and gets the same id (the address) */    \
+    X(relora_status, nccl_unique_id, (uint8_t *id))                                                       \
+    /* ncclCommInitRank on the current device. timeout_seconds (> 0) bounds the initialisation and   */ \
+    /* every nccl_wait on this communicator */                                                           \
+    X(relora_status, nccl_init, (void **comm, const uint8_t *id, int32_t nranks, int32_t rank,            \
+                                 double timeout_seconds))                                                 \
+    /* every rank's `bytes` bytes, in rank order, into receive (nranks * bytes) */                       \
+    X(relora_status, nccl_all_gather, (void *comm, const void *send, void *receive, int64_t bytes,        \
+                                       void *stream))                                                     \
+    /* send: nranks blocks of block_bytes, block s for rank s; receive: block q from rank q (grouped */   \
+    /* ncclSend/ncclRecv) */                                                                              \
+    X(relora_status, nccl_all_to_all, (void *comm, const void *send, void *receive, int64_t block_bytes,  \
+                                       void *stream))                                                     \
+    /* root's bytes into buffer on every rank */                                                          \
+    X(relora_status, nccl_broadcast, (void *comm, void *buffer, int64_t bytes, int32_t root, void *stream))\
+    /* waits until `stream` has finished, polling NCCL's asynchronous error; on an error or after the */  \
+    /* communicator's timeout: aborts it and returns RELORA_ERR_COMMUNICATION naming what happened */    \
+    X(relora_status, nccl_wait, (void *comm, void *stream))                                               \
+    /* ncclCommAbort: ends this rank's part at once (peers see their collectives fail); frees comm */     \
+    X(relora_status, nccl_abort, (void *comm))                                                            \
+    /* ncclCommDestroy after every rank's last collective (a normal end); frees comm */                   \
+    X(relora_status, nccl_destroy, (void *comm))
 
 // ---- Prototypes, for the kernel library only ------------------------------------------------------
 #if defined(RELORA_CUDA_LIBRARY)
