@@ -49,7 +49,7 @@ func runSelfTest(_ args: [String]) throws {
     }
     // Under a launcher every rank runs the selftest; rank 0 prints (one sentence and no output at all when
     // the launch cannot be served).
-    let communicator = try Communicators.forThisProcess()
+    let communicator = try Communicators.forThisProcess(deviceEngine: BackendFactory.collectives(for: Device(parsing: a.string("device") ?? "cpu")))
     let lead = communicator.rank == 0
     let ranks = communicator.worldSize
     let quiet = a.flag("json")
@@ -93,6 +93,9 @@ func runSelfTest(_ args: [String]) throws {
             if let mpi = communicator as? MPICommunicator {
                 let split = mpi.maxCallBytes.map { "; calls split above \($0) bytes" } ?? ""
                 print("communicator: mpi, \(ranks) ranks, \(mpi.localSize) on this node (\(mpi.library); MPI \(mpi.standard); \(mpi.path)\(split))")
+            }
+            if let nccl = communicator as? NCCLCommunicator {
+                print("communicator: nccl \(nccl.version), \(ranks) ranks, \(nccl.localSize) on this node, met through \(nccl.meeting) (\(nccl.library.path), GPU \(nccl.library.deviceOrdinal) of \(nccl.library.deviceCount))")
             }
             for (r, n) in failuresByRank.enumerated() where r > 0 && n > 0 { print("rank \(r): \(n) checks failed") }
             print("\(backendName): \(Conformance.summary(checks))" + (ranks > 1 ? " on rank 0 of \(ranks)" : ""))

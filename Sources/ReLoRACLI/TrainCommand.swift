@@ -75,8 +75,9 @@ func runTrain(_ args: [String]) throws {
     }
     if let budget { try checkBudget(recipe, budget: budget) }
     installStopHandler()
-    // One process, or every rank of an MPI launch (docs/distributed.md): each runs this same command.
-    let communicator = try Communicators.forThisProcess()
+    // One process, or every rank of a launch (docs/distributed.md): each runs this same command; on the
+    // CUDA backend the ranks talk through NCCL, on the CPU through MPI.
+    let communicator = try Communicators.forThisProcess(deviceEngine: BackendFactory.collectives(for: Device(parsing: recipe.device)))
     // The ranks on a node share its cores: each gets its share unless RELORA_CPU_THREADS says otherwise.
     let cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
     let threads = communicator.localSize > 1 && ProcessInfo.processInfo.environment[CPUThreads.environmentVariable] == nil

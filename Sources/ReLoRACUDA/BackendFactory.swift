@@ -11,4 +11,15 @@ public enum BackendFactory {
             return try CUDABackend.open()
         }
     }
+
+    /// The collectives of `device`'s backend for a run of several processes (`Communicators.forThisProcess`):
+    /// NCCL on device memory for `cuda`; nil for `cpu`, whose ranks use MPI on host memory.
+    public static func collectives(for device: Device) -> Communicators.DeviceEngine? {
+        switch device {
+        case .cpu:
+            return nil
+        case .cuda:
+            return { launch, bootstrap in try NCCLCommunicator.make(launch: launch, bootstrap: bootstrap) }
+        }
+    }
 }

@@ -21,9 +21,14 @@ public final class CUDALibrary: @unchecked Sendable {
     public let path: String
     public let info: relora_library_info
     public let device: relora_device_properties
+    /// The GPU this process computes on (`set_device`), of `deviceCount` it sees.
+    public let deviceOrdinal: Int
+    public let deviceCount: Int
 
-    private init(api: relora_cuda_api, path: String, info: relora_library_info, device: relora_device_properties) {
+    private init(api: relora_cuda_api, path: String, info: relora_library_info, device: relora_device_properties,
+                 ordinal: Int, count: Int) {
         self.api = api; self.path = path; self.info = info; self.device = device
+        deviceOrdinal = ordinal; deviceCount = count
     }
 
     /// Whether the library is the CPU emulation of the kernels.
@@ -40,18 +45,20 @@ public final class CUDALibrary: @unchecked Sendable {
     nonisolated(unsafe) private static var loaded: Result<CUDALibrary, ReLoRAError>?
 
     /// The process's kernel library, loaded and probed on first use (later calls return the same result).
-    public static func open() throws -> CUDALibrary {
+    /// The first call chooses the GPU: `localRank` modulo the devices the process sees (the rank's place on
+    /// its node, so that the ranks of a node spread over its GPUs; 0 for one process).
+    public static func open(localRank: Int = 0) throws -> CUDALibrary {
         lock.lock(); defer { lock.unlock() }
         if let loaded { return try loaded.get() }
-        let result = Result<CUDALibrary, ReLoRAError> { () throws(ReLoRAError) in try load(candidatePaths()) }
+        let result = Result<CUDALibrary, ReLoRAError> { () throws(ReLoRAError) in try load(candidatePaths(), localRank: localRank) }
         loaded = result
         return try result.get()
     }
 
     /// The library at `path`, loaded and probed now (not the process's cached one): tests use it.
-    public static func load(path: String) throws -> CUDALibrary { try load([path]) }
+    public static func load(path: String) throws -> CUDALibrary { try load([path], localRank: 0) }
 
-    private static func load(_ paths: [String]) throws(ReLoRAError) -> CUDALibrary {
+    private static func load(_ paths: [String], localRank: Int) throws(ReLoRAError) -> CUDALibrary {
         guard let path = RuntimeLibrary.firstExisting(paths) else {
             throw .invalidConfig("device 'cuda' is not available: no CUDA kernel library found (looked for \(paths.joined(separator: ", "))); build it with `make -C Kernels cuda` on a machine with the CUDA toolchain, or set RELORA_CUDA_LIB; use --device cpu otherwise")
         }
@@ -67,6 +74,12 @@ public final class CUDALibrary: @unchecked Sendable {
             relora_cuda_unload(&api)
             throw .invalidConfig("device 'cuda' is not available: the kernel library \(path) loaded but sees no CUDA device (\(why.isEmpty ? "no driver or no GPU" : why)); use --device cpu")
         }
+        let ordinal = localRank % Int(count)
+        guard api.set_device!(Int32(ordinal)) == RELORA_OK else {
+            let why = Self.lastError(api)
+            relora_cuda_unload(&api)
+            throw .invalidConfig("device 'cuda' is not available: the kernel library \(path) cannot select GPU \(ordinal) of \(count) (\(why))")
+        }
         var info = relora_library_info()
         var props = relora_device_properties()
         guard api.library_info!(&info) == RELORA_OK, info.info_size == Int32(MemoryLayout<relora_library_info>.size),
@@ -76,7 +89,7 @@ public final class CUDALibrary: @unchecked Sendable {
             relora_cuda_unload(&api)
             throw .invalidConfig("device 'cuda' is not available: the kernel library \(path) does not describe itself as this build expects (\(why)); rebuild it with `make -C Kernels`")
         }
-        return CUDALibrary(api: api, path: path, info: info, device: props)
+        return CUDALibrary(api: api, path: path, info: info, device: props, ordinal: ordinal, count: Int(count))
     }
 
     /// Ends the process when a kernel call failed (no step can recover from it half way; the last checkpoint

@@ -267,29 +267,38 @@ public final class Trainer {
         return (loss, norm, skipped, communication)
     }
 
-    /// The largest gradient bucket summed over the ranks at once (floats): 4 Mi floats, 16 MiB of host memory.
+    /// The largest gradient bucket summed over the ranks at once (floats): 4 Mi floats, 16 MiB.
     static let gradientBucket = 1 << 22
 
-    /// Sums every trained gradient over the ranks (`Communicator.sumInRankOrder`), in buckets of whole
-    /// tensors (a tensor larger than a bucket goes alone), through host memory.
+    /// Sums every trained gradient over the ranks in rank order, in buckets of whole tensors (a tensor
+    /// larger than a bucket goes alone): on the device when the communicator serves the backend (NCCL on
+    /// CUDA), else through host copies (`Communicator.sumInRankOrder`). Both give the same bits.
     static func sumGradients(_ optimizer: AdamW, _ communicator: Communicator) throws {
         let backend = optimizer.backend
-        var bucket: [Float] = [], members: [Tensor] = []
+        let device = (communicator as? DeviceCollectives).flatMap { $0.serves(backend) ? $0 : nil }
+        var members: [Tensor] = [], count = 0
         func flush() throws {
             guard !members.isEmpty else { return }
-            try communicator.sumInRankOrder(&bucket)
-            var offset = 0
-            for g in members {
-                backend.upload(Array(bucket[offset ..< offset + g.count]), to: g)
-                offset += g.count
+            if let device {
+                try device.sumInRankOrder(members, on: backend)
+            } else {
+                var bucket: [Float] = []
+                bucket.reserveCapacity(count)
+                for g in members { bucket += backend.download(g) }
+                try communicator.sumInRankOrder(&bucket)
+                var offset = 0
+                for g in members {
+                    backend.upload(Array(bucket[offset ..< offset + g.count]), to: g)
+                    offset += g.count
+                }
             }
-            bucket.removeAll(keepingCapacity: true)
             members.removeAll()
+            count = 0
         }
         for p in optimizer.parameters {
-            if !members.isEmpty && bucket.count + p.grad.count > gradientBucket { try flush() }
-            bucket += backend.download(p.grad)
+            if !members.isEmpty && count + p.grad.count > gradientBucket { try flush() }
             members.append(p.grad)
+            count += p.grad.count
         }
         try flush()
     }

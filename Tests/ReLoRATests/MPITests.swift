@@ -391,5 +391,5 @@ final class FaultyCommunicator: Communicator {
     }
 
     func barrier() throws { try inner.barrier() }
-    func abort(_ message: String) -> Never { inner.abort(message) }
+    func abort(_ message: String, status: Int32) -> Never { inner.abort(message, status: status) }
 }

@@ -30,12 +30,19 @@ public protocol Communicator: AnyObject {
     /// `root`'s bytes into `buffer` on every rank.
     func broadcast(_ buffer: UnsafeMutableRawBufferPointer, root: Int) throws
     func barrier() throws
-    /// Ends every rank of the run (after printing `message` on this one): for errors some ranks cannot
+    /// Ends every rank of the run (after printing `message` on this one, prefixed with its rank in a run
+    /// of several) with exit status `status` where the engine can pass it on: for errors some ranks cannot
     /// see, so that no rank waits forever in a collective.
-    func abort(_ message: String) -> Never
+    func abort(_ message: String, status: Int32) -> Never
+    /// The normal end of a process every rank reaches (MPI_Finalize, ncclCommDestroy). Later collectives
+    /// throw. Idempotent.
+    func finish()
 }
 
 extension Communicator {
+    public func abort(_ message: String) -> Never { abort(message, status: 1) }
+    public func finish() {}
+
     /// Element-wise sum over ranks, in rank order, into `values` on every rank. Each rank sums one share of
     /// the elements (all-to-all of shares, the W contributions added in rank order, all-gather of the
     /// sums): every rank moves about 2 (W-1)/W of the buffer, and the result does not depend on the engine.
@@ -102,8 +109,20 @@ public final class SingleProcess: Communicator {
         precondition(root == 0, "broadcast from rank \(root) of 1")
     }
     public func barrier() throws {}
-    public func abort(_ message: String) -> Never {
+    public func abort(_ message: String, status: Int32) -> Never {
         FileHandle.standardError.write(Data((message + "\n").utf8))
-        exit(1)
+        exit(status)
     }
+}
+
+/// A communicator whose collectives work on a backend's own tensors (device memory) without staging them
+/// through the host: the CUDA backend's NCCL engine. The trainer sums gradients through it when it
+/// `serves` the trainer's backend, and through `sumInRankOrder` of host copies otherwise.
+public protocol DeviceCollectives: Communicator {
+    /// Whether `backend`'s tensors can be passed to `sumInRankOrder(_:on:)`.
+    func serves(_ backend: Backend) -> Bool
+    /// The element-wise sum over the ranks, in rank order, of the f32 `tensors` taken as one concatenated
+    /// vector, written back into them on every rank: the same bits as `sumInRankOrder` of their host copies
+    /// (the same shares, the same additions in the same order).
+    func sumInRankOrder(_ tensors: [Tensor], on backend: Backend) throws
 }

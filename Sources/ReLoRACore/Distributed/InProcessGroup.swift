@@ -118,9 +118,9 @@ final class InProcessRank: Communicator {
 
     func barrier() throws { _ = try group.exchange(rank, Data()) }
 
-    func abort(_ message: String) -> Never {
+    func abort(_ message: String, status: Int32) -> Never {
         FileHandle.standardError.write(Data("rank \(rank): \(message)\n".utf8))
-        exit(1)
+        exit(status)
     }
 }
 

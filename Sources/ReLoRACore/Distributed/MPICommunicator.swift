@@ -113,8 +113,6 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         try call("barrier") { api.barrier!() }
     }
 
-    public func abort(_ message: String) -> Never { abort(message, status: 1) }
-
     /// Prints `rank R: message` on stderr and ends every rank of the job (MPI_Abort) with `status`, which
     /// mpirun passes on as its own exit status.
     public func abort(_ message: String, status: Int32) -> Never {
@@ -126,6 +124,8 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
 
     /// MPI_Finalize, for the end of a process every rank reaches (a rank that exits without it makes mpirun
     /// end the job). Later collectives throw.
+    public func finish() { finalize() }
+
     public func finalize() {
         lock.lock(); defer { lock.unlock() }
         guard !finalized else { return }
