@@ -17,11 +17,12 @@ final class DataParallelTests: XCTestCase {
         }
     }
 
-    /// Trains `recipe` on `ranks` in-process ranks (each with its own CPU backend); returns rank 0's step
-    /// losses and every rank's final weights hash.
-    static func train(_ recipe: Recipe, ranks: Int, resume: Bool = false) throws -> (losses: [Double], hashes: [UInt64]) {
+    /// Trains `recipe` on `ranks` in-process ranks (each with its own backend, a CPU one unless `backend`
+    /// makes another); returns rank 0's step losses and every rank's final weights hash.
+    static func train(_ recipe: Recipe, ranks: Int, resume: Bool = false,
+                      backend: @escaping @Sendable () throws -> Backend = { CPUBackend() }) throws -> (losses: [Double], hashes: [UInt64]) {
         let out = try InProcessGroup.run(ranks: ranks) { c -> ([Double], UInt64) in
-            let t = try Trainer(recipe: recipe, resume: resume, backend: CPUBackend(), communicator: c, log: { _ in })
+            let t = try Trainer(recipe: recipe, resume: resume, backend: try backend(), communicator: c, log: { _ in })
             _ = try t.run()
             return (t.history.map(\.loss), t.weightsHash())
         }

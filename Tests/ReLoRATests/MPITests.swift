@@ -192,7 +192,7 @@ final class MPITests: XCTestCase {
     }
 
     func testMPIRunThreeRanks() throws {
-        let r = try mpirun(ranks: 3, ["selftest", "--group", "collectives"], environment: ["RELORA_MPI_LIB": try pluginPath()])
+        let r = try mpirun(ranks: 3, ["selftest", "--group", "collectives"], environment: ["RELORA_MPI_LIB": try mpiPluginPath()])
         XCTAssertEqual(r.status, 0, r.output)
         assertCollectivesPassed(r.output, ranks: 3)
     }
@@ -200,7 +200,7 @@ final class MPITests: XCTestCase {
     /// Calls over 64 KiB split into pieces (strided datatypes): the path of calls over INT_MAX bytes.
     func testMPIRunSplitCalls() throws {
         let r = try mpirun(ranks: 3, ["selftest", "--group", "collectives"],
-                           environment: ["RELORA_MPI_LIB": try pluginPath(), "RELORA_MPI_MAX_CALL_BYTES": "65536"])
+                           environment: ["RELORA_MPI_LIB": try mpiPluginPath(), "RELORA_MPI_MAX_CALL_BYTES": "65536"])
         XCTAssertEqual(r.status, 0, r.output)
         assertCollectivesPassed(r.output, ranks: 3)
         XCTAssertTrue(r.output.contains("calls split above 65536 bytes"), r.output)
@@ -233,21 +233,6 @@ final class MPITests: XCTestCase {
 
     // MARK: Training under mpirun
 
-    /// Writes `recipe` as a JSON file and returns its path.
-    private func write(_ recipe: Recipe, to path: String) throws -> String {
-        try JSONSerialization.data(withJSONObject: recipe.jsonObject()).write(to: URL(fileURLWithPath: path))
-        return path
-    }
-
-    /// The step losses of a run's metrics.jsonl (written in shortest round-trip form: read back exactly).
-    private func losses(_ runDir: String) throws -> [Double] {
-        try String(contentsOfFile: runDir + "/metrics.jsonl", encoding: .utf8).split(separator: "\n").compactMap { line in
-            let d = try JSONDecoder().decode([String: JSONValue].self, from: Data(line.utf8))
-            if case .number(let loss)? = d["loss"] { return loss }
-            return nil
-        }
-    }
-
     /// W MPI processes train exactly as W in-process ranks: the same loss bits every step and the same bytes
     /// in the final checkpoint's tensor files (ReLoRA over q4_0 with a restart, dropout, 8-bit moments). The
     /// ranks run OpenBLAS on this process's kernels (relora would otherwise restart itself on the best core
@@ -257,13 +242,13 @@ final class MPITests: XCTestCase {
         let core = try XCTUnwrap(relora_blas_core_name().map { String(cString: $0) })
         for ranks in [2, 3] {
             let viaMPI = DataParallelTests.recipe(d, run: "mpi-\(ranks)")
-            let r = try mpirun(ranks: ranks, ["train", try write(viaMPI, to: d.dir + "/mpi-\(ranks).json")],
-                               environment: ["RELORA_MPI_LIB": try pluginPath(), "OPENBLAS_CORETYPE": core])
+            let r = try mpirun(ranks: ranks, ["train", try writeRecipe(viaMPI, to: d.dir + "/mpi-\(ranks).json")],
+                               environment: ["RELORA_MPI_LIB": try mpiPluginPath(), "OPENBLAS_CORETYPE": core])
             XCTAssertEqual(r.status, 0, r.output)
             XCTAssertEqual(r.output.components(separatedBy: "done: 6 steps").count - 1, 1, "rank 0 alone reports: \(r.output)")
             let inProcess = DataParallelTests.recipe(d, run: "group-\(ranks)")
             let reference = try DataParallelTests.train(inProcess, ranks: ranks)
-            XCTAssertEqual(try losses(viaMPI.runDir).map(\.bitPattern), reference.losses.map(\.bitPattern), "W \(ranks)")
+            XCTAssertEqual(try metricsLosses(viaMPI.runDir).map(\.bitPattern), reference.losses.map(\.bitPattern), "W \(ranks)")
             let last = "/checkpoints/" + TrainingCheckpoint.name(step: 6)
             for file in ["model.tensors.zst", "lora.tensors.zst", "optimizer.tensors.zst"] {
                 XCTAssertEqual(FileManager.default.contents(atPath: viaMPI.runDir + last + "/" + file),
@@ -278,13 +263,13 @@ final class MPITests: XCTestCase {
         let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
         var recipe = DataParallelTests.recipe(d, run: "killed", steps: 300)
         recipe.checkpointEvery = 3
-        let path = try write(recipe, to: d.dir + "/killed.json")
+        let path = try writeRecipe(recipe, to: d.dir + "/killed.json")
         // Rank 1 is killed 3 s after it starts; the others would wait for it in their next collective.
         let wrapper = """
             r=${OMPI_COMM_WORLD_RANK:-$PMI_RANK}; if [ "$r" = 1 ]; then "$0" "$@" & p=$!; sleep 3; kill -9 $p; wait $p; exit 137; else exec "$0" "$@"; fi
             """
         let start = Date()
-        let r = try mpirun(ranks: 2, ["train", path], environment: ["RELORA_MPI_LIB": try pluginPath()], wrapper: wrapper)
+        let r = try mpirun(ranks: 2, ["train", path], environment: ["RELORA_MPI_LIB": try mpiPluginPath()], wrapper: wrapper)
         XCTAssertNotEqual(r.status, 0, r.output)
         XCTAssertNotEqual(r.status, 124, "the job hung until the time limit: \(r.output)")
         XCTAssertLessThan(Date().timeIntervalSince(start), 60, r.output)
@@ -305,45 +290,6 @@ final class MPITests: XCTestCase {
         XCTAssertEqual(output.components(separatedBy: "sumInRankOrder         786433 x \(ranks) ranks").count - 1, 1, output, file: file, line: line)
     }
 
-    private static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().path
-
-    private func pluginPath() throws -> String {
-        let path = Self.packageRoot + "/Kernels/build/librelora-mpi.so"
-        try XCTSkipUnless(FileManager.default.fileExists(atPath: path), "no MPI plugin at \(path) (`make -C Kernels mpi`; scripts/setup.sh builds it when mpicc exists)")
-        return path
-    }
-
-    private func executableOnPath(_ name: String) -> String? {
-        (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":").map { "\($0)/\(name)" }
-            .first { FileManager.default.isExecutableFile(atPath: $0) }
-    }
-
-    /// `mpirun -np ranks relora args` from the package root (through `sh -c wrapper` when given), with a
-    /// time limit; stdout and stderr together.
-    private func mpirun(ranks: Int, _ args: [String], environment: [String: String?], wrapper: String? = nil) throws
-        -> (status: Int32, output: String) {
-        guard let mpirun = executableOnPath("mpirun") else { throw XCTSkip("no mpirun on PATH (scripts/setup.sh installs Open MPI)") }
-        _ = try pluginPath()
-        let relora = try requireReloraExecutable()
-        var launcher = ["-np", "\(ranks)"]
-        var env = ProcessInfo.processInfo.environment
-        let version = try runProcess(mpirun, ["--version"], environment: env, directory: Self.packageRoot)
-        if version.output.contains("Open MPI") {
-            launcher += ["--oversubscribe"]  // more ranks than this machine's cores
-            if geteuid() == 0 { launcher += ["--allow-run-as-root"] }
-            if version.output.contains("(Open MPI) 4.") {
-                // One node: shared memory and loopback only (no probing of network devices a container
-                // lacks), copies through shared memory (CMA's single copy needs ptrace rights containers deny).
-                env["OMPI_MCA_btl"] = "self,vader"
-                env["OMPI_MCA_btl_vader_single_copy_mechanism"] = "none"
-            }
-        }
-        for (key, value) in environment { env[key] = value }
-        let command = wrapper.map { ["/bin/sh", "-c", $0, relora] } ?? [relora]
-        // The time limit ends a hung job (a collective that never completes) instead of the test run.
-        return try runProcess("/usr/bin/timeout", ["-k", "10", "300", mpirun] + launcher + command + args, environment: env, directory: Self.packageRoot)
-    }
 }
 
 /// A communicator that forwards to another and, when given a fault, gets one collective wrong the way a
