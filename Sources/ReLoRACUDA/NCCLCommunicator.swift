@@ -13,10 +13,11 @@ import ReLoRACore
 /// unset, from `MASTER_ADDR` and `MASTER_PORT + 1` (torchrun's own store holds `MASTER_PORT` on rank 0).
 /// Each rank computes on GPU `local rank mod visible GPUs`.
 ///
-/// Gradients are summed on the device (`DeviceCollectives`): the same shares and the same additions in rank
-/// order as `Communicator.sumInRankOrder` (an all-to-all, W-1 f32 additions per element by the `axpy`
-/// kernel, an all-gather), so the bits do not depend on NCCL's algorithm nor on the engine. The host-memory
-/// primitives (losses, weight hashes, stop flags) stage their few bytes through device scratch.
+/// Gradients are summed on the device (`DeviceCollectives`), on a stream of their own that overlaps the
+/// backward: the same additions in rank order as `Communicator.sumInRankOrder` (an all-to-all of shares,
+/// W-1 f32 additions per element by the `axpy` kernel, an all-gather), so the bits do not depend on NCCL's
+/// algorithm nor on the engine. The host-memory primitives (losses, weight hashes, stop flags) stage their
+/// few bytes through device scratch on the default stream, never while sums are in flight.
 ///
 /// Every wait is bounded by `RELORA_COLLECTIVE_TIMEOUT` seconds (default 600, NCCL's and PyTorch's usual
 /// bound; rank 0 writes checkpoints and evaluates while the others wait in their next collective, so it must
@@ -39,16 +40,30 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
     private let bootstrap: MPICommunicator?
     private var comm: UnsafeMutableRawPointer?
     private let lock = NSLock()
+    /// The communication stream (non-blocking: it overlaps the default stream, on which the backend computes)
+    /// and the event that orders a sum after the default stream's work so far.
+    private let stream: UnsafeMutableRawPointer?
+    private let ready: UnsafeMutableRawPointer?
+    /// The device sums' two chunk buffers (tag `.workspace`), made at the first sum; only the communication
+    /// stream uses them, so its order alone keeps one chunk from overwriting another's.
+    private var buffers: (flat: Tensor, parts: Tensor)?
+    /// Whether sums were started since the last `finishSums`.
+    private var pending = false
 
     private var api: relora_cuda_api { library.api }
 
     private init(library: CUDALibrary, comm: UnsafeMutableRawPointer?, launch: LaunchEnvironment, bootstrap: MPICommunicator?,
-                 version: Int, meeting: String, timeout: Double) {
+                 version: Int, meeting: String, timeout: Double, chunkFloats: Int) {
+        self.chunkFloats = chunkFloats
         self.library = library; self.comm = comm; self.bootstrap = bootstrap
         rank = launch.rank; worldSize = launch.worldSize
         localRank = bootstrap?.localRank ?? launch.localRank ?? launch.rank
         localSize = bootstrap?.localSize ?? launch.localSize ?? launch.worldSize
         self.version = version; self.meeting = meeting; timeoutSeconds = timeout
+        var stream: UnsafeMutableRawPointer?, ready: UnsafeMutableRawPointer?
+        library.check(library.api.stream_create!(&stream), "stream_create")
+        library.check(library.api.event_create!(&ready), "event_create")
+        self.stream = stream; self.ready = ready
     }
 
     /// The default bound on one collective's wait, in seconds.
@@ -59,6 +74,13 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
     public static func make(launch: LaunchEnvironment, bootstrap: MPICommunicator?,
                             environment: [String: String] = ProcessInfo.processInfo.environment) throws -> NCCLCommunicator {
         let timeout = try collectiveTimeout(environment)
+        var chunkFloats = defaultChunkFloats
+        if let text = environment["RELORA_COLLECTIVE_CHUNK_FLOATS"] {
+            guard let value = Int(text), value > 0 else {
+                throw ReLoRAError.invalidConfig("RELORA_COLLECTIVE_CHUNK_FLOATS='\(text)' is not a positive number of floats")
+            }
+            chunkFloats = value
+        }
         let localRank = bootstrap?.localRank ?? launch.localRank ?? launch.rank
         let library = try CUDALibrary.open(localRank: localRank)
         let api = library.api
@@ -89,7 +111,7 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
             throw failure("NCCL could not connect the \(launch.worldSize) ranks (met through \(meeting))")
         }
         return NCCLCommunicator(library: library, comm: comm, launch: launch, bootstrap: bootstrap, version: Int(version),
-                                meeting: meeting, timeout: timeout)
+                                meeting: meeting, timeout: timeout, chunkFloats: chunkFloats)
     }
 
     /// `RELORA_COLLECTIVE_TIMEOUT` (seconds), else `defaultTimeout`.
@@ -176,39 +198,78 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
 
     // MARK: Device collectives
 
+    /// The most floats one chunk of a device sum moves: 4 Mi (16 MiB in each of the two buffers), or
+    /// `RELORA_COLLECTIVE_CHUNK_FLOATS` (tests set a small odd count, so that chunks end inside tensors).
+    public let chunkFloats: Int
+    public static let defaultChunkFloats = 1 << 22
+
     public func serves(_ backend: Backend) -> Bool {
         (backend as? CUDABackend)?.library === library
     }
 
-    public func sumInRankOrder(_ tensors: [Tensor], on backend: Backend) throws {
-        precondition(serves(backend), "NCCLCommunicator.sumInRankOrder: tensors of another backend (\(backend.name))")
+    /// Enqueues on the communication stream, behind an event of the default stream: for each chunk of at
+    /// most `chunkFloats` (rounded up to W) of the concatenated tensors, the chunk copied into `flat` (zero-padded to W equal
+    /// shares), an all-to-all of the shares into `parts` (block q: rank q's values of this rank's share), the
+    /// W blocks added in rank order into block 0 by the `axpy` kernel (`a + 1 * b` in f32: the host sum's
+    /// additions), an all-gather of the sums back into `flat`, and the chunk copied back into the tensors.
+    public func startSum(_ tensors: [Tensor], on backend: Backend) throws {
+        precondition(serves(backend), "NCCLCommunicator.startSum: tensors of another backend (\(backend.name))")
         let w = worldSize, n = tensors.reduce(0) { $0 + $1.count }
         guard w > 1, n > 0 else { return }
-        for t in tensors { precondition(t.dtype == .f32, "sumInRankOrder: \(t.dtype) tensor; gradients are f32") }
-        let share = (n + w - 1) / w  // padded with zeros, as on the host
-        let what = "sum of \(n) gradient values"
-        // flat: the concatenated tensors (the all-to-all's send, then the all-gather's receive);
-        // parts: as block q, rank q's values of this rank's share; their sum in rank order lands in block 0.
-        let flat = backend.makeTensor([share * w], dtype: .f32, tag: .workspace, zeroed: true)
-        let parts = backend.makeTensor([share * w], dtype: .f32, tag: .workspace, zeroed: false)
-        let f32 = Int32(RELORA_DTYPE_F32), shareBytes = share * MemoryLayout<Float>.size
-        var offset = 0
-        for t in tensors {
-            library.check(api.memcpy!(flat.storage! + offset, t.storage, Int64(t.byteCount), RELORA_MEMCPY_DEVICE_TO_DEVICE, nil), "memcpy")
-            offset += t.byteCount
-        }
+        for t in tensors { precondition(t.dtype == .f32, "startSum: \(t.dtype) tensor; gradients are f32") }
         lock.lock(); defer { lock.unlock() }
+        let what = "sum of \(n) gradient values"
         let comm = try live(what)
-        try check(api.nccl_all_to_all!(comm, flat.storage, parts.storage, Int64(shareBytes), nil), what)
-        for q in 1..<w {
-            library.check(api.axpy!(1, parts.storage! + q * shareBytes, f32, parts.storage, f32, Int64(share), nil), "axpy")
+        let capacity = min(chunkFloats, n) + w - 1 - (min(chunkFloats, n) + w - 1) % w  // a multiple of W
+        if buffers == nil || buffers!.flat.count < capacity {
+            if buffers != nil { try check(api.nccl_wait!(comm, stream), what) }  // the old ones may be in use
+            buffers = (backend.makeTensor([capacity], dtype: .f32, tag: .workspace, zeroed: false),
+                       backend.makeTensor([capacity], dtype: .f32, tag: .workspace, zeroed: false))
         }
-        try check(api.nccl_all_gather!(comm, parts.storage, flat.storage, Int64(shareBytes), nil), what)
-        try check(api.nccl_wait!(comm, nil), what)
-        offset = 0
+        let (flat, parts) = buffers!
+        // The gradients' last writes are on the default stream.
+        library.check(api.event_record!(ready, nil), "event_record")
+        library.check(api.stream_wait_event!(stream, ready), "stream_wait_event")
+        let f32 = Int32(RELORA_DTYPE_F32), float = MemoryLayout<Float>.size
+        var start = 0
+        while start < n {
+            let count = min(capacity, n - start), share = (count + w - 1) / w
+            copy(tensors, elements: start ..< start + count, flat: flat.storage!, intoFlat: true)
+            if share * w > count {
+                library.check(api.memset!(flat.storage! + count * float, 0, Int64((share * w - count) * float), stream), "memset")
+            }
+            try check(api.nccl_all_to_all!(comm, flat.storage, parts.storage, Int64(share * float), stream), what)
+            for q in 1..<w {
+                library.check(api.axpy!(1, parts.storage! + q * share * float, f32, parts.storage, f32, Int64(share), stream), "axpy")
+            }
+            try check(api.nccl_all_gather!(comm, parts.storage, flat.storage, Int64(share * float), stream), what)
+            copy(tensors, elements: start ..< start + count, flat: flat.storage!, intoFlat: false)
+            start += count
+        }
+        pending = true
+    }
+
+    public func finishSums() throws {
+        lock.lock(); defer { lock.unlock() }
+        guard pending else { return }
+        let comm = try live("gradient sums")
+        // The host waits (bounded): the default stream's next work, enqueued after this, sees the sums.
+        try check(api.nccl_wait!(comm, stream), "gradient sums")
+        pending = false
+    }
+
+    /// Copies `elements` of the tensors' concatenation between the tensors and `flat` (whose element 0 is
+    /// the range's first), on the communication stream.
+    private func copy(_ tensors: [Tensor], elements: Range<Int>, flat: UnsafeMutableRawPointer, intoFlat: Bool) {
+        let float = MemoryLayout<Float>.size
+        var offset = 0  // of the current tensor in the concatenation
         for t in tensors {
-            library.check(api.memcpy!(t.storage, flat.storage! + offset, Int64(t.byteCount), RELORA_MEMCPY_DEVICE_TO_DEVICE, nil), "memcpy")
-            offset += t.byteCount
+            defer { offset += t.count }
+            let lo = max(elements.lowerBound, offset), hi = min(elements.upperBound, offset + t.count)
+            guard lo < hi else { continue }
+            let inTensor = t.storage! + (lo - offset) * float, inFlat = flat + (lo - elements.lowerBound) * float
+            library.check(api.memcpy!(intoFlat ? inFlat : inTensor, intoFlat ? inTensor : inFlat, Int64((hi - lo) * float),
+                                      RELORA_MEMCPY_DEVICE_TO_DEVICE, stream), "memcpy")
         }
     }
 

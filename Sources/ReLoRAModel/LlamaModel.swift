@@ -56,6 +56,10 @@ public final class LlamaModel {
     /// Seed and key of the LoRA dropout masks (the trainer sets the key for each micro-batch).
     public var dropoutSeed: UInt64 = 0
     public var dropoutKey = DropoutKey()
+    /// Called by `forwardBackward` once the backward of block `layer` has been enqueued (layers from the
+    /// last to 0): that block's gradients are final for this micro-batch, so a data-parallel run can start
+    /// summing them while the blocks below compute. nil: nothing is called.
+    public var afterBlockBackward: ((_ layer: Int) -> Void)?
     private var workspace: Workspace?
 
     /// The storage format of the frozen base weights (nil = dense).
@@ -249,6 +253,7 @@ public final class LlamaModel {
                 acts = ws.blocks[layer]
             }
             blockBackward(layer, input: ws.xs[layer], acts, ws, grads)
+            afterBlockBackward?(layer)
         }
         backend.embeddingBackward(ids: ws.ids, dout: ws.dres, dtable: grads.embed, dim: c)
         return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })

@@ -238,21 +238,41 @@ public final class Trainer {
         model.zeroGradients()
         let tokensInStep = r.tokensPerStep
         let w = communicator.worldSize, mine = Array(stride(from: communicator.rank, to: r.gradAccum, by: w))
+        // On a device engine each block's gradients start their sum as soon as the block's backward of this
+        // rank's last micro-batch is enqueued, overlapping the backward of the blocks below.
+        let device = w > 1 ? deviceCollectives(communicator, optimizer.backend) : nil
+        let groups = device.map { _ in GradientGroups(optimizer.parameters, layers: model.config.numHiddenLayers) }
+        var overlapFailure: Error?
+        defer { model.afterBlockBackward = nil }
         var losses: [Double] = []
-        for micro in mine {
+        for (i, micro) in mine.enumerated() {
             let (inputs, targets) = batch(micro)
             model.dropoutKey.step = step
             model.dropoutKey.microBatch = step * r.gradAccum + micro
+            if let device, let groups, i == mine.count - 1 {
+                model.afterBlockBackward = { layer in
+                    guard overlapFailure == nil else { return }
+                    do { try device.startSum(groups.blocks[layer], on: optimizer.backend) } catch { overlapFailure = error }
+                }
+            }
             let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
                                               gradScale: 1 / Float(tokensInStep))
             losses.append(l.sum)
         }
+        model.afterBlockBackward = nil
         var lossSum = 0.0, communication = 0.0
         if w > 1 {
+            // What the backward did not hide: the rest of the sums, then the losses.
             let start = monotonicSeconds()
+            if let device, let groups {
+                if let overlapFailure { throw overlapFailure }
+                try device.startSum(groups.rest, on: optimizer.backend)
+                try device.finishSums()
+            } else {
+                try sumGradients(optimizer, communicator)
+            }
             let all = try communicator.allGather(losses)  // all[q][i] is micro-batch q + i W
             for micro in 0..<r.gradAccum { lossSum += all[micro % w][micro / w] }
-            try sumGradients(optimizer, communicator)
             communication = monotonicSeconds() - start
         } else {
             for l in losses { lossSum += l }
@@ -267,38 +287,58 @@ public final class Trainer {
         return (loss, norm, skipped, communication)
     }
 
-    /// The largest gradient bucket summed over the ranks at once (floats): 4 Mi floats, 16 MiB.
-    static let gradientBucket = 1 << 22
+    /// The communicator's device collectives when they serve `backend`, else nil (sums through the host).
+    static func deviceCollectives(_ communicator: Communicator, _ backend: Backend) -> DeviceCollectives? {
+        (communicator as? DeviceCollectives).flatMap { $0.serves(backend) ? $0 : nil }
+    }
 
-    /// Sums every trained gradient over the ranks in rank order, in buckets of whole tensors (a tensor
-    /// larger than a bucket goes alone): on the device when the communicator serves the backend (NCCL on
-    /// CUDA), else through host copies (`Communicator.sumInRankOrder`). Both give the same bits.
-    static func sumGradients(_ optimizer: AdamW, _ communicator: Communicator) throws {
-        let backend = optimizer.backend
-        let device = (communicator as? DeviceCollectives).flatMap { $0.serves(backend) ? $0 : nil }
-        var members: [Tensor] = [], count = 0
-        func flush() throws {
-            guard !members.isEmpty else { return }
-            if let device {
-                try device.sumInRankOrder(members, on: backend)
-            } else {
-                var bucket: [Float] = []
-                bucket.reserveCapacity(count)
-                for g in members { bucket += backend.download(g) }
-                try communicator.sumInRankOrder(&bucket)
-                var offset = 0
-                for g in members {
-                    backend.upload(Array(bucket[offset ..< offset + g.count]), to: g)
-                    offset += g.count
+    /// The trained gradients by the block whose backward finishes them (`model.layers.N.` in the name), and
+    /// the rest (embedding, final norm, head), which the backward finishes last.
+    struct GradientGroups {
+        var blocks: [[Tensor]]
+        var rest: [Tensor] = []
+        init(_ parameters: [AdamW.Parameter], layers: Int) {
+            blocks = Array(repeating: [], count: layers)
+            for p in parameters {
+                if p.name.hasPrefix("model.layers."), let layer = Int(p.name.dropFirst("model.layers.".count).prefix { $0 != "." }),
+                   layer < layers {
+                    blocks[layer].append(p.grad)
+                } else {
+                    rest.append(p.grad)
                 }
             }
+        }
+    }
+
+    /// The largest gradient bucket summed through the host at once (floats): 4 Mi floats, 16 MiB.
+    static let gradientBucket = 1 << 22
+
+    /// Sums every trained gradient over the ranks in rank order: on the device when the communicator serves
+    /// the backend (NCCL on CUDA), else through host copies (`Communicator.sumInRankOrder`) in buckets of
+    /// whole tensors (a tensor larger than a bucket goes alone). Both give the same bits.
+    static func sumGradients(_ optimizer: AdamW, _ communicator: Communicator) throws {
+        let backend = optimizer.backend
+        if let device = deviceCollectives(communicator, backend) {
+            try device.startSum(optimizer.parameters.map(\.grad), on: backend)
+            try device.finishSums()
+            return
+        }
+        var bucket: [Float] = [], members: [Tensor] = []
+        func flush() throws {
+            guard !members.isEmpty else { return }
+            try communicator.sumInRankOrder(&bucket)
+            var offset = 0
+            for g in members {
+                backend.upload(Array(bucket[offset ..< offset + g.count]), to: g)
+                offset += g.count
+            }
+            bucket.removeAll(keepingCapacity: true)
             members.removeAll()
-            count = 0
         }
         for p in optimizer.parameters {
-            if !members.isEmpty && count + p.grad.count > gradientBucket { try flush() }
+            if !members.isEmpty && bucket.count + p.grad.count > gradientBucket { try flush() }
+            bucket += backend.download(p.grad)
             members.append(p.grad)
-            count += p.grad.count
         }
         try flush()
     }

@@ -130,9 +130,18 @@ typedef struct relora_device_properties {
     X(relora_status, memcpy, (void *dst, const void *src, int64_t bytes, int32_t kind, void *stream))     \
     X(relora_status, memset, (void *ptr, int32_t value, int64_t bytes, void *stream))                     \
     X(relora_status, mem_get_info, (int64_t *free_bytes, int64_t *total_bytes))                           \
+    /* a stream that does not synchronize with the default (NULL) stream (cudaStreamNonBlocking): work */ \
+    /* on it overlaps the default stream's, ordered only by events */                                    \
     X(relora_status, stream_create, (void **stream))                                                      \
     X(relora_status, stream_destroy, (void *stream))                                                      \
     X(relora_status, stream_synchronize, (void *stream))                                                  \
+    /* an event that orders work between streams (cudaEventDisableTiming) */                              \
+    X(relora_status, event_create, (void **event))                                                        \
+    X(relora_status, event_destroy, (void *event))                                                        \
+    /* the event completes when the work enqueued on `stream` so far has */                              \
+    X(relora_status, event_record, (void *event, void *stream))                                           \
+    /* work enqueued on `stream` after this call starts after `event` completed; the host does not wait */\
+    X(relora_status, stream_wait_event, (void *stream, void *event))                                      \
     /* cudaSetDevice(ordinal) for the calling process (a rank's GPU, chosen by its local rank); later  */ \
     /* device_properties describe it. The emulation has one device: ordinal 0 only */                  \
     X(relora_status, set_device, (int32_t ordinal))                                                       \

@@ -116,13 +116,19 @@ public final class SingleProcess: Communicator {
 }
 
 /// A communicator whose collectives work on a backend's own tensors (device memory) without staging them
-/// through the host: the CUDA backend's NCCL engine. The trainer sums gradients through it when it
-/// `serves` the trainer's backend, and through `sumInRankOrder` of host copies otherwise.
+/// through the host, overlapped with the backend's computation: the CUDA backend's NCCL engine. The trainer
+/// sums gradients through it when it `serves` the trainer's backend, and through `sumInRankOrder` of host
+/// copies otherwise.
 public protocol DeviceCollectives: Communicator {
-    /// Whether `backend`'s tensors can be passed to `sumInRankOrder(_:on:)`.
+    /// Whether `backend`'s tensors can be passed to `startSum(_:on:)`.
     func serves(_ backend: Backend) -> Bool
-    /// The element-wise sum over the ranks, in rank order, of the f32 `tensors` taken as one concatenated
-    /// vector, written back into them on every rank: the same bits as `sumInRankOrder` of their host copies
-    /// (the same shares, the same additions in the same order).
-    func sumInRankOrder(_ tensors: [Tensor], on backend: Backend) throws
+    /// Starts the element-wise sum over the ranks, in rank order, of the f32 `tensors` taken as one
+    /// concatenated vector, written back into them on every rank: the same bits as `sumInRankOrder` of their
+    /// host copies (every element is the W contributions added in rank order, whatever the chunking). The
+    /// sum runs after the work the backend has been given so far and alongside what it is given next, which
+    /// must neither read nor write these tensors before `finishSums()`. Every rank starts the same sums in
+    /// the same order.
+    func startSum(_ tensors: [Tensor], on backend: Backend) throws
+    /// Waits for every started sum (within the engine's timeout); after it the backend's work sees them.
+    func finishSums() throws
 }
