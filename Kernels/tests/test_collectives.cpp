@@ -543,8 +543,8 @@ bool run_collectives_suite(bool emulated) {
     const char *saved = getenv("RELORA_NCCL_LIB");
     const std::string restore = saved ? saved : "";
     setenv("RELORA_NCCL_LIB", "/nonexistent/libnccl.so.2", 1);
-    int32_t version = 0;
-    const relora_status missing = api.nccl_version(&version);
+    int32_t none = 0;
+    const relora_status missing = api.nccl_version(&none);
     const std::string sentence = api.last_error();
     if (saved) setenv("RELORA_NCCL_LIB", restore.c_str(), 1); else unsetenv("RELORA_NCCL_LIB");
     // Already loaded earlier in this process (a cached table) would return OK: then there is nothing to check.
