@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI for Kernels/ on a machine without a GPU:
-#   1. a cached venv with the pinned CUDA 13.0 wheels (docs/cuda.md): nvcc, nvvm, crt, runtime, cccl, cuBLAS
+#   1. a cached venv with the pinned CUDA 13.0 wheels (docs/cuda.md): nvcc, nvvm, crt, runtime, cccl, cuBLAS,
+#      and NCCL (nvidia-nccl-cu13: only its nccl.h is used, by src/collectives.cu; NCCL is never linked)
 #   2. `make cuda`: the real library for sm_80, sm_86, sm_89, sm_90 + PTX, warnings as errors, and ptxas'
 #      register/spill report with the no-spill check (compile check only: nothing runs on a GPU)
 #   3. `make emu test`: the same sources on the CPU emulation, every kernel against its reference
@@ -25,6 +26,7 @@ PINNED=(
     "nvidia-cuda-runtime==13.0.*"
     "nvidia-cuda-cccl==13.0.*"
     "nvidia-cublas==13.0.2.14"
+    "nvidia-nccl-cu13==2.28.9"
 )
 VENV="${RELORA_CUDA_VENV:-$HOME/.cache/relora-cuda-venv}"
 STAMP="$VENV/.relora-pinned"

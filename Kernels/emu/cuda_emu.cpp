@@ -66,6 +66,7 @@ const char *generic_text(cudaError_t e) {
     case cudaErrorInvalidDevicePointer: return "invalid device pointer";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorNotReady: return "device not ready";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     }
@@ -711,6 +712,20 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     RELORA_EMU_STICKY_CHECK();
     if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize on an unknown stream", false);
     return check_all("a kernel (found at synchronization)");
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    RELORA_EMU_STICKY_CHECK();
+    if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery on an unknown stream", false);
+    return check_all("a kernel (found at a stream query)");
+}
+
+int relora_emu_device_range(const void *p, size_t bytes) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    bool inside = false;
+    if (find_allocation(p, bytes, &inside)) return 0;
+    return inside ? 1 : 2;
 }
 
 cudaError_t cudaDeviceReset(void) {

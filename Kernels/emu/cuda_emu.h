@@ -103,6 +103,7 @@ typedef enum cudaError {
     cudaErrorInvalidDevicePointer = 17,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNoDevice = 100,
+    cudaErrorNotReady = 600,  // cudaStreamQuery: work still queued (never, in the emulation)
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchFailure = 719,
 } cudaError_t;
@@ -150,6 +151,8 @@ RELORA_EMU_API cudaError_t cudaDeviceReset(void);
 RELORA_EMU_API cudaError_t cudaStreamCreate(cudaStream_t *stream);
 RELORA_EMU_API cudaError_t cudaStreamDestroy(cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+// cudaSuccess: everything ran at the call (or the sticky error, as cudaStreamSynchronize).
+RELORA_EMU_API cudaError_t cudaStreamQuery(cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags);
 RELORA_EMU_API cudaError_t cudaEventCreate(cudaEvent_t *event);
 RELORA_EMU_API cudaError_t cudaEventDestroy(cudaEvent_t event);
@@ -176,6 +179,9 @@ RELORA_EMU_API void relora_emu_set_device_memory(size_t bytes);
 RELORA_EMU_API void relora_emu_set_schedule(int schedule);
 // 0 turns __syncthreads() into a no-op: only for the self-test that proves the barrier is real.
 RELORA_EMU_API void relora_emu_set_barriers_enabled(int enabled);
+// Whether [p, p + bytes) lies inside one live allocation (cudaMalloc or cudaHostAlloc): 0 yes, 1 it starts
+// inside one and runs past its end, 2 p is not inside any. Records no error (the NCCL stand-in's check).
+RELORA_EMU_API int relora_emu_device_range(const void *p, size_t bytes);
 // Counters since load: launches, blocks, fibers started, context switches.
 RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers,
                                         uint64_t *switches);

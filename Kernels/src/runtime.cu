@@ -81,11 +81,35 @@ relora_status relora_cuda_library_info(relora_library_info *info) {
     return RELORA_OK;
 }
 
+// A rank's GPU for this process (its local rank, usually). The range is checked here so that the sentence
+// says how many devices there are; CUDA would only say "invalid device ordinal".
+relora_status relora_cuda_set_device(int32_t ordinal) {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return fail(RELORA_ERR_NO_DEVICE, "set_device: no CUDA device: %s", cudaGetErrorString(e));
+    }
+    if (ordinal < 0 || ordinal >= count) {
+#if defined(RELORA_EMU)
+        const char *note = " (the emulation has one device, 0)";
+#else
+        const char *note = "";
+#endif
+        return fail(RELORA_ERR_INVALID_ARGUMENT, "set_device: there is no device %d: this machine has %d%s", (int)ordinal,
+                    count, note);
+    }
+    return check(cudaSetDevice(ordinal), "cudaSetDevice");
+}
+
+// The calling thread's current device (set_device's, else device 0).
 relora_status relora_cuda_device_properties(relora_device_properties *props) {
     RELORA_REQUIRE(props, "device_properties", "null result pointer");
     memset(props, 0, sizeof *props);
+    int device = 0;
+    RELORA_CHECK(check(cudaGetDevice(&device), "cudaGetDevice"));
     cudaDeviceProp prop;
-    RELORA_CHECK(check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
+    RELORA_CHECK(check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
     // Truncating copy (cudaDeviceProp.name is 256 bytes): always terminated.
     const size_t length = strnlen(prop.name, sizeof props->name - 1);
     memcpy(props->name, prop.name, length);
@@ -95,7 +119,7 @@ relora_status relora_cuda_device_properties(relora_device_properties *props) {
     props->multiprocessors = prop.multiProcessorCount;
 #if !defined(RELORA_EMU)
     int clock_khz = 0;
-    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0) == cudaSuccess) props->clock_khz = clock_khz;
+    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device) == cudaSuccess) props->clock_khz = clock_khz;
     (void)cudaGetLastError();
 #endif
     return RELORA_OK;

@@ -111,5 +111,8 @@ bool run_emulation_checks();
 bool run_ops_suite();
 // RoPE, attention and cross-entropy checks (test_attention.cpp), part of the kernel suite.
 bool run_attention_suite();
+// set_device and the NCCL collectives (test_collectives.cpp): run once, outside the schedule loop; on the
+// emulation with ranks in forked processes.
+bool run_collectives_suite(bool emulated);
 
 #endif  // RELORA_KERNEL_HARNESS_H

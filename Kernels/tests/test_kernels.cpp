@@ -1002,6 +1002,8 @@ int main(int argc, char **argv) {
         printf("---- kernels on %s\n", info.build);
         ok &= run_kernel_suite();
     }
+    printf("---- devices and collectives%s\n", info.emulated ? " (NCCL emulated over TCP, ranks in processes)" : "");
+    ok &= run_collectives_suite(info.emulated != 0);
     printf("%s: %d failed\n", ok && failures() == 0 ? "ALL PASSED" : "FAILED", failures());
     relora_cuda_unload(&api);
     return ok && failures() == 0 ? 0 : 1;

@@ -98,7 +98,8 @@ typedef struct relora_library_info {
     char build[96];             // compiler and targets, e.g. "nvcc 13.0 sm_80,sm_86,sm_89,sm_90+PTX"
 } relora_library_info;
 
-// The device the library runs on (device 0), for the backend's probe, its log line and MFU.
+// The calling thread's current device (set_device's; device 0 unless set), for the backend's probe, its log
+// line and MFU.
 typedef struct relora_device_properties {
     char name[96];              // cudaDeviceProp.name; the emulation: "relora CPU emulation"
     int64_t total_memory;       // bytes (the emulation: its configured limit)
