@@ -755,6 +755,14 @@ cudaError_t cudaStreamCreate(cudaStream_t *stream) {
     return cudaSuccess;
 }
 
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
+    if (flags & ~(unsigned)cudaStreamNonBlocking) {
+        std::lock_guard<std::mutex> guard(g_lock);
+        return fail(cudaErrorInvalidValue, "cudaStreamCreateWithFlags: unknown flags", false);
+    }
+    return cudaStreamCreate(stream);
+}
+
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!stream || !g_streams.erase(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: unknown stream", false);
@@ -778,6 +786,14 @@ cudaError_t cudaEventCreate(cudaEvent_t *event) {
     g_events.insert(handle);
     *event = (cudaEvent_t)handle;
     return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
+    if (flags & ~(unsigned)cudaEventDisableTiming) {
+        std::lock_guard<std::mutex> guard(g_lock);
+        return fail(cudaErrorInvalidValue, "cudaEventCreateWithFlags: unknown flags", false);
+    }
+    return cudaEventCreate(event);
 }
 
 cudaError_t cudaEventDestroy(cudaEvent_t event) {

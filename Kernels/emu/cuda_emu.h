@@ -149,12 +149,19 @@ RELORA_EMU_API cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int dev
 RELORA_EMU_API cudaError_t cudaDeviceSynchronize(void);
 RELORA_EMU_API cudaError_t cudaDeviceReset(void);
 RELORA_EMU_API cudaError_t cudaStreamCreate(cudaStream_t *stream);
+// Flags are checked and otherwise ignored: every stream runs its work at the call, so no two overlap.
+#define cudaStreamDefault 0x00
+#define cudaStreamNonBlocking 0x01
+RELORA_EMU_API cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags);
 RELORA_EMU_API cudaError_t cudaStreamDestroy(cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 // cudaSuccess: everything ran at the call (or the sticky error, as cudaStreamSynchronize).
 RELORA_EMU_API cudaError_t cudaStreamQuery(cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags);
 RELORA_EMU_API cudaError_t cudaEventCreate(cudaEvent_t *event);
+#define cudaEventDefault 0x00
+#define cudaEventDisableTiming 0x02
+RELORA_EMU_API cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags);
 RELORA_EMU_API cudaError_t cudaEventDestroy(cudaEvent_t event);
 RELORA_EMU_API cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaEventSynchronize(cudaEvent_t event);

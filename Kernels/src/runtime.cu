@@ -187,13 +187,38 @@ relora_status relora_cuda_mem_get_info(int64_t *free_bytes, int64_t *total_bytes
 relora_status relora_cuda_stream_create(void **stream) {
     RELORA_REQUIRE(stream, "stream_create", "null result pointer");
     cudaStream_t s = nullptr;
-    RELORA_CHECK(check(cudaStreamCreate(&s), "cudaStreamCreate"));
+    // Non-blocking: the backend computes on the legacy default stream, which would otherwise wait for this
+    // stream's work (and it for the default stream's) at every launch, and nothing would overlap.
+    RELORA_CHECK(check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags"));
     *stream = static_cast<void *>(s);
     return RELORA_OK;
 }
 
 relora_status relora_cuda_stream_destroy(void *stream) {
     return check(cudaStreamDestroy(relora::as_stream(stream)), "cudaStreamDestroy");
+}
+
+relora_status relora_cuda_event_create(void **event) {
+    RELORA_REQUIRE(event, "event_create", "null result pointer");
+    cudaEvent_t e = nullptr;
+    RELORA_CHECK(check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags"));
+    *event = static_cast<void *>(e);
+    return RELORA_OK;
+}
+
+relora_status relora_cuda_event_destroy(void *event) {
+    RELORA_REQUIRE(event, "event_destroy", "null event");
+    return check(cudaEventDestroy(static_cast<cudaEvent_t>(event)), "cudaEventDestroy");
+}
+
+relora_status relora_cuda_event_record(void *event, void *stream) {
+    RELORA_REQUIRE(event, "event_record", "null event");
+    return check(cudaEventRecord(static_cast<cudaEvent_t>(event), relora::as_stream(stream)), "cudaEventRecord");
+}
+
+relora_status relora_cuda_stream_wait_event(void *stream, void *event) {
+    RELORA_REQUIRE(event, "stream_wait_event", "null event");
+    return check(cudaStreamWaitEvent(relora::as_stream(stream), static_cast<cudaEvent_t>(event), 0), "cudaStreamWaitEvent");
 }
 
 namespace relora {

@@ -533,10 +533,37 @@ bool test_devices(bool emulated) {
     return ok;
 }
 
+// A second (non-blocking) stream ordered after the default stream by an event: what the gradient sums'
+// overlap relies on. The default stream fills a with a 1 MiB pattern, records the event; the new stream
+// waits for it and copies a into b; synchronizing the new stream alone must give b == the pattern (on a
+// GPU a missing wait would let the copy read a before the fill).
+bool test_streams_and_events() {
+    const int64_t bytes = 1 << 20;
+    std::vector<uint8_t> pattern((size_t)bytes), out((size_t)bytes, 0);
+    for (size_t i = 0; i < pattern.size(); i++) pattern[i] = (uint8_t)(i * 131 + 7);
+    void *a = nullptr, *b = nullptr, *stream = nullptr, *event = nullptr;
+    bool ok = api.malloc(&a, bytes) == RELORA_OK && api.malloc(&b, bytes) == RELORA_OK &&
+              api.stream_create(&stream) == RELORA_OK && api.event_create(&event) == RELORA_OK &&
+              api.memcpy(a, pattern.data(), bytes, RELORA_MEMCPY_HOST_TO_DEVICE, nullptr) == RELORA_OK &&
+              api.event_record(event, nullptr) == RELORA_OK && api.stream_wait_event(stream, event) == RELORA_OK &&
+              api.memcpy(b, a, bytes, RELORA_MEMCPY_DEVICE_TO_DEVICE, stream) == RELORA_OK &&
+              api.stream_synchronize(stream) == RELORA_OK &&
+              api.memcpy(out.data(), b, bytes, RELORA_MEMCPY_DEVICE_TO_HOST, stream) == RELORA_OK &&
+              api.stream_synchronize(stream) == RELORA_OK && out == pattern;
+    const relora_status null_event = api.event_record(nullptr, nullptr);
+    ok &= null_event == RELORA_ERR_INVALID_ARGUMENT;
+    ok &= api.event_destroy(event) == RELORA_OK && api.stream_destroy(stream) == RELORA_OK;
+    api.free(a);
+    api.free(b);
+    record(ok, "streams: a second stream ordered after the default one by an event", "%s", api.last_error());
+    return ok;
+}
+
 }  // namespace
 
 bool run_collectives_suite(bool emulated) {
     bool ok = test_devices(emulated);
+    ok &= test_streams_and_events();
 #if defined(RELORA_NO_EMULATION_CHECKS)
     // The CUDA build: NCCL from RELORA_NCCL_LIB or libnccl.so.2. A path that cannot be opened gives
     // RELORA_ERR_UNAVAILABLE and its sentence (the emulation has no library to miss, so this runs here only).
