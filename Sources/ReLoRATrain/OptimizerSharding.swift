@@ -62,8 +62,9 @@ extension Trainer {
     /// zeros), through host memory. A tensor is downloaded whole when its bytes are first needed and
     /// uploaded whole when all have arrived, so the host holds about (W + 1) chunks plus the tensors in
     /// flight, one a rank. The ranks receive the bytes their owners computed: the same values as if every
-    /// rank had run every update (AdamW is element-wise and runs the same ops on the owner).
-    static func shareUpdatedValues(_ optimizer: AdamW, _ communicator: Communicator) throws {
+    /// rank had run every update (AdamW is element-wise and runs the same ops on the owner). `valueChunk`
+    /// is a parameter for the tests, which cut tensors at odd byte counts.
+    static func shareUpdatedValues(_ optimizer: AdamW, _ communicator: Communicator, valueChunk: Int = valueChunk) throws {
         guard let shards = optimizer.shards, communicator.worldSize > 1 else { return }
         precondition(shards.worldSize == communicator.worldSize,
                      "optimizer sharded over \(shards.worldSize) ranks in a run of \(communicator.worldSize)")
