@@ -39,11 +39,11 @@ let memoryCommand = CommandSpec(
 
 func runMemory(_ args: [String]) throws {
     guard let a = try memoryCommand.parseOrPrintHelp(args) else { return }
+    let worldSize = try a.int("world-size", atLeast: 1)
     let overrides = a.values("set")
     let recipe = try Recipe(contentsOf: a.positional[0], overrides: overrides)
     let device = try Device(parsing: a.string("device") ?? recipe.device)
     let budget = try a.bytes("budget")
-    let worldSize = try a.int("world-size", atLeast: 1)
     let config = try LlamaConfig(contentsOf: recipe.model)
     let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize)
     if a.flag("json") {
