@@ -140,7 +140,8 @@ public final class AdamW {
 
     /// ReLoRA's optimizer reset: prunes the first and second moments of the LoRA parameters by `rule`
     /// (each tensor separately, m and v separately, as the reference implementation does), keyed by
-    /// (seed, restart, parameter). Returns the fractions of LoRA moment entries zeroed.
+    /// (seed, restart, parameter). Returns the fractions of LoRA moment entries zeroed (of this rank's
+    /// tensors when sharded; `Trainer.resetAfterMerge` counts over all ranks).
     public func resetLoRAMoments(_ rule: PruneRule?, seed: UInt64, restart: Int) -> (m: Double, v: Double) {
         resetLoRAMoments(seed: seed, restart: restart) { _ in rule.map { .separately($0) } ?? .keep }
     }
