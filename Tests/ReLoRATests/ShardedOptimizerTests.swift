@@ -174,6 +174,25 @@ final class ShardedOptimizerTests: XCTestCase {
         }
     }
 
+    /// A warm start from a full-rank checkpoint loads the dense tensors' moments: with a sharded optimizer
+    /// each rank loads its own, and the run is the unsharded one, bit for bit.
+    func testWarmStartLoadsEachRanksOwnMoments() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let full = Self.recipe(d, run: "warm-source", sharded: false, steps: 2) {
+            $0.mode = .full; $0.reloraEvery = nil; $0.quant = .none; $0.optimizerStates = .f32
+        }
+        _ = try Self.train(full, ranks: 1)
+        var runs: [Outcome] = []
+        for sharded in [false, true] {
+            runs.append(try Self.train(Self.recipe(d, run: "warm-\(sharded)", sharded: sharded) { $0.warmStart = full.runDir }, ranks: 2))
+            XCTAssertTrue(runs.last!.log.contains { $0.hasPrefix("warm start from ") }, "\(runs.last!.log)")
+        }
+        XCTAssertEqual(runs[1].losses.count, 4)
+        XCTAssertEqual(runs[1].losses.map(\.bitPattern), runs[0].losses.map(\.bitPattern))
+        XCTAssertEqual(runs[1].hashes, runs[0].hashes)
+        XCTAssertEqual(Self.checkpointTensors(d.dir + "/warm-true", step: 6), Self.checkpointTensors(d.dir + "/warm-false", step: 6))
+    }
+
     /// With one process the option is accepted and changes nothing but a note.
     func testOneProcessIgnoresTheOptionWithANote() throws {
         let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
