@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prints the README's planned-memory table: `relora memory` on cuda for the paper's sizes at sequence 1024,
-# full-rank vs ReLoRA (dense bf16 frozen weights), both checkpointing settings, against a 24 GiB card.
+# Prints the planned-memory tables of docs/memory.md: `relora memory` on cuda for the paper's sizes at
+# sequence 1024, full-rank vs ReLoRA (dense bf16 frozen weights), both checkpointing settings, against a
+# 24 GiB card; then quantized weights and 8-bit moments; then 1b per process of W with shard_optimizer.
 # Usage: bash scripts/memory_table.sh [path/to/relora]   (default: .build/release/relora, else debug)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,3 +65,27 @@ PY
 )
     done
 done 2>&1 >/dev/null
+
+echo
+echo "Per process of W data-parallel processes with shard_optimizer (1b, block checkpointing, same recipe), GiB,"
+echo "the rank with the largest peak:"
+echo
+echo "| mode | W | Adam moments | master copies | peak | smallest rank's peak |"
+echo "|---|---|---|---|---|---|"
+for mode in relora full; do
+    extra=()
+    [ "$mode" = full ] && extra=(--set mode=full --set relora_every=null)
+    for w in 1 2 4 8; do
+        json=$("$RELORA" memory Configs/recipes/plan_1024.json --world-size $w --set shard_optimizer=true --json "${extra[@]}")
+        python3 - "$mode" "$w" "$json" <<'PY'
+import json, sys
+mode, w, raw = sys.argv[1:4]
+p = json.loads(raw)
+t = p["peak_bytes_by_tag"]
+g = lambda b: f"{b / 2**30:.2f}"
+smallest = min(r["peak_total_bytes"] for r in p.get("ranks", [p]))
+label = "any, unsharded" if w == "1" else w
+print(f"| {mode} | {label} | {g(t['optimizer'])} | {g(t['master_weights'])} | **{g(p['peak_total_bytes'])}** | {g(smallest)} |")
+PY
+    done
+done

@@ -20,35 +20,42 @@ let memoryCommand = CommandSpec(
         in total, and whether they fit SIZE. On cpu the plan equals what a real run allocates, to the byte (a
         test checks it); on cuda it follows the precision plan (bf16 activations, LoRA factors and working
         copies; f32 gradients, master copies and Adam states). The data files need not exist.
+        With --world-size N it plans each of N data-parallel processes: the same for all unless the recipe
+        has shard_optimizer, when each keeps the optimizer state of its share of the tensors; the table is
+        then that of the rank with the largest peak, followed by every rank's optimizer state and peak.
         Exits with status 3 when the plan does not fit --budget (the plan is still printed).
         """,
     positionals: .one("RECIPE.json"),
     options: [
         .value("device", "cpu|cuda", help: "the device to plan for (default: the recipe's device)"),
         .value("budget", "SIZE", help: "e.g. 24GiB (a 24 GB card), 80GB; if the plan does not fit, names a change that would"),
+        .value("world-size", "N", help: "plan each of N data-parallel processes (with the recipe's shard_optimizer)", default: "1"),
         .flag("json", help: "print the plan as JSON"),
         .repeated("set", "key=value", help: "override a recipe key (e.g. --set model=Configs/models/llama_7b.json)"),
     ],
-    examples: ["relora memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB"],
+    examples: ["relora memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB",
+               "relora memory Configs/recipes/plan_1024.json --device cuda --world-size 4 --set shard_optimizer=true"],
     helpWhenEmpty: true)
 
 func runMemory(_ args: [String]) throws {
     guard let a = try memoryCommand.parseOrPrintHelp(args) else { return }
+    let worldSize = try a.int("world-size", atLeast: 1)
     let overrides = a.values("set")
     let recipe = try Recipe(contentsOf: a.positional[0], overrides: overrides)
     let device = try Device(parsing: a.string("device") ?? recipe.device)
     let budget = try a.bytes("budget")
     let config = try LlamaConfig(contentsOf: recipe.model)
-    let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget)
+    let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize)
     if a.flag("json") {
         let data = try JSONSerialization.data(withJSONObject: plan.jsonObject(), options: [.sortedKeys])
         print(String(decoding: data, as: UTF8.self))
     } else {
         let title = "\(recipe.model): \(config.parameterCount / 1_000_000)M parameters, mode \(recipe.mode.rawValue), "
             + "\(recipe.microBatch) x \(recipe.seqLen) tokens per micro-batch, checkpointing \(recipe.checkpointing.rawValue), device \(device.rawValue)"
+            + plan.ranksDescription
         print(plan.formatted(title: title))
         if let budget, !plan.fits {
-            if let s = MemoryPlanner.suggestion(for: recipe, config: config, device: device, budget: budget) {
+            if let s = MemoryPlanner.suggestion(for: recipe, config: config, device: device, budget: budget, worldSize: worldSize) {
                 print("  to fit: \(s)")
             } else {
                 print("  no standard change (block checkpointing, micro-batch 1, smaller rank) fits \(formatBytes(budget))")
@@ -58,9 +65,12 @@ func runMemory(_ args: [String]) throws {
     if !plan.fits { exit(3) }
 }
 
-/// Refuses (before anything is allocated) a run whose plan exceeds `budget`, naming a change that fits.
+/// Refuses (before anything is allocated) a run whose plan exceeds `budget`, naming a change that fits: the
+/// plan of this process, which under a launcher is one rank of several (its share of a sharded optimizer).
 func checkBudget(_ recipe: Recipe, budget: Int) throws {
     let device = try Device(parsing: recipe.device)
-    let plan = try MemoryPlanner.requireFits(recipe, config: try LlamaConfig(contentsOf: recipe.model), device: device, budget: budget)
+    let launch = try LaunchEnvironment.detect()
+    let plan = try MemoryPlanner.requireFits(recipe, config: try LlamaConfig(contentsOf: recipe.model), device: device, budget: budget,
+                                             worldSize: launch?.worldSize ?? 1, rank: launch?.rank ?? 0)
     printLine("memory plan: peak \(formatBytes(plan.report.peakTotal)) of the \(formatBytes(budget)) budget on \(device.rawValue)")
 }

@@ -42,6 +42,11 @@ public struct TrainingState: Codable, Sendable, Equatable {
 /// blockwise 8-bit moments (`eightBit`, when the optimizer keeps them so; `m` and `v` are then unused).
 /// The trainer's optimizer hands these over to `save` and receives them in `load`: the checkpoint layer
 /// knows what it stores, not the optimizer that uses it.
+///
+/// A sharded optimizer holds only some tensors' moments in each process. A load fills the entries it is
+/// given (a subset is fine: the others are not read); a save takes every tensor, in the optimizer's order,
+/// each either held here or `remote`: tensor-file entries (`TrainingCheckpoint.momentLayout`) whose bytes
+/// the writer asks for when it reaches them, so the file is the same whoever held the moments.
 public struct CheckpointMoments {
     public struct Entry {
         public let name: String
@@ -52,8 +57,22 @@ public struct CheckpointMoments {
             self.name = name; self.m = m; self.v = v; self.eightBit = eightBit
         }
     }
-    public let entries: [Entry]
-    public init(_ entries: [Entry]) { self.entries = entries }
+
+    /// One trained tensor's moments in a save.
+    public enum Item {
+        /// In this process's tensors.
+        case held(Entry)
+        /// Elsewhere: the entries `momentEntries` would make for them, with deferred bytes.
+        case remote([SafetensorsEntry])
+    }
+
+    public let items: [Item]
+    /// The moments this process holds, in order (what a load fills).
+    public var entries: [Entry] {
+        items.compactMap { if case .held(let e) = $0 { e } else { nil } }
+    }
+    public init(_ entries: [Entry]) { items = entries.map { .held($0) } }
+    public init(items: [Item]) { self.items = items }
 }
 
 /// Training checkpoints: `RUN/checkpoints/step_00000100/` holding `config.json` (Hugging Face),
@@ -159,7 +178,12 @@ public enum TrainingCheckpoint {
                 try write("lora", model.loraTensors().map { TensorIO.entry($0.name, $0.value, backend: backend) },
                           metadata: ["rank": "\(lora.rank)", "alpha": "\(lora.alpha)"])
             }
-            try write("optimizer", moments.entries.flatMap { momentEntries($0, backend: backend) })
+            try write("optimizer", moments.items.flatMap { item -> [SafetensorsEntry] in
+                switch item {
+                case .held(let entry): return momentEntries(entry, backend: backend)
+                case .remote(let entries): return entries
+                }
+            })
             try Files.writeJSON(model.config.jsonObject(), to: temp + "/config.json")
             try Files.writeJSON(recipe, to: temp + "/recipe.json")
             var withSums = state
@@ -330,14 +354,22 @@ public enum TrainingCheckpoint {
     /// parameter's shape; 8-bit moments as their codes (U8, the parameter's shape) with the block scales
     /// beside them (`m.<name>.absmax`, F32 `[ceil(n / 256)]`), never expanded.
     package static func momentEntries(_ entry: CheckpointMoments.Entry, backend: Backend) -> [SafetensorsEntry] {
-        let name = entry.name
-        guard let q = entry.eightBit else {
-            return [TensorIO.entry("m." + name, entry.m, backend: backend), TensorIO.entry("v." + name, entry.v, backend: backend)]
+        let tensors = entry.eightBit.map { [$0.m.codes, $0.m.absmax, $0.v.codes, $0.v.absmax] } ?? [entry.m, entry.v]
+        let layout = momentLayout(name: entry.name, shape: entry.m.shape, eightBit: entry.eightBit != nil)
+        return zip(layout, tensors).map { part, tensor in
+            part.dtype == .U8 ? SafetensorsEntry(name: part.name, dtype: .U8, shape: part.shape) { backend.downloadRaw(tensor) }
+                : TensorIO.entry(part.name, tensor, backend: backend)
         }
-        return [("m.", q.m), ("v.", q.v)].flatMap { prefix, moments in
-            [SafetensorsEntry(name: prefix + name, dtype: .U8, shape: moments.codes.shape) { backend.downloadRaw(moments.codes) },
-             TensorIO.entry(prefix + name + ".absmax", moments.absmax, backend: backend)]
-        }
+    }
+
+    /// The `optimizer` tensor-file entries of one tensor's moments (`momentEntries`), without their bytes:
+    /// f32 moments `m.<name>`, `v.<name>` (F32, `shape`); 8-bit ones `m.<name>` (U8, `shape`),
+    /// `m.<name>.absmax` (F32 `[ceil(n / 256)]`), then the same for v. A process that does not hold a
+    /// tensor's moments (a sharded optimizer) names them with it.
+    public static func momentLayout(name: String, shape: [Int], eightBit: Bool) -> [(name: String, dtype: SafetensorsDType, shape: [Int])] {
+        guard eightBit else { return [("m." + name, .F32, shape), ("v." + name, .F32, shape)] }
+        let blocks = [BlockwiseMoments.blocks(shape.reduce(1, *))]
+        return ["m.", "v."].flatMap { prefix in [(prefix + name, .U8, shape), (prefix + name + ".absmax", .F32, blocks)] }
     }
 
     /// Loads one tensor's moments from an `optimizer` tensor file, converting where the file and the

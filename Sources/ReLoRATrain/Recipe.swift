@@ -120,6 +120,9 @@ public struct Recipe: Sendable, Equatable {
     /// A full-rank checkpoint (or run directory) whose weights, step count and dense optimizer state
     /// this run starts from.
     public var warmStart: String?
+    /// In a data-parallel run, keep each trained tensor's Adam moments (and master copy) on one rank only
+    /// (`OptimizerShards`); the results are the same bits as without. No effect in a run of one process.
+    public var shardOptimizer = false
 
     public var tokensPerStep: Int { seqLen * microBatch * gradAccum }
 
@@ -328,6 +331,8 @@ extension Recipe {
         .double("optimizer_reset_ratio", \.optimizerResetRatio, when: reloraMode),
         .bool("jagged_schedule", \.jaggedSchedule, when: reloraMode),
         .optional("warm_start", \.warmStart, read: { try $0.optionalString($1) }),
+        // Written only when set: the recipes of runs without it stay as they were.
+        .bool("shard_optimizer", \.shardOptimizer, when: { $0.shardOptimizer }),
     ]
 
     static let knownKeys: Set<String> = Set(keyTable.map(\.name))

@@ -16,8 +16,11 @@ struct RunSetup {
     let valTokens: TokenArray?
     /// The checkpoint a resume continues (`checkpoints/latest`); nil for a new run.
     let resumePoint: String?
+    /// The run's ranks.
+    let worldSize: Int
 
     init(recipe given: Recipe, resume: Bool, worldSize: Int = 1) throws {
+        self.worldSize = worldSize
         try given.validate()  // recipes built in code skip the decoder's checks
         guard given.gradAccum % worldSize == 0 else {
             throw ReLoRAError.invalidConfig(
@@ -105,8 +108,9 @@ struct RunSetup {
 
     /// Prepares `backend` for the run before the model is built: `master_copies: file` maps the master
     /// copies from files in the run directory (after checking it has room: one sentence if not), and on a
-    /// device the plan must fit the memory it has free now. Returns the planned device peak, if planned.
-    func prepare(_ backend: Backend, log: (String) -> Void) throws -> Int? {
+    /// device the plan (of rank `rank` of the run's ranks) must fit the memory it has free now. Returns the
+    /// planned device peak, if planned.
+    func prepare(_ backend: Backend, rank: Int = 0, log: (String) -> Void) throws -> Int? {
         if recipe.masterCopies == .file {
             if recipe.keepsMasterCopies {
                 try Self.mapMasterCopies(recipe, config: config, backend: backend)
@@ -118,7 +122,7 @@ struct RunSetup {
         guard let device = backend as? DeviceBackend else { return nil }
         let free = device.deviceMemory().free
         let plan = try MemoryPlanner.requireFits(recipe, config: config, device: device.device, budget: free,
-                                                 what: "the free memory of \(device.deviceName)")
+                                                 what: "the free memory of \(device.deviceName)", worldSize: worldSize, rank: rank)
         log("memory plan: peak \(formatBytes(plan.report.peakTotal)) of \(formatBytes(free)) free on \(device.deviceName)")
         return plan.report.peakTotal
     }
@@ -165,15 +169,23 @@ extension RunSetup {
 
 /// The model and the optimizer a recipe trains, built one way for the trainer and the memory planner (so
 /// a plan allocates exactly what a run does): the model with the recipe's checkpointing, LoRA, frozen-weight
-/// format and master copies, gradients enabled, and AdamW with its moments in the recipe's precision.
+/// format and master copies, gradients enabled, and AdamW with its moments in the recipe's precision,
+/// for rank `rank` of `worldSize`: with `shard_optimizer` and more than one rank, AdamW keeps the state of
+/// the rank's share of the tensors only (`OptimizerShards`).
 enum TrainingModel {
-    static func build(_ recipe: Recipe, config: LlamaConfig, backend: Backend) -> (model: LlamaModel, optimizer: AdamW) {
+    static func build(_ recipe: Recipe, config: LlamaConfig, backend: Backend, rank: Int = 0,
+                      worldSize: Int = 1) -> (model: LlamaModel, optimizer: AdamW) {
         let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
                                quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
         model.dropoutSeed = recipe.seed
         model.enableGradients()
-        let optimizer = AdamW(model: model, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
-                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates)
+        let parameters = model.trainableParameters()
+        let shards = recipe.shardOptimizer && worldSize > 1
+            ? OptimizerShards(parameters: parameters, precision: backend.precision, states: recipe.optimizerStates, worldSize: worldSize)
+            : nil
+        let optimizer = AdamW(parameters: parameters, backend: backend, beta1: Float(recipe.adamBeta1), beta2: Float(recipe.adamBeta2),
+                              eps: Float(recipe.adamEps), weightDecay: Float(recipe.weightDecay), states: recipe.optimizerStates,
+                              shards: shards, rank: rank)
         return (model, optimizer)
     }
 }

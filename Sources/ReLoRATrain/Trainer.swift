@@ -72,8 +72,9 @@ public final class Trainer {
         sampler = setup.sampler
         valTokens = setup.valTokens
         schedule = recipe.schedule
-        plannedPeak = try setup.prepare(backend, log: log)
-        (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend)
+        plannedPeak = try setup.prepare(backend, rank: communicator.rank, log: log)
+        (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend, rank: communicator.rank,
+                                                 worldSize: communicator.worldSize)
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
         model.dropoutKey.keying = state.dropoutKeys
@@ -86,7 +87,10 @@ public final class Trainer {
         }
         if communicator.worldSize > 1 {
             log("data parallel: \(communicator.worldSize) ranks (\(communicator.engine)), each \(recipe.gradAccum / communicator.worldSize) of the step's \(recipe.gradAccum) micro-batches")
+            if let shards = optimizer.shards { log(shards.summary) }
             try checkRanksAgree(at: "the start")
+        } else if recipe.shardOptimizer {
+            log("note: shard_optimizer has no effect in a run of one process (it shares the optimizer state among data-parallel ranks)")
         }
     }
 
@@ -226,6 +230,9 @@ public final class Trainer {
     /// inputs and targets of global micro-batch `micro`), the sum of the trained gradients over the ranks,
     /// the global gradient norm, clipping and the AdamW update (skipped when the loss or the norm is not
     /// finite). Returns the mean loss, the norm, whether it was skipped and the seconds spent in collectives.
+    /// A sharded optimizer (`shard_optimizer`) updates this rank's tensors, then `shareUpdatedValues` gives
+    /// every rank all the updated working copies; every rank has every summed gradient, so all compute the
+    /// same norm and clip alike.
     ///
     /// Rank r of W runs micro-batches r, r + W, r + 2W, ... of the step's `grad_accum` (W divides it), each
     /// scaled by the step's global token count, so the summed gradients are the mean over the step's tokens
@@ -283,6 +290,11 @@ public final class Trainer {
         if !skipped {
             if r.gradClip > 0 && norm > r.gradClip { optimizer.scaleGradients(by: Float(r.gradClip / norm)) }
             optimizer.step(lr: Float(lr))
+            if optimizer.shards != nil && w > 1 {  // each rank updated its own tensors: all get every update
+                let start = monotonicSeconds()
+                try shareUpdatedValues(optimizer, communicator)
+                communication += monotonicSeconds() - start
+            }
         }
         return (loss, norm, skipped, communication)
     }
@@ -357,15 +369,23 @@ public final class Trainer {
     }
 
     /// Saves a checkpoint (rank 0; every rank first checks that all hold the same weights) and returns its path.
+    /// With a sharded optimizer the other ranks send rank 0 their tensors' moments while it writes them
+    /// (`momentsForSave`, `serveMoments`): the checkpoint is the same whoever held them.
     func saveCheckpoint() throws -> String {
         if communicator.worldSize > 1 { try checkRanksAgree(at: "the checkpoint of step \(state.step)") }
         guard communicator.rank == 0 else {
+            try Self.serveMoments(optimizer, communicator)
             return TrainingCheckpoint.directory(runDir: recipe.runDir) + "/" + TrainingCheckpoint.name(step: state.step)
         }
         let start = Date()
-        let path = try TrainingCheckpoint.save(runDir: recipe.runDir, state: state, model: model,
-                                               moments: optimizer.checkpointMoments, recipe: recipe.jsonObject(),
-                                               keep: recipe.keepCheckpoints)
+        let (moments, fetch) = Self.momentsForSave(optimizer, communicator)
+        let path: String
+        do {
+            path = try TrainingCheckpoint.save(runDir: recipe.runDir, state: state, model: model, moments: moments,
+                                               recipe: recipe.jsonObject(), keep: recipe.keepCheckpoints)
+        } catch {
+            throw fetch.error ?? error  // a failed collective is the cause of the short entry the writer refused
+        }
         let seconds = Date().timeIntervalSince(start)
         if let size = try? TrainingCheckpoint.footprint(path) {
             log(String(format: "checkpoint %@ (%.1f s, %@ = %.2fx of bf16 %@)", path, seconds, formatBytes(size.bytes),
@@ -395,7 +415,7 @@ public final class Trainer {
     func restart() throws {
         let merge = try model.mergeAdapters(policy: mergePolicy, seed: recipe.seed)
         state.loraMerges = model.merges
-        let reset = Self.resetAfterMerge(optimizer, recipe: recipe, restart: merge.restart)
+        let reset = try Self.resetAfterMerge(optimizer, recipe: recipe, restart: merge.restart, communicator: communicator)
         var mergeLine = String(format: "merge %@ in %.3f s: |sBA|/|W| %.4f, merge error %.2e", merge.policy, merge.seconds,
                                merge.relativeUpdate, merge.mergeError)
         if let changed = merge.codesChanged {
@@ -446,17 +466,27 @@ public final class Trainer {
 
     /// ReLoRA's optimizer reset after merge `restart`: the recipe's `optimizer_reset`, except under merge
     /// policy `compensate`, whose new A and B are unrelated to the old moments: theirs are zeroed (a
-    /// trained scale's follow the recipe). Returns what was done and the fractions of LoRA moments zeroed.
-    static func resetAfterMerge(_ optimizer: AdamW, recipe: Recipe, restart: Int) -> (description: String, m: Double, v: Double) {
+    /// trained scale's follow the recipe). Returns what was done and the fractions of LoRA moments zeroed
+    /// (over all ranks' tensors when the optimizer is sharded: each rank resets its own).
+    ///
+    /// The merge gave A and B new working values: their master copies (bf16 working copies on CUDA) are
+    /// refreshed from them, or the next update would run on the old factors and write them back.
+    static func resetAfterMerge(_ optimizer: AdamW, recipe: Recipe, restart: Int,
+                                communicator: Communicator = SingleProcess()) throws -> (description: String, m: Double, v: Double) {
+        optimizer.refreshMasterCopies { $0.loraFactor == .a || $0.loraFactor == .b }
         let mode = recipe.optimizerReset, ratio = recipe.optimizerResetRatio
+        let description: String, counts: AdamW.ResetCounts
         if recipe.effectiveMergePolicy == .compensate {
-            let (m, v) = optimizer.resetLoRAMoments(seed: recipe.seed, restart: restart) { p in
+            counts = optimizer.resetLoRAMomentCounts(seed: recipe.seed, restart: restart) { p in
                 p.loraFactor == .scale ? mode.reset(for: .scale, ratio: ratio) : .zero
             }
-            return ("full for A and B (compensate)", m, v)
+            description = "full for A and B (compensate)"
+        } else {
+            counts = optimizer.resetLoRAMomentCounts(seed: recipe.seed, restart: restart) { mode.reset(for: $0.loraFactor ?? .b, ratio: ratio) }
+            description = String(format: "%@ %.2f", mode.rawValue, ratio)
         }
-        let (m, v) = optimizer.resetLoRAMoments(mode, ratio: ratio, seed: recipe.seed, restart: restart)
-        return (String(format: "%@ %.2f", mode.rawValue, ratio), m, v)
+        let (m, v) = try sumOverRanks(counts, optimizer, communicator).fractions
+        return (description, m, v)
     }
 
     /// Fractions of the LoRA moments zeroed by the latest restart (tests check them against the ratio).

@@ -38,9 +38,8 @@ extension Trainer {
             if let error = try TensorIO.load(slot, from: weights, name, backend: model.backend) { report(name, error) }
         }
         let moments = try TrainingCheckpoint.openTensors(checkpoint, "optimizer", version: warmState.formatVersion)
-        let stored = optimizer.checkpointMoments.entries
-        for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA {
-            try TrainingCheckpoint.loadMoments(stored[i], from: moments, backend: model.backend)
+        for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA && optimizer.owns(i) {
+            try TrainingCheckpoint.loadMoments(optimizer.checkpointEntry(i), from: moments, backend: model.backend)
         }
         optimizer.stepCount = warmState.optimizerStep
         return TrainingState(step: warmState.step, optimizerStep: warmState.optimizerStep, skippedSteps: 0,

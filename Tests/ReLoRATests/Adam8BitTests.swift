@@ -186,7 +186,7 @@ final class Adam8BitTests: XCTestCase {
         func state(_ t: Trainer) -> [[UInt8]] {
             let b = t.model.backend
             return t.model.weights.linears.map { b.downloadRaw($0.weight.storage) } + t.model.loraTensors().map { b.downloadRaw($0.value) }
-                + t.optimizer.m.map(b.downloadRaw) + t.optimizer.v.map(b.downloadRaw)
+                + t.optimizer.m.map { b.downloadRaw($0!) } + t.optimizer.v.map { b.downloadRaw($0!) }
                 + t.optimizer.eightBit.compactMap { $0 }.flatMap { [b.downloadRaw($0.m.absmax), b.downloadRaw($0.v.absmax)] }
         }
         XCTAssertEqual(state(second), state(straight))
@@ -271,7 +271,7 @@ final class Adam8BitTests: XCTestCase {
             let b = second.model.backend
             for i in first.optimizer.parameters.indices where first.optimizer.parameters[i].value.count >= 4096 {
                 let name = first.optimizer.parameters[i].name
-                for (isSigned, old, new) in [(true, first.optimizer.m[i], second.optimizer.m[i]), (false, first.optimizer.v[i], second.optimizer.v[i])] {
+                for (isSigned, old, new) in [(true, first.optimizer.m[i]!, second.optimizer.m[i]!), (false, first.optimizer.v[i]!, second.optimizer.v[i]!)] {
                     let oldQ = first.optimizer.eightBit[i].map { isSigned ? $0.m : $0.v }
                     let newQ = second.optimizer.eightBit[i].map { isSigned ? $0.m : $0.v }
                     if let q = newQ {  // f32 -> int8: the codes of the f32 values

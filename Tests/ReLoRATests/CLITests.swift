@@ -33,6 +33,35 @@ final class CLITests: XCTestCase {
         XCTAssertGreaterThan(try TokenArray(npyPath: "\(dir)/c/d/t.npy").count, 0)
     }
 
+    /// `relora memory --world-size N` plans each rank: with shard_optimizer the plan of the largest rank
+    /// and a line per rank, whose optimizer states are a share of the one process's; without it every rank
+    /// plans the same as one process.
+    func testMemoryPlansEachRankOfAShardedRun() throws {
+        let root = URL(fileURLWithPath: fixturesDirectory()).deletingLastPathComponent().deletingLastPathComponent().path
+        let args = ["memory", root + "/Configs/recipes/plan_1024.json", "--device", "cuda",
+                    "--set", "model=" + root + "/Configs/models/llama_350m.json"]
+        let one = try runRelora(args)
+        XCTAssertEqual(one.status, 0, one.stderr)
+        XCTAssertFalse(one.stdout.contains("ranks"), one.stdout)
+        let same = try runRelora(args + ["--world-size", "4"])
+        XCTAssertTrue(same.stdout.contains(", 4 ranks (each the same: shard_optimizer is off)"), same.stdout)
+        XCTAssertEqual(same.stdout.split(separator: "\n").dropFirst(), one.stdout.split(separator: "\n").dropFirst())
+        let sharded = try runRelora(args + ["--world-size", "2", "--set", "shard_optimizer=true"])
+        XCTAssertEqual(sharded.status, 0, sharded.stderr)
+        XCTAssertTrue(sharded.stdout.contains(", 2 ranks, optimizer state sharded (plan of rank "), sharded.stdout)
+        let rows = sharded.stdout.split(separator: "\n").filter { $0.hasPrefix("    0 ") || $0.hasPrefix("    1 ") }
+        XCTAssertEqual(rows.count, 2, sharded.stdout)
+        func optimizer(_ text: String) -> String? {
+            text.split(separator: "\n").first { $0.hasPrefix("  optimizer ") }.map { $0.split(separator: " ", maxSplits: 1)[1].trimmingCharacters(in: .whitespaces) }
+        }
+        XCTAssertNotEqual(optimizer(sharded.stdout), optimizer(one.stdout), "the rank's optimizer states are a share")
+        let json = try runRelora(args + ["--world-size", "2", "--set", "shard_optimizer=true", "--json"])
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
+        XCTAssertEqual(object["world_size"] as? Int, 2)
+        XCTAssertEqual(object["shard_optimizer"] as? Bool, true)
+        XCTAssertEqual((object["ranks"] as? [[String: Any]])?.compactMap { $0["rank"] as? Int }, [0, 1])
+    }
+
     func testBadInputsExitNonZeroWithOneLine() throws {
         let f = fixturesDirectory()
         let dir = temporaryDirectory()
@@ -276,6 +305,7 @@ final class CLIHelpTests: XCTestCase {
             (["tokenizer", "train", "--vocab-size", "400", "--out", "t.json"], "relora tokenizer train: missing required option --in"),
             (["tokenizer", "merge"], "relora tokenizer: unknown subcommand 'merge'"),
             (["plot", "run", "--smooth", "0"], "relora plot: --smooth must be an integer >= 1"),
+            (["memory", "r.json", "--world-size", "0"], "relora memory: --world-size must be an integer >= 1, got '0'"),
             (["runs", "a", "b"], "relora runs: unexpected argument 'b'"),
             (["selftest", "--jsn"], "relora selftest: unknown option --jsn (did you mean --json?)"),
             (["info", "--blas"], "relora info: unknown option --blas"),

@@ -41,6 +41,49 @@ final class CUDABackendTests: XCTestCase {
         for c in checks { XCTAssertTrue(c.passed, "\(c.op) \(c.dtype): max relative error \(c.maxError) > \(c.bound); \(c.note)") }
     }
 
+    /// On the device trained tensors have bf16 working copies and f32 master copies, which the update runs
+    /// on. A restart re-initialises A and B: their master copies must follow, or the next update would run
+    /// on the old factors and write them back over the new ones. A sharded optimizer keeps the master
+    /// copies of its own tensors only, and trains the same bits as an unsharded one (2 ranks, each its own
+    /// emulated device; the checkpoints' bytes too).
+    func testMasterCopiesFollowRestartsAndShardLikeTheMoments() throws {
+        let library = try Self.emulatedBackend().library
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let single = try Trainer(recipe: ShardedOptimizerTests.recipe(d, run: "emu-restart", sharded: false), resume: false,
+                                 backend: CUDABackend(library: library), log: { _ in })
+        for _ in 0..<3 { _ = try single.trainStep() }
+        try single.restart()
+        let b = single.model.backend
+        let factors = single.optimizer.parameters.filter { $0.loraFactor == .a || $0.loraFactor == .b }
+        XCTAssertFalse(factors.isEmpty)
+        for p in factors {
+            let master = try XCTUnwrap(p.master, "\(p.name): a bf16 factor has a master copy")
+            XCTAssertEqual(b.download(master), b.download(p.value), "\(p.name): the master copy follows the restart")
+        }
+
+        var runs: [(losses: [Double], hashes: [UInt64], masters: [Int])] = []
+        for sharded in [false, true] {
+            let recipe = ShardedOptimizerTests.recipe(d, run: "emu-\(sharded)", sharded: sharded)
+            let out = try InProcessGroup.run(ranks: 2) { c -> ([Double], UInt64, Int) in
+                let t = try Trainer(recipe: recipe, resume: false, backend: CUDABackend(library: library), communicator: c, log: { _ in })
+                _ = try t.run()
+                return (t.history.map(\.loss), t.weightsHash(), t.optimizer.parameters.filter { $0.master != nil }.count)
+            }
+            runs.append((out[0].0, out.map(\.1), out.map(\.2)))
+        }
+        let (plain, sharded) = (runs[0], runs[1])
+        XCTAssertEqual(plain.masters[0], plain.masters[1])
+        XCTAssertEqual(sharded.masters.reduce(0, +), plain.masters[0], "each master copy on one rank")
+        XCTAssertTrue(sharded.masters.allSatisfy { $0 > 0 }, "\(sharded.masters)")
+        XCTAssertEqual(sharded.losses.map(\.bitPattern), plain.losses.map(\.bitPattern))
+        XCTAssertEqual(sharded.hashes, plain.hashes)
+        XCTAssertEqual(Set(sharded.hashes).count, 1)
+        for step in [2, 4, 6] {
+            XCTAssertEqual(ShardedOptimizerTests.checkpointTensors(d.dir + "/emu-true", step: step),
+                           ShardedOptimizerTests.checkpointTensors(d.dir + "/emu-false", step: step), "step \(step)")
+        }
+    }
+
     func testNoLibraryIsOneSentence() {
         XCTAssertThrowsError(try CUDALibrary.load(path: "/nonexistent/libreloracuda.so")) { error in
             let text = "\(error)"

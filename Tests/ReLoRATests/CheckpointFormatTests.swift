@@ -54,8 +54,8 @@ final class CheckpointFormatTests: XCTestCase {
             }
             let moments = try ZstdTensorFile(path: ckpt + "/optimizer.tensors.zst")
             for (i, p) in t.optimizer.parameters.enumerated() {
-                XCTAssertEqual(try moments.floats("m." + p.name), backend.download(t.optimizer.m[i]), p.name)
-                XCTAssertEqual(try moments.floats("v." + p.name), backend.download(t.optimizer.v[i]), p.name)
+                XCTAssertEqual(try moments.floats("m." + p.name), backend.download(t.optimizer.m[i]!), p.name)
+                XCTAssertEqual(try moments.floats("v." + p.name), backend.download(t.optimizer.v[i]!), p.name)
             }
 
             // bf16 equivalent: 2 bytes per parameter of the weights (quantized ones by the values their

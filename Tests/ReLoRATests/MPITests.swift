@@ -257,6 +257,25 @@ final class MPITests: XCTestCase {
         }
     }
 
+    /// 2 MPI processes with `shard_optimizer` train exactly as 2 in-process ranks without it: the same loss
+    /// bits and final checkpoint bytes (the moments rank 1 keeps reach rank 0's file over MPI broadcasts).
+    func testMPIShardedTrainingEqualsTheUnshardedGroup() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        let core = try XCTUnwrap(relora_blas_core_name().map { String(cString: $0) })
+        let viaMPI = ShardedOptimizerTests.recipe(d, run: "mpi-sharded", sharded: true)
+        let r = try mpirun(ranks: 2, ["train", try writeRecipe(viaMPI, to: d.dir + "/mpi-sharded.json")],
+                           environment: ["RELORA_MPI_LIB": try mpiPluginPath(), "OPENBLAS_CORETYPE": core])
+        XCTAssertEqual(r.status, 0, r.output)
+        XCTAssertTrue(r.output.contains("optimizer states sharded over 2 ranks: rank 0 holds "), r.output)
+        let inProcess = ShardedOptimizerTests.recipe(d, run: "group-unsharded", sharded: false)
+        let reference = try ShardedOptimizerTests.train(inProcess, ranks: 2)
+        XCTAssertEqual(try metricsLosses(viaMPI.runDir).map(\.bitPattern), reference.losses.map(\.bitPattern))
+        for step in [2, 4, 6] {
+            XCTAssertEqual(ShardedOptimizerTests.checkpointTensors(viaMPI.runDir, step: step),
+                           ShardedOptimizerTests.checkpointTensors(inProcess.runDir, step: step), "step \(step)")
+        }
+    }
+
     /// A rank killed mid-run (SIGKILL) brings the job down with a non-zero status, and the run resumes from
     /// its last checkpoint to the end with one process.
     func testAKilledRankEndsTheJobAndTheRunResumes() throws {

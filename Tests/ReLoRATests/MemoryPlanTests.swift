@@ -72,6 +72,58 @@ final class MemoryPlanTests: XCTestCase {
         }
     }
 
+    /// Each rank of a sharded run (2 in-process ranks, relora with a restart and a checkpoint, f32 and 8-bit
+    /// moments) measures what its plan says, per tag, to the byte: rank 0, which writes the checkpoint
+    /// while rank 1 sends it its moments, needs no device memory for them. A rank's optimizer peak is its
+    /// share: smaller than the unsharded one, and the shares add up to it. On cuda the master copies shrink
+    /// the same way.
+    func testPlanEqualsMeasuredOnEachRankOfAShardedRun() throws {
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        for states in OptimizerStates.allCases {
+            var r = recipe(d, .relora, .block)
+            r.runDir += "-sharded-\(states)"
+            r.shardOptimizer = true
+            r.optimizerStates = states
+            let measured = try InProcessGroup.run(ranks: 2) { c -> MemoryReport in
+                let trainer = try Trainer(recipe: r, resume: false, backend: CPUBackend(), communicator: c, log: { _ in })
+                _ = try trainer.run()
+                XCTAssertNotNil(trainer.optimizer.shards)
+                return trainer.model.backend.ledger.report()
+            }
+            XCTAssertNotNil(try TrainingCheckpoint.latest(runDir: r.runDir))
+            let all = try MemoryPlanner.plan(r, config: config, device: .cpu, worldSize: 2)
+            XCTAssertEqual(all.ranks.count, 2)
+            let unsharded = try MemoryPlanner.plan(r, config: config, device: .cpu)
+            for rank in 0..<2 {
+                let label = "\(states) rank \(rank)"
+                let plan = try MemoryPlanner.plan(r, config: config, device: .cpu, worldSize: 2, rank: rank)
+                for tag in MemoryTag.allCases {
+                    XCTAssertEqual(plan.report.peak(tag), measured[rank].peak(tag), "\(label): \(tag.rawValue)")
+                    XCTAssertEqual(all.ranks[rank].report.peak(tag), measured[rank].peak(tag), "\(label): \(tag.rawValue)")
+                }
+                XCTAssertEqual(plan.report.peakTotal, measured[rank].peakTotal, label)
+                XCTAssertLessThan(plan.report.peak(.optimizer), unsharded.report.peak(.optimizer), label)
+            }
+            XCTAssertEqual(all.ranks.map { $0.report.peak(.optimizer) }.reduce(0, +), unsharded.report.peak(.optimizer), "\(states)")
+            XCTAssertEqual(all.report.peakTotal, all.ranks.map(\.report.peakTotal).max(), "the plan of the largest rank")
+            // The per-rank table and the JSON name every rank.
+            let text = all.formatted(title: "plan")
+            XCTAssertTrue(text.contains("per rank") && text.contains("    1     "), text)
+            XCTAssertEqual((all.jsonObject()["ranks"] as? [[String: Any]])?.count, 2)
+
+            let cuda = try MemoryPlanner.plan(r, config: config, device: .cuda, worldSize: 2)
+            let cudaWhole = try MemoryPlanner.plan(r, config: config, device: .cuda)
+            XCTAssertGreaterThan(cudaWhole.report.peak(.masterWeights), 0)
+            XCTAssertEqual(cuda.ranks.map { $0.report.peak(.masterWeights) }.reduce(0, +), cudaWhole.report.peak(.masterWeights))
+            XCTAssertTrue(cuda.ranks.allSatisfy { $0.report.peak(.masterWeights) < cudaWhole.report.peak(.masterWeights) })
+        }
+        // Without the option every rank plans the whole optimizer.
+        let plain = try MemoryPlanner.plan(recipe(d, .relora, .block), config: config, device: .cpu, worldSize: 4)
+        XCTAssertTrue(plain.ranks.isEmpty)
+        XCTAssertEqual(plain.report.peakTotal, try MemoryPlanner.plan(recipe(d, .relora, .block), config: config, device: .cpu).report.peakTotal)
+    }
+
     /// The plan is real information: checkpointing shrinks activations, LoRA removes the linears'
     /// gradients and optimizer states, and CUDA's bf16 plan halves the activations of the f32 one.
     func testPlansRespondToTheRecipe() throws {

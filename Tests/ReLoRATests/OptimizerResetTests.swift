@@ -34,7 +34,7 @@ final class OptimizerResetTests: XCTestCase {
             let n = params[i].value.count
             ms.append(rng.floats(n, -1e-3, 1e-3))
             vs.append(rng.floats(n, 0, 1e-3).map { $0 * $0 })
-            opt.m[i].copy(from: ms[i]); opt.v[i].copy(from: vs[i])
+            opt.m[i]!.copy(from: ms[i]); opt.v[i]!.copy(from: vs[i])
         }
         return (opt, ms, vs)
     }
@@ -48,7 +48,7 @@ final class OptimizerResetTests: XCTestCase {
         let eps = Float(1e-8 * (1 - pow(0.999, 100.0)).squareRoot())
         for i in 0..<2 {
             let n = m0[i].count, k = Int((0.9 * Double(n)).rounded(.up))
-            let m = opt.m[i].toArray(), v = opt.v[i].toArray()
+            let m = opt.m[i]!.toArray(), v = opt.v[i]!.toArray()
             XCTAssertEqual(zeros(m), zeros(v), "tensor \(i): one mask for m and v")
             XCTAssertEqual(zeros(m).count, k)
             // The survivors are the k-th largest Adam steps and keep their values.
@@ -64,22 +64,22 @@ final class OptimizerResetTests: XCTestCase {
         // reset exists to remove.
         let (paper, _, _) = optimizer()
         _ = paper.resetLoRAMoments(.magnitude, ratio: 0.9, seed: 0, restart: 0)
-        let m = paper.m[0].toArray(), v = paper.v[0].toArray()
+        let m = paper.m[0]!.toArray(), v = paper.v[0]!.toArray()
         XCTAssertGreaterThan(zeros(v).subtracting(zeros(m)).count, 20, "m kept where v was zeroed")
     }
 
     func testReinitAResetClearsAAndPrunesBByMagnitude() {
         let (opt, m0, v0) = optimizer()
         let (fm, fv) = opt.resetLoRAMoments(.magnitudeReinitA, ratio: 0.9, seed: 0, restart: 0)
-        XCTAssertTrue(opt.m[0].toArray().allSatisfy { $0 == 0 }, "A's m")
-        XCTAssertTrue(opt.v[0].toArray().allSatisfy { $0 == 0 }, "A's v")
+        XCTAssertTrue(opt.m[0]!.toArray().allSatisfy { $0 == 0 }, "A's m")
+        XCTAssertTrue(opt.v[0]!.toArray().allSatisfy { $0 == 0 }, "A's v")
         // B: each moment by its own magnitude (the paper's rule): the 461 smallest of 512 go.
-        for (got, original) in [(opt.m[1].toArray(), m0[1]), (opt.v[1].toArray(), v0[1])] {
+        for (got, original) in [(opt.m[1]!.toArray(), m0[1]), (opt.v[1]!.toArray(), v0[1])] {
             XCTAssertEqual(zeros(got).count, 461)
             let kept = Set(0..<512).subtracting(zeros(got))
             XCTAssertLessThan(zeros(got).map { abs(original[$0]) }.max()!, kept.map { abs(original[$0]) }.min()!)
         }
-        XCTAssertNotEqual(zeros(opt.m[1].toArray()), zeros(opt.v[1].toArray()), "separate masks for B, as in the paper")
+        XCTAssertNotEqual(zeros(opt.m[1]!.toArray()), zeros(opt.v[1]!.toArray()), "separate masks for B, as in the paper")
         XCTAssertEqual(fm, Double(512 + 461) / 1024)
         XCTAssertEqual(fv, fm)
         XCTAssertEqual(OptimizerResetMode.magnitudeReinitA.reset(for: .scale, ratio: 0.5), .separately(.magnitude(ratio: 0.5)))

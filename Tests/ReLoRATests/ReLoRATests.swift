@@ -208,8 +208,8 @@ final class ReLoRATests: XCTestCase {
         // Dense moments are never pruned: the final norm's gain gets a gradient every step, so none of its
         // moments is zero.
         let normIndex = straight.optimizer.parameters.firstIndex { $0.name == "model.norm.weight" }!
-        XCTAssertFalse(straight.optimizer.m[normIndex].toArray().contains(0))
-        XCTAssertFalse(straight.optimizer.v[normIndex].toArray().contains(0))
+        XCTAssertFalse(straight.optimizer.m[normIndex]!.toArray().contains(0))
+        XCTAssertFalse(straight.optimizer.v[normIndex]!.toArray().contains(0))
         XCTAssertEqual(straight.optimizer.stepCount, 9, "Adam's step counter is not reset")
 
         // Interrupted after step 5 (between the restarts) and resumed: identical losses and weights.

@@ -71,6 +71,7 @@ final class RecipeTests: XCTestCase {
         "optimizer_reset_ratio": ["optimizer_reset_ratio": .number(0.5)],
         "jagged_schedule": ["jagged_schedule": .bool(false)],
         "warm_start": ["warm_start": .string("runs/full")],
+        "shard_optimizer": ["shard_optimizer": .bool(true)],
     ]
     /// Keys with no valid value that changes the recipe: `description` is not stored.
     static let noOtherValue: Set<String> = ["description"]
@@ -127,7 +128,10 @@ final class RecipeTests: XCTestCase {
         let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule", "master_copies"]
         let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler", "merge_policy"]
         let inputOnly: Set = ["tokens_per_step", "token_budget", "description"]
+        // Flags written only when true (the recipes of runs without them stay as they were).
+        let onlyWhenSet: Set = ["shard_optimizer"]
         let always = Recipe.knownKeys.subtracting(loraKeys).subtracting(reloraKeys).subtracting(optionalKeys).subtracting(inputOnly)
+            .subtracting(onlyWhenSet)
         var full = Self.base
         full["mode"] = .string("full"); full["relora_every"] = .null
         var lora = full
@@ -140,6 +144,9 @@ final class RecipeTests: XCTestCase {
         var withOptionals = Self.base
         for k in optionalKeys { withOptionals[k] = .string(k == "sampler" ? "epoch" : k == "merge_policy" ? "exact" : "x") }
         XCTAssertTrue(optionalKeys.isSubset(of: Set(try stored(Recipe(keys: withOptionals)).keys)))
+        var withFlags = Self.base
+        for k in onlyWhenSet { withFlags[k] = .bool(true) }
+        XCTAssertTrue(onlyWhenSet.isSubset(of: Set(try stored(Recipe(keys: withFlags)).keys)))
     }
 
     func testChoiceErrorsListTheAllowedValues() {

@@ -197,7 +197,7 @@ final class ThreadCountTests: XCTestCase {
                 let losses = t.history.map(\.loss).flatMap { withUnsafeBytes(of: $0.bitPattern, Array.init) }
                 return [losses] + t.model.weights.slots().map { bk.downloadRaw($0.1.storage) }
                     + t.model.loraTensors().map { bk.downloadRaw($0.value) }
-                    + t.optimizer.m.map(bk.downloadRaw) + t.optimizer.v.map(bk.downloadRaw)
+                    + t.optimizer.m.map { bk.downloadRaw($0!) } + t.optimizer.v.map { bk.downloadRaw($0!) }
                     + t.optimizer.eightBit.compactMap { $0 }.flatMap { [bk.downloadRaw($0.m.absmax), bk.downloadRaw($0.v.absmax)] }
             }
         }
