@@ -1,6 +1,7 @@
 // The emulation's runtime: fiber scheduler (launches, __syncthreads, warp collectives) and the
 // stand-in CUDA runtime (guarded device memory, copies, streams and events). See cuda_emu.h.
 #include "cuda_emu.h"
+#include "emu_format.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -35,15 +36,7 @@ thread_local cudaError_t t_message_code = cudaSuccess;
 cudaError_t g_sticky = cudaSuccess;
 std::string g_sticky_message;
 
-std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char *fmt, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
+using relora_emu_text::format;
 
 cudaError_t fail(cudaError_t code, const std::string &message, bool sticky) {
     t_last = code;

@@ -35,6 +35,7 @@
 #include <vector>
 
 // After the system headers: cuda_emu.h defines __noinline__ & co., which glibc's and libstdc++'s headers use.
+#include "emu_format.h"
 #include "nccl_emu.h"
 
 namespace {
@@ -42,15 +43,7 @@ namespace {
 // ---- Messages ------------------------------------------------------------------------------------------
 thread_local std::string t_last_error;
 
-std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char *fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
+using relora_emu_text::format;
 
 // Records the calling thread's last error (ncclGetLastError(NULL)) and returns `result`.
 ncclResult_t call_error(ncclResult_t result, const std::string &message) {

@@ -37,6 +37,7 @@
 #include <chrono>
 #include <functional>
 
+#include "../emu/emu_format.h"
 #include "harness.h"
 
 namespace {
@@ -44,15 +45,7 @@ namespace {
 using harness::api;
 using harness::record;
 
-std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char *fmt, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    return buf;
-}
+using relora_emu_text::format;
 
 // Byte i of what rank a sends to rank b (b = kAll: the same bytes for every rank).
 constexpr uint64_t kAll = 0xA11;
