@@ -106,6 +106,18 @@ size_t total_memory() {
     return g_total;
 }
 
+// RELORA_EMU_DEVICE_MALLOCS=N: the device allocations after the first N fail as out of memory. A plan that
+// counts every block lets a run use exactly the memory it plans, so a test that needs a run to run out in
+// the middle of a step (as when another process takes memory after the run's check) says where instead.
+uint64_t g_device_mallocs = 0;
+uint64_t device_malloc_limit() {
+    static const uint64_t limit = [] {
+        const char *text = getenv("RELORA_EMU_DEVICE_MALLOCS");
+        return text && *text ? strtoull(text, nullptr, 10) : UINT64_MAX;
+    }();
+    return limit;
+}
+
 // The first overwritten canary byte of `a` as a signed offset from the user pointer, or 0 if intact.
 bool find_corruption(const Allocation &a, long long *offset) {
     for (size_t i = kGuard; i-- > 0;) {  // nearest to the data first
@@ -564,6 +576,13 @@ cudaError_t allocate_guarded(void **ptr, size_t bytes, bool host, const char *wh
                            total_memory() - g_used, total_memory()),
                     false);
     }
+    if (!host && g_device_mallocs >= device_malloc_limit()) {
+        return fail(cudaErrorMemoryAllocation,
+                    format("%s of %zu bytes: RELORA_EMU_DEVICE_MALLOCS allows %llu device allocations", what, bytes,
+                           (unsigned long long)device_malloc_limit()),
+                    false);
+    }
+    if (!host) ++g_device_mallocs;
     const size_t rounded = (bytes + 255) / 256 * 256;
     const size_t tail = rounded - bytes + kGuard;
     unsigned char *base = (unsigned char *)aligned_alloc(256, kGuard + rounded + kGuard);

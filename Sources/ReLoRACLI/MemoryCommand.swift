@@ -19,7 +19,10 @@ let memoryCommand = CommandSpec(
         backend that records every tensor's shape, dtype and tag. Prints the planned peak bytes per tag and
         in total, and whether they fit SIZE. On cpu the plan equals what a real run allocates, to the byte (a
         test checks it); on cuda it follows the precision plan (bf16 activations, LoRA factors and working
-        copies; f32 gradients, master copies and Adam states). The data files need not exist.
+        copies; f32 gradients, master copies and Adam states), then adds what the process holds besides its
+        tensors: the caching allocator's rounding and cache (modelled exactly) and estimates of the CUDA
+        context, cuBLAS' workspace and, with several processes, NCCL's buffers, for the GPU --gpu names. The
+        budget is checked against that device total. The data files need not exist.
         With --world-size N it plans each of N data-parallel processes: the same for all unless the recipe
         has shard_optimizer, when each keeps the optimizer state of its share of the tensors; the table is
         then that of the rank with the largest peak, followed by every rank's optimizer state and peak.
@@ -30,10 +33,11 @@ let memoryCommand = CommandSpec(
         .value("device", "cpu|cuda", help: "the device to plan for (default: the recipe's device)"),
         .value("budget", "SIZE", help: "e.g. 24GiB (a 24 GB card), 80GB; if the plan does not fit, names a change that would"),
         .value("world-size", "N", help: "plan each of N data-parallel processes (with the recipe's shard_optimizer)", default: "1"),
+        .value("gpu", "NAME", help: "the GPU the cuda estimates are for: \(GPUProfile.known.map(\.key).joined(separator: ", "))", default: "h100"),
         .flag("json", help: "print the plan as JSON"),
         .repeated("set", "key=value", help: "override a recipe key (e.g. --set model=Configs/models/llama_7b.json)"),
     ],
-    examples: ["relora memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB",
+    examples: ["relora memory Configs/recipes/plan_1024.json --device cuda --budget 24GiB --gpu rtx4090",
                "relora memory Configs/recipes/plan_1024.json --device cuda --world-size 4 --set shard_optimizer=true"],
     helpWhenEmpty: true)
 
@@ -44,8 +48,9 @@ func runMemory(_ args: [String]) throws {
     let recipe = try Recipe(contentsOf: a.positional[0], overrides: overrides)
     let device = try Device(parsing: a.string("device") ?? recipe.device)
     let budget = try a.bytes("budget")
+    let gpu = try GPUProfile(key: a.string("gpu") ?? "h100")
     let config = try LlamaConfig(contentsOf: recipe.model)
-    let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize)
+    let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize, gpu: gpu)
     if a.flag("json") {
         let data = try JSONSerialization.data(withJSONObject: plan.jsonObject(), options: [.sortedKeys])
         print(String(decoding: data, as: UTF8.self))
@@ -55,7 +60,7 @@ func runMemory(_ args: [String]) throws {
             + plan.ranksDescription
         print(plan.formatted(title: title))
         if let budget, !plan.fits {
-            if let s = MemoryPlanner.suggestion(for: recipe, config: config, device: device, budget: budget, worldSize: worldSize) {
+            if let s = MemoryPlanner.suggestion(for: recipe, config: config, device: device, budget: budget, worldSize: worldSize, gpu: gpu) {
                 print("  to fit: \(s)")
             } else {
                 print("  no standard change (block checkpointing, micro-batch 1, smaller rank) fits \(formatBytes(budget))")
@@ -67,10 +72,12 @@ func runMemory(_ args: [String]) throws {
 
 /// Refuses (before anything is allocated) a run whose plan exceeds `budget`, naming a change that fits: the
 /// plan of this process, which under a launcher is one rank of several (its share of a sharded optimizer).
+/// On cuda the budget is the whole card's, so the plan's estimates (for `GPUProfile.planningDefault`: no
+/// device is open yet) count in full.
 func checkBudget(_ recipe: Recipe, budget: Int) throws {
     let device = try Device(parsing: recipe.device)
     let launch = try LaunchEnvironment.detect()
     let plan = try MemoryPlanner.requireFits(recipe, config: try LlamaConfig(contentsOf: recipe.model), device: device, budget: budget,
                                              worldSize: launch?.worldSize ?? 1, rank: launch?.rank ?? 0)
-    printLine("memory plan: peak \(formatBytes(plan.report.peakTotal)) of the \(formatBytes(budget)) budget on \(device.rawValue)")
+    printLine("memory plan: needs \(formatBytes(plan.need)) of the \(formatBytes(budget)) budget on \(device.rawValue)")
 }

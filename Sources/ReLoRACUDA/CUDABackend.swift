@@ -38,7 +38,8 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     private let lock = NSLock()
     private let allocator: DeviceAllocator
     /// Persistent scratch of the reductions, selects and quantizers' failure word (not in the ledger:
-    /// one MiB, allocated once per backend).
+    /// 2 MiB + 11 KiB of allocator blocks, allocated once per backend; plans count them in their allocator
+    /// figure).
     private let reduceWorkspace: UnsafeMutableRawPointer
     private let selectWorkspace: UnsafeMutableRawPointer
     private let failureWord: UnsafeMutableRawPointer
@@ -53,10 +54,13 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
         name = library.emulated ? "cuda-emulated" : "cuda"
         let limit = ProcessInfo.processInfo.environment["RELORA_DEVICE_MEMORY_LIMIT"].flatMap { try? parseBytes($0) }
         allocator = DeviceAllocator(library: library, limit: limit)
-        reduceWorkspace = allocator.allocate(Int(RELORA_REDUCE_WORKSPACE_BYTES), tag: .workspace)
-        selectWorkspace = allocator.allocate(Int(RELORA_SELECT_WORKSPACE_BYTES), tag: .workspace)
-        failureWord = allocator.allocate(8, tag: .workspace)
-        let mapBytes = 2 * Int(RELORA_ADAM8_MAP) * MemoryLayout<Float>.size
+        // In `CachingAllocatorModel.persistentScratch`'s order and sizes, which plans reserve the same way.
+        let scratch = CachingAllocatorModel.persistentScratch
+        reduceWorkspace = allocator.allocate(scratch[0], tag: .workspace)
+        selectWorkspace = allocator.allocate(scratch[1], tag: .workspace)
+        failureWord = allocator.allocate(scratch[2], tag: .workspace)
+        let mapBytes = scratch[3]
+        precondition(mapBytes == 2 * Int(RELORA_ADAM8_MAP) * MemoryLayout<Float>.size, "the 8-bit Adam maps' size")
         adam8Maps = allocator.allocate(mapBytes, tag: .workspace)
         library.check(api.memcpy!(adam8Maps, BlockwiseMoments.maps, Int64(mapBytes), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
     }
@@ -110,7 +114,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     /// The allocator's counters: reserved and in-use bytes with their high-water marks, per-tag use at the peak.
-    var allocatorStats: DeviceAllocator.Stats {
+    public var allocatorStats: AllocatorStats {
         lock.lock(); defer { lock.unlock() }
         return allocator.stats
     }
@@ -118,6 +122,13 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     public var device: Device { .cuda }
     public var deviceName: String { library.deviceName }
     public var isEmulated: Bool { library.emulated }
+
+    /// The device's figures for a plan's estimates (context, cuBLAS workspace): its compute capability and SMs.
+    public var gpu: GPUProfile {
+        GPUProfile(name: library.deviceName, computeMajor: Int(library.device.compute_major),
+                   computeMinor: Int(library.device.compute_minor), multiprocessors: Int(library.device.multiprocessors),
+                   emulated: library.emulated)
+    }
 
     /// What the device reports (`cudaMemGetInfo`): free and total bytes; under a `RELORA_DEVICE_MEMORY_LIMIT`
     /// cap, what the cap leaves (total = the cap, free = the cap less what the allocator reserved).

@@ -5,26 +5,19 @@ import ReLoRACore
 /// A caching allocator over `relora_cuda_malloc`: freed blocks are kept by rounded size and handed out
 /// again, so a training step (which frees and reallocates the same shapes every micro-batch) never calls
 /// cudaMalloc after the first one. Sizes round up to 512 bytes below 1 MiB and to 2 MiB above, so
-/// nearby sizes share blocks and fragmentation stays bounded. When cudaMalloc fails the cache is returned
-/// to the device and the call retried once; if that fails too the process stops with one sentence
+/// nearby sizes share blocks and fragmentation stays bounded; a block is reused only for the same rounded
+/// size. `CachingAllocatorModel` (ReLoRACore) is this policy without memory, which plans run: a change here
+/// must be made there too (`CUDABackendTests` compares the two after a training step). When cudaMalloc
+/// fails the cache is returned to the device and the call retried once (the model assumes memory to
+/// spare and never trims); if that fails too the process stops with one sentence
 /// (`ResourceExhaustion`: a training step cannot continue without the tensor, and nothing here can throw).
 ///
 /// Each live block carries the memory tag of its tensor, so the allocator can say what the device held by
 /// role at its high-water mark, beside the ledger's exact per-tensor bytes (the difference is rounding
 /// and the cache). Not thread-safe on its own: `CUDABackend` calls it under its lock.
 final class DeviceAllocator {
-    struct Stats {
-        /// Bytes obtained from cudaMalloc and not returned (live blocks + the cache).
-        var reserved = 0
-        var peakReserved = 0
-        /// Bytes in live blocks (rounded sizes).
-        var inUse = 0
-        var peakInUse = 0
-        var mallocCalls = 0
-        var cacheHits = 0
-        /// Rounded bytes in live blocks by tag at the moment `inUse` peaked.
-        var inUseAtPeakByTag: [MemoryTag: Int] = [:]
-    }
+    /// The counters a plan predicts (`CachingAllocatorModel`, the same policy without memory).
+    typealias Stats = AllocatorStats
 
     private let library: CUDALibrary
     /// A cap on reserved bytes below the device's memory (`RELORA_DEVICE_MEMORY_LIMIT`): how a 24 GB card
@@ -40,10 +33,8 @@ final class DeviceAllocator {
         self.limit = limit
     }
 
-    static func roundedSize(_ bytes: Int) -> Int {
-        let small = 512, large = 2 << 20
-        return bytes < (1 << 20) ? (bytes + small - 1) / small * small : (bytes + large - 1) / large * large
-    }
+    /// The policy's size classes, shared with the plan's model.
+    static func roundedSize(_ bytes: Int) -> Int { CachingAllocatorModel.roundedSize(bytes) }
 
     /// A device block of at least `bytes` (> 0) bytes for a tensor tagged `tag`.
     func allocate(_ bytes: Int, tag: MemoryTag) -> UnsafeMutableRawPointer {

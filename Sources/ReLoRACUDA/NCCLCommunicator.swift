@@ -74,13 +74,7 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
     public static func make(launch: LaunchEnvironment, bootstrap: MPICommunicator?,
                             environment: [String: String] = ProcessInfo.processInfo.environment) throws -> NCCLCommunicator {
         let timeout = try collectiveTimeout(environment)
-        var chunkFloats = defaultChunkFloats
-        if let text = environment["RELORA_COLLECTIVE_CHUNK_FLOATS"] {
-            guard let value = Int(text), value > 0 else {
-                throw ReLoRAError.invalidConfig("RELORA_COLLECTIVE_CHUNK_FLOATS='\(text)' is not a positive number of floats")
-            }
-            chunkFloats = value
-        }
+        let chunkFloats = try Self.chunkFloats(environment)
         let localRank = bootstrap?.localRank ?? launch.localRank ?? launch.rank
         let library = try CUDALibrary.open(localRank: localRank)
         let api = library.api
@@ -201,7 +195,17 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
     /// The most floats one chunk of a device sum moves: 4 Mi (16 MiB in each of the two buffers), or
     /// `RELORA_COLLECTIVE_CHUNK_FLOATS` (tests set a small odd count, so that chunks end inside tensors).
     public let chunkFloats: Int
-    public static let defaultChunkFloats = 1 << 22
+    public static let defaultChunkFloats = DeviceSumBuffers.defaultChunkFloats
+
+    /// `RELORA_COLLECTIVE_CHUNK_FLOATS` of `environment`, else `defaultChunkFloats`; one sentence when it is
+    /// not a positive number. Plans of a run (`MemoryPlanner`) read it the same way.
+    public static func chunkFloats(_ environment: [String: String]) throws -> Int {
+        guard let text = environment["RELORA_COLLECTIVE_CHUNK_FLOATS"] else { return defaultChunkFloats }
+        guard let value = Int(text), value > 0 else {
+            throw ReLoRAError.invalidConfig("RELORA_COLLECTIVE_CHUNK_FLOATS='\(text)' is not a positive number of floats")
+        }
+        return value
+    }
 
     public func serves(_ backend: Backend) -> Bool {
         (backend as? CUDABackend)?.library === library
@@ -220,7 +224,7 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
         lock.lock(); defer { lock.unlock() }
         let what = "sum of \(n) gradient values"
         let comm = try live(what)
-        let capacity = min(chunkFloats, n) + w - 1 - (min(chunkFloats, n) + w - 1) % w  // a multiple of W
+        let capacity = DeviceSumBuffers.floats(count: n, chunkFloats: chunkFloats, worldSize: w)  // a multiple of W
         if buffers == nil || buffers!.flat.count < capacity {
             if buffers != nil { try check(api.nccl_wait!(comm, stream), what) }  // the old ones may be in use
             buffers = (backend.makeTensor([capacity], dtype: .f32, tag: .workspace, zeroed: false),

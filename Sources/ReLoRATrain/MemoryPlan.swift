@@ -4,17 +4,30 @@ import ReLoRAFormats
 import ReLoRATokenizer
 import ReLoRAModel
 import ReLoRACheckpoint
+import ReLoRACUDA
 
 /// What a run would allocate on a device, by tag, from running the training code path on a
 /// `PlanningBackend` (nothing is allocated or computed). In a data-parallel run the plan of one rank: the
 /// ranks differ only when the optimizer is sharded (`shard_optimizer`); then `ranks` summarises each, and
 /// `report` is the plan of `rank`.
+///
+/// `report` holds the tensors' bytes by tag (on cpu, what a run allocates). On cuda a process needs more:
+/// `cuda` adds the caching allocator's rounding and cache (modelled exactly) and the estimated CUDA context,
+/// cuBLAS workspace and NCCL buffers, and `need`, the figure a budget is checked against, includes them.
 public struct MemoryPlan: Sendable {
     public var device: Device
     public var report: MemoryReport
+    /// On cuda: the allocator's blocks and the estimates (nil on cpu).
+    public var cuda: CUDAFootprint?
     /// Bytes the plan must fit in, if the user gave a budget.
     public var budget: Int?
-    public var fits: Bool { budget.map { report.peakTotal <= $0 } ?? true }
+    /// Whether `budget` is device memory measured free after the backend started (the context and the
+    /// backend's scratch are then already taken, so `need` leaves them out).
+    public var budgetAfterStart = false
+    /// What the process needs on the device: on cuda the allocator's reservation plus the estimates (less
+    /// what the start already took, when `budgetAfterStart`); on cpu the tensors' peak.
+    public var need: Int { cuda.map { budgetAfterStart ? $0.neededAfterStart : $0.total } ?? report.peakTotal }
+    public var fits: Bool { budget.map { need <= $0 } ?? true }
     /// The run's ranks, and the rank `report` plans (with every rank alike, 0).
     public var worldSize = 1
     public var rank = 0
@@ -29,6 +42,9 @@ public struct MemoryPlan: Sendable {
         /// Trained tensors whose optimizer state the rank keeps.
         public var tensors: Int
         public var report: MemoryReport
+        public var cuda: CUDAFootprint?
+        /// The rank's device total (`MemoryPlan.need` without a budget).
+        public var need: Int { cuda?.total ?? report.peakTotal }
     }
 }
 
@@ -39,64 +55,87 @@ public enum MemoryPlanner {
     /// master copies it counts, + optimizer reset).
     ///
     /// For rank `rank` of `worldSize` data-parallel ranks (each holds the whole model; with `shard_optimizer`
-    /// only its share of the optimizer state); rank nil: every rank is planned and the plan is that of the
-    /// rank with the largest peak (the lowest such rank), with every rank's in `ranks`.
+    /// only its share of the optimizer state; on cuda with more than one rank, the gradient sums' buffers
+    /// too); rank nil: every rank is planned and the plan is that of the rank with the largest need (the lowest
+    /// such rank), with every rank's in `ranks`.
+    ///
+    /// On cuda `gpu` sizes the estimates of the context and cuBLAS' workspace (a run passes its device's);
+    /// `budgetAfterStart` says `budget` was measured free after the backend started (see `MemoryPlan`).
     public static func plan(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int? = nil,
-                            worldSize: Int = 1, rank: Int? = nil) throws -> MemoryPlan {
+                            worldSize: Int = 1, rank: Int? = nil, gpu: GPUProfile = .planningDefault,
+                            budgetAfterStart: Bool = false) throws -> MemoryPlan {
         precondition(worldSize >= 1 && (rank.map { (0..<worldSize).contains($0) } ?? true), "rank \(rank ?? -1) of \(worldSize)")
         let sharded = recipe.shardOptimizer && worldSize > 1
-        func planRank(_ r: Int) throws -> (report: MemoryReport, tensors: Int) {
+        // The NCCL engine's device sums, with its chunk size (RELORA_COLLECTIVE_CHUNK_FLOATS, as a run reads it).
+        let chunkFloats = try device == .cuda && worldSize > 1 ? NCCLCommunicator.chunkFloats(ProcessInfo.processInfo.environment) : 0
+        func planRank(_ r: Int) throws -> MemoryPlan.RankPlan {
             let backend = PlanningBackend(target: device)
             try LlamaModel.checkSupported(config, on: backend)  // a plan for a run the device cannot make is an error
-            let optimizer = try run(recipe, config: config, on: backend, rank: r, worldSize: worldSize)
-            return (backend.ledger.report(), optimizer.parameters.indices.filter(optimizer.owns).count)
+            let collectives: Communicator = chunkFloats > 0 ? PlannedCollectives(worldSize: worldSize, chunkFloats: chunkFloats) : SingleProcess()
+            var afterFirstStep: AllocatorStats?
+            let optimizer = try run(recipe, config: config, on: backend, rank: r, worldSize: worldSize, communicator: collectives,
+                                    afterFirstStep: { afterFirstStep = backend.allocator?.stats })
+            return MemoryPlan.RankPlan(rank: r, tensors: optimizer.parameters.indices.filter(optimizer.owns).count,
+                                       report: backend.ledger.report(),
+                                       cuda: backend.allocator.map {
+                                           CUDAFootprint(allocator: $0.stats, afterFirstStep: afterFirstStep!, gpu: gpu, worldSize: worldSize)
+                                       })
         }
-        func made(_ report: MemoryReport, rank: Int, ranks: [MemoryPlan.RankPlan] = []) -> MemoryPlan {
-            var plan = MemoryPlan(device: device, report: report, budget: budget)
+        func made(_ one: MemoryPlan.RankPlan, ranks: [MemoryPlan.RankPlan] = []) -> MemoryPlan {
+            var plan = MemoryPlan(device: device, report: one.report, cuda: one.cuda, budget: budget)
+            plan.budgetAfterStart = budgetAfterStart
             plan.worldSize = worldSize
             plan.sharded = sharded
-            plan.rank = rank
+            plan.rank = one.rank
             plan.ranks = ranks
             return plan
         }
-        guard sharded else { return made(try planRank(0).report, rank: 0) }
-        if let rank { return made(try planRank(rank).report, rank: rank) }
-        let ranks = try (0..<worldSize).map { r in
-            let (report, tensors) = try planRank(r)
-            return MemoryPlan.RankPlan(rank: r, tensors: tensors, report: report)
-        }
-        let largest = ranks.max { a, b in
-            a.report.peakTotal != b.report.peakTotal ? a.report.peakTotal < b.report.peakTotal : a.rank > b.rank
-        }!
-        return made(largest.report, rank: largest.rank, ranks: ranks)
+        guard sharded else { return made(try planRank(0)) }
+        if let rank { return made(try planRank(rank)) }
+        let ranks = try (0..<worldSize).map(planRank)
+        let largest = ranks.max { a, b in a.need != b.need ? a.need < b.need : a.rank > b.rank }!
+        return made(largest, ranks: ranks)
     }
 
     /// The plan for `recipe` on `device`, or one sentence with the first standard change that fits when its
-    /// peak exceeds `budget` (`what` names the budget: "the budget", "free device memory").
-    /// `worldSize` and `rank` as for `plan`.
+    /// need exceeds `budget` (`what` names the budget: "the budget", "free device memory").
+    /// `worldSize`, `rank`, `gpu` and `budgetAfterStart` as for `plan`.
     public static func requireFits(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int,
-                                   what: String = "the budget", worldSize: Int = 1, rank: Int? = nil) throws -> MemoryPlan {
-        let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank)
+                                   what: String = "the budget", worldSize: Int = 1, rank: Int? = nil,
+                                   gpu: GPUProfile = .planningDefault, budgetAfterStart: Bool = false) throws -> MemoryPlan {
+        let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank,
+                                          gpu: gpu, budgetAfterStart: budgetAfterStart)
         guard plan.fits else {
-            let fix = suggestion(for: recipe, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank)
+            let fix = suggestion(for: recipe, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank,
+                                 gpu: gpu, budgetAfterStart: budgetAfterStart)
                 .map { "; this would fit: \($0)" } ?? "; no standard change (block checkpointing, micro-batch 1, smaller rank) fits it"
+            let parts = plan.cuda == nil ? ""
+                : " (\(formatBytes(plan.report.peakTotal)) of tensors; the rest the allocator's rounding and cache and the estimated CUDA overheads)"
             throw ReLoRAError.invalidConfig(
-                "the run needs \(formatBytes(plan.report.peakTotal)) on \(device.rawValue) (planned), more than \(what) (\(formatBytes(budget)))\(fix)")
+                "the run needs \(formatBytes(plan.need)) on \(device.rawValue) (planned\(parts)), more than \(what) (\(formatBytes(budget)))\(fix)")
         }
         return plan
     }
 
-    /// The planned code path on any backend (tests run it on the CPU to prove plan = measured), as rank
-    /// `rank` of `worldSize` builds it (its share of a sharded optimizer's state); returns the optimizer.
-    /// The collectives of a data-parallel step move host memory only and are left out.
+    /// The planned code path on any backend (tests run it on the CPU and the emulated CUDA device to prove
+    /// plan = measured), as rank `rank` of `worldSize` builds it (its share of a sharded optimizer's state):
+    /// a new run's start (the model and optimizer built, the weights and LoRA factors initialised, whose
+    /// quantized weights pass through f32 temporaries), one optimizer step, then `afterFirstStep`, then a
+    /// restart for relora. Returns the optimizer. The step's collectives go through `communicator`: on cuda
+    /// `PlannedCollectives` (the NCCL engine's device buffers); host collectives allocate nothing on the device.
     @discardableResult
-    static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend, rank: Int = 0, worldSize: Int = 1) throws -> AdamW {
+    static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend, rank: Int = 0, worldSize: Int = 1,
+                    communicator: Communicator = SingleProcess(), afterFirstStep: () -> Void = {}) throws -> AdamW {
         try recipe.loraConfig?.validate(for: config)
         let (model, optimizer) = TrainingModel.build(recipe, config: config, backend: backend, rank: rank, worldSize: worldSize)
+        try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)  // as Trainer.startingState
+        model.initializeLoRA(seed: recipe.seed)
         optimizer.refreshMasterCopies()
         let n = recipe.microBatch * recipe.seqLen
         let ids = [Int32](repeating: 0, count: n)
-        _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr) { _ in (ids, ids) }
+        _ = try Trainer.optimizerStep(model: model, optimizer: optimizer, recipe: recipe, step: 0, lr: recipe.lr,
+                                      communicator: communicator) { _ in (ids, ids) }
+        afterFirstStep()
         if recipe.mode == .relora {
             try model.mergeAdapters(policy: recipe.effectiveMergePolicy.policy, seed: recipe.seed)
             _ = try Trainer.resetAfterMerge(optimizer, recipe: recipe, restart: 0)
@@ -105,12 +144,13 @@ public enum MemoryPlanner {
     }
 
     /// The first of a few standard changes whose plan fits `budget`, as `--set` overrides with the planned
-    /// peak; nil if none does. In order: those that leave the arithmetic alone (block checkpointing, smaller
+    /// need; nil if none does. In order: those that leave the arithmetic alone (block checkpointing, smaller
     /// micro-batches at the same tokens per step), then those that store something in fewer bits (8-bit
-    /// Adam moments; q8_0, then q4_0 frozen weights), then a smaller LoRA rank. `worldSize` and `rank` as
-    /// for `plan`.
+    /// Adam moments; q8_0, then q4_0 frozen weights), then a smaller LoRA rank. `worldSize`, `rank`, `gpu`
+    /// and `budgetAfterStart` as for `plan`.
     public static func suggestion(for recipe: Recipe, config: LlamaConfig, device: Device, budget: Int,
-                                  worldSize: Int = 1, rank: Int? = nil) -> String? {
+                                  worldSize: Int = 1, rank: Int? = nil, gpu: GPUProfile = .planningDefault,
+                                  budgetAfterStart: Bool = false) -> String? {
         var candidates: [Recipe] = []
         func add(_ edit: (inout Recipe) -> Void) {
             var r = recipe
@@ -151,8 +191,9 @@ public enum MemoryPlanner {
             // Only what the candidate changes; a change the recipe already has is no candidate.
             let text = overrides(from: recipe, to: r)
             guard !text.isEmpty, tried.insert(text).inserted else { continue }
-            if let plan = try? plan(r, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank), plan.fits {
-                return "\(text) (planned peak \(formatBytes(plan.report.peakTotal)))"
+            if let plan = try? plan(r, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank, gpu: gpu,
+                                    budgetAfterStart: budgetAfterStart), plan.fits {
+                return "\(text) (planned peak \(formatBytes(plan.need)))"
             }
         }
         return nil
@@ -172,31 +213,57 @@ public enum MemoryPlanner {
 }
 
 extension MemoryPlan {
-    /// A table: one line per tag with its planned peak, then the total, the budget and the verdict.
+    /// A table: one line per tag with its planned peak, then the tensors' total; on cuda a line per part the
+    /// device holds besides (the allocator's rounding and cache, and the estimates) and the device total;
+    /// then the budget and the verdict.
     public func formatted(title: String) -> String {
+        func line(_ name: String, _ bytes: Int, _ note: String = "") -> String {
+            let amount = formatBytes(bytes)
+            return "  " + name.padding(toLength: 16, withPad: " ", startingAt: 0)
+                + (note.isEmpty ? amount : amount.padding(toLength: 12, withPad: " ", startingAt: 0) + note)
+        }
         var lines = [title]
         for tag in MemoryTag.allCases where report.peak(tag) > 0 && !tag.isHost {
-            lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag)))
+            lines.append(line(tag.rawValue, report.peak(tag)))
         }
-        lines.append("  " + "peak total".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peakTotal))
+        lines.append(line("peak total", report.peakTotal, cuda == nil ? "" : "the tensors"))
+        if let cuda {
+            let a = cuda.allocator
+            lines.append(line("+ allocator", a.peakReserved - report.peakTotal,
+                              "blocks of 512 B / 2 MiB, 2 MiB of scratch and the cache: \(formatBytes(a.peakInUse)) in use at peak, \(formatBytes(a.peakReserved)) reserved"))
+            let g = cuda.gpu
+            let estimateFor = "estimate for \(g.name)"
+            if g.emulated {
+                lines.append("  (the CPU emulation: no CUDA context, cuBLAS workspace or NCCL buffers on its device)")
+            } else {
+                lines.append(line("+ CUDA context", cuda.context,
+                                  "\(estimateFor): \(formatBytes(g.localMemoryBytes)) of thread stacks (\(g.multiprocessors) SMs) + \(formatBytes(GPUProfile.contextBaseBytes)) driver and kernels"))
+                lines.append(line("+ cuBLAS", cuda.cublasWorkspace, "\(estimateFor): its default workspace (sm_\(g.computeMajor)\(g.computeMinor))"))
+                if cuda.nccl > 0 { lines.append(line("+ NCCL", cuda.nccl, "\(estimateFor): its buffers for \(worldSize) ranks")) }
+            }
+            lines.append(line("device total", cuda.total))
+        }
         for tag in MemoryTag.allCases where report.peak(tag) > 0 && tag.isHost {
-            lines.append("  " + tag.rawValue.padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(report.peak(tag))
-                         + "  (host memory, not in the device total)")
+            lines.append(line(tag.rawValue, report.peak(tag), "(host memory, not in the device total)"))
         }
         if let budget {
+            let against = budgetAfterStart && cuda != nil ? " (needs \(formatBytes(need)) once started)" : ""
             lines.append("  " + "budget".padding(toLength: 16, withPad: " ", startingAt: 0) + formatBytes(budget)
-                         + (fits ? "  -> fits" : "  -> does NOT fit"))
+                         + (fits ? "  -> fits" : "  -> does NOT fit") + against)
         }
         if !ranks.isEmpty {
             lines.append("  per rank (each keeps the optimizer state of its tensors only):")
             func row(_ cells: [String]) -> String {
-                let text = zip(cells, [6, 9, 16, 16, 0]).map { $0.padding(toLength: max($1, $0.count), withPad: " ", startingAt: 0) }
+                let text = zip(cells, [6, 9, 16, 16, 16, 0]).map { $0.padding(toLength: max($1, $0.count), withPad: " ", startingAt: 0) }
                 return "    " + text.joined()
             }
-            lines.append(row(["rank", "tensors", MemoryTag.optimizer.rawValue, MemoryTag.masterWeights.rawValue, "peak total"]))
+            let device = cuda != nil
+            lines.append(row(["rank", "tensors", MemoryTag.optimizer.rawValue, MemoryTag.masterWeights.rawValue, "peak total"]
+                             + (device ? ["device total"] : [])))
             for r in ranks {
                 lines.append(row(["\(r.rank)", "\(r.tensors)", formatBytes(r.report.peak(.optimizer)),
-                                  formatBytes(r.report.peak(.masterWeights)), formatBytes(r.report.peakTotal)]))
+                                  formatBytes(r.report.peak(.masterWeights)), formatBytes(r.report.peakTotal)]
+                                 + (device ? [formatBytes(r.need)] : [])))
             }
         }
         return lines.joined(separator: "\n")
@@ -215,13 +282,26 @@ extension MemoryPlan {
             for tag in MemoryTag.allCases { peak[tag.rawValue] = report.peak(tag) }
             return peak
         }
+        func footprint(_ c: CUDAFootprint) -> [String: Any] {
+            ["allocator_in_use_peak_bytes": c.allocator.peakInUse, "allocator_reserved_peak_bytes": c.allocator.peakReserved,
+             "allocator_in_use_at_peak_by_tag": Dictionary(uniqueKeysWithValues: c.allocator.inUseAtPeakByTag.map { ($0.key.rawValue, $0.value) }),
+             "persistent_scratch_bytes": c.persistentScratch, "context_bytes": c.context, "cublas_workspace_bytes": c.cublasWorkspace,
+             "nccl_bytes": c.nccl, "total_bytes": c.total, "gpu": c.gpu.name, "emulated": c.gpu.emulated]
+        }
+        // device_total_bytes: what a budget is checked against (on cpu the tensors' peak).
         var o: [String: Any] = ["device": device.rawValue, "peak_bytes_by_tag": peaks(report), "peak_total_bytes": report.peakTotal,
+                                "device_total_bytes": cuda?.total ?? report.peakTotal,
                                 "host_peak_total_bytes": report.hostPeakTotal, "world_size": worldSize, "rank": rank,
                                 "shard_optimizer": sharded]
-        if let budget { o["budget_bytes"] = budget; o["fits"] = fits }
+        if let cuda { o["cuda"] = footprint(cuda) }
+        if let budget { o["budget_bytes"] = budget; o["fits"] = fits; o["need_bytes"] = need }
         if !ranks.isEmpty {
-            o["ranks"] = ranks.map { ["rank": $0.rank, "tensors": $0.tensors, "peak_bytes_by_tag": peaks($0.report),
-                                      "peak_total_bytes": $0.report.peakTotal] as [String: Any] }
+            o["ranks"] = ranks.map {
+                var r: [String: Any] = ["rank": $0.rank, "tensors": $0.tensors, "peak_bytes_by_tag": peaks($0.report),
+                                        "peak_total_bytes": $0.report.peakTotal, "device_total_bytes": $0.need]
+                if let c = $0.cuda { r["cuda"] = footprint(c) }
+                return r
+            }
         }
         return o
     }

@@ -66,6 +66,8 @@ extension Trainer {
     /// is a parameter for the tests, which cut tensors at odd byte counts.
     static func shareUpdatedValues(_ optimizer: AdamW, _ communicator: Communicator, valueChunk: Int = valueChunk) throws {
         guard let shards = optimizer.shards, communicator.worldSize > 1 else { return }
+        // A plan (`MemoryPlanner`) has no values to share, and the exchange allocates no device memory.
+        guard optimizer.backend.computes else { return }
         precondition(shards.worldSize == communicator.worldSize,
                      "optimizer sharded over \(shards.worldSize) ranks in a run of \(communicator.worldSize)")
         let backend = optimizer.backend, params = optimizer.parameters

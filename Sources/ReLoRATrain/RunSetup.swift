@@ -108,9 +108,10 @@ struct RunSetup {
 
     /// Prepares `backend` for the run before the model is built: `master_copies: file` maps the master
     /// copies from files in the run directory (after checking it has room: one sentence if not), and on a
-    /// device the plan (of rank `rank` of the run's ranks) must fit the memory it has free now. Returns the
-    /// planned device peak, if planned.
-    func prepare(_ backend: Backend, rank: Int = 0, log: (String) -> Void) throws -> Int? {
+    /// device the plan (of rank `rank` of the run's ranks, with the device's own estimates) must fit the
+    /// memory it has free now, which already excludes the context and the backend's scratch. Returns the
+    /// plan, if planned.
+    func prepare(_ backend: Backend, rank: Int = 0, log: (String) -> Void) throws -> MemoryPlan? {
         if recipe.masterCopies == .file {
             if recipe.keepsMasterCopies {
                 try Self.mapMasterCopies(recipe, config: config, backend: backend)
@@ -122,9 +123,11 @@ struct RunSetup {
         guard let device = backend as? DeviceBackend else { return nil }
         let free = device.deviceMemory().free
         let plan = try MemoryPlanner.requireFits(recipe, config: config, device: device.device, budget: free,
-                                                 what: "the free memory of \(device.deviceName)", worldSize: worldSize, rank: rank)
-        log("memory plan: peak \(formatBytes(plan.report.peakTotal)) of \(formatBytes(free)) free on \(device.deviceName)")
-        return plan.report.peakTotal
+                                                 what: "the free memory of \(device.deviceName)", worldSize: worldSize, rank: rank,
+                                                 gpu: device.gpu, budgetAfterStart: true)
+        log("memory plan: needs \(formatBytes(plan.need)) of \(formatBytes(free)) free on \(device.deviceName) "
+            + "(tensors' peak \(formatBytes(plan.report.peakTotal)); allocator's blocks and estimated overheads included)")
+        return plan
     }
 
     /// `master_copies: file` on a backend that can keep host tensors in mapped files (the CPU backend).

@@ -45,8 +45,10 @@ public final class Trainer {
     public private(set) var lastStepTransfers = TransferCount()
     /// Every step's metrics of this process, in order (tests compare runs with it).
     public private(set) var history: [StepMetrics] = []
-    /// The plan's device peak, for a run on a GPU (printed beside the measured peak after the first step).
-    public let plannedPeak: Int?
+    /// The run's memory plan, for a run on a device (printed beside the measured figures after the first step).
+    public let memoryPlan: MemoryPlan?
+    /// The plan's peak of tensor bytes (the ledger's), for a run on a device.
+    public var plannedPeak: Int? { memoryPlan?.report.peakTotal }
 
     /// How restarts merge: the recipe's `merge_policy` (default `exact` for dense weights, `rtn` for quantized ones).
     var mergePolicy: MergePolicy { recipe.effectiveMergePolicy.policy }
@@ -72,7 +74,7 @@ public final class Trainer {
         sampler = setup.sampler
         valTokens = setup.valTokens
         schedule = recipe.schedule
-        plannedPeak = try setup.prepare(backend, rank: communicator.rank, log: log)
+        memoryPlan = try setup.prepare(backend, rank: communicator.rank, log: log)
         (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend, rank: communicator.rank,
                                                  worldSize: communicator.worldSize)
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
@@ -153,7 +155,7 @@ public final class Trainer {
                 var text = "memory by tag after the first step:\n" + model.backend.ledger.report().formatted()
                     + "\nhost<->device transfers in that step: \(lastStepTransfers.uploads) up, \(lastStepTransfers.downloads) down"
                 if let device = model.backend as? DeviceBackend {
-                    text += "\n" + device.memorySummary() + (plannedPeak.map { "; planned peak \(formatBytes($0))" } ?? "")
+                    text += "\n" + device.memorySummary() + (memoryPlan.map { "\n" + Self.plannedMemoryLine($0) } ?? "")
                 }
                 log(text)
             }
@@ -192,6 +194,20 @@ public final class Trainer {
         }
         return TrainingSummary(steps: state.step, skippedSteps: state.skippedSteps, lastLoss: lastLoss,
                                lastValLoss: lastVal, checkpoint: lastCheckpoint, stoppedEarly: stoppedEarly)
+    }
+
+    /// The plan's figures to read beside `DeviceBackend.memorySummary()` after the first step: the allocator's
+    /// in-use and reserved peaks at that point (the same policy over the same allocations, so equal to the
+    /// measured ones), then over the whole plan (a restart included), and the device total with the
+    /// estimated CUDA context, cuBLAS workspace and NCCL buffers (about what `cudaMemGetInfo` shows used with
+    /// the device to itself).
+    static func plannedMemoryLine(_ plan: MemoryPlan) -> String {
+        guard let cuda = plan.cuda else { return "planned peak \(formatBytes(plan.report.peakTotal))" }
+        let first = cuda.afterFirstStep, all = cuda.allocator
+        return "planned: allocator peak \(formatBytes(first.peakInUse)) in use, \(formatBytes(first.peakReserved)) reserved "
+            + "(\(first.mallocCalls) cudaMalloc) after the first step; with a restart \(formatBytes(all.peakReserved)) reserved; "
+            + "device total \(formatBytes(cuda.total)) with the estimated CUDA context (\(formatBytes(cuda.context))) and "
+            + "cuBLAS workspace (\(formatBytes(cuda.cublasWorkspace)))" + (cuda.nccl > 0 ? " and NCCL buffers (\(formatBytes(cuda.nccl)))" : "")
     }
 
     /// One optimizer step over `grad_accum` micro-batches (no logging, evaluation or checkpoint).

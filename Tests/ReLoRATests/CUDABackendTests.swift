@@ -84,6 +84,70 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// A plan's model of the caching allocator is the allocator, to the byte: the planned code path (a new
+    /// run's start, one optimizer step of two micro-batches, a restart for relora) on the emulated device
+    /// measures the in-use and reserved peaks, cudaMalloc calls, cache hits and blocks per tag at the in-use
+    /// peak that the plan for cuda predicts, for full-rank and ReLoRA runs, dense and q4_0 weights, either
+    /// checkpointing setting, f32 and 8-bit moments. The rounding shows: the allocator holds more than the
+    /// tensors' bytes. A Trainer measures after its first step what the plan says after the first step, and
+    /// after its first restart the whole plan's peaks; its log prints both.
+    func testPlannedAllocatorEqualsTheAllocator() throws {
+        let library = try Self.emulatedBackend().library
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        func recipe(_ mode: TrainingMode, _ quant: FrozenStorage, _ checkpointing: GradientCheckpointing,
+                    _ states: OptimizerStates) -> Recipe {
+            TrainerTests.recipe(d, run: "alloc-\(mode)-\(quant)-\(checkpointing)-\(states)") {
+                $0.mode = mode; $0.quant = quant; $0.checkpointing = checkpointing; $0.optimizerStates = states
+                $0.valData = nil; $0.device = "cuda"; $0.steps = 2; $0.warmupSteps = 0; $0.checkpointEvery = 100
+                if mode != .full { $0.loraRank = 4; $0.loraAlpha = 8 }
+                if mode == .relora { $0.reloraEvery = 1; $0.restartWarmup = 0 }
+            }
+        }
+        let cases: [(TrainingMode, FrozenStorage, GradientCheckpointing, OptimizerStates)] = [
+            (.full, .none, .none, .f32), (.full, .none, .block, .int8), (.relora, .none, .block, .f32), (.relora, .q4_0, .none, .int8),
+        ]
+        for (mode, quant, checkpointing, states) in cases {
+            let label = "\(mode) \(quant) \(checkpointing) \(states)"
+            let r = recipe(mode, quant, checkpointing, states)
+            let backend = CUDABackend(library: library)
+            try MemoryPlanner.run(r, config: config, on: backend)
+            let plan = try MemoryPlanner.plan(r, config: config, device: .cuda, gpu: backend.gpu)
+            let cuda = try XCTUnwrap(plan.cuda, label)
+            // All but the bytes in use now, after the run (the plan reads them with the model alive).
+            func ended(_ s: AllocatorStats) -> AllocatorStats { var s = s; s.inUse = 0; return s }
+            XCTAssertEqual(ended(cuda.allocator), ended(backend.allocatorStats), label)
+            XCTAssertGreaterThan(cuda.allocator.peakInUse, plan.report.peakTotal + CachingAllocatorModel.persistentScratchBytes, label)
+            XCTAssertEqual(cuda.estimated, 0, "\(label): the emulation has no context, cuBLAS workspace or NCCL buffers")
+        }
+
+        let r = recipe(.relora, .q4_0, .block, .f32)
+        let backend = CUDABackend(library: library)
+        var lines: [String] = []
+        let trainer = try Trainer(recipe: r, resume: false, backend: backend, log: { lines.append($0) })
+        let planned = try XCTUnwrap(trainer.memoryPlan?.cuda)
+        _ = try trainer.trainStep()
+        XCTAssertEqual(backend.allocatorStats, planned.afterFirstStep, "after the first step")
+        _ = try trainer.trainStep()
+        try trainer.restart()
+        let measured = backend.allocatorStats
+        XCTAssertEqual(measured.peakInUse, planned.allocator.peakInUse)
+        XCTAssertEqual(measured.peakReserved, planned.allocator.peakReserved)
+        XCTAssertEqual(measured.mallocCalls, planned.allocator.mallocCalls)
+        XCTAssertEqual(measured.inUseAtPeakByTag, planned.allocator.inUseAtPeakByTag)
+        XCTAssertTrue(lines.contains { $0.hasPrefix("memory plan: needs \(formatBytes(planned.neededAfterStart)) of ") }, "\(lines)")
+
+        // The log after the first step: the measured allocator line, then the planned one with the same figures.
+        var logged: [String] = []
+        let runner = try Trainer(recipe: recipe(.full, .none, .block, .f32), resume: false, backend: CUDABackend(library: library),
+                                 log: { logged.append($0) })
+        _ = try runner.run()
+        let text = try XCTUnwrap(logged.first { $0.hasPrefix("memory by tag after the first step") })
+        let first = try XCTUnwrap(runner.memoryPlan?.cuda?.afterFirstStep)
+        XCTAssertTrue(text.contains("allocator peak \(formatBytes(first.peakInUse)) in use"), text)
+        XCTAssertTrue(text.contains("planned: allocator peak \(formatBytes(first.peakInUse)) in use, \(formatBytes(first.peakReserved)) reserved"), text)
+    }
+
     func testNoLibraryIsOneSentence() {
         XCTAssertThrowsError(try CUDALibrary.load(path: "/nonexistent/libreloracuda.so")) { error in
             let text = "\(error)"

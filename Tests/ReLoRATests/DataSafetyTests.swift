@@ -129,10 +129,12 @@ final class DataSafetyTests: XCTestCase {
         for m in mentions { XCTAssertTrue(r.stderr.contains(m), "'\(m)' missing: \(r.stderr)", file: file, line: line) }
     }
 
-    /// Device memory running out in the middle of a run on the emulated device: a run resumed under a
-    /// `RELORA_DEVICE_MEMORY_LIMIT` cap that admits exactly its plan (the plan counts tensors' bytes, the
-    /// allocator rounds them up) builds the model, loads the checkpoint and fails in its first step. It
-    /// ends with one sentence and the documented exit status, and the checkpoint it resumed is untouched.
+    /// Device memory running out in the middle of a run on the emulated device: a resumed run whose plan fits
+    /// (the plan counts every block the allocator takes, so a memory cap that admits the plan admits the run)
+    /// is denied its first step's last cudaMalloc (`RELORA_EMU_DEVICE_MALLOCS`, as when another process takes
+    /// the memory after the run's check): it builds the model, loads the checkpoint and fails in its first
+    /// step. It ends with one sentence and the documented exit status, and the checkpoint it resumed is
+    /// untouched.
     func testDeviceOutOfMemoryMidRunEndsWithOneSentence() throws {
         try KernelEmulationTests.buildEmulation()
         let library = KernelEmulationTests.emulatedLibrary
@@ -146,19 +148,30 @@ final class DataSafetyTests: XCTestCase {
         var r = try runReloraProcess(["train", data.dir + "/r.json"], environment: ["RELORA_CUDA_LIB": library])
         XCTAssertEqual(r.status, 0, r.stderr)
 
-        // The cap: what the backend reserves for itself at start plus the plan's peak, so the plan check passes.
+        // The plan's cudaMalloc calls through the first step (the backend's own scratch included), less one.
         let resumed = try Recipe(contentsOf: data.dir + "/r.json", overrides: ["steps=4"])
-        let planned = try MemoryPlanner.plan(resumed, config: LlamaConfig(contentsOf: data.model), device: .cuda).report.peakTotal
-        let ownReserve = CUDABackend(library: try CUDALibrary.load(path: library)).allocatorStats.reserved
+        let gpu = CUDABackend(library: try CUDALibrary.load(path: library)).gpu
+        let plan = try XCTUnwrap(try MemoryPlanner.plan(resumed, config: LlamaConfig(contentsOf: data.model), device: .cuda, gpu: gpu).cuda)
+        let mallocs = plan.afterFirstStep.mallocCalls - 1
         let before = try snapshot(runDir + "/checkpoints")
         let metrics = try Data(contentsOf: URL(fileURLWithPath: runDir + "/metrics.jsonl"))
         r = try runReloraProcess(["train", "--resume", runDir, "--set", "steps=4"],
-                          environment: ["RELORA_CUDA_LIB": library, "RELORA_DEVICE_MEMORY_LIMIT": "\(ownReserve + planned)"])
+                                 environment: ["RELORA_CUDA_LIB": library, "RELORA_EMU_DEVICE_MALLOCS": "\(mallocs)"])
         XCTAssertTrue(r.stdout.contains("resumed from \(runDir)/checkpoints/step_00000002"), "fails after the plan check and the load: \(r.stdout)")
         XCTAssertFalse(r.stdout.contains("step 3/4"), r.stdout)
         assertStoppedCleanly(r, mentions: ["out of device memory", "relora memory --device cuda", "--resume"])
         XCTAssertEqual(try snapshot(runDir + "/checkpoints"), before, "the last checkpoint changed")
         XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: runDir + "/metrics.jsonl")), metrics)
+
+        // Without the denial the same run fits the memory its plan needs, to the byte: a cap of the backend's
+        // own scratch plus the plan's need lets it resume, train, save and finish.
+        let capped = try Recipe(contentsOf: data.dir + "/r.json", overrides: ["steps=3"])
+        let need = try XCTUnwrap(try MemoryPlanner.plan(capped, config: LlamaConfig(contentsOf: data.model), device: .cuda, gpu: gpu).cuda)
+        r = try runReloraProcess(["train", "--resume", runDir, "--set", "steps=3"],
+                                 environment: ["RELORA_CUDA_LIB": library,
+                                               "RELORA_DEVICE_MEMORY_LIMIT": "\(need.persistentScratch + need.neededAfterStart)"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("memory plan: needs \(formatBytes(need.neededAfterStart)) of \(formatBytes(need.neededAfterStart)) free"), r.stdout)
     }
 
     /// `master_copies: file` failing after its free-space check (here a file-size limit makes reserving the

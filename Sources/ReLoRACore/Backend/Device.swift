@@ -39,6 +39,8 @@ public protocol DeviceBackend: Backend {
     var deviceName: String { get }
     /// True on the CPU emulation of the kernels: results are real, times and peaks are not.
     var isEmulated: Bool { get }
+    /// The GPU's figures that size a plan's estimates of the context and cuBLAS' workspace (`CUDAFootprint`).
+    var gpu: GPUProfile { get }
     /// Free and total bytes of device memory now (under a memory cap, what the cap leaves).
     func deviceMemory() -> (free: Int, total: Int)
     /// One line for a run's log: the allocator's high-water marks and the device's own view of its memory.

@@ -6,10 +6,17 @@
 /// `target` says whose allocations to mirror: the precision plan (f32 on the CPU; bf16 activations,
 /// LoRA factors and working copies with f32 gradients, master copies and Adam states on CUDA) and the
 /// op-internal scratch (the CPU attention's `[T, T]` score buffers, one set per slot; none for the CUDA kernels, whose
-/// attention is fused and whose cuBLAS workspace is counted by the caching allocator, not per op).
+/// attention is fused and whose cuBLAS workspace is cuBLAS' own, estimated by `GPUProfile`).
+///
+/// On `cuda` it also runs the CUDA backend's caching allocator over the same allocations (`allocator`): the
+/// persistent scratch a `CUDABackend` reserves when it starts, then every device tensor's block, so the plan
+/// says what the allocator will hold in use and reserve, rounding and cache included.
 public final class PlanningBackend: Backend, TensorStorageOwner {
     public let target: Device
     public let ledger = MemoryLedger()
+    /// The CUDA allocator's policy over this plan's device tensors (`cuda` only; nil on `cpu`, whose
+    /// allocations are exact).
+    public let allocator: CachingAllocatorModel?
     public let precision: Precision
     public let computes = false
     public var name: String { "plan:\(target.rawValue)" }
@@ -18,15 +25,27 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public init(target: Device) {
         self.target = target
         precision = target == .cpu ? .fp32 : .cudaMixed
+        if target == .cuda {
+            let allocator = CachingAllocatorModel()
+            for bytes in CachingAllocatorModel.persistentScratch { allocator.allocate(bytes, tag: .workspace) }
+            self.allocator = allocator
+        } else {
+            allocator = nil
+        }
     }
 
     public func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
         let t = Tensor(shape: shape, dtype: dtype, tag: tag, storage: nil, owner: self)
         ledger.allocated(t.byteCount, tag)
+        // As CUDABackend.makeTensor: host tensors are pinned host memory, empty ones get no block.
+        if t.byteCount > 0 && !tag.isHost { allocator?.allocate(t.byteCount, tag: tag) }
         return t
     }
 
-    public func release(_ tensor: TensorRelease) { ledger.freed(tensor.byteCount, tensor.tag) }
+    public func release(_ tensor: TensorRelease) {
+        ledger.freed(tensor.byteCount, tensor.tag)
+        if tensor.byteCount > 0 && !tensor.tag.isHost { allocator?.release(tensor.byteCount, tag: tensor.tag) }
+    }
 
     public func upload(_ values: [Float], to tensor: Tensor) { ledger.uploaded(tensor.byteCount) }
     public func upload(_ values: [Int32], to tensor: Tensor) { ledger.uploaded(tensor.byteCount) }

@@ -132,3 +132,20 @@ public protocol DeviceCollectives: Communicator {
     /// Waits for every started sum (within the engine's timeout); after it the backend's work sees them.
     func finishSums() throws
 }
+
+/// The two device buffers a device engine's gradient sums run through (NCCL's `flat` and `parts`, tag
+/// `.workspace`), sized here once for the engine and for plans of its runs. They are made at the first sum and
+/// remade larger when a later sum needs more (the old pair is released once the new one exists); each holds
+/// `floats(count:chunkFloats:worldSize:)` f32 values.
+public enum DeviceSumBuffers {
+    /// The most floats one chunk of a device sum moves unless `RELORA_COLLECTIVE_CHUNK_FLOATS` says otherwise:
+    /// 4 Mi (16 MiB in each of the two buffers).
+    public static let defaultChunkFloats = 1 << 22
+
+    /// Floats in each buffer for a sum of `count` values in chunks of at most `chunkFloats`: the chunk,
+    /// min(chunkFloats, count), rounded up to a multiple of `worldSize` (each rank sums an equal share).
+    public static func floats(count: Int, chunkFloats: Int, worldSize: Int) -> Int {
+        let chunk = min(chunkFloats, count)
+        return (chunk + worldSize - 1) / worldSize * worldSize
+    }
+}
