@@ -119,6 +119,13 @@ final class NCCLTests: XCTestCase {
         let t = try torchrunStyle(ranks: 2, ["train", try writeRecipe(viaTorchrun, to: d.dir + "/nccl-torchrun.json")],
                                   environment: ["RELORA_COLLECTIVE_CHUNK_FLOATS": "999"])
         for (rank, r) in t.enumerated() { XCTAssertEqual(r.status, 0, "rank \(rank): \(r.output)") }
+        // After the first step each run prints its allocator's figures and its plan's: equal, the gradient sums'
+        // buffers (made during the backward, enlarged for the last group) included.
+        for output in [m.output, t[0].output] {
+            let measured = try XCTUnwrap(firstMatch(#"allocator peak (\S+ \S+) in use \([^)]*\), (\S+ \S+) reserved \((\d+) cudaMalloc"#, output), output)
+            let planned = try XCTUnwrap(firstMatch(#"planned: allocator peak (\S+ \S+) in use, (\S+ \S+) reserved \((\d+) cudaMalloc\)"#, output), output)
+            XCTAssertEqual(measured, planned, output)
+        }
 
         let group = recipe("group")
         let emulated = try CUDABackendTests.emulatedBackend().library
@@ -202,6 +209,13 @@ final class NCCLTests: XCTestCase {
         }.start() }
         all.wait()
         return try results.values()
+    }
+
+    /// The capture groups of the first match of `pattern` in `text`.
+    private func firstMatch(_ pattern: String, _ text: String) -> [String]? {
+        guard let regex = try? NSRegularExpression(pattern: pattern),
+              let m = regex.firstMatch(in: text, range: NSRange(text.startIndex..., in: text)) else { return nil }
+        return (1..<m.numberOfRanges).map { String(text[Range(m.range(at: $0), in: text)!]) }
     }
 
     private func freeLoopbackPort() throws -> Int {
