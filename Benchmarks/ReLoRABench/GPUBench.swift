@@ -212,8 +212,19 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
                           formatBytes(report.peakTotal), trainer.plannedPeak.map(formatBytes) ?? "n/a")
         print(line)
         print("    " + stepBackend.memorySummary())
+        // Planned vs measured device memory: the allocator's peaks after the first step (exact by construction)
+        // and the device total with the estimated context and cuBLAS workspace against cudaMemGetInfo's used.
+        let planned = trainer.memoryPlan?.cuda, measured = stepBackend.allocatorStats
+        let (freeBytes, totalBytes) = stepBackend.deviceMemory()
         stepRows.append(["variant": label, "tokens_per_second": Double(r.tokensPerStep) / median, "mfu": mfu ?? NSNull(),
                          "ledger_peak_bytes": report.peakTotal, "planned_peak_bytes": trainer.plannedPeak ?? NSNull(),
+                         "planned_allocator_reserved_after_first_step_bytes": planned?.afterFirstStep.peakReserved ?? NSNull(),
+                         "planned_allocator_reserved_bytes": planned?.allocator.peakReserved ?? NSNull(),
+                         "planned_device_total_bytes": planned?.total ?? NSNull(),
+                         "planned_context_bytes": planned?.context ?? NSNull(),
+                         "planned_cublas_workspace_bytes": planned?.cublasWorkspace ?? NSNull(),
+                         "allocator_in_use_peak_bytes": measured.peakInUse, "allocator_reserved_peak_bytes": measured.peakReserved,
+                         "mem_get_info_used_bytes": totalBytes - freeBytes,
                          "peak_by_tag": Dictionary(uniqueKeysWithValues: report.peak.map { ($0.key.rawValue, $0.value) })])
     }
     results["training_steps"] = stepRows
@@ -227,9 +238,11 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
             var r = Recipe(model: path, trainData: dir + "/train.npy", runDir: dir + "/plan")
             r.seqLen = 1024; r.microBatch = 4; r.mode = .relora; r.quant = .q4_0; r.checkpointing = .block
             r.loraRank = 128; r.reloraEvery = 1000; r.optimizerStates = states
-            let plan = try MemoryPlanner.plan(r, config: try LlamaConfig(contentsOf: path), device: .cuda, budget: 24 << 30)
-            print("\(name) (\(states.rawValue) moments): \(formatBytes(plan.report.peakTotal)) \(plan.fits ? "fits" : "does not fit")")
-            fitRows.append(["config": name, "optimizer_states": states.rawValue, "planned_peak_bytes": plan.report.peakTotal, "fits_24gib": plan.fits])
+            let plan = try MemoryPlanner.plan(r, config: try LlamaConfig(contentsOf: path), device: .cuda, budget: 24 << 30,
+                                              gpu: try GPUProfile(key: "rtx4090"))
+            print("\(name) (\(states.rawValue) moments): tensors \(formatBytes(plan.report.peakTotal)), device \(formatBytes(plan.need)) \(plan.fits ? "fits" : "does not fit")")
+            fitRows.append(["config": name, "optimizer_states": states.rawValue, "planned_peak_bytes": plan.report.peakTotal,
+                            "planned_device_total_bytes": plan.need, "fits_24gib": plan.fits])
         }
     }
     results["fits_24gib"] = fitRows
