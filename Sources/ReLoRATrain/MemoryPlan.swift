@@ -110,7 +110,7 @@ public enum MemoryPlanner {
                                  gpu: gpu, budgetAfterStart: budgetAfterStart)
                 .map { "; this would fit: \($0)" } ?? "; no standard change (block checkpointing, micro-batch 1, smaller rank) fits it"
             let parts = plan.cuda == nil ? ""
-                : " (\(formatBytes(plan.report.peakTotal)) of tensors; the rest the allocator's rounding and cache and the estimated CUDA overheads)"
+                : ": \(formatBytes(plan.report.peakTotal)) of tensors, the rest the allocator's rounding and cache and the estimated CUDA overheads"
             throw ReLoRAError.invalidConfig(
                 "the run needs \(formatBytes(plan.need)) on \(device.rawValue) (planned\(parts)), more than \(what) (\(formatBytes(budget)))\(fix)")
         }

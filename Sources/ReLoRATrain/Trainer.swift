@@ -204,10 +204,12 @@ public final class Trainer {
     static func plannedMemoryLine(_ plan: MemoryPlan) -> String {
         guard let cuda = plan.cuda else { return "planned peak \(formatBytes(plan.report.peakTotal))" }
         let first = cuda.afterFirstStep, all = cuda.allocator
+        let estimates = cuda.gpu.emulated ? " (the emulation has no CUDA context, cuBLAS workspace or NCCL buffers)"
+            : " with the estimated CUDA context (\(formatBytes(cuda.context))) and cuBLAS workspace (\(formatBytes(cuda.cublasWorkspace)))"
+                + (cuda.nccl > 0 ? " and NCCL buffers (\(formatBytes(cuda.nccl)))" : "")
         return "planned: allocator peak \(formatBytes(first.peakInUse)) in use, \(formatBytes(first.peakReserved)) reserved "
             + "(\(first.mallocCalls) cudaMalloc) after the first step; with a restart \(formatBytes(all.peakReserved)) reserved; "
-            + "device total \(formatBytes(cuda.total)) with the estimated CUDA context (\(formatBytes(cuda.context))) and "
-            + "cuBLAS workspace (\(formatBytes(cuda.cublasWorkspace)))" + (cuda.nccl > 0 ? " and NCCL buffers (\(formatBytes(cuda.nccl)))" : "")
+            + "device total \(formatBytes(cuda.total))" + estimates
     }
 
     /// One optimizer step over `grad_accum` micro-batches (no logging, evaluation or checkpoint).
