@@ -214,6 +214,50 @@ final class MemoryPlanTests: XCTestCase {
         XCTAssertEqual(counts[0].downloads, 2 + 1, "a loss sum per micro-batch and one gradient-norm vector")
     }
 
+    /// A cuda plan's device total is the allocator's reservation plus the GPU's estimates, each by its formula:
+    /// the context's thread stacks (1 KiB x SMs x resident threads per SM) + 192 MiB, cuBLAS' default workspace
+    /// (32 MiB from sm_90 on), NCCL's buffers with more than one rank; a budget measured after the start
+    /// leaves out the context and the backend's scratch; the emulation estimates nothing; cpu plans have none.
+    func testCUDAPlansAddTheAllocatorAndTheEstimates() throws {
+        let h100 = try GPUProfile(key: "h100"), rtx4090 = try GPUProfile(key: "RTX4090")
+        XCTAssertEqual(h100.localMemoryBytes, 264 << 20)
+        XCTAssertEqual(h100.contextBytes, 456 << 20)
+        XCTAssertEqual(rtx4090.contextBytes, 384 << 20)
+        XCTAssertEqual(try GPUProfile(key: "a100").localMemoryBytes, 216 << 20)
+        XCTAssertEqual(h100.cublasWorkspaceBytes, 32 << 20)
+        XCTAssertEqual(rtx4090.cublasWorkspaceBytes, 8 << 20 | 128 << 10)
+        XCTAssertEqual(h100.ncclBytes(worldSize: 1), 0)
+        XCTAssertEqual(h100.ncclBytes(worldSize: 4), (512 + 3 * 448) << 20)
+        XCTAssertThrowsError(try GPUProfile(key: "v100")) { XCTAssertTrue("\($0)".contains("one of: h200, h100"), "\($0)") }
+        var emulated = h100
+        emulated.emulated = true
+        XCTAssertEqual(emulated.contextBytes + emulated.cublasWorkspaceBytes + emulated.ncclBytes(worldSize: 4), 0)
+
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        let r = recipe(d, .relora, .block)
+        XCTAssertNil(try MemoryPlanner.plan(r, config: config, device: .cpu).cuda)
+        for (gpu, world) in [(h100, 1), (rtx4090, 2)] {
+            let plan = try MemoryPlanner.plan(r, config: config, device: .cuda, budget: 1 << 40, worldSize: world, gpu: gpu)
+            let cuda = try XCTUnwrap(plan.cuda)
+            XCTAssertEqual(cuda.total, cuda.allocator.peakReserved + gpu.contextBytes + gpu.cublasWorkspaceBytes + gpu.ncclBytes(worldSize: world))
+            XCTAssertEqual(plan.need, cuda.total)
+            XCTAssertGreaterThanOrEqual(cuda.allocator.peakReserved, cuda.allocator.peakInUse)
+            XCTAssertGreaterThan(cuda.allocator.peakInUse, plan.report.peakTotal)
+            XCTAssertEqual(plan.jsonObject()["device_total_bytes"] as? Int, cuda.total)
+            let started = try MemoryPlanner.plan(r, config: config, device: .cuda, budget: 1 << 40, worldSize: world, gpu: gpu, budgetAfterStart: true)
+            XCTAssertEqual(started.need, cuda.total - gpu.contextBytes - CachingAllocatorModel.persistentScratchBytes)
+            // A budget between the two: fits once started, not on a fresh card.
+            let between = cuda.total - gpu.contextBytes / 2
+            XCTAssertFalse(try MemoryPlanner.plan(r, config: config, device: .cuda, budget: between, worldSize: world, gpu: gpu).fits)
+            XCTAssertTrue(try MemoryPlanner.plan(r, config: config, device: .cuda, budget: between, worldSize: world, gpu: gpu,
+                                                 budgetAfterStart: true).fits)
+        }
+        // Two ranks on cuda sum their gradients through two device buffers: more workspace than one process.
+        let one = try MemoryPlanner.plan(r, config: config, device: .cuda), two = try MemoryPlanner.plan(r, config: config, device: .cuda, worldSize: 2)
+        XCTAssertGreaterThan(two.report.peak(.workspace), one.report.peak(.workspace))
+    }
+
     func testCUDAIsRefusedWithOneSentence() throws {
         let d = try TrainerTests.makeByteData()
         var r = recipe(d, .full, .none)
