@@ -20,6 +20,14 @@
 #include "cuda_emu.h"
 #endif
 
+// `#pragma unroll n` for nvcc; nothing for the host compiler (which warns on the unknown pragma).
+#if defined(__CUDACC__)
+#define RELORA_PRAGMA_(text) _Pragma(#text)
+#define RELORA_UNROLL_BY(n) RELORA_PRAGMA_(unroll n)
+#else
+#define RELORA_UNROLL_BY(n)
+#endif
+
 #include <stdint.h>
 
 #include "relora_abi.h"
