@@ -280,6 +280,51 @@ bool test_dequantize(const Format &f, int64_t rows, int64_t cols) {
     return ok;
 }
 
+// The output wherever the caller puts it: at element offsets 0..7 of an aligned buffer, so row starts fall on
+// every position relative to the 16-byte boundaries the kernel's vector stores need (head, whole chunks, tail),
+// and a row wider than the emulated grid's 8 x 256 chunks (the x-stride loop wraps). The elements before the
+// offset and after the end keep their sentinel.
+bool test_dequantize_offsets(const Format &f) {
+    bool ok = true;
+    const int64_t shapes[][2] = {{3, 45}, {2, 7}, {1, 16411}};
+    for (const auto &shape : shapes) {
+        const int64_t rows = shape[0], cols = shape[1];
+        const std::vector<float> w = weights(rows, cols, 150 + (uint64_t)f.id);
+        Quantized q;
+        reference_quantize(f, w, rows, cols, &q);
+        const std::vector<float> want = reference_dequantize(f, q);
+        Buffer blocks((int64_t)q.blocks.size());
+        blocks.upload(q.blocks.data(), (int64_t)q.blocks.size());
+        for (int32_t dtype : kDtypes) {
+            const int64_t size = dtype == RELORA_DTYPE_F32 ? 4 : 2, total = rows * cols + 16;
+            for (int64_t offset = 0; offset < 8; ++offset) {
+                if (cols > 1000 && offset % 3 != 1) continue;  // the wide row at two offsets is enough
+                Buffer out(total * size);
+                const std::vector<uint8_t> sentinel((size_t)(total * size), 0x5A);
+                out.upload(sentinel.data(), out.bytes);
+                char name[112];
+                snprintf(name, sizeof name, "dequantize %s -> %s [%lld, %lld] at element offset %lld", f.name,
+                         dtype_name(dtype), (long long)rows, (long long)cols, (long long)offset);
+                EXPECT_OK(name, api.dequantize(f.id, blocks.ptr, rows, cols, (uint8_t *)out.ptr + offset * size, dtype, nullptr));
+                std::vector<uint8_t> got((size_t)out.bytes);
+                out.download(got.data(), out.bytes);
+                std::vector<uint8_t> expect = sentinel;
+                for (size_t i = 0; i < want.size(); ++i) {
+                    uint8_t *dst = expect.data() + (offset + (int64_t)i) * size;
+                    if (dtype == RELORA_DTYPE_F32) {
+                        memcpy(dst, &want[i], 4);
+                    } else {
+                        const uint16_t b = bf16_bits(want[i]);
+                        memcpy(dst, &b, 2);
+                    }
+                }
+                ok &= check_bytes(name, got, expect);
+            }
+        }
+    }
+    return ok;
+}
+
 // The kernels dequantize with relora_quant.h's element functions, the CPU with its block functions: two
 // spellings of one product, checked equal here on every code (every byte value in every position) under
 // scales that include negative, subnormal and zero ones.
@@ -928,6 +973,7 @@ bool run_kernel_suite() {
             ok &= test_quantize(f, s[0], s[1]);
         }
         ok &= test_quantize_failures(f);
+        ok &= test_dequantize_offsets(f);
     }
     for (int32_t dtype : kDtypes) {
         ok &= test_rmsnorm(dtype, 1, 1);
