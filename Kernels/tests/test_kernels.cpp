@@ -574,14 +574,20 @@ bool test_swiglu(int32_t dtype, int64_t n) {
 }
 
 // ---- Embedding ------------------------------------------------------------------------------------------------
-bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab) {
+// ids: "spread" (t * 5 + t / 3) % vocab, few distinct values when vocab is small; "frequent": one id for every
+// third token (a run longer than a sort tile, across tiles) and pseudo-random ids between. Either way token 3 is
+// vocab and token 5 is -1 (zero rows forward, skipped backward).
+bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab, bool frequent = false) {
     const std::vector<float> table = stored(uniform((size_t)(vocab * dim), -1.0f, 1.0f, 30), dtype);
     const std::vector<float> dout = stored(uniform((size_t)(tokens * dim), -1.0f, 1.0f, 31), dtype);
     const std::vector<float> dtable0 = uniform((size_t)(vocab * dim), -0.25f, 0.25f, 32);
-    // Repeated ids (few distinct values), and one id out of range (a zero row, ignored by the backward).
     std::vector<int32_t> ids((size_t)tokens);
-    for (int64_t t = 0; t < tokens; ++t) ids[(size_t)t] = (int32_t)((t * 5 + t / 3) % vocab);
+    for (int64_t t = 0; t < tokens; ++t) {
+        ids[(size_t)t] = frequent ? (t % 3 == 0 ? (int32_t)(vocab / 2) : (int32_t)(relora_rng_u64(7, 33, (uint64_t)t) % (uint64_t)vocab))
+                                  : (int32_t)((t * 5 + t / 3) % vocab);
+    }
     if (tokens > 3) ids[3] = (int32_t)vocab;
+    if (tokens > 5) ids[5] = -1;
     Buffer bids(tokens * 4);
     bids.upload(ids.data(), bids.bytes);
     Tensor ttable(dtype, vocab * dim), tout(dtype, tokens * dim), tdout(dtype, tokens * dim);
@@ -589,12 +595,17 @@ bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab) {
     ttable.upload(table);
     tdout.upload(dout);
     tdtable.upload(dtable0);
-    const std::string fwd = label("embedding_forward", dtype, tokens, dim);
-    const std::string bwd = label("embedding_backward", dtype, tokens, dim);
+    // Exactly the bytes the library asks for: the emulation's guard bytes catch any overrun.
+    const int64_t work_bytes = api.embedding_backward_workspace_bytes(tokens);
+    Buffer work(std::max<int64_t>(work_bytes, 1));
+    std::string fwd = label("embedding_forward", dtype, tokens, dim), bwd = label("embedding_backward", dtype, tokens, dim);
+    const std::string detail = " vocab " + std::to_string(vocab) + (frequent ? " frequent id" : "");
+    fwd += detail;
+    bwd += detail;
     EXPECT_OK(fwd.c_str(), api.embedding_forward((const int32_t *)bids.ptr, ttable.buffer.ptr, tout.buffer.ptr, tokens, dim,
                                                  vocab, dtype, nullptr));
     EXPECT_OK(bwd.c_str(), api.embedding_backward((const int32_t *)bids.ptr, tdout.buffer.ptr, (float *)tdtable.buffer.ptr,
-                                                  tokens, dim, vocab, dtype, nullptr));
+                                                  tokens, dim, vocab, dtype, work.ptr, nullptr));
     std::vector<float> want_out((size_t)(tokens * dim), 0.0f), want_dtable = dtable0;
     for (int64_t t = 0; t < tokens; ++t) {
         const int64_t id = ids[(size_t)t];
@@ -988,6 +999,9 @@ bool run_kernel_suite() {
         ok &= test_embedding(dtype, 1, 1, 1);
         ok &= test_embedding(dtype, 45, 70, 13);
         ok &= test_embedding(dtype, 19, 2100, 7);  // dim > 8 x 256
+        ok &= test_embedding(dtype, 3000, 5, 300);  // 12 sort tiles (more than the emulated grid's 8), 2 passes
+        ok &= test_embedding(dtype, 2100, 3, 70001, true);  // 3 passes; a run of 700 tokens
+        ok &= test_embedding(dtype, 600, 260, 256, true);    // vocab 256: the invalid key needs a 9th bit
         ok &= test_dropout(dtype, 4099, 0.1f, false);
         ok &= test_dropout(dtype, 1001, 0.5f, true);
         ok &= test_dropout(dtype, 33, 0.0f, false);
