@@ -970,6 +970,20 @@ bool test_invalid_arguments() {
          d == RELORA_ERR_INVALID_ARGUMENT && e == RELORA_ERR_INVALID_ARGUMENT;
     record(ok, "invalid arguments rejected", "format %d, dtype %d, p=1 %d, negative count %d, step 0 %d (last: %s)", a, b, c,
            d, e, api.last_error());
+    // The embedding backward without its workspace or past int32 ids; rope without its table; dequantize into an
+    // f32 output that is not 4-byte aligned (its 16-byte stores need the element alignment to find boundaries).
+    const int32_t *ids = (const int32_t *)16;
+    const relora_status f = api.embedding_backward(ids, (void *)16, (float *)16, 4, 4, 10, RELORA_DTYPE_F32, nullptr, nullptr);
+    const relora_status g = api.embedding_backward(ids, (void *)16, (float *)16, 4, 4, 1ll << 31, RELORA_DTYPE_F32, (void *)16,
+                                                   nullptr);
+    const relora_status h = api.rope((void *)16, nullptr, 1, 4, 2, 8, 0, RELORA_DTYPE_F32, nullptr);
+    const relora_status i = api.dequantize(RELORA_FORMAT_Q8_0, (void *)16, 1, 32, (void *)18, RELORA_DTYPE_F32, nullptr);
+    const bool more = f == RELORA_ERR_INVALID_ARGUMENT && g == RELORA_ERR_INVALID_ARGUMENT && h == RELORA_ERR_INVALID_ARGUMENT &&
+                      i == RELORA_ERR_INVALID_ARGUMENT;
+    record(more, "workspace, table and alignment arguments rejected",
+           "embedding without workspace %d, vocab 2^31 %d, rope without table %d, misaligned dequantize %d (last: %s)", f, g,
+           h, i, api.last_error());
+    ok &= more;
     // Zero-size calls succeed without touching their (null) pointers.
     const relora_status z = api.swiglu_forward(nullptr, nullptr, nullptr, 0, RELORA_DTYPE_BF16, nullptr);
     record(z == RELORA_OK, "zero-size call is a no-op", "status %d", z);
