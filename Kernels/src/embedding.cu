@@ -208,7 +208,8 @@ relora_status backward(const int32_t *ids, const void *dout, float *dtable, int6
         RELORA_CHECK(check_launch("sort_scatter_kernel"));
     }
     const int last = (passes - 1) & 1;
-    const dim3 sums(grid_for(tokens, 1), grid_for(dim, kThreads, kMaxGridY));
+    // 4 positions per block: most positions start no run, and a block that only checks one still takes a slot.
+    const dim3 sums(grid_for(tokens, 4), grid_for(dim, kThreads, kMaxGridY));
     RELORA_LAUNCH(embedding_backward_kernel<T>, sums, dim3(kThreads), 0, stream)
     (keys[last], values[last], static_cast<const T *>(dout), dtable, tokens, dim, (int32_t)vocab);
     return check_launch("embedding_backward_kernel");
