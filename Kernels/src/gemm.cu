@@ -11,11 +11,14 @@
 // the accumulation is cuBLAS' (split-K and tensor-core algorithms included), so results are not the CPU's bit
 // for bit: the tests bound the error by k * u32 * sum |a||b| (+ one bf16 rounding of the output).
 //
-// alpha_scale: the product alpha * *alpha_scale is formed on the device by a one-thread kernel into a
-// per-stream pair of device floats {alpha * s, beta} (one f32 multiply, as the CPU's `alpha * scale`), and
-// cuBLAS reads both with CUBLAS_POINTER_MODE_DEVICE. Without alpha_scale the scalars are host values.
-// beta == 0 ignores c: in host pointer mode cuBLAS never reads C when beta is 0; in device pointer mode c is
-// first cleared (cudaMemsetAsync) so that a NaN in c cannot leak whatever the algorithm does.
+// alpha_scale: cuBLAS reads alpha and beta from device memory (CUBLAS_POINTER_MODE_DEVICE). With alpha == 1
+// (every LoRA GEMM of a training step) alpha * s is s itself, so alpha is the caller's scalar *alpha_scale as
+// it is, and beta 0 or 1 is one of two constants the library keeps on the device: no extra kernel. Any other
+// alpha or beta (the merge's alpha = -1, tests) goes through a one-thread kernel that writes {alpha * s, beta}
+// (one f32 multiply, as the CPU's `alpha * scale`) into a per-stream pair of device floats. Without
+// alpha_scale the scalars are host values. beta == 0 ignores c: in host pointer mode cuBLAS never reads C when
+// beta is 0; in device pointer mode c is first cleared (cudaMemsetAsync) so that a NaN in c cannot leak
+// whatever the algorithm does (cuBLAS cannot see that a device beta is 0 when it picks its kernel).
 //
 // c bf16 with f32 inputs is not a type combination cublasGemmEx offers: the product goes through a
 // temporary f32 [m, n] (cudaMalloc, and the call synchronizes the stream before freeing it): a slow path,
@@ -27,6 +30,7 @@
 #endif
 
 #include <limits.h>
+#include <string.h>
 
 #include <mutex>
 #include <unordered_map>
@@ -41,6 +45,7 @@ namespace {
 std::mutex g_mutex;
 cublasHandle_t g_handle = nullptr;
 std::unordered_map<cudaStream_t, float *> g_scalars;
+float *g_constants = nullptr;  // device {0, 1}: beta for alpha_scale GEMMs with alpha == 1
 
 relora_status cublas_check(cublasStatus_t status, const char *what) {
     if (status == CUBLAS_STATUS_SUCCESS) return RELORA_OK;
@@ -64,6 +69,23 @@ relora_status handle_locked(cublasHandle_t *out) {
     return RELORA_OK;
 }
 
+// The device constants {0, 1}, made once (a synchronous upload, the first time an alpha_scale GEMM runs).
+relora_status constants_locked(float **out) {
+    if (!g_constants) {
+        static const float kValues[2] = {0.0f, 1.0f};
+        float *p = nullptr;
+        RELORA_CHECK(check(cudaMalloc((void **)&p, sizeof kValues), "gemm: device constants"));
+        const relora_status s = check(cudaMemcpy(p, kValues, sizeof kValues, cudaMemcpyHostToDevice), "gemm: device constants");
+        if (s != RELORA_OK) {
+            cudaFree(p);
+            return s;
+        }
+        g_constants = p;
+    }
+    *out = g_constants;
+    return RELORA_OK;
+}
+
 relora_status scalars_locked(cudaStream_t stream, float **out) {
     auto it = g_scalars.find(stream);
     if (it == g_scalars.end()) {
@@ -84,6 +106,12 @@ __global__ void __launch_bounds__(32) gemm_scalars_kernel(float alpha, const flo
     }
 }
 
+uint32_t f32_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
 // A leading dimension cuBLAS accepts when a dimension is 0 (it requires ld >= max(1, rows)).
 int ld(int rows) { return rows > 1 ? rows : 1; }
 
@@ -96,17 +124,26 @@ relora_status gemm_locked(cublasHandle_t h, bool trans_a, bool trans_b, int m, i
     RELORA_CHECK(cublas_check(cublasSetStream(h, stream), "cublasSetStream"));
     const void *alpha_p = &alpha, *beta_p = &beta;
     if (alpha_scale) {
-        float *scalars = nullptr;
-        RELORA_CHECK(scalars_locked(stream, &scalars));
         if (beta == 0.0f) {
             const size_t bytes = (size_t)m * (size_t)n * (c_type == CUDA_R_32F ? 4 : 2);
             RELORA_CHECK(check(cudaMemsetAsync(c, 0, bytes, stream), "gemm: clearing c (beta = 0)"));
         }
-        RELORA_LAUNCH(gemm_scalars_kernel, dim3(1), dim3(32), 0, stream)(alpha, alpha_scale, beta, scalars);
-        RELORA_CHECK(check_launch("gemm_scalars_kernel"));
+        // +0 and 1 by their bits: a beta of -0 keeps the kernel path (its sign reaches the sum when alpha s acc is -0).
+        const bool constant_beta = f32_bits(beta) == f32_bits(0.0f) || beta == 1.0f;
+        if (alpha == 1.0f && constant_beta) {
+            float *constants = nullptr;
+            RELORA_CHECK(constants_locked(&constants));
+            alpha_p = alpha_scale;
+            beta_p = constants + (beta == 1.0f ? 1 : 0);
+        } else {
+            float *scalars = nullptr;
+            RELORA_CHECK(scalars_locked(stream, &scalars));
+            RELORA_LAUNCH(gemm_scalars_kernel, dim3(1), dim3(32), 0, stream)(alpha, alpha_scale, beta, scalars);
+            RELORA_CHECK(check_launch("gemm_scalars_kernel"));
+            alpha_p = scalars;
+            beta_p = scalars + 1;
+        }
         RELORA_CHECK(cublas_check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_DEVICE), "cublasSetPointerMode"));
-        alpha_p = scalars;
-        beta_p = scalars + 1;
     } else {
         RELORA_CHECK(cublas_check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode"));
     }

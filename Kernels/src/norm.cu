@@ -1,7 +1,7 @@
 // RMSNorm forward and backward (Backend.rmsnormForward / rmsnormBackward).
 // The products are written in the CPU reference's order ((x * s) * w, (s * w) * dy, ...); sums over a
-// row are fp32 block reductions (fixed tree), the weight gradient a fixed-order column sum: every
-// result is deterministic for a given shape.
+// row are fp32 block reductions (fixed tree), the weight gradient the CPU's own two-pass column sum (bit-identical
+// in f32): every result is deterministic for a given shape.
 #include "relora_cuda.cuh"
 
 namespace relora {
@@ -51,30 +51,45 @@ __global__ void __launch_bounds__(kRowThreads)
     }
 }
 
-constexpr int kColumns = 32;   // columns per block: one warp reads 32 consecutive elements of a row
-constexpr int kRowLanes = 16;  // rows summed in parallel per column
+// dweight in CPUBackend.rmsnormBackward's order, so an f32 run gives the CPU's bits. The CPU splits the rows
+// into `blocks` consecutive row blocks of `block_rows` rows (ReductionBlocks(rows, minSize: 16, maxBlocks: 64):
+// block_rows = max(16, ceil(rows / 64)), at most 64 blocks), sums each block's rows in order from 0 into a
+// partial row, then adds the partials to dweight in block order. Here the same two passes run inside one CUDA
+// block per 16 columns (grid-stride over column tiles): thread (c, l) sums row block l of column c in row order
+// into shared memory (pass 1; rows of a block are independent loads, so the serial chain is only the adds),
+// then thread (c, 0) adds the partials of blocks 0, 1, ... to dweight[c] (pass 2). Products and sums are _rn
+// intrinsics: ((dy * x) * s) then one addition, never fused, as the CPU's `dw[i] += dy[i] * xr[i] * s`.
+// Parallelism: dim / 16 blocks of 1024 threads (the 1b config's dim 2048: 128 blocks), each thread
+// streaming block_rows rows of one column; a warp reads 16 consecutive columns of two rows.
+constexpr int kDwColumns = 16;
+constexpr int kDwLanes = 64;  // = the CPU's maxBlocks: one lane per row block
 
-// dweight[i] += sum_r dy[r, i] * x[r, i] * rstd[r]. Thread (c, l) of a block sums rows l, l + 16, ...
-// of its column in order, then lane 0 adds the 16 partial sums in order: each column has one owner
-// and a fixed summation order, so no atomics and the same bits on every run.
 template <typename T>
-__global__ void __launch_bounds__(kColumns * kRowLanes)
+__global__ void __launch_bounds__(kDwColumns * kDwLanes)
     rmsnorm_backward_dweight_kernel(const T *dout, const T *x, const float *rstd, float *dweight, int64_t rows,
-                                    int64_t dim) {
-    __shared__ float partial[kRowLanes][kColumns + 1];
-    const int64_t col = (int64_t)blockIdx.x * kColumns + threadIdx.x;
-    float acc = 0.0f;
-    if (col < dim) {
-        for (int64_t r = threadIdx.y; r < rows; r += kRowLanes) {
-            acc += to_float(dout[r * dim + col]) * to_float(x[r * dim + col]) * rstd[r];
+                                    int64_t dim, int64_t block_rows, int blocks) {
+    __shared__ float partial[kDwLanes][kDwColumns];  // [row block][column]: a warp's writes hit 32 banks
+    const int lane = (int)threadIdx.y;
+    for (int64_t tile = blockIdx.x; tile * kDwColumns < dim; tile += gridDim.x) {
+        const int64_t col = tile * kDwColumns + threadIdx.x;
+        if (lane < blocks && col < dim) {
+            const int64_t first = (int64_t)lane * block_rows;
+            const int64_t end = first + block_rows < rows ? first + block_rows : rows;
+            float acc = 0.0f;
+            RELORA_UNROLL_BY(4)
+            for (int64_t r = first; r < end; ++r) {
+                const float term = __fmul_rn(__fmul_rn(to_float(dout[r * dim + col]), to_float(x[r * dim + col])), rstd[r]);
+                acc = __fadd_rn(acc, term);
+            }
+            partial[lane][threadIdx.x] = acc;
         }
-    }
-    partial[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < dim) {
-        float total = 0.0f;
-        for (int l = 0; l < kRowLanes; ++l) total += partial[l][threadIdx.x];
-        dweight[col] += total;
+        __syncthreads();
+        if (lane == 0 && col < dim) {
+            float total = dweight[col];
+            for (int b = 0; b < blocks; ++b) total = __fadd_rn(total, partial[b][threadIdx.x]);
+            dweight[col] = total;
+        }
+        __syncthreads();  // the next tile rewrites partial
     }
 }
 
@@ -93,10 +108,12 @@ relora_status backward(const void *dout, const void *x, const void *weight, cons
     (static_cast<const T *>(dout), static_cast<const T *>(x), static_cast<const T *>(weight), rstd, static_cast<T *>(dx),
      rows, dim);
     RELORA_CHECK(check_launch("rmsnorm_backward_dx_kernel"));
-    // One block per 32 columns (no stride loop: a grid of 2^31 blocks covers any dim).
-    RELORA_LAUNCH(rmsnorm_backward_dweight_kernel<T>, dim3(grid_for(dim, kColumns, 0x7FFFFFFF)), dim3(kColumns, kRowLanes),
-                  0, stream)
-    (static_cast<const T *>(dout), static_cast<const T *>(x), rstd, dweight, rows, dim);
+    // The CPU's row blocks (ReductionBlocks(rows, minSize: 16, maxBlocks: 64)).
+    const int64_t per_lane = (rows + kDwLanes - 1) / kDwLanes;
+    const int64_t block_rows = per_lane > 16 ? per_lane : 16;
+    const int blocks = (int)((rows + block_rows - 1) / block_rows);
+    RELORA_LAUNCH(rmsnorm_backward_dweight_kernel<T>, dim3(grid_for(dim, kDwColumns)), dim3(kDwColumns, kDwLanes), 0, stream)
+    (static_cast<const T *>(dout), static_cast<const T *>(x), rstd, dweight, rows, dim, block_rows, blocks);
     return check_launch("rmsnorm_backward_dweight_kernel");
 }
 

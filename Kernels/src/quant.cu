@@ -30,18 +30,71 @@ RELORA_FORMAT_TRAIT(NF4, nf4, RELORA_QKNF4)
 #undef RELORA_FORMAT_TRAIT
 
 constexpr int kDequantThreads = 256;
+constexpr int kChunk = 8;  // outputs per thread: 8 bf16 = one 16-byte store, 8 f32 = two
 
-// out[r, c] = element c of row r. Grid: x strides over columns, y over rows, so a thread's index math
-// is a shift and a mask (block sizes are powers of two) rather than a 64-bit division per element;
-// consecutive threads write consecutive outputs.
+// 8 outputs as the bytes of one (bf16) or two (f32) 16-byte stores.
+template <typename Out>
+struct Chunk;
+template <>
+struct Chunk<__nv_bfloat16> {
+    __device__ __forceinline__ static void store(__nv_bfloat16 *dst, const float (&v)[kChunk]) {
+        Vec16 w;
+        w.x = (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[0])) | (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[1])) << 16;
+        w.y = (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[2])) | (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[3])) << 16;
+        w.z = (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[4])) | (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[5])) << 16;
+        w.w = (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[6])) | (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(v[7])) << 16;
+        store_vec16(dst, w);
+    }
+};
+template <>
+struct Chunk<float> {
+    __device__ __forceinline__ static void store(float *dst, const float (&v)[kChunk]) {
+        Vec16 a, b;
+        a.x = __float_as_uint(v[0]), a.y = __float_as_uint(v[1]), a.z = __float_as_uint(v[2]), a.w = __float_as_uint(v[3]);
+        b.x = __float_as_uint(v[4]), b.y = __float_as_uint(v[5]), b.z = __float_as_uint(v[6]), b.w = __float_as_uint(v[7]);
+        store_vec16(dst, a);
+        store_vec16(dst + 4, b);
+    }
+};
+
+// out[r, c] = element c of row r, 8 consecutive outputs per thread written with 16-byte stores. Each row of
+// the output starts wherever r * cols puts it, so a row is cut into a head (the elements before its first
+// 16-byte boundary, < 8), whole chunks of 8 from there, and a tail (< 8); chunk k of the row goes to thread k
+// of the x-stride loop, and the extra index `chunks` writes the head and tail one element at a time. Every
+// value is the header's element dequantizer (F::at), as before: bit-identical to relora_dequantize_row_*
+// (then bf16's one rounding). Block sizes are powers of two, so c / kSize and c % kSize are shifts and masks.
+// Grid: x strides over a row's chunks, y over rows; a warp stores 512 consecutive bytes (bf16).
 template <typename F, typename Out>
 __global__ void __launch_bounds__(kDequantThreads)
     dequantize_kernel(const unsigned char *blocks, int64_t rows, int64_t cols, int64_t row_bytes, Out *out) {
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
         const typename F::Block *row = reinterpret_cast<const typename F::Block *>(blocks + r * row_bytes);
         Out *orow = out + r * cols;
-        for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x) {
-            orow[c] = from_float<Out>(F::at(row + c / F::kSize, (int)(c % F::kSize)));
+        // Elements before the first 16-byte boundary (out is aligned to its element size: checked by the entry).
+        const int64_t misalign = (int64_t)((16u - (unsigned)(reinterpret_cast<uintptr_t>(orow) & 15u)) & 15u) / (int64_t)sizeof(Out);
+        const int64_t head = misalign < cols ? misalign : cols;
+        const int64_t chunks = (cols - head) / kChunk;
+        for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k <= chunks; k += (int64_t)gridDim.x * blockDim.x) {
+            if (k < chunks) {
+                const int64_t c0 = head + k * kChunk;
+                const int j0 = (int)(c0 % F::kSize);
+                float v[kChunk];
+                if (j0 + kChunk <= F::kSize) {  // inside one quantization block: its scale is loaded once
+                    const typename F::Block *b = row + c0 / F::kSize;
+                    for (int e = 0; e < kChunk; ++e) v[e] = F::at(b, j0 + e);
+                } else {  // across two (a row that starts off a 16-byte boundary)
+                    for (int e = 0; e < kChunk; ++e) {
+                        const int64_t c = c0 + e;
+                        v[e] = F::at(row + c / F::kSize, (int)(c % F::kSize));
+                    }
+                }
+                Chunk<Out>::store(orow + c0, v);
+            } else {
+                for (int64_t c = 0; c < head; ++c) orow[c] = from_float<Out>(F::at(row + c / F::kSize, (int)(c % F::kSize)));
+                for (int64_t c = head + chunks * kChunk; c < cols; ++c) {
+                    orow[c] = from_float<Out>(F::at(row + c / F::kSize, (int)(c % F::kSize)));
+                }
+            }
         }
     }
 }
@@ -104,7 +157,7 @@ __global__ void __launch_bounds__(kQuantThreads)
 template <typename F, typename Out>
 relora_status launch_dequantize(const void *blocks, int64_t rows, int64_t cols, Out *out, cudaStream_t stream) {
     const int64_t row_bytes = (cols + F::kSize - 1) / F::kSize * (int64_t)sizeof(typename F::Block);
-    const dim3 grid(grid_for(cols, kDequantThreads), grid_for(rows, 1, kMaxGridY));
+    const dim3 grid(grid_for(cols / kChunk + 1, kDequantThreads), grid_for(rows, 1, kMaxGridY));
     RELORA_LAUNCH((dequantize_kernel<F, Out>), grid, dim3(kDequantThreads), 0, stream)
     (static_cast<const unsigned char *>(blocks), rows, cols, row_bytes, out);
     return check_launch("dequantize_kernel");
@@ -139,6 +192,8 @@ relora_status relora_cuda_dequantize(int32_t format, const void *blocks, int64_t
     RELORA_REQUIRE(rows >= 0 && cols >= 0, "dequantize", "negative shape [%lld, %lld]", (long long)rows, (long long)cols);
     if (rows == 0 || cols == 0) return RELORA_OK;
     RELORA_REQUIRE(blocks && out, "dequantize", "null pointer");
+    RELORA_REQUIRE(reinterpret_cast<uintptr_t>(out) % (out_dtype == RELORA_DTYPE_F32 ? 4u : 2u) == 0, "dequantize",
+                   "output %p is not aligned to its element size", out);
     const cudaStream_t s = as_stream(stream);
 #define RELORA_DEQUANT_CASE(F)                                                                                \
     switch (out_dtype) {                                                                                      \

@@ -20,6 +20,14 @@
 #include "cuda_emu.h"
 #endif
 
+// `#pragma unroll n` for nvcc; nothing for the host compiler (which warns on the unknown pragma).
+#if defined(__CUDACC__)
+#define RELORA_PRAGMA_(text) _Pragma(#text)
+#define RELORA_UNROLL_BY(n) RELORA_PRAGMA_(unroll n)
+#else
+#define RELORA_UNROLL_BY(n)
+#endif
+
 #include <stdint.h>
 
 #include "relora_abi.h"
@@ -66,6 +74,27 @@ template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---- 16-byte stores ---------------------------------------------------------------------------------
+// Four 32-bit words stored with one 16-byte instruction (st.global.v4). The address must be 16-byte aligned:
+// a GPU faults otherwise, and the emulation reports it as a kernel error (it would not notice on its own).
+#if defined(__CUDACC__)
+typedef uint4 Vec16;
+#else
+struct alignas(16) Vec16 {
+    uint32_t x, y, z, w;
+};
+#endif
+
+__device__ __forceinline__ void store_vec16(void *dst, const Vec16 &v) {
+#if defined(RELORA_EMU)
+    if (reinterpret_cast<uintptr_t>(dst) & 15u) {
+        relora_emu::relora_emu_kernel_error("a 16-byte store to an address that is not 16-byte aligned",
+                                            relora_emu::lane_id(), (int)(reinterpret_cast<uintptr_t>(dst) & 15u));
+    }
+#endif
+    *static_cast<Vec16 *>(dst) = v;
+}
 
 // ---- Reductions -------------------------------------------------------------------------------------
 // Butterfly sum / max over the 32 lanes of a full warp: every lane ends with the same result, combined in

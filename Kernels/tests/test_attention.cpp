@@ -14,17 +14,34 @@ using namespace harness;
 namespace {
 
 // ---- RoPE ------------------------------------------------------------------------------------------------
-// The CPU's tables (CPUBackend.ropeTables) and its f32 rotation, evaluated on the host with
-// -ffp-contract=off: the kernel must match it bit for bit (bf16: the same f32 value rounded once).
+// The CPU's tables (CPUBackend.ropeTables: what the Swift backend uploads) and its f32 rotation, evaluated on the
+// host with -ffp-contract=off: the kernel must match it bit for bit (bf16: the same f32 value rounded once).
+std::vector<float> rope_table(int64_t seq, int64_t dim, float theta) {
+    const int64_t half = dim / 2;
+    std::vector<float> table((size_t)(2 * seq * half));
+    for (int64_t pos = 0; pos < seq; ++pos) {
+        for (int64_t i = 0; i < half; ++i) {
+            const double inv_freq = 1.0 / pow((double)theta, (double)(2 * i) / (double)dim);
+            const double angle = (double)pos * inv_freq;
+            table[(size_t)(pos * half + i)] = (float)cos(angle);
+            table[(size_t)((seq + pos) * half + i)] = (float)sin(angle);
+        }
+    }
+    return table;
+}
+
 bool test_rope(int32_t dtype, int64_t batch, int64_t seq, int64_t heads, int64_t dim, float theta, bool inverse) {
     const int64_t n = batch * seq * heads * dim, half = dim / 2;
     const std::vector<float> x = stored(uniform((size_t)n, -3.0f, 3.0f, 100 + (uint64_t)dim), dtype);
-    Tensor tx(dtype, n);
+    const std::vector<float> table = rope_table(seq, dim, theta);
+    Tensor tx(dtype, n), ttable(RELORA_DTYPE_F32, (int64_t)table.size());
     tx.upload(x);
+    ttable.upload(table);
     char name[128];
     snprintf(name, sizeof name, "rope%s %s [%lld x %lld, %lld x %lld]", inverse ? " inverse" : "", dtype_name(dtype),
              (long long)batch, (long long)seq, (long long)heads, (long long)dim);
-    EXPECT_OK(name, api.rope(tx.buffer.ptr, batch, seq, heads, dim, theta, inverse ? 1 : 0, dtype, nullptr));
+    EXPECT_OK(name, api.rope(tx.buffer.ptr, (const float *)ttable.buffer.ptr, batch, seq, heads, dim, inverse ? 1 : 0,
+                             dtype, nullptr));
     std::vector<float> want(x);
     const float sign = inverse ? -1.0f : 1.0f;
     for (int64_t r = 0; r < batch * seq; ++r) {
@@ -32,9 +49,7 @@ bool test_rope(int32_t dtype, int64_t batch, int64_t seq, int64_t heads, int64_t
         for (int64_t h = 0; h < heads; ++h) {
             float *v = want.data() + r * heads * dim + h * dim;
             for (int64_t i = 0; i < half; ++i) {
-                const double inv_freq = 1.0 / pow((double)theta, (double)(2 * i) / (double)dim);
-                const double angle = (double)pos * inv_freq;
-                const float c = (float)cos(angle), s = sign * (float)sin(angle);
+                const float c = table[(size_t)(pos * half + i)], s = sign * table[(size_t)((seq + pos) * half + i)];
                 const float a = v[i], b = v[i + half];
                 v[i] = a * c - b * s;
                 v[i + half] = b * c + a * s;
@@ -443,7 +458,7 @@ bool test_attention_arguments() {
     const relora_status b = api.attention_forward(p, p, p, p, (float *)p, 1, 4, 3, 2, 8, RELORA_DTYPE_F32, nullptr);
     const relora_status c = api.attention_backward(p, p, p, p, p, (const float *)p, p, p, p, 1, 4, 2, 0, 8,
                                                    RELORA_DTYPE_F32, nullptr);
-    const relora_status d = api.rope(p, 1, 4, 2, 7, 10000.0f, 0, RELORA_DTYPE_F32, nullptr);
+    const relora_status d = api.rope(p, (const float *)p, 1, 4, 2, 7, 0, RELORA_DTYPE_F32, nullptr);
     const relora_status e = api.cross_entropy(p, (const int32_t *)p, (float *)p, 2, 8, 0, 1.0f, 7, nullptr);
     const relora_status z = api.attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, 1, 8,
                                                   RELORA_DTYPE_F32, nullptr);

@@ -280,6 +280,51 @@ bool test_dequantize(const Format &f, int64_t rows, int64_t cols) {
     return ok;
 }
 
+// The output wherever the caller puts it: at element offsets 0..7 of an aligned buffer, so row starts fall on
+// every position relative to the 16-byte boundaries the kernel's vector stores need (head, whole chunks, tail),
+// and a row wider than the emulated grid's 8 x 256 chunks (the x-stride loop wraps). The elements before the
+// offset and after the end keep their sentinel.
+bool test_dequantize_offsets(const Format &f) {
+    bool ok = true;
+    const int64_t shapes[][2] = {{3, 45}, {2, 7}, {1, 16411}};
+    for (const auto &shape : shapes) {
+        const int64_t rows = shape[0], cols = shape[1];
+        const std::vector<float> w = weights(rows, cols, 150 + (uint64_t)f.id);
+        Quantized q;
+        reference_quantize(f, w, rows, cols, &q);
+        const std::vector<float> want = reference_dequantize(f, q);
+        Buffer blocks((int64_t)q.blocks.size());
+        blocks.upload(q.blocks.data(), (int64_t)q.blocks.size());
+        for (int32_t dtype : kDtypes) {
+            const int64_t size = dtype == RELORA_DTYPE_F32 ? 4 : 2, total = rows * cols + 16;
+            for (int64_t offset = 0; offset < 8; ++offset) {
+                if (cols > 1000 && offset % 3 != 1) continue;  // the wide row at two offsets is enough
+                Buffer out(total * size);
+                const std::vector<uint8_t> sentinel((size_t)(total * size), 0x5A);
+                out.upload(sentinel.data(), out.bytes);
+                char name[112];
+                snprintf(name, sizeof name, "dequantize %s -> %s [%lld, %lld] at element offset %lld", f.name,
+                         dtype_name(dtype), (long long)rows, (long long)cols, (long long)offset);
+                EXPECT_OK(name, api.dequantize(f.id, blocks.ptr, rows, cols, (uint8_t *)out.ptr + offset * size, dtype, nullptr));
+                std::vector<uint8_t> got((size_t)out.bytes);
+                out.download(got.data(), out.bytes);
+                std::vector<uint8_t> expect = sentinel;
+                for (size_t i = 0; i < want.size(); ++i) {
+                    uint8_t *dst = expect.data() + (offset + (int64_t)i) * size;
+                    if (dtype == RELORA_DTYPE_F32) {
+                        memcpy(dst, &want[i], 4);
+                    } else {
+                        const uint16_t b = bf16_bits(want[i]);
+                        memcpy(dst, &b, 2);
+                    }
+                }
+                ok &= check_bytes(name, got, expect);
+            }
+        }
+    }
+    return ok;
+}
+
 // The kernels dequantize with relora_quant.h's element functions, the CPU with its block functions: two
 // spellings of one product, checked equal here on every code (every byte value in every position) under
 // scales that include negative, subnormal and zero ones.
@@ -435,8 +480,27 @@ bool test_rmsnorm(int32_t dtype, int64_t rows, int64_t dim) {
     // 5 roundings; g = s w dy - c x and the add to dx0 add 4 more relative to the terms' magnitudes. So
     // |err| <= 6u (|s w dy| + |c x| + |dx0|) + (s^3/dim) |x| (dim/256 + 10) u sum|w dy x|, plus one rounding
     // of the result (u for f32, ub for bf16).
-    // dweight = dw0 + sum_r dy x s: per column 16 lanes each summing rows/16 terms of 2 roundings, then 16
-    // partials in sequence and the add: |err| <= (rows/16 + 19) u (sum|dy x s| + |dw0|).
+    // dweight = dw0 + sum_r dy x s in CPUBackend.rmsnormBackward's f32 order, compared bit for bit: row blocks of
+    // max(16, ceil(rows / 64)) rows (ReductionBlocks(rows, minSize: 16, maxBlocks: 64)), each summed in row order
+    // from 0 as ((dy x) s), then the partials added to dw0 in block order. This file is compiled with
+    // -ffp-contract=off, so these are the CPU's roundings exactly.
+    std::vector<float> want_dw = dw0;
+    {
+        const int64_t block_rows = std::max<int64_t>(16, (rows + 63) / 64);
+        const int64_t blocks = (rows + block_rows - 1) / block_rows;
+        std::vector<float> partial((size_t)(blocks * dim), 0.0f);
+        for (int64_t b = 0; b < blocks; ++b) {
+            for (int64_t r = b * block_rows; r < std::min(rows, (b + 1) * block_rows); ++r) {
+                for (int64_t i = 0; i < dim; ++i) {
+                    const size_t j = (size_t)(r * dim + i);
+                    partial[(size_t)(b * dim + i)] += dy[j] * x[j] * rstd[(size_t)r];
+                }
+            }
+        }
+        for (int64_t i = 0; i < dim; ++i) {
+            for (int64_t b = 0; b < blocks; ++b) want_dw[(size_t)i] += partial[(size_t)(b * dim + i)];
+        }
+    }
     std::vector<double> ref_dx(x.size()), bound_dx(x.size()), ref_dw((size_t)dim), bound_dw((size_t)dim);
     std::vector<double> abs_dw((size_t)dim, 0.0);
     for (int64_t i = 0; i < dim; ++i) ref_dw[(size_t)i] = dw0[(size_t)i];
@@ -460,11 +524,17 @@ bool test_rmsnorm(int32_t dtype, int64_t rows, int64_t dim) {
             abs_dw[(size_t)i] += fabs((double)dy[j] * x[j] * s);
         }
     }
+    // And the order's error against the exact sum (a check of the reference itself): each term 2 roundings,
+    // a block of R = max(16, ceil(rows / 64)) rows R more, then at most 64 partials and dw0 in sequence:
+    // |err| <= (R + 66) u (sum|dy x s| + |dw0|).
+    const double block_rows = (double)std::max<int64_t>(16, (rows + 63) / 64);
     for (int64_t i = 0; i < dim; ++i) {
-        bound_dw[(size_t)i] = ((double)rows / 16 + 19) * kU32 * (abs_dw[(size_t)i] + fabs((double)dw0[(size_t)i])) + 1e-30;
+        bound_dw[(size_t)i] = (block_rows + 66) * kU32 * (abs_dw[(size_t)i] + fabs((double)dw0[(size_t)i])) + 1e-30;
     }
     ok &= check_bounds(bwd + " dx", tdx.download(), ref_dx, bound_dx);
-    ok &= check_bounds(bwd + " dweight", tdw.download(), ref_dw, bound_dw);
+    const std::vector<float> got_dw = tdw.download();
+    ok &= check_bounds(bwd + " dweight", got_dw, ref_dw, bound_dw);
+    ok &= check_bits(bwd + " dweight == CPU order", got_dw, want_dw);
     return ok;
 }
 
@@ -504,14 +574,20 @@ bool test_swiglu(int32_t dtype, int64_t n) {
 }
 
 // ---- Embedding ------------------------------------------------------------------------------------------------
-bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab) {
+// ids: "spread" (t * 5 + t / 3) % vocab, few distinct values when vocab is small; "frequent": one id for every
+// third token (a run longer than a sort tile, across tiles) and pseudo-random ids between. Either way token 3 is
+// vocab and token 5 is -1 (zero rows forward, skipped backward).
+bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab, bool frequent = false) {
     const std::vector<float> table = stored(uniform((size_t)(vocab * dim), -1.0f, 1.0f, 30), dtype);
     const std::vector<float> dout = stored(uniform((size_t)(tokens * dim), -1.0f, 1.0f, 31), dtype);
     const std::vector<float> dtable0 = uniform((size_t)(vocab * dim), -0.25f, 0.25f, 32);
-    // Repeated ids (few distinct values), and one id out of range (a zero row, ignored by the backward).
     std::vector<int32_t> ids((size_t)tokens);
-    for (int64_t t = 0; t < tokens; ++t) ids[(size_t)t] = (int32_t)((t * 5 + t / 3) % vocab);
+    for (int64_t t = 0; t < tokens; ++t) {
+        ids[(size_t)t] = frequent ? (t % 3 == 0 ? (int32_t)(vocab / 2) : (int32_t)(relora_rng_u64(7, 33, (uint64_t)t) % (uint64_t)vocab))
+                                  : (int32_t)((t * 5 + t / 3) % vocab);
+    }
     if (tokens > 3) ids[3] = (int32_t)vocab;
+    if (tokens > 5) ids[5] = -1;
     Buffer bids(tokens * 4);
     bids.upload(ids.data(), bids.bytes);
     Tensor ttable(dtype, vocab * dim), tout(dtype, tokens * dim), tdout(dtype, tokens * dim);
@@ -519,12 +595,17 @@ bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab) {
     ttable.upload(table);
     tdout.upload(dout);
     tdtable.upload(dtable0);
-    const std::string fwd = label("embedding_forward", dtype, tokens, dim);
-    const std::string bwd = label("embedding_backward", dtype, tokens, dim);
+    // Exactly the bytes the library asks for: the emulation's guard bytes catch any overrun.
+    const int64_t work_bytes = api.embedding_backward_workspace_bytes(tokens);
+    Buffer work(std::max<int64_t>(work_bytes, 1));
+    std::string fwd = label("embedding_forward", dtype, tokens, dim), bwd = label("embedding_backward", dtype, tokens, dim);
+    const std::string detail = " vocab " + std::to_string(vocab) + (frequent ? " frequent id" : "");
+    fwd += detail;
+    bwd += detail;
     EXPECT_OK(fwd.c_str(), api.embedding_forward((const int32_t *)bids.ptr, ttable.buffer.ptr, tout.buffer.ptr, tokens, dim,
                                                  vocab, dtype, nullptr));
     EXPECT_OK(bwd.c_str(), api.embedding_backward((const int32_t *)bids.ptr, tdout.buffer.ptr, (float *)tdtable.buffer.ptr,
-                                                  tokens, dim, vocab, dtype, nullptr));
+                                                  tokens, dim, vocab, dtype, work.ptr, nullptr));
     std::vector<float> want_out((size_t)(tokens * dim), 0.0f), want_dtable = dtable0;
     for (int64_t t = 0; t < tokens; ++t) {
         const int64_t id = ids[(size_t)t];
@@ -889,6 +970,20 @@ bool test_invalid_arguments() {
          d == RELORA_ERR_INVALID_ARGUMENT && e == RELORA_ERR_INVALID_ARGUMENT;
     record(ok, "invalid arguments rejected", "format %d, dtype %d, p=1 %d, negative count %d, step 0 %d (last: %s)", a, b, c,
            d, e, api.last_error());
+    // The embedding backward without its workspace or past int32 ids; rope without its table; dequantize into an
+    // f32 output that is not 4-byte aligned (its 16-byte stores need the element alignment to find boundaries).
+    const int32_t *ids = (const int32_t *)16;
+    const relora_status f = api.embedding_backward(ids, (void *)16, (float *)16, 4, 4, 10, RELORA_DTYPE_F32, nullptr, nullptr);
+    const relora_status g = api.embedding_backward(ids, (void *)16, (float *)16, 4, 4, 1ll << 31, RELORA_DTYPE_F32, (void *)16,
+                                                   nullptr);
+    const relora_status h = api.rope((void *)16, nullptr, 1, 4, 2, 8, 0, RELORA_DTYPE_F32, nullptr);
+    const relora_status i = api.dequantize(RELORA_FORMAT_Q8_0, (void *)16, 1, 32, (void *)18, RELORA_DTYPE_F32, nullptr);
+    const bool more = f == RELORA_ERR_INVALID_ARGUMENT && g == RELORA_ERR_INVALID_ARGUMENT && h == RELORA_ERR_INVALID_ARGUMENT &&
+                      i == RELORA_ERR_INVALID_ARGUMENT;
+    record(more, "workspace, table and alignment arguments rejected",
+           "embedding without workspace %d, vocab 2^31 %d, rope without table %d, misaligned dequantize %d (last: %s)", f, g,
+           h, i, api.last_error());
+    ok &= more;
     // Zero-size calls succeed without touching their (null) pointers.
     const relora_status z = api.swiglu_forward(nullptr, nullptr, nullptr, 0, RELORA_DTYPE_BF16, nullptr);
     record(z == RELORA_OK, "zero-size call is a no-op", "status %d", z);
@@ -903,17 +998,24 @@ bool run_kernel_suite() {
             ok &= test_quantize(f, s[0], s[1]);
         }
         ok &= test_quantize_failures(f);
+        ok &= test_dequantize_offsets(f);
     }
     for (int32_t dtype : kDtypes) {
         ok &= test_rmsnorm(dtype, 1, 1);
         ok &= test_rmsnorm(dtype, 3, 31);
         ok &= test_rmsnorm(dtype, 37, 257);  // > 8 rows per block, dim not a multiple of 32
         ok &= test_rmsnorm(dtype, 2, 1000);
+        // 61 row blocks of 17 rows (the CPU's split past 1024 rows); f32 only: 1030 rows of block reductions cost
+        // the emulation ~25 M fiber switches per dtype.
+        if (dtype == RELORA_DTYPE_F32) ok &= test_rmsnorm(dtype, 1030, 37);
         ok &= test_swiglu(dtype, 1);
         ok &= test_swiglu(dtype, 4099);  // > 8 blocks x 256 threads: the stride loop wraps
         ok &= test_embedding(dtype, 1, 1, 1);
         ok &= test_embedding(dtype, 45, 70, 13);
         ok &= test_embedding(dtype, 19, 2100, 7);  // dim > 8 x 256
+        ok &= test_embedding(dtype, 3000, 5, 300);  // 12 sort tiles (more than the emulated grid's 8), 2 passes
+        ok &= test_embedding(dtype, 2100, 3, 70001, true);  // 3 passes; a run of 700 tokens
+        ok &= test_embedding(dtype, 600, 260, 256, true);    // vocab 256: the invalid key needs a 9th bit
         ok &= test_dropout(dtype, 4099, 0.1f, false);
         ok &= test_dropout(dtype, 1001, 0.5f, true);
         ok &= test_dropout(dtype, 33, 0.0f, false);

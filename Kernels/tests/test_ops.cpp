@@ -7,6 +7,8 @@
 // compared bit for bit too: in the emulation both sides use the host's libm; on a GPU CUDA's double log/cos
 // may move a value by 1 ulp of f32 in rare cases (fill.cu), so on a CUDA build the check allows 1 ulp.
 // GEMM is bounded: see test_gemm.
+#include <dlfcn.h>
+
 #include <algorithm>
 
 #include "harness.h"
@@ -82,14 +84,31 @@ bool test_gemms() {
         for (int32_t ab : dtypes) {
             for (int32_t cd : dtypes) {
                 for (const auto &s : shapes) {
-                    // Cycle through alpha/beta/alpha_scale so every combination of trans and dtypes meets each.
-                    const int v = variant++ % 4;
-                    const float alpha = v == 0 ? 1.0f : (v == 1 ? -0.75f : 1.5f);
-                    const float beta = v == 0 ? 0.0f : (v == 1 ? 0.5f : (v == 2 ? 0.0f : -1.25f));
-                    ok &= test_gemm(t & 1, t >> 1, s[0], s[1], s[2], ab, cd, alpha, beta, v >= 2);
+                    // Cycle through alpha/beta/alpha_scale so every combination of trans and dtypes meets each;
+                    // v 4 and 5 are the LoRA GEMMs' alpha 1 with beta 1 or 0 (the device scalars without a kernel).
+                    const int v = variant++ % 6;
+                    const float alphas[] = {1.0f, -0.75f, 1.5f, 1.5f, 1.0f, 1.0f}, betas[] = {0.0f, 0.5f, 0.0f, -1.25f, 1.0f, 0.0f};
+                    ok &= test_gemm(t & 1, t >> 1, s[0], s[1], s[2], ab, cd, alphas[v], betas[v], v >= 2);
                 }
             }
         }
+    }
+    // The emulation counts launches: alpha 1 with a device scale and beta 0 or 1 launches no kernel of the library's
+    // (the scale is cuBLAS' alpha as it is); alpha -1 (the merge) still forms -s on the device.
+    void (*counters)(uint64_t *, uint64_t *, uint64_t *, uint64_t *) =
+        g_emulated ? (void (*)(uint64_t *, uint64_t *, uint64_t *, uint64_t *))dlsym(api.handle, "relora_emu_counters") : nullptr;
+    if (counters) {
+        uint64_t l0 = 0, l1 = 0, l2 = 0, unused = 0;
+        counters(&l0, &unused, &unused, &unused);
+        ok &= test_gemm(false, true, 9, 5, 4, RELORA_DTYPE_BF16, RELORA_DTYPE_F32, 1.0f, 1.0f, true);
+        ok &= test_gemm(true, false, 9, 5, 4, RELORA_DTYPE_BF16, RELORA_DTYPE_BF16, 1.0f, 0.0f, true);
+        counters(&l1, &unused, &unused, &unused);
+        ok &= test_gemm(false, false, 9, 5, 4, RELORA_DTYPE_F32, RELORA_DTYPE_F32, -1.0f, 1.0f, true);
+        counters(&l2, &unused, &unused, &unused);
+        const bool launches = l1 == l0 && l2 == l1 + 1;
+        record(launches, "gemm: no scalar kernel for alpha 1 with alpha_scale", "alpha 1: %llu launches, alpha -1: %llu",
+               (unsigned long long)(l1 - l0), (unsigned long long)(l2 - l1));
+        ok &= launches;
     }
     // k = 0: c = beta * c (and beta = 0: zeros, whatever c held).
     ok &= test_gemm(false, false, 7, 5, 0, RELORA_DTYPE_F32, RELORA_DTYPE_F32, 1.0f, 0.5f, false);

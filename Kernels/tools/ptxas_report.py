@@ -24,6 +24,10 @@ HOT = [
     "swiglu_backward_kernel",
     "embedding_forward_kernel",
     "embedding_backward_kernel",
+    # the embedding backward's radix sort of the token ids (every micro-batch)
+    "sort_count_kernel",
+    "sort_scan_kernel",
+    "sort_scatter_kernel",
     "dropout_kernel",
     "adamw_kernel",
     "adamw8_kernel",

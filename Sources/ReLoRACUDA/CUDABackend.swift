@@ -20,10 +20,12 @@ import ReLoRACore
 /// outputs, a GEMM's `alphaScale`, AdamW's tensors). Another combination is a caller's bug and traps:
 /// nothing is converted behind the caller's back, so what a run allocates is what its plan counts.
 ///
-/// Sendable (as every `Backend`): its only mutable state, the allocator, is used under `lock`; every other
-/// stored property is a `let` (the workspace pointers are device addresses, written by kernels only), and
-/// the ledger is thread-safe. Kernel calls from several threads go to the one default stream in the order
-/// they are made.
+/// Sendable (as every `Backend`): its mutable state is the allocator, used under `lock`, and the scratch that
+/// grows with the shapes it sees (the embedding backward's workspace, the RoPE tables), used under
+/// `scratchLock`; every other stored property is a `let` (the workspace pointers are device addresses, written
+/// by kernels only), and the ledger is thread-safe. Kernel calls from several threads go to the one default
+/// stream in the order they are made; an op whose kernels share a workspace holds `scratchLock` until they are
+/// all enqueued, so another thread's kernels cannot interleave with them on it.
 public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Sendable {
     public let name: String
     public let ledger = MemoryLedger()
@@ -45,6 +47,14 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     private let failureWord: UnsafeMutableRawPointer
     /// The 8-bit Adam moments' two maps (`BlockwiseMoments.maps`, 2 KiB), uploaded once.
     private let adam8Maps: UnsafeMutableRawPointer
+    /// Scratch sized by the shapes seen so far (not in the ledger, like the workspaces above), under
+    /// `scratchLock`: the embedding backward's sort workspace (`embedding_backward_workspace_bytes`, ~20 bytes a
+    /// token of the micro-batch), grown when a larger batch comes, and one RoPE table per (seqLen, headDim,
+    /// theta), f32 `[2, seqLen, headDim / 2]` (the 1b config at sequence 1024: 512 KiB), made on first use.
+    /// Both reach their size in the first step: no allocation after it.
+    private let scratchLock = NSLock()
+    nonisolated(unsafe) private var embeddingWorkspace: (pointer: UnsafeMutableRawPointer, bytes: Int)?
+    nonisolated(unsafe) private var ropeTables: [String: UnsafeMutableRawPointer] = [:]
 
     private var api: relora_cuda_api { library.api }
 
@@ -67,6 +77,8 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     /// Runs after the last tensor went away (each holds its backend): the cache goes back to the device.
     deinit {
+        if let w = embeddingWorkspace { allocator.release(w.pointer) }
+        for table in ropeTables.values { allocator.release(table) }
         allocator.release(reduceWorkspace)
         allocator.release(selectWorkspace)
         allocator.release(failureWord)
@@ -321,8 +333,30 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
         let t = Self.computeType(x, op: "rope")
-        library.check(api.rope!(x.storage, Int64(batch), Int64(seqLen), Int64(heads), Int64(headDim), theta,
-                                inverse ? 1 : 0, Self.code(t), nil), "rope")
+        guard batch > 0, seqLen > 0, heads > 0, headDim > 0 else { return }
+        let table = ropeTable(seqLen: seqLen, headDim: headDim, theta: theta)
+        library.check(api.rope!(x.storage, table.assumingMemoryBound(to: Float.self), Int64(batch), Int64(seqLen),
+                                Int64(heads), Int64(headDim), inverse ? 1 : 0, Self.code(t), nil), "rope")
+    }
+
+    /// The device copy of `RoPETables.make(...)` for this shape, cos then sin (`[2, seqLen, headDim / 2]`): the
+    /// CPU's own values, uploaded once (the upload synchronizes, so the host arrays can go).
+    private func ropeTable(seqLen: Int, headDim: Int, theta: Float) -> UnsafeMutableRawPointer {
+        let key = "\(seqLen)/\(headDim)/\(theta.bitPattern)"
+        scratchLock.lock(); defer { scratchLock.unlock() }
+        if let table = ropeTables[key] { return table }
+        let (cosT, sinT) = RoPETables.make(seqLen: seqLen, headDim: headDim, theta: theta)
+        let bytes = (cosT.count + sinT.count) * MemoryLayout<Float>.size
+        lock.lock()
+        let table = allocator.allocate(max(bytes, 1), tag: .workspace)
+        lock.unlock()
+        let contents = cosT + sinT
+        contents.withUnsafeBytes { host in
+            library.check(api.memcpy!(table, host.baseAddress, Int64(bytes), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
+            sync()
+        }
+        ropeTables[key] = table
+        return table
     }
 
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -369,12 +403,23 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
                                              Self.code(t), nil), "embedding_forward")
     }
 
+    /// The library sorts the tokens by id in a workspace (grown here to the largest batch seen) and sums each id's
+    /// rows in token order: the CPU's additions.
     public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
         let t = Self.computeType(dout, op: "embeddingBackward")
         Self.require(.f32, dtable, op: "embeddingBackward")
+        let needed = Int(api.embedding_backward_workspace_bytes!(Int64(ids.count)))
+        scratchLock.lock(); defer { scratchLock.unlock() }
+        if needed > (embeddingWorkspace?.bytes ?? 0) {
+            lock.lock()
+            if let old = embeddingWorkspace { allocator.release(old.pointer) }  // its kernels are ahead on the stream
+            embeddingWorkspace = (allocator.allocate(needed, tag: .workspace), needed)
+            lock.unlock()
+        }
         library.check(api.embedding_backward!(ids.storage?.assumingMemoryBound(to: Int32.self), dout.storage,
                                               dtable.storage?.assumingMemoryBound(to: Float.self), Int64(ids.count), Int64(dim),
-                                              Int64(dtable.count / max(1, dim)), Self.code(t), nil), "embedding_backward")
+                                              Int64(dtable.count / max(1, dim)), Self.code(t), embeddingWorkspace?.pointer, nil),
+                      "embedding_backward")
     }
 
     /// The per-row losses stay on the device; their sum comes back by downloading them (`rows` floats: one

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 8
+#define RELORA_ABI_VERSION 9
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -202,14 +202,22 @@ typedef struct relora_device_properties {
     /* out[n] = table[ids[n]] (dtype); ids outside [0, vocab) give zero rows */                          \
     X(relora_status, embedding_forward, (const int32_t *ids, const void *table, void *out, int64_t tokens,\
                                          int64_t dim, int64_t vocab, int32_t dtype, void *stream))        \
-    /* accumulates dtable[ids[n]] += dout[n] (dtable f32, dout dtype) in token order: deterministic */   \
+    /* accumulates dtable[ids[n]] += dout[n] (dtable f32, dout dtype) in token order, the CPU's additions */\
+    /* (a stable sort of the tokens by id, then one owner per id: deterministic, no atomics); ids outside */\
+    /* [0, vocab) are skipped. workspace: embedding_backward_workspace_bytes(tokens) bytes of device */   \
+    /* memory (one per stream) */                                                                         \
     X(relora_status, embedding_backward, (const int32_t *ids, const void *dout, float *dtable,            \
                                           int64_t tokens, int64_t dim, int64_t vocab, int32_t dtype,      \
-                                          void *stream))                                                  \
-    /* Rotary embedding in place, Hugging Face's rotate-half convention, angles as CPUBackend.ropeTables */\
-    /* (x: [batch * seq_len, heads * head_dim]; inverse: the transposed rotation = the backward) */     \
-    X(relora_status, rope, (void *x, int64_t batch, int64_t seq_len, int64_t heads, int64_t head_dim,     \
-                            float theta, int32_t inverse, int32_t dtype, void *stream))                   \
+                                          void *workspace, void *stream))                                 \
+    /* the scratch embedding_backward needs for `tokens` ids (0 for none; grows linearly: ~20 bytes a */  \
+    /* token) */                                                                                          \
+    X(int64_t, embedding_backward_workspace_bytes, (int64_t tokens))                                      \
+    /* Rotary embedding in place, Hugging Face's rotate-half convention (x: [batch * seq_len, heads *   */\
+    /* head_dim]; inverse: the transposed rotation = the backward). table: f32 [2, seq_len, head_dim/2], */\
+    /* device memory: the cos then the sin of every (position, pair) angle, CPUBackend.ropeTables' values */\
+    /* (the caller builds it once per (seq_len, head_dim, theta): RoPETables in ReLoRACore) */         \
+    X(relora_status, rope, (void *x, const float *table, int64_t batch, int64_t seq_len, int64_t heads,   \
+                            int64_t head_dim, int32_t inverse, int32_t dtype, void *stream))              \
     /* Causal grouped-query attention, scale 1/sqrt(head_dim): q, out [N, heads*head_dim], k, v */       \
     /* [N, kv_heads*head_dim] (dtype); lse f32 [batch, heads, seq_len] saved for the backward; */        \
     /* head_dim in [1, 128] and heads % kv_heads == 0, else RELORA_ERR_INVALID_ARGUMENT */               \

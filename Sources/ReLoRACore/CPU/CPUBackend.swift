@@ -189,20 +189,9 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
         let key = "\(seqLen)/\(headDim)/\(theta)"
         ropeCacheLock.lock(); defer { ropeCacheLock.unlock() }
         if let t = ropeCache[key] { return t }
-        let half = headDim / 2
-        var c = [Float](repeating: 0, count: seqLen * half), s = c
-        for p in 0..<seqLen {
-            for i in 0..<half {
-                // Hugging Face computes inv_freq = 1 / theta^(2i/d) in fp32; we compute the angle in
-                // Double and round once, which differs from it by < 1e-6 rad at the positions we use.
-                let invFreq = 1.0 / pow(Double(theta), Double(2 * i) / Double(headDim))
-                let angle = Double(p) * invFreq
-                c[p * half + i] = Float(cos(angle))
-                s[p * half + i] = Float(sin(angle))
-            }
-        }
-        ropeCache[key] = (c, s)
-        return (c, s)
+        let tables = RoPETables.make(seqLen: seqLen, headDim: headDim, theta: theta)
+        ropeCache[key] = tables
+        return tables
     }
 
     public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
