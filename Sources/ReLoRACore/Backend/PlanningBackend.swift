@@ -1,3 +1,5 @@
+import Foundation
+
 /// A backend that allocates and computes nothing: it runs the model's and the trainer's real code
 /// path and records every tensor's shape, dtype and tag in its ledger, so live and peak bytes per tag
 /// are what a real run on the target device would allocate (`relora memory`, and `relora train`'s
@@ -21,6 +23,11 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public let computes = false
     public var name: String { "plan:\(target.rawValue)" }
     public var maxAttentionHeadDim: Int? { target.maxAttentionHeadDim }
+
+    /// The CUDA backend's scratch made on first use: rope tables (by shape) and the embedding sort's workspace.
+    private let lock = NSLock()
+    nonisolated(unsafe) private var ropeTables: Set<String> = []  // under lock
+    nonisolated(unsafe) private var embeddingWorkspaceBytes = 0  // under lock
 
     public init(target: Device) {
         self.target = target
@@ -69,7 +76,13 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {}
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                                 dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {}
-    public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {}
+    public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
+        // As CUDABackend: one cos/sin table per shape, `[2, seqLen, headDim / 2]` f32, made at its first use.
+        guard let allocator else { return }
+        lock.lock(); defer { lock.unlock() }
+        guard ropeTables.insert("\(seqLen)/\(headDim)/\(theta.bitPattern)").inserted else { return }
+        allocator.allocate(max(2 * seqLen * (headDim / 2) * MemoryLayout<Float>.size, 1), tag: .workspace)
+    }
 
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
@@ -93,7 +106,25 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {}
     public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {}
     public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {}
-    public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {}
+    public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
+        // As CUDABackend: the sort's workspace, grown to the largest batch seen (the old one released first).
+        guard let allocator else { return }
+        let needed = Self.embeddingSortWorkspaceBytes(tokens: ids.count)
+        lock.lock(); defer { lock.unlock() }
+        guard needed > embeddingWorkspaceBytes else { return }
+        if embeddingWorkspaceBytes > 0 { allocator.release(embeddingWorkspaceBytes, tag: .workspace) }
+        allocator.allocate(needed, tag: .workspace)
+        embeddingWorkspaceBytes = needed
+    }
+
+    /// `relora_cuda_embedding_backward_workspace_bytes` (Kernels/src/embedding.cu), which a plan cannot call:
+    /// keys and values twice, then 256 digit counts per tile of 256 tokens, each region 256-byte aligned.
+    /// CUDABackendTests' plan = allocator test fails if the two drift apart.
+    static func embeddingSortWorkspaceBytes(tokens: Int) -> Int {
+        guard tokens > 0 else { return 0 }
+        func align256(_ b: Int) -> Int { (b + 255) / 256 * 256 }
+        return 4 * align256(tokens * 4) + align256(256 * ((tokens + 255) / 256) * 4)
+    }
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?) -> Double {
         ledger.downloaded(MemoryLayout<Double>.size)
