@@ -43,6 +43,10 @@ HOT = [
     "attention_forward_kernel",
     "attention_backward_dq_kernel",
     "attention_backward_dkv_kernel",
+    # the bf16 tensor-core attention (head_dim 64, 128)
+    "attention_forward_mma_kernel",
+    "attention_backward_dq_mma_kernel",
+    "attention_backward_dkv_mma_kernel",
     "cross_entropy_kernel",
 ]
 # Kernels that run once per restart or less (the merge, optimizer-state pruning, the merge report):
