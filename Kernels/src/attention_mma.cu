@@ -53,7 +53,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // Shared tiles: D bf16 per row plus a 16-byte skew.
 template <int D>
-constexpr int pitch() { return D + 8; }
+__host__ __device__ constexpr int pitch() { return D + 8; }
 
 // Rows [first, first + ROWS) of one head (row r at src + r * stride, D contiguous bf16; src is row 0) into
 // dst[ROWS][D + 8] with cp.async; rows at or past seq are zero-filled.

@@ -76,7 +76,7 @@ def base_name(demangled):
 
 def short_name(demangled):
     """Drop namespaces and the parameter list, keep the template arguments."""
-    text = demangled.replace("relora::(anonymous namespace)::", "").replace("relora::", "")
+    text = re.sub(r"\b[A-Za-z_]\w*::", "", demangled.replace("(anonymous namespace)::", ""))
     depth, end = 0, len(text)
     for i, ch in enumerate(text):
         if ch == "<":
