@@ -75,54 +75,64 @@ __device__ __forceinline__ void load_a_strip(uint32_t (&a)[K / 16][4], const bf1
     for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4(a[kk], tile + (row0 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
 }
 
-// c += A B^T for a 16-row strip: A as fragments in registers (16 x K), B^T's N rows of K columns a shared
-// tile from row 0 (stored n-major: K of S = Q K^T, V of dP = dO V^T). One ldmatrix x4 gives the B fragments
-// of two n-tiles: lanes 0-7 rows n 0-7 at k 0, 8-15 the same at k 8, 16-23 rows 8-15 at k 0, 24-31 at k 8.
-template <int K, int N, int P>
-__device__ __forceinline__ void mma_rbt(float (&c)[N / 8][4], const uint32_t (&a)[K / 16][4], const bf16 *b, int lane) {
+// c[a] += A_a B^T for WM 16-row strips: A as fragments in registers (16 x K each), B^T's N rows of K columns a
+// shared tile from row 0 (stored n-major: K of S = Q K^T, V of dP = dO V^T). One ldmatrix x4 gives the B
+// fragments of two n-tiles (lanes 0-7 rows n 0-7 at k 0, 8-15 the same at k 8, 16-23 rows 8-15 at k 0, 24-31 at
+// k 8), and each serves the WM strips.
+template <int WM, int K, int N, int P>
+__device__ __forceinline__ void mma_rbt(float (&c)[WM][N / 8][4], const uint32_t (&a)[WM][K / 16][4], const bf16 *b,
+                                        int lane) {
     RELORA_UNROLL
     for (int kk = 0; kk < K / 16; ++kk) {
         RELORA_UNROLL
         for (int nn = 0; nn < N / 16; ++nn) {
             uint32_t f[4];
             ldmatrix_x4(f, b + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * P + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma_bf16_m16n8k16(c[2 * nn], a[kk], f[0], f[1]);
-            mma_bf16_m16n8k16(c[2 * nn + 1], a[kk], f[2], f[3]);
+            RELORA_UNROLL
+            for (int m = 0; m < WM; ++m) {
+                mma_bf16_m16n8k16(c[m][2 * nn], a[m][kk], f[0], f[1]);
+                mma_bf16_m16n8k16(c[m][2 * nn + 1], a[m][kk], f[2], f[3]);
+            }
         }
     }
 }
 
-// The same with A read from a shared tile (rows row0 .. row0 + 15) one k slice at a time: S^T = K Q^T and
-// dP^T = V dO^T in dK/dV, whose K and V strips would not fit in registers beside the dK, dV accumulators.
+// The same for one strip whose A is read from a shared tile (rows row0 .. row0 + 15) one k slice at a time:
+// S^T = K Q^T and dP^T = V dO^T in dK/dV, whose K and V strips would not fit in registers beside the dK, dV
+// accumulators.
 template <int K, int N, int P>
 __device__ __forceinline__ void mma_sbt(float (&c)[N / 8][4], const bf16 *a_tile, int row0, const bf16 *b, int lane) {
     RELORA_UNROLL
     for (int kk = 0; kk < K / 16; ++kk) {
-        uint32_t a[1][4];
-        ldmatrix_x4(a[0], a_tile + (row0 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
+        uint32_t a[4];
+        ldmatrix_x4(a, a_tile + (row0 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
         RELORA_UNROLL
         for (int nn = 0; nn < N / 16; ++nn) {
             uint32_t f[4];
             ldmatrix_x4(f, b + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * P + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma_bf16_m16n8k16(c[2 * nn], a[0], f[0], f[1]);
-            mma_bf16_m16n8k16(c[2 * nn + 1], a[0], f[2], f[3]);
+            mma_bf16_m16n8k16(c[2 * nn], a, f[0], f[1]);
+            mma_bf16_m16n8k16(c[2 * nn + 1], a, f[2], f[3]);
         }
     }
 }
 
-// c += A B for a 16-row strip: A as fragments in registers (16 x K: P or dS from a_from_c), B a shared tile
-// of K rows and N columns stored k-major (V, K, dO, Q as they lie in memory), read transposed: ldmatrix x4
-// .trans with lanes 0-7 giving rows k 0-7 at n 0, 8-15 rows k 8-15 at n 0, 16-31 the same at n 8.
-template <int K, int N, int P>
-__device__ __forceinline__ void mma_rb(float (&c)[N / 8][4], const uint32_t (&a)[K / 16][4], const bf16 *b, int lane) {
+// c[a] += A_a B for WM 16-row strips: A as fragments in registers (16 x K: P or dS from a_from_c), B a shared
+// tile of K rows and N columns stored k-major (V, K, dO, Q as they lie in memory), read transposed: ldmatrix
+// x4 .trans with lanes 0-7 giving rows k 0-7 at n 0, 8-15 rows k 8-15 at n 0, 16-31 the same at n 8.
+template <int WM, int K, int N, int P>
+__device__ __forceinline__ void mma_rb(float (&c)[WM][N / 8][4], const uint32_t (&a)[WM][K / 16][4], const bf16 *b,
+                                       int lane) {
     RELORA_UNROLL
     for (int kk = 0; kk < K / 16; ++kk) {
         RELORA_UNROLL
         for (int nn = 0; nn < N / 16; ++nn) {
             uint32_t f[4];
             ldmatrix_x4_trans(f, b + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * P + nn * 16 + (lane >> 4) * 8);
-            mma_bf16_m16n8k16(c[2 * nn], a[kk], f[0], f[1]);
-            mma_bf16_m16n8k16(c[2 * nn + 1], a[kk], f[2], f[3]);
+            RELORA_UNROLL
+            for (int m = 0; m < WM; ++m) {
+                mma_bf16_m16n8k16(c[m][2 * nn], a[m][kk], f[0], f[1]);
+                mma_bf16_m16n8k16(c[m][2 * nn + 1], a[m][kk], f[2], f[3]);
+            }
         }
     }
 }
@@ -187,41 +197,48 @@ __device__ __forceinline__ void store_rows(bf16 *dst, int64_t stride, int64_t fi
 }
 
 // ---- Forward ---------------------------------------------------------------------------------------------
+// WM 16-row strips per warp (64 WM query rows per CTA): every B fragment a warp loads (K for S, V for P.V)
+// serves WM mma's, so WM = 2 halves the shared-memory traffic per mma, at WM times the accumulators.
 // Shared memory: two stages of [2 BC][D + 8] (key tile j: K in rows 0..BC-1 and V in rows BC..2BC-1 of stage
-// j % 2). The query tile is staged once in stage 1 and the output in stage 0 (2 BC >= 64 rows).
+// j % 2). The query tile is staged once in stage 1 and the output in stage 0 (2 BC >= 64 WM rows).
 template <int D, int BC>
 constexpr size_t forward_smem() { return 2 * (size_t)(2 * BC) * pitch<D>() * sizeof(bf16); }
 
-template <int D, int BC>
+template <int D, int BC, int WM>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_mma_kernel(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, Shape sh) {
-    constexpr int P = pitch<D>(), N8 = BC / 8, D8 = D / 8;
-    static_assert(2 * BC >= kRows && BC % 16 == 0 && D % 16 == 0, "tile shapes");
+    constexpr int P = pitch<D>(), N8 = BC / 8, D8 = D / 8, WR = 16 * WM, R = kWarps * WR;
+    static_assert(2 * BC >= R && BC % 16 == 0 && D % 16 == 0, "tile shapes");
     RELORA_DYNAMIC_SHARED(bf16, smem);
     auto stage = [&](int s) { return smem + s * (2 * BC) * P; };
     const int lane = (int)(threadIdx.x & 31u), warp = (int)(threadIdx.x >> 5), g = lane >> 2, t = lane & 3;
     const float scale_log2 = sh.scale * kLog2e;
     const int64_t T_ = sh.seq, qstride = sh.heads * D, kstride = sh.kv_heads * D;
-    const int64_t q_tiles = (T_ + kRows - 1) / kRows, heads = sh.batch * sh.heads;
+    const int64_t q_tiles = (T_ + R - 1) / R, heads = sh.batch * sh.heads;
     for (int64_t tile = blockIdx.x; tile < heads * q_tiles; tile += gridDim.x) {
         const int64_t qt = q_tiles - 1 - tile / heads, bh = tile % heads, h = bh % sh.heads, b = bh / sh.heads;
-        const int64_t q0 = qt * kRows;
+        const int64_t q0 = qt * R, w0 = q0 + warp * WR;  // the CTA's and this warp's first query
         const bf16 *qh = q + b * T_ * qstride + h * D;
         const bf16 *kh = k + b * T_ * kstride + h / sh.group * D, *vh = v + b * T_ * kstride + h / sh.group * D;
         // Key tiles up to the last valid query of the tile (rows past seq are computed on zeros and dropped).
-        const int tiles = (int)(((q0 + kRows < T_ ? q0 + kRows : T_) - 1) / BC + 1);
+        const int tiles = (int)(((q0 + R < T_ ? q0 + R : T_) - 1) / BC + 1);
         __syncthreads();  // the previous tile's output copy is done with stage 0
-        load_rows_async<kRows, D>(stage(1), qh, qstride, q0, T_);
+        load_rows_async<R, D>(stage(1), qh, qstride, q0, T_);
         load_rows_async<BC, D>(stage(0), kh, kstride, 0, T_);
         load_rows_async<BC, D>(stage(0) + BC * P, vh, kstride, 0, T_);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
-        uint32_t qf[D / 16][4];
-        load_a_strip<D, P>(qf, stage(1), warp * 16, lane);
-        float o[D8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        zero(o);
-        const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+        uint32_t qf[WM][D / 16][4];
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) load_a_strip<D, P>(qf[a], stage(1), warp * WR + 16 * a, lane);
+        float o[WM][D8][4], m[WM][2], l[WM][2];
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) {
+            zero(o[a]);
+            m[a][0] = m[a][1] = -INFINITY;
+            l[a][0] = l[a][1] = 0.0f;
+        }
         for (int j = 0; j < tiles; ++j) {
             if (j > 0) cp_async_wait<0>();
             __syncthreads();  // tile j landed for every thread; every warp is done with tile j - 1 (and Q)
@@ -232,113 +249,139 @@ __global__ void __launch_bounds__(kThreads)
                 cp_async_commit();
             }
             const bf16 *Ks = stage(j & 1), *Vs = Ks + BC * P;
-            float s[N8][4];
-            zero(s);
-            mma_rbt<D, BC, P>(s, qf, Ks, lane);
+            float s[WM][N8][4];
+            RELORA_UNROLL
+            for (int a = 0; a < WM; ++a) zero(s[a]);
+            mma_rbt<WM, D, BC, P>(s, qf, Ks, lane);
             const int64_t k0 = (int64_t)j * BC;
-            if (k0 + BC > q0 + warp * 16) {  // the tile crosses this warp's diagonal: mask keys after the query
+            if (k0 + BC > w0) {  // the tile crosses this warp's diagonal: mask keys after the query
                 RELORA_UNROLL
-                for (int n = 0; n < N8; ++n) {
+                for (int a = 0; a < WM; ++a) {
                     RELORA_UNROLL
-                    for (int i = 0; i < 4; ++i) {
-                        if (k0 + n * 8 + 2 * t + (i & 1) > row[i >> 1]) s[n][i] = -INFINITY;
+                    for (int n = 0; n < N8; ++n) {
+                        RELORA_UNROLL
+                        for (int i = 0; i < 4; ++i) {
+                            if (k0 + n * 8 + 2 * t + (i & 1) > w0 + 16 * a + g + 8 * (i >> 1)) s[a][n][i] = -INFINITY;
+                        }
                     }
                 }
             }
             // Online softmax. Every row sees key 0 in the first tile, so its maximum is finite from then on:
-            // alpha = 0 on the first tile, and a later tile that masks the whole row (BC = 32: the second half of
-            // the diagonal) leaves m and l as they were (alpha = 1, p = 0).
+            // alpha = 0 on the first tile, and a later tile that masks the whole row (the diagonal's far side
+            // when BC < 16 WM) leaves m and l as they were (alpha = 1, p = 0).
             RELORA_UNROLL
-            for (int r = 0; r < 2; ++r) {
-                float mx = m[r];
+            for (int a = 0; a < WM; ++a) {
                 RELORA_UNROLL
-                for (int n = 0; n < N8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float alpha = exp2f((m[r] - mx) * scale_log2), shift = mx * scale_log2;
-                m[r] = mx;
-                float sum = 0.0f;
-                RELORA_UNROLL
-                for (int n = 0; n < N8; ++n) {
+                for (int r = 0; r < 2; ++r) {
+                    float mx = m[a][r];
                     RELORA_UNROLL
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = exp2f(fmaf(s[n][2 * r + e], scale_log2, -shift));  // 0 where masked
-                        s[n][2 * r + e] = p;
-                        sum += p;
+                    for (int n = 0; n < N8; ++n) mx = fmaxf(mx, fmaxf(s[a][n][2 * r], s[a][n][2 * r + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float alpha = exp2f((m[a][r] - mx) * scale_log2), shift = mx * scale_log2;
+                    m[a][r] = mx;
+                    float sum = 0.0f;
+                    RELORA_UNROLL
+                    for (int n = 0; n < N8; ++n) {
+                        RELORA_UNROLL
+                        for (int e = 0; e < 2; ++e) {
+                            const float p = exp2f(fmaf(s[a][n][2 * r + e], scale_log2, -shift));  // 0 where masked
+                            s[a][n][2 * r + e] = p;
+                            sum += p;
+                        }
+                    }
+                    l[a][r] = l[a][r] * alpha + sum;
+                    RELORA_UNROLL
+                    for (int n = 0; n < D8; ++n) {
+                        o[a][n][2 * r] *= alpha;
+                        o[a][n][2 * r + 1] *= alpha;
                     }
                 }
-                l[r] = l[r] * alpha + sum;
-                RELORA_UNROLL
-                for (int n = 0; n < D8; ++n) {
-                    o[n][2 * r] *= alpha;
-                    o[n][2 * r + 1] *= alpha;
-                }
             }
-            uint32_t pf[BC / 16][4];
-            a_from_c<N8>(pf, s);
-            mma_rb<BC, D, P>(o, pf, Vs, lane);
-        }
-        float inv[2];
-        RELORA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-            inv[r] = 1.0f / l[r];
-            if (t == 0 && row[r] < T_) lse[(b * sh.heads + h) * T_ + row[r]] = m[r] * sh.scale + logf(l[r]);
+            uint32_t pf[WM][BC / 16][4];
+            RELORA_UNROLL
+            for (int a = 0; a < WM; ++a) a_from_c<N8>(pf[a], s[a]);
+            mma_rb<WM, BC, D, P>(o, pf, Vs, lane);
         }
         __syncthreads();  // every warp is done with the last tile's stage
-        stage_strip<D>(stage(0), warp * 16, o, inv, lane);
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) {
+            float inv[2];
+            RELORA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+                l[a][r] += __shfl_xor_sync(0xffffffffu, l[a][r], 1);
+                l[a][r] += __shfl_xor_sync(0xffffffffu, l[a][r], 2);
+                inv[r] = 1.0f / l[a][r];
+                const int64_t row = w0 + 16 * a + g + 8 * r;
+                if (t == 0 && row < T_) lse[(b * sh.heads + h) * T_ + row] = m[a][r] * sh.scale + logf(l[a][r]);
+            }
+            stage_strip<D>(stage(0), warp * WR + 16 * a, o[a], inv, lane);
+        }
         __syncthreads();
-        store_rows<kRows, D>(out + b * T_ * qstride + h * D, qstride, q0, T_, stage(0));
+        store_rows<R, D>(out + b * T_ * qstride + h * D, qstride, q0, T_, stage(0));
     }
 }
 
 // ---- Backward: dQ ----------------------------------------------------------------------------------------
-// Shared memory: two stages of [2 BC][D + 8] (K and V of key tile j in stage j % 2; Q staged once in stage 0,
-// dO in stage 1, dQ's output in stage 0), then lse * log2(e) and D_i of the 64 query rows.
-template <int D, int BC>
-constexpr size_t dq_smem() { return forward_smem<D, BC>() + 2 * kRows * sizeof(float); }
+// WM 16-row strips per warp (64 WM query rows per CTA), as the forward. Shared memory: two stages of
+// [2 BC][D + 8] (K and V of key tile j in stage j % 2; Q, then dO, staged once across both stages, and dQ's
+// output in them at the end: 4 BC >= 64 WM rows), then lse * log2(e) and D_i of the CTA's query rows.
+template <int D, int BC, int WM>
+constexpr size_t dq_smem() { return forward_smem<D, BC>() + 2 * (size_t)(kRows * WM) * sizeof(float); }
 
-template <int D, int BC>
+template <int D, int BC, int WM>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dq_mma_kernel(const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *out,
                                      const float *lse, bf16 *dq, Shape sh) {
-    constexpr int P = pitch<D>(), N8 = BC / 8, D8 = D / 8;
-    static_assert(2 * BC >= kRows && BC % 16 == 0 && D % 16 == 0, "tile shapes");
+    constexpr int P = pitch<D>(), N8 = BC / 8, D8 = D / 8, WR = 16 * WM, R = kWarps * WR;
+    static_assert(4 * BC >= R && BC % 16 == 0 && D % 16 == 0, "tile shapes");
     RELORA_DYNAMIC_SHARED(bf16, smem);
     auto stage = [&](int s) { return smem + s * (2 * BC) * P; };
-    float *Ls = reinterpret_cast<float *>(smem + 2 * (2 * BC) * P), *Ds = Ls + kRows;
+    float *Ls = reinterpret_cast<float *>(smem + 2 * (2 * BC) * P), *Ds = Ls + R;
     const int lane = (int)(threadIdx.x & 31u), warp = (int)(threadIdx.x >> 5), g = lane >> 2, t = lane & 3;
     const float scale_log2 = sh.scale * kLog2e;
     const int64_t T_ = sh.seq, qstride = sh.heads * D, kstride = sh.kv_heads * D;
-    const int64_t q_tiles = (T_ + kRows - 1) / kRows, heads = sh.batch * sh.heads;
+    const int64_t q_tiles = (T_ + R - 1) / R, heads = sh.batch * sh.heads;
     for (int64_t tile = blockIdx.x; tile < heads * q_tiles; tile += gridDim.x) {
         const int64_t qt = q_tiles - 1 - tile / heads, bh = tile % heads, h = bh % sh.heads, b = bh / sh.heads;
-        const int64_t q0 = qt * kRows, qoff = b * T_ * qstride + h * D;
+        const int64_t q0 = qt * R, w0 = q0 + warp * WR, qoff = b * T_ * qstride + h * D;
         const bf16 *kh = k + b * T_ * kstride + h / sh.group * D, *vh = v + b * T_ * kstride + h / sh.group * D;
-        const int tiles = (int)(((q0 + kRows < T_ ? q0 + kRows : T_) - 1) / BC + 1);
-        __syncthreads();  // the previous tile's output copy is done with stage 0
-        load_rows_async<kRows, D>(stage(0), q + qoff, qstride, q0, T_);
-        load_rows_async<kRows, D>(stage(1), dout + qoff, qstride, q0, T_);
+        const int tiles = (int)(((q0 + R < T_ ? q0 + R : T_) - 1) / BC + 1);
+        uint32_t qf[WM][D / 16][4], dof[WM][D / 16][4];
+        __syncthreads();  // the previous tile's output copy is done with the stages
+        load_rows_async<R, D>(stage(0), q + qoff, qstride, q0, T_);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
-        row_dots<kRows, D>(Ds, stage(1), out + qoff, qstride, q0, T_);
-        for (int r = (int)threadIdx.x; r < kRows; r += kThreads) {
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) load_a_strip<D, P>(qf[a], stage(0), warp * WR + 16 * a, lane);
+        __syncthreads();  // every warp has its Q fragments
+        load_rows_async<R, D>(stage(0), dout + qoff, qstride, q0, T_);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        row_dots<R, D>(Ds, stage(0), out + qoff, qstride, q0, T_);
+        for (int r = (int)threadIdx.x; r < R; r += kThreads) {
             Ls[r] = q0 + r < T_ ? lse[(b * sh.heads + h) * T_ + q0 + r] * kLog2e : 0.0f;
         }
-        uint32_t qf[D / 16][4], dof[D / 16][4];
-        load_a_strip<D, P>(qf, stage(0), warp * 16, lane);
-        load_a_strip<D, P>(dof, stage(1), warp * 16, lane);
-        __syncthreads();  // Ls, Ds written; every warp has its Q and dO fragments, so both stages are free
-        const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-        const float li[2] = {Ls[warp * 16 + g], Ls[warp * 16 + g + 8]};
-        const float di[2] = {Ds[warp * 16 + g], Ds[warp * 16 + g + 8]};
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) load_a_strip<D, P>(dof[a], stage(0), warp * WR + 16 * a, lane);
+        __syncthreads();  // Ls, Ds written; every warp has its dO fragments, so the stages are free
+        float li[WM][2], di[WM][2];
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) {
+            RELORA_UNROLL
+            for (int r = 0; r < 2; ++r) {
+                li[a][r] = Ls[warp * WR + 16 * a + g + 8 * r];
+                di[a][r] = Ds[warp * WR + 16 * a + g + 8 * r];
+            }
+        }
         load_rows_async<BC, D>(stage(0), kh, kstride, 0, T_);
         load_rows_async<BC, D>(stage(0) + BC * P, vh, kstride, 0, T_);
         cp_async_commit();
-        float acc[D8][4];
-        zero(acc);
+        float acc[WM][D8][4];
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) zero(acc[a]);
         for (int j = 0; j < tiles; ++j) {
             cp_async_wait<0>();
             __syncthreads();  // tile j landed for every thread; every warp is done with tile j - 1
@@ -349,32 +392,40 @@ __global__ void __launch_bounds__(kThreads)
                 cp_async_commit();
             }
             const bf16 *Ks = stage(j & 1), *Vs = Ks + BC * P;
-            float s[N8][4], dp[N8][4];
-            zero(s);
-            zero(dp);
-            mma_rbt<D, BC, P>(s, qf, Ks, lane);
-            mma_rbt<D, BC, P>(dp, dof, Vs, lane);
-            const int64_t k0 = (int64_t)j * BC;
-            const bool diagonal = k0 + BC > q0 + warp * 16;
+            float s[WM][N8][4], dp[WM][N8][4];
             RELORA_UNROLL
-            for (int n = 0; n < N8; ++n) {
+            for (int a = 0; a < WM; ++a) {
+                zero(s[a]);
+                zero(dp[a]);
+            }
+            mma_rbt<WM, D, BC, P>(s, qf, Ks, lane);
+            mma_rbt<WM, D, BC, P>(dp, dof, Vs, lane);
+            const int64_t k0 = (int64_t)j * BC;
+            const bool diagonal = k0 + BC > w0;
+            RELORA_UNROLL
+            for (int a = 0; a < WM; ++a) {
                 RELORA_UNROLL
-                for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1;
-                    const bool masked = diagonal && k0 + n * 8 + 2 * t + (i & 1) > row[r];
-                    const float p = masked ? 0.0f : exp2f(fmaf(s[n][i], scale_log2, -li[r]));
-                    s[n][i] = p * (dp[n][i] - di[r]);  // dS
+                for (int n = 0; n < N8; ++n) {
+                    RELORA_UNROLL
+                    for (int i = 0; i < 4; ++i) {
+                        const int r = i >> 1;
+                        const bool masked = diagonal && k0 + n * 8 + 2 * t + (i & 1) > w0 + 16 * a + g + 8 * r;
+                        const float p = masked ? 0.0f : exp2f(fmaf(s[a][n][i], scale_log2, -li[a][r]));
+                        s[a][n][i] = p * (dp[a][n][i] - di[a][r]);  // dS
+                    }
                 }
             }
-            uint32_t dsf[BC / 16][4];
-            a_from_c<N8>(dsf, s);
-            mma_rb<BC, D, P>(acc, dsf, Ks, lane);
+            uint32_t dsf[WM][BC / 16][4];
+            RELORA_UNROLL
+            for (int a = 0; a < WM; ++a) a_from_c<N8>(dsf[a], s[a]);
+            mma_rb<WM, BC, D, P>(acc, dsf, Ks, lane);
         }
         __syncthreads();  // every warp is done with the last tile's stage
         const float factor[2] = {sh.scale, sh.scale};
-        stage_strip<D>(stage(0), warp * 16, acc, factor, lane);
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) stage_strip<D>(stage(0), warp * WR + 16 * a, acc[a], factor, lane);
         __syncthreads();
-        store_rows<kRows, D>(dq + qoff, qstride, q0, T_, stage(0));
+        store_rows<R, D>(dq + qoff, qstride, q0, T_, stage(0));
     }
 }
 
@@ -418,9 +469,9 @@ __global__ void __launch_bounds__(kThreads)
         load_rows_async<BC, D>(Vs, v + koff, kstride, k0, T_);
         load_item(0, 0);
         cp_async_commit();
-        float dka[D8][4], dva[D8][4];
-        zero(dka);
-        zero(dva);
+        float dka[1][D8][4], dva[1][D8][4];
+        zero(dka[0]);
+        zero(dva[0]);
         const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
         for (int64_t it = 0; it < items; ++it) {
             cp_async_wait<0>();
@@ -455,17 +506,17 @@ __global__ void __launch_bounds__(kThreads)
                     dp[n][i] = p * (dp[n][i] - Ds[c]);  // dS^T
                 }
             }
-            uint32_t pf[BR / 16][4], dsf[BR / 16][4];
-            a_from_c<N8>(pf, s);
-            a_from_c<N8>(dsf, dp);
-            mma_rb<BR, D, P>(dva, pf, dOs, lane);
-            mma_rb<BR, D, P>(dka, dsf, Qs, lane);
+            uint32_t pf[1][BR / 16][4], dsf[1][BR / 16][4];
+            a_from_c<N8>(pf[0], s);
+            a_from_c<N8>(dsf[0], dp);
+            mma_rb<1, BR, D, P>(dva, pf, dOs, lane);
+            mma_rb<1, BR, D, P>(dka, dsf, Qs, lane);
         }
         cp_async_wait<0>();  // nothing is in flight (items >= 1 waited every group); keeps the rule visible
         __syncthreads();     // every warp is done with Ks and Vs
         const float one[2] = {1.0f, 1.0f}, scale[2] = {sh.scale, sh.scale};
-        stage_strip<D>(Ks, warp * 16, dka, scale, lane);
-        stage_strip<D>(Vs, warp * 16, dva, one, lane);
+        stage_strip<D>(Ks, warp * 16, dka[0], scale, lane);
+        stage_strip<D>(Vs, warp * 16, dva[0], one, lane);
         __syncthreads();
         store_rows<BC, D>(dk + koff, kstride, k0, T_, Ks);
         store_rows<BC, D>(dv + koff, kstride, k0, T_, Vs);
@@ -480,24 +531,25 @@ relora_status allow_smem(Kernel kernel, size_t bytes, const char *name) {
     return check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), name);
 }
 
-template <int D, int BC>
+template <int D, int BC, int WM>
 relora_status forward_for(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, const Shape &sh,
                           cudaStream_t stream) {
-    const int64_t tiles = sh.batch * sh.heads * ((sh.seq + kRows - 1) / kRows);
+    const int64_t tiles = sh.batch * sh.heads * ((sh.seq + kRows * WM - 1) / (kRows * WM));
     constexpr size_t smem = forward_smem<D, BC>();
-    RELORA_CHECK(allow_smem(attention_forward_mma_kernel<D, BC>, smem, "attention_forward_mma_kernel"));
-    RELORA_LAUNCH((attention_forward_mma_kernel<D, BC>), dim3(grid_for(tiles, 1)), dim3(kThreads), smem, stream)
+    RELORA_CHECK(allow_smem(attention_forward_mma_kernel<D, BC, WM>, smem, "attention_forward_mma_kernel"));
+    RELORA_LAUNCH((attention_forward_mma_kernel<D, BC, WM>), dim3(grid_for(tiles, 1)), dim3(kThreads), smem, stream)
     (q, k, v, out, lse, sh);
     return check_launch("attention_forward_mma_kernel");
 }
 
-template <int D, int BC, int BR>
+template <int D, int BC, int WM, int BR>
 relora_status backward_for(const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *out,
                            const float *lse, bf16 *dq, bf16 *dk, bf16 *dv, const Shape &sh, cudaStream_t stream) {
-    const int64_t q_tiles = sh.batch * sh.heads * ((sh.seq + kRows - 1) / kRows);
-    constexpr size_t dq_bytes = dq_smem<D, BC>();
-    RELORA_CHECK(allow_smem(attention_backward_dq_mma_kernel<D, BC>, dq_bytes, "attention_backward_dq_mma_kernel"));
-    RELORA_LAUNCH((attention_backward_dq_mma_kernel<D, BC>), dim3(grid_for(q_tiles, 1)), dim3(kThreads), dq_bytes, stream)
+    const int64_t q_tiles = sh.batch * sh.heads * ((sh.seq + kRows * WM - 1) / (kRows * WM));
+    constexpr size_t dq_bytes = dq_smem<D, BC, WM>();
+    RELORA_CHECK(allow_smem(attention_backward_dq_mma_kernel<D, BC, WM>, dq_bytes, "attention_backward_dq_mma_kernel"));
+    RELORA_LAUNCH((attention_backward_dq_mma_kernel<D, BC, WM>), dim3(grid_for(q_tiles, 1)), dim3(kThreads), dq_bytes,
+                  stream)
     (dout, q, k, v, out, lse, dq, sh);
     RELORA_CHECK(check_launch("attention_backward_dq_mma_kernel"));
     const int64_t k_tiles = sh.batch * sh.kv_heads * ((sh.seq + kRows - 1) / kRows);
@@ -524,8 +576,8 @@ relora_status forward_mma(const void *q, const void *k, const void *v, void *out
                           cudaStream_t stream) {
     const bf16 *tq = static_cast<const bf16 *>(q), *tk = static_cast<const bf16 *>(k), *tv = static_cast<const bf16 *>(v);
     bf16 *to = static_cast<bf16 *>(out);
-    if (sh.D == 64) return forward_for<64, 64>(tq, tk, tv, to, lse, sh, stream);
-    return forward_for<128, 32>(tq, tk, tv, to, lse, sh, stream);
+    if (sh.D == 64) return forward_for<64, 64, 2>(tq, tk, tv, to, lse, sh, stream);
+    return forward_for<128, 32, 1>(tq, tk, tv, to, lse, sh, stream);
 }
 
 relora_status backward_mma(const void *dout, const void *q, const void *k, const void *v, const void *out,
@@ -533,8 +585,8 @@ relora_status backward_mma(const void *dout, const void *q, const void *k, const
     const bf16 *tdo = static_cast<const bf16 *>(dout), *tq = static_cast<const bf16 *>(q);
     const bf16 *tk = static_cast<const bf16 *>(k), *tv = static_cast<const bf16 *>(v), *to = static_cast<const bf16 *>(out);
     bf16 *tdq = static_cast<bf16 *>(dq), *tdk = static_cast<bf16 *>(dk), *tdv = static_cast<bf16 *>(dv);
-    if (sh.D == 64) return backward_for<64, 64, 32>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
-    return backward_for<128, 32, 32>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
+    if (sh.D == 64) return backward_for<64, 32, 2, 32>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
+    return backward_for<128, 32, 1, 32>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
 }
 
 }  // namespace attention
