@@ -97,21 +97,24 @@ __device__ __forceinline__ void mma_rbt(float (&c)[WM][N / 8][4], const uint32_t
     }
 }
 
-// The same for one strip whose A is read from a shared tile (rows row0 .. row0 + 15) one k slice at a time:
-// S^T = K Q^T and dP^T = V dO^T in dK/dV, whose K and V strips would not fit in registers beside the dK, dV
-// accumulators.
-template <int K, int N, int P>
-__device__ __forceinline__ void mma_sbt(float (&c)[N / 8][4], const bf16 *a_tile, int row0, const bf16 *b, int lane) {
+// The same with A read from a shared tile (WM strips from row row0) one k slice at a time: S^T = K Q^T and
+// dP^T = V dO^T in dK/dV, whose K and V strips would not fit in registers beside the dK, dV accumulators.
+template <int WM, int K, int N, int P>
+__device__ __forceinline__ void mma_sbt(float (&c)[WM][N / 8][4], const bf16 *a_tile, int row0, const bf16 *b, int lane) {
     RELORA_UNROLL
     for (int kk = 0; kk < K / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, a_tile + (row0 + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
+        uint32_t a[WM][4];
+        RELORA_UNROLL
+        for (int m = 0; m < WM; ++m) ldmatrix_x4(a[m], a_tile + (row0 + 16 * m + (lane & 15)) * P + kk * 16 + (lane >> 4) * 8);
         RELORA_UNROLL
         for (int nn = 0; nn < N / 16; ++nn) {
             uint32_t f[4];
             ldmatrix_x4(f, b + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * P + kk * 16 + ((lane >> 3) & 1) * 8);
-            mma_bf16_m16n8k16(c[2 * nn], a, f[0], f[1]);
-            mma_bf16_m16n8k16(c[2 * nn + 1], a, f[2], f[3]);
+            RELORA_UNROLL
+            for (int m = 0; m < WM; ++m) {
+                mma_bf16_m16n8k16(c[m][2 * nn], a[m], f[0], f[1]);
+                mma_bf16_m16n8k16(c[m][2 * nn + 1], a[m], f[2], f[3]);
+            }
         }
     }
 }
@@ -430,19 +433,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- Backward: dK, dV ------------------------------------------------------------------------------------
-// Shared memory: K and V of the CTA's 64 keys ([64][D + 8] each; dK and dV staged there at the end), two
-// stages of [2 BR][D + 8] (query tile i: Q in rows 0..BR-1, dO in rows BR..2BR-1 of stage i % 2), then
-// lse * log2(e) and D_i of the current query tile.
-template <int D, int BR>
+// WM 16-key strips per warp (BC = 64 WM keys per CTA): every Q and dO fragment a warp loads serves WM strips.
+// Shared memory: K and V of the CTA's keys ([BC][D + 8] each; dK and dV staged there at the end), two stages
+// of [2 BR][D + 8] (query tile i: Q in rows 0..BR-1, dO in rows BR..2BR-1 of stage i % 2), then lse * log2(e)
+// and D_i of the current query tile.
+template <int D, int BR, int WM>
 constexpr size_t dkv_smem() {
-    return (2 * (size_t)kRows + 2 * (size_t)(2 * BR)) * pitch<D>() * sizeof(bf16) + 2 * BR * sizeof(float);
+    return (2 * (size_t)(kRows * WM) + 2 * (size_t)(2 * BR)) * pitch<D>() * sizeof(bf16) + 2 * BR * sizeof(float);
 }
 
-template <int D, int BR>
+template <int D, int BR, int WM>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dkv_mma_kernel(const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *out,
                                       const float *lse, bf16 *dk, bf16 *dv, Shape sh) {
-    constexpr int P = pitch<D>(), N8 = BR / 8, D8 = D / 8, BC = kRows;
+    constexpr int P = pitch<D>(), N8 = BR / 8, D8 = D / 8, WR = 16 * WM, BC = kWarps * WR;
     static_assert(BR % 16 == 0 && BC % BR == 0 && D % 16 == 0, "tile shapes");
     RELORA_DYNAMIC_SHARED(bf16, smem);
     bf16 *Ks = smem, *Vs = smem + BC * P;
@@ -454,7 +458,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t k_tiles = (T_ + BC - 1) / BC, groups = sh.batch * sh.kv_heads;
     for (int64_t tile = blockIdx.x; tile < groups * k_tiles; tile += gridDim.x) {
         const int64_t kt = tile / groups, bg = tile % groups, kvh = bg % sh.kv_heads, b = bg / sh.kv_heads;
-        const int64_t k0 = kt * BC, koff = b * T_ * kstride + kvh * D;
+        const int64_t k0 = kt * BC, w0 = k0 + warp * WR, koff = b * T_ * kstride + kvh * D;
         // Query tiles from the one holding key k0 (BR divides BC) to the end, for each head of the group.
         const int64_t q_first = k0, per_head = (T_ - q_first + BR - 1) / BR;
         const int64_t items = sh.group * per_head;
@@ -469,10 +473,12 @@ __global__ void __launch_bounds__(kThreads)
         load_rows_async<BC, D>(Vs, v + koff, kstride, k0, T_);
         load_item(0, 0);
         cp_async_commit();
-        float dka[1][D8][4], dva[1][D8][4];
-        zero(dka[0]);
-        zero(dva[0]);
-        const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+        float dka[WM][D8][4], dva[WM][D8][4];
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) {
+            zero(dka[a]);
+            zero(dva[a]);
+        }
         for (int64_t it = 0; it < items; ++it) {
             cp_async_wait<0>();
             __syncthreads();  // item it landed for every thread; every warp is done with item it - 1, Ls and Ds
@@ -489,34 +495,46 @@ __global__ void __launch_bounds__(kThreads)
                 Ls[r] = q0 + r < T_ ? lse[(b * sh.heads + h) * T_ + q0 + r] * kLog2e : INFINITY;
             }
             __syncthreads();
-            float s[N8][4], dp[N8][4];
-            zero(s);
-            zero(dp);
-            mma_sbt<D, BR, P>(s, Ks, warp * 16, Qs, lane);
-            mma_sbt<D, BR, P>(dp, Vs, warp * 16, dOs, lane);
-            const bool diagonal = q0 < k0 + warp * 16 + 16;  // some query of the tile precedes some key of the warp
+            float s[WM][N8][4], dp[WM][N8][4];
             RELORA_UNROLL
-            for (int n = 0; n < N8; ++n) {
+            for (int a = 0; a < WM; ++a) {
+                zero(s[a]);
+                zero(dp[a]);
+            }
+            mma_sbt<WM, D, BR, P>(s, Ks, warp * WR, Qs, lane);
+            mma_sbt<WM, D, BR, P>(dp, Vs, warp * WR, dOs, lane);
+            const bool diagonal = q0 < w0 + WR;  // some query of the tile precedes some key of the warp
+            RELORA_UNROLL
+            for (int a = 0; a < WM; ++a) {
                 RELORA_UNROLL
-                for (int i = 0; i < 4; ++i) {
-                    const int c = n * 8 + 2 * t + (i & 1);
-                    const bool masked = diagonal && key[i >> 1] > q0 + c;
-                    const float p = masked ? 0.0f : exp2f(fmaf(s[n][i], scale_log2, -Ls[c]));
-                    s[n][i] = p;                      // P^T
-                    dp[n][i] = p * (dp[n][i] - Ds[c]);  // dS^T
+                for (int n = 0; n < N8; ++n) {
+                    RELORA_UNROLL
+                    for (int i = 0; i < 4; ++i) {
+                        const int c = n * 8 + 2 * t + (i & 1);
+                        const bool masked = diagonal && w0 + 16 * a + g + 8 * (i >> 1) > q0 + c;
+                        const float p = masked ? 0.0f : exp2f(fmaf(s[a][n][i], scale_log2, -Ls[c]));
+                        s[a][n][i] = p;                         // P^T
+                        dp[a][n][i] = p * (dp[a][n][i] - Ds[c]);  // dS^T
+                    }
                 }
             }
-            uint32_t pf[1][BR / 16][4], dsf[1][BR / 16][4];
-            a_from_c<N8>(pf[0], s);
-            a_from_c<N8>(dsf[0], dp);
-            mma_rb<1, BR, D, P>(dva, pf, dOs, lane);
-            mma_rb<1, BR, D, P>(dka, dsf, Qs, lane);
+            uint32_t pf[WM][BR / 16][4], dsf[WM][BR / 16][4];
+            RELORA_UNROLL
+            for (int a = 0; a < WM; ++a) {
+                a_from_c<N8>(pf[a], s[a]);
+                a_from_c<N8>(dsf[a], dp[a]);
+            }
+            mma_rb<WM, BR, D, P>(dva, pf, dOs, lane);
+            mma_rb<WM, BR, D, P>(dka, dsf, Qs, lane);
         }
         cp_async_wait<0>();  // nothing is in flight (items >= 1 waited every group); keeps the rule visible
         __syncthreads();     // every warp is done with Ks and Vs
         const float one[2] = {1.0f, 1.0f}, scale[2] = {sh.scale, sh.scale};
-        stage_strip<D>(Ks, warp * 16, dka[0], scale, lane);
-        stage_strip<D>(Vs, warp * 16, dva[0], one, lane);
+        RELORA_UNROLL
+        for (int a = 0; a < WM; ++a) {
+            stage_strip<D>(Ks, warp * WR + 16 * a, dka[a], scale, lane);
+            stage_strip<D>(Vs, warp * WR + 16 * a, dva[a], one, lane);
+        }
         __syncthreads();
         store_rows<BC, D>(dk + koff, kstride, k0, T_, Ks);
         store_rows<BC, D>(dv + koff, kstride, k0, T_, Vs);
@@ -542,7 +560,7 @@ relora_status forward_for(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out
     return check_launch("attention_forward_mma_kernel");
 }
 
-template <int D, int BC, int WM, int BR>
+template <int D, int BC, int WM, int BR, int WK>
 relora_status backward_for(const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *out,
                            const float *lse, bf16 *dq, bf16 *dk, bf16 *dv, const Shape &sh, cudaStream_t stream) {
     const int64_t q_tiles = sh.batch * sh.heads * ((sh.seq + kRows * WM - 1) / (kRows * WM));
@@ -552,10 +570,10 @@ relora_status backward_for(const bf16 *dout, const bf16 *q, const bf16 *k, const
                   stream)
     (dout, q, k, v, out, lse, dq, sh);
     RELORA_CHECK(check_launch("attention_backward_dq_mma_kernel"));
-    const int64_t k_tiles = sh.batch * sh.kv_heads * ((sh.seq + kRows - 1) / kRows);
-    constexpr size_t dkv_bytes = dkv_smem<D, BR>();
-    RELORA_CHECK(allow_smem(attention_backward_dkv_mma_kernel<D, BR>, dkv_bytes, "attention_backward_dkv_mma_kernel"));
-    RELORA_LAUNCH((attention_backward_dkv_mma_kernel<D, BR>), dim3(grid_for(k_tiles, 1)), dim3(kThreads), dkv_bytes,
+    const int64_t k_tiles = sh.batch * sh.kv_heads * ((sh.seq + kRows * WK - 1) / (kRows * WK));
+    constexpr size_t dkv_bytes = dkv_smem<D, BR, WK>();
+    RELORA_CHECK(allow_smem(attention_backward_dkv_mma_kernel<D, BR, WK>, dkv_bytes, "attention_backward_dkv_mma_kernel"));
+    RELORA_LAUNCH((attention_backward_dkv_mma_kernel<D, BR, WK>), dim3(grid_for(k_tiles, 1)), dim3(kThreads), dkv_bytes,
                   stream)
     (dout, q, k, v, out, lse, dk, dv, sh);
     return check_launch("attention_backward_dkv_mma_kernel");
@@ -585,8 +603,8 @@ relora_status backward_mma(const void *dout, const void *q, const void *k, const
     const bf16 *tdo = static_cast<const bf16 *>(dout), *tq = static_cast<const bf16 *>(q);
     const bf16 *tk = static_cast<const bf16 *>(k), *tv = static_cast<const bf16 *>(v), *to = static_cast<const bf16 *>(out);
     bf16 *tdq = static_cast<bf16 *>(dq), *tdk = static_cast<bf16 *>(dk), *tdv = static_cast<bf16 *>(dv);
-    if (sh.D == 64) return backward_for<64, 32, 2, 32>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
-    return backward_for<128, 32, 1, 32>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
+    if (sh.D == 64) return backward_for<64, 32, 2, 32, 2>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
+    return backward_for<128, 32, 1, 32, 1>(tdo, tq, tk, tv, to, lse, tdq, tdk, tdv, sh, stream);
 }
 
 }  // namespace attention
