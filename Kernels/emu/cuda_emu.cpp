@@ -640,28 +640,26 @@ void relora_emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_
     memcpy(mine.a, a, sizeof mine.a);
     memcpy(mine.b, b, sizeof mine.b);
     const unsigned char *table = relora_emu_warp_exchange(0xffffffffu, &mine, sizeof mine);
-    auto frag = [&](int lane) {
-        MmaFragments f;
-        memcpy(&f, table + (size_t)lane * kExchangeBytes, sizeof f);
-        return f;
-    };
-    MmaFragments all[32];
-    for (int l = 0; l < 32; ++l) all[l] = frag(l);
-    // Element (row, k) of A and (k, n) of B, found where the layout puts them.
-    auto A = [&](int row, int k) {
-        const int owner = (row & 7) * 4 + (k & 7) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-        return bf16_half(all[owner].a[reg], k & 1);
-    };
-    auto B = [&](int k, int n) {
-        const int owner = n * 4 + (k & 7) / 2, reg = k >= 8 ? 1 : 0;
-        return bf16_half(all[owner].b[reg], k & 1);
+    // Row (k) of A and column (k) of B where the layout puts them: A[row][k] is in lane 4 (row % 8) + (k % 8) / 2,
+    // register (row >= 8) + 2 (k >= 8); B[k][n] in lane 4 n + (k % 8) / 2, register k >= 8; half k % 2.
+    auto word = [&](int owner, size_t offset) {
+        uint32_t w;
+        memcpy(&w, table + (size_t)owner * kExchangeBytes + offset, sizeof w);
+        return w;
     };
     const int lane = lane_id(), group = lane >> 2, tig = lane & 3;
+    float a_rows[2][16], b_cols[2][16];  // rows group and group + 8 of A; columns 2 tig and 2 tig + 1 of B
+    for (int k = 0; k < 16; ++k) {
+        const int hi = k & 1, high_k = k >= 8 ? 1 : 0;
+        for (int r = 0; r < 2; ++r) {
+            a_rows[r][k] = bf16_half(word(group * 4 + (k & 7) / 2, offsetof(MmaFragments, a) + 4 * (r + 2 * high_k)), hi);
+            b_cols[r][k] = bf16_half(word((tig * 2 + r) * 4 + (k & 7) / 2, offsetof(MmaFragments, b) + 4 * high_k), hi);
+        }
+    }
     float out[4];
     for (int i = 0; i < 4; ++i) {
-        const int row = group + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
         float acc = c[i];
-        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);  // -ffp-contract=off: two roundings, the first exact
+        for (int k = 0; k < 16; ++k) acc += a_rows[i >> 1][k] * b_cols[i & 1][k];  // -ffp-contract=off: the product exact
         out[i] = acc;
     }
     memcpy(d, out, sizeof out);  // d may alias c

@@ -4,34 +4,39 @@
 //
 // Design (FlashAttention-2's decomposition; warp-level mma.sync m16n8k16 bf16 -> f32 through relora_mma.cuh,
 // which the CPU emulation implements with the PTX ISA's fragment layouts):
-// - Every CTA has 4 warps, and every warp owns 16 rows of the tile's left operand (query rows in the forward
-//   and dQ, key rows in dK/dV), so no reduction ever crosses warps. Tiles of q, k, v, dO stream from global to
-//   shared memory with cp.async (16-byte chunks, rows past seq zero-filled), double-buffered: the next tile
-//   loads while the current one is multiplied, one barrier per tile. Shared rows are D + 8 bf16 long (a
-//   16-byte skew per row), so the 8 row addresses of every ldmatrix fall in distinct bank groups.
+// - Every CTA has 4 warps, and every warp owns WM strips of 16 rows of the left operand (query rows in the
+//   forward and dQ, key rows in dK/dV), so no reduction ever crosses warps; a B fragment loaded from shared
+//   memory feeds the WM strips (WM = 2 halves the ldmatrix traffic per mma, at twice the accumulators).
+//   Tiles of q, k, v, dO stream from global to shared memory with cp.async (16-byte chunks, rows past seq
+//   zero-filled), double-buffered: the next tile loads while the current one is multiplied, one barrier per
+//   tile. Shared rows are D + 8 bf16 long (a 16-byte skew per row), so the 8 row addresses of every ldmatrix
+//   fall in distinct bank groups.
 // - Products take bf16 operands and accumulate in f32. P (forward, dK/dV) and dS (dQ, dK/dV) are rounded to
 //   bf16 for the second product of each pair, straight from the accumulators of the first (a_from_c): they
 //   never touch shared memory. No [T, T] matrix exists; exponentials are exp2f of a pre-scaled score (one
 //   fmaf: s * scale * log2(e) - m * scale * log2(e)).
-// - Forward (attention_forward_mma_kernel<D, BC>): CTA per (batch, head, 64 query rows); Q fragments stay in
-//   registers; key tiles of BC keys; online softmax in the accumulator layout (each lane holds 2 rows, a row's
-//   4 lanes combine maxima with two xor shuffles; the row sum l stays per lane until the end); causal: key
-//   tiles past the last query are never loaded, and only tiles that cross the diagonal are masked.
-//   out = o / l rounded to bf16 (staged through shared memory for 16-byte stores), lse = m scale + log l.
+// - Forward (attention_forward_mma_kernel<D, BC, WM>): CTA per (batch, head, 64 WM query rows); Q fragments
+//   stay in registers; key tiles of BC keys; online softmax in the accumulator layout (each lane holds 2 rows
+//   per strip, a row's 4 lanes combine maxima with two xor shuffles; the row sum l stays per lane until the
+//   end); causal: key tiles past the last query are never loaded, and only tiles that cross the warp's
+//   diagonal are masked. out = o / l rounded to bf16 (staged through shared memory for 16-byte stores),
+//   lse = m scale + log l.
 // - Backward, deterministic without atomics: every output element is owned by one lane of one CTA and summed
 //   in a fixed order; D_i = dO_i . O_i is recomputed by each kernel from dO (shared) and O (global) with a
 //   fixed butterfly (row_dots), so the call needs no workspace.
-//   * dK/dV (attention_backward_dkv_mma_kernel<D, BR>): CTA per (batch, kv head, 64 keys), K and V tiles
-//     resident; the group's query heads in order and, for each, the query tiles of BR rows from the diagonal
-//     on, in order. Per tile, warp w computes S^T = K_w Q^T and dP^T = V_w dO^T (16 keys x BR queries),
-//     P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - D), then dV_w += P^T dO and dK_w += dS^T Q.
-//   * dQ (attention_backward_dq_mma_kernel<D, BC>): CTA per (batch, head, 64 query rows), Q and dO fragments
-//     in registers; per key tile S = Q K^T, dP = dO V^T, dS = P (dP - D), dQ += dS K.
+//   * dK/dV (attention_backward_dkv_mma_kernel<D, BR, WM>): CTA per (batch, kv head, 64 WM keys), K and V
+//     tiles resident; the group's query heads in order and, for each, the query tiles of BR rows from the
+//     diagonal on, in order. Per tile, warp w computes S^T = K_w Q^T and dP^T = V_w dO^T (its keys x BR
+//     queries), P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - D), then dV_w += P^T dO and dK_w += dS^T Q.
+//   * dQ (attention_backward_dq_mma_kernel<D, BC, WM>): CTA per (batch, head, 64 WM query rows), Q and dO
+//     fragments in registers; per key tile S = Q K^T, dP = dO V^T, dS = P (dP - D), dQ += dS K.
 //   S and dP are computed twice (once per kernel): 7 tile products instead of FlashAttention-2's 5, the
 //   price of a deterministic dQ without atomics or a [T/BC, T, D] workspace.
-// - Tiles (Kernels/README.md has ptxas' registers and shared memory and a roofline estimate):
-//   forward D 64: BC 64 (36 KiB shared), D 128: BC 32 (34 KiB); dQ the same (+ 512 B); dK/dV BR 32
-//   (D 64: 36.3 KiB; D 128: 68.3 KiB, opted in with cudaFuncSetAttribute).
+// - Tiles (Kernels/README.md has ptxas' registers and a roofline estimate per kernel):
+//     head_dim 64:  forward BC 64, WM 2 (128 query rows, 36 KiB shared); dQ BC 32, WM 2 (19 KiB);
+//                   dK/dV BR 32, WM 2 (128 keys, 54.3 KiB, opted in with cudaFuncSetAttribute)
+//     head_dim 128: forward BC 32, WM 1 (34 KiB); dQ BC 32, WM 1 (34.5 KiB); dK/dV BR 32, WM 1 (68.3 KiB,
+//                   opted in); WM 2 would not fit the 255 registers of a thread beside the accumulators.
 // Schedules: query tiles in reverse (the longest rows first) and key tiles in order (the keys that see the
 // most queries first), so the causal triangle's long CTAs start in the first wave.
 #include <stdlib.h>
