@@ -53,7 +53,7 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16 * kWarps;  // rows of the warps' left operand per CTA (query rows, or keys in dK/dV)
+constexpr int kRows = 16 * kWarps;  // left-operand rows per CTA (queries, or keys in dK/dV) per 16-row strip a warp owns
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Shared tiles: D bf16 per row plus a 16-byte skew.

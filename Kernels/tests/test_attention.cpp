@@ -4,7 +4,9 @@
 // Tolerances (derived at each check): f32 unit roundoff u = 2^-24 per operation, expf/logf within 2 ulp
 // (CUDA's bound), a sequential f32 sum of n terms within (n - 1) u of the sum of the magnitudes; bf16
 // storage adds one rounding ub = 2^-8 of the output. References read the stored (bf16-rounded) inputs.
-// Derived bounds are first-order; each is doubled to cover second-order terms.
+// Derived bounds are first-order; each is doubled to cover second-order terms. The bf16 tensor-core kernels
+// (head_dim 64 and 128) get their own error model (reference_forward's comment): 2u per f32 addition inside a
+// tensor core, and ub times the magnitude of every product whose operand was rounded to bf16 (P, dS).
 #include <stdlib.h>
 
 #include <algorithm>
