@@ -231,6 +231,14 @@ relora_emu_switch:
 )");
 #endif
 
+// A cp.async copy not yet performed: it lands when its thread's cp.async.wait_group retires its group.
+struct AsyncCopy {
+    void *dst;
+    const void *src;
+    unsigned int bytes, src_bytes;  // src_bytes < bytes: the rest of dst is zero-filled
+    unsigned int group;             // the commit group it belongs to (the thread's count of commits at issue)
+};
+
 struct Fiber {
 #if defined(RELORA_EMU_FAST_SWITCH)
     void *sp;  // saved stack pointer (relora_emu_switch's frame on the fiber's stack)
@@ -239,7 +247,12 @@ struct Fiber {
 #endif
     uint3 tid;
     FiberState state;
+    std::vector<AsyncCopy> copies;  // issued, not yet landed
+    unsigned int commits;           // cp.async.commit_group calls so far in this block
 };
+
+// Per-lane bytes a wide collective can publish (an mma's A and B fragments: 24; an ldmatrix address: 8).
+constexpr size_t kExchangeBytes = 32;
 
 struct Warp {
     unsigned int lanes;     // lanes that exist
@@ -247,6 +260,8 @@ struct Warp {
     unsigned int mask;      // the current collective's mask
     unsigned int generation;
     uint64_t slots[2][32];  // values published, by generation parity
+    unsigned char payload[2][32][kExchangeBytes];  // wide values published (relora_emu_warp_exchange), by parity
+    uint32_t results[2][32][4];  // what a collective's completion step computed for each lane, by parity
 };
 
 struct Stack {
@@ -273,6 +288,12 @@ BlockBody g_body = nullptr;
 void *g_closure = nullptr;
 std::vector<unsigned char> g_dynamic_shared;
 int g_schedule = RELORA_EMU_ROUND_ROBIN;
+// Dynamic shared memory per launch: 48 KiB unless the kernel opted in to more with cudaFuncSetAttribute, up
+// to the smallest opt-in limit of the architectures the library is built for (sm_86 and sm_89: 99 KiB).
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+constexpr size_t kMaxDynamicShared = 99 * 1024;
+std::map<const void *, size_t> g_max_dynamic_shared;  // by kernel
+std::map<std::string, uint64_t> g_launches_by_name;
 bool g_barriers = true;
 uint64_t g_launches = 0, g_blocks = 0, g_fibers_started = 0, g_switches = 0;
 
@@ -318,8 +339,16 @@ void yield_to_scheduler() {
 #endif
 }
 
+void abort_launch(const std::string &message);
+std::string where();
+
 void fiber_entry(int index) {
     g_body(g_closure);
+    if (!g_fibers[(unsigned int)index].copies.empty()) {
+        // On a GPU the copies would still land, but nothing the thread did waited for them: a missing
+        // cp.async.wait_group, or a copy whose result is never used.
+        abort_launch(where() + ": the thread exited with cp.async copies it never waited for (cp.async.wait_group)");
+    }
     g_fibers[(unsigned int)index].state = kDone;
     ++g_done;
     yield_to_scheduler();
@@ -356,6 +385,92 @@ void abort_launch(const std::string &message) {
     g_abort_message = message;
 }
 
+// Arrives at the warp barrier of the lanes in `mask`, having published `value` (slots) and `bytes` of `data`
+// (payload). The last lane to arrive runs `complete` (if any) before any lane resumes: a collective that reads
+// memory does so there, at one instant for the whole warp, as the hardware instruction does. Returns the
+// parity under which this collective's values and results are kept (valid until the lane's next collective:
+// the one after cannot complete before this lane arrives at it).
+typedef void (*Completion)(Warp &w, unsigned int parity);
+unsigned int warp_arrive(unsigned int mask, uint64_t value, const void *data, size_t bytes, Completion complete) {
+    const unsigned int lane = g_current & 31u;
+    Warp &w = g_warps[g_current / 32u];
+    if (!((mask >> lane) & 1u)) relora_emu_kernel_error("a warp collective's mask excludes the calling lane", (int)lane, (int)mask);
+    const unsigned int expected = mask & w.lanes;
+    if (w.arrived == 0) {
+        w.mask = mask;
+    } else if (w.mask != mask) {
+        // Also what two disjoint groups of one warp in concurrent collectives look like: the emulation
+        // keeps one collective per warp at a time.
+        relora_emu_kernel_error("lanes of a warp are in collectives with different masks", (int)lane, (int)mask);
+    }
+    const unsigned int parity = w.generation & 1u;
+    w.slots[parity][lane] = value;
+    if (bytes) memcpy(w.payload[parity][lane], data, bytes);
+    w.arrived |= 1u << lane;
+    if (w.arrived == expected) {
+        if (complete) complete(w, parity);
+        ++w.generation;
+        w.arrived = 0;
+        const unsigned int first = g_current & ~31u;
+        for (unsigned int l = 0; l < 32u && first + l < g_threads; ++l) {
+            if (g_fibers[first + l].state == kAtWarpBarrier) g_fibers[first + l].state = kRunnable;
+        }
+        return parity;
+    }
+    g_fibers[g_current].state = kAtWarpBarrier;
+    yield_to_scheduler();
+    return parity;
+}
+
+struct MmaFragments {
+    uint32_t a[4], b[2];
+};
+static_assert(sizeof(MmaFragments) <= kExchangeBytes, "mma fragments fit a lane's exchange slot");
+
+float bf16_half(uint32_t word, int high) { return __uint_as_float((high ? word >> 16 : word & 0xFFFFu) << 16); }
+struct LdmatrixRequest {
+    const unsigned char *address;
+    int matrices, trans;
+};
+static_assert(sizeof(LdmatrixRequest) <= kExchangeBytes, "an ldmatrix request fits a lane's exchange slot");
+
+void ldmatrix_complete(Warp &w, unsigned int parity) {
+    LdmatrixRequest first;
+    memcpy(&first, w.payload[parity][0], sizeof first);
+    for (int l = 0; l < 32; ++l) {
+        LdmatrixRequest r;
+        memcpy(&r, w.payload[parity][l], sizeof r);
+        if (r.matrices != first.matrices || r.trans != first.trans) {
+            abort_launch(where() + ": lanes of a warp disagree on an ldmatrix's shape (.x1/.x2/.x4, .trans)");
+            return;
+        }
+        if (l < 8 * first.matrices && ((uintptr_t)r.address & 15u) != 0) {
+            abort_launch(where() + format(": ldmatrix row address of lane %d is not 16-byte aligned (%p)", l,
+                                          (const void *)r.address));
+            return;
+        }
+    }
+    auto row = [&](int m, int r) {
+        LdmatrixRequest q;
+        memcpy(&q, w.payload[parity][8 * m + r], sizeof q);
+        return q.address;
+    };
+    for (int l = 0; l < 32; ++l) {
+        for (int m = 0; m < first.matrices; ++m) {
+            uint16_t lo, hi;
+            if (!first.trans) {
+                const unsigned char *p = row(m, l / 4) + 4 * (l % 4);
+                memcpy(&lo, p, 2);
+                memcpy(&hi, p + 2, 2);
+            } else {
+                memcpy(&lo, row(m, 2 * (l % 4)) + 2 * (l / 4), 2);
+                memcpy(&hi, row(m, 2 * (l % 4) + 1) + 2 * (l / 4), 2);
+            }
+            w.results[parity][l][m] = (uint32_t)lo | ((uint32_t)hi << 16);
+        }
+    }
+}
+
 // Runs the current block's fibers to completion; false if the launch was aborted.
 bool run_block() {
     const dim3 bd = relora_emu_block_dim;
@@ -363,6 +478,8 @@ bool run_block() {
         Fiber &f = g_fibers[i];
         f.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
         f.state = kRunnable;
+        f.copies.clear();
+        f.commits = 0;
 #if defined(RELORA_EMU_FAST_SWITCH)
         f.sp = initial_stack(g_stacks[i].memory, g_stacks[i].bytes);
 #else
@@ -415,8 +532,8 @@ bool run_block() {
 // ---- Launch and collectives (called from kernels) --------------------------------------------------
 extern "C" {
 
-void relora_emu_launch(const char *name, dim3 grid, dim3 block, size_t shmem, cudaStream_t stream, BlockBody body,
-                       void *closure) {
+void relora_emu_launch(const char *name, const void *func, dim3 grid, dim3 block, size_t shmem, cudaStream_t stream,
+                       BlockBody body, void *closure) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (g_sticky != cudaSuccess) {
         fail(g_sticky, g_sticky_message, false);
@@ -431,10 +548,16 @@ void relora_emu_launch(const char *name, dim3 grid, dim3 block, size_t shmem, cu
              false);
         return;
     }
-    if (shmem > 48 * 1024) {
+    const auto opted = g_max_dynamic_shared.find(func);
+    const size_t allowed = opted == g_max_dynamic_shared.end() ? kDefaultDynamicShared : opted->second;
+    if (shmem > allowed) {
         fail(cudaErrorInvalidConfiguration,
-             format("kernel '%s': %zu bytes of dynamic shared memory exceed the 48 KiB a launch gets without opting in",
-                    name, shmem),
+             opted == g_max_dynamic_shared.end()
+                 ? format("kernel '%s': %zu bytes of dynamic shared memory exceed the 48 KiB a launch gets without "
+                          "opting in (cudaFuncSetAttribute, cudaFuncAttributeMaxDynamicSharedMemorySize)",
+                          name, shmem)
+                 : format("kernel '%s': %zu bytes of dynamic shared memory exceed the %zu it opted in to", name, shmem,
+                          allowed),
              false);
         return;
     }
@@ -457,6 +580,7 @@ void relora_emu_launch(const char *name, dim3 grid, dim3 block, size_t shmem, cu
     relora_emu_block_dim = block;
     relora_emu_grid_dim = grid;
     ++g_launches;
+    ++g_launches_by_name[name];
     for (unsigned int z = 0; z < grid.z; ++z) {
         for (unsigned int y = 0; y < grid.y; ++y) {
             for (unsigned int x = 0; x < grid.x; ++x) {
@@ -497,33 +621,127 @@ void relora_emu_syncthreads(void) {
 }
 
 const uint64_t *relora_emu_warp_collective(unsigned int mask, uint64_t value) {
-    const unsigned int lane = g_current & 31u;
-    Warp &w = g_warps[g_current / 32u];
-    if (!((mask >> lane) & 1u)) relora_emu_kernel_error("a warp collective's mask excludes the calling lane", (int)lane, (int)mask);
-    const unsigned int expected = mask & w.lanes;
-    if (w.arrived == 0) {
-        w.mask = mask;
-    } else if (w.mask != mask) {
-        // Also what two disjoint groups of one warp in concurrent collectives look like: the emulation
-        // keeps one collective per warp at a time.
-        relora_emu_kernel_error("lanes of a warp are in collectives with different masks", (int)lane, (int)mask);
-    }
-    const unsigned int parity = w.generation & 1u;
-    w.slots[parity][lane] = value;
-    w.arrived |= 1u << lane;
-    if (w.arrived == expected) {
-        ++w.generation;
-        w.arrived = 0;
-        const unsigned int first = g_current & ~31u;
-        for (unsigned int l = 0; l < 32u && first + l < g_threads; ++l) {
-            if (g_fibers[first + l].state == kAtWarpBarrier) g_fibers[first + l].state = kRunnable;
-        }
-        return w.slots[parity];
-    }
-    g_fibers[g_current].state = kAtWarpBarrier;
-    yield_to_scheduler();
-    return w.slots[parity];
+    const unsigned int parity = warp_arrive(mask, value, nullptr, 0, nullptr);
+    return g_warps[g_current / 32u].slots[parity];
 }
+
+const unsigned char *relora_emu_warp_exchange(unsigned int mask, const void *data, size_t bytes) {
+    const unsigned int parity = warp_arrive(mask, 0, data, bytes, nullptr);
+    return &g_warps[g_current / 32u].payload[parity][0][0];
+}
+
+// ---- Warp-level matrix operations ----------------------------------------------------------------------
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the fragment layouts of the PTX ISA ("Matrix
+// Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2, threadID_in_group = lane % 4;
+// each .b32 register holds two bf16, the lower-indexed element in the low 16 bits.
+//   A (16 x 16, row-major), a[0..3] = {a0,a1}, {a2,a3}, {a4,a5}, {a6,a7}: row = groupID (+ 8 for a2, a3, a6,
+//     a7), col = threadID_in_group * 2 + (i & 1) (+ 8 for a4..a7);
+//   B (16 x 8, "col"), b[0..1] = {b0,b1}, {b2,b3}: row (k) = threadID_in_group * 2 + (i & 1) (+ 8 for b2, b3),
+//     col (n) = groupID;
+//   C, D (16 x 8 f32), c[0..3]: row = groupID (+ 8 for c2, c3), col = threadID_in_group * 2 + (i & 1).
+// Each lane computes its own four elements of D after the rendezvous: d = c + a_row,0 b_0,col + ... +
+// a_row,15 b_15,col, the products exact in f32 (8-bit significands) and added one at a time in k order,
+// each addition rounded to nearest. A tensor core's internal order and rounding are not specified (they
+// differ between architectures), so tests compare with bounds, never bits.
+
+void relora_emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+    if (relora_emu_warp_lanes() != 0xffffffffu) {
+        relora_emu_kernel_error("mma.sync needs all 32 lanes of a warp (a partial warp cannot execute it)", lane_id(), 0);
+    }
+    MmaFragments mine;
+    memcpy(mine.a, a, sizeof mine.a);
+    memcpy(mine.b, b, sizeof mine.b);
+    const unsigned char *table = relora_emu_warp_exchange(0xffffffffu, &mine, sizeof mine);
+    // Row (k) of A and column (k) of B where the layout puts them: A[row][k] is in lane 4 (row % 8) + (k % 8) / 2,
+    // register (row >= 8) + 2 (k >= 8); B[k][n] in lane 4 n + (k % 8) / 2, register k >= 8; half k % 2.
+    auto word = [&](int owner, size_t offset) {
+        uint32_t w;
+        memcpy(&w, table + (size_t)owner * kExchangeBytes + offset, sizeof w);
+        return w;
+    };
+    const int lane = lane_id(), group = lane >> 2, tig = lane & 3;
+    float a_rows[2][16], b_cols[2][16];  // rows group and group + 8 of A; columns 2 tig and 2 tig + 1 of B
+    for (int k = 0; k < 16; ++k) {
+        const int hi = k & 1, high_k = k >= 8 ? 1 : 0;
+        for (int r = 0; r < 2; ++r) {
+            a_rows[r][k] = bf16_half(word(group * 4 + (k & 7) / 2, offsetof(MmaFragments, a) + 4 * (r + 2 * high_k)), hi);
+            b_cols[r][k] = bf16_half(word((tig * 2 + r) * 4 + (k & 7) / 2, offsetof(MmaFragments, b) + 4 * high_k), hi);
+        }
+    }
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) acc += a_rows[i >> 1][k] * b_cols[i & 1][k];  // -ffp-contract=off: the product exact
+        out[i] = acc;
+    }
+    memcpy(d, out, sizeof out);  // d may alias c
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16: lanes 8m .. 8m + 7 give the addresses of rows 0..7
+// of matrix m (16 bytes each, 16-byte aligned); without .trans, register m of lane l holds row l / 4,
+// columns 2 (l % 4) and 2 (l % 4) + 1 of matrix m; with .trans, rows 2 (l % 4) and 2 (l % 4) + 1 of column
+// l / 4 (the transposed matrix's fragment). The whole warp's reads happen at the rendezvous, when the last
+// lane arrives, as one instruction's would: a lane that runs ahead cannot change what another one loads.
+
+void relora_emu_ldmatrix(uint32_t *r, int matrices, int trans, const void *row_address) {
+    if (relora_emu_warp_lanes() != 0xffffffffu) {
+        relora_emu_kernel_error("ldmatrix needs all 32 lanes of a warp", lane_id(), 0);
+    }
+    if (matrices != 1 && matrices != 2 && matrices != 4) relora_emu_kernel_error("ldmatrix loads 1, 2 or 4 matrices", lane_id(), matrices);
+    const LdmatrixRequest mine{static_cast<const unsigned char *>(row_address), matrices, trans ? 1 : 0};
+    const unsigned int parity = warp_arrive(0xffffffffu, 0, &mine, sizeof mine, ldmatrix_complete);
+    if (g_abort) {
+        yield_to_scheduler();  // the launch is over; this fiber is never resumed
+        abort();
+    }
+    for (int m = 0; m < matrices; ++m) r[m] = g_warps[g_current / 32u].results[parity][lane_id()][m];
+}
+
+// ---- cp.async ----------------------------------------------------------------------------------------------
+// Every copy is deferred to the latest moment the PTX memory model allows: the issuing thread's
+// cp.async.wait_group that retires its group. Data read before that (a missing wait, or a missing barrier
+// after another thread's wait) is still the poison or the previous tile.
+void relora_emu_cp_async(void *dst, const void *src, unsigned int bytes, unsigned int src_bytes) {
+    if (bytes != 4 && bytes != 8 && bytes != 16) relora_emu_kernel_error("cp.async copies 4, 8 or 16 bytes", lane_id(), (int)bytes);
+    if (src_bytes > bytes) relora_emu_kernel_error("cp.async: src-size exceeds cp-size", lane_id(), (int)src_bytes);
+    if (((uintptr_t)dst | (uintptr_t)src) % bytes != 0) {
+        relora_emu_kernel_error("cp.async: source and destination must be aligned to the copy size", lane_id(), (int)bytes);
+    }
+    const unsigned char *shared = g_dynamic_shared.data();
+    if (g_dynamic_shared.empty() || (const unsigned char *)dst < shared ||
+        (const unsigned char *)dst + bytes > shared + g_dynamic_shared.size()) {
+        relora_emu_kernel_error("cp.async: the destination is not inside the block's dynamic shared memory", lane_id(),
+                                (int)bytes);
+    }
+    Fiber &f = g_fibers[g_current];
+    f.copies.push_back(AsyncCopy{dst, src, bytes, src_bytes, f.commits});
+}
+
+void relora_emu_cp_async_commit(void) { ++g_fibers[g_current].commits; }
+
+void relora_emu_cp_async_wait(int pending) {
+    Fiber &f = g_fibers[g_current];
+    // Groups 0 .. commits - 1 are committed; all but the newest `pending` must have landed.
+    const unsigned int retire_below = f.commits > (unsigned int)pending ? f.commits - (unsigned int)pending : 0u;
+    size_t kept = 0;
+    for (size_t i = 0; i < f.copies.size(); ++i) {
+        const AsyncCopy &c = f.copies[i];
+        if (c.group < retire_below) {
+            memcpy(c.dst, c.src, c.src_bytes);
+            memset((unsigned char *)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+        } else {
+            f.copies[kept++] = c;
+        }
+    }
+    f.copies.resize(kept);
+}
+
+void relora_emu_func_set_max_dynamic_shared(const void *func, int bytes, int *ok) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    *ok = bytes >= 0 && (size_t)bytes <= kMaxDynamicShared;
+    if (*ok) g_max_dynamic_shared[func] = (size_t)bytes;
+}
+
 
 }  // extern "C"
 }  // namespace relora_emu
@@ -552,6 +770,15 @@ void relora_emu_set_schedule(int schedule) {
 void relora_emu_set_barriers_enabled(int enabled) {
     std::lock_guard<std::mutex> guard(g_lock);
     g_barriers = enabled != 0;
+}
+
+uint64_t relora_emu_launches_named(const char *substring) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    uint64_t n = 0;
+    for (const auto &entry : g_launches_by_name) {
+        if (strstr(entry.first.c_str(), substring)) n += entry.second;
+    }
+    return n;
 }
 
 void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers, uint64_t *switches) {

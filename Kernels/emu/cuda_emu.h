@@ -21,6 +21,9 @@
 //   __syncwarp; warp size 32, lanes = linear thread index mod 32): a barrier across the lanes named in
 //   the mask, with a per-warp exchange buffer (double-buffered by the barrier's generation). Reading a
 //   lane that is not in the mask or does not exist, or lanes that disagree on the mask, is an error.
+// - Warp-level matrix operations (relora_emu_mma_m16n8k16_bf16, relora_emu_ldmatrix): collectives of the whole
+//   warp with the PTX ISA's fragment layouts; cp.async copies are deferred until the wait that retires them.
+//   src/relora_mma.cuh puts the same names on these and on the PTX instructions, for the kernel sources.
 // - __shared__ is `static`: one instance per kernel, which every fiber of the running block sees and
 //   the next block reuses (blocks never run concurrently). Dynamic shared memory
 //   (RELORA_DYNAMIC_SHARED) is a per-launch buffer refilled with 0xFF (a NaN) before each block.
@@ -172,6 +175,13 @@ RELORA_EMU_API cudaError_t cudaPeekAtLastError(void);
 // otherwise the generic text of the code.
 RELORA_EMU_API const char *cudaGetErrorString(cudaError_t error);
 
+// Function attributes: only the dynamic shared memory opt-in (CUDA's enum value). A launch may use up to
+// 48 KiB without it, and up to 99 KiB (the opt-in limit of sm_86 and sm_89, the smallest of the architectures
+// the library is built for) with it; cudaErrorInvalidValue above that.
+typedef enum cudaFuncAttribute {
+    cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+} cudaFuncAttribute;
+
 // ---- Emulation controls (tests and debugging; not part of CUDA) --------------------------------------
 // Total device memory reported and enforced (bytes).
 RELORA_EMU_API void relora_emu_set_device_memory(size_t bytes);
@@ -189,6 +199,8 @@ RELORA_EMU_API void relora_emu_set_barriers_enabled(int enabled);
 // Whether [p, p + bytes) lies inside one live allocation (cudaMalloc or cudaHostAlloc): 0 yes, 1 it starts
 // inside one and runs past its end, 2 p is not inside any. Records no error (the NCCL stand-in's check).
 RELORA_EMU_API int relora_emu_device_range(const void *p, size_t bytes);
+// Launches since load of the kernels whose name (the text RELORA_LAUNCH was given) contains `substring`.
+RELORA_EMU_API uint64_t relora_emu_launches_named(const char *substring);
 // Counters since load: launches, blocks, fibers started, context switches.
 RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers,
                                         uint64_t *switches);
@@ -196,8 +208,9 @@ RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, ui
 // ---- Launch -------------------------------------------------------------------------------------------
 namespace relora_emu {
 typedef void (*BlockBody)(void *closure);
-// Runs `body(closure)` as every thread of every block of the grid; errors go to cudaGetLastError.
-RELORA_EMU_API void relora_emu_launch(const char *name, dim3 grid, dim3 block, size_t shmem,
+// Runs `body(closure)` as every thread of every block of the grid; errors go to cudaGetLastError. `func`
+// identifies the kernel (its dynamic shared memory opt-in, cudaFuncSetAttribute).
+RELORA_EMU_API void relora_emu_launch(const char *name, const void *func, dim3 grid, dim3 block, size_t shmem,
                                       cudaStream_t stream, BlockBody body, void *closure);
 // The running block's dynamic shared memory.
 RELORA_EMU_API void *relora_emu_dynamic_shared(void);
@@ -220,7 +233,7 @@ struct Launch {
             void (*kernel)(Params...);
             std::tuple<std::decay_t<Params>...> *values;
         } closure{kernel, &values};
-        relora_emu_launch(name, grid, block, shmem, stream,
+        relora_emu_launch(name, reinterpret_cast<const void *>(kernel), grid, block, shmem, stream,
                           [](void *c) {
                               Closure *self = static_cast<Closure *>(c);
                               std::apply(self->kernel, *self->values);
@@ -243,6 +256,23 @@ RELORA_EMU_API const uint64_t *relora_emu_warp_collective(unsigned int mask, uin
 // The lanes of the running fiber's warp that exist (a block whose size is not a multiple of 32 ends
 // with a partial warp).
 RELORA_EMU_API unsigned int relora_emu_warp_lanes(void);
+// Like relora_emu_warp_collective, for up to 32 bytes a lane: returns the warp's table of 32 slots of 32
+// bytes (lane l's data at l * 32), valid until the lane's next collective.
+RELORA_EMU_API const unsigned char *relora_emu_warp_exchange(unsigned int mask, const void *data, size_t bytes);
+// Warp-level matrix operations (cuda_emu.cpp documents the fragment layouts and the accumulation order):
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (d = a b + c; d may alias c) and
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 into r[0 .. matrices). Both are collectives of the
+// whole warp (every lane, full mask), as the .sync.aligned instructions are.
+RELORA_EMU_API void relora_emu_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]);
+RELORA_EMU_API void relora_emu_ldmatrix(uint32_t *r, int matrices, int trans, const void *row_address);
+// cp.async.{ca,cg}.shared.global of `bytes` (4, 8, 16; both addresses aligned to it; the destination inside the
+// block's dynamic shared memory), of which the first `src_bytes` are read and the rest zero-filled;
+// cp.async.commit_group; cp.async.wait_group `pending`. A copy lands only when its thread's wait retires its
+// group (the latest moment PTX allows), and a thread that exits with copies not waited for fails the launch.
+RELORA_EMU_API void relora_emu_cp_async(void *dst, const void *src, unsigned int bytes, unsigned int src_bytes);
+RELORA_EMU_API void relora_emu_cp_async_commit(void);
+RELORA_EMU_API void relora_emu_cp_async_wait(int pending);
+RELORA_EMU_API void relora_emu_func_set_max_dynamic_shared(const void *func, int bytes, int *ok);
 // Reports a kernel-side error (bad shuffle width, lane not in mask) and aborts the launch.
 RELORA_EMU_API void relora_emu_kernel_error(const char *what, int lane, int other) __attribute__((noreturn));
 
@@ -266,6 +296,14 @@ inline void check_width(int width) {
         relora_emu_kernel_error("a shuffle width must be a power of 2 in [1, 32]", lane_id(), width);
 }
 }  // namespace relora_emu
+
+template <typename... Params>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+    int ok = 0;
+    ::relora_emu::relora_emu_func_set_max_dynamic_shared(reinterpret_cast<const void *>(kernel), value, &ok);
+    return ok ? cudaSuccess : cudaErrorInvalidValue;
+}
 
 #define RELORA_LAUNCH(kernel, grid, block, shmem, stream) \
     ::relora_emu::make_launch(kernel, grid, block, shmem, stream, #kernel)

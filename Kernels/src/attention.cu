@@ -34,7 +34,7 @@
 // every query) and nothing balances them; fully masked lanes of a diagonal tile still compute.
 #include <math.h>
 
-#include "relora_cuda.cuh"
+#include "attention.cuh"
 
 // Loops over the small per-thread arrays are unrolled so the arrays stay in registers (nvcc only; g++
 // keeps them in registers or on its stack either way).
@@ -59,11 +59,7 @@ constexpr int kForwardRows = 16;         // query rows per forward tile
 // capped these kernels at 64-96 registers and spilled; with it they use 135-168 and spill nothing.
 constexpr int kMinBlocks = 3;
 
-struct Shape {
-    int64_t batch, seq, heads, kv_heads, group;
-    int D;
-    float scale;
-};
+using attention::Shape;
 
 // Loads rows [first, first + rows) of one head (columns col0 .. col0 + D of a row of `stride` elements)
 // into dst[r * pitch + d] as f32; rows at or past seq are zeros.
@@ -485,6 +481,8 @@ relora_status relora_cuda_attention_forward(const void *q, const void *k, const 
     RELORA_CHECK(check_shape("attention_forward", batch, seq_len, heads, kv_heads, head_dim, &sh, &empty));
     if (empty) return RELORA_OK;
     RELORA_REQUIRE(q && k && v && out && lse, "attention_forward", "null pointer");
+    const void *pointers[] = {q, k, v, out};
+    if (attention::mma_eligible(sh, dtype, pointers, 4)) return attention::forward_mma(q, k, v, out, lse, sh, as_stream(stream));
     switch (dtype) {
     case RELORA_DTYPE_F32: return forward<float>(q, k, v, out, lse, sh, as_stream(stream));
     case RELORA_DTYPE_BF16: return forward<__nv_bfloat16>(q, k, v, out, lse, sh, as_stream(stream));
@@ -501,6 +499,10 @@ relora_status relora_cuda_attention_backward(const void *dout, const void *q, co
     RELORA_CHECK(check_shape("attention_backward", batch, seq_len, heads, kv_heads, head_dim, &sh, &empty));
     if (empty) return RELORA_OK;
     RELORA_REQUIRE(dout && q && k && v && out && lse && dq && dk && dv, "attention_backward", "null pointer");
+    const void *pointers[] = {dout, q, k, v, out, dq, dk, dv};
+    if (attention::mma_eligible(sh, dtype, pointers, 8)) {
+        return attention::backward_mma(dout, q, k, v, out, lse, dq, dk, dv, sh, as_stream(stream));
+    }
     switch (dtype) {
     case RELORA_DTYPE_F32: return backward_for<float>(dout, q, k, v, out, lse, dq, dk, dv, sh, as_stream(stream));
     case RELORA_DTYPE_BF16:

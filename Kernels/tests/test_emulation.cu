@@ -3,6 +3,7 @@
 // linked with libreloracuda-emu.so (the same runtime instance the loaded library uses).
 #include "cuda_emu.h"
 #include "harness.h"
+#include "relora_mma.cuh"
 
 using harness::record;
 
@@ -84,6 +85,95 @@ __global__ void convert_kernel(const float *x, unsigned short *bf16, unsigned sh
         half[i] = __float2half_rn(x[i]).__x;
         back[i] = __bfloat162float(b);
     }
+}
+
+// ---- Warp-level matrix operations -------------------------------------------------------------------------
+// Test matrices with small integer entries (every product and sum exact in f32, so any summation order gives
+// the same bits), distinct per warp: A 16 x 16, B 16 x 8, C 16 x 8 of warp w.
+float mma_a(int w, int r, int k) { return (float)((r * 16 + k * 3 + w * 5) % 7 - 3); }
+float mma_b(int w, int k, int n) { return (float)((k * 8 + n * 5 + w) % 5 - 2); }
+float mma_c(int w, int r, int n) { return (float)(r - 2 * n + w); }
+
+uint32_t bf16_pair(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) | ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+// Every lane fills its fragments with the formulas of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
+// floating point type", transcribed here independently of the emulation's code), multiplies, and writes its
+// four results where the accumulator formula says they belong: out[warp][row][col].
+__global__ void mma_layout_kernel(float *out) {
+    const int lane = (int)(threadIdx.x & 31u), w = (int)(threadIdx.x >> 5);
+    const int groupID = lane >> 2, threadID_in_group = lane % 4;
+    float a_elems[8], b_elems[4], c[4];
+    for (int i = 0; i < 8; ++i) {
+        const int row = (i < 2 || (i >= 4 && i < 6)) ? groupID : groupID + 8;
+        const int col = i < 4 ? threadID_in_group * 2 + (i & 0x1) : threadID_in_group * 2 + (i & 0x1) + 8;
+        a_elems[i] = mma_a(w, row, col);
+    }
+    for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? threadID_in_group * 2 + (i & 0x1) : threadID_in_group * 2 + (i & 0x1) + 8;
+        b_elems[i] = mma_b(w, row, groupID);
+    }
+    for (int i = 0; i < 4; ++i) c[i] = mma_c(w, i < 2 ? groupID : groupID + 8, threadID_in_group * 2 + (i & 0x1));
+    const uint32_t a[4] = {bf16_pair(a_elems[0], a_elems[1]), bf16_pair(a_elems[2], a_elems[3]),
+                           bf16_pair(a_elems[4], a_elems[5]), bf16_pair(a_elems[6], a_elems[7])};
+    relora::mma_bf16_m16n8k16(c, a, bf16_pair(b_elems[0], b_elems[1]), bf16_pair(b_elems[2], b_elems[3]));
+    for (int i = 0; i < 4; ++i) {
+        const int row = i < 2 ? groupID : groupID + 8, col = threadID_in_group * 2 + (i & 0x1);
+        out[(w * 16 + row) * 8 + col] = c[i];
+    }
+}
+
+// A 16 x 16 bf16 tile in dynamic shared memory (rows 24 elements apart: 48 bytes, 16-byte aligned), element
+// (r, c) = r * 16 + c; lane l gives the address of row (l % 8) + 8 ((l / 8) % 2), column 8 (l / 16): matrix m
+// = l / 8 is the 8 x 8 block (m % 2, m / 2) of the tile. Each lane stores its 4 registers of ldmatrix x4 and of
+// ldmatrix x4 .trans.
+__global__ void ldmatrix_kernel(uint32_t *out, int misalign) {
+    RELORA_DYNAMIC_SHARED(__nv_bfloat16, tile);
+    const int lane = (int)threadIdx.x;
+    for (int e = lane; e < 16 * 24; e += 32) tile[e] = __float2bfloat16_rn((float)((e / 24) * 16 + e % 24));
+    __syncwarp();
+    const __nv_bfloat16 *row = tile + ((lane % 8) + 8 * ((lane / 8) % 2)) * 24 + 8 * (lane / 16) + (misalign && lane == 5);
+    uint32_t r[4], t[4];
+    relora::ldmatrix_x4(r, row);
+    relora::ldmatrix_x4_trans(t, row);
+    for (int m = 0; m < 4; ++m) {
+        out[lane * 8 + m] = r[m];
+        out[lane * 8 + 4 + m] = t[m];
+    }
+}
+
+// cp.async: thread t copies bytes [16 t, 16 t + 16) of src into dynamic shared memory in two groups (even
+// chunks, then odd ones; chunk 3 zero-filled) and records what it sees of its own chunks before any wait,
+// after wait_group 1 (the first group only) and after wait_group 0: out[t][phase][0..1] = first word of its
+// even chunk and of its odd chunk.
+__global__ void cp_async_kernel(const uint32_t *src, uint32_t *out) {
+    RELORA_DYNAMIC_SHARED(uint32_t, dst);
+    const int t = (int)threadIdx.x;
+    relora::cp_async_16(dst + 8 * t, src + 8 * t, true);
+    relora::cp_async_commit();
+    relora::cp_async_16(dst + 8 * t + 4, src + 8 * t + 4, t != 1);  // odd chunk 2t + 1 == 3 is zero-filled
+    relora::cp_async_commit();
+    out[t * 6 + 0] = dst[8 * t];
+    out[t * 6 + 1] = dst[8 * t + 4];
+    relora::cp_async_wait<1>();
+    out[t * 6 + 2] = dst[8 * t];
+    out[t * 6 + 3] = dst[8 * t + 4];
+    relora::cp_async_wait<0>();
+    out[t * 6 + 4] = dst[8 * t];
+    out[t * 6 + 5] = dst[8 * t + 4];
+}
+
+__global__ void cp_async_unwaited_kernel(const uint32_t *src) {
+    RELORA_DYNAMIC_SHARED(uint32_t, dst);
+    relora::cp_async_16(dst + 4 * threadIdx.x, src + 4 * threadIdx.x, true);
+    relora::cp_async_commit();
+}
+
+__global__ void big_shared_kernel(unsigned char *out) {
+    RELORA_DYNAMIC_SHARED(unsigned char, scratch);
+    scratch[64 * 1024 - 1] = 7;
+    out[0] = scratch[64 * 1024 - 1];
 }
 
 template <typename T>
@@ -336,6 +426,109 @@ bool memory_checks() {
     return ok && poisoned;
 }
 
+// mma.sync m16n8k16 against the PTX ISA's fragment formulas (mma_layout_kernel), 2 warps with different
+// matrices, under every schedule; ldmatrix x4 with and without .trans against its definition; a misaligned
+// ldmatrix row reported.
+bool matrix_checks() {
+    const int warps = 2;
+    float *d = nullptr;
+    cudaMalloc((void **)&d, (size_t)warps * 16 * 8 * sizeof(float));
+    bool ok = true;
+    for (int order = 0; order < 4; ++order) {
+        relora_emu_set_schedule(order);
+        RELORA_LAUNCH(mma_layout_kernel, dim3(1), dim3(32 * warps), 0, nullptr)(d);
+        const cudaError_t e = cudaGetLastError();
+        const std::vector<float> h = download<float>(d, (size_t)warps * 16 * 8);
+        int wrong = 0;
+        for (int w = 0; w < warps; ++w) {
+            for (int r = 0; r < 16; ++r) {
+                for (int n = 0; n < 8; ++n) {
+                    float want = mma_c(w, r, n);
+                    for (int k = 0; k < 16; ++k) want += mma_a(w, r, k) * mma_b(w, k, n);
+                    wrong += h[(size_t)((w * 16 + r) * 8 + n)] != want;
+                }
+            }
+        }
+        char name[96];
+        snprintf(name, sizeof name, "mma m16n8k16 bf16: the PTX fragment layouts (schedule %d)", order);
+        record(wrong == 0 && e == cudaSuccess, name, "%d of %d wrong (%s)", wrong, warps * 128, cudaGetErrorString(e));
+        ok &= wrong == 0 && e == cudaSuccess;
+    }
+    relora_emu_set_schedule(RELORA_EMU_ROUND_ROBIN);
+    cudaFree(d);
+
+    uint32_t *dl = nullptr;
+    cudaMalloc((void **)&dl, 32 * 8 * sizeof(uint32_t));
+    RELORA_LAUNCH(ldmatrix_kernel, dim3(1), dim3(32), 16 * 24 * sizeof(__nv_bfloat16), nullptr)(dl, 0);
+    cudaError_t e = cudaGetLastError();
+    const std::vector<uint32_t> h = download<uint32_t>(dl, 32 * 8);
+    int wrong = 0;
+    auto element = [](int m, int r, int c) { return (float)((8 * (m % 2) + r) * 16 + 8 * (m / 2) + c); };
+    for (int l = 0; l < 32; ++l) {
+        for (int m = 0; m < 4; ++m) {
+            wrong += h[(size_t)(l * 8 + m)] != bf16_pair(element(m, l / 4, 2 * (l % 4)), element(m, l / 4, 2 * (l % 4) + 1));
+            wrong += h[(size_t)(l * 8 + 4 + m)] !=
+                     bf16_pair(element(m, 2 * (l % 4), l / 4), element(m, 2 * (l % 4) + 1, l / 4));
+        }
+    }
+    record(wrong == 0 && e == cudaSuccess, "ldmatrix x4 and x4.trans: the PTX fragment layouts", "%d of 256 wrong (%s)",
+           wrong, cudaGetErrorString(e));
+    ok &= wrong == 0 && e == cudaSuccess;
+    RELORA_LAUNCH(ldmatrix_kernel, dim3(1), dim3(32), 16 * 24 * sizeof(__nv_bfloat16), nullptr)(dl, 1);
+    e = cudaGetLastError();
+    const bool named = strstr(cudaGetErrorString(e), "not 16-byte aligned") != nullptr;
+    record(e == cudaErrorLaunchFailure && named, "misaligned ldmatrix row reported", "%s", cudaGetErrorString(e));
+    ok &= e == cudaErrorLaunchFailure && named;
+    cudaDeviceReset();
+    return ok;
+}
+
+// cp.async lands at the wait that retires its group (not before, whatever the schedule), zero-fills past
+// src-size, and a thread that never waits fails the launch; the dynamic shared memory opt-in.
+bool async_copy_checks() {
+    const int threads = 4;
+    std::vector<uint32_t> src((size_t)threads * 8);
+    for (size_t i = 0; i < src.size(); ++i) src[i] = (uint32_t)(1000 + i);
+    uint32_t *dsrc = nullptr, *dout = nullptr;
+    cudaMalloc((void **)&dsrc, src.size() * sizeof(uint32_t));
+    cudaMalloc((void **)&dout, (size_t)threads * 6 * sizeof(uint32_t));
+    cudaMemcpy(dsrc, src.data(), src.size() * sizeof(uint32_t), cudaMemcpyHostToDevice);
+    RELORA_LAUNCH(cp_async_kernel, dim3(1), dim3(threads), src.size() * sizeof(uint32_t), nullptr)(dsrc, dout);
+    cudaError_t e = cudaGetLastError();
+    const std::vector<uint32_t> h = download<uint32_t>(dout, (size_t)threads * 6);
+    int wrong = 0;
+    for (int t = 0; t < threads; ++t) {
+        const uint32_t even = src[(size_t)(8 * t)], odd = t == 1 ? 0u : src[(size_t)(8 * t + 4)];
+        const uint32_t want[6] = {0xFFFFFFFFu, 0xFFFFFFFFu, even, 0xFFFFFFFFu, even, odd};
+        for (int k = 0; k < 6; ++k) wrong += h[(size_t)(t * 6 + k)] != want[k];
+    }
+    record(wrong == 0 && e == cudaSuccess, "cp.async lands at its wait_group, zero-fills past src-size",
+           "%d of %d wrong (%s)", wrong, threads * 6, cudaGetErrorString(e));
+    bool ok = wrong == 0 && e == cudaSuccess;
+    RELORA_LAUNCH(cp_async_unwaited_kernel, dim3(1), dim3(threads), src.size() * sizeof(uint32_t), nullptr)(dsrc);
+    e = cudaGetLastError();
+    const bool named = strstr(cudaGetErrorString(e), "never waited") != nullptr;
+    record(e == cudaErrorLaunchFailure && named, "cp.async never waited for reported", "%s", cudaGetErrorString(e));
+    ok &= e == cudaErrorLaunchFailure && named;
+    cudaDeviceReset();  // clears the sticky error, frees dsrc and dout
+
+    unsigned char *d = nullptr;
+    cudaMalloc((void **)&d, 1);
+    RELORA_LAUNCH(big_shared_kernel, dim3(1), dim3(32), 64 * 1024, nullptr)(d);
+    const cudaError_t without = cudaGetLastError();
+    const cudaError_t too_much = cudaFuncSetAttribute(big_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
+    const cudaError_t opt_in = cudaFuncSetAttribute(big_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    RELORA_LAUNCH(big_shared_kernel, dim3(1), dim3(32), 64 * 1024, nullptr)(d);
+    const cudaError_t with = cudaGetLastError();
+    const bool shared_ok = without == cudaErrorInvalidConfiguration && too_much == cudaErrorInvalidValue &&
+                           opt_in == cudaSuccess && with == cudaSuccess && download<unsigned char>(d, 1)[0] == 7;
+    record(shared_ok, "dynamic shared memory above 48 KiB needs the opt-in (at most 99 KiB)",
+           "without %d, 100 KiB opt-in %d, 64 KiB opt-in %d, then %d", (int)without, (int)too_much, (int)opt_in, (int)with);
+    ok &= shared_ok;
+    cudaFree(d);
+    return ok;
+}
+
 }  // namespace
 
 bool run_emulation_checks() {
@@ -346,6 +539,8 @@ bool run_emulation_checks() {
     ok &= error_checks();
     ok &= bounds_checks();
     ok &= memory_checks();
+    ok &= matrix_checks();
+    ok &= async_copy_checks();
     uint64_t launches = 0, blocks = 0, fibers = 0, switches = 0;
     relora_emu_counters(&launches, &blocks, &fibers, &switches);
     printf("emulation: %llu launches, %llu blocks, %llu threads run as fibers, %llu switches\n",

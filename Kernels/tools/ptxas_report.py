@@ -47,6 +47,10 @@ HOT = [
     "attention_forward_kernel",
     "attention_backward_dq_kernel",
     "attention_backward_dkv_kernel",
+    # the bf16 tensor-core attention (head_dim 64, 128)
+    "attention_forward_mma_kernel",
+    "attention_backward_dq_mma_kernel",
+    "attention_backward_dkv_mma_kernel",
     "cross_entropy_kernel",
 ]
 # Kernels that run once per restart or less (the merge, optimizer-state pruning, the merge report):
@@ -76,7 +80,7 @@ def base_name(demangled):
 
 def short_name(demangled):
     """Drop namespaces and the parameter list, keep the template arguments."""
-    text = demangled.replace("relora::(anonymous namespace)::", "").replace("relora::", "")
+    text = re.sub(r"\b[A-Za-z_]\w*::", "", demangled.replace("(anonymous namespace)::", ""))
     depth, end = 0, len(text)
     for i, ch in enumerate(text):
         if ch == "<":

@@ -190,6 +190,10 @@ extension ConformanceSuite {
             for dtype in computeDTypes { checkAttention(s, dtype) }
             checkAttentionGradients(s)
         }
+        // head_dim 64, longer than one 64-row tile: the CUDA backend's tensor-core kernels in bf16 (P and dS
+        // rounded to bf16 as matrix operands: the `io` terms of the tolerances), its f32 kernels in f32.
+        let wide = NaiveReference.AttentionShape(batch: 1, seqLen: 70, heads: 2, kvHeads: 1, headDim: 64)
+        for dtype in computeDTypes { checkAttention(wide, dtype) }
     }
 
     /// Tolerance constants of attention for a problem whose largest score magnitude is `a` and largest |lse| `l`.
