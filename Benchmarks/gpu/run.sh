@@ -172,7 +172,15 @@ first_error() {
         [ -n "$line" ] && break
     done
     [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -1)
-    printf '%s' "$line" | tr -d '\n' | LC_ALL=C tr -c '\040-\176' '?' | cut -c1-300
+    printf '%s' "$line" | one_line 300
+}
+# stdin as one line of at most $1 bytes: control characters dropped, and bytes that are not UTF-8 (a
+# log's binary noise, or a character cut in two) dropped too where iconv exists, else every non-ASCII byte.
+one_line() {
+    local text
+    text=$(LC_ALL=C tr -d '\000-\037\177' | cut -b "1-$1")
+    if command -v iconv >/dev/null; then printf '%s' "$text" | iconv -f UTF-8 -t UTF-8 -c 2>/dev/null
+    else printf '%s' "$text" | LC_ALL=C tr -c '\040-\176' '?'; fi
 }
 
 # ---- running a stage -------------------------------------------------------------------------------------
@@ -234,7 +242,7 @@ stage() {
     case $exit in 0) ;; 124|137) status=timeout ;; *) status=fail ;; esac
     local error="" rerun_json=null rerun_text=""
     if [ $status = timeout ]; then
-        error="timed out after $limit s; last line: $(grep -v '^#' "$log" | grep -v '^[[:space:]]*$' | tail -1 | tr -d '\n' | LC_ALL=C tr -c '\040-\176' '?' | cut -c1-250)"
+        error="timed out after $limit s; last line: $(grep -v '^#' "$log" | grep -v '^[[:space:]]*$' | tail -1 | one_line 250)"
     elif [ $status = fail ]; then
         error=$(first_error "$log")
     fi
@@ -394,8 +402,9 @@ figures_build() {
         echo "kernels_with_spills=${spills:-unknown}"
     fi
     local first
-    first=$(grep -m1 -E 'warning[: #]' "$1" | LC_ALL=C tr -c '\040-\176' '?' | cut -c1-200)
+    first=$(grep -m1 -E 'warning[: #]' "$1" | one_line 200)
     local text="$warnings warnings${spills:+, $spills kernel builds with spills}"
+    [ -n "$first" ] && echo "first_warning=$first"
     [ "$warnings" != 0 ] && [ "$STRICT" != 1 ] && text+=", reported, not fatal: \"$first\""
     echo "summary=$text"
 }
@@ -486,6 +495,7 @@ fi
 # through here too.)
 swift_stage() {
     local name=$1
+    if ! selected "$name"; then not_applicable "$name" "not selected (--stages)"; return 1; fi
     if [ -n "$BUNDLE_PROBLEM" ]; then skip "$name" "$BUNDLE_PROBLEM"; return 1; fi
     if [ ! -f "$RELORA_CUDA_LIB" ]; then skip "$name" "no kernel library ($RELORA_CUDA_LIB): the build failed"; return 1; fi
     local limit=$2
