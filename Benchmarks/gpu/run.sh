@@ -486,7 +486,8 @@ else
     export SWIFT_LIBS DIST
     figures_bundle() { echo "summary=$CXX_NOTE"; echo "cxx_runtime=$CXX_NOTE"; }
     if ! stage bundle 60 -- bash -c bundle_check; then
-        BUNDLE_PROBLEM="the bundle does not start: $(first_error "$LOGS/bundle.log")"
+        if [ -f "$LOGS/bundle.log" ]; then BUNDLE_PROBLEM="the bundle does not start: $(first_error "$LOGS/bundle.log")"
+        else BUNDLE_PROBLEM="the bundle was not checked (out of time)"; fi
     fi
 fi
 
