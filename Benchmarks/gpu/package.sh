@@ -30,7 +30,7 @@ strip "$out/relora" "$out/relora-bench"
     echo "packaged $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
     echo "on $(. /etc/os-release && echo "$PRETTY_NAME"), $(ldd --version | head -1), $(swift --version 2>&1 | head -1)"
     for lib in "$out"/lib/*; do
-        level=$(grep -ao 'GLIBCXX_3\.4\.[0-9]*' "$lib" | sed 's/.*\.//' | sort -n | tail -1)
+        level=$(grep -ao 'GLIBCXX_3\.4\.[0-9]*' "$lib" | sed 's/.*\.//' | sort -n | tail -1 || true)
         echo "lib/$(basename "$lib")${level:+ (GLIBCXX_3.4.$level)}"
     done
 } > "$out/BUNDLE.txt"

@@ -171,7 +171,7 @@ first_error() {
         line=$(grep -m1 -E -- "$pattern" "$1" 2>/dev/null)
         [ -n "$line" ] && break
     done
-    [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -1)
+    [ -n "$line" ] || line=$(sed '1,2d; $d' "$1" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -1)  # not run_logged's lines
     printf '%s' "$line" | one_line 300
 }
 # stdin as one line of at most $1 bytes: control characters dropped, and bytes that are not UTF-8 (a
@@ -242,7 +242,7 @@ stage() {
     case $exit in 0) ;; 124|137) status=timeout ;; *) status=fail ;; esac
     local error="" rerun_json=null rerun_text=""
     if [ $status = timeout ]; then
-        error="timed out after $limit s; last line: $(grep -v '^#' "$log" | grep -v '^[[:space:]]*$' | tail -1 | one_line 250)"
+        error="timed out after $limit s; last line: $(sed '1,2d; $d' "$log" | grep -v '^[[:space:]]*$' | tail -1 | one_line 250)"
     elif [ $status = fail ]; then
         error=$(first_error "$log")
     fi
@@ -345,7 +345,7 @@ machine_info() {
     local lib
     lib=$(system_libstdcxx)
     echo "libstdc++ (machine): ${lib:-not found}, GLIBCXX_3.4.$(glibcxx_level "$lib")"
-    echo "python3: $(python3 --version 2>&1)"
+    echo "python3: $(python3 --version 2>&1) ($(command -v python3))"
     echo "STRICT=$STRICT EXTRA_WARNINGS=${EXTRA_WARNINGS:-}"
 }
 export -f machine_info system_libstdcxx glibcxx_level
@@ -384,6 +384,15 @@ if [ "$MODE" = gpu ]; then
     # (every arch when no GPU answers).
     arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
     KMAKE+=(CUDA_HOME="$CUDA_HOME")
+    # nccl.h, for collectives.cu's types and prototypes (NCCL itself is opened at run time): NCCL_INCLUDE or
+    # NCCL_HOME when set (make reads them), else the first of the toolkit's include/, the system's, the
+    # nvidia-nccl wheel beside the CUDA wheels, and python3's nvidia-nccl wheel (PyTorch's dependency).
+    if [ -z "${NCCL_INCLUDE:-}" ] && [ -z "${NCCL_HOME:-}" ]; then
+        for d in "$CUDA_HOME/include" /usr/include /usr/local/include "$CUDA_HOME/../nccl/include" \
+            "$(python3 -c 'import importlib.util as u, os; s = u.find_spec("nvidia.nccl"); print(os.path.join(list(s.submodule_search_locations)[0], "include"))' 2>/dev/null)"; do
+            if [ -n "$d" ] && [ -f "$d/nccl.h" ]; then KMAKE+=(NCCL_INCLUDE="$d"); break; fi
+        done
+    fi
     [ -n "$arch" ] && KMAKE+=(CUDA_ARCHS="$arch" GENCODE="-gencode arch=compute_$arch,code=sm_$arch" ARCH_TEXT="sm_$arch")
     BUILD_TARGETS=(cuda test-programs-cuda)
     TEST_TARGETS=(test-cuda)
@@ -403,7 +412,8 @@ figures_build() {
     fi
     local first
     first=$(grep -m1 -E 'warning[: #]' "$1" | one_line 200)
-    local text="$warnings warnings${spills:+, $spills kernel builds with spills}"
+    local text="$warnings warnings"
+    case ${spills:-} in '') ;; 0) text+=", no spills" ;; *) text+=", $spills kernel/architecture pairs spill" ;; esac
     [ -n "$first" ] && echo "first_warning=$first"
     [ "$warnings" != 0 ] && [ "$STRICT" != 1 ] && text+=", reported, not fatal: \"$first\""
     echo "summary=$text"
@@ -545,6 +555,11 @@ PY
 swift_stage bench $([ "$MODE" = gpu ] && echo 180 || echo 600) --device -- "$DIST/relora-bench" gpu --json "$LOGS/bench.json"
 
 # Further stages go here, through swift_stage (or not_applicable with the reason when the machine cannot
-# run them, e.g. fewer than 2 GPUs), with their figures from a figures_NAME function and their files in $LOGS.
+# run them), their files in $LOGS, their key figures from a figures_NAME function. A stage's log starts with
+# two lines (the command, its limit) and ends with one ("# exit N after S s"): a figure taken from the
+# program's last line skips that one. For instance:
+#   figures_data_parallel() { echo "summary=$(sed '$d' "$1" | tail -1)"; }
+#   if [ "$GPUS" -ge 2 ]; then swift_stage data-parallel 150 --device -- bash -c 'data_parallel "$0" "$1"' "$DIST" "$LOGS"
+#   else not_applicable data-parallel "needs 2 GPUs, this machine has $GPUS"; fi
 
 [ "$RUN_FAILED" = 0 ]
