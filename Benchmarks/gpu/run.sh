@@ -98,7 +98,7 @@ json_string() {  # the argument as a JSON string; control characters dropped
     printf '"%s"' "$(printf '%s' "$s" | LC_ALL=C tr -d '\000-\011\013-\037')"
 }
 json_value() {  # numbers and booleans as they are, the rest as strings
-    if [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ || $1 == true || $1 == false || $1 == null ]]; then
+    if [[ $1 =~ ^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?$ || $1 == true || $1 == false || $1 == null ]]; then
         printf '%s' "$1"
     else
         json_string "$1"
@@ -168,7 +168,7 @@ first_error() {
     local pattern line
     for pattern in 'Fatal error|cuda: .* failed' "version .GLIBC|error while loading shared libraries" '^FAIL' \
         'error:|error [0-9]|Error [0-9]|ERROR' 'failed|FAILED|not found|No such file|cannot|Segmentation|Abort|Killed|core dumped'; do
-        line=$(grep -m1 -E -- "$pattern" "$1" 2>/dev/null)
+        line=$(sed '1,2d' "$1" 2>/dev/null | grep -m1 -E -- "$pattern")  # past run_logged's header
         [ -n "$line" ] && break
     done
     [ -n "$line" ] || line=$(sed '1,2d; $d' "$1" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -1)  # not run_logged's lines
