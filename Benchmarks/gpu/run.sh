@@ -162,11 +162,11 @@ write_outputs() {
 }
 
 # The line of a log that says what went wrong, in order of preference: a Swift fatal error (the CUDA
-# backend's "cuda: <op> failed"), the loader's missing symbol version, a failed check (FAIL), a compiler or
-# make error, anything that says it failed; else the log's last line.
+# backend's "cuda: <op> failed") or Kernels/Makefile's own sentence, the loader's missing symbol version, a
+# failed check (FAIL), a compiler or make error, anything that says it failed; else the log's last line.
 first_error() {
     local pattern line
-    for pattern in 'Fatal error|cuda: .* failed' "version .GLIBC|error while loading shared libraries" '^FAIL' \
+    for pattern in 'Fatal error|cuda: .* failed|^Kernels: ' "version .GLIBC|error while loading shared libraries" '^FAIL' \
         'error:|error [0-9]|Error [0-9]|ERROR' 'failed|FAILED|not found|No such file|cannot|Segmentation|Abort|Killed|core dumped'; do
         line=$(sed '1,2d' "$1" 2>/dev/null | grep -m1 -E -- "$pattern")  # past run_logged's header
         [ -n "$line" ] && break
@@ -405,7 +405,7 @@ figures_build() {
     local warnings spills
     warnings=$(grep -c -E 'warning[: #]' "$1")
     echo "warnings=$warnings"
-    if [ -f Kernels/build/ptxas_report.txt ] && [ "$MODE" = gpu ]; then
+    if [ -f Kernels/build/ptxas_report.txt ] && [ "$MODE" = gpu ] && [ "$R_EXIT" = 0 ]; then  # not a stale one
         cp Kernels/build/ptxas_report.txt "$LOGS/"
         spills=$(sed -n 's/.*architectures; \([0-9]*\) with spills.*/\1/p' Kernels/build/ptxas_report.txt | tail -1)
         echo "kernels_with_spills=${spills:-unknown}"
@@ -419,16 +419,24 @@ figures_build() {
     echo "summary=$text"
 }
 stage build $([ "$MODE" = gpu ] && echo 180 || echo 600) -- "${KMAKE[@]}" -j"$JOBS" "${BUILD_TARGETS[@]}"
+# What the later stages need of the build: it passed, or it was not selected and a library is there (a
+# library left by an earlier build is stale after a failed one, and `make test` would only fail again).
+status_of() { local i; for i in "${!S_NAMES[@]}"; do [ "${S_NAMES[$i]}" = "$1" ] && echo "${S_STATUS[$i]}"; done; }
+case $(status_of build) in
+    pass) LIBRARY_PROBLEM="" ;;
+    n/a) [ -f "$LIBRARY" ] && LIBRARY_PROBLEM="" || LIBRARY_PROBLEM="no kernel library ($LIBRARY) and the build was not selected" ;;
+    *) LIBRARY_PROBLEM="the kernel build did not pass ($(status_of build))" ;;
+esac
 figures_kernel_tests() {
     local pass fail
     pass=$(grep -c '^PASS' "$1"); fail=$(grep -c '^FAIL' "$1")
     echo "passed=$pass"; echo "failed=$fail"
     echo "summary=$pass checks passed, $fail failed"
 }
-if [ -f "$LIBRARY" ]; then
+if [ -z "$LIBRARY_PROBLEM" ]; then
     stage kernel-tests $([ "$MODE" = gpu ] && echo 90 || echo 300) --device -- "${KMAKE[@]}" "${TEST_TARGETS[@]}"
 else
-    skip kernel-tests "no kernel library ($LIBRARY): the build failed"
+    skip kernel-tests "$LIBRARY_PROBLEM"
 fi
 
 # ---- the bundle: the Swift binaries and what they load ----------------------------------------------------
@@ -508,7 +516,8 @@ swift_stage() {
     local name=$1
     if ! selected "$name"; then not_applicable "$name" "not selected (--stages)"; return 1; fi
     if [ -n "$BUNDLE_PROBLEM" ]; then skip "$name" "$BUNDLE_PROBLEM"; return 1; fi
-    if [ ! -f "$RELORA_CUDA_LIB" ]; then skip "$name" "no kernel library ($RELORA_CUDA_LIB): the build failed"; return 1; fi
+    if [ "$RELORA_CUDA_LIB" = "$LIBRARY" ] && [ -n "$LIBRARY_PROBLEM" ]; then skip "$name" "$LIBRARY_PROBLEM"; return 1; fi
+    if [ ! -f "$RELORA_CUDA_LIB" ]; then skip "$name" "no kernel library at $RELORA_CUDA_LIB"; return 1; fi
     local limit=$2
     shift 2
     local opts=()
