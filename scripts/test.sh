@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs the system libraries, builds everything (tests included) and runs
-# the fast XCTest suite, which skips the tests listed in Tests/long-tests.txt. `--long` runs exactly those
-# instead (scripts/test_long.sh), `--all` both.
+# the fast XCTest suite, which skips the tests listed in Tests/long-tests.txt and Tests/gpu-script-tests.txt.
+# `--long` runs exactly the first list instead (scripts/test_long.sh), `--all` everything. The second list's
+# checks are stages of `Benchmarks/gpu/run.sh --emulation`, which is how CI runs them (.ci/run).
 #
 # The test process cannot restart itself the way `relora` does when OpenBLAS picks weak kernels for a CPU
 # newer than itself, so the core `relora` settles on is passed to it in OPENBLAS_CORETYPE (a value you set
@@ -24,15 +25,26 @@ if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
 fi
 echo "test: OpenBLAS core ${OPENBLAS_CORETYPE:-as chosen by OpenBLAS}"
 
-# The long tests as one anchored regular expression over XCTest's names (ReLoRATests.Class/test).
-long=$(grep -v '^#' Tests/long-tests.txt | awk 'NF { print $1 }')
+# The listed tests as one anchored regular expression over XCTest's names (ReLoRATests.Class/test).
+listed() { grep -v '^#' "$1" | awk 'NF { print $1 }'; }
+long=$(listed Tests/long-tests.txt)
+script=$(listed Tests/gpu-script-tests.txt)
 count=$(echo "$long" | wc -l)
 pattern="^ReLoRATests\\.($(echo "$long" | paste -sd '|'))\$"
+skipped="^ReLoRATests\\.($(printf '%s\n%s\n' "$long" "$script" | paste -sd '|'))\$"
+# A renamed or removed test would leave a list naming nothing (and, renamed, run in the fast suite).
+known=$(swift test --skip-build list --disable-swift-testing 2>/dev/null | sed 's/^ReLoRATests\.//')
+for name in $long $script; do
+    if ! grep -qxF "$name" <<< "$known"; then
+        echo "test.sh: $name is listed in Tests/long-tests.txt or Tests/gpu-script-tests.txt but is no test; fix the list" >&2
+        exit 1
+    fi
+done
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 case $suite in
-    fast) swift test --skip-build --disable-swift-testing --skip "$pattern" 2>&1 | tee "$log" || status=$? ;;
+    fast) swift test --skip-build --disable-swift-testing --skip "$skipped" 2>&1 | tee "$log" || status=$? ;;
     long) swift test --skip-build --disable-swift-testing --filter "$pattern" 2>&1 | tee "$log" || status=$? ;;
     all) swift test --skip-build --disable-swift-testing 2>&1 | tee "$log" || status=$? ;;
 esac

@@ -32,7 +32,7 @@ let selfTestCommand = CommandSpec(
     options: [
         deviceOption,
         .value("group", "G[,G...]", help: "only these groups: \(ConformanceGroup.allCases.map(\.rawValue).joined(separator: ", "))"),
-        .flag("json", help: "print {\"backend\", \"passed\", \"failed\", \"checks\": [...]} instead of the table"),
+        .flag("json", help: "print {\"backend\", \"passed\", \"failed\", \"checks\": [...]} instead of the table (failures still on stderr as they happen)"),
     ],
     examples: ["relora selftest --device cuda --group training", "mpirun -np 2 relora selftest --group collectives"])
 
@@ -53,9 +53,12 @@ func runSelfTest(_ args: [String]) throws {
     let lead = communicator.rank == 0
     let ranks = communicator.worldSize
     let quiet = a.flag("json")
+    // Each failure as it happens (a later crash must not hide the earlier failures); with --json on stderr,
+    // so that stdout stays one JSON document.
     let progress: (ConformanceCheck) -> Void = { c in
-        guard !quiet && !c.passed else { return }
-        printLine((ranks > 1 ? "rank \(communicator.rank): " : "") + "FAIL \(c.op) [\(c.shape)] \(c.dtype): \(c.note)")
+        guard !c.passed else { return }
+        let line = (ranks > 1 ? "rank \(communicator.rank): " : "") + "FAIL \(c.op) [\(c.shape)] \(c.dtype): \(c.note)"
+        if quiet { standardError(line) } else { printLine(line) }
     }
     var checks: [ConformanceCheck] = []
     var backendName = "\(communicator.engine) communicator"
