@@ -44,7 +44,8 @@ let dataParallelBenchCommand = CommandSpec(
         .value("json", "OUT.json", help: "also write the figures to this JSON file"),
     ],
     examples: [
-        "swift build -c release --product relora --product relora-bench && .build/release/relora-bench data-parallel",
+        "swift build -c release --product relora && swift build -c release --product relora-bench",
+        ".build/release/relora-bench data-parallel --json /tmp/dp.json",
         "relora-bench data-parallel --config Configs/models/llama_9m.json --ranks 1,2 --steps 6 --json /tmp/dp.json",
     ])
 
@@ -192,6 +193,7 @@ func runDataParallelBench(_ args: [String]) throws {
             "ranks": run.worldSize, "threads_per_rank": run.threadsPerRank, "step_seconds": f.step,
             "tokens_per_second": f.tokens, "comm_seconds": f.comm, "comm_share": f.share,
             "scaling_ratio": f.tokens / referenceTokens, "wall_seconds": run.wallSeconds, "losses": run.losses,
+            "step_ms": run.stepMilliseconds, "comm_ms": run.communicationMilliseconds,
             "max_relative_loss_difference": f.lossDifference,
         ])
     }
