@@ -38,7 +38,7 @@ let dataParallelBenchCommand = CommandSpec(
         .value("seq-len", "N", help: "tokens per sequence", default: "256"),
         .value("micro-batch", "B", help: "sequences per micro-batch (per rank)", default: "2"),
         .value("grad-accum", "G", help: "micro-batches per step over all ranks; every world size must divide it", default: "4"),
-        .value("steps", "S", help: "training steps per run, the first one or two untimed (warm-up)", default: "12"),
+        .value("steps", "S", help: "training steps per run, the first one or two untimed (warm-up)", default: "20"),
         .value("threads", "T", help: "CPU threads in total for every run, split evenly over the ranks (default: the core count)"),
         .value("ranks", "W,W,...", help: "the world sizes to run", default: "1,2"),
         .value("json", "OUT.json", help: "also write the figures to this JSON file"),
