@@ -8,6 +8,7 @@ import ReLoRACommandLine
 //   relora-bench [--mode full|lora|quant-linear ...]   CPU step throughput (CPUBench.swift)
 //   relora-bench gpu [...]                             the CUDA backend's figures (GPUBench.swift)
 //   relora-bench compression CHECKPOINT [...]          zstd levels and filters on a checkpoint (CompressionBench.swift)
+//   relora-bench data-parallel [...]                   relora train at several world sizes, same threads (DataParallelBench.swift)
 
 // First: restart on OpenBLAS's best kernels if it fell back to weak ones (see relora_blas_core.h).
 relora_blas_ensure_best_core(CommandLine.unsafeArgv)
@@ -17,6 +18,7 @@ do {
     switch argv.first {
     case "gpu": try runGPUBench(Array(argv.dropFirst()))
     case "compression": try CompressionBench.run(Array(argv.dropFirst()))
+    case "data-parallel": try runDataParallelBench(Array(argv.dropFirst()))
     default: try runCPUBench(argv)
     }
 } catch {

@@ -63,7 +63,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-STAGES="machine build kernel-tests bundle selftest bench"  # every stage, in run order (a new one goes here too)
+STAGES="machine build kernel-tests bundle selftest bench data-parallel"  # every stage, in run order (a new one goes here too)
 for name in ${SELECTED//,/ }; do
     [[ " $STAGES " == *" $name "* ]] || { echo "run.sh: --stages: no stage '$name' (stages: $STAGES)" >&2; exit 2; }
 done
@@ -570,9 +570,60 @@ swift_stage bench $([ "$MODE" = gpu ] && echo 180 || echo 600) --device -- "$DIS
 # Further stages go here, through swift_stage (or not_applicable with the reason when the machine cannot
 # run them), their files in $LOGS, their key figures from a figures_NAME function. A stage's log starts with
 # two lines (the command, its limit) and ends with one ("# exit N after S s"): a figure taken from the
-# program's last line skips that one. For instance:
-#   figures_data_parallel() { echo "summary=$(sed '$d' "$1" | tail -1)"; }
-#   if [ "$GPUS" -ge 2 ]; then swift_stage data-parallel 150 --device -- bash -c 'data_parallel "$0" "$1"' "$DIST" "$LOGS"
-#   else not_applicable data-parallel "needs 2 GPUs, this machine has $GPUS"; fi
+# program's last line skips that one (as figures_data_parallel does).
+
+# Data parallel: the 1b LoRA r128 q4_0 steps on 1 GPU and as 2 torchrun-style ranks over NCCL (tokens/s per
+# GPU, scaling efficiency, the communication share). Needs 2 GPUs: NCCL (2.5 and later) refuses a
+# communicator with two ranks on one device ("Duplicate GPU detected", ncclInvalidUsage) and no NCCL
+# variable lifts that check, so a 1-GPU machine has no 2-rank run to try.
+data_parallel() {  # data_parallel DIST OUT
+    local dist=$1 dir=$2/data_parallel port=$(( 29500 + RANDOM % 500 ))
+    mkdir -p "$dir"
+    # Random token ids below the 1b vocabulary (32100) as a uint16 .npy; only the speed matters here.
+    python3 - "$dir/train.npy" <<'PY' || return 1
+import array, random, struct, sys
+n, vocab = 1 << 19, 32100
+header = "{'descr': '<u2', 'fortran_order': False, 'shape': (%d,), }" % n
+header += " " * (63 - (10 + len(header)) % 64) + "\n"  # the data starts on a 64-byte boundary
+rng = random.Random(0)
+tokens = array.array("H", (rng.randrange(vocab) for _ in range(n)))
+if sys.byteorder == "big": tokens.byteswap()
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + tokens.tobytes())
+PY
+    local set=(--device cuda --set mode=lora --set relora_every=null --set quant=q4_0 --set lora_r=128
+               --set micro_batch=4 --set grad_accum=2 --set steps=8 --set warmup_steps=0 --set eval_every=1000000
+               --set checkpoint_every=1000000 --set train_data="$dir/train.npy")
+    "$dist/relora" train Configs/recipes/plan_1024.json "${set[@]}" --set run_dir="$dir/w1" > "$dir/w1.log" 2>&1 \
+        || { echo "1 GPU run failed: $(tail -1 "$dir/w1.log")"; return 1; }
+    local pids=() r rc=0
+    for r in 0 1; do
+        WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 NCCL_COMM_ID=127.0.0.1:$port RELORA_COLLECTIVE_TIMEOUT=60 \
+            "$dist/relora" train Configs/recipes/plan_1024.json "${set[@]}" --set run_dir="$dir/w2" > "$dir/w2-rank$r.log" 2>&1 &
+        pids+=($!)
+    done
+    for r in 0 1; do wait "${pids[$r]}" || { rc=$?; echo "2 GPU run: rank $r exited $rc: $(tail -1 "$dir/w2-rank$r.log")"; }; done
+    [ "$rc" = 0 ] || return "$rc"
+    python3 - "$dir" <<'PY'
+import json, statistics, sys
+d = sys.argv[1]
+def steps(run):
+    return [x for x in map(json.loads, open(f"{d}/{run}/metrics.jsonl")) if "ms" in x]
+w1, w2 = steps("w1"), steps("w2")
+tok1 = statistics.median(x["tokens_per_second"] for x in w1[2:])
+tok2 = statistics.median(x["tokens_per_second"] for x in w2[2:])
+comm = statistics.median(x.get("comm_ms", 0) / x["ms"] for x in w2[2:])
+loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(w1, w2))
+print(f"1 GPU: {tok1:.0f} tokens/s; 2 GPUs: {tok2:.0f} tokens/s = {tok2 / 2:.0f} per GPU, scaling efficiency "
+      f"{tok2 / (2 * tok1):.3f}, comm share {100 * comm:.1f}%; step losses 2 vs 1 GPU: max relative difference {loss:.1e}")
+PY
+}
+export -f data_parallel
+figures_data_parallel() { echo "summary=$(sed '$d' "$1" | tail -1)"; }
+if [ "$GPUS" -ge 2 ]; then
+    swift_stage data-parallel 150 --device -- bash -c 'data_parallel "$0" "$1"' "$DIST" "$LOGS"
+else
+    not_applicable data-parallel "needs 2 GPUs, this machine has $GPUS (NCCL refuses two ranks on one GPU)"
+fi
 
 [ "$RUN_FAILED" = 0 ]

@@ -323,14 +323,15 @@ final class CLIHelpTests: XCTestCase {
     }
 
     func testBenchHelpAndUsageErrors() throws {
-        for sub in [[], ["gpu"], ["compression"]] {
+        for sub in [[], ["gpu"], ["compression"], ["data-parallel"]] {
             let name = (["relora-bench"] + sub).joined(separator: " ")
             let r = try runReloraBench(sub + ["--help"])
             XCTAssertEqual(r.status, 0, "\(name) --help: \(r.stderr)")
             XCTAssertTrue(r.stdout.hasPrefix("\(name): ") && r.stdout.contains("\nUsage: \(name)"), r.stdout)
             XCTAssertTrue(r.stdout.contains("Example"), r.stdout)
         }
-        XCTAssertTrue(try runReloraBench(["--help"]).stdout.contains("\n  gpu "), "relora-bench --help lists gpu")
+        let benchHelp = try runReloraBench(["--help"]).stdout
+        XCTAssertTrue(benchHelp.contains("\n  gpu ") && benchHelp.contains("\n  data-parallel "), "relora-bench --help lists its commands")
         let cases: [([String], String)] = [
             (["--bogus"], "relora-bench: unknown option --bogus"),
             (["--steps", "0"], "relora-bench: --steps must be an integer >= 1, got '0'"),
@@ -381,7 +382,7 @@ final class CLIHelpTests: XCTestCase {
             let helped = options(inUsage: try runRelora(words.split(separator: " ").map(String.init) + ["--help"]).stdout)
             XCTAssertEqual(documented("relora \(words)") { _ in true }, helped, "docs/cli.md vs relora \(words) --help")
         }
-        for sub in ["gpu", "compression"] {
+        for sub in ["gpu", "compression", "data-parallel"] {
             let helped = options(inUsage: try runReloraBench([sub, "--help"]).stdout)
             XCTAssertEqual(documented("relora-bench \(sub)") { _ in true }, helped, "docs/cli.md vs relora-bench \(sub) --help")
         }
