@@ -141,14 +141,16 @@ public enum BitsAndBytes4bit {
     }
 
     /// The `quantization_config` transformers writes for `BitsAndBytesConfig(load_in_4bit=True,
-    /// bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)`, with `lm_head` left dense.
+    /// bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)`, with `lm_head` left dense, less
+    /// `llm_int8_threshold` (8-bit only; transformers insists on a JSON float there, and JSONSerialization
+    /// writes 6.0 as 6: its default is the same 6.0).
     public static func quantizationConfig(computeDType: String) -> [String: Any] {
         [
             "quant_method": "bitsandbytes", "load_in_4bit": true, "load_in_8bit": false,
             "_load_in_4bit": true, "_load_in_8bit": false,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": false,
             "bnb_4bit_compute_dtype": computeDType, "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_skip_modules": ["lm_head"], "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": ["lm_head"],
             "llm_int8_has_fp16_weight": false, "llm_int8_enable_fp32_cpu_offload": false,
         ]
     }
