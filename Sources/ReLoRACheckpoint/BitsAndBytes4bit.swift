@@ -269,7 +269,9 @@ public enum BitsAndBytes4bit {
         var absmax: [Float]
         if nested {
             let nestedBlocksize = try integer("nested_blocksize")
-            guard nestedBlocksize > 0 else { throw bad("has nested_blocksize \(nestedBlocksize)") }
+            guard blockSizes.contains(nestedBlocksize) else {
+                throw bad("has nested_blocksize \(nestedBlocksize); bitsandbytes writes 256 (one of 32 ... 4096)")
+            }
             guard case .string("float32")? = state.values["nested_dtype"] else { throw bad("has no nested_dtype float32") }
             guard case .number(let offsetValue)? = state.values["nested_offset"], offsetValue.isFinite else {
                 throw bad("has no finite number 'nested_offset'")

@@ -22,6 +22,9 @@ float32). Everything goes to Tests/Fixtures/bnb/:
                              it (de-nested: dequantize_blockwise(absmax, state2) + offset), every 4-bit weight;
                            <variant>.dequant.<weight> F32 [out, in]: dequantize_4bit of two weights per variant
                              (layer 1's down_proj, whose 96-weight rows straddle the 64-blocks, and k_proj)
+  blocksize128.safetensors layer 0's k_proj quantized by F.quantize_4bit(blocksize=128, nf4, double quant.):
+                           the tensors of QuantState.as_dict(packed=True) under the weight's name, and
+                           <weight>.dequant F32 [64, 128]
 
 Model: hidden 128, 4 heads (head_dim 32), 2 KV heads, FFN 96, vocab 64, 2 layers, eps 1e-6, theta 10000,
 max positions 64, untied. Every Linear and the embedding ~ N(0, 0.15^2), every norm = 1 + 0.1 N(0, 1).
@@ -191,6 +194,16 @@ def make() -> None:
             golden[f"{variant}.loss"] = loss(ref, ids)
             print(f"{variant}: loss {golden[f'{variant}.loss'].item():.7f} (before quantization "
                   f"{golden['dense.loss'].item():.7f}; bitsandbytes' own CPU forward {bnb_cpu_loss:.7f})")
+    # A block size transformers does not choose (Linear4bit's default is 64): layer 0's k_proj [64, 128] quantized
+    # directly by bitsandbytes with blocksize 128, nf4, double quantization; the tensors its QuantState saves
+    # under the weight's name, and the dequantized weight.
+    name = "model.layers.0.self_attn.k_proj.weight"
+    weight = model.get_parameter(name).detach().contiguous()
+    codes, qs = F.quantize_4bit(weight, blocksize=128, quant_type="nf4", compress_statistics=True)
+    other = {name: codes, name + ".dequant": dequantize(codes, qs, denested_absmax(qs)).contiguous()}
+    other.update({f"{name}.{k}": v.contiguous() for k, v in qs.as_dict(packed=True).items()})
+    save_file(other, os.path.join(HERE, "blocksize128.safetensors"))
+    os.chmod(os.path.join(HERE, "blocksize128.safetensors"), 0o644)
     path = os.path.join(HERE, "golden.safetensors")
     save_file(golden, path, metadata={"generator": f"make_bnb_fixture.py torch {torch.__version__} transformers "
                                                    f"{transformers.__version__} bitsandbytes {bitsandbytes.__version__}"})

@@ -82,6 +82,32 @@ final class BitsAndBytesTests: XCTestCase {
         }
     }
 
+    /// Another block size (bitsandbytes' quantize_4bit with blocksize 128, double-quantized): dequantized bit for
+    /// bit as bitsandbytes does, converted into an nf4 weight with its error, copied exactly into a dense one.
+    func testOtherBlockSizeIsConvertedWithItsError() throws {
+        let name = "model.layers.0.self_attn.k_proj.weight"
+        let file = try SafetensorsFile(path: fixtures + "/blocksize128.safetensors")
+        let shards = Dictionary(uniqueKeysWithValues: file.tensorNames.map { ($0, file) })
+        let w = try XCTUnwrap(try BitsAndBytes4bit.read(name, shape: [64, 128], from: shards))
+        XCTAssertEqual(w.blocksize, 128)
+        XCTAssertTrue(w.doubleQuantized)
+        let expected = try file.floats(name + ".dequant")
+        XCTAssertEqual(w.dequantize().map(\.bitPattern), expected.map(\.bitPattern))
+        let backend = CPUBackend()
+        let q = QuantizedTensor(format: .nf4, rows: 64, cols: 128, backend: backend, tag: .frozenWeights)
+        guard case .converted(let error, let reason) = try BitsAndBytes4bit.load(w, into: .quantized(q), backend: backend) else {
+            return XCTFail("a 128-block weight must be converted")
+        }
+        XCTAssertEqual(reason, "its blocks are 128 weights, not 64")
+        // Requantizing nf4 values to nf4 with other block boundaries: an error of the order of one 4-bit
+        // quantization's (~0.1 relative), and not 0.
+        XCTAssertGreaterThan(error, 1e-3)
+        XCTAssertLessThan(error, 0.2)
+        let dense = backend.makeTensor([64, 128], dtype: .f32, tag: .workspace)
+        XCTAssertEqual(try BitsAndBytes4bit.load(w, into: .dense(dense), backend: backend), .dequantized)
+        XCTAssertEqual(backend.download(dense).map(\.bitPattern), expected.map(\.bitPattern))
+    }
+
     // MARK: Warm start
 
     /// A LoRA run with quant nf4 warm-started from a bitsandbytes nf4 checkpoint holds, after 0 steps, exactly
@@ -123,6 +149,8 @@ final class BitsAndBytesTests: XCTestCase {
                 }
             }
             XCTAssertEqual(kept, variant.hasPrefix("nf4") ? 12 : 0, variant)
+            // The quant-state tensors are not "tensors a LLaMA model does not use".
+            XCTAssertFalse(lines.contains { $0.hasPrefix("warning") }, "\(lines)")
         }
     }
 
@@ -266,6 +294,7 @@ final class BitsAndBytesTests: XCTestCase {
             ("shape", [stateName: try blob { $0["shape"] = [128, 64] }], nil, "of shape [128, 64] but config.json implies [128, 128]"),
             ("type", [stateName: try blob { $0["quant_type"] = "fp4" }], nil, "says quant_type 'fp4' but its name says 'nf4'"),
             ("blocksize", [stateName: try blob { $0["blocksize"] = 48 }], nil, "has blocksize 48"),
+            ("nested-blocksize", [stateName: try blob { $0["nested_blocksize"] = 1 << 40 }], nil, "has nested_blocksize \(1 << 40)"),
             ("unknown-key", [stateName: try blob { $0["zero_point"] = 1 }], nil, "has the unknown key 'zero_point'"),
             ("offset", [stateName: try blob { $0["nested_offset"] = "x" }], nil, "no finite number 'nested_offset'"),
             ("no-offset", [stateName: try blob { $0["nested_offset"] = nil }], nil, "must be F32 with 256 values"),
