@@ -113,7 +113,7 @@ final class BitsAndBytesTests: XCTestCase {
     /// A LoRA run with quant nf4 warm-started from a bitsandbytes nf4 checkpoint holds, after 0 steps, exactly
     /// the checkpoint's codes, each block's absmax being bitsandbytes' (de-nested) f32 value: the 12 linears
     /// with 128-weight rows byte for byte. The 2 down_projs (96-weight rows, blocks straddling rows) are
-    /// converted and their error logged; fp4 is converted everywhere.
+    /// converted and their error logged; fp4 is converted everywhere. A zero merge then changes no byte.
     func testWarmStartKeepsNF4CodesByteForByte() throws {
         let golden = try golden()
         for variant in Self.variants {
@@ -149,8 +149,34 @@ final class BitsAndBytesTests: XCTestCase {
                 }
             }
             XCTAssertEqual(kept, variant.hasPrefix("nf4") ? 12 : 0, variant)
+            // A restart's merge of the first cycle (B = 0: a zero update) changes no byte of any linear, the
+            // kept bitsandbytes blocks included (quantize(dequantize(q)) = q for them too).
+            let before = t.model.weights.linears.map { t.model.backend.downloadRaw($0.weight.quantized!.blocks) }
+            let report = try t.model.mergeAdapters(policy: RoundToNearestMerge(), seed: 1)
+            XCTAssertEqual(report.codesChanged, 0, variant)
+            XCTAssertEqual(t.model.weights.linears.map { t.model.backend.downloadRaw($0.weight.quantized!.blocks) }, before, variant)
             // The quant-state tensors are not "tensors a LLaMA model does not use".
             XCTAssertFalse(lines.contains { $0.hasPrefix("warning") }, "\(lines)")
+        }
+    }
+
+    /// Under merge policy `master`, the kept codes come with an f32 master copy of their exact values, so
+    /// the master requantizes to the kept blocks (the policy's invariant); a converted weight's master is the
+    /// checkpoint's weight and its blocks that master quantized.
+    func testWarmStartWithMasterCopiesKeepsCodesAndTheirValues() throws {
+        var r = try recipe("nf4_dq", run: "warm-master")
+        r.mode = .relora; r.reloraEvery = 1; r.restartWarmup = 0; r.mergePolicy = .master
+        var lines: [String] = []
+        let t = try Trainer(recipe: r, resume: false, log: { lines.append($0) })
+        XCTAssertEqual(lines.filter { $0.hasSuffix(": nf4 codes byte for byte") }.count, 12, "\(lines)")
+        for linear in t.model.weights.linears {
+            let q = try XCTUnwrap(linear.weight.quantized)
+            let master = t.model.backend.download(try XCTUnwrap(q.master))
+            let blocks = try QuantizedMatrix(format: .nf4, rows: q.rows, cols: q.cols, bytes: t.model.backend.downloadRaw(q.blocks))
+            XCTAssertTrue(try QuantFormat.nf4.quantize(master, rows: q.rows, cols: q.cols).bytes == blocks.bytes, linear.namePrefix)
+            // Kept codes: the master is their exact values. Converted (down_proj): the master is the
+            // checkpoint's weights, which the blocks approximate.
+            XCTAssertEqual(master.map(\.bitPattern) == blocks.dequantize().map(\.bitPattern), q.cols % 64 == 0, linear.namePrefix)
         }
     }
 
