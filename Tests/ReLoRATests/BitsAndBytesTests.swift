@@ -108,6 +108,33 @@ final class BitsAndBytesTests: XCTestCase {
         XCTAssertEqual(backend.download(dense).map(\.bitPattern), expected.map(\.bitPattern))
     }
 
+    /// A sharded checkpoint whose companion tensors sit in another shard than their codes (the shard index
+    /// names each tensor's file) reads the same weights as the single file.
+    func testShardedCheckpointWithCompanionsInOtherShards() throws {
+        let source = fixtures + "/nf4_dq"
+        let file = try SafetensorsFile(path: source + "/model.safetensors")
+        let dir = temporaryDirectory("bnb-sharded")
+        // Codes (and dense tensors) in shard 1, every companion tensor (".absmax", ".quant_state...") in shard 2.
+        let (first, second) = (file.tensorNames.filter { !$0.hasPrefix("model.layers.") || $0.hasSuffix(".weight") },
+                               file.tensorNames.filter { $0.hasPrefix("model.layers.") && !$0.hasSuffix(".weight") })
+        var map: [String: String] = [:]
+        for (shard, names) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+            let entries = try names.map { n in
+                SafetensorsEntry(name: n, dtype: file.info(n)!.dtype, shape: file.info(n)!.shape, bytes: try file.withRawBytes(n) { Array($0) })
+            }
+            try SafetensorsWriter.write(entries, to: dir + "/" + shard)
+            for n in names { map[n] = shard }
+        }
+        try JSONSerialization.data(withJSONObject: ["weight_map": map]).write(to: URL(fileURLWithPath: dir + "/model.safetensors.index.json"))
+        try FileManager.default.copyItem(atPath: source + "/config.json", toPath: dir + "/config.json")
+        XCTAssertGreaterThan(second.count, 14 * 4)
+        let a = try HFCheckpoint.load(directory: dir, backend: CPUBackend())
+        let b = try HFCheckpoint.load(directory: source, backend: CPUBackend())
+        for ((name, x), (_, y)) in zip(a.weights.named(), b.weights.named()) {
+            XCTAssertTrue(a.backend.download(x) == b.backend.download(y), name)
+        }
+    }
+
     // MARK: Warm start
 
     /// A LoRA run with quant nf4 warm-started from a bitsandbytes nf4 checkpoint holds, after 0 steps, exactly
