@@ -71,11 +71,15 @@ public enum BitsAndBytes4bit {
         public func dequantize() -> [Float] {
             let table = quantType.table
             let n = rows * cols
+            let blocksize = blocksize
             return [Float](unsafeUninitializedCapacity: n) { out, initialized in
-                for i in 0 ..< n {
-                    let byte = codes[i / 2]
-                    let code = i % 2 == 0 ? byte >> 4 : byte & 15
-                    out[i] = table[Int(code)] * absmax[i / blocksize]
+                codes.withUnsafeBufferPointer { codes in
+                    for (b, scale) in absmax.enumerated() {
+                        for i in b * blocksize ..< min(n, (b + 1) * blocksize) {
+                            let byte = codes[i >> 1]
+                            out[i] = table[Int(i & 1 == 0 ? byte >> 4 : byte & 15)] * scale
+                        }
+                    }
                 }
                 initialized = n
             }
