@@ -377,7 +377,7 @@ public enum BitsAndBytes4bit {
                                values: @escaping @Sendable () -> [Float]) -> [SafetensorsEntry] {
         let n = rows * cols
         let blocks = (n + Int(RELORA_QKNF4) - 1) / Int(RELORA_QKNF4)
-        let once = QuantizeOnce(name: name, n: n, failure: failure, values: values)
+        let once = QuantizeOnce(name: name, n: n, cols: cols, failure: failure, values: values)
         let state = "{\"quant_type\": \"nf4\", \"blocksize\": \(RELORA_QKNF4), \"dtype\": \"\(dtype)\", \"shape\": [\(rows), \(cols)]}"
         return [
             SafetensorsEntry(name: name, dtype: .U8, shape: [(n + 1) / 2, 1]) { once.take().codes },
@@ -408,13 +408,15 @@ public enum BitsAndBytes4bit {
         private let lock = NSLock()
         private let name: String
         private let n: Int
+        private let cols: Int
         private let failure: FirstError
         private let values: @Sendable () -> [Float]
         private var result: (codes: [UInt8], absmax: [UInt8])?
 
-        init(name: String, n: Int, failure: FirstError, values: @escaping @Sendable () -> [Float]) {
+        init(name: String, n: Int, cols: Int, failure: FirstError, values: @escaping @Sendable () -> [Float]) {
             self.name = name
             self.n = n
+            self.cols = cols
             self.failure = failure
             self.values = values
         }
@@ -423,11 +425,15 @@ public enum BitsAndBytes4bit {
             lock.lock()
             defer { lock.unlock() }
             if result == nil {
-                do {
-                    result = BitsAndBytes4bit.split(try QuantFormat.nf4.quantize(values(), rows: 1, cols: n, name: name), n: n)
-                } catch {
-                    failure.record(error)
+                let w = values()
+                if let i = w.firstIndex(where: { !$0.isFinite }) {
+                    // nf4's only failure (its fp32 absmax holds any finite value), named by [row, col].
+                    failure.record(QuantizationFailure(reason: .nonFinite, row: i / cols, col: i % cols, value: w[i])
+                        .error(format: .nf4, name: name))
                     result = ([], [])
+                } else {
+                    // Cannot throw: every value is finite.
+                    result = BitsAndBytes4bit.split(try! QuantFormat.nf4.quantize(w, rows: 1, cols: n, name: name), n: n)
                 }
             }
             let r = result!

@@ -267,6 +267,19 @@ final class BitsAndBytesTests: XCTestCase {
         }
     }
 
+    /// A weight nf4 cannot hold (NaN) fails the export with the quantizer's sentence, and nothing is written.
+    func testNF4ExportOfANonFiniteWeightIsOneSentence() throws {
+        let model = try HFCheckpoint.load(directory: fixtures + "/nf4", backend: CPUBackend())
+        let q = try XCTUnwrap(model.weights.linears[3].weight.dense)
+        var values = model.backend.download(q)
+        values[200] = .nan
+        model.backend.upload(values, to: q)
+        let out = temporaryDirectory("export-nan") + "/hf"
+        assertInvalidData(try HFCheckpoint.save(model: model, to: out, bitsandbytesNF4: true),
+                          mentions: "cannot quantize tensor 'model.layers.0.self_attn.o_proj.weight' to nf4: element [1, 72] is NaN")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+    }
+
     /// The way back from a run: warm start (nf4 codes kept), checkpoint, `relora export --format hf --quant
     /// nf4`'s library path, warm start again from the export: the 12 whole-block linears hold the same
     /// blocks at every stage, byte for byte (the current cycle's B is 0, so the merge adds exactly nothing).
