@@ -8,8 +8,9 @@
 // leading dimensions below the rows of a stored matrix). bf16 operands are widened to f32 copies (exact),
 // the product is OpenBLAS' sgemm in f32, and a bf16 C is rounded once at the end (round to nearest even).
 // What it does not model: tensor cores and cuBLAS' own algorithms (accumulation order, split-K, TF32/bf16
-// MMA numerics), asynchrony (it runs at the call, on the calling thread), workspace and stream semantics
-// beyond recording the stream.
+// MMA numerics) and workspaces. Each GEMM is queued on the handle's stream like a kernel (cuda_emu.h's
+// stream model: it runs when the stream is drained; alpha and beta are read at the call in host pointer mode,
+// when it runs in device pointer mode).
 #ifndef RELORA_CUBLAS_EMU_H
 #define RELORA_CUBLAS_EMU_H
 
