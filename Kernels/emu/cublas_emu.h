@@ -42,6 +42,8 @@ typedef struct relora_emu_cublas *cublasHandle_t;
 RELORA_EMU_API cublasStatus_t cublasCreate(cublasHandle_t *handle);
 RELORA_EMU_API cublasStatus_t cublasDestroy(cublasHandle_t handle);
 RELORA_EMU_API cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream);
+// Checked (a 256-byte aligned device allocation of at least `bytes`, or null with 0 bytes) and otherwise unused.
+RELORA_EMU_API cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes);
 RELORA_EMU_API cublasStatus_t cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode);
 RELORA_EMU_API cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode);
 RELORA_EMU_API const char *cublasGetStatusString(cublasStatus_t status);
