@@ -206,7 +206,6 @@ struct Work {
 }  // namespace relora_emu
 
 struct relora_emu_stream {
-    unsigned int serial = 0;  // creation order (0: the legacy default stream)
     bool blocking = true;     // orders with the legacy default stream (cudaStreamDefault)
     bool legacy = false;      // the legacy default stream (handle 0)
     uint64_t enqueued = 0, completed = 0;
@@ -1199,7 +1198,6 @@ cudaError_t create_stream(cudaStream_t *stream, bool blocking) {
     RELORA_EMU_STICKY_CHECK();
     if (!stream) return fail(cudaErrorInvalidValue, "cudaStreamCreate: null result pointer", false);
     relora_emu_stream *s = new relora_emu_stream;
-    s->serial = (unsigned int)g_stream_order.size() + 1;
     s->blocking = blocking;
     g_streams.insert(s);
     g_stream_order.push_back(s);
