@@ -390,8 +390,9 @@ public enum LlamaGGUF {
         }
         let embed = file.tensor("token_embd.weight")
         let vocab = try int("vocab_size", default: embed?.shape.first ?? file.metadata["tokenizer.ggml.tokens"]?.strings?.count ?? 0)
+        let config: LlamaConfig
         do {
-            return try LlamaConfig(
+            config = try LlamaConfig(
                 hiddenSize: hidden, intermediateSize: try int("feed_forward_length"), numHiddenLayers: try int("block_count"),
                 numAttentionHeads: heads, numKeyValueHeads: try int("attention.head_count_kv", default: heads),
                 vocabSize: vocab, headDim: headDim, rmsNormEps: try double("attention.layer_norm_rms_epsilon"),
@@ -401,6 +402,36 @@ public enum LlamaGGUF {
         } catch ReLoRAError.invalidConfig(let message) {
             throw fail("invalid LLaMA metadata: \(message)")
         }
+        // Every tensor the metadata implies, with its shape, before anyone allocates a model of this size:
+        // the file's bytes then bound the allocation (a corrupt block_count or embedding_length is caught here).
+        guard config.numHiddenLayers * 9 <= file.tensors.count else {
+            throw fail("\(a).block_count \(config.numHiddenLayers) needs \(config.numHiddenLayers * 9) block tensors, but the file holds \(file.tensors.count) tensors")
+        }
+        for (hf, shape) in tensorShapes(config) {
+            let name = ggufName(hf)!
+            guard let info = file.tensor(name) else { throw fail("tensor '\(name)' is missing; the metadata's LLaMA architecture needs it") }
+            guard info.shape == shape else {
+                throw fail("tensor '\(name)' has ne \(info.dimensions), but the metadata's LLaMA architecture needs \(Array(shape.reversed()))")
+            }
+        }
+        return config
+    }
+
+    /// The Hugging Face name and row-major shape of every tensor of a LLaMA model with `c`: the names
+    /// `LlamaParameters.slots()` lists, computed without allocating the model.
+    static func tensorShapes(_ c: LlamaConfig) -> [(String, [Int])] {
+        var out: [(String, [Int])] = [("model.embed_tokens.weight", [c.vocabSize, c.hiddenSize])]
+        for l in 0 ..< c.numHiddenLayers {
+            out.append(("model.layers.\(l).input_layernorm.weight", [c.hiddenSize]))
+            out.append(("model.layers.\(l).post_attention_layernorm.weight", [c.hiddenSize]))
+            for kind in LinearKind.allCases {
+                let (o, i) = kind.shape(c)
+                out.append(("model.layers.\(l).\(kind.hfPath).weight", [o, i]))
+            }
+        }
+        out.append(("model.norm.weight", [c.hiddenSize]))
+        if !c.tieWordEmbeddings { out.append(("lm_head.weight", [c.vocabSize, c.hiddenSize])) }
+        return out
     }
 
     /// A dense model holding the GGUF's weights (`loadWeights` into a dense model): it computes what the
