@@ -207,7 +207,7 @@ def kquant_reference() -> dict:
     # (type, rows, blocks per row, byte offsets of fp16 scales)
     for name, qtype, size, scale_offsets in (("q4_K", T.Q4_K, 144, (0, 2)), ("q5_K", T.Q5_K, 176, (0, 2)),
                                             ("q6_K", T.Q6_K, 210, (208,))):
-        rows, per_row = 3, 2
+        rows, per_row = 4, 2
         blocks = rng.integers(0, 256, size=(rows * per_row, size), dtype=np.uint8)
         for i in range(rows * per_row):
             for k, off in enumerate(scale_offsets):
@@ -252,8 +252,9 @@ def main() -> None:
                 case["model"] = key
                 expected[name] = case
                 print(f"{name}: loss original {case['loss_original']:.7f}, transformers on the file "
-                      f"{case['loss_transformers_gguf']:.7f}, bound 1.25*{case['first_order_bound']:.3e}, "
-                      f"remainder {case['taylor_remainder']:.2e}; types {sorted(set(case['types'].values()))}")
+                      f"{case['loss_transformers_gguf']:.7f}, tolerance {case['tolerance']:.2e} (Cauchy-Schwarz "
+                      f"{1.25 * case['first_order_bound']:.2e}), remainder {case['taylor_remainder']:.2e}; "
+                      f"types {sorted(set(case['types'].values()))}")
     expected["models"] = {k: {kk: vv for kk, vv in v.items() if kk != "seed"} for k, v in MODELS.items()}
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)

@@ -99,6 +99,7 @@ final class GGUFImportTests: XCTestCase {
     /// holds the file's codes byte for byte (no dequantize-requantize; q4_0's embedding, in q4_0, and
     /// head, in q8_0, are dense and equal their dequantization), and the log says so. After training and
     /// one restart, each merged linear's codes are the requantization of dequant(file codes) + s B A.
+    /// Before training, the warm-started model's loss is transformers' on the file.
     /// With merge policy `master` the master copy is the codes' dequantization.
     func testWarmStartInTheFilesFormatKeepsEveryBlockByteForByte() throws {
         let d = try TrainerTests.makeByteData()
@@ -124,6 +125,9 @@ final class GGUFImportTests: XCTestCase {
                 }
                 let embed = try file.floats(try XCTUnwrap(file.tensor("token_embd.weight")))
                 XCTAssertEqual(t.model.weights.embed.toArray(), embed, label)
+                // The warm-started quantized model (B = 0) computes what transformers computes on the file.
+                let loss = try Evaluator.evaluate(model: t.model, tokens: try TokenArray(npyPath: dir + "/tokens.npy"), seqLen: 16, batch: 10).loss
+                XCTAssertEqual(loss, try XCTUnwrap(try expected(name)["loss_transformers_gguf"] as? Double), accuracy: 2e-5, label)
 
                 for _ in 0 ..< 3 { _ = try t.trainStep() }
                 // s B A of every linear, as the merge forms it, on the same backend.
@@ -170,6 +174,7 @@ final class GGUFImportTests: XCTestCase {
         }
         var dense = recipe(d, "dense", file: dir + "/tiny_q8_0.gguf", quant: .none)
         dense.mode = .lora
+        dense.reloraEvery = nil
         let t = try Trainer(recipe: dense, resume: false, log: { _ in })
         let file = try GGUFFile(path: dir + "/tiny_q8_0.gguf")
         for linear in t.model.weights.linears {
@@ -216,7 +221,10 @@ final class GGUFImportTests: XCTestCase {
         var width: Int
     }
 
-    static func fields(_ b: [UInt8]) -> [Field] {
+    static func fields(_ b: [UInt8]) -> [Field] { layout(b).fields }
+
+    /// The header's fields, where the metadata ends (the first tensor entry starts) and where the header ends.
+    static func layout(_ b: [UInt8]) -> (fields: [Field], metadataEnd: Int, headerEnd: Int) {
         var out: [Field] = []
         var p = 8
         func u32(_ at: Int) -> Int { Int(b[at]) | Int(b[at + 1]) << 8 | Int(b[at + 2]) << 16 | Int(b[at + 3]) << 24 }
@@ -247,6 +255,7 @@ final class GGUFImportTests: XCTestCase {
                 for _ in 0 ..< n { if element == 8 { _ = string() } else { p += sizes[element]! } }
             } else { p += sizes[type]! }
         }
+        let metadataEnd = p
         for _ in 0 ..< tensors {
             _ = string()
             out.append(Field(kind: .dimensionCount, at: p, width: 4))
@@ -257,7 +266,20 @@ final class GGUFImportTests: XCTestCase {
             out.append(Field(kind: .offset, at: p + 4, width: 8))
             p += 12
         }
-        return out
+        return (out, metadataEnd, p)
+    }
+
+    /// The file with `general.alignment = 32` (u32) appended to its metadata (llama.cpp's converter leaves
+    /// the default implicit): the same tensors at the same offsets, after a header padded to 32 again.
+    static func withExplicitAlignment(_ b: [UInt8]) -> [UInt8] {
+        let (_, metadataEnd, headerEnd) = layout(b)
+        let key = Array("general.alignment".utf8)
+        func le<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+        var out = Array(b[0 ..< metadataEnd]) + le(UInt64(key.count)) + key + le(UInt32(4)) + le(UInt32(32)) + Array(b[metadataEnd ..< headerEnd])
+        let keys = (0 ..< 8).reduce(0) { $0 | Int(b[16 + $1]) << (8 * $1) }
+        out.replaceSubrange(16 ..< 24, with: le(UInt64(keys + 1)))
+        out += [UInt8](repeating: 0, count: (32 - out.count % 32) % 32)
+        return out + b[(headerEnd + 31) / 32 * 32 ..< b.count]
     }
 
     /// The byte offset of a tensor's type field in a GGUF file's header.
@@ -278,11 +300,17 @@ final class GGUFImportTests: XCTestCase {
     /// answers with a model or a `ReLoRAError`, or is refused with one `invalidFile` sentence; none
     /// crashes (a crash ends the test process). The counts are printed.
     func testFuzzedHeadersAreRejectedWithOneSentenceAndNeverCrash() throws {
-        let good = try Array(Data(contentsOf: URL(fileURLWithPath: dir + "/tiny_q4_0.gguf")))
+        let directory = temporaryDirectory()
+        func write(_ bytes: [UInt8]) throws -> String {
+            try Data(bytes).write(to: URL(fileURLWithPath: directory + "/good.gguf"))
+            return directory + "/good.gguf"
+        }
+        let good = Self.withExplicitAlignment(try Array(Data(contentsOf: URL(fileURLWithPath: dir + "/tiny_q4_0.gguf"))))
+        XCTAssertEqual(try GGUFFile(path: try write(good)).alignment, 32, "the unmutated file opens")
         let fields = Self.fields(good)
         let headerEnd = fields.map { $0.at + $0.width }.max()!
         XCTAssertEqual(Set(fields.map(\.kind)), Set(Field.Kind.allCases), "the map covers every kind of field")
-        let path = temporaryDirectory() + "/fuzz.gguf"
+        let path = directory + "/fuzz.gguf"
         var rng = TestRNG(0x6603)
         var rejected: [String: Int] = [:], opened: [String: Int] = [:], loaded = 0
         func run(_ bytes: [UInt8], _ kind: String) throws {
