@@ -16,9 +16,6 @@ extension Trainer {
     /// stored otherwise is quantized, its error logged. LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
                           log: @escaping (String) -> Void) throws -> TrainingState {
-        // A training checkpoint (it has state.json) also holds config.json and, in format 1 or when a tensor
-        // file is stored uncompressed, model.safetensors: check for it first, or its step, optimizer state
-        // and data position would be dropped as if it were a Hugging Face export.
         if LlamaGGUF.isGGUF(path) {
             let file = try GGUFFile(path: path)
             try checkSameArchitecture(try LlamaGGUF.config(file), model.config, source: path)
@@ -30,6 +27,9 @@ extension Trainer {
             for (name, from, error) in imported.quantized { report("\(name) (\(from.name) in the GGUF)", error) }
             return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
         }
+        // A training checkpoint (it has state.json) also holds config.json and, in format 1 or when a tensor
+        // file is stored uncompressed, model.safetensors: check for it first, or its step, optimizer state
+        // and data position would be dropped as if it were a Hugging Face export.
         let isTrainingCheckpoint = FileManager.default.fileExists(atPath: path + "/state.json")
         if !isTrainingCheckpoint && HFCheckpoint.isModelDirectory(path) {
             let config = try HFCheckpoint.readConfig(directory: path)
