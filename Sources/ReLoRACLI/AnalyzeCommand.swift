@@ -84,6 +84,9 @@ func checkpointWeights(_ path: String, backend: Backend) throws -> (weights: Wei
     if HFCheckpoint.isModelDirectory(path) {
         return (weightMatrices(try HFCheckpoint.load(directory: path, backend: backend)), path, path)
     }
+    if LlamaGGUF.isGGUF(path) {  // a warm start from a GGUF file: its dequantized weights
+        return (weightMatrices(try LlamaGGUF.loadModel(GGUFFile(path: path), backend: backend)), path, path)
+    }
     let (checkpoint, runDir) = try TrainingCheckpoint.resolve(path)
     return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: backend)), checkpoint, runDir)
 }

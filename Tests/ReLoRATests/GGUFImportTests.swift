@@ -182,6 +182,26 @@ final class GGUFImportTests: XCTestCase {
         }
     }
 
+    /// The commands around a run warm-started from a GGUF file: `relora train` with `model` and
+    /// `warm_start` naming the file logs the codes it kept; `relora analyze` measures the update against
+    /// the file's weights; `relora eval` reads the K-quant file.
+    func testCommandsOnARunWarmStartedFromGGUF() throws {
+        let d = try TrainerTests.makeByteData()
+        var r = recipe(d, "cli", file: dir + "/tiny_q4_0.gguf", quant: .q4_0)
+        r.steps = 4; r.reloraEvery = 2; r.checkpointEvery = 4
+        try Files.writeJSON(r.jsonObject(), to: d.dir + "/recipe.json")
+        let train = try runRelora(["train", d.dir + "/recipe.json"])
+        XCTAssertEqual(train.status, 0, train.stderr)
+        XCTAssertTrue((train.stdout + train.stderr).contains("took the q4_0 blocks of 14 linears from \(dir)/tiny_q4_0.gguf byte for byte"), train.stdout + train.stderr)
+        let analyze = try runRelora(["analyze", r.runDir])
+        XCTAssertEqual(analyze.status, 0, analyze.stderr)
+        XCTAssertTrue((analyze.stdout + analyze.stderr).contains("against \(dir)/tiny_q4_0.gguf"), analyze.stdout + analyze.stderr)
+        let eval = try runRelora(["eval", "--model", dir + "/tiny_k_q4_K_M.gguf", "--data", dir + "/tokens.npy", "--seq-len", "16", "--json"])
+        XCTAssertEqual(eval.status, 0, eval.stderr)
+        let loss = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(eval.stdout.utf8)) as? [String: Any])?["loss"] as? Double, eval.stdout)
+        XCTAssertEqual(loss, try XCTUnwrap(try expected("tiny_k_q4_K_M.gguf")["loss_transformers_gguf"] as? Double), accuracy: 2e-5)
+    }
+
     /// Refusals, one sentence each: an IQ tensor names the type and the tensor; a recipe whose model is
     /// another architecture points at the GGUF file.
     func testIQTypesAndOtherArchitecturesAreRefused() throws {
