@@ -84,6 +84,9 @@ func checkpointWeights(_ path: String, backend: Backend) throws -> (weights: Wei
     if HFCheckpoint.isModelDirectory(path) {
         return (weightMatrices(try HFCheckpoint.load(directory: path, backend: backend)), path, path)
     }
+    if LlamaGGUF.isGGUF(path) {  // a warm start from a GGUF file: its dequantized weights
+        return (weightMatrices(try LlamaGGUF.loadModel(GGUFFile(path: path), backend: backend)), path, path)
+    }
     let (checkpoint, runDir) = try TrainingCheckpoint.resolve(path)
     return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: backend)), checkpoint, runDir)
 }
@@ -100,7 +103,7 @@ func defaultReference(runDir: String, backend: Backend) throws -> (weights: Weig
         let w = try checkpointWeights(warm, backend: backend)
         return (w.weights, w.checkpoint)
     }
-    let config = try LlamaConfig(contentsOf: recipe.model)
+    let config = try recipe.modelConfig()
     let model = LlamaModel(config: config, backend: backend)
     try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
     return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")

@@ -27,7 +27,7 @@ struct RunSetup {
                 "grad_accum \(given.gradAccum) counts the micro-batches of a step over all ranks and must be divisible by the \(worldSize) ranks; set grad_accum to a multiple of \(worldSize) (micro_batch is per rank)")
         }
         var recipe = given
-        config = try LlamaConfig(contentsOf: recipe.model)
+        config = try recipe.modelConfig()
         guard recipe.seqLen <= config.maxPositionEmbeddings else {
             throw ReLoRAError.invalidConfig("seq_len \(recipe.seqLen) exceeds the model's max_position_embeddings \(config.maxPositionEmbeddings)")
         }

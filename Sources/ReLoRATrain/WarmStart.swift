@@ -5,16 +5,30 @@ import ReLoRAModel
 import ReLoRACheckpoint
 
 extension Trainer {
-    /// Starts from a full-rank relora checkpoint (or run directory) or a Hugging Face LLaMA directory
-    /// (single or sharded safetensors, dense or bitsandbytes 4-bit: continued pretraining of an existing
-    /// model; a 4-bit weight's nf4 codes are kept byte for byte where they can be, see `BitsAndBytes4bit`).
+    /// Starts from a full-rank relora checkpoint (or run directory), a Hugging Face LLaMA directory
+    /// (single or sharded safetensors, dense or bitsandbytes 4-bit: a 4-bit weight's nf4 codes are kept byte
+    /// for byte where they can be, see `BitsAndBytes4bit`) or a LLaMA GGUF file (continued pretraining of an
+    /// existing model).
     ///
     /// From a relora checkpoint: its weights (the LoRA run's frozen W), its step count (the schedule
     /// continues, as in the reference), and Adam's moments and step counter for the dense tensors that
     /// stay trainable (embeddings, norms, head). From a Hugging Face directory: its weights only; the
-    /// run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
+    /// run starts at step 0 with fresh optimizer state. From a GGUF file: the same, and a block linear
+    /// stored in the run's `quant` format keeps its codes byte for byte (`LlamaGGUF.loadWeights`); one
+    /// stored otherwise is quantized, its error logged. LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
                           log: @escaping (String) -> Void) throws -> TrainingState {
+        if LlamaGGUF.isGGUF(path) {
+            let file = try GGUFFile(path: path)
+            try checkSameArchitecture(try LlamaGGUF.config(file), model.config, source: path)
+            let imported = try LlamaGGUF.loadWeights(file, into: model, warn: { log("warning: \($0)") })
+            if let format = model.quant, !imported.copied.isEmpty {
+                log("took the \(format.rawValue) blocks of \(imported.copied.count) linears from \(path) byte for byte")
+            }
+            let report = quantizationLog(model, log)
+            for (name, from, error) in imported.quantized { report("\(name) (\(from.name) in the GGUF)", error) }
+            return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
+        }
         // A training checkpoint (it has state.json) also holds config.json and, in format 1 or when a tensor
         // file is stored uncompressed, model.safetensors: check for it first, or its step, optimizer state
         // and data position would be dropped as if it were a Hugging Face export.
@@ -56,7 +70,7 @@ extension Trainer {
     static func checkSameArchitecture(_ source: LlamaConfig, _ model: LlamaConfig, source path: String) throws {
         guard source == model else {
             throw ReLoRAError.invalidConfig(
-                "the warm start \(path) has another architecture (hidden \(source.hiddenSize), layers \(source.numHiddenLayers), vocab \(source.vocabSize)) than the recipe's model (hidden \(model.hiddenSize), layers \(model.numHiddenLayers), vocab \(model.vocabSize)); point 'model' at the warm start's config.json")
+                "the warm start \(path) has another architecture (hidden \(source.hiddenSize), layers \(source.numHiddenLayers), vocab \(source.vocabSize)) than the recipe's model (hidden \(model.hiddenSize), layers \(model.numHiddenLayers), vocab \(model.vocabSize)); point 'model' at \(LlamaGGUF.isGGUF(path) ? "the GGUF file itself" : "the warm start's config.json")")
         }
     }
 }
