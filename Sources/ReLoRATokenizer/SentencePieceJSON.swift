@@ -232,8 +232,11 @@ extension SentencePieceTokenizer {
     }
 }
 
-/// A string as error messages quote it (`TJSON.summary`: at most 40 characters).
-func quoted(_ s: String) -> String { TJSON.string(s).summary }
+/// A string as an error message quotes it: at most 40 characters, control characters escaped (a hostile
+/// file's piece may hold a newline, and an error is one line).
+func quoted(_ s: String) -> String {
+    (s.count > 40 ? String(s.prefix(40)) + "..." : s).debugDescription
+}
 
 /// The `BPE` model of a SentencePiece-style tokenizer.json (outside the class: the compiler reports a
 /// circular reference for this function inside the extension).

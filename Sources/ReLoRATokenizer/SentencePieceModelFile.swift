@@ -64,9 +64,9 @@ extension SentencePieceTokenizer {
                     }
                 }
                 guard let piece, !piece.isEmpty else { throw fail("piece \(k) is empty") }
-                guard score.isFinite else { throw fail("piece \(k) \(TJSON.string(piece).summary) has a score that is not finite") }
+                guard score.isFinite else { throw fail("piece \(k) \(quoted(piece)) has a score that is not finite") }
                 guard let t = PieceType(rawValue: Int(truncatingIfNeeded: type)), type <= 6 else {
-                    throw fail("piece \(k) \(TJSON.string(piece).summary) has type \(type), not one of NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6")
+                    throw fail("piece \(k) \(quoted(piece)) has type \(type), not one of NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6")
                 }
                 pieces.append(piece)
                 scores.append(Double(score))
@@ -117,14 +117,14 @@ extension SentencePieceTokenizer {
         var unkId: Int32? = nil
         var userDefined = PieceTrie()
         for (k, p) in pieces.enumerated() {
-            guard seen.insert(p).inserted else { throw fail("piece \(TJSON.string(p).summary) is defined twice") }
+            guard seen.insert(p).inserted else { throw fail("piece \(quoted(p)) is defined twice") }
             switch types[k] {
             case .unknown:
                 guard unkId == nil else { throw fail("the model defines two UNKNOWN pieces (\(unkId!) and \(k))") }
                 unkId = Int32(k)
             case .byte:
-                guard byteFallback else { throw fail("piece \(k) \(TJSON.string(p).summary) is a BYTE piece but byte_fallback is off") }
-                guard Self.byteValue(p) != nil else { throw fail("BYTE piece \(k) \(TJSON.string(p).summary) is not spelled <0xNN>") }
+                guard byteFallback else { throw fail("piece \(k) \(quoted(p)) is a BYTE piece but byte_fallback is off") }
+                guard Self.byteValue(p) != nil else { throw fail("BYTE piece \(k) \(quoted(p)) is not spelled <0xNN>") }
             case .userDefined:
                 userDefined.insert(Array(p.utf8), id: Int32(k))
             default: break

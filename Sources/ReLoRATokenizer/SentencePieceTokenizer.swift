@@ -115,7 +115,7 @@ public final class SentencePieceTokenizer: TextTokenizer {
         var addedContent = Set<String>()
         for t in c.addedTokens {
             guard !t.content.isEmpty, t.id >= 0 else { throw fail("an added token has empty content or a negative id") }
-            guard addedContent.insert(t.content).inserted else { throw fail("added_tokens lists \(TJSON.string(t.content).summary) twice") }
+            guard addedContent.insert(t.content).inserted else { throw fail("added_tokens lists \(quoted(t.content)) twice") }
         }
         let total = max(c.pieces.count, (c.addedTokens.map { Int($0.id) }.max() ?? -1) + 1)
         let addedIds = Set(c.addedTokens.map(\.id))

@@ -156,7 +156,9 @@ struct RunSetup {
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
             }
-            try writeFileAtomically(data, to: recipe.runDir + "/tokenizer.json")
+            // A SentencePiece model keeps its name: the commands that read the run look for either file.
+            let name = tok.hasSuffix(".model") ? "tokenizer.model" : "tokenizer.json"
+            try writeFileAtomically(data, to: recipe.runDir + "/" + name)
         }
     }
 }

@@ -8,7 +8,8 @@ Run by hand from the repository root with the reference venv (CI does not run it
 Versions used: Python 3.11, sentencepiece 0.2.3, tokenizers 0.23.3, transformers 5.24.0, gguf 0.19.0.
 Training text: the built-in text of make_tokenizer_fixture.py (for sentencepiece: its Latin-script lines, one
 sentence per line).
-Deterministic: single-threaded training on fixed text; a re-run with these versions writes the same files.
+Re-runs: sentencepiece's files (.model, .gguf) come out byte-identical; tokenizers' trainers break count ties in
+hash order, so their .json files (and the ids expected of them) can differ between runs, each run consistent.
 
 Writes Tests/Fixtures/sentencepiece/:
   spm_unigram.model    sentencepiece Unigram, vocab 420, byte_fallback, character_coverage 0.98, a small
@@ -36,6 +37,13 @@ Writes Tests/Fixtures/sentencepiece/:
                        byte_fallback true.
   converted_unigram.json, converted_bpe.json  transformers' SpmConverter.build_tokenizer_from_spm_proto of the
                        two .model files (Precompiled normalizer, Replace regexes, Metaspace, decoder chain).
+  relora_unigram.json  not written here: made by relora's own Unigram trainer (the committed file, from
+                           relora tokenizer train --model unigram --vocab-size 500 \
+                               --in Tests/Fixtures/shakespeare/train_slice.txt \
+                               --out Tests/Fixtures/sentencepiece/relora_unigram.json
+                       ); this script loads it with tokenizers, records its ids and decodes like the others,
+                       and checks that tokenizers round-trips every string without a leading space, a literal
+                       "▁" or a literal "<0xNN>".
   expected.json        {"strings": [...], "<name>": {"ids": [[...]], "decoded": [...]}} for every file above:
                        sentencepiece's encode(s) / decode(ids) for .model and .gguf (the .gguf expects the same
                        ids as spm_bpe.model), tokenizers' encode(s, add_special_tokens=False).ids /
@@ -230,6 +238,9 @@ def main():
     hf.update(unigram())
     hf["converted_unigram"] = converted(os.path.join(OUT, "spm_unigram.model"), "converted_unigram")
     hf["converted_bpe"] = converted(os.path.join(OUT, "spm_bpe.model"), "converted_bpe")
+    ours = os.path.join(OUT, "relora_unigram.json")
+    if os.path.exists(ours):
+        hf["relora_unigram"] = Tokenizer.from_file(ours)
     for name, tok in hf.items():
         expected[name] = hf_expected(tok)
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
@@ -242,6 +253,15 @@ def main():
         same = sum(d == s for d, s in zip(e["decoded"], STRINGS))
         print(f"{name}: {sum(len(i) for i in e['ids'])} tokens over {len(STRINGS)} strings, "
               f"{same} decode back to the input exactly")
+    if "relora_unigram" in expected:
+        e = expected["relora_unigram"]
+        # Not round-tripped by design (as with Llama's tokenizers): a leading space (the decoder strips the
+        # prefix it adds), a literal "▁" (it is the space symbol) and literal "<0xNN>" (a byte piece).
+        trips = [d == s for d, s in zip(e["decoded"], STRINGS)
+                 if not s.startswith(" ") and "\u2581" not in s and "<0x" not in s]
+        print(f"relora_unigram: tokenizers round-trips {sum(trips)} of {len(trips)} strings (those without a leading "
+              f"space, '▁' or '<0x')")
+        assert all(trips), "tokenizers does not round-trip relora's Unigram tokenizer"
     # The fixture must exercise what it is for.
     assert any(i in range(3, 259) for ids in expected["spm_bpe"]["ids"] for i in ids), "no byte fallback in spm_bpe"
     assert any(0 in ids for ids in expected["spm_unigram_nofallback"]["ids"]), "no <unk> in spm_unigram_nofallback"

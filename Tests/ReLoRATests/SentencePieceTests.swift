@@ -8,8 +8,9 @@ import XCTest
 /// trained tokenizers with `sentencepiece` (.model: Unigram with a charsmap and byte fallback, BPE with byte
 /// fallback, Unigram with <unk>) and with `tokenizers` (BPE + byte fallback in Llama 2's and newer Metaspace
 /// layouts, Unigram with and without byte fallback, transformers' conversions of the .model files), wrote
-/// one .model as llama.cpp GGUF metadata, and recorded the reference ids and decodes of 49 strings. Every
-/// id and every decode must be equal.
+/// one .model as llama.cpp GGUF metadata, and recorded the reference ids and decodes of 49 strings; the
+/// same for `relora_unigram.json`, made by relora's own Unigram trainer and read by `tokenizers`. Every id
+/// and every decode must be equal.
 final class SentencePieceTests: XCTestCase {
     static let directory = fixturesDirectory() + "/sentencepiece"
 
@@ -18,6 +19,7 @@ final class SentencePieceTests: XCTestCase {
         "spm_bpe_gguf": "spm_bpe.gguf", "llama2_legacy": "llama2_legacy.json", "llama_metaspace": "llama_metaspace.json",
         "metaspace_split": "metaspace_split.json", "unigram": "unigram.json", "unigram_fallback": "unigram_fallback.json",
         "converted_unigram": "converted_unigram.json", "converted_bpe": "converted_bpe.json",
+        "relora_unigram": "relora_unigram.json",
     ]
 
     func load(_ name: String) throws -> any TextTokenizer {
@@ -60,5 +62,222 @@ final class SentencePieceTests: XCTestCase {
             XCTAssertEqual(decodeMismatches, 0, name)
         }
         print(report.joined(separator: "\n"))
+    }
+
+    // MARK: What each reader refuses
+
+    /// A fixture's tokenizer.json with `edit` applied to its JSON object.
+    func edited(_ name: String, _ edit: (inout [String: Any]) -> Void) throws -> Data {
+        let data = try Data(contentsOf: URL(fileURLWithPath: Self.directory + "/" + name))
+        var root = try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        edit(&root)
+        return try JSONSerialization.data(withJSONObject: root)
+    }
+
+    func loadJSON(_ data: Data) throws -> any TextTokenizer {
+        let path = temporaryDirectory() + "/tokenizer.json"
+        try data.write(to: URL(fileURLWithPath: path))
+        return try TokenizerLoader.load(path)
+    }
+
+    func testUnsupportedKindsAreRefusedWithOneSentenceNamingThem() throws {
+        let wordPiece = #"{"model": {"type": "WordPiece", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}}"#
+        assertInvalidFile(try loadJSON(Data(wordPiece.utf8)), mentions: "model type 'WordPiece' is not supported")
+        let nfkc = try edited("llama2_legacy.json") { $0["normalizer"] = ["type": "NFKC"] }
+        assertInvalidFile(try loadJSON(nfkc), mentions: "normalizer 'NFKC' is not supported")
+        let lower = try edited("unigram.json") { $0["normalizer"] = ["type": "Sequence", "normalizers": [["type": "Lowercase"]]] }
+        assertInvalidFile(try loadJSON(lower), mentions: "normalizer 'Lowercase' is not supported")
+        let regex = try edited("llama2_legacy.json") {
+            $0["normalizer"] = ["type": "Replace", "pattern": ["Regex": "\\s+"], "content": " "]
+        }
+        assertInvalidFile(try loadJSON(regex), mentions: "regex")
+        let whitespace = try edited("unigram.json") { $0["pre_tokenizer"] = ["type": "Whitespace"] }
+        assertInvalidFile(try loadJSON(whitespace), mentions: "pre-tokenizer 'Whitespace' is not supported")
+        let wpDecoder = try edited("unigram.json") { $0["decoder"] = ["type": "WordPiece", "prefix": "##"] }
+        assertInvalidFile(try loadJSON(wpDecoder), mentions: "decoder 'WordPiece' is not supported")
+        let dropout = try edited("llama2_legacy.json") {
+            var m = $0["model"] as! [String: Any]; m["dropout"] = 0.1; $0["model"] = m
+        }
+        assertInvalidFile(try loadJSON(dropout), mentions: "dropout")
+        let sampling = try edited("unigram.json") {
+            var m = $0["model"] as! [String: Any]; m["alpha"] = 0.1; $0["model"] = m
+        }
+        assertInvalidFile(try loadJSON(sampling), mentions: "sampling")
+        let missingBytes = try edited("unigram.json") {
+            var m = $0["model"] as! [String: Any]; m["byte_fallback"] = true; $0["model"] = m
+        }
+        assertInvalidFile(try loadJSON(missingBytes), mentions: "lacks the byte piece <0x00>")
+        // Byte-level BPE still goes to BPETokenizer.
+        XCTAssertTrue(try TokenizerLoader.load(fixturesDirectory() + "/tokenizer/gpt2_style.json") is BPETokenizer)
+        XCTAssertTrue(try TokenizerLoader.load(Self.directory + "/llama2_legacy.json") is SentencePieceTokenizer)
+
+        // tokenizer.model: model types, options and broken invariants.
+        let proto = try Array(Data(contentsOf: URL(fileURLWithPath: Self.directory + "/spm_unigram_nofallback.model")))
+        func withTrainerField(_ field: Int, _ value: UInt64) -> [UInt8] {
+            var spec = ProtobufWriter()
+            spec.int64(field, Int64(value))
+            var outer = ProtobufWriter()
+            outer.message(2, spec)
+            return proto + outer.bytes  // a repeated message field merges: the later value wins
+        }
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: withTrainerField(3, 3), path: "m"), mentions: "WORD")
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: withTrainerField(3, 4), path: "m"), mentions: "CHAR")
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: withTrainerField(24, 1), path: "m"), mentions: "treat_whitespace_as_suffix")
+        var denormalizer = ProtobufWriter(), spec = ProtobufWriter()
+        spec.data(2, [1, 2, 3, 4, 5])
+        denormalizer.message(5, spec)
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: proto + denormalizer.bytes, path: "m"), mentions: "denormalizer")
+        var piece = ProtobufWriter(), entry = ProtobufWriter()
+        entry.string(1, "<0x41>"); entry.int64(3, 6)
+        piece.message(1, entry)
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: proto + piece.bytes, path: "m"), mentions: "byte_fallback is off")
+        var again = ProtobufWriter(), dup = ProtobufWriter()
+        dup.string(1, "<unk>"); dup.int64(3, 2)
+        again.message(1, dup)
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: proto + again.bytes, path: "m"), mentions: "defined twice")
+        assertInvalidFile(try SentencePieceTokenizer(modelProto: [], path: "m"), mentions: "empty")
+        assertInvalidFile(try TokenizerLoader.load(temporaryDirectory()), mentions: "neither a tokenizer.json nor a SentencePiece tokenizer.model")
+    }
+
+    // MARK: Hostile tokenizer.model files
+
+    /// Mutated `tokenizer.model` protobufs are refused with one sentence or load into a tokenizer that
+    /// encodes and decodes: every prefix (truncations), random byte changes, and targeted damage (a varint
+    /// longer than 10 bytes, a length near 2^64, each wire type in place of another). Prints the counts.
+    func testFuzzedModelProtosAreRefusedOrWorkNeverCrash() throws {
+        var rejected = 0, loaded = 0
+        var reasons = Set<String>()
+        func attempt(_ bytes: [UInt8], _ what: String) {
+            do {
+                let t = try SentencePieceTokenizer(modelProto: bytes, path: "fuzz.model")
+                let ids = t.encode("Hello, wörld  \t 123 🦜")
+                XCTAssertTrue(ids.allSatisfy { $0 >= 0 && Int($0) < t.vocabSize }, what)
+                _ = t.decode(ids + [-1, 0, Int32(t.vocabSize), Int32.max])
+                loaded += 1
+            } catch ReLoRAError.invalidFile(_, let reason) {
+                XCTAssertFalse(reason.contains("\n"), "\(what): \(reason)")
+                reasons.insert(String(reason.prefix(40)))
+                rejected += 1
+            } catch {
+                XCTFail("\(what): unexpected \(error)")
+            }
+        }
+        var rng = TestRNG(0x5EED_7011)
+        for name in ["spm_unigram", "spm_bpe", "spm_unigram_nofallback"] {
+            let valid = try Array(Data(contentsOf: URL(fileURLWithPath: Self.directory + "/\(name).model")))
+            // Truncations: every prefix of the smallest file, every 7th of the others.
+            let stride = name == "spm_unigram_nofallback" ? 1 : 7
+            for length in Swift.stride(from: 0, to: valid.count, by: stride) { attempt(Array(valid[..<length]), "\(name) prefix \(length)") }
+            // Random damage: 1 to 4 bytes replaced.
+            for trial in 0..<400 {
+                var b = valid
+                for _ in 0...rng.int(4) { b[rng.int(b.count)] = UInt8(truncatingIfNeeded: rng.next()) }
+                attempt(b, "\(name) trial \(trial)")
+            }
+            // Targeted: at field keys of the top-level message, a bad varint, a huge length, other wire types.
+            var keys: [Int] = []
+            var i = 0
+            while i < valid.count, keys.count < 40 {
+                keys.append(i)
+                guard let fields = try? ProtobufReader.fields(Array(valid[i...])), let first = fields.first else { break }
+                // Skip over the first field: key byte(s) + payload.
+                var w = ProtobufWriter()
+                switch first.value {
+                case .bytes(let d): w.data(first.field, d)
+                case .varint(let v): w.int64(first.field, Int64(bitPattern: v))
+                case .fixed32(let v): w.float(first.field, Float(bitPattern: v))
+                case .fixed64(let v): w.double(first.field, Double(bitPattern: v))
+                }
+                i += w.bytes.count
+            }
+            for k in keys {
+                attempt(Array(valid[..<k]) + [UInt8](repeating: 0xFF, count: 11), "\(name) overlong varint at \(k)")
+                attempt(Array(valid[..<k]) + [0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01] + Array(valid[k...]), "\(name) huge length at \(k)")
+                for wire in [0, 1, 2, 3, 4, 5, 6, 7] as [UInt8] {
+                    var b = valid
+                    b[k] = (b[k] & 0xF8) | wire
+                    attempt(b, "\(name) wire type \(wire) at \(k)")
+                }
+            }
+        }
+        print("tokenizer.model fuzz: \(rejected + loaded) mutated files, \(rejected) refused with one sentence (\(reasons.count) distinct openings), \(loaded) loaded and encoded")
+        XCTAssertGreaterThan(rejected, 1000)
+        XCTAssertGreaterThan(loaded, 10)
+    }
+
+    // MARK: relora's Unigram trainer
+
+    func testUnigramTrainerIsDeterministicAndRoundTrips() throws {
+        let text = try String(contentsOfFile: fixturesDirectory() + "/shakespeare/train_slice.txt", encoding: .utf8)
+        let trainer = UnigramTrainer(vocabSize: 420)
+        let (tok, json) = try trainer.train(texts: [text])
+        let (_, again) = try trainer.train(texts: [text])
+        XCTAssertEqual(json, again, "the same input gives the same file")
+        XCTAssertEqual(tok.vocabSize, 420)
+        XCTAssertEqual(tok.id(of: "<unk>"), 0)
+        XCTAssertEqual(tok.endOfTextId, 2)
+        XCTAssertEqual(tok.id(of: "<0x0A>"), 3 + 0x0A)
+        // Loads back from its own file the same.
+        let loaded = try SentencePieceTokenizer(jsonData: json)
+        let validation = try String(contentsOfFile: fixturesDirectory() + "/shakespeare/val_slice.txt", encoding: .utf8)
+        let strings = validation.split(separator: "\n").map(String.init) + ["unknown ꙮ 𓀀 🦜 日本語", "digits 0 12 345", "tabs\t\tand  runs   "]
+        var tokens = 0, bytes = 0
+        for s in strings where !s.hasPrefix(" ") {
+            let ids = tok.encode(s)
+            XCTAssertEqual(loaded.encode(s), ids)
+            XCTAssertEqual(tok.decode(ids), s)
+            tokens += ids.count
+            bytes += s.utf8.count
+        }
+        let whole = tok.encode(validation)
+        XCTAssertEqual(tok.decode(whole), validation)
+        print("Unigram 420 on the validation slice: \(String(format: "%.2f", Double(bytes) / Double(tokens))) bytes/token per line, \(validation.utf8.count) bytes -> \(whole.count) tokens whole")
+        // Characters alone would give under 1 byte per token (each "▁" is a token too); with 420 ids, 259 of
+        // them specials and bytes, tokenizers' own UnigramTrainer reaches 1.37 (161 pieces) to 1.51 (241).
+        XCTAssertGreaterThan(Double(bytes) / Double(tokens), 1.3, "the learned pieces are used")
+        XCTAssertThrowsError(try UnigramTrainer(vocabSize: 259).train(texts: [text]))
+    }
+
+    // MARK: Commands
+
+    func testTokenizeAcceptsADirectoryWithOnlyTokenizerModel() throws {
+        let dir = temporaryDirectory()
+        try FileManager.default.createDirectory(atPath: dir + "/tok", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: dir + "/tok/tokenizer.model")
+        let text = "Hello, world!  Unknown ꙮ and digits 2024."
+        try text.write(toFile: dir + "/in.txt", atomically: true, encoding: .utf8)
+        let r = try runRelora(["tokenize", "--tokenizer", dir + "/tok", "--in", dir + "/in.txt", "--out", dir + "/out.npy"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let tokens = try TokenArray(npyPath: dir + "/out.npy")
+        let direct = try TokenizerLoader.load(Self.directory + "/spm_bpe.model")
+        XCTAssertEqual((0..<tokens.count).map { Int32(tokens[$0]) }, direct.encode(text) + [2], "the ids, then </s>")
+        XCTAssertEqual(direct.decode(direct.encode(text)), text)
+        let bad = try runRelora(["tokenize", "--tokenizer", dir, "--in", dir + "/in.txt", "--out", dir + "/x.npy"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("neither a tokenizer.json nor a SentencePiece tokenizer.model"), bad.stderr)
+    }
+
+    func testTokenizerTrainUnigramCommand() throws {
+        let dir = temporaryDirectory()
+        let r = try runRelora(["tokenizer", "train", "--model", "unigram", "--vocab-size", "300", "--in",
+                               fixturesDirectory() + "/shakespeare/val_slice.txt", "--out", dir + "/tokenizer.json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let tok = try TokenizerLoader.load(dir + "/tokenizer.json")
+        XCTAssertTrue(tok is SentencePieceTokenizer)
+        XCTAssertEqual(tok.vocabSize, 300)
+        let small = try runRelora(["tokenizer", "train", "--model", "unigram", "--vocab-size", "100", "--in",
+                                   fixturesDirectory() + "/shakespeare/val_slice.txt", "--out", dir + "/t2.json"])
+        XCTAssertNotEqual(small.status, 0)
+        XCTAssertTrue(small.stderr.contains("minimum is 260"), small.stderr)
+    }
+
+    func testGGUFDispatchesOnTheTokenizerModel() throws {
+        let path = temporaryDirectory() + "/t.gguf"
+        try GGUFWriter.write(metadata: [("general.architecture", .string("llama")), ("tokenizer.ggml.model", .string("bert"))],
+                             tensors: [], to: path)
+        assertInvalidFile(try TokenizerLoader.load(gguf: try GGUFFile(path: path)), mentions: "'bert'")
+        let llama = try TokenizerLoader.load(gguf: try GGUFFile(path: Self.directory + "/spm_bpe.gguf"))
+        XCTAssertEqual(llama.endOfTextId, 2)
+        XCTAssertEqual(String(decoding: llama.bytes(of: try XCTUnwrap((llama as? SentencePieceTokenizer)?.id(of: "\u{2581}the"))) ?? [], as: UTF8.self), " the")
     }
 }
