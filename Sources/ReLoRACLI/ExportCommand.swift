@@ -60,12 +60,17 @@ func exportHF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgume
     let dtype = try a.required("dtype")
     let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
-    if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
+    // A SentencePiece tokenizer.model goes along too (transformers reads it when there is no tokenizer.json).
+    let sentencePiece = FileManager.default.contents(atPath: runDir + "/tokenizer.model")
+    if tokenizer == nil && sentencePiece == nil {
+        standardError("warning: \(runDir) has no tokenizer.json or tokenizer.model; the export will not include one")
+    }
     let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
     try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer) { done, _ in
         progress.update(done)
     }
     progress.finish()
+    if let sentencePiece { try writeFileAtomically(sentencePiece, to: out + "/tokenizer.model") }
     print("exported \(checkpoint) -> \(out) (\(dtype))")
 }
 
@@ -75,6 +80,8 @@ func exportGGUF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgu
     var tokenizer: BPETokenizer?
     if FileManager.default.fileExists(atPath: tokenizerPath) {
         tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+    } else if FileManager.default.fileExists(atPath: runDir + "/tokenizer.model") {
+        throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(runDir)'s tokenizer is a SentencePiece tokenizer.model; export --format hf instead")
     } else {
         standardError("warning: \(runDir) has no tokenizer.json; the GGUF will have no tokenizer, which llama.cpp needs to load it")
     }
