@@ -120,10 +120,12 @@ public final class SentencePieceTokenizer: TextTokenizer {
             guard !t.content.isEmpty, t.id >= 0 else { throw fail("an added token has empty content or a negative id") }
             guard addedContent.insert(t.content).inserted else { throw fail("added_tokens lists \(quoted(t.content)) twice") }
         }
-        let total = max(c.pieces.count, (c.addedTokens.map { Int($0.id) }.max() ?? -1) + 1)
-        let addedIds = Set(c.addedTokens.map(\.id))
-        for id in c.pieces.count..<total where !addedIds.contains(Int32(id)) {
-            throw fail("ids are not dense: no token has id \(id) (the vocabulary has \(c.pieces.count) pieces and added tokens reach \(total - 1))")
+        // Added tokens past the vocabulary must extend it densely (checked by counting, not by walking up
+        // to a hostile id).
+        let extraIds = Set(c.addedTokens.map(\.id).filter { Int($0) >= c.pieces.count })
+        let total = c.pieces.count + extraIds.count
+        if let high = extraIds.max(), Int(high) >= total {
+            throw fail("ids are not dense: added token id \(high) leaves a gap after the \(c.pieces.count) pieces and \(extraIds.count) added tokens (expected ids 0..<\(total))")
         }
         rules = c.rules
         model = c.model

@@ -206,6 +206,54 @@ final class SentencePieceTests: XCTestCase {
         XCTAssertGreaterThan(loaded, 10)
     }
 
+    /// Damaged SentencePiece-style tokenizer.json files: refused with one sentence or loaded into a tokenizer
+    /// that encodes in range; never a crash or a hang (a hostile added-token id is not walked up to).
+    func testDamagedTokenizerJSONIsRefusedOrWorks() throws {
+        var rejected = 0, loaded = 0
+        var rng = TestRNG(0x7E57)
+        func attempt(_ data: Data, _ what: String) {
+            do {
+                let t = try SentencePieceTokenizer(jsonData: data, path: "fuzz.json")
+                let ids = t.encode("Hello, wörld  \t 123 🦜 <s>")
+                XCTAssertTrue(ids.allSatisfy { $0 >= 0 && Int($0) < t.vocabSize }, what)
+                _ = t.decode(ids + [-1, Int32(t.vocabSize)])
+                loaded += 1
+            } catch ReLoRAError.invalidFile(_, let reason) {
+                XCTAssertFalse(reason.contains("\n"), "\(what): \(reason)")
+                rejected += 1
+            } catch {
+                XCTFail("\(what): unexpected \(error)")
+            }
+        }
+        for name in ["llama2_legacy.json", "unigram_fallback.json", "converted_unigram.json"] {
+            let valid = try Array(Data(contentsOf: URL(fileURLWithPath: Self.directory + "/" + name)))
+            for trial in 0..<150 {
+                var b = valid
+                // Digits and punctuation, where a change keeps the JSON valid more often.
+                let alphabet = Array("0123456789-.,:\"[]{} ".utf8)
+                for _ in 0...rng.int(3) { b[rng.int(b.count)] = alphabet[rng.int(alphabet.count)] }
+                attempt(Data(b), "\(name) trial \(trial)")
+            }
+        }
+        let far = try edited("unigram.json") {
+            $0["added_tokens"] = [["id": 2_147_483_000, "content": "<far>", "special": true]]
+        }
+        assertInvalidFile(try SentencePieceTokenizer(jsonData: far), mentions: "not dense")
+        print("tokenizer.json damage: \(rejected + loaded) files, \(rejected) refused with one sentence, \(loaded) loaded and encoded")
+        XCTAssertGreaterThan(rejected, 100)
+    }
+
+    func testSampleReadsTheTokenizerModelOfAHuggingFaceDirectory() throws {
+        let dir = temporaryDirectory() + "/hf"
+        try FileManager.default.copyItem(atPath: fixturesDirectory() + "/tiny_llama", toPath: dir)
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: dir + "/tokenizer.model")
+        // The tiny model has 97 ids, fewer than the tokenizer: the prompt's first id, spm_bpe's "▁" (320),
+        // is refused by the model, which shows sample encoded it with the tokenizer.model.
+        let r = try runRelora(["sample", "--model", dir, "--prompt", "Hello", "--max-tokens", "2"])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("token id 320 at position 0"), r.stderr)
+    }
+
     // MARK: relora's Unigram trainer
 
     func testUnigramTrainerIsDeterministicAndRoundTrips() throws {
