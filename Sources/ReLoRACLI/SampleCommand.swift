@@ -65,7 +65,9 @@ func runSample(_ args: [String]) throws {
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.
     var pending: [UInt8] = []
-    _ = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), options: options) { id in
+    // The prompt as the model's reference tokenizer encodes a text: with its leading <s>, if it puts one.
+    let promptIds = (tokenizer.prefixId.map { [$0] } ?? []) + tokenizer.encode(prompt)
+    _ = try Generator.generate(model: model, prompt: promptIds, options: options) { id in
         guard id != tokenizer.endOfTextId else { return }
         pending += tokenizer.bytes(of: id) ?? []
         let cut = completeUTF8Prefix(pending)

@@ -11,8 +11,9 @@ let tokenizeCommand = CommandSpec(
         Encodes text into a 1-D .npy token file (uint16 when the vocabulary fits, else uint32). A PATH is a
         UTF-8 text file, a .jsonl file with one {"text": ...} object per line, or a directory (its *.txt and
         *.jsonl files, recursively, in sorted order). Each document (a text file or a JSONL line) is followed by
-        the tokenizer's end-of-text token if it has one (<|endoftext|>, or </s> of a SentencePiece tokenizer;
-        no <s> is added). Invalid UTF-8 is an error naming the file and byte.
+        the tokenizer's end-of-text token if it has one (<|endoftext|>, or </s> of a SentencePiece tokenizer),
+        and preceded by the token the tokenizer's post-processor puts first, if any (<s> of Llama's
+        tokenizer.json). Invalid UTF-8 is an error naming the file and byte.
         Prints the token count, bytes per token and the unigram entropy of the result (the loss a model that
         knows only token frequencies would get).
         """,
@@ -54,6 +55,7 @@ func runTokenize(_ args: [String]) throws {
             // No reserveCapacity(count + ids.count) here: reserving the exact size per document defeats the
             // array's geometric growth and made tokenizing a 100 MB corpus quadratic (each document copied
             // every token before it).
+            if let bos = tokenizer.prefixId { tokens.append(Int64(bos)) }
             for id in ids { tokens.append(Int64(id)) }
             if let eot = tokenizer.endOfTextId { tokens.append(Int64(eot)) }
             documentBytes += doc.count

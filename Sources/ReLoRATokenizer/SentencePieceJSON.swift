@@ -40,6 +40,7 @@ extension SentencePieceTokenizer {
         config.normalizers = try Self.readNormalizer(root["normalizer"], fail)
         config.preTokenizers = try Self.readPreTokenizer(root["pre_tokenizer"], fail)
         config.decoders = try Self.readDecoder(root["decoder"], fail)
+        config.prefixToken = leadingSpecialToken(root["post_processor"] ?? .null)
         try self.init(config, path: path)
     }
 

@@ -159,8 +159,8 @@ extension SentencePieceTokenizer {
 
     /// SentencePiece tokenizers in GGUF metadata (`tokenizer.ggml.model = "llama"`), as llama.cpp's
     /// converter writes them from a `tokenizer.model`: `tokens`, `scores` (f32) and `token_type`
-    /// (SentencePiece's type numbers), `bos/eos/unk_token_id`, `add_space_prefix` (default true) and
-    /// `remove_extra_whitespaces` (default false). llama.cpp tokenizes these as SentencePiece BPE (merge by
+    /// (SentencePiece's type numbers), `bos/eos/unknown_token_id`, `add_bos_token` (default true: the
+    /// BOS is `prefixId`), `add_space_prefix` (default true) and `remove_extra_whitespaces` (default false). llama.cpp tokenizes these as SentencePiece BPE (merge by
     /// score, byte fallback when BYTE tokens exist, no charsmap), whatever model the original was; so does relora.
     public convenience init(gguf file: GGUFFile) throws {
         func fail(_ reason: String) -> ReLoRAError { .invalidFile(path: file.path, reason: reason) }
@@ -207,6 +207,7 @@ extension SentencePieceTokenizer {
                                           escapeWhitespaces: true)
         config.eosId = try id("tokenizer.ggml.eos_token_id")
         config.bosId = try id("tokenizer.ggml.bos_token_id")
+        if m["tokenizer.ggml.add_bos_token"]?.bool ?? true { config.prefixTokenId = config.bosId }
         try self.init(config, path: file.path)
     }
 }

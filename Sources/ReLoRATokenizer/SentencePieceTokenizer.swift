@@ -67,6 +67,7 @@ public final class SentencePieceTokenizer: TextTokenizer {
     public let endOfTextId: Int32?
     /// The beginning-of-sequence piece, if the tokenizer has one (never added by `encode`).
     public let beginOfTextId: Int32?
+    public let prefixId: Int32?
 
     struct Config {
         var rules: Rules
@@ -85,6 +86,10 @@ public final class SentencePieceTokenizer: TextTokenizer {
         var decoders: [DecoderStep]? = nil
         var eosId: Int32? = nil
         var bosId: Int32? = nil
+        /// The content of the token put before a text (`TextTokenizer.prefixId`), if any.
+        var prefixToken: String? = nil
+        /// Or its id (GGUF).
+        var prefixTokenId: Int32? = nil
     }
 
     init(_ c: Config, path: String) throws {
@@ -162,6 +167,12 @@ public final class SentencePieceTokenizer: TextTokenizer {
         }
         endOfTextId = c.eosId ?? named(["</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>"])
         beginOfTextId = c.bosId ?? named(["<s>", "<bos>", "<|begin_of_text|>"])
+        if let t = c.prefixToken {
+            guard let id = named([t]) else { throw fail("the post-processor puts \(quoted(t)) first, which is not a token") }
+            prefixId = id
+        } else {
+            prefixId = c.prefixTokenId
+        }
     }
 
     // MARK: Encoding

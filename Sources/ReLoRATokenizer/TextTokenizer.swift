@@ -10,6 +10,12 @@ public protocol TextTokenizer: AnyObject, Sendable {
     var vocabSize: Int { get }
     /// The token that ends a document (`tokenize` appends it after each one; `sample` stops at it).
     var endOfTextId: Int32? { get }
+    /// The token the reference puts before a text, nil for none: the leading special token of a
+    /// `tokenizer.json`'s `TemplateProcessing` post-processor (Llama's `<s>`, LLaMA 3's
+    /// `<|begin_of_text|>`), GGUF's `add_bos_token` (default true for `llama`, as llama.cpp); never for a
+    /// `tokenizer.model` (sentencepiece adds none). `tokenize` puts it before each document, `sample`
+    /// before the prompt.
+    var prefixId: Int32? { get }
     func encode(_ text: String) -> [Int32]
     /// Token ids of UTF-8 bytes; invalid UTF-8 throws `ReLoRAError.invalidData` with the byte offset.
     func encode(utf8 bytes: UnsafeBufferPointer<UInt8>) throws -> [Int32]
@@ -20,7 +26,24 @@ public protocol TextTokenizer: AnyObject, Sendable {
     func bytes(of id: Int32) -> [UInt8]?
 }
 
-extension BPETokenizer: TextTokenizer {}
+extension BPETokenizer: TextTokenizer {
+    public var prefixId: Int32? { leadingSpecialToken(postProcessor).flatMap { id(of: $0) } }
+}
+
+/// The content of the special token a `tokenizer.json` post-processor puts first in a single sequence:
+/// `TemplateProcessing` (alone or in a `Sequence`) whose `single` starts with a `SpecialToken`.
+func leadingSpecialToken(_ post: TJSON) -> String? {
+    let steps: [TJSON]
+    if post["type"]?.stringValue == "Sequence", case .array(let items)? = post["processors"] { steps = items } else { steps = [post] }
+    for step in steps where step["type"]?.stringValue == "TemplateProcessing" {
+        guard case .array(let single)? = step["single"], let first = single.first else { return nil }
+        guard let name = first["SpecialToken"]?["id"]?.stringValue else { return nil }
+        // The token's content: special_tokens[name].tokens[0] when listed, else the name itself.
+        if case .array(let tokens)? = step["special_tokens"]?[name]?["tokens"], let t = tokens.first?.stringValue { return t }
+        return name
+    }
+    return nil
+}
 
 /// Opens a tokenizer from what the ecosystem ships, choosing the reader from the contents.
 public enum TokenizerLoader {

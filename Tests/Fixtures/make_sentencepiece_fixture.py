@@ -26,8 +26,8 @@ Writes Tests/Fixtures/sentencepiece/:
   llama2_legacy.json   tokenizers BPE trained with Metaspace pieces, rebuilt in Llama 2's layout: <unk> <s> </s>,
                        the 256 <0xNN> byte tokens, then the learned tokens; byte_fallback, fuse_unk; normalizer
                        Sequence[Prepend("▁"), Replace(" ", "▁")], no pre-tokenizer, decoder
-                       Sequence[Replace("▁", " "), ByteFallback, Fuse, Strip(" ", 1, 0)] (Llama 2 / Mistral /
-                       TinyLlama files).
+                       Sequence[Replace("▁", " "), ByteFallback, Fuse, Strip(" ", 1, 0)], post-processor
+                       TemplateProcessing "<s> $A" (Llama 2 / Mistral / TinyLlama files).
   llama_metaspace.json the same model with no normalizer, pre_tokenizer Metaspace(prepend_scheme "first",
                        split false) and a Metaspace decoder (newer Llama conversions).
   metaspace_split.json the same model with Metaspace(prepend_scheme "always", split true) as trained.
@@ -152,9 +152,14 @@ def llama_bpe():
     chain = {"type": "Sequence", "decoders": [
         {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
         {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    bos_template = {"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
     legacy = dict(spec, normalizer={"type": "Sequence", "normalizers": [
         {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-        pre_tokenizer=None, decoder=chain)
+        pre_tokenizer=None, decoder=chain, post_processor=bos_template)
     meta_first = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
     metaspace = dict(spec, normalizer=None, pre_tokenizer=meta_first, decoder=meta_first)
     meta_split = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}

@@ -306,6 +306,24 @@ final class SentencePieceTests: XCTestCase {
         XCTAssertTrue(bad.stderr.contains("neither a tokenizer.json nor a SentencePiece tokenizer.model"), bad.stderr)
     }
 
+    /// The BOS the reference puts before a text: Llama's post-processor, GGUF's add_bos_token; none for a
+    /// tokenizer.model (sentencepiece's encode adds none) or a tokenizer without a template.
+    func testPrefixTokenIsWhatTheReferenceAdds() throws {
+        XCTAssertEqual(try load("llama2_legacy").prefixId, 1)
+        XCTAssertEqual(try load("spm_bpe_gguf").prefixId, 1)
+        XCTAssertNil(try load("spm_bpe").prefixId)
+        XCTAssertNil(try load("unigram").prefixId)
+        XCTAssertNil(try TokenizerLoader.load(fixturesDirectory() + "/tokenizer/gpt2_style.json").prefixId)
+        let dir = temporaryDirectory()
+        try FileManager.default.copyItem(atPath: Self.directory + "/llama2_legacy.json", toPath: dir + "/tokenizer.json")
+        try "Hello world".write(toFile: dir + "/in.txt", atomically: true, encoding: .utf8)
+        let r = try runRelora(["tokenize", "--tokenizer", dir, "--in", dir + "/in.txt", "--out", dir + "/out.npy"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let tokens = try TokenArray(npyPath: dir + "/out.npy")
+        let tok = try load("llama2_legacy")
+        XCTAssertEqual((0..<tokens.count).map { Int32(tokens[$0]) }, [1] + tok.encode("Hello world") + [2], "<s>, the ids, </s>")
+    }
+
     func testTokenizerTrainUnigramCommand() throws {
         let dir = temporaryDirectory()
         let r = try runRelora(["tokenizer", "train", "--model", "unigram", "--vocab-size", "300", "--in",
