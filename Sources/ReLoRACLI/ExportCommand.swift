@@ -79,7 +79,10 @@ func exportGGUF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgu
     let tokenizerPath = runDir + "/tokenizer.json"
     var tokenizer: BPETokenizer?
     if FileManager.default.fileExists(atPath: tokenizerPath) {
-        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+        guard let byteLevel = try TokenizerLoader.load(tokenizerPath) as? BPETokenizer else {
+            throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(tokenizerPath) is SentencePiece style (BPE with byte fallback, or Unigram); export --format hf instead")
+        }
+        tokenizer = byteLevel
     } else if FileManager.default.fileExists(atPath: runDir + "/tokenizer.model") {
         throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(runDir)'s tokenizer is a SentencePiece tokenizer.model; export --format hf instead")
     } else {

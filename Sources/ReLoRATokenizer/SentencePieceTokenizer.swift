@@ -197,13 +197,20 @@ public final class SentencePieceTokenizer: TextTokenizer {
     }
 
     /// `tokenizers`: added tokens (raw text), normalizers, added tokens (normalized), pre-tokenizers, model.
+    /// Pieces' ids are cached per call (words repeat; bounded like `BPETokenizer`'s cache).
     private func encodeTokenizers(_ bytes: UnsafeBufferPointer<UInt8>, _ out: inout [Int32]) {
+        var cache: [[UInt8]: [Int32]] = [:]
         forEachAddedSplit(rawMatcher, Array(bytes), text: { segment, originStart in
             let normalized = NormalizerStep.apply(normalizers, segment)
             forEachAddedSplit(normalizedMatcher, normalized, text: { sub, subStart in
                 var pieces = [PieceSP(bytes: sub, atOrigin: originStart && subStart)]
                 for step in preTokenizers { pieces = step.apply(pieces) }
-                for p in pieces where !p.bytes.isEmpty { encodeModel(p.bytes, &out) }
+                for p in pieces where !p.bytes.isEmpty {
+                    if let hit = cache[p.bytes] { out += hit; continue }
+                    let start = out.count
+                    encodeModel(p.bytes, &out)
+                    if p.bytes.count <= 64 && cache.count < EncodeState.maxCacheEntries { cache[p.bytes] = Array(out[start...]) }
+                }
             }, token: { out.append($0) })
         }, token: { out.append($0) })
     }
