@@ -48,7 +48,8 @@ Writes Tests/Fixtures/sentencepiece/:
                        shakespeare/val_slice.txt) {"strings": [...], "<name>": {"ids": [[...]], "decoded": [...]}} for every file above:
                        sentencepiece's encode(s) / decode(ids) for .model and .gguf (the .gguf expects the same
                        ids as spm_bpe.model), tokenizers' encode(s, add_special_tokens=False).ids /
-                       decode(ids, skip_special_tokens=False) for .json.
+                       decode(ids, skip_special_tokens=False) for .json; under "random", the same for 150
+                       short random strings (random_strings()) and the tokenizers in RANDOM_CHECKED.
 """
 import io
 import json
@@ -88,6 +89,24 @@ with open(os.path.join(HERE, "shakespeare", "val_slice.txt"), encoding="utf-8") 
     LONG_TEXT = _f.read()[:3000]
 STRINGS = TEST_STRINGS + EXTRA_STRINGS + [LONG_TEXT]
 
+def random_strings(count=150, seed=4321):
+    """Short strings dense in what these tokenizers treat specially: runs of spaces and other whitespace,
+    the "▁" symbol, charsmap keys (fullwidth, ligature, e + combining acute, circled digits, no-break and
+    ideographic spaces), digits, characters absent from the training text, and token-like text."""
+    import random
+    rng = random.Random(seed)
+    alphabet = (list(" " * 10) + list("\t\n\r") + ["\u2581", "\u2581\u2581", "\u00a0", "\u3000", "\ufb01", "e\u0301", "\u0301",
+                "\uff21", "\uff41", "\u2460", "\u2463"] + list("0123456789") + list("etaoinshrdlu") + ["the", "and", "ing", "thou"]
+                + list("TEAI.,;:!?'\"-()") + ["\u4e2d", "\ua66e", "\U0001f99c", "\u00e9", "\u00df", "\u03a9", "\x00", "\x7f"]
+                + ["<s>", "</s>", "<unk>", "<sep>", "<0x41>", "<pad>"])
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(count)]
+
+
+RANDOM_STRINGS = random_strings()
+# The tokenizers whose ids are also recorded for RANDOM_STRINGS (the others share their machinery).
+RANDOM_CHECKED = ["spm_unigram", "spm_bpe", "spm_unigram_nofallback", "llama2_legacy", "llama_metaspace",
+                  "unigram_fallback", "converted_unigram", "relora_unigram"]
+
 # A small normalization rule set (TSV of code points, as sentencepiece's --normalization_rule_tsv).
 RULES = (
     [(f"{0xFF01 + k:X}", f"{0x21 + k:X}") for k in range(0x5E)]  # fullwidth ASCII -> ASCII
@@ -115,13 +134,13 @@ def train_spm(name, **options):
     return spm.SentencePieceProcessor(model_proto=data)
 
 
-def spm_expected(sp):
-    ids = [sp.encode(s) for s in STRINGS]
+def spm_expected(sp, strings=None):
+    ids = [sp.encode(s) for s in (strings or STRINGS)]
     return {"ids": ids, "decoded": [sp.decode(i) for i in ids]}
 
 
-def hf_expected(tok):
-    ids = [tok.encode(s, add_special_tokens=False).ids for s in STRINGS]
+def hf_expected(tok, strings=None):
+    ids = [tok.encode(s, add_special_tokens=False).ids for s in (strings or STRINGS)]
     return {"ids": ids, "decoded": [tok.decode(i, skip_special_tokens=False) for i in ids]}
 
 
@@ -237,6 +256,9 @@ def main():
                        allow_whitespace_only_pieces=True)
     sp_nofb = train_spm("spm_unigram_nofallback", model_type="unigram", vocab_size=200, character_coverage=0.98,
                         normalization_rule_name="identity")
+    random_expected = {"strings": RANDOM_STRINGS}
+    for name, sp in [("spm_unigram", sp_uni), ("spm_bpe", sp_bpe), ("spm_unigram_nofallback", sp_nofb)]:
+        random_expected[name] = spm_expected(sp, RANDOM_STRINGS)
     expected["spm_unigram"] = spm_expected(sp_uni)
     expected["spm_bpe"] = spm_expected(sp_bpe)
     expected["spm_unigram_nofallback"] = spm_expected(sp_nofb)
@@ -253,14 +275,20 @@ def main():
         hf["relora_unigram"] = Tokenizer.from_file(ours)
     for name, tok in hf.items():
         expected[name] = hf_expected(tok)
+        if name in RANDOM_CHECKED:
+            random_expected[name] = hf_expected(tok, RANDOM_STRINGS)
+    expected["random"] = random_expected
     # A decode equal to its input string is written as null (the file stays small).
-    compact = {k: (v if k == "strings" else {"ids": v["ids"], "decoded": [None if d == s else d for d, s in zip(v["decoded"], STRINGS)]})
-               for k, v in expected.items()}
+    def squeeze(table, strings):
+        return {k: (v if k == "strings" else {"ids": v["ids"], "decoded": [None if d == s else d for d, s in zip(v["decoded"], strings)]})
+                for k, v in table.items()}
+    compact = squeeze({k: v for k, v in expected.items() if k != "random"}, STRINGS)
+    compact["random"] = squeeze(random_expected, RANDOM_STRINGS)
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(compact, f, ensure_ascii=False, separators=(",", ":"))
         f.write("\n")
     for name in expected:
-        if name == "strings":
+        if name in ("strings", "random"):
             continue
         e = expected[name]
         same = sum(d == s for d, s in zip(e["decoded"], STRINGS))

@@ -8,7 +8,7 @@ import XCTest
 /// trained tokenizers with `sentencepiece` (.model: Unigram with a charsmap and byte fallback, BPE with byte
 /// fallback, Unigram with <unk>) and with `tokenizers` (BPE + byte fallback in Llama 2's and newer Metaspace
 /// layouts, Unigram with and without byte fallback, transformers' conversions of the .model files), wrote
-/// one .model as llama.cpp GGUF metadata, and recorded the reference ids and decodes of 49 strings; the
+/// one .model as llama.cpp GGUF metadata, and recorded the reference ids and decodes of 51 strings (and of 150 short random ones); the
 /// same for `relora_unigram.json`, made by relora's own Unigram trainer and read by `tokenizers`. Every id
 /// and every decode must be equal.
 final class SentencePieceTests: XCTestCase {
@@ -37,9 +37,19 @@ final class SentencePieceTests: XCTestCase {
         let root = try expected()
         let strings = try XCTUnwrap(root["strings"] as? [String])
         XCTAssertGreaterThan(strings.count, 40)
+        try check(root, strings, names: Self.files.keys.sorted(), label: "")
+        // 150 short random strings dense in whitespace, "▁", charsmap keys and unknown characters.
+        let random = try XCTUnwrap(root["random"] as? [String: Any])
+        let randomStrings = try XCTUnwrap(random["strings"] as? [String])
+        XCTAssertEqual(randomStrings.count, 150)
+        try check(random, randomStrings, names: random.keys.filter { $0 != "strings" }.sorted(), label: " (random)")
+    }
+
+    func check(_ table: [String: Any], _ strings: [String], names: [String], label: String) throws {
+        XCTAssertFalse(names.isEmpty)
         var report: [String] = []
-        for name in Self.files.keys.sorted() {
-            let entry = try XCTUnwrap(root[name] as? [String: Any], name)
+        for name in names {
+            let entry = try XCTUnwrap(table[name] as? [String: Any], name)
             let ids = try XCTUnwrap(entry["ids"] as? [[Int]], name).map { $0.map { Int32($0) } }
             // null: the decode equals the input string.
             let decoded = try XCTUnwrap(entry["decoded"] as? [Any], name).enumerated().map { k, d in d as? String ?? strings[k] }
@@ -50,17 +60,17 @@ final class SentencePieceTests: XCTestCase {
                 tokens += got.count
                 if got != ids[k] {
                     idMismatches += 1
-                    if idMismatches <= 3 { print("\(name) ids differ on \(s.debugDescription.prefix(60)):\n  want \(ids[k].prefix(30))\n  got  \(got.prefix(30))") }
+                    if idMismatches <= 3 { print("\(name)\(label) ids differ on \(s.debugDescription.prefix(60)):\n  want \(ids[k].prefix(30))\n  got  \(got.prefix(30))") }
                 }
                 let text = tok.decode(ids[k])
                 if text != decoded[k] {
                     decodeMismatches += 1
-                    if decodeMismatches <= 3 { print("\(name) decode differs on \(s.debugDescription.prefix(60)):\n  want \(decoded[k].debugDescription.prefix(80))\n  got  \(text.debugDescription.prefix(80))") }
+                    if decodeMismatches <= 3 { print("\(name)\(label) decode differs on \(s.debugDescription.prefix(60)):\n  want \(decoded[k].debugDescription.prefix(80))\n  got  \(text.debugDescription.prefix(80))") }
                 }
             }
-            report.append("\(name): \(strings.count) strings, \(tokens) tokens, \(idMismatches) id mismatches, \(decodeMismatches) decode mismatches")
-            XCTAssertEqual(idMismatches, 0, name)
-            XCTAssertEqual(decodeMismatches, 0, name)
+            report.append("\(name)\(label): \(strings.count) strings, \(tokens) tokens, \(idMismatches) id mismatches, \(decodeMismatches) decode mismatches")
+            XCTAssertEqual(idMismatches, 0, name + label)
+            XCTAssertEqual(decodeMismatches, 0, name + label)
         }
         print(report.joined(separator: "\n"))
     }
