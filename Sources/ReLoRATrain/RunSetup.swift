@@ -152,7 +152,15 @@ struct RunSetup {
     func createRunDirectory() throws {
         try Files.createDirectory(recipe.runDir)
         try writeRecipe()
-        if let tok = recipe.tokenizer {
+        if var tok = recipe.tokenizer {
+            // A directory names its tokenizer.json, else its SentencePiece tokenizer.model (as transformers reads).
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: tok, isDirectory: &isDirectory), isDirectory.boolValue {
+                guard let name = ["tokenizer.json", "tokenizer.model"].first(where: { FileManager.default.fileExists(atPath: tok + "/" + $0) }) else {
+                    throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer directory has neither a tokenizer.json nor a tokenizer.model")
+                }
+                tok += "/" + name
+            }
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
             }

@@ -3,6 +3,7 @@ import XCTest
 @testable import ReLoRACore
 @testable import ReLoRAFormats
 @testable import ReLoRATokenizer
+@testable import ReLoRATrain
 
 /// SentencePiece-style tokenizers against the reference libraries: `Tests/Fixtures/make_sentencepiece_fixture.py`
 /// trained tokenizers with `sentencepiece` (.model: Unigram with a charsmap and byte fallback, BPE with byte
@@ -332,6 +333,26 @@ final class SentencePieceTests: XCTestCase {
         let tokens = try TokenArray(npyPath: dir + "/out.npy")
         let tok = try load("llama2_legacy")
         XCTAssertEqual((0..<tokens.count).map { Int32(tokens[$0]) }, [1] + tok.encode("Hello world") + [2], "<s>, the ids, </s>")
+    }
+
+    /// A recipe's `tokenizer` may name a directory; a SentencePiece model goes into the run as tokenizer.model.
+    func testRunDirectoryKeepsATokenizerModel() throws {
+        let dir = temporaryDirectory()
+        try FileManager.default.createDirectory(atPath: dir + "/hf", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: dir + "/hf/tokenizer.model")
+        let config: [String: Any] = ["hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": 400, "max_position_embeddings": 64]
+        try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: dir + "/config.json"))
+        try NpyWriter.write(tokens: (0..<300).map { Int64($0 % 400) }, dtype: .uint16, to: dir + "/train.npy")
+        var recipe = Recipe(model: dir + "/config.json", trainData: dir + "/train.npy", tokenizer: dir + "/hf", runDir: dir + "/run")
+        recipe.seqLen = 16
+        try RunSetup(recipe: recipe, resume: false).createRunDirectory()
+        XCTAssertEqual(FileManager.default.contents(atPath: dir + "/run/tokenizer.model"), FileManager.default.contents(atPath: dir + "/hf/tokenizer.model"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/run/tokenizer.json"))
+        XCTAssertTrue(try TokenizerLoader.load(dir + "/run") is SentencePieceTokenizer)
+        recipe.tokenizer = dir
+        recipe.runDir = dir + "/run2"
+        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "neither a tokenizer.json nor a tokenizer.model")
     }
 
     func testTokenizerTrainUnigramCommand() throws {
