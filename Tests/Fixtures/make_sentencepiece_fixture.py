@@ -11,6 +11,12 @@ sentence per line).
 Re-runs: sentencepiece's files (.model, .gguf) come out byte-identical; tokenizers' trainers break count ties in
 hash order, so their .json files (and the ids expected of them) can differ between runs, each run consistent.
 
+    /work/venv-ref/bin/python Tests/Fixtures/make_sentencepiece_fixture.py --nmt-nfkc /tmp/nmt_nfkc
+    RELORA_NMT_NFKC_DIR=/tmp/nmt_nfkc swift test --filter SentencePieceTests/testNmtNfkcCharsmap
+
+The second form writes, outside the repository, a T5-like model with sentencepiece's default nmt_nfkc
+charsmap (too large to commit) for an opt-in test (see nmt_nfkc()).
+
 Writes Tests/Fixtures/sentencepiece/:
   spm_unigram.model    sentencepiece Unigram, vocab 420, byte_fallback, character_coverage 0.98, a small
                        custom normalization rule TSV (fullwidth ASCII, ligatures, e+U+0301, circled digits,
@@ -309,5 +315,33 @@ def main():
     assert any(i in range(3, 259) for ids in expected["llama2_legacy"]["ids"] for i in ids), "no byte fallback"
 
 
+def nmt_nfkc(outdir):
+    """Not committed (the nmt_nfkc charsmap alone is ~240 KiB): a T5-like sentencepiece Unigram with the
+    default nmt_nfkc normalizer and transformers' conversion of it, with expected ids and decodes for the
+    fixture strings, the random strings and some NFKC-heavy text, in the layout of expected.json.
+    SentencePieceTests.testNmtNfkcCharsmap reads it when RELORA_NMT_NFKC_DIR names the directory."""
+    global OUT
+    OUT = outdir
+    os.makedirs(outdir, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=buf, num_threads=1, minloglevel=2,
+                                   model_type="unigram", vocab_size=300, character_coverage=0.98)
+    with open(os.path.join(outdir, "t5.model"), "wb") as f:
+        f.write(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    strings = STRINGS + RANDOM_STRINGS + [
+        "Ｈｅｌｌｏ　ｗｏｒｌｄ ①②③ ﬁne ™ ½ Å Ω ｶﾀｶﾅ ㍻ ℃ x\u00a0y \u2028z", "\u1100\u1161\u11a8 가", "e\u0301\u0302 A\u030a"]
+    tok = converted(os.path.join(outdir, "t5.model"), "t5_converted")
+    expected = {"strings": strings, "t5_model": spm_expected(sp, strings), "t5_converted": hf_expected(tok, strings)}
+    with open(os.path.join(outdir, "expected.json"), "w", encoding="utf-8") as f:
+        json.dump(expected, f, ensure_ascii=False)
+    print(f"{outdir}: t5.model ({len(buf.getvalue())} bytes, nmt_nfkc), t5_converted.json, {len(strings)} strings")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--nmt-nfkc":
+        nmt_nfkc(sys.argv[2])
+    elif len(sys.argv) == 1:
+        main()
+    else:
+        sys.exit(__doc__)
