@@ -24,6 +24,8 @@ Writes Tests/Fixtures/sentencepiece/:
                        "<sep>", add_dummy_prefix and remove_extra_whitespaces on (the defaults).
   spm_bpe.model        sentencepiece BPE, vocab 400, byte_fallback, identity normalizer, remove_extra_whitespaces
                        off, split_digits, allow_whitespace_only_pieces (Llama's tokenizer.model settings).
+  spm_bpe_edited.model spm_bpe.model with "he" and "▁t" marked UNUSED and "ing" USER_DEFINED (edited with
+                       the protobuf classes; sentencepiece resegments unused pieces and keeps user-defined whole).
   spm_unigram_nofallback.model  Unigram, vocab 200, no byte fallback (unknown characters become <unk>),
                        nmt-free identity normalizer with the default remove_extra_whitespaces.
   spm_bpe.gguf         a GGUF file with no tensors and spm_bpe.model's vocabulary as llama.cpp's converter
@@ -222,6 +224,24 @@ def converted(model_path, name):
     return save_json(json.loads(tok.to_str()), name)
 
 
+def edited_bpe(source, path):
+    """spm_bpe.model with the pieces of two frequent merges marked UNUSED (BPE resegments them into the
+    pair they were made of) and one piece made USER_DEFINED (kept whole, never merged with neighbours)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    with open(source, "rb") as f:
+        proto.ParseFromString(f.read())
+    for p in proto.pieces:
+        if p.piece in ("he", "▁t"):
+            p.type = pb.ModelProto.SentencePiece.UNUSED
+        elif p.piece == "ing":
+            p.type = pb.ModelProto.SentencePiece.USER_DEFINED
+    data = proto.SerializeToString()
+    with open(path, "wb") as f:
+        f.write(data)
+    return spm.SentencePieceProcessor(model_proto=data)
+
+
 def write_gguf(model_path, path):
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -265,6 +285,8 @@ def main():
     random_expected = {"strings": RANDOM_STRINGS}
     for name, sp in [("spm_unigram", sp_uni), ("spm_bpe", sp_bpe), ("spm_unigram_nofallback", sp_nofb)]:
         random_expected[name] = spm_expected(sp, RANDOM_STRINGS)
+    sp_edit = edited_bpe(os.path.join(OUT, "spm_bpe.model"), os.path.join(OUT, "spm_bpe_edited.model"))
+    expected["spm_bpe_edited"] = spm_expected(sp_edit)
     expected["spm_unigram"] = spm_expected(sp_uni)
     expected["spm_bpe"] = spm_expected(sp_bpe)
     expected["spm_unigram_nofallback"] = spm_expected(sp_nofb)

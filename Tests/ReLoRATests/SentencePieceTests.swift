@@ -16,7 +16,7 @@ final class SentencePieceTests: XCTestCase {
     static let directory = fixturesDirectory() + "/sentencepiece"
 
     static let files: [String: String] = [
-        "spm_unigram": "spm_unigram.model", "spm_bpe": "spm_bpe.model", "spm_unigram_nofallback": "spm_unigram_nofallback.model",
+        "spm_unigram": "spm_unigram.model", "spm_bpe": "spm_bpe.model", "spm_bpe_edited": "spm_bpe_edited.model", "spm_unigram_nofallback": "spm_unigram_nofallback.model",
         "spm_bpe_gguf": "spm_bpe.gguf", "llama2_legacy": "llama2_legacy.json", "llama_metaspace": "llama_metaspace.json",
         "metaspace_split": "metaspace_split.json", "unigram": "unigram.json", "unigram_fallback": "unigram_fallback.json",
         "converted_unigram": "converted_unigram.json", "converted_bpe": "converted_bpe.json",
