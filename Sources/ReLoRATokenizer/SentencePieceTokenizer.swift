@@ -15,6 +15,12 @@ import ReLoRAFormats
 ///   then a normalizer chain, a pre-tokenizer chain, the model per piece (Unigram in float64, BPE by merge
 ///   rank), and a decoder chain.
 ///
+/// A text is encoded at once (SentencePiece normalizes and segments a whole input; a Llama 2 `tokenizer.json`
+/// has no pre-tokenizer, so a document is one BPE piece): the work arrays take ~20 bytes per input byte,
+/// so give a huge corpus as many documents (files or JSONL lines), not one line-less text. Speed, debug
+/// build, 560 KB of Shakespeare: 1.2 s (`unigram.json`, pieces cached) to 6.6 s (`spm_bpe.model`); the
+/// byte-level BPE takes 1.2 s.
+///
 /// Thread safety: every stored property is an immutable value.
 public final class SentencePieceTokenizer: TextTokenizer {
     enum Rules: Sendable { case sentencePiece, tokenizers }
@@ -368,7 +374,8 @@ public final class SentencePieceTokenizer: TextTokenizer {
     private func emitTokenizersUnigram(_ spans: [(Int, Int, Int32)], _ s: [UInt8], _ out: inout [Int32]) {
         var k = 0
         while k < spans.count {
-            var (start, end, id) = spans[k]
+            let (start, first, id) = spans[k]
+            var end = first
             k += 1
             if fuseUnk, let u = unkId, id == u {
                 while k < spans.count && spans[k].2 == u { end = spans[k].1; k += 1 }
@@ -384,7 +391,6 @@ public final class SentencePieceTokenizer: TextTokenizer {
             } else if let u = unkId {
                 out.append(u)
             }
-            id = -1
         }
     }
 
