@@ -164,7 +164,7 @@ enum PreTokenizerStepSP: Sendable {
         case .metaspace(let replacement, let scheme, let split):
             var t = SentencePieceTokenizer.replace(p.bytes, [0x20], with: replacement)
             let prepend = scheme == .always || (scheme == .first && p.atOrigin)
-            if prepend && !t.starts(with: replacement) { t = replacement + t }
+            if prepend && !t.isEmpty && !t.starts(with: replacement) { t = replacement + t }  // as NormalizedString.prepend: not to ""
             guard split, !replacement.isEmpty else {
                 out.append(PieceSP(bytes: t, atOrigin: p.atOrigin))
                 return

@@ -314,6 +314,11 @@ final class SentencePieceTests: XCTestCase {
         // them specials and bytes, tokenizers' own UnigramTrainer reaches 1.37 (161 pieces) to 1.51 (241).
         XCTAssertGreaterThan(Double(bytes) / Double(tokens), 1.3, "the learned pieces are used")
         XCTAssertThrowsError(try UnigramTrainer(vocabSize: 259).train(texts: [text]))
+        XCTAssertThrowsError(try UnigramTrainer(vocabSize: 300).train(texts: [""]))
+        // The smallest vocabulary: one learned piece, the most frequent character; every text still encodes.
+        let (tiny, _) = try UnigramTrainer(vocabSize: 260).train(texts: [text])
+        XCTAssertEqual(tiny.vocabSize, 260)
+        XCTAssertEqual(tiny.decode(tiny.encode("Macbeth, 1606")), "Macbeth, 1606")
     }
 
     // MARK: Commands
@@ -385,6 +390,37 @@ final class SentencePieceTests: XCTestCase {
                                    fixturesDirectory() + "/shakespeare/val_slice.txt", "--out", dir + "/t2.json"])
         XCTAssertNotEqual(small.status, 0)
         XCTAssertTrue(small.stderr.contains("minimum is 260"), small.stderr)
+    }
+
+    /// Hostile `llama` tokenizer metadata: each inconsistency is one sentence naming the key.
+    func testHostileGGUFLlamaMetadataIsRefused() throws {
+        let dir = temporaryDirectory()
+        let tokens: [GGUFValue] = ["<unk>", "<s>", "</s>", "\u{2581}a", "a", "\u{2581}"].map { .string($0) }
+        func file(_ edit: (inout [(String, GGUFValue)]) -> Void) throws -> GGUFFile {
+            var m: [(String, GGUFValue)] = [
+                ("general.architecture", .string("llama")), ("tokenizer.ggml.model", .string("llama")),
+                ("tokenizer.ggml.tokens", .array(.string, tokens)),
+                ("tokenizer.ggml.scores", .array(.float32, (0..<6).map { .float32(-Float($0)) })),
+                ("tokenizer.ggml.token_type", .array(.int32, [2, 3, 3, 1, 1, 1].map { .int32($0) })),
+            ]
+            edit(&m)
+            let path = dir + "/t\(UInt32.random(in: 0...UInt32.max)).gguf"
+            try GGUFWriter.write(metadata: m, tensors: [], to: path)
+            return try GGUFFile(path: path)
+        }
+        let fine = try SentencePieceTokenizer(gguf: try file { _ in })
+        XCTAssertEqual(fine.encode("a a"), [3, 3])
+        XCTAssertEqual(fine.decode([1, 3, 3, 2]), "a a")
+        func replace(_ key: String, _ value: GGUFValue) -> (inout [(String, GGUFValue)]) -> Void {
+            { m in m = m.map { $0.0 == key ? (key, value) : $0 } }
+        }
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file(replace("tokenizer.ggml.scores", .array(.float32, [.float32(0)])))), mentions: "tokenizer.ggml.scores")
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file(replace("tokenizer.ggml.scores", .array(.float32, (0..<6).map { _ in .float32(.nan) })))), mentions: "not a finite number")
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file(replace("tokenizer.ggml.token_type", .array(.int32, [2, 3, 3, 1, 1, 9].map { .int32($0) })))), mentions: "token_type[5] is 9")
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file(replace("tokenizer.ggml.token_type", .array(.int32, [2, 3, 3, 1, 6, 1].map { .int32($0) })))), mentions: "byte piece <0x00>")
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file(replace("tokenizer.ggml.tokens", .array(.string, [])))), mentions: "tokenizer.ggml.tokens")
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file { $0.append(("tokenizer.ggml.eos_token_id", .uint32(99))) }), mentions: "eos_token_id")
+        assertInvalidFile(try SentencePieceTokenizer(gguf: try file { $0.append(("tokenizer.ggml.unknown_token_id", .int32(-1))) }), mentions: "unknown_token_id")
     }
 
     func testGGUFDispatchesOnTheTokenizerModel() throws {
