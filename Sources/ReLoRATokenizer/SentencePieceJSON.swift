@@ -242,7 +242,8 @@ func quoted(_ s: String) -> String {
 /// The `BPE` model of a SentencePiece-style tokenizer.json (outside the class: the compiler reports a
 /// circular reference for this function inside the extension).
 func readSentencePieceBPE(_ model: TJSON, _ fail: (String) -> ReLoRAError) throws -> SentencePieceTokenizer.Config {
-    if let d = model["dropout"], !d.isNull, d.intValue != 0 {
+    let zero: Bool = { if case .double(let x)? = model["dropout"] { return x == 0 }; return model["dropout"]?.intValue == 0 }()
+    if let d = model["dropout"], !d.isNull, !zero {
         throw fail("BPE dropout \(d.summary) is not supported (encoding must be deterministic)")
     }
     for key in ["continuing_subword_prefix", "end_of_word_suffix"] {

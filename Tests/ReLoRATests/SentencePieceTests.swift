@@ -128,6 +128,10 @@ final class SentencePieceTests: XCTestCase {
             var m = $0["model"] as! [String: Any]; m["dropout"] = 0.1; $0["model"] = m
         }
         assertInvalidFile(try loadJSON(dropout), mentions: "dropout")
+        let noDropout = try edited("llama2_legacy.json") {
+            var m = $0["model"] as! [String: Any]; m["dropout"] = 0.0; $0["model"] = m
+        }
+        XCTAssertNoThrow(try loadJSON(noDropout), "a dropout of 0 is deterministic")
         let sampling = try edited("unigram.json") {
             var m = $0["model"] as! [String: Any]; m["alpha"] = 0.1; $0["model"] = m
         }
