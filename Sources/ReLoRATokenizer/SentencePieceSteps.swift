@@ -16,7 +16,7 @@ struct SPMNormalizer: Sendable {
 
     /// The replacement of the text's prefix at `i` and how many bytes it consumes.
     func prefix(_ s: [UInt8], _ i: Int) -> (ArraySlice<UInt8>, Int) {
-        if let m = userDefined.longestMatch(s, from: i) { return (s[i..<(i + m)], m) }
+        if !userDefined.isEmpty, let m = userDefined.longestMatch(s, from: i) { return (s[i..<(i + m)], m) }
         if let cm = charsMap {
             let hit = s.withUnsafeBufferPointer { cm.longest($0, from: i, to: $0.count) }
             if let (length, r) = hit { return (r, length) }
@@ -35,7 +35,7 @@ struct SPMNormalizer: Sendable {
         if removeExtraWhitespaces {
             while i < n {
                 let (r, length) = prefix(s, i)
-                guard r.elementsEqual([0x20]) else { break }
+                guard r.count == 1 && r.first == 0x20 else { break }
                 i += length
             }
         }
