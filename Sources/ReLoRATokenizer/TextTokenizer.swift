@@ -47,8 +47,9 @@ func leadingSpecialToken(_ post: TJSON) -> String? {
 
 /// Opens a tokenizer from what the ecosystem ships, choosing the reader from the contents.
 public enum TokenizerLoader {
-    /// `path` is a `tokenizer.json`, a SentencePiece `tokenizer.model`, or a directory holding either
-    /// (`tokenizer.json` preferred, as `transformers` does). A `tokenizer.json` whose model is BPE with a
+    /// `path` is a `tokenizer.json`, a SentencePiece `tokenizer.model`, a directory holding either
+    /// (`tokenizer.json` preferred, as `transformers` does), or a GGUF file (its metadata's tokenizer, so data
+    /// for continuing a GGUF model is tokenized as llama.cpp would). A `tokenizer.json` whose model is BPE with a
     /// `ByteLevel` pre-tokenizer or decoder is byte-level BPE; every other one is read as SentencePiece style.
     public static func load(_ path: String) throws -> any TextTokenizer {
         var isDirectory: ObjCBool = false
@@ -67,6 +68,7 @@ public enum TokenizerLoader {
         } catch {
             throw ReLoRAError.invalidFile(path: path, reason: "cannot read the tokenizer file (\(error.localizedDescription))")
         }
+        if data.starts(with: Array("GGUF".utf8)) { return try load(gguf: try GGUFFile(path: path)) }
         // A tokenizer.json starts with "{" (after whitespace); a ModelProto starts with field 1 (0x0A).
         let first = data.first { ![0x20, 0x09, 0x0A, 0x0D].contains($0) }
         if path.hasSuffix(".model") || (first != UInt8(ascii: "{") && data.first == 0x0A) {

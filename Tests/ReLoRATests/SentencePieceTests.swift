@@ -433,6 +433,7 @@ final class SentencePieceTests: XCTestCase {
                              tensors: [], to: path)
         assertInvalidFile(try TokenizerLoader.load(gguf: try GGUFFile(path: path)), mentions: "'bert'")
         let llama = try TokenizerLoader.load(gguf: try GGUFFile(path: Self.directory + "/spm_bpe.gguf"))
+        XCTAssertTrue(try TokenizerLoader.load(Self.directory + "/spm_bpe.gguf") is SentencePieceTokenizer, "a GGUF path is read as one")
         XCTAssertEqual(llama.endOfTextId, 2)
         XCTAssertEqual(String(decoding: llama.bytes(of: try XCTUnwrap((llama as? SentencePieceTokenizer)?.id(of: "\u{2581}the"))) ?? [], as: UTF8.self), " the")
     }
