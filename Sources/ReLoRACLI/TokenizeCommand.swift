@@ -12,8 +12,8 @@ let tokenizeCommand = CommandSpec(
         UTF-8 text file, a .jsonl file with one {"text": ...} object per line, or a directory (its *.txt and
         *.jsonl files, recursively, in sorted order). Each document (a text file or a JSONL line) is followed by
         the tokenizer's end-of-text token if it has one (<|endoftext|>, or </s> of a SentencePiece tokenizer),
-        and preceded by the token the tokenizer's post-processor puts first, if any (<s> of Llama's
-        tokenizer.json). Invalid UTF-8 is an error naming the file and byte.
+        and preceded by the BOS its reference adds, if any (<s> of Llama's tokenizer.json, or of a GGUF
+        file with add_bos_token). Invalid UTF-8 is an error naming the file and byte.
         Prints the token count, bytes per token and the unigram entropy of the result (the loss a model that
         knows only token frequencies would get).
         """,

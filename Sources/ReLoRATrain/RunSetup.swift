@@ -161,6 +161,10 @@ struct RunSetup {
                 }
                 tok += "/" + name
             }
+            // A GGUF file holds its tokenizer in its metadata; copying the whole model here is not wanted.
+            if let head = FileHandle(forReadingAtPath: tok).flatMap({ try? $0.read(upToCount: 4) }), head == Data("GGUF".utf8) {
+                throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer is a GGUF model file; name a tokenizer.json or tokenizer.model (relora tokenize reads a GGUF's tokenizer, a run keeps only those)")
+            }
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
             }

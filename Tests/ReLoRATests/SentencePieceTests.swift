@@ -380,6 +380,9 @@ final class SentencePieceTests: XCTestCase {
         recipe.tokenizer = dir
         recipe.runDir = dir + "/run2"
         assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "neither a tokenizer.json nor a tokenizer.model")
+        recipe.tokenizer = Self.directory + "/spm_bpe.gguf"
+        recipe.runDir = dir + "/run3"
+        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "is a GGUF model file")
     }
 
     func testTokenizerTrainUnigramCommand() throws {
