@@ -67,7 +67,11 @@ func exportHF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgume
     let dtype = try a.required("dtype")
     let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
     let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
-    if tokenizer == nil { standardError("warning: \(runDir) has no tokenizer.json; the export will not include one") }
+    // A SentencePiece tokenizer.model goes along too (transformers reads it when there is no tokenizer.json).
+    let sentencePiece = FileManager.default.contents(atPath: runDir + "/tokenizer.model")
+    if tokenizer == nil && sentencePiece == nil {
+        standardError("warning: \(runDir) has no tokenizer.json or tokenizer.model; the export will not include one")
+    }
     let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
     let nf4 = a.has("quant")  // only nf4 reaches here
     try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", bitsandbytesNF4: nf4,
@@ -75,6 +79,7 @@ func exportHF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgume
         progress.update(done)
     }
     progress.finish()
+    if let sentencePiece { try writeFileAtomically(sentencePiece, to: out + "/tokenizer.model") }
     print("exported \(checkpoint) -> \(out) (\(dtype)\(nf4 ? ", block linears in bitsandbytes nf4" : ""))")
 }
 
@@ -83,7 +88,12 @@ func exportGGUF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgu
     let tokenizerPath = runDir + "/tokenizer.json"
     var tokenizer: BPETokenizer?
     if FileManager.default.fileExists(atPath: tokenizerPath) {
-        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+        guard let byteLevel = try TokenizerLoader.load(tokenizerPath) as? BPETokenizer else {
+            throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(tokenizerPath) is SentencePiece style (BPE with byte fallback, or Unigram); export --format hf instead")
+        }
+        tokenizer = byteLevel
+    } else if FileManager.default.fileExists(atPath: runDir + "/tokenizer.model") {
+        throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(runDir)'s tokenizer is a SentencePiece tokenizer.model; export --format hf instead")
     } else {
         standardError("warning: \(runDir) has no tokenizer.json; the GGUF will have no tokenizer, which llama.cpp needs to load it")
     }

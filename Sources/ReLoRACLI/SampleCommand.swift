@@ -11,9 +11,10 @@ let sampleCommand = CommandSpec(
     summary: "generate text from a model",
     discussion: """
         Generates text after the prompt and prints both. DIR is a Hugging Face directory with tokenizer.json
-        (e.g. from `relora export`), a checkpoint directory, or a run directory (its latest checkpoint and its
-        tokenizer.json); FILE.gguf a LLaMA GGUF file with its tokenizer in the metadata (e.g. from
-        `relora export --format gguf`). Stops at --max-tokens or at the tokenizer's <|endoftext|>.
+        or a SentencePiece tokenizer.model (e.g. from `relora export`), a checkpoint directory, or a run
+        directory (its latest checkpoint and its tokenizer); FILE.gguf a LLaMA GGUF file with its tokenizer in
+        the metadata ('gpt2' or 'llama'), e.g. from `relora export --format gguf` or llama.cpp's converter.
+        Stops at --max-tokens or at the tokenizer's end-of-text token (<|endoftext|>, </s>).
         """,
     options: [
         .value("model", "DIR|FILE.gguf", help: "the model and its tokenizer", required: true),
@@ -38,32 +39,35 @@ func runSample(_ args: [String]) throws {
     let dir = try a.required("model")
     let backend = try a.backend()
     let model: LlamaModel
-    let tokenizer: BPETokenizer
+    let tokenizer: any TextTokenizer
     if LlamaGGUF.isGGUF(dir) {
         let file = try GGUFFile(path: dir)
         model = try LlamaGGUF.loadModel(file, backend: backend, warn: { standardError("warning: \($0)") })
-        tokenizer = try BPETokenizer(gguf: file)
+        tokenizer = try TokenizerLoader.load(gguf: file)
     } else {
-        let tokenizerPath: String
-        if FileManager.default.fileExists(atPath: dir + "/config.json") && FileManager.default.fileExists(atPath: dir + "/tokenizer.json")
+        let tokenizerDir: String
+        let hasTokenizer = { (d: String) in ["tokenizer.json", "tokenizer.model"].contains { FileManager.default.fileExists(atPath: d + "/" + $0) } }
+        if FileManager.default.fileExists(atPath: dir + "/config.json") && hasTokenizer(dir)
             && !FileManager.default.fileExists(atPath: dir + "/state.json") {
             model = try HFCheckpoint.load(directory: dir, backend: backend)
-            tokenizerPath = dir + "/tokenizer.json"
+            tokenizerDir = dir
         } else {
             let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
             model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
-            tokenizerPath = runDir + "/tokenizer.json"
+            tokenizerDir = runDir
         }
-        guard FileManager.default.fileExists(atPath: tokenizerPath) else {
-            throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json to encode the prompt with")
+        guard hasTokenizer(tokenizerDir) else {
+            throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json or tokenizer.model to encode the prompt with")
         }
-        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
+        tokenizer = try TokenizerLoader.load(tokenizerDir)
     }
     options.stopToken = tokenizer.endOfTextId
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.
     var pending: [UInt8] = []
-    _ = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), options: options) { id in
+    // The prompt as the model's reference tokenizer encodes a text: with its leading <s>, if it puts one.
+    let promptIds = (tokenizer.prefixId.map { [$0] } ?? []) + tokenizer.encode(prompt)
+    _ = try Generator.generate(model: model, prompt: promptIds, options: options) { id in
         guard id != tokenizer.endOfTextId else { return }
         pending += tokenizer.bytes(of: id) ?? []
         let cut = completeUTF8Prefix(pending)

@@ -45,7 +45,8 @@ public struct Recipe: Sendable, Equatable {
     /// 1-D `.npy` token files.
     public var trainData: String
     public var valData: String?
-    /// `tokenizer.json` used to make the data; copied into the run and into exports.
+    /// The tokenizer used to make the data: a `tokenizer.json`, a SentencePiece `tokenizer.model`, or a
+    /// directory with either; copied into the run (under its own name) and into exports.
     public var tokenizer: String?
     /// Where checkpoints and `metrics.jsonl` go.
     public var runDir: String
