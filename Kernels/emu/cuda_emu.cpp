@@ -10,6 +10,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <set>
@@ -187,6 +188,18 @@ cudaError_t check_device_range(const void *p, size_t bytes, const char *what) {
 // ---- Streams and events: ordered no-ops ---------------------------------------------------------------
 std::set<const void *> g_streams;
 std::set<const void *> g_events;
+// The timing state of each event (cudaEventDisableTiming clears `timing`): cudaEventRecord stamps the host
+// clock, which is the time the work before it finished, since every kernel and copy ran at its call.
+struct EventTiming {
+    bool timing = true;
+    bool recorded = false;
+    double ms = 0;
+};
+std::map<const void *, EventTiming> g_event_timing;
+
+double host_ms() {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 bool valid_stream(cudaStream_t s) { return s == nullptr || g_streams.count(s) != 0; }
 
@@ -976,6 +989,7 @@ cudaError_t cudaDeviceReset(void) {
     for (const void *e : g_events) delete[] (const char *)e;
     g_streams.clear();
     g_events.clear();
+    g_event_timing.clear();
     g_sticky = cudaSuccess;
     g_sticky_message.clear();
     t_last = cudaSuccess;
@@ -1023,6 +1037,7 @@ cudaError_t cudaEventCreate(cudaEvent_t *event) {
     if (!event) return fail(cudaErrorInvalidValue, "cudaEventCreate: null result pointer", false);
     char *handle = new char[1];
     g_events.insert(handle);
+    g_event_timing[handle] = EventTiming();
     *event = (cudaEvent_t)handle;
     return cudaSuccess;
 }
@@ -1032,12 +1047,18 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
         std::lock_guard<std::mutex> guard(g_lock);
         return fail(cudaErrorInvalidValue, "cudaEventCreateWithFlags: unknown flags", false);
     }
-    return cudaEventCreate(event);
+    const cudaError_t e = cudaEventCreate(event);
+    if (e == cudaSuccess && (flags & cudaEventDisableTiming)) {
+        std::lock_guard<std::mutex> guard(g_lock);
+        g_event_timing[*event].timing = false;
+    }
+    return e;
 }
 
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!event || !g_events.erase(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventDestroy: unknown event", false);
+    g_event_timing.erase(event);
     delete[] (char *)event;
     return cudaSuccess;
 }
@@ -1047,6 +1068,9 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     if (!g_events.count(event) || !valid_stream(stream)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: unknown event or stream", false);
     }
+    EventTiming &t = g_event_timing[event];
+    t.recorded = true;
+    t.ms = host_ms();
     return cudaSuccess;
 }
 
@@ -1056,13 +1080,21 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
     return cudaSuccess;
 }
 
-// Everything ran at the call, so no time passes between events.
+// The host time between the two records: everything ran at its call, so that is the work between them.
+// As CUDA: an event without timing (cudaEventDisableTiming) or never recorded is an invalid handle.
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!ms || !g_events.count(start) || !g_events.count(end)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: unknown event", false);
     }
-    *ms = 0.0f;
+    const EventTiming &a = g_event_timing[start], &b = g_event_timing[end];
+    if (!a.timing || !b.timing) {
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event created with cudaEventDisableTiming", false);
+    }
+    if (!a.recorded || !b.recorded) {
+        return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event that was never recorded", false);
+    }
+    *ms = (float)(b.ms - a.ms);
     return cudaSuccess;
 }
 

@@ -36,7 +36,8 @@
 //   the requested end to a 256-byte boundary plus 256 after), filled with 0xFF at allocation; canaries
 //   are checked after every launch, at cudaFree and at synchronization, and an overwritten canary is
 //   cudaErrorIllegalAddress (sticky, with the kernel and allocation named). Streams and events are
-//   ordered no-ops (everything already ran at the call). cudaMemGetInfo reports a configurable total
+//   ordered no-ops (everything already ran at the call); a record stamps the host clock, so
+//   cudaEventElapsedTime gives the host time of the work between two records. cudaMemGetInfo reports a configurable total
 //   (RELORA_EMU_DEVICE_MEMORY, default 24 GiB) less what is allocated, and cudaMalloc fails past it.
 //
 // What it cannot catch is listed in Kernels/README.md.
