@@ -234,7 +234,7 @@ final class OpProfilerTests: XCTestCase {
         XCTAssertEqual(trainer.profile?.row(.attentionForward)?.count, Double(r.gradAccum))
         XCTAssertEqual(lines.filter { $0.hasPrefix("per-op profile:") }.count, 1, "\(lines)")
 
-        let short = try Trainer(recipe: TrainerTests.recipe(d, run: "profile-short") { $0.valData = nil; $0.steps = 2 },
+        let short = try Trainer(recipe: TrainerTests.recipe(d, run: "profile-short") { $0.valData = nil; $0.steps = 2; $0.warmupSteps = 0 },
                                 resume: false, backend: CPUBackend(), log: { _ in })
         short.profileSteps = 2
         XCTAssertThrowsError(try short.run()) { error in
@@ -243,7 +243,7 @@ final class OpProfilerTests: XCTestCase {
         XCTAssertEqual(short.state.step, 0, "refused before the first step")
 
         let recipePath = d.dir + "/short.json"
-        var json = TrainerTests.recipe(d, run: "profile-cli") { $0.valData = nil; $0.steps = 2 }.jsonObject()
+        var json = TrainerTests.recipe(d, run: "profile-cli") { $0.valData = nil; $0.steps = 2; $0.warmupSteps = 0 }.jsonObject()
         json["run_dir"] = d.dir + "/profile-cli"
         try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: recipePath))
         let cli = try runRelora(["train", recipePath, "--profile", "4"])
