@@ -14,7 +14,7 @@ let trainCommand = CommandSpec(
     name: "relora train",
     summary: "train a model from a recipe (or --resume a run)",
     synopsis: [
-        "RECIPE.json [--set key=value ...] [--device cpu|cuda] [--budget SIZE]",
+        "RECIPE.json [--set key=value ...] [--device cpu|cuda] [--budget SIZE] [--profile N]",
         "--resume RUN_DIR [--set key=value ...] [--device cpu|cuda] [--budget SIZE]",
     ],
     discussion: """
@@ -49,7 +49,7 @@ let trainCommand = CommandSpec(
     examples: [
         "relora train Configs/recipes/shakespeare_demo.json --set lr=1e-3 --set run_dir=runs/lr1e-3",
         "relora train --resume runs/shakespeare-demo",
-        "relora train Configs/recipes/shakespeare_demo.json --set steps=4 --profile 3",
+        "relora train Configs/recipes/shakespeare_demo.json --profile 3",
     ],
     helpWhenEmpty: true)
 

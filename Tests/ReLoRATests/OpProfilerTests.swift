@@ -218,6 +218,33 @@ final class OpProfilerTests: XCTestCase {
         }
     }
 
+    /// Data parallel (two in-process ranks summing through the host): a rank's profile is the one-process
+    /// profile of the same micro-batch plus one reduction op, the sums across ranks; the host copies inside
+    /// them are part of that op, not transfers of their own.
+    func testCollectivesAreOneReductionOp() throws {
+        let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
+        func recipe(_ accumulation: Int, _ run: String) -> Recipe {
+            TrainerTests.recipe(d, run: run) {
+                $0.valData = nil; $0.steps = 2; $0.warmupSteps = 0; $0.checkpointEvery = 100; $0.gradAccum = accumulation
+            }
+        }
+        func profiles(_ r: Recipe, ranks: Int) throws -> [StepProfile] {
+            try InProcessGroup.run(ranks: ranks) { c -> StepProfile in
+                let t = try Trainer(recipe: r, resume: false, backend: CPUBackend(), communicator: c, log: { _ in })
+                t.profileSteps = 1
+                _ = try t.run()
+                return try XCTUnwrap(t.profile)
+            }
+        }
+        let one = try XCTUnwrap(profiles(recipe(1, "dp1"), ranks: 1).first)  // one micro-batch a step
+        for (rank, p) in try profiles(recipe(2, "dp2"), ranks: 2).enumerated() {  // one micro-batch a rank
+            var expected = Dictionary(uniqueKeysWithValues: one.rows.map { ($0.category, $0.count) })
+            expected[.reduction, default: 0] += 1
+            XCTAssertEqual(Dictionary(uniqueKeysWithValues: p.rows.map { ($0.category, $0.count) }), expected, "rank \(rank)")
+            XCTAssertLessThanOrEqual(p.rows.reduce(0) { $0 + $1.seconds }, p.stepSeconds, "rank \(rank)")
+        }
+    }
+
     /// `run` with `profileSteps`: the steps after the first are profiled, the table logged; a run too short
     /// for them is refused in one sentence before its first step (and by the command before anything is
     /// written).
