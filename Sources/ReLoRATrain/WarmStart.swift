@@ -6,7 +6,8 @@ import ReLoRACheckpoint
 
 extension Trainer {
     /// Starts from a full-rank relora checkpoint (or run directory) or a Hugging Face LLaMA directory
-    /// (single or sharded safetensors: continued pretraining of an existing model).
+    /// (single or sharded safetensors, dense or bitsandbytes 4-bit: continued pretraining of an existing
+    /// model; a 4-bit weight's nf4 codes are kept byte for byte where they can be, see `BitsAndBytes4bit`).
     ///
     /// From a relora checkpoint: its weights (the LoRA run's frozen W), its step count (the schedule
     /// continues, as in the reference), and Adam's moments and step counter for the dense tensors that
@@ -22,7 +23,7 @@ extension Trainer {
             let config = try HFCheckpoint.readConfig(directory: path)
             try checkSameArchitecture(config, model.config, source: path)
             try HFCheckpoint.loadWeights(directory: path, into: model, warn: { log("warning: \($0)") },
-                                         quantized: quantizationLog(model, log))
+                                         quantized: quantizationLog(model, log), log: log)
             return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
         }
         let checkpoint = try TrainingCheckpoint.resolve(path).checkpoint
