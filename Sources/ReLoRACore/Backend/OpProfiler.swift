@@ -124,8 +124,9 @@ extension Backend {
 /// of ops, the measured time, the FLOPs and bytes of `OpCost` and, given a device's peaks, the roofline
 /// prediction, all per step, beside the measured step time.
 ///
-/// Only the outermost op is timed: an op that calls other ops (the CPU's quantized linear its dequantize, a
-/// cross-entropy its loss download) is one entry of its own category. Ops outside a step are ignored.
+/// Only the outermost op is timed: an op that calls other ops (the data-parallel sums, whose host path
+/// downloads and uploads the gradients) is one entry of its own category. Ops outside a step (restarts,
+/// evaluations, checkpoints) are ignored.
 /// On a GPU each op is two timing events around its launches on the stream, resolved after the step's
 /// final synchronize (`endStep`), so the event records add a few microseconds of host time per op but no
 /// synchronization inside the step. The step's time is the clock's too, from a mark on the drained stream at
