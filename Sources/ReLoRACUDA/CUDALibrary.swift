@@ -92,6 +92,32 @@ public final class CUDALibrary: @unchecked Sendable {
         return CUDALibrary(api: api, path: path, info: info, device: props, ordinal: ordinal, count: Int(count))
     }
 
+    /// The emulation's counters since it was loaded (process-wide): kernel launches (`relora_emu_counters`), calls
+    /// that make the host wait for the device (stream, device and event synchronizes, blocking copies) and
+    /// cudaMalloc calls (`relora_emu_host_counters`). nil for a CUDA build. Tests bound a training step's work
+    /// with them.
+    public struct EmulationCounters: Sendable, Equatable {
+        public var launches: UInt64 = 0, synchronizations: UInt64 = 0, mallocs: UInt64 = 0
+
+        /// What happened between `earlier` and these counters.
+        public func since(_ earlier: EmulationCounters) -> EmulationCounters {
+            EmulationCounters(launches: launches - earlier.launches, synchronizations: synchronizations - earlier.synchronizations,
+                              mallocs: mallocs - earlier.mallocs)
+        }
+    }
+
+    public func emulationCounters() -> EmulationCounters? {
+        typealias Launches = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?,
+                                             UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
+        typealias Host = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
+        guard emulated, let handle = api.handle, let launches = dlsym(handle, "relora_emu_counters"),
+              let host = dlsym(handle, "relora_emu_host_counters") else { return nil }
+        var c = EmulationCounters()
+        unsafeBitCast(launches, to: Launches.self)(&c.launches, nil, nil, nil)
+        unsafeBitCast(host, to: Host.self)(&c.synchronizations, &c.mallocs)
+        return c
+    }
+
     /// Ends the process when a kernel call failed (no step can recover from it half way; the last checkpoint
     /// on disk is intact). Out of memory (pinned host memory for master copies, cuBLAS's workspace, a CUDA
     /// call that could not allocate) is what a recipe can cause: one sentence and exit status 3
