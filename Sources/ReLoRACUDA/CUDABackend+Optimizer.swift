@@ -34,15 +34,14 @@ extension CUDABackend {
         library.check(api.memcpy!(&norm, t.at(l.norm, Double.self), Int64(MemoryLayout<Double>.size), RELORA_MEMCPY_DEVICE_TO_HOST, nil),
                       "memcpy")
         sync()
-        group.clipPending = true
-        group.hostClipFactor = nil
+        group.pendingClip = .device
         return norm
     }
 
     public func adamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float, weightDecay: Float, step: Int) {
-        let clip = group.clipPending
-        group.clipPending = false
-        group.hostClipFactor = nil
+        var clip = false
+        if case .device = group.pendingClip { clip = true }
+        group.pendingClip = nil
         guard !group.updates.isEmpty else { return }
         let t = tables(group), l = t.layout
         let factor = clip ? UnsafePointer(t.at(l.clipFactor, Float.self)) : nil

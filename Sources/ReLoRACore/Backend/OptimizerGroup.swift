@@ -37,12 +37,11 @@ public final class OptimizerGroup {
     /// The tensors this process updates, in parameter order.
     public let updates: [Update]
 
-    /// The clip factor the last `gradientNorm` decided, waiting for the next `adamwStep` (which consumes it);
-    /// nil when none is pending (an `adamwStep` without a `gradientNorm` before it does not scale). Backends that
-    /// keep the factor on the device keep only the pending flag's meaning here: `clipPending`.
-    package var hostClipFactor: Float?
-    /// Whether a `gradientNorm` set a factor (on the host or the device) that the next `adamwStep` applies.
-    package var clipPending = false
+    /// The clip factor the last `gradientNorm` decided, until the next `adamwStep` applies (and clears) it: a
+    /// host value (the per-tensor path) or one the backend keeps on the device; nil when none is pending (an
+    /// `adamwStep` without a `gradientNorm` before it does not scale).
+    package enum PendingClip { case host(Float), device }
+    package var pendingClip: PendingClip?
     /// What a backend prepared for this group at its first use (the CUDA backend's device tables; a plan's
     /// placeholder of the same size), released with the group.
     package var prepared: AnyObject?
@@ -100,8 +99,7 @@ extension Backend {
     /// square root, and the clip factor kept on the host. What every backend does unless it overrides the op.
     public func loopingGradientNorm(_ group: OptimizerGroup, clip: Double) -> Double {
         let norm = sumOfSquares(group.gradients).squareRoot()
-        group.hostClipFactor = clip > 0 && norm > clip ? Float(clip / norm) : 1
-        group.clipPending = true
+        group.pendingClip = .host(clip > 0 && norm > clip ? Float(clip / norm) : 1)
         return norm
     }
 
@@ -109,9 +107,9 @@ extension Backend {
     /// and `copy` into the working copy, tensor by tensor.
     public func loopingAdamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float,
                                  weightDecay: Float, step: Int) {
-        let factor = group.clipPending ? group.hostClipFactor ?? 1 : 1
-        group.clipPending = false
-        group.hostClipFactor = nil
+        var factor: Float = 1
+        if case .host(let f) = group.pendingClip { factor = f }
+        group.pendingClip = nil
         for u in group.updates {
             if factor != 1 { scale(u.grad, by: factor) }
             let decay = u.decay ? weightDecay : 0

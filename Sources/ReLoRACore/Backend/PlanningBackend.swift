@@ -147,7 +147,7 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         guard target == .cuda, !group.gradients.isEmpty else { return loopingGradientNorm(group, clip: clip) }
         reserveTables(group)
         ledger.downloaded(MemoryLayout<Double>.size)
-        group.clipPending = true
+        group.pendingClip = .device
         return 0
     }
 
@@ -155,7 +155,7 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         guard target == .cuda else {
             return loopingAdamwStep(group, lr: lr, beta1: beta1, beta2: beta2, eps: eps, weightDecay: weightDecay, step: step)
         }
-        group.clipPending = false
+        group.pendingClip = nil
         if !group.updates.isEmpty { reserveTables(group) }
     }
 
