@@ -1265,7 +1265,9 @@ bool check_library(const char *path) {
                        info.block_q8_0_size == (int32_t)sizeof(block_q8_0) &&
                        info.block_q4_0_size == (int32_t)sizeof(block_q4_0) &&
                        info.block_nf4_size == (int32_t)sizeof(block_nf4) &&
-                       info.block_nf4_align == (int32_t)alignof(block_nf4) && info.bf16_size == 2;
+                       info.block_nf4_align == (int32_t)alignof(block_nf4) && info.bf16_size == 2 &&
+                       info.norm_entry_size == (int32_t)sizeof(relora_norm_entry) &&
+                       info.adam_entry_size == (int32_t)sizeof(relora_adam_entry);
     record(sizes, "ABI version and layouts match the header", "%s: ABI %d, %s, blocks %d/%d/%d bytes", path,
            info.abi_version, info.build, info.block_q8_0_size, info.block_q4_0_size, info.block_nf4_size);
     int count = -1;

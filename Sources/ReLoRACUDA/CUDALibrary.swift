@@ -84,6 +84,8 @@ public final class CUDALibrary: @unchecked Sendable {
         var props = relora_device_properties()
         guard api.library_info!(&info) == RELORA_OK, info.info_size == Int32(MemoryLayout<relora_library_info>.size),
               info.device_properties_size == Int32(MemoryLayout<relora_device_properties>.size),
+              info.norm_entry_size == Int32(MemoryLayout<relora_norm_entry>.stride),
+              info.adam_entry_size == Int32(MemoryLayout<relora_adam_entry>.stride),
               api.device_properties!(&props) == RELORA_OK else {
             let why = Self.lastError(api)
             relora_cuda_unload(&api)

@@ -134,6 +134,8 @@ typedef struct relora_library_info {
     int32_t block_nf4_align;
     int32_t bf16_size;          // sizeof(__nv_bfloat16)
     int32_t device_properties_size;  // sizeof(relora_device_properties)
+    int32_t norm_entry_size;    // sizeof(relora_norm_entry), sizeof(relora_adam_entry): the multi-tensor tables
+    int32_t adam_entry_size;    // the Swift side writes and the kernels read
     char build[96];             // compiler and targets, e.g. "nvcc 13.0 sm_80,sm_86,sm_89,sm_90+PTX"
 } relora_library_info;
 
