@@ -419,6 +419,8 @@ std::map<const void *, size_t> g_max_dynamic_shared;  // by kernel
 std::map<std::string, uint64_t> g_launches_by_name;
 bool g_barriers = true;
 uint64_t g_launches = 0, g_blocks = 0, g_fibers_started = 0, g_switches = 0;
+// relora_emu_host_counters: calls that make the host wait for the device, and successful cudaMalloc calls.
+uint64_t g_host_waits = 0, g_mallocs = 0;
 
 size_t stack_bytes() {
     static size_t bytes = 0;
@@ -936,6 +938,12 @@ void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers,
     if (switches) *switches = g_switches;
 }
 
+void relora_emu_host_counters(uint64_t *synchronizations, uint64_t *mallocs) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (synchronizations) *synchronizations = g_host_waits;
+    if (mallocs) *mallocs = g_mallocs;
+}
+
 // ---- Runtime API ----
 namespace {
 // cudaMalloc and cudaHostAlloc: guarded memory; only device allocations count against the device's limit.
@@ -994,7 +1002,21 @@ cudaError_t free_guarded(void *ptr, bool host, const char *what) {
 }
 }  // namespace
 
-cudaError_t cudaMalloc(void **ptr, size_t bytes) { return allocate_guarded(ptr, bytes, false, "cudaMalloc"); }
+cudaError_t cudaMalloc(void **ptr, size_t bytes) {
+    const cudaError_t e = allocate_guarded(ptr, bytes, false, "cudaMalloc");
+    if (e == cudaSuccess) {
+        std::lock_guard<std::mutex> guard(g_lock);
+        ++g_mallocs;
+    }
+    return e;
+}
+
+namespace {
+void count_host_wait() {
+    std::lock_guard<std::mutex> guard(g_lock);
+    ++g_host_waits;
+}
+}  // namespace
 
 cudaError_t cudaHostAlloc(void **ptr, size_t bytes, unsigned int flags) {
     (void)flags;  // every emulated allocation is host memory the kernels can read: mapped, portable
@@ -1081,6 +1103,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
 
 // The legacy default stream's copy; it returns when the copy is done unless both sides are device memory.
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
+    count_host_wait();  // the blocking copy waits for the device's queued work
     const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
     if (e != cudaSuccess || bytes == 0) return e;
     std::lock_guard<std::mutex> guard(g_lock);
@@ -1145,6 +1168,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
 }
 
 cudaError_t cudaDeviceSynchronize(void) {
+    count_host_wait();
     std::lock_guard<std::mutex> guard(g_lock);
     drain_all();
     RELORA_EMU_STICKY_CHECK();
@@ -1152,6 +1176,7 @@ cudaError_t cudaDeviceSynchronize(void) {
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    count_host_wait();
     std::lock_guard<std::mutex> guard(g_lock);
     if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize on an unknown stream", false);
     relora_emu_stream *s = stream_of(stream);
@@ -1292,6 +1317,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+    count_host_wait();
     std::lock_guard<std::mutex> guard(g_lock);
     if (!g_events.count(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: unknown event", false);
     if (event->stream) drain(event->stream, event->position);

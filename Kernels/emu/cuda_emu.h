@@ -241,6 +241,12 @@ RELORA_EMU_API cudaError_t relora_emu_stream_drain(cudaStream_t stream);
 RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers,
                                         uint64_t *switches);
 
+// Counters since load: calls that make the host wait for the device (cudaDeviceSynchronize,
+// cudaStreamSynchronize, cudaEventSynchronize, the blocking cudaMemcpy) and successful cudaMalloc calls
+// (not cudaHostAlloc). CUDALibrary.emulationCounters reads them (with relora_emu_counters' launches) for the
+// tests that bound a training step's launches, synchronizations and allocations.
+RELORA_EMU_API void relora_emu_host_counters(uint64_t *synchronizations, uint64_t *mallocs);
+
 // ---- Launch -------------------------------------------------------------------------------------------
 namespace relora_emu {
 typedef void (*BlockBody)(void *closure);

@@ -64,6 +64,20 @@ inline unsigned int grid_for(int64_t items, int64_t per_block, int64_t cap = kMa
     return (unsigned int)(g < 1 ? 1 : g);
 }
 
+// ---- Multi-tensor tables (relora_norm_entry, relora_adam_entry) ---------------------------------------------
+// The entry of work unit `unit`: the last entry whose first_unit <= unit (an entry with no units shares its
+// first_unit with the next, which is the one that owns the unit). Binary search; every thread of a block
+// searches the same unit, so the loads are uniform.
+template <typename Entry>
+__device__ __forceinline__ int64_t find_entry(const Entry *entries, int64_t count, int64_t unit) {
+    int64_t lo = 0, hi = count;  // entries[lo].first_unit <= unit < entries[hi].first_unit (entries[count]: +inf)
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (entries[mid].first_unit <= unit) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 // ---- Storage conversions --------------------------------------------------------------------------
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -78,6 +78,8 @@ relora_status relora_cuda_library_info(relora_library_info *info) {
     info->block_nf4_align = (int32_t)alignof(block_nf4);
     info->bf16_size = (int32_t)sizeof(__nv_bfloat16);
     info->device_properties_size = (int32_t)sizeof(relora_device_properties);
+    info->norm_entry_size = (int32_t)sizeof(relora_norm_entry);
+    info->adam_entry_size = (int32_t)sizeof(relora_adam_entry);
     return RELORA_OK;
 }
 

@@ -436,6 +436,34 @@ bool memory_checks() {
     return ok && poisoned;
 }
 
+// relora_emu_host_counters: cudaMalloc counts (a failed one and cudaHostAlloc do not); the synchronizes and the
+// blocking cudaMemcpy count as host waits, cudaMemcpyAsync, memsets and launches do not.
+bool host_counter_checks() {
+    uint64_t syncs0 = 0, mallocs0 = 0, syncs1 = 0, mallocs1 = 0, launches0 = 0, launches1 = 0;
+    relora_emu_host_counters(&syncs0, &mallocs0);
+    relora_emu_counters(&launches0, nullptr, nullptr, nullptr);
+    float *p = nullptr, *q = nullptr, *h = nullptr, host[2] = {0, 0};
+    cudaMalloc((void **)&p, 8);
+    cudaMalloc((void **)&q, (size_t)1 << 50);  // fails: more than the device has
+    (void)cudaGetLastError();
+    cudaHostAlloc((void **)&h, 8, 0);
+    cudaMemsetAsync(p, 0, 8, nullptr);
+    cudaMemcpyAsync(host, p, 8, cudaMemcpyDeviceToHost, nullptr);  // 0 waits
+    RELORA_LAUNCH(write_kernel, dim3(1), dim3(1), 0, nullptr)(p, 0);
+    cudaStreamSynchronize(nullptr);                                  // 1
+    cudaDeviceSynchronize();                                         // 2
+    cudaMemcpy(host, p, 8, cudaMemcpyDeviceToHost);                  // 3
+    relora_emu_host_counters(&syncs1, &mallocs1);
+    relora_emu_counters(&launches1, nullptr, nullptr, nullptr);
+    cudaFree(p);
+    cudaFreeHost(h);
+    const bool ok = mallocs1 - mallocs0 == 1 && syncs1 - syncs0 == 3 && launches1 - launches0 == 1;
+    record(ok, "host counters: cudaMalloc calls and host waits", "%llu mallocs (want 1), %llu waits (want 3), %llu launches (want 1)",
+           (unsigned long long)(mallocs1 - mallocs0), (unsigned long long)(syncs1 - syncs0),
+           (unsigned long long)(launches1 - launches0));
+    return ok;
+}
+
 // mma.sync m16n8k16 against the PTX ISA's fragment formulas (mma_layout_kernel), 2 warps with different
 // matrices, under every schedule; ldmatrix x4 with and without .trans against its definition; a misaligned
 // ldmatrix row reported.
@@ -666,6 +694,7 @@ bool run_emulation_checks() {
     ok &= error_checks();
     ok &= bounds_checks();
     ok &= memory_checks();
+    ok &= host_counter_checks();
     ok &= matrix_checks();
     ok &= async_copy_checks();
     ok &= stream_checks();

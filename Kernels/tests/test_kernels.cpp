@@ -958,6 +958,221 @@ bool test_reduction_determinism() {
     return same;
 }
 
+// ---- Multi-tensor optimizer ops (gradient_norm, adamw_multi, adamw_8bit_multi) -----------------------------------
+// One table for tensors of awkward sizes (1; 300; 9000 = 3 chunks; 5000 and 70000 with 8-bit moments, the latter
+// 274 blocks so the unit loop wraps; a bf16 gradient no update reads), three steps (clip, no clip, clip). The
+// references are scalar: sum_of_squares per tensor (itself checked against double sums above) for the squares,
+// the host's double sum, sqrt and division for the norm and factor, reference_adamw / relora_adamw8_block on
+// gradients scaled by the factor in f32, and round-to-nearest-even bf16 for the working copies. Bit for bit.
+bool test_multi_tensor_optimizer() {
+    struct T {
+        int64_t n;
+        bool eight, decay, working;
+    };
+    const T kTensors[] = {{1, false, false, true}, {300, false, true, false}, {5000, true, true, true},
+                          {9000, false, true, true}, {70000, true, false, true}};
+    const int kCount = (int)(sizeof kTensors / sizeof kTensors[0]);
+    const std::vector<float> maps = adam8_maps();
+    Buffer bmaps(2 * RELORA_ADAM8_MAP * 4);
+    bmaps.upload(maps.data(), bmaps.bytes);
+    struct Host {
+        std::vector<float> p, m, v, m_absmax, v_absmax;
+        std::vector<uint8_t> m_codes, v_codes;
+    };
+    std::vector<Host> host((size_t)kCount);
+    std::vector<Buffer *> owned;
+    auto buffer = [&](int64_t bytes) {
+        owned.push_back(new Buffer(bytes > 0 ? bytes : 1));
+        return owned.back();
+    };
+    std::vector<relora_adam_entry> f32_table, e8_table;
+    std::vector<relora_norm_entry> norm_table;
+    std::vector<Buffer *> grads((size_t)kCount), params((size_t)kCount), workings((size_t)kCount), ms((size_t)kCount),
+        vs((size_t)kCount), mas((size_t)kCount), vas((size_t)kCount);
+    int64_t f32_units = 0, e8_units = 0, norm_units = 0;
+    for (int i = 0; i < kCount; ++i) {
+        const T &t = kTensors[i];
+        Host &h = host[(size_t)i];
+        const int64_t blocks = relora_adam8_blocks(t.n);
+        h.p = uniform((size_t)t.n, -1.0f, 1.0f, 90 + (uint64_t)i);
+        params[(size_t)i] = buffer(t.n * 4);
+        params[(size_t)i]->upload(h.p.data(), t.n * 4);
+        grads[(size_t)i] = buffer(t.n * 4);
+        workings[(size_t)i] = t.working ? buffer(t.n * 2) : nullptr;
+        relora_adam_entry e = {};
+        e.param = (float *)params[(size_t)i]->ptr;
+        e.grad = (float *)grads[(size_t)i]->ptr;
+        e.working = t.working ? workings[(size_t)i]->ptr : nullptr;
+        e.working_dtype = t.working ? RELORA_DTYPE_BF16 : 0;
+        e.count = t.n;
+        e.decay = t.decay ? 1 : 0;
+        if (t.eight) {
+            h.m_codes.assign((size_t)t.n, relora_adam8_code(maps.data(), 0.0f));
+            h.v_codes.assign((size_t)t.n, relora_adam8_code(maps.data() + RELORA_ADAM8_MAP, 0.0f));
+            h.m_absmax.assign((size_t)blocks, 0.0f);
+            h.v_absmax.assign((size_t)blocks, 0.0f);
+            ms[(size_t)i] = buffer(t.n);
+            vs[(size_t)i] = buffer(t.n);
+            mas[(size_t)i] = buffer(blocks * 4);
+            vas[(size_t)i] = buffer(blocks * 4);
+            ms[(size_t)i]->upload(h.m_codes.data(), t.n);
+            vs[(size_t)i]->upload(h.v_codes.data(), t.n);
+            mas[(size_t)i]->upload(h.m_absmax.data(), blocks * 4);
+            vas[(size_t)i]->upload(h.v_absmax.data(), blocks * 4);
+            e.m_absmax = (float *)mas[(size_t)i]->ptr;
+            e.v_absmax = (float *)vas[(size_t)i]->ptr;
+            e.first_unit = e8_units;
+            e8_units += blocks;
+        } else {
+            h.m.assign((size_t)t.n, 0.0f);
+            h.v.assign((size_t)t.n, 0.0f);
+            ms[(size_t)i] = buffer(t.n * 4);
+            vs[(size_t)i] = buffer(t.n * 4);
+            ms[(size_t)i]->upload(h.m.data(), t.n * 4);
+            vs[(size_t)i]->upload(h.v.data(), t.n * 4);
+            e.first_unit = f32_units;
+            f32_units += (t.n + RELORA_ADAM_CHUNK - 1) / RELORA_ADAM_CHUNK;
+        }
+        e.m = ms[(size_t)i]->ptr;
+        e.v = vs[(size_t)i]->ptr;
+        (t.eight ? e8_table : f32_table).push_back(e);
+    }
+    // The norm's table: every gradient, then a bf16 one no update reads (another rank's).
+    const int64_t kOther = 20001;
+    Tensor other(RELORA_DTYPE_BF16, kOther);
+    other.upload(stored(uniform((size_t)kOther, -0.01f, 0.01f, 97), RELORA_DTYPE_BF16));
+    for (int i = 0; i <= kCount; ++i) {
+        relora_norm_entry e = {};
+        e.x = i < kCount ? grads[(size_t)i]->ptr : other.buffer.ptr;
+        e.count = i < kCount ? kTensors[i].n : kOther;
+        e.dtype = i < kCount ? RELORA_DTYPE_F32 : RELORA_DTYPE_BF16;
+        e.blocks = (int32_t)relora_reduce_blocks(e.count);
+        e.first_unit = norm_units;
+        norm_units += e.blocks;
+        norm_table.push_back(e);
+    }
+    const int64_t tensors = (int64_t)norm_table.size();
+    Buffer bnorm_table((int64_t)(norm_table.size() * sizeof(relora_norm_entry))),
+        bf32_table((int64_t)(f32_table.size() * sizeof(relora_adam_entry))), be8_table((int64_t)(e8_table.size() * sizeof(relora_adam_entry))),
+        partials(norm_units * 8), squares(tensors * 4), norm_out(8), factor_out(4), single(tensors * 4), work(RELORA_REDUCE_WORKSPACE_BYTES);
+    bnorm_table.upload(norm_table.data(), bnorm_table.bytes);
+    bf32_table.upload(f32_table.data(), bf32_table.bytes);
+    be8_table.upload(e8_table.data(), be8_table.bytes);
+    const float lr = 1e-2f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, wd = 0.1f;
+    bool ok = true;
+    const double kClips[] = {0.05, 0.0, 0.02};
+    for (int step = 1; step <= 3; ++step) {
+        const double clip = kClips[step - 1];
+        std::vector<std::vector<float>> g((size_t)kCount);
+        for (int i = 0; i < kCount; ++i) {
+            g[(size_t)i] = kTensors[i].eight ? adam8_grads(kTensors[i].n, step) : uniform((size_t)kTensors[i].n, -0.1f, 0.1f, 95 + (uint64_t)step);
+            if (kTensors[i].eight) {
+                for (float &x : g[(size_t)i]) x *= 1e-5f;  // adam8_grads' outliers (3e4) would leave no clip factor to test
+            }
+            grads[(size_t)i]->upload(g[(size_t)i].data(), kTensors[i].n * 4);
+        }
+        // The reference squares: sum_of_squares per tensor; the norm and factor from them on the host.
+        for (int64_t i = 0; i < tensors; ++i) {
+            const relora_norm_entry &e = norm_table[(size_t)i];
+            EXPECT_OK("gradient_norm reference", api.sum_of_squares(e.x, e.count, e.dtype, (float *)single.ptr, i, work.ptr, nullptr));
+        }
+        std::vector<float> want_squares((size_t)tensors), got_squares((size_t)tensors);
+        single.download(want_squares.data(), tensors * 4);
+        double total = 0.0;
+        for (float x : want_squares) total += (double)x;
+        const double want_norm = sqrt(total);
+        const float want_factor = clip > 0 && want_norm > clip ? (float)(clip / want_norm) : 1.0f;
+        char name[96];
+        snprintf(name, sizeof name, "gradient_norm step %d", step);
+        EXPECT_OK(name, api.gradient_norm((const relora_norm_entry *)bnorm_table.ptr, tensors, norm_units, (double *)partials.ptr,
+                                          (float *)squares.ptr, clip, (double *)norm_out.ptr, (float *)factor_out.ptr, nullptr));
+        double got_norm = 0;
+        float got_factor = 0;
+        squares.download(got_squares.data(), tensors * 4);
+        norm_out.download(&got_norm, 8);
+        factor_out.download(&got_factor, 4);
+        ok &= check_bits(std::string(name) + " squares", got_squares, want_squares);
+        ok &= check_bits(std::string(name) + " clip factor", {got_factor}, {want_factor});
+        const bool norm_exact = memcmp(&got_norm, &want_norm, 8) == 0 && (clip == 0 || want_factor < 1.0f);
+        record(norm_exact, (std::string(name) + " norm bits (f64), clipping as intended").c_str(), "%.17g vs %.17g, factor %.9g",
+               got_norm, want_norm, (double)want_factor);
+        ok &= norm_exact;
+        // The reference updates on the scaled gradients.
+        snprintf(name, sizeof name, "adamw_multi step %d", step);
+        EXPECT_OK(name, api.adamw_multi((const relora_adam_entry *)bf32_table.ptr, (int64_t)f32_table.size(), f32_units,
+                                        (const float *)factor_out.ptr, lr, beta1, beta2, eps, wd, step, nullptr));
+        snprintf(name, sizeof name, "adamw_8bit_multi step %d", step);
+        EXPECT_OK(name, api.adamw_8bit_multi((const relora_adam_entry *)be8_table.ptr, (int64_t)e8_table.size(), e8_units,
+                                             (const float *)factor_out.ptr, (const float *)bmaps.ptr, lr, beta1, beta2, eps, wd,
+                                             step, nullptr));
+        for (int i = 0; i < kCount; ++i) {
+            const T &t = kTensors[i];
+            Host &h = host[(size_t)i];
+            std::vector<float> &gi = g[(size_t)i];
+            if (want_factor != 1.0f) {
+                for (float &x : gi) x = x * want_factor;
+            }
+            const float decay_wd = t.decay ? wd : 0.0f;
+            if (t.eight) {
+                const relora_adam_scalars s = relora_adam_scalars_make(lr, beta1, beta2, eps, decay_wd, step);
+                for (int64_t b = 0; b < relora_adam8_blocks(t.n); ++b) {
+                    relora_adamw8_block(maps.data(), nullptr, &s, h.p.data(), gi.data(), h.m_codes.data(), h.m_absmax.data(),
+                                        h.v_codes.data(), h.v_absmax.data(), t.n, b);
+                }
+            } else {
+                reference_adamw(h.p, gi, h.m, h.v, lr, beta1, beta2, eps, decay_wd, step);
+            }
+            snprintf(name, sizeof name, "%s step %d tensor %d (n=%lld)", t.eight ? "adamw_8bit_multi" : "adamw_multi", step, i,
+                     (long long)t.n);
+            std::vector<float> gp((size_t)t.n), gg((size_t)t.n);
+            params[(size_t)i]->download(gp.data(), t.n * 4);
+            grads[(size_t)i]->download(gg.data(), t.n * 4);
+            ok &= check_bits(std::string(name) + " param", gp, h.p);
+            ok &= check_bits(std::string(name) + " scaled grad", gg, gi);
+            if (t.eight) {
+                const int64_t blocks = relora_adam8_blocks(t.n);
+                std::vector<uint8_t> gmc((size_t)t.n), gvc((size_t)t.n);
+                std::vector<float> gma((size_t)blocks), gva((size_t)blocks);
+                ms[(size_t)i]->download(gmc.data(), t.n);
+                vs[(size_t)i]->download(gvc.data(), t.n);
+                mas[(size_t)i]->download(gma.data(), blocks * 4);
+                vas[(size_t)i]->download(gva.data(), blocks * 4);
+                ok &= check_bytes(std::string(name) + " m codes", gmc, h.m_codes);
+                ok &= check_bytes(std::string(name) + " v codes", gvc, h.v_codes);
+                ok &= check_bits(std::string(name) + " absmax", gma, h.m_absmax);
+                ok &= check_bits(std::string(name) + " v absmax", gva, h.v_absmax);
+            } else {
+                std::vector<float> gm((size_t)t.n), gv((size_t)t.n);
+                ms[(size_t)i]->download(gm.data(), t.n * 4);
+                vs[(size_t)i]->download(gv.data(), t.n * 4);
+                ok &= check_bits(std::string(name) + " m", gm, h.m);
+                ok &= check_bits(std::string(name) + " v", gv, h.v);
+            }
+            if (t.working) {
+                std::vector<uint16_t> bits((size_t)t.n);
+                workings[(size_t)i]->download(bits.data(), t.n * 2);
+                std::vector<float> copy((size_t)t.n);
+                for (size_t k = 0; k < bits.size(); ++k) copy[k] = bf16_value(bits[k]);
+                ok &= check_bits(std::string(name) + " bf16 working copy", copy, stored(h.p, RELORA_DTYPE_BF16));
+            }
+        }
+    }
+    // Arguments: a step of 0 and a null table with units are refused; no tensors is a no-op.
+    const relora_status a = api.adamw_multi(nullptr, 1, 1, nullptr, lr, beta1, beta2, eps, wd, 1, nullptr);
+    const relora_status b = api.adamw_8bit_multi((const relora_adam_entry *)be8_table.ptr, 1, 1, nullptr, (const float *)bmaps.ptr,
+                                                 lr, beta1, beta2, eps, wd, 0, nullptr);
+    const relora_status c = api.gradient_norm(nullptr, 2, 1, nullptr, nullptr, 0, (double *)norm_out.ptr, (float *)factor_out.ptr, nullptr);
+    const relora_status z = api.adamw_multi(nullptr, 0, 0, nullptr, lr, beta1, beta2, eps, wd, 1, nullptr);
+    double empty_norm = -1;
+    const relora_status zn = api.gradient_norm(nullptr, 0, 0, nullptr, nullptr, 1.0, (double *)norm_out.ptr, (float *)factor_out.ptr, nullptr);
+    norm_out.download(&empty_norm, 8);
+    const bool args = a == RELORA_ERR_INVALID_ARGUMENT && b == RELORA_ERR_INVALID_ARGUMENT && c == RELORA_ERR_INVALID_ARGUMENT &&
+                      z == RELORA_OK && zn == RELORA_OK && empty_norm == 0.0;
+    record(args, "multi-tensor arguments", "null table %d, step 0 %d, units < tensors %d, empty %d %d (norm %g)", a, b, c, z, zn, empty_norm);
+    for (Buffer *buf : owned) delete buf;
+    return ok && args;
+}
+
 // ---- Argument checks --------------------------------------------------------------------------------------------
 bool test_invalid_arguments() {
     bool ok = true;
@@ -1032,6 +1247,7 @@ bool run_kernel_suite() {
         ok &= test_quantize_8bit(n, false);
     }
     ok &= test_adam8_invalid_arguments();
+    ok &= test_multi_tensor_optimizer();
     ok &= test_reduction_determinism();
     ok &= test_invalid_arguments();
     ok &= run_ops_suite();
@@ -1049,7 +1265,9 @@ bool check_library(const char *path) {
                        info.block_q8_0_size == (int32_t)sizeof(block_q8_0) &&
                        info.block_q4_0_size == (int32_t)sizeof(block_q4_0) &&
                        info.block_nf4_size == (int32_t)sizeof(block_nf4) &&
-                       info.block_nf4_align == (int32_t)alignof(block_nf4) && info.bf16_size == 2;
+                       info.block_nf4_align == (int32_t)alignof(block_nf4) && info.bf16_size == 2 &&
+                       info.norm_entry_size == (int32_t)sizeof(relora_norm_entry) &&
+                       info.adam_entry_size == (int32_t)sizeof(relora_adam_entry);
     record(sizes, "ABI version and layouts match the header", "%s: ABI %d, %s, blocks %d/%d/%d bytes", path,
            info.abi_version, info.build, info.block_q8_0_size, info.block_q4_0_size, info.block_nf4_size);
     int count = -1;

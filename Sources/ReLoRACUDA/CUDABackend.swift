@@ -50,7 +50,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     private let selectWorkspace: UnsafeMutableRawPointer
     private let failureWord: UnsafeMutableRawPointer
     /// The 8-bit Adam moments' two maps (`BlockwiseMoments.maps`, 2 KiB), uploaded once.
-    private let adam8Maps: UnsafeMutableRawPointer
+    let adam8Maps: UnsafeMutableRawPointer
     /// Scratch sized by the shapes seen so far (not in the ledger, like the workspaces above), under
     /// `scratchLock`: the embedding backward's sort workspace (`embedding_backward_workspace_bytes`, ~20 bytes a
     /// token of the micro-batch), grown when a larger batch comes, and one RoPE table per (seqLen, headDim,
@@ -60,7 +60,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     nonisolated(unsafe) private var embeddingWorkspace: (pointer: UnsafeMutableRawPointer, bytes: Int)?
     nonisolated(unsafe) private var ropeTables: [String: UnsafeMutableRawPointer] = [:]
 
-    private var api: relora_cuda_api { library.api }
+    var api: relora_cuda_api { library.api }
 
     public init(library: CUDALibrary, precision: Precision = .cudaMixed) {
         self.library = library
@@ -191,17 +191,17 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
 
     // MARK: Helpers
 
-    private func sync() { library.check(api.stream_synchronize!(nil), "stream_synchronize") }
+    func sync() { library.check(api.stream_synchronize!(nil), "stream_synchronize") }
 
     /// Checks that `tensors` are in `dtype`, the one the kernel of `op` takes for them (see the type's comment).
-    private static func require(_ dtype: DType, _ tensors: Tensor?..., op: StaticString) {
+    static func require(_ dtype: DType, _ tensors: Tensor?..., op: StaticString) {
         for t in tensors {
             guard let t else { continue }
             precondition(t.dtype == dtype, "CUDABackend.\(op): a \(t.dtype.rawValue) tensor where the kernel takes \(dtype.rawValue)")
         }
     }
 
-    private static func code(_ dtype: DType) -> Int32 {
+    static func code(_ dtype: DType) -> Int32 {
         switch dtype {
         case .f32: return RELORA_DTYPE_F32
         case .bf16: return RELORA_DTYPE_BF16
@@ -211,7 +211,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     }
 
     /// The dtype kernels compute `t` in: its own, which must be f32 or bf16 (f16 is storage only).
-    private static func computeType(_ t: Tensor, op: StaticString) -> DType {
+    static func computeType(_ t: Tensor, op: StaticString) -> DType {
         precondition(t.dtype == .f32 || t.dtype == .bf16, "CUDABackend.\(op): a \(t.dtype.rawValue) tensor; the kernels compute in f32 or bf16")
         return t.dtype
     }

@@ -84,12 +84,40 @@ public final class CUDALibrary: @unchecked Sendable {
         var props = relora_device_properties()
         guard api.library_info!(&info) == RELORA_OK, info.info_size == Int32(MemoryLayout<relora_library_info>.size),
               info.device_properties_size == Int32(MemoryLayout<relora_device_properties>.size),
+              info.norm_entry_size == Int32(MemoryLayout<relora_norm_entry>.stride),
+              info.adam_entry_size == Int32(MemoryLayout<relora_adam_entry>.stride),
               api.device_properties!(&props) == RELORA_OK else {
             let why = Self.lastError(api)
             relora_cuda_unload(&api)
             throw .invalidConfig("device 'cuda' is not available: the kernel library \(path) does not describe itself as this build expects (\(why)); rebuild it with `make -C Kernels`")
         }
         return CUDALibrary(api: api, path: path, info: info, device: props, ordinal: ordinal, count: Int(count))
+    }
+
+    /// The emulation's counters since it was loaded (process-wide): kernel launches (`relora_emu_counters`), calls
+    /// that make the host wait for the device (stream, device and event synchronizes, blocking copies) and
+    /// cudaMalloc calls (`relora_emu_host_counters`). nil for a CUDA build. Tests bound a training step's work
+    /// with them.
+    public struct EmulationCounters: Sendable, Equatable {
+        public var launches: UInt64 = 0, synchronizations: UInt64 = 0, mallocs: UInt64 = 0
+
+        /// What happened between `earlier` and these counters.
+        public func since(_ earlier: EmulationCounters) -> EmulationCounters {
+            EmulationCounters(launches: launches - earlier.launches, synchronizations: synchronizations - earlier.synchronizations,
+                              mallocs: mallocs - earlier.mallocs)
+        }
+    }
+
+    public func emulationCounters() -> EmulationCounters? {
+        typealias Launches = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?,
+                                             UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
+        typealias Host = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
+        guard emulated, let handle = api.handle, let launches = dlsym(handle, "relora_emu_counters"),
+              let host = dlsym(handle, "relora_emu_host_counters") else { return nil }
+        var c = EmulationCounters()
+        unsafeBitCast(launches, to: Launches.self)(&c.launches, nil, nil, nil)
+        unsafeBitCast(host, to: Host.self)(&c.synchronizations, &c.mallocs)
+        return c
     }
 
     /// Ends the process when a kernel call failed (no step can recover from it half way; the last checkpoint

@@ -154,6 +154,65 @@ extension ConformanceSuite {
         expect("adamw v", shape, .f32, got: backend.download(v), want: ref.v.value, magnitude: ref.v.magnitude, tolerance: tol)
     }
 
+    /// The multi-tensor step (`gradientNorm(_:clip:)` then `adamwStep`, a device's few launches over all tensors)
+    /// against the same backend's per-tensor ops (`loopingGradientNorm`, `loopingAdamwStep`), bit for bit: the norm
+    /// (Double), parameters, clipped gradients, f32 and 8-bit moments and bf16 working copies, three steps
+    /// (clipping, not, clipping) over tensors of 1, 300 (no working copy, no decay), 1100 (8-bit) and 9000
+    /// entries, and a gradient no update reads. The norm also against Double sums of the squares.
+    func checkOptimizerStep() {
+        let sizes = [1, 300, 1100, 9000], other = 5000
+        let shape = sizes.map(String.init).joined(separator: "+") + "+\(other)"
+        let initial = sizes.map { values($0, -1, 1) }, otherGrad = values(other, -0.01, 0.01)
+        func group() -> (OptimizerGroup, [Tensor]) {
+            var grads: [Tensor] = []
+            let updates = sizes.enumerated().map { i, n -> OptimizerGroup.Update in
+                let (param, _) = tensor([n], .f32, initial[i], tag: .masterWeights)
+                let grad = backend.makeTensor([n], dtype: .f32, tag: .gradients, zeroed: true)
+                grads.append(grad)
+                let moments: OptimizerGroup.Moments = i == 2
+                    ? .eightBit(m: BlockwiseMoments(backend: backend, shape: [n], isSigned: true, tag: .optimizer),
+                                v: BlockwiseMoments(backend: backend, shape: [n], isSigned: false, tag: .optimizer))
+                    : .f32(m: backend.makeTensor([n], dtype: .f32, tag: .optimizer, zeroed: true),
+                           v: backend.makeTensor([n], dtype: .f32, tag: .optimizer, zeroed: true))
+                let working = i == 1 ? nil : backend.makeTensor([n], dtype: .bf16, tag: .trainable, zeroed: true)
+                return OptimizerGroup.Update(param: param, grad: grad, moments: moments, working: working, decay: i != 1)
+            }
+            let (rest, _) = tensor([other], .f32, otherGrad, tag: .gradients)
+            return (OptimizerGroup(gradients: grads + [rest], updates: updates), grads)
+        }
+        let (multi, multiGrads) = group(), (looping, loopingGrads) = group()
+        func state(_ g: OptimizerGroup) -> [UInt8] {
+            g.updates.flatMap { u -> [UInt8] in
+                var t = [u.param, u.grad] + (u.working.map { [$0] } ?? [])
+                switch u.moments {
+                case .f32(let m, let v): t += [m, v]
+                case .eightBit(let m, let v): t += [m.codes, m.absmax, v.codes, v.absmax]
+                }
+                return t.flatMap { backend.downloadRaw($0) }
+            }
+        }
+        for (step, clip) in [(1, 0.5), (2, 0.0), (3, 0.2)] {
+            var squares: [Double] = []
+            for (i, n) in sizes.enumerated() {
+                let g = values(n, -0.1, 0.1)
+                backend.upload(g, to: multiGrads[i])
+                backend.upload(g, to: loopingGrads[i])
+                squares.append(g.reduce(0.0) { $0 + Double($1) * Double($1) })
+            }
+            let norm = backend.gradientNorm(multi, clip: clip), want = backend.loopingGradientNorm(looping, clip: clip)
+            let label = "step \(step) clip \(clip)"
+            record("gradientNorm(group) f64 bits", "\(shape) \(label)", "f64", maxError: norm.bitPattern == want.bitPattern ? 0 : .infinity,
+                   bound: 0, passed: norm.bitPattern == want.bitPattern, note: "\(norm) vs \(want)")
+            let rest = otherGrad.reduce(0.0) { $0 + Double($1) * Double($1) }
+            let exact = (squares.reduce(0, +) + rest).squareRoot()
+            // Each tensor's f32 rounding of its squared norm (u) and the Double sums: 2u of the norm suffices.
+            expectScalar("gradientNorm(group) value", "\(shape) \(label)", "f64", got: norm, want: exact, bound: 2 * 0x1p-24 * exact)
+            backend.adamwStep(multi, lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.1, step: step)
+            backend.loopingAdamwStep(looping, lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.1, step: step)
+            expectBytes("adamwStep(group) state", "\(shape) \(label)", "mixed", got: state(multi), want: state(looping))
+        }
+    }
+
     /// AdamW with blockwise 8-bit moments (`relora_adam8.h`): three steps from zero states on 3 blocks and a
     /// tail, with per-block gradient scales from 1e-4 to 1e2 and an all-zero block, against the header's host
     /// reference `relora_adamw8_block`: parameters, codes and scales bit for bit (every backend runs the same

@@ -36,6 +36,14 @@ extension ConformanceSuite {
                                                  alpha: -0.5, beta: 0, s: Double(sv[0]))
                 expect("matmul", layout + " alpha -0.5 alphaScale 1.25 beta 0 over NaN", dtype, got: backend.download(c2),
                        want: ref2.value, magnitude: ref2.magnitude, tolerance: tol)
+                // alpha 1 (every LoRA GEMM of a step): the CUDA backend hands cuBLAS the scale and a device beta of 0
+                // with no kernel and no clearing of c, so this is where a library reading c would show.
+                let c3 = output([m * n], dtype)
+                backend.matmul(a, b, c3, m: m, n: n, k: k, transA: transA, transB: transB, alpha: 1, beta: 0, alphaScale: s)
+                let ref3 = NaiveReference.matmul(av, bv, cv, m: m, n: n, k: k, transA: transA, transB: transB,
+                                                 alpha: 1, beta: 0, s: Double(sv[0]))
+                expect("matmul", layout + " alphaScale 1.25 beta 0 over NaN", dtype, got: backend.download(c3),
+                       want: ref3.value, magnitude: ref3.magnitude, tolerance: tol)
             }
         }
         checkLinearBackward()

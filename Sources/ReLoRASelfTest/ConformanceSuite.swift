@@ -51,7 +51,7 @@ final class ConformanceSuite {
         case .dropout: checkDropout()
         case .reductions: checkReductions()
         case .elementwise: checkElementwise()
-        case .adamw: checkAdamW(); checkAdamW8bit()
+        case .adamw: checkAdamW(); checkAdamW8bit(); checkOptimizerStep()
         case .prune: checkPrune()
         case .quantization: checkQuantization()
         case .training: break  // TrainingConformance, which needs a second backend

@@ -46,6 +46,9 @@ public final class AdamW {
     public var stepCount = 0
     public var beta1: Float, beta2: Float, eps: Float, weightDecay: Float
     let backend: Backend
+    /// The tensors of `gradientNorm` (all gradients) and `step` (this rank's updates) for the backend's
+    /// multi-tensor ops, made once: the set of trained tensors never changes while the optimizer lives.
+    let group: OptimizerGroup
 
     /// `shards` (with this process's `rank`): keep and update only the tensors `shards` gives `rank`.
     public init(parameters: [TrainableParameter], backend: Backend, beta1: Float, beta2: Float, eps: Float, weightDecay: Float,
@@ -78,6 +81,14 @@ public final class AdamW {
         }
         m = moments { $0.m.codes }
         v = moments { $0.v.codes }
+        let m = self.m, v = self.v, all = self.parameters
+        let updates = all.indices.filter { owned[$0] }.map { i -> OptimizerGroup.Update in
+            let p = all[i]
+            let moments: OptimizerGroup.Moments = eightBit[i].map { .eightBit(m: $0.m, v: $0.v) } ?? .f32(m: m[i]!, v: v[i]!)
+            return OptimizerGroup.Update(param: p.master ?? p.value, grad: p.grad, moments: moments,
+                                         working: p.master == nil ? nil : p.value, decay: p.decay)
+        }
+        group = OptimizerGroup(gradients: all.map(\.grad), updates: updates)
     }
 
     /// Every trained tensor of a model (which must have gradients enabled), decaying matrices only.
@@ -111,31 +122,18 @@ public final class AdamW {
         for p in parameters where which(p) { if let master = p.master { backend.copy(p.value, to: master) } }
     }
 
-    /// Global L2 norm of all gradients: per-tensor squared norms on the backend, one transfer.
-    public func gradientNorm() -> Double {
-        backend.sumOfSquares(parameters.map(\.grad)).squareRoot()
+    /// Global L2 norm of all gradients (`Backend.gradientNorm(_:clip:)`: one scalar read back), deciding the clip
+    /// factor the next `step` applies to the gradients it reads: `clip / norm` when `clip > 0` and the norm
+    /// exceeds it, else none. A non-finite norm is the caller's to act on (skip the step).
+    public func gradientNorm(clip: Double = 0) -> Double {
+        backend.gradientNorm(group, clip: clip)
     }
 
-    /// Scales the gradients the update reads: those of the tensors this rank owns (the others' are not
-    /// read again before the next step zeroes them).
-    public func scaleGradients(by factor: Float) {
-        for (i, p) in parameters.enumerated() where owns(i) { backend.scale(p.grad, by: factor) }
-    }
-
-    /// One update with learning rate `lr`, of the tensors this rank owns.
+    /// One update with learning rate `lr`, of the tensors this rank owns, their gradients first scaled by the
+    /// factor the last `gradientNorm` decided (`Backend.adamwStep`: on a device, a fixed number of launches).
     public func step(lr: Float) {
         stepCount += 1
-        for (i, p) in parameters.enumerated() where owns(i) {
-            let decay = p.decay ? weightDecay : 0
-            if let q = eightBit[i] {
-                backend.adamw8bit(param: p.master ?? p.value, grad: p.grad, m: q.m, v: q.v, lr: lr, beta1: beta1, beta2: beta2,
-                                  eps: eps, weightDecay: decay, step: stepCount)
-            } else {
-                backend.adamw(param: p.master ?? p.value, grad: p.grad, m: m[i]!, v: v[i]!, lr: lr, beta1: beta1, beta2: beta2,
-                              eps: eps, weightDecay: decay, step: stepCount)
-            }
-            if let master = p.master { backend.copy(master, to: p.value) }
-        }
+        backend.adamwStep(group, lr: lr, beta1: beta1, beta2: beta2, eps: eps, weightDecay: weightDecay, step: stepCount)
     }
 
     /// ReLoRA's optimizer reset: prunes the first and second moments of the LoRA parameters by `rule`

@@ -316,10 +316,9 @@ public final class Trainer {
             for l in losses { lossSum += l }
         }
         let loss = lossSum / Double(tokensInStep)
-        let norm = optimizer.gradientNorm()
+        let norm = optimizer.gradientNorm(clip: r.gradClip)  // the clip factor stays with the optimizer (on the device)
         let skipped = !loss.isFinite || !norm.isFinite
         if !skipped {
-            if r.gradClip > 0 && norm > r.gradClip { optimizer.scaleGradients(by: Float(r.gradClip / norm)) }
             optimizer.step(lr: Float(lr))
             if optimizer.shards != nil && w > 1 {  // each rank updated its own tensors: all get every update
                 let start = monotonicSeconds()

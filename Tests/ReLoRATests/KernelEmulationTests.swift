@@ -90,6 +90,8 @@ final class KernelEmulationTests: XCTestCase {
         XCTAssertEqual(Int(info.block_nf4_align), MemoryLayout<block_nf4>.alignment)
         XCTAssertEqual(Int(info.bf16_size), DType.bf16.byteSize)
         XCTAssertEqual(Int(info.device_properties_size), MemoryLayout<relora_device_properties>.size)
+        XCTAssertEqual(Int(info.norm_entry_size), MemoryLayout<relora_norm_entry>.stride)
+        XCTAssertEqual(Int(info.adam_entry_size), MemoryLayout<relora_adam_entry>.stride)
         for format in QuantFormat.allCases {
             let kernelBytes = [QuantFormat.q8_0: info.block_q8_0_size, .q4_0: info.block_q4_0_size, .nf4: info.block_nf4_size][format]!
             XCTAssertEqual(Int(kernelBytes), format.bytesPerBlock, format.rawValue)

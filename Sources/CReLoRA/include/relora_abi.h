@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 10
+#define RELORA_ABI_VERSION 11
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -71,6 +71,45 @@ typedef enum relora_status {
 // double). One workspace must not be shared by calls that may run concurrently (two streams).
 #define RELORA_REDUCE_WORKSPACE_BYTES 8192
 
+// How sum_of_squares splits a tensor of `count` elements (pass 1's blocks, each partial sum one double of
+// the workspace): one block per RELORA_REDUCE_BLOCK_ELEMENTS elements, at least 1, at most 1024. A function of
+// the count only, so the summation order is the same on every device; gradient_norm splits each of its
+// tensors the same way (and the Swift side sizes gradient_norm's partials with it).
+#define RELORA_REDUCE_BLOCK_ELEMENTS 4096
+#define RELORA_REDUCE_MAX_BLOCKS (RELORA_REDUCE_WORKSPACE_BYTES / 8)
+static inline int64_t relora_reduce_blocks(int64_t count) {
+    const int64_t g = (count + RELORA_REDUCE_BLOCK_ELEMENTS - 1) / RELORA_REDUCE_BLOCK_ELEMENTS;
+    return g < 1 ? 1 : (g > RELORA_REDUCE_MAX_BLOCKS ? RELORA_REDUCE_MAX_BLOCKS : g);
+}
+
+// Multi-tensor optimizer ops (gradient_norm, adamw_multi, adamw_8bit_multi): a table of these in device
+// memory, one entry per tensor, which the caller uploads once and reuses every step (the pointers stay
+// valid while the tensors live). Each op splits its tensors into work units, and `first_unit` is the number
+// of units of the entries before (a prefix sum; the kernels find a unit's tensor by binary search over it):
+// gradient_norm's units are relora_reduce_blocks(count) per tensor, adamw_multi's RELORA_ADAM_CHUNK
+// elements (the last one partial; none for count 0), adamw_8bit_multi's the 256-element absmax blocks.
+#define RELORA_ADAM_CHUNK 4096
+typedef struct relora_norm_entry {
+    const void *x;        // [count] of dtype
+    int64_t count;
+    int64_t first_unit;   // sum of relora_reduce_blocks over the entries before
+    int32_t dtype;        // RELORA_DTYPE_F32 | RELORA_DTYPE_BF16
+    int32_t blocks;       // relora_reduce_blocks(count)
+} relora_norm_entry;
+
+typedef struct relora_adam_entry {
+    float *param;         // f32 [count]: the values the update runs on (a master copy, or f32 working values)
+    float *grad;          // f32 [count]; multiplied by the clip factor in place when that is not 1
+    void *m, *v;          // f32 [count] (adamw_multi) or u8 codes [count] (adamw_8bit_multi: m signed, v unsigned)
+    float *m_absmax;      // [relora_adam8_blocks(count)] (adamw_8bit_multi; NULL in adamw_multi)
+    float *v_absmax;
+    void *working;        // the narrower working copy written from param after the update, or NULL
+    int64_t count;
+    int64_t first_unit;
+    int32_t working_dtype;  // RELORA_DTYPE_BF16 when working is set, else 0
+    int32_t decay;          // 1: weight decay applies to this tensor
+} relora_adam_entry;
+
 // Device scratch that prune_magnitude, prune_moments and count_changed_codes need (histograms of the
 // radix select, partial counts). Same rule: one workspace per stream.
 #define RELORA_SELECT_WORKSPACE_BYTES (1 << 20)
@@ -95,6 +134,8 @@ typedef struct relora_library_info {
     int32_t block_nf4_align;
     int32_t bf16_size;          // sizeof(__nv_bfloat16)
     int32_t device_properties_size;  // sizeof(relora_device_properties)
+    int32_t norm_entry_size;    // sizeof(relora_norm_entry), sizeof(relora_adam_entry): the multi-tensor tables
+    int32_t adam_entry_size;    // the Swift side writes and the kernels read
     char build[96];             // compiler and targets, e.g. "nvcc 13.0 sm_80,sm_86,sm_89,sm_90+PTX"
 } relora_library_info;
 
@@ -272,6 +313,26 @@ typedef struct relora_device_properties {
     /* out[0] += sum a[i] * b[i] (summed in double) */                                                   \
     X(relora_status, dot_accumulate, (const void *a, const void *b, int64_t count, int32_t dtype,         \
                                       float *out, void *workspace, void *stream))                         \
+    /* ---- Multi-tensor optimizer ops: one call for every trained tensor (tables above, in device */     \
+    /* memory). gradient_norm: squares[e] = sum of squares of entry e (f32, exactly sum_of_squares' */       \
+    /* value: the same blocks, the same order); *norm = sqrt of the sum over e in entry order of */          \
+    /* (double)squares[e] (double, the CPU's `sumOfSquares([Tensor])`); *clip_factor = (float)(clip / */     \
+    /* norm) if clip > 0 and norm > clip, else 1. partials: total_units doubles; norm, clip_factor, */       \
+    /* squares: device memory (the caller reads *norm back: one scalar a step). */                           \
+    X(relora_status, gradient_norm, (const relora_norm_entry *entries, int64_t tensors, int64_t total_units,\
+                                     double *partials, float *squares, double clip, double *norm,         \
+                                     float *clip_factor, void *stream))                                   \
+    /* adamw on every entry (f32 moments): grad *= *clip_factor (stored; NULL or 1: untouched), then */     \
+    /* the adamw update (weight decay where entry.decay), then working = bf16(param) where set. */           \
+    /* Bit-exact with scale, adamw and convert per tensor. */                                                \
+    X(relora_status, adamw_multi, (const relora_adam_entry *entries, int64_t tensors, int64_t total_units,  \
+                                   const float *clip_factor, float lr, float beta1, float beta2, float eps,\
+                                   float weight_decay, int64_t step, void *stream))                       \
+    /* the same with 8-bit moments: adamw_8bit's update per absmax block (maps as there) */                 \
+    X(relora_status, adamw_8bit_multi, (const relora_adam_entry *entries, int64_t tensors,                \
+                                        int64_t total_units, const float *clip_factor, const float *maps, \
+                                        float lr, float beta1, float beta2, float eps, float weight_decay,\
+                                        int64_t step, void *stream))                                      \
     /* ---- Optimizer-state pruning (ReLoRA's reset; Backend.prune / pruneMoments). These synchronize */\
     /* `stream` and write the number of zeroed entries to the HOST int64 *zeroed. ---- */               \
     /* zeroes x[i] where |x[i]| <= the k-th smallest |x| (k >= 1, exact radix select over the bits) */   \

@@ -125,6 +125,21 @@ public protocol Backend: AnyObject, Sendable {
     /// absmax. Every backend gives the host reference's bits. param, grad: f32; m signed, v unsigned.
     func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
                    beta2: Float, eps: Float, weightDecay: Float, step: Int)
+    /// The global L2 norm of `group.gradients`, read back in one transfer: each tensor's squared norm summed in
+    /// Double and rounded to f32 (`sumOfSquares(_:into:at:)`'s value), those added in Double in tensor order, the
+    /// square root in Double. Also decides the clip factor the next `adamwStep` on `group` applies:
+    /// `Float(clip / norm)` when `clip > 0` and `norm > clip`, else 1. The non-finite skip is the caller's (a
+    /// skipped step calls no `adamwStep`). Every backend gives the bits of the per-tensor ops
+    /// (`loopingGradientNorm`, the default); a device computes and keeps the factor on the device and reads back
+    /// only the norm.
+    func gradientNorm(_ group: OptimizerGroup, clip: Double) -> Double
+    /// One AdamW step of every update of `group`: its gradient scaled by the factor the last `gradientNorm` on
+    /// `group` decided (if one is pending, and unless it is 1; the scaled gradient is stored, as `scale` does),
+    /// `adamw` or `adamw8bit` (weight decay `weightDecay` where the update's `decay`, else 0), then the working
+    /// copy written from the f32 values (`copy`). The bits of those per-tensor ops in any order
+    /// (`loopingAdamwStep`, the default); a device runs a fixed number of launches for all tensors.
+    func adamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float, weightDecay: Float, step: Int)
+
     /// `out` (f32, same count) = the values of 8-bit moments.
     func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor)
     /// 8-bit moments = `x` (f32, same count) quantized blockwise (`relora_adam8_quantize_block`).

@@ -150,6 +150,11 @@ public struct OpCost: Sendable, Equatable {
         streaming(count: count, flopsPerElement: 30, bytesPerElement: 16 + 16.0 / 256)
     }
 
+    /// The sum of several ops' work (the multi-tensor optimizer ops: one span for all their tensors).
+    public static func total(_ costs: [OpCost]) -> OpCost {
+        OpCost(flops: costs.reduce(0) { $0 + $1.flops }, bytes: costs.reduce(0) { $0 + $1.bytes })
+    }
+
     /// `bytes` across the host link (an upload or a download).
     public static func transfer(bytes: Int) -> OpCost {
         OpCost(flops: 0, bytes: Double(bytes), overHostLink: true)

@@ -141,6 +141,31 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         ledger.downloaded(MemoryLayout<Int>.size)
         return 0
     }
+    /// On cuda, as CUDABackend: the group's device buffer (`OptimizerGroup.DeviceLayout`) at its first use, one
+    /// upload then, one scalar read back per norm. On cpu, the per-tensor ops (as CPUBackend).
+    public func gradientNorm(_ group: OptimizerGroup, clip: Double) -> Double {
+        guard target == .cuda, !group.gradients.isEmpty else { return loopingGradientNorm(group, clip: clip) }
+        reserveTables(group)
+        ledger.downloaded(MemoryLayout<Double>.size)
+        group.pendingClip = .device
+        return 0
+    }
+
+    public func adamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float, weightDecay: Float, step: Int) {
+        guard target == .cuda else {
+            return loopingAdamwStep(group, lr: lr, beta1: beta1, beta2: beta2, eps: eps, weightDecay: weightDecay, step: step)
+        }
+        group.pendingClip = nil
+        if !group.updates.isEmpty { reserveTables(group) }
+    }
+
+    private func reserveTables(_ group: OptimizerGroup) {
+        guard group.prepared == nil else { return }
+        let bytes = group.deviceLayout.bytes
+        group.prepared = makeTensor([bytes], dtype: .u8, tag: .workspace, zeroed: false)
+        ledger.uploaded(bytes)
+    }
+
     public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
                           beta2: Float, eps: Float, weightDecay: Float, step: Int) {}
     public func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) {}

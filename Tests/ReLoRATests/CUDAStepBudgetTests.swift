@@ -1,0 +1,176 @@
+import Foundation
+import XCTest
+@testable import ReLoRACore
+@testable import ReLoRACUDA
+@testable import ReLoRAModel
+@testable import ReLoRATrain
+
+/// What a training step costs the device beyond its math, counted by the kernel emulation
+/// (`CUDALibrary.emulationCounters`: launches, host synchronizations, cudaMalloc calls), for two models that
+/// differ only in their number of layers, hence of trained tensors:
+/// - the optimizer phase (`gradientNorm` with clipping on, then `step`) launches the same number of kernels
+///   for both: 3 for the norm, 1 per kind of moments kept (f32, 8-bit), so at most 5;
+/// - it synchronizes once (the norm read back), and a whole step of G micro-batches 3 G + 1 times: per
+///   micro-batch the two token uploads and the loss read back (`LlamaModel.forwardBackward`), then the norm;
+/// - after the first step and the first restart (which meet every shape the run has), neither steps nor
+///   restarts call cudaMalloc: the caching allocator and the ops' scratch cover them.
+/// The per-tensor optimizer (before the multi-tensor kernels) failed the first bound: it launched
+/// 2 (norm) + 1 (scale) + 1 (adamw) + 1 (bf16 copy) kernels per trained tensor.
+final class CUDAStepBudgetTests: XCTestCase {
+    struct Measured {
+        var tensors = 0
+        var optimizer = CUDALibrary.EmulationCounters()
+        var step = CUDALibrary.EmulationCounters()
+        var laterMallocs: UInt64 = 0
+    }
+
+    func measure(library: CUDALibrary, layers: Int, mode: TrainingMode, states: OptimizerStates, hidden: Int) throws -> Measured {
+        let d = try TrainerTests.makeByteData(hidden: hidden, layers: layers)
+        let r = TrainerTests.recipe(d, run: "budget-\(mode)-\(states)-\(layers)") {
+            $0.mode = mode; $0.optimizerStates = states; $0.device = "cuda"; $0.valData = nil
+            $0.steps = 6; $0.warmupSteps = 0; $0.checkpointEvery = 100; $0.seqLen = 16; $0.microBatch = 2
+            $0.gradClip = 1e-3  // every step clips: the device-side factor is exercised
+            if mode != .full { $0.loraRank = 4; $0.loraAlpha = 8 }
+            if mode == .relora { $0.reloraEvery = 3; $0.restartWarmup = 0 }
+        }
+        let trainer = try Trainer(recipe: r, resume: false, backend: CUDABackend(library: library), log: { _ in })
+        func counters() throws -> CUDALibrary.EmulationCounters { try XCTUnwrap(library.emulationCounters()) }
+        var m = Measured(tensors: trainer.optimizer.parameters.count)
+        _ = try trainer.trainStep()
+        if mode == .relora { try trainer.restart() }
+        let start = try counters()
+        let metrics = try trainer.trainStep()
+        m.step = try counters().since(start)
+        XCTAssertFalse(metrics.skipped)
+        XCTAssertGreaterThan(metrics.gradNorm, r.gradClip, "the step clips")
+        let before = try counters()
+        // The step's gradients again (as the step left them: clipped), clipped at half their norm.
+        let norm = trainer.optimizer.gradientNorm(clip: r.gradClip / 2)
+        trainer.optimizer.step(lr: 1e-4)
+        m.optimizer = try counters().since(before)
+        XCTAssertGreaterThan(norm, r.gradClip / 2, "the phase clips")
+        if mode == .relora { try trainer.restart() }
+        _ = try trainer.trainStep()
+        m.laterMallocs = try counters().since(start).mallocs
+        return m
+    }
+
+    func testOptimizerLaunchesAndSynchronizationsDoNotGrowWithTheTrainedTensors() throws {
+        let library = try CUDABackendTests.emulatedBackend().library
+        XCTAssertNotNil(library.emulationCounters(), "the emulation exports its counters")
+        // Full-rank with 8-bit moments at hidden 32: the embedding and the head (256 x 32) keep 8-bit moments.
+        let cases: [(TrainingMode, OptimizerStates, Int, UInt64)] = [(.relora, .f32, 32, 4), (.full, .int8, 32, 5)]
+        for (mode, states, hidden, launches) in cases {
+            let label = "\(mode) \(states)"
+            let small = try measure(library: library, layers: 2, mode: mode, states: states, hidden: hidden)
+            let large = try measure(library: library, layers: 4, mode: mode, states: states, hidden: hidden)
+            XCTAssertLessThan(small.tensors, large.tensors, label)
+            XCTAssertEqual(small.optimizer.launches, large.optimizer.launches, label)
+            for m in [small, large] {
+                XCTAssertEqual(m.optimizer.launches, launches, "\(label), \(m.tensors) tensors: 3 norm kernels + 1 per kind of moments")
+                XCTAssertEqual(m.optimizer.synchronizations, 1, "\(label): the norm is the one value read back")
+                XCTAssertEqual(m.optimizer.mallocs, 0, label)
+                XCTAssertEqual(m.step.synchronizations, 3 * 2 + 1, "\(label): 2 micro-batches of 2 uploads and a loss, then the norm")
+                XCTAssertEqual(m.step.mallocs, 0, label)
+                XCTAssertEqual(m.laterMallocs, 0, "\(label): steps and restarts after the first allocate nothing")
+            }
+        }
+    }
+
+    /// The multi-tensor ops give the per-tensor ops' bits on the emulated device: the norm (Double), the clipped
+    /// gradients, parameters, f32 and 8-bit moments and bf16 working copies, over three steps (clipping, not
+    /// clipping, clipping), for a group mixing f32 and 8-bit moments, master copies or none, decay or none, a
+    /// tensor of several chunks and one of one element, and a gradient no update reads (another rank's, sharded)
+    /// of many reduction blocks. A NaN gradient gives a NaN norm on both paths.
+    func testMultiTensorOpsGiveThePerTensorBits() throws {
+        let backend = try CUDABackendTests.emulatedBackend()
+        let sizes = [5000, 300, 9000, 1]  // 8-bit moments for the first (>= 4096 entries), f32 for the others
+        func group() -> OptimizerGroup {
+            var grads: [Tensor] = []
+            let updates = sizes.enumerated().map { i, n -> OptimizerGroup.Update in
+                let param = backend.makeTensor([n], tag: .masterWeights)
+                backend.fillUniform(param, bound: 1, seed: 7, stream: UInt64(i))
+                let grad = backend.makeTensor([n], tag: .gradients)
+                grads.append(grad)
+                let moments: OptimizerGroup.Moments = i == 0
+                    ? .eightBit(m: BlockwiseMoments(backend: backend, shape: [n], isSigned: true, tag: .optimizer),
+                                v: BlockwiseMoments(backend: backend, shape: [n], isSigned: false, tag: .optimizer))
+                    : .f32(m: backend.makeTensor([n], tag: .optimizer), v: backend.makeTensor([n], tag: .optimizer))
+                let working = i == 1 ? nil : backend.makeTensor([n], dtype: .bf16, tag: .trainable)
+                return OptimizerGroup.Update(param: param, grad: grad, moments: moments, working: working, decay: i != 3)
+            }
+            let other = backend.makeTensor([70000], tag: .gradients)
+            backend.fillUniform(other, bound: 0.01, seed: 8, stream: 99)
+            return OptimizerGroup(gradients: [grads[0], other] + grads.dropFirst(), updates: updates)
+        }
+        let multi = group(), looping = group()
+        func state(_ g: OptimizerGroup) -> [[UInt8]] {
+            g.updates.flatMap { u -> [[UInt8]] in
+                var t = [u.param, u.grad] + (u.working.map { [$0] } ?? [])
+                switch u.moments {
+                case .f32(let m, let v): t += [m, v]
+                case .eightBit(let m, let v): t += [m.codes, m.absmax, v.codes, v.absmax]
+                }
+                return t.map { backend.downloadRaw($0) }
+            }
+        }
+        for (step, clip) in [(1, 0.05), (2, 0.0), (3, 0.02)] {
+            for (i, u) in multi.updates.enumerated() {
+                backend.fillUniform(u.grad, bound: 0.1, seed: UInt64(step), stream: UInt64(i))
+                backend.fillUniform(looping.updates[i].grad, bound: 0.1, seed: UInt64(step), stream: UInt64(i))
+            }
+            let a = backend.gradientNorm(multi, clip: clip), b = backend.loopingGradientNorm(looping, clip: clip)
+            XCTAssertEqual(a.bitPattern, b.bitPattern, "step \(step): norm \(a) vs \(b)")
+            if clip > 0 { XCTAssertGreaterThan(a, clip, "step \(step) clips") }
+            backend.adamwStep(multi, lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.1, step: step)
+            backend.loopingAdamwStep(looping, lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.1, step: step)
+            for (k, (x, y)) in zip(state(multi), state(looping)).enumerated() {
+                XCTAssertTrue(x == y, "step \(step), array \(k): first differing byte \(x.indices.first { $0 >= y.count || x[$0] != y[$0] } ?? -1)")
+            }
+        }
+        backend.fill(multi.updates[2].grad.view(offset: 17, shape: [1]), value: .nan)
+        XCTAssertTrue(backend.gradientNorm(multi, clip: 1).isNaN)
+        backend.fill(looping.updates[2].grad.view(offset: 17, shape: [1]), value: .nan)
+        XCTAssertTrue(backend.loopingGradientNorm(looping, clip: 1).isNaN)
+    }
+
+    /// A run on the emulated device that stops after a checkpoint and resumes (a new optimizer, hence new device
+    /// tables) ends with the straight run's losses, gradient norms, weights and moments bit for bit: ReLoRA with
+    /// a restart, clipping on every step, f32 and 8-bit moments. In `precision: fp32` (the selftest's): with
+    /// `cudaMixed` a resume is not bit-exact, before the multi-tensor ops as after, because checkpoints keep the
+    /// bf16 working copies and not the optimizer's f32 master copies (`refreshMasterCopies` rounds them).
+    func testResumeOnTheDeviceIsBitExact() throws {
+        let library = try CUDABackendTests.emulatedBackend().library
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 1)  // the embedding and head keep 8-bit moments
+        func recipe(_ run: String) -> Recipe {
+            TrainerTests.recipe(d, run: run) {
+                $0.seqLen = 16; $0.microBatch = 2
+                $0.mode = .relora; $0.loraRank = 4; $0.loraAlpha = 8; $0.reloraEvery = 3; $0.restartWarmup = 1
+                $0.steps = 6; $0.checkpointEvery = 2; $0.valData = nil; $0.device = "cuda"; $0.gradClip = 1e-3
+                $0.optimizerStates = .int8
+            }
+        }
+        func backend() -> CUDABackend { CUDABackend(library: library, precision: .fp32) }
+        let straight = try Trainer(recipe: recipe("straight"), resume: false, backend: backend(), log: { _ in })
+        _ = try straight.run()
+        XCTAssertTrue(straight.optimizer.eightBit.contains { $0 != nil } && straight.optimizer.eightBit.contains { $0 == nil })
+        let first = try Trainer(recipe: recipe("resumed"), resume: false, backend: backend(), log: { _ in })
+        first.shouldStop = { first.state.step >= 4 }
+        _ = try first.run()
+        let second = try Trainer(recipe: recipe("resumed"), resume: true, backend: backend(), log: { _ in })
+        _ = try second.run()
+        let history = first.history + second.history
+        XCTAssertEqual(history.map(\.loss.bitPattern), straight.history.map(\.loss.bitPattern), "\(history.map(\.loss)) vs \(straight.history.map(\.loss))")
+        XCTAssertEqual(history.map(\.gradNorm.bitPattern), straight.history.map(\.gradNorm.bitPattern))
+        XCTAssertTrue(straight.history.allSatisfy { $0.gradNorm > 1e-3 }, "every step clips")
+        func state(_ t: Trainer) -> [[UInt8]] {
+            let b = t.model.backend
+            return t.model.loraTensors().map { b.downloadRaw($0.value) } + t.optimizer.m.map { b.downloadRaw($0!) }
+                + t.optimizer.v.map { b.downloadRaw($0!) }
+                + t.optimizer.eightBit.compactMap { $0 }.flatMap { [b.downloadRaw($0.m.absmax), b.downloadRaw($0.v.absmax)] }
+        }
+        XCTAssertEqual(state(second), state(straight))
+        XCTAssertEqual(second.weightsHash(), straight.weightsHash())
+    }
+}
+
