@@ -63,7 +63,7 @@ func runSample(_ args: [String]) throws {
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.
     var pending: [UInt8] = []
-    _ = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), options: options) { id in
+    _ = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), options: options, onToken: { id in
         guard id != tokenizer.endOfTextId else { return }
         pending += tokenizer.bytes(of: id) ?? []
         let cut = completeUTF8Prefix(pending)
@@ -71,7 +71,7 @@ func runSample(_ args: [String]) throws {
             FileHandle.standardOutput.write(Data(pending[..<cut]))
             pending.removeFirst(cut)
         }
-    }
+    })
     FileHandle.standardOutput.write(Data(String(decoding: pending, as: UTF8.self).utf8) + Data("\n".utf8))
 }
 
