@@ -10,13 +10,15 @@ let sampleCommand = CommandSpec(
     name: "relora sample",
     summary: "generate text from a model",
     discussion: """
-        Generates text after the prompt and prints both. DIR is a Hugging Face directory with tokenizer.json
-        (e.g. from `relora export`), a checkpoint directory, or a run directory (its latest checkpoint and its
-        tokenizer.json); FILE.gguf a LLaMA GGUF file with its tokenizer in the metadata (e.g. from
+        Generates text after the prompt and prints both, decoding with a KV cache (each new token is one
+        row through the model; the window restarts from its last half when it outgrows
+        max_position_embeddings). The model is any source relora opens and must carry a tokenizer: a run
+        directory or checkpoint (its run's tokenizer.json), a Hugging Face directory with tokenizer.json
+        (e.g. from `relora export`), or a GGUF file with its tokenizer in the metadata (e.g. from
         `relora export --format gguf`). Stops at --max-tokens or at the tokenizer's <|endoftext|>.
         """,
     options: [
-        .value("model", "DIR|FILE.gguf", help: "the model and its tokenizer", required: true),
+        .value("model", "PATH", help: modelPathHelp + "; it must carry a tokenizer", required: true),
         .value("prompt", "TEXT", help: "the text to continue", required: true),
         .value("max-tokens", "N", help: "at most this many new tokens", default: "200"),
         .value("temperature", "T", help: "softmax temperature, >= 0; 0 = greedy", default: "0.8"),
@@ -35,30 +37,9 @@ func runSample(_ args: [String]) throws {
     options.seed = UInt64(max(0, try a.int("seed")))
     options.temperature = try a.double("temperature", atLeast: 0)
     let prompt = try a.required("prompt")
-    let dir = try a.required("model")
-    let backend = try a.backend()
-    let model: LlamaModel
-    let tokenizer: BPETokenizer
-    if LlamaGGUF.isGGUF(dir) {
-        let file = try GGUFFile(path: dir)
-        model = try LlamaGGUF.loadModel(file, backend: backend, warn: { standardError("warning: \($0)") })
-        tokenizer = try BPETokenizer(gguf: file)
-    } else {
-        let tokenizerPath: String
-        if FileManager.default.fileExists(atPath: dir + "/config.json") && FileManager.default.fileExists(atPath: dir + "/tokenizer.json")
-            && !FileManager.default.fileExists(atPath: dir + "/state.json") {
-            model = try HFCheckpoint.load(directory: dir, backend: backend)
-            tokenizerPath = dir + "/tokenizer.json"
-        } else {
-            let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
-            model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
-            tokenizerPath = runDir + "/tokenizer.json"
-        }
-        guard FileManager.default.fileExists(atPath: tokenizerPath) else {
-            throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json to encode the prompt with")
-        }
-        tokenizer = try BPETokenizer(contentsOf: tokenizerPath)
-    }
+    let source = try openModel(try a.required("model"))
+    let tokenizer = try source.requireTokenizer(for: "encode the prompt with")
+    let model = try source.loadModel(backend: try a.backend(), warn: warning)
     options.stopToken = tokenizer.endOfTextId
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.

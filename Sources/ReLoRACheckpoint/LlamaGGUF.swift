@@ -405,31 +405,87 @@ public enum LlamaGGUF {
     /// and q4_0 by the reference dequantizer) and the rotary row permutation of q and k undone, so it
     /// computes what the exported model computed. Tensors a LLaMA model does not use are reported on `warn`.
     public static func loadModel(_ file: GGUFFile, backend: Backend, warn: (String) -> Void = { _ in }) throws -> LlamaModel {
-        let config = try config(file)
-        let model = LlamaModel(config: config, backend: backend)
+        let model = LlamaModel(config: try config(file), backend: backend)
+        try loadWeights(file, into: model, warn: warn)
+        return model
+    }
+
+    /// Streams the GGUF's weights into `model` (its config the file's architecture; any storage: a quantized
+    /// frozen weight is quantized from the f32 values as it arrives, `quantized(name, relativeError)`), one
+    /// tensor at a time through `TensorSource`.
+    public static func loadWeights(_ file: GGUFFile, into model: LlamaModel, warn: (String) -> Void = { _ in },
+                                   quantized: (String, Double) -> Void = { _, _ in }) throws {
+        let source = TensorSource(file, config: model.config)
         var used = Set<String>()
-        for (hf, tensor) in model.weights.named() {
+        for (hf, slot) in model.weights.slots() {
             let name = ggufName(hf)!
             guard let info = file.tensor(name) else {
                 throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' is missing")
             }
-            guard info.shape == tensor.shape else {
-                throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' has ne \(info.dimensions), expected \(Array(tensor.shape.reversed())) for this model's metadata")
+            guard info.shape == slot.shape else {
+                throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' has ne \(info.dimensions), expected \(Array(slot.shape.reversed())) for this model's metadata")
             }
-            var values = try file.floats(info)
-            if rotaryHeads(hf, config) != nil {
-                let raw = values.withUnsafeBytes { Array($0) }
-                values = permuteRows(raw, rows: tensor.shape[0], headDim: config.headDim, toGGUF: false)
-                    .withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
-            }
-            backend.upload(values, to: tensor)
+            if let error = try TensorIO.load(slot, from: source, hf, backend: model.backend) { quantized(hf, error) }
             used.insert(name)
         }
         let unused = file.tensors.map(\.name).filter { !used.contains($0) && $0 != "rope_freqs.weight" }
         if !unused.isEmpty {
             warn("ignored \(unused.count) tensor(s) a LLaMA model does not use: \(unused.prefix(5).joined(separator: ", "))")
         }
-        return model
+    }
+
+    /// A GGUF file's LLaMA tensors under Hugging Face names, each read when asked as f32 (`GGUFFile.floats`:
+    /// f16/bf16 exact, blocks by the reference dequantizer) with q and k's rotary rows back in Hugging Face
+    /// order: the streaming tensor source of `ModelSource` and the loaders. A loader that takes quantized
+    /// blocks as they are would add `<name>.<format>` entries here (what `TensorIO.load` uploads unchanged).
+    public final class TensorSource: TensorFile, @unchecked Sendable {  // immutable after init
+        let file: GGUFFile
+        let config: LlamaConfig
+        /// Hugging Face name -> the GGUF tensor.
+        let byName: [String: GGUFTensorInfo]
+        public var path: String { file.path }
+        public var metadata: [String: String] { [:] }
+        public let tensorNames: [String]
+
+        init(_ file: GGUFFile, config: LlamaConfig) {
+            self.file = file
+            self.config = config
+            var names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+            for i in 0..<config.numHiddenLayers {
+                names += ["model.layers.\(i).input_layernorm.weight", "model.layers.\(i).post_attention_layernorm.weight"]
+                names += LinearKind.allCases.map { "model.layers.\(i).\($0.hfPath).weight" }
+            }
+            var map: [String: GGUFTensorInfo] = [:]
+            for hf in names { if let g = LlamaGGUF.ggufName(hf), let info = file.tensor(g) { map[hf] = info } }
+            byName = map
+            tensorNames = map.keys.sorted()
+        }
+
+        public func header(_ name: String) -> TensorHeader? { byName[name].map { TensorHeader(dtype: .F32, shape: $0.shape) } }
+
+        public func floats(_ name: String) throws -> [Float] {
+            guard let info = byName[name] else { throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' is missing") }
+            let values = try file.floats(info)
+            guard LlamaGGUF.rotaryHeads(name, config) != nil else { return values }
+            // GGUF row r is Hugging Face row huggingFaceRow(r): one reordered copy (permuteRows' mapping on floats).
+            let rows = info.shape[0], d = config.headDim
+            precondition(rows % d == 0 && d % 2 == 0, "rotary permutation: \(rows) rows are not whole heads of \(d)")
+            let width = values.count / max(rows, 1)
+            var out = [Float](repeating: 0, count: values.count)
+            values.withUnsafeBufferPointer { src in
+                out.withUnsafeMutableBufferPointer { dst in
+                    for r in 0..<rows {
+                        let to = LlamaGGUF.huggingFaceRow(ofGGUFRow: r, headDim: d) * width
+                        (dst.baseAddress! + to).update(from: src.baseAddress! + r * width, count: width)
+                    }
+                }
+            }
+            return out
+        }
+
+        public func withRawBytes<R>(_ name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+            try floats(name).withUnsafeBytes(body)
+        }
     }
 
     /// Whether `path` is a file that starts with the GGUF magic (for commands that take a model path).
