@@ -36,8 +36,8 @@ func runSampleBench(_ args: [String]) throws {
     let start = now()
     let model = LlamaModel(config: config, backend: backend)
     try model.weights.initializeRandom(seed: 1, backend: backend)
-    print(String(format: "%@: %.1fM parameters, initialised in %.1f s on %@", configPath,
-                 Double(config.parameterCount) / 1e6, now() - start, backend.name))
+    print(String(format: "%@: %.1fM parameters, initialised in %.1f s on %@ (%d threads, load average %.1f)", configPath,
+                 Double(config.parameterCount) / 1e6, now() - start, backend.name, cpuThreadCount, loadAverage()))
     var rng = UInt64(12345)
     let prompt: [Int32] = (0..<promptCount).map { _ in
         rng = rng &* 6364136223846793005 &+ 1442695040888963407
@@ -47,7 +47,12 @@ func runSampleBench(_ args: [String]) throws {
     options.maxTokens = tokens
     options.temperature = 0
     var results: [String: Any] = ["config": configPath, "parameters": config.parameterCount, "prompt": promptCount,
-                                  "tokens": tokens, "device": backend.name, "threads": cpuThreadCount]
+                                  "tokens": tokens, "device": backend.name, "threads": cpuThreadCount,
+                                  "load_average": loadAverage()]
+    // Warm-up (untimed): the first forward of a process touches fresh workspace pages and OpenBLAS's buffers.
+    var warmUp = options
+    warmUp.maxTokens = 2
+    _ = try Generator.generate(model: model, prompt: prompt, options: warmUp)
     var produced: [String: [Int32]] = [:]
     for cached in a.flag("cache-only") ? [true] : [true, false] {
         options.useCache = cached
@@ -72,4 +77,10 @@ func runSampleBench(_ args: [String]) throws {
         let data = try JSONSerialization.data(withJSONObject: results, options: [.sortedKeys, .prettyPrinted])
         try data.write(to: URL(fileURLWithPath: path))
     }
+}
+
+/// The 1-minute load average (/proc/loadavg), for the record: these machines are shared.
+func loadAverage() -> Double {
+    guard let text = try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8) else { return .nan }
+    return Double(text.split(separator: " ").first ?? "") ?? .nan
 }

@@ -36,7 +36,10 @@ public enum Generator {
             throw ReLoRAError.usage("temperature, top-k and max-tokens must be non-negative")
         }
         let vocab = model.config.vocabSize, maxPositions = model.config.maxPositionEmbeddings
-        let cache = options.useCache && options.maxTokens > 0 ? KVCache(model: model) : nil
+        // As many positions as the run can fill (the context stays within max positions): a short sample of a
+        // large model does not hold a cache of max_position_embeddings rows per layer.
+        let cache = options.useCache && options.maxTokens > 0
+            ? KVCache(model: model, capacity: min(maxPositions, prompt.count + options.maxTokens)) : nil
         var context = prompt
         var start = 0  // the window is context[start...]
         var out: [Int32] = []
