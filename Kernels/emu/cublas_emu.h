@@ -8,8 +8,9 @@
 // leading dimensions below the rows of a stored matrix). bf16 operands are widened to f32 copies (exact),
 // the product is OpenBLAS' sgemm in f32, and a bf16 C is rounded once at the end (round to nearest even).
 // What it does not model: tensor cores and cuBLAS' own algorithms (accumulation order, split-K, TF32/bf16
-// MMA numerics), asynchrony (it runs at the call, on the calling thread), workspace and stream semantics
-// beyond recording the stream.
+// MMA numerics) and workspaces. Each GEMM is queued on the handle's stream like a kernel (cuda_emu.h's
+// stream model: it runs when the stream is drained; alpha and beta are read at the call in host pointer mode,
+// when it runs in device pointer mode).
 #ifndef RELORA_CUBLAS_EMU_H
 #define RELORA_CUBLAS_EMU_H
 
@@ -41,6 +42,8 @@ typedef struct relora_emu_cublas *cublasHandle_t;
 RELORA_EMU_API cublasStatus_t cublasCreate(cublasHandle_t *handle);
 RELORA_EMU_API cublasStatus_t cublasDestroy(cublasHandle_t handle);
 RELORA_EMU_API cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream);
+// Checked (a 256-byte aligned device allocation of at least `bytes`, or null with 0 bytes) and otherwise unused.
+RELORA_EMU_API cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes);
 RELORA_EMU_API cublasStatus_t cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode);
 RELORA_EMU_API cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode);
 RELORA_EMU_API const char *cublasGetStatusString(cublasStatus_t status);

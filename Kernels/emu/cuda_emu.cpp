@@ -1,5 +1,9 @@
 // The emulation's runtime: fiber scheduler (launches, __syncthreads, warp collectives) and the
 // stand-in CUDA runtime (guarded device memory, copies, streams and events). See cuda_emu.h.
+// The standard headers first: cuda_emu.h defines __noinline__, which libstdc++'s <memory> spells as an attribute.
+#include <deque>
+#include <memory>
+
 #include "cuda_emu.h"
 #include "emu_format.h"
 
@@ -184,11 +188,125 @@ cudaError_t check_device_range(const void *p, size_t bytes, const char *what) {
     return fail(cudaErrorInvalidValue, format("%s: %p is not a live device allocation", what, p), false);
 }
 
-// ---- Streams and events: ordered no-ops ---------------------------------------------------------------
-std::set<const void *> g_streams;
-std::set<const void *> g_events;
+// ---- Streams and events: queues and ordering constraints -----------------------------------------------
+// Every stream keeps the work enqueued on it (`Work`: a host function, or a wait for another stream to have
+// run a number of its items) and a count of items enqueued and run. An event is a position in one stream's
+// sequence (the count enqueued when it was recorded): it has completed when that stream has run that many.
+// Draining a stream up to a position runs its items in order; a wait item first drains the stream it waits
+// for up to the waited position. Positions a wait names were enqueued before the wait, so draining never
+// cycles. In the eager order every item runs at the call and the queues stay empty.
+struct Work {
+    std::shared_ptr<void> context;  // owns the launch's arguments (or the stand-in's state)
+    void (*run)(void *) = nullptr;  // null for a wait
+    relora_emu_stream *wait_for = nullptr;
+    uint64_t wait_until = 0;
+};
+
+}  // namespace
+}  // namespace relora_emu
+
+struct relora_emu_stream {
+    bool blocking = true;     // orders with the legacy default stream (cudaStreamDefault)
+    bool legacy = false;      // the legacy default stream (handle 0)
+    uint64_t enqueued = 0, completed = 0;
+    std::deque<relora_emu::Work> queue;
+};
+
+struct relora_emu_event {
+    relora_emu_stream *stream = nullptr;  // null until recorded
+    uint64_t position = 0;
+};
+
+namespace relora_emu {
+namespace {
+
+relora_emu_stream g_legacy_stream = [] {
+    relora_emu_stream s;
+    s.legacy = true;
+    return s;
+}();
+std::set<relora_emu_stream *> g_streams;        // live handles
+std::vector<relora_emu_stream *> g_stream_order;  // every stream ever made, in creation order (a destroyed
+                                                  // one stays: events recorded on it may still be waited for)
+std::set<relora_emu_event *> g_events;
+int g_order = -1;  // RELORA_EMU_STREAMS_*, read from the environment at first use
 
 bool valid_stream(cudaStream_t s) { return s == nullptr || g_streams.count(s) != 0; }
+relora_emu_stream *stream_of(cudaStream_t s) { return s ? s : &g_legacy_stream; }
+
+int stream_order() {
+    if (g_order < 0) {
+        const char *text = getenv("RELORA_EMU_STREAM_ORDER");
+        g_order = RELORA_EMU_STREAMS_DEFERRED;
+        if (text && *text) {
+            if (!strcmp(text, "eager")) {
+                g_order = RELORA_EMU_STREAMS_EAGER;
+            } else if (!strcmp(text, "reverse")) {
+                g_order = RELORA_EMU_STREAMS_REVERSE;
+            } else if (strcmp(text, "deferred") != 0) {
+                fprintf(stderr, "relora emulation: RELORA_EMU_STREAM_ORDER='%s' is not eager, deferred or reverse; using deferred\n", text);
+            }
+        }
+    }
+    return g_order;
+}
+
+bool sticky_set() { return g_sticky != cudaSuccess; }
+
+void drain(relora_emu_stream *s, uint64_t until) {
+    while (s->completed < until && !s->queue.empty()) {
+        Work w = std::move(s->queue.front());
+        s->queue.pop_front();
+        if (w.wait_for) {
+            drain(w.wait_for, w.wait_until);
+        } else if (w.run && !sticky_set()) {
+            w.run(w.context.get());  // after a kernel fault the context is dead: later work is dropped
+        }
+        ++s->completed;
+    }
+}
+
+void drain_all() {
+    // Device-wide: every stream; which goes first is what the deferred and reverse orders differ in.
+    if (stream_order() == RELORA_EMU_STREAMS_REVERSE) {
+        for (size_t i = g_stream_order.size(); i-- > 0;) drain(g_stream_order[i], g_stream_order[i]->enqueued);
+        drain(&g_legacy_stream, g_legacy_stream.enqueued);
+    } else {
+        drain(&g_legacy_stream, g_legacy_stream.enqueued);
+        for (relora_emu_stream *s : g_stream_order) drain(s, s->enqueued);
+    }
+}
+
+void push(relora_emu_stream *s, Work w) {
+    ++s->enqueued;
+    s->queue.push_back(std::move(w));
+}
+
+// Enqueues `run(context)` on `s` (the caller holds g_lock); runs it now in the eager order. Legacy default
+// stream semantics: work on it waits for every blocking stream's earlier work, and work on a blocking stream
+// for its earlier work.
+void enqueue(relora_emu_stream *s, void (*run)(void *), std::shared_ptr<void> context) {
+    if (stream_order() == RELORA_EMU_STREAMS_EAGER) {
+        ++s->enqueued;
+        if (!sticky_set()) run(context.get());
+        ++s->completed;
+        return;
+    }
+    if (s->legacy) {
+        for (relora_emu_stream *t : g_stream_order) {
+            if (t->blocking && t->completed < t->enqueued) push(s, Work{nullptr, nullptr, t, t->enqueued});
+        }
+    } else if (s->blocking && g_legacy_stream.completed < g_legacy_stream.enqueued) {
+        push(s, Work{nullptr, nullptr, &g_legacy_stream, g_legacy_stream.enqueued});
+    }
+    push(s, Work{std::move(context), run, nullptr, 0});
+}
+
+uint64_t pending_items() {
+    uint64_t n = g_legacy_stream.queue.size();
+    for (const relora_emu_stream *s : g_stream_order) n += s->queue.size();
+    return n;
+}
 
 // ---- Fibers -----------------------------------------------------------------------------------------------
 enum FiberState { kRunnable, kAtBarrier, kAtWarpBarrier, kDone };
@@ -527,13 +645,60 @@ bool run_block() {
     return true;
 }
 
+// A launch as its stream queues it.
+struct GridLaunch {
+    const char *name;
+    dim3 grid, block;
+    size_t shmem;
+    BlockBody body;
+    void *closure;
+    void (*destroy)(void *);
+    ~GridLaunch() { destroy(closure); }
+};
+
+// Runs a queued launch's grid to completion, block after block (g_lock held, the configuration checked at the
+// launch). A failure is sticky: on a GPU it would surface at the next synchronization.
+void run_grid(void *context) {
+    const GridLaunch &l = *static_cast<const GridLaunch *>(context);
+    const unsigned int threads = l.block.x * l.block.y * l.block.z;
+    if (!ensure_stacks(threads)) {
+        fail(cudaErrorMemoryAllocation, format("kernel '%s': cannot map fiber stacks", l.name), true);
+        return;
+    }
+    g_threads = threads;
+    if (g_fibers.size() < threads) g_fibers.resize(threads);
+    g_warps.assign((threads + 31) / 32, Warp{});
+    g_dynamic_shared.assign(l.shmem, kPoison);
+    g_kernel = l.name;
+    g_body = l.body;
+    g_closure = l.closure;
+    g_abort = false;
+    relora_emu_block_dim = l.block;
+    relora_emu_grid_dim = l.grid;
+    for (unsigned int z = 0; z < l.grid.z; ++z) {
+        for (unsigned int y = 0; y < l.grid.y; ++y) {
+            for (unsigned int x = 0; x < l.grid.x; ++x) {
+                relora_emu_block_idx = uint3{x, y, z};
+                ++g_blocks;
+                if (!run_block()) {
+                    fail(cudaErrorLaunchFailure, g_abort_message, true);
+                    return;
+                }
+            }
+        }
+    }
+    check_all(format("kernel '%s'", l.name).c_str());
+}
+
 }  // namespace
 
 // ---- Launch and collectives (called from kernels) --------------------------------------------------
 extern "C" {
 
 void relora_emu_launch(const char *name, const void *func, dim3 grid, dim3 block, size_t shmem, cudaStream_t stream,
-                       BlockBody body, void *closure) {
+                       BlockBody body, void *closure, void (*destroy)(void *)) {
+    // The arguments' owner from here on: freed after the grid ran, or now if the launch is refused.
+    std::shared_ptr<GridLaunch> launch(new GridLaunch{name, grid, block, shmem, body, closure, destroy});
     std::lock_guard<std::mutex> guard(g_lock);
     if (g_sticky != cudaSuccess) {
         fail(g_sticky, g_sticky_message, false);
@@ -565,35 +730,9 @@ void relora_emu_launch(const char *name, const void *func, dim3 grid, dim3 block
         fail(cudaErrorInvalidResourceHandle, format("kernel '%s': launched on a destroyed or unknown stream", name), false);
         return;
     }
-    if (!ensure_stacks((unsigned int)threads)) {
-        fail(cudaErrorMemoryAllocation, format("kernel '%s': cannot map fiber stacks", name), false);
-        return;
-    }
-    g_threads = (unsigned int)threads;
-    if (g_fibers.size() < threads) g_fibers.resize(threads);
-    g_warps.assign((threads + 31) / 32, Warp{});
-    g_dynamic_shared.assign(shmem, kPoison);
-    g_kernel = name;
-    g_body = body;
-    g_closure = closure;
-    g_abort = false;
-    relora_emu_block_dim = block;
-    relora_emu_grid_dim = grid;
     ++g_launches;
     ++g_launches_by_name[name];
-    for (unsigned int z = 0; z < grid.z; ++z) {
-        for (unsigned int y = 0; y < grid.y; ++y) {
-            for (unsigned int x = 0; x < grid.x; ++x) {
-                relora_emu_block_idx = uint3{x, y, z};
-                ++g_blocks;
-                if (!run_block()) {
-                    fail(cudaErrorLaunchFailure, g_abort_message, true);
-                    return;
-                }
-            }
-        }
-    }
-    check_all(format("kernel '%s'", name).c_str());
+    enqueue(stream_of(stream), run_grid, std::static_pointer_cast<void>(launch));
 }
 
 void *relora_emu_dynamic_shared(void) { return g_dynamic_shared.empty() ? nullptr : g_dynamic_shared.data(); }
@@ -762,13 +901,16 @@ void relora_emu_set_device_memory(size_t bytes) {
     g_total = bytes;
 }
 
+// The scheduling controls act on launches made after them: queued work runs first, under the old setting.
 void relora_emu_set_schedule(int schedule) {
     std::lock_guard<std::mutex> guard(g_lock);
+    drain_all();
     g_schedule = schedule >= RELORA_EMU_ROUND_ROBIN && schedule <= RELORA_EMU_GREEDY_REVERSE ? schedule : RELORA_EMU_ROUND_ROBIN;
 }
 
 void relora_emu_set_barriers_enabled(int enabled) {
     std::lock_guard<std::mutex> guard(g_lock);
+    drain_all();
     g_barriers = enabled != 0;
 }
 
@@ -823,9 +965,11 @@ cudaError_t allocate_guarded(void **ptr, size_t bytes, bool host, const char *wh
     return cudaSuccess;
 }
 
+// cudaFree and cudaFreeHost synchronize the device first (as CUDA's do): no queued work can touch freed memory.
 cudaError_t free_guarded(void *ptr, bool host, const char *what) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!ptr) return cudaSuccess;
+    drain_all();
     RELORA_EMU_STICKY_CHECK();
     auto it = g_allocations.find((uintptr_t)ptr);
     if (it == g_allocations.end() || it->second.host != host) {
@@ -856,6 +1000,51 @@ cudaError_t cudaFreeHost(void *ptr) { return free_guarded(ptr, true, "cudaFreeHo
 
 cudaError_t cudaFree(void *ptr) { return free_guarded(ptr, false, "cudaFree"); }
 
+namespace {
+// A queued copy: from `src`, or from the bytes staged at the call (a pageable host source, which CUDA copies
+// out before the call returns).
+struct CopyWork {
+    void *dst;
+    const void *src;
+    size_t bytes;
+    std::vector<unsigned char> staged;
+};
+void run_copy(void *context) {
+    CopyWork &c = *static_cast<CopyWork *>(context);
+    memmove(c.dst, c.staged.empty() ? c.src : c.staged.data(), c.bytes);
+}
+
+struct MemsetWork {
+    void *ptr;
+    int value;
+    size_t bytes;
+};
+void run_memset(void *context) {
+    const MemsetWork &m = *static_cast<const MemsetWork *>(context);
+    memset(m.ptr, m.value, m.bytes);
+}
+
+// Host memory that is not a cudaHostAlloc allocation: CUDA copies to or from it synchronously.
+bool pageable(const void *p) { return !is_device_pointer(p); }
+
+// An async copy in stream order (g_lock held, arguments checked). To pageable host memory it waits for the
+// stream and copies at the call; from pageable host memory it stages the source at the call (CUDA's
+// behaviour for both); between device and pinned memory it is queued.
+cudaError_t copy_locked(void *dst, const void *src, size_t bytes, cudaStream_t stream) {
+    relora_emu_stream *s = stream_of(stream);
+    if (pageable(dst)) {
+        drain(s, s->enqueued);
+        RELORA_EMU_STICKY_CHECK();
+        memmove(dst, src, bytes);
+        return cudaSuccess;
+    }
+    std::shared_ptr<CopyWork> work(new CopyWork{dst, src, bytes, {}});
+    if (pageable(src)) work->staged.assign((const unsigned char *)src, (const unsigned char *)src + bytes);
+    enqueue(s, run_copy, std::static_pointer_cast<void>(work));
+    return cudaSuccess;
+}
+}  // namespace
+
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
     RELORA_EMU_STICKY_CHECK();
@@ -882,12 +1071,20 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, cudaMemcpy
         const cudaError_t e = check_device_range(src, bytes, "cudaMemcpy source");
         if (e != cudaSuccess) return e;
     }
-    memmove(dst, src, bytes);
-    return cudaSuccess;
+    return copy_locked(dst, src, bytes, stream);
 }
 
+// The legacy default stream's copy; it returns when the copy is done unless both sides are device memory.
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
-    return cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, nullptr);
+    if (e != cudaSuccess || bytes == 0) return e;
+    std::lock_guard<std::mutex> guard(g_lock);
+    bool dst_inside = false, src_inside = false;
+    const Allocation *d = find_allocation(dst, 0, &dst_inside), *h = find_allocation(src, 0, &src_inside);
+    const bool device_to_device = dst_inside && src_inside && d && h && !d->host && !h->host;
+    if (!device_to_device) drain(&g_legacy_stream, g_legacy_stream.enqueued);
+    RELORA_EMU_STICKY_CHECK();
+    return cudaSuccess;
 }
 
 cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t stream) {
@@ -897,7 +1094,9 @@ cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t str
     if (bytes == 0) return cudaSuccess;
     const cudaError_t e = check_device_range(ptr, bytes, "cudaMemset");
     if (e != cudaSuccess) return e;
-    memset(ptr, value, bytes);
+    enqueue(stream_of(stream), run_memset, std::shared_ptr<void>(new MemsetWork{ptr, value, bytes}, [](void *m) {
+                delete static_cast<MemsetWork *>(m);
+            }));
     return cudaSuccess;
 }
 
@@ -942,21 +1141,26 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device) {
 
 cudaError_t cudaDeviceSynchronize(void) {
     std::lock_guard<std::mutex> guard(g_lock);
+    drain_all();
     RELORA_EMU_STICKY_CHECK();
     return check_all("a kernel (found at synchronization)");
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
-    RELORA_EMU_STICKY_CHECK();
     if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize on an unknown stream", false);
+    relora_emu_stream *s = stream_of(stream);
+    drain(s, s->enqueued);
+    RELORA_EMU_STICKY_CHECK();
     return check_all("a kernel (found at synchronization)");
 }
 
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
-    RELORA_EMU_STICKY_CHECK();
     if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery on an unknown stream", false);
+    relora_emu_stream *s = stream_of(stream);
+    drain(s, s->enqueued);
+    RELORA_EMU_STICKY_CHECK();
     return check_all("a kernel (found at a stream query)");
 }
 
@@ -969,13 +1173,17 @@ int relora_emu_device_range(const void *p, size_t bytes) {
 
 cudaError_t cudaDeviceReset(void) {
     std::lock_guard<std::mutex> guard(g_lock);
+    // Queued work is dropped, never run (its arguments are freed).
+    g_legacy_stream.queue.clear();
+    g_legacy_stream.enqueued = g_legacy_stream.completed = 0;
+    for (relora_emu_stream *s : g_stream_order) delete s;
+    for (relora_emu_event *e : g_events) delete e;
+    g_stream_order.clear();
+    g_streams.clear();
+    g_events.clear();
     for (auto &entry : g_allocations) free(entry.second.base);
     g_allocations.clear();
     g_used = 0;
-    for (const void *s : g_streams) delete[] (const char *)s;
-    for (const void *e : g_events) delete[] (const char *)e;
-    g_streams.clear();
-    g_events.clear();
     g_sticky = cudaSuccess;
     g_sticky_message.clear();
     t_last = cudaSuccess;
@@ -984,46 +1192,57 @@ cudaError_t cudaDeviceReset(void) {
     return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreate(cudaStream_t *stream) {
+namespace {
+cudaError_t create_stream(cudaStream_t *stream, bool blocking) {
     std::lock_guard<std::mutex> guard(g_lock);
     RELORA_EMU_STICKY_CHECK();
     if (!stream) return fail(cudaErrorInvalidValue, "cudaStreamCreate: null result pointer", false);
-    char *handle = new char[1];
-    g_streams.insert(handle);
-    *stream = (cudaStream_t)handle;
+    relora_emu_stream *s = new relora_emu_stream;
+    s->blocking = blocking;
+    g_streams.insert(s);
+    g_stream_order.push_back(s);
+    *stream = s;
     return cudaSuccess;
 }
+}  // namespace
+
+cudaError_t cudaStreamCreate(cudaStream_t *stream) { return create_stream(stream, true); }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
     if (flags & ~(unsigned)cudaStreamNonBlocking) {
         std::lock_guard<std::mutex> guard(g_lock);
         return fail(cudaErrorInvalidValue, "cudaStreamCreateWithFlags: unknown flags", false);
     }
-    return cudaStreamCreate(stream);
+    return create_stream(stream, (flags & cudaStreamNonBlocking) == 0);
 }
 
+// CUDA lets the stream's queued work finish after the call returns; the emulation runs it now. The stream's
+// record stays (events recorded on it may still be waited for); its handle is no longer valid.
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!stream || !g_streams.erase(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: unknown stream", false);
-    delete[] (char *)stream;
+    drain(stream, stream->enqueued);
     return cudaSuccess;
 }
 
+// Later work on `stream` waits for the work the event's latest record captured (nothing if never recorded).
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
     (void)flags;
     std::lock_guard<std::mutex> guard(g_lock);
     if (!valid_stream(stream) || !g_events.count(event)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent: unknown stream or event", false);
     }
+    relora_emu_stream *s = stream_of(stream), *t = event->stream;
+    if (t && t != s && t->completed < event->position) push(s, Work{nullptr, nullptr, t, event->position});
     return cudaSuccess;
 }
 
 cudaError_t cudaEventCreate(cudaEvent_t *event) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!event) return fail(cudaErrorInvalidValue, "cudaEventCreate: null result pointer", false);
-    char *handle = new char[1];
-    g_events.insert(handle);
-    *event = (cudaEvent_t)handle;
+    relora_emu_event *e = new relora_emu_event;
+    g_events.insert(e);
+    *event = e;
     return cudaSuccess;
 }
 
@@ -1035,34 +1254,80 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
     return cudaEventCreate(event);
 }
 
+// Waits already enqueued keep the position they captured.
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!event || !g_events.erase(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventDestroy: unknown event", false);
-    delete[] (char *)event;
+    delete event;
     return cudaSuccess;
 }
 
+// The event captures the work enqueued on the stream so far.
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!g_events.count(event) || !valid_stream(stream)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: unknown event or stream", false);
     }
+    event->stream = stream_of(stream);
+    event->position = event->stream->enqueued;
     return cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!g_events.count(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: unknown event", false);
+    if (event->stream) drain(event->stream, event->position);
+    RELORA_EMU_STICKY_CHECK();
     return cudaSuccess;
 }
 
-// Everything ran at the call, so no time passes between events.
+// No time passes in the emulation: 0 ms between two events whose work has run; cudaErrorNotReady (as CUDA)
+// while either has work still queued.
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!ms || !g_events.count(start) || !g_events.count(end)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: unknown event", false);
     }
+    for (const relora_emu_event *e : {start, end}) {
+        if (e->stream && e->stream->completed < e->position) {
+            return fail(cudaErrorNotReady, "cudaEventElapsedTime: an event's work has not run yet (synchronize it first)", false);
+        }
+    }
     *ms = 0.0f;
+    return cudaSuccess;
+}
+
+// ---- Stream controls (cuda_emu.h) ----
+void relora_emu_set_stream_order(int order) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    drain_all();
+    g_order = order == RELORA_EMU_STREAMS_EAGER || order == RELORA_EMU_STREAMS_REVERSE ? order : RELORA_EMU_STREAMS_DEFERRED;
+}
+
+int relora_emu_stream_order(void) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    return stream_order();
+}
+
+uint64_t relora_emu_pending_work(void) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    return pending_items();
+}
+
+cudaError_t relora_emu_enqueue(cudaStream_t stream, void (*run)(void *), void (*destroy)(void *), void *context) {
+    std::shared_ptr<void> owned(context, destroy);
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "work enqueued on an unknown stream", false);
+    enqueue(stream_of(stream), run, std::move(owned));
+    return cudaSuccess;
+}
+
+cudaError_t relora_emu_stream_drain(cudaStream_t stream) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (!valid_stream(stream)) return fail(cudaErrorInvalidResourceHandle, "an unknown stream", false);
+    relora_emu_stream *s = stream_of(stream);
+    drain(s, s->enqueued);
+    RELORA_EMU_STICKY_CHECK();
     return cudaSuccess;
 }
 

@@ -35,9 +35,21 @@
 // - The runtime (cuda_emu.cpp): device memory is host memory between canary bytes (256 before, and from
 //   the requested end to a 256-byte boundary plus 256 after), filled with 0xFF at allocation; canaries
 //   are checked after every launch, at cudaFree and at synchronization, and an overwritten canary is
-//   cudaErrorIllegalAddress (sticky, with the kernel and allocation named). Streams and events are
-//   ordered no-ops (everything already ran at the call). cudaMemGetInfo reports a configurable total
-//   (RELORA_EMU_DEVICE_MEMORY, default 24 GiB) less what is allocated, and cudaMalloc fails past it.
+//   cudaErrorIllegalAddress (sticky, with the kernel and allocation named). cudaMemGetInfo reports a
+//   configurable total (RELORA_EMU_DEVICE_MEMORY, default 24 GiB) less what is allocated, and cudaMalloc
+//   fails past it.
+// - Streams and events are ordering constraints, not no-ops. In the deferred orders (the default) every
+//   stream keeps a queue of the work enqueued on it (launches, async copies and memsets, cuBLAS calls) and
+//   runs it, in order, only when something forces it: a synchronize of the stream, of an event recorded on
+//   it or of the device, a copy to pageable host memory, cudaFree, an NCCL call on the stream, or a
+//   cudaStreamWaitEvent / legacy-default-stream dependency of work being run. So work on stream B that
+//   reads what stream A wrote, without an event between them, runs before A's work and sees stale data
+//   (or A's later write lands before B's earlier read): a missing event is a wrong result, which the tests
+//   see. RELORA_EMU_STREAM_ORDER (or relora_emu_set_stream_order) picks the order: `deferred` (default:
+//   a device-wide synchronize runs the streams in creation order), `reverse` (the newest stream first, the
+//   legacy default stream last) or `eager` (every stream's work runs at the call: what a missing event
+//   cannot be caught under). Errors a kernel causes surface when its stream runs, as on a GPU: at the next
+//   synchronization, not at the launch (configuration errors are still reported at the launch).
 //
 // What it cannot catch is listed in Kernels/README.md.
 #ifndef RELORA_CUDA_EMU_H
@@ -106,7 +118,7 @@ typedef enum cudaError {
     cudaErrorInvalidDevicePointer = 17,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNoDevice = 100,
-    cudaErrorNotReady = 600,  // cudaStreamQuery: work still queued (never, in the emulation)
+    cudaErrorNotReady = 600,  // cudaEventElapsedTime of an event whose work has not run
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchFailure = 719,
 } cudaError_t;
@@ -152,13 +164,16 @@ RELORA_EMU_API cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int dev
 RELORA_EMU_API cudaError_t cudaDeviceSynchronize(void);
 RELORA_EMU_API cudaError_t cudaDeviceReset(void);
 RELORA_EMU_API cudaError_t cudaStreamCreate(cudaStream_t *stream);
-// Flags are checked and otherwise ignored: every stream runs its work at the call, so no two overlap.
+// cudaStreamDefault: a blocking stream (its work waits for the legacy default stream's earlier work, and the
+// default stream's work for its earlier work); cudaStreamNonBlocking: no implicit ordering with the default
+// stream.
 #define cudaStreamDefault 0x00
 #define cudaStreamNonBlocking 0x01
 RELORA_EMU_API cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags);
 RELORA_EMU_API cudaError_t cudaStreamDestroy(cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaStreamSynchronize(cudaStream_t stream);
-// cudaSuccess: everything ran at the call (or the sticky error, as cudaStreamSynchronize).
+// Runs the stream's queued work (the emulated device makes progress when asked) and returns cudaSuccess or the
+// sticky error, as cudaStreamSynchronize: a polling loop always ends.
 RELORA_EMU_API cudaError_t cudaStreamQuery(cudaStream_t stream);
 RELORA_EMU_API cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags);
 RELORA_EMU_API cudaError_t cudaEventCreate(cudaEvent_t *event);
@@ -188,7 +203,8 @@ RELORA_EMU_API void relora_emu_set_device_memory(size_t bytes);
 // How the scheduler picks the next fiber of a block. Round robin runs every runnable fiber once per pass
 // (thread 0 first, or the last thread first); greedy always resumes the lowest (highest) runnable thread,
 // so one warp runs as far ahead of the others as the barriers allow. Each order satisfies some missing
-// barriers by luck and exposes others: the tests run the kernels under all four.
+// barriers by luck and exposes others: the tests run the kernels under all four. This control and the next act
+// on launches made after them (work already queued runs first, under the previous setting).
 #define RELORA_EMU_ROUND_ROBIN 0
 #define RELORA_EMU_ROUND_ROBIN_REVERSE 1
 #define RELORA_EMU_GREEDY 2
@@ -201,6 +217,24 @@ RELORA_EMU_API void relora_emu_set_barriers_enabled(int enabled);
 RELORA_EMU_API int relora_emu_device_range(const void *p, size_t bytes);
 // Launches since load of the kernels whose name (the text RELORA_LAUNCH was given) contains `substring`.
 RELORA_EMU_API uint64_t relora_emu_launches_named(const char *substring);
+// The order in which streams' work runs (cuda_emu.h's header comment): RELORA_EMU_STREAM_ORDER=eager|deferred|
+// reverse at load (deferred if unset; anything else is reported on stderr and taken as deferred). Setting it
+// first runs every stream's queued work.
+#define RELORA_EMU_STREAMS_EAGER 0
+#define RELORA_EMU_STREAMS_DEFERRED 1
+#define RELORA_EMU_STREAMS_REVERSE 2
+RELORA_EMU_API void relora_emu_set_stream_order(int order);
+RELORA_EMU_API int relora_emu_stream_order(void);
+// Queued work items not yet run, on every stream (0 in the eager order).
+RELORA_EMU_API uint64_t relora_emu_pending_work(void);
+// For the library's other stand-ins (cuBLAS, NCCL): run(context) in `stream`'s order (at the call in the eager
+// order, else when the stream is drained), then destroy(context) (also when it never runs: a sticky error, a
+// device reset); cudaErrorInvalidResourceHandle for an unknown stream (nothing runs, destroy is called).
+RELORA_EMU_API cudaError_t relora_emu_enqueue(cudaStream_t stream, void (*run)(void *), void (*destroy)(void *),
+                                              void *context);
+// Runs everything queued on `stream` so far (and what it waits for): an NCCL call's data is read and written
+// at the call, in the stream's order.
+RELORA_EMU_API cudaError_t relora_emu_stream_drain(cudaStream_t stream);
 // Counters since load: launches, blocks, fibers started, context switches.
 RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, uint64_t *fibers,
                                         uint64_t *switches);
@@ -208,10 +242,12 @@ RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, ui
 // ---- Launch -------------------------------------------------------------------------------------------
 namespace relora_emu {
 typedef void (*BlockBody)(void *closure);
-// Runs `body(closure)` as every thread of every block of the grid; errors go to cudaGetLastError. `func`
+// Enqueues the grid on `stream`: `body(closure)` runs as every thread of every block when the stream runs
+// it, then `destroy(closure)` (called in any case, also when the launch is refused). Configuration errors go
+// to cudaGetLastError at the call; errors of the run are sticky (seen at the next synchronization). `func`
 // identifies the kernel (its dynamic shared memory opt-in, cudaFuncSetAttribute).
 RELORA_EMU_API void relora_emu_launch(const char *name, const void *func, dim3 grid, dim3 block, size_t shmem,
-                                      cudaStream_t stream, BlockBody body, void *closure);
+                                      cudaStream_t stream, BlockBody body, void *closure, void (*destroy)(void *));
 // The running block's dynamic shared memory.
 RELORA_EMU_API void *relora_emu_dynamic_shared(void);
 
@@ -226,19 +262,19 @@ struct Launch {
     template <typename... Args>
     void operator()(Args &&...args) const {
         static_assert(sizeof...(Args) == sizeof...(Params), "kernel launched with the wrong number of arguments");
-        // Converted once to the parameter types, like a launch's argument copy; every thread then
-        // receives its own copy by value.
-        std::tuple<std::decay_t<Params>...> values(std::forward<Args>(args)...);
+        // Converted once to the parameter types, like a launch's argument copy (kept until the stream runs
+        // the grid); every thread then receives its own copy by value.
         struct Closure {
             void (*kernel)(Params...);
-            std::tuple<std::decay_t<Params>...> *values;
-        } closure{kernel, &values};
+            std::tuple<std::decay_t<Params>...> values;
+        };
+        Closure *closure = new Closure{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
         relora_emu_launch(name, reinterpret_cast<const void *>(kernel), grid, block, shmem, stream,
                           [](void *c) {
                               Closure *self = static_cast<Closure *>(c);
-                              std::apply(self->kernel, *self->values);
+                              std::apply(self->kernel, self->values);
                           },
-                          &closure);
+                          closure, [](void *c) { delete static_cast<Closure *>(c); });
     }
 };
 

@@ -846,9 +846,16 @@ ncclResult_t ncclGroupEnd(void) {
     return result;
 }
 
+// The data of an operation on `stream` is read and written at the call (its transfers start now), so the
+// stream's queued work runs first: what the kernels before it wrote is what it sends (cuda_emu.h's stream
+// model). A failure there is a CUDA error, as NCCL reports one.
+ncclResult_t stream_failed(const char *op) {
+    return call_error(ncclUnhandledCudaError, format("%s: the stream's earlier work failed: %s", op, cudaGetErrorString(cudaPeekAtLastError())));
+}
+
 ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
                       cudaStream_t stream) {
-    (void)stream;
+    if (relora_emu_stream_drain(stream) != cudaSuccess) return group_error(stream_failed("ncclSend"));
     ncclResult_t r = check_comm(comm, "ncclSend");
     if (r != ncclSuccess) return group_error(r);
     const size_t bytes = count * type_size(datatype);
@@ -864,7 +871,7 @@ ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatyp
 
 ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
                       cudaStream_t stream) {
-    (void)stream;
+    if (relora_emu_stream_drain(stream) != cudaSuccess) return group_error(stream_failed("ncclRecv"));
     ncclResult_t r = check_comm(comm, "ncclRecv");
     if (r != ncclSuccess) return group_error(r);
     const size_t bytes = count * type_size(datatype);
@@ -882,7 +889,7 @@ ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int
 // (memmove: in place, sendbuff == recvbuff + rank * bytes, copies nothing).
 ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcount, ncclDataType_t datatype,
                            ncclComm_t comm, cudaStream_t stream) {
-    (void)stream;
+    if (relora_emu_stream_drain(stream) != cudaSuccess) return group_error(stream_failed("ncclAllGather"));
     ncclResult_t r = check_comm(comm, "ncclAllGather");
     if (r != ncclSuccess) return group_error(r);
     if (type_size(datatype) == 0) return group_error(call_error(ncclInvalidArgument, "ncclAllGather: unknown data type"));
@@ -903,7 +910,7 @@ ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcoun
 // The root sends to every other rank (and copies to its own receive buffer unless in place).
 ncclResult_t ncclBroadcast(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype, int root,
                            ncclComm_t comm, cudaStream_t stream) {
-    (void)stream;
+    if (relora_emu_stream_drain(stream) != cudaSuccess) return group_error(stream_failed("ncclBroadcast"));
     ncclResult_t r = check_comm(comm, "ncclBroadcast");
     if (r != ncclSuccess) return group_error(r);
     if (type_size(datatype) == 0) return group_error(call_error(ncclInvalidArgument, "ncclBroadcast: unknown data type"));

@@ -33,8 +33,9 @@
 //   own, as NCCL has none: a peer that stops without closing its sockets leaves the operation in progress
 //   until the caller's timeout aborts the communicator (collectives.cu does). ncclCommAbort wakes the worker
 //   at once (a pipe in every poll), joins it and closes the sockets, so the peers' operations fail.
-// - Streams: the emulation's streams are synchronous, so the data is in place when ncclCommGetAsyncError
-//   stops reporting ncclInProgress; the stream argument is not used.
+// - Streams: an operation first runs its stream's queued work (cuda_emu.h's stream model), then moves the
+//   data, so the data is in place when ncclCommGetAsyncError stops reporting ncclInProgress, and what the
+//   stream's earlier work wrote is what is sent (work on other streams only if the stream waited for it).
 // What it does not model: reductions (no ncclAllReduce & co.), NCCL's algorithms (ring, tree), its
 // transports and topology, CUDA graphs, communicator splitting, several devices per process, IPv6 and
 // NCCL's other environment variables. It is a correctness emulation: every byte goes through rank-to-rank

@@ -40,11 +40,19 @@
 namespace relora {
 namespace {
 
-// The library's one cuBLAS handle, created on first use, and each stream's two device scalars. A cuBLAS
-// handle is not safe for concurrent use, so every call holds the lock from cublasSetStream to the enqueue.
+// One cuBLAS handle per stream, made at the stream's first GEMM: bound to its stream once and given a workspace
+// of its own, so GEMMs on two streams never share cuBLAS' scratch (a handle's default workspace pool is per
+// handle, but cuBLAS' documentation asks for one handle per stream when streams run concurrently), and the
+// stream's two device scalars. cublasSetStream resets a handle's workspace to cuBLAS' default pool, which is why
+// the stream is set once, before the workspace. A cuBLAS handle is not safe for concurrent use, so every call
+// holds the lock from the lookup to the enqueue.
+struct StreamGemm {
+    cublasHandle_t handle = nullptr;
+    void *workspace = nullptr;  // workspace_bytes(), cudaMalloc'd (outside the Swift allocator)
+    float *scalars = nullptr;   // {alpha * s, beta} for the scalar kernel, made on first use
+};
 std::mutex g_mutex;
-cublasHandle_t g_handle = nullptr;
-std::unordered_map<cudaStream_t, float *> g_scalars;
+std::unordered_map<cudaStream_t, StreamGemm> g_streams;
 float *g_constants = nullptr;  // device {0, 1}: beta for alpha_scale GEMMs with alpha == 1
 
 relora_status cublas_check(cublasStatus_t status, const char *what) {
@@ -53,19 +61,54 @@ relora_status cublas_check(cublasStatus_t status, const char *what) {
     return fail(status == CUBLAS_STATUS_ALLOC_FAILED ? RELORA_ERR_OUT_OF_MEMORY : RELORA_ERR_CUBLAS, "gemm: %s: %s (cuBLAS status %d)", what, cublasGetStatusString(status), (int)status);
 }
 
-relora_status handle_locked(cublasHandle_t *out) {
-    if (!g_handle) {
-        cublasHandle_t h = nullptr;
-        RELORA_CHECK(cublas_check(cublasCreate(&h), "cublasCreate"));
-        const cublasStatus_t s =
-            cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
-        if (s != CUBLAS_STATUS_SUCCESS) {
-            cublasDestroy(h);
-            return cublas_check(s, "cublasSetMathMode");
-        }
-        g_handle = h;
+// A handle's workspace: what cublasSetWorkspace's documentation recommends, 32 MiB from sm_90 on, and before it
+// PyTorch's default (2 x 4 MiB + 8 x 16 KiB). The memory plan counts the same figure per stream that runs GEMMs
+// (GPUProfile.cublasWorkspaceBytes, Sources/ReLoRACore/Backend/DeviceMemoryModel.swift). The emulation's
+// cuBLAS stand-in needs none.
+size_t workspace_bytes() {
+#if defined(RELORA_EMU)
+    return 0;
+#else
+    int device = 0, major = 9;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        major = 9;  // the larger figure
     }
-    *out = g_handle;
+    return major >= 9 ? (size_t)32 << 20 : (size_t)2 * (4 << 20) + (size_t)8 * (16 << 10);
+#endif
+}
+
+relora_status handle_locked(cudaStream_t stream, StreamGemm **out) {
+    auto it = g_streams.find(stream);
+    if (it == g_streams.end()) {
+        StreamGemm g;
+        RELORA_CHECK(cublas_check(cublasCreate(&g.handle), "cublasCreate"));
+        cublasStatus_t s =
+            cublasSetMathMode(g.handle, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+        const char *what = "cublasSetMathMode";
+        if (s == CUBLAS_STATUS_SUCCESS) {
+            s = cublasSetStream(g.handle, stream);
+            what = "cublasSetStream";
+        }
+        const size_t bytes = workspace_bytes();
+        if (s == CUBLAS_STATUS_SUCCESS && bytes > 0) {
+            if (cudaMalloc(&g.workspace, bytes) != cudaSuccess) {
+                (void)cudaGetLastError();
+                cublasDestroy(g.handle);
+                return fail(RELORA_ERR_OUT_OF_MEMORY, "gemm: cannot allocate cuBLAS' %zu-byte workspace for a stream", bytes);
+            }
+            s = cublasSetWorkspace(g.handle, g.workspace, bytes);
+            what = "cublasSetWorkspace";
+        }
+        if (s != CUBLAS_STATUS_SUCCESS) {
+            cublasDestroy(g.handle);
+            if (g.workspace) cudaFree(g.workspace);
+            return cublas_check(s, what);
+        }
+        it = g_streams.emplace(stream, g).first;
+    }
+    *out = &it->second;
     return RELORA_OK;
 }
 
@@ -86,14 +129,9 @@ relora_status constants_locked(float **out) {
     return RELORA_OK;
 }
 
-relora_status scalars_locked(cudaStream_t stream, float **out) {
-    auto it = g_scalars.find(stream);
-    if (it == g_scalars.end()) {
-        float *p = nullptr;
-        RELORA_CHECK(check(cudaMalloc((void **)&p, 2 * sizeof(float)), "gemm: device scalars"));
-        it = g_scalars.emplace(stream, p).first;
-    }
-    *out = it->second;
+relora_status scalars_locked(StreamGemm *g, float **out) {
+    if (!g->scalars) RELORA_CHECK(check(cudaMalloc((void **)&g->scalars, 2 * sizeof(float)), "gemm: device scalars"));
+    *out = g->scalars;
     return RELORA_OK;
 }
 
@@ -117,11 +155,11 @@ int ld(int rows) { return rows > 1 ? rows : 1; }
 
 cudaDataType data_type(int32_t dtype) { return dtype == RELORA_DTYPE_F32 ? CUDA_R_32F : CUDA_R_16BF; }
 
-// One cublasGemmEx on `stream` (the lock held). c_type is the type of c as cuBLAS sees it.
-relora_status gemm_locked(cublasHandle_t h, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+// One cublasGemmEx on `stream` (the lock held; g is the stream's handle). c_type is the type of c as cuBLAS sees it.
+relora_status gemm_locked(StreamGemm *g, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
                           const float *alpha_scale, const void *a, const void *b, cudaDataType ab_type, float beta,
                           void *c, cudaDataType c_type, cudaStream_t stream) {
-    RELORA_CHECK(cublas_check(cublasSetStream(h, stream), "cublasSetStream"));
+    cublasHandle_t h = g->handle;
     const void *alpha_p = &alpha, *beta_p = &beta;
     if (alpha_scale) {
         if (beta == 0.0f) {
@@ -137,7 +175,7 @@ relora_status gemm_locked(cublasHandle_t h, bool trans_a, bool trans_b, int m, i
             beta_p = constants + (beta == 1.0f ? 1 : 0);
         } else {
             float *scalars = nullptr;
-            RELORA_CHECK(scalars_locked(stream, &scalars));
+            RELORA_CHECK(scalars_locked(g, &scalars));
             RELORA_LAUNCH(gemm_scalars_kernel, dim3(1), dim3(32), 0, stream)(alpha, alpha_scale, beta, scalars);
             RELORA_CHECK(check_launch("gemm_scalars_kernel"));
             alpha_p = scalars;
@@ -175,8 +213,8 @@ relora_status relora_cuda_gemm(int32_t trans_a, int32_t trans_b, int64_t m, int6
     RELORA_REQUIRE(c && ((a && b) || k == 0), "gemm", "null pointer");
     const cudaStream_t s = as_stream(stream);
     std::lock_guard<std::mutex> lock(g_mutex);
-    cublasHandle_t h = nullptr;
-    RELORA_CHECK(handle_locked(&h));
+    StreamGemm *h = nullptr;
+    RELORA_CHECK(handle_locked(s, &h));
     if (!(ab_dtype == RELORA_DTYPE_F32 && c_dtype == RELORA_DTYPE_BF16)) {
         return gemm_locked(h, trans_a != 0, trans_b != 0, (int)m, (int)n, (int)k, alpha, alpha_scale, a, b,
                            data_type(ab_dtype), beta, c, data_type(c_dtype), s);

@@ -78,6 +78,14 @@ __global__ void dynamic_shared_kernel(unsigned int *out) {
 
 __global__ void noop_kernel(int *) {}
 
+// Streams: a producer and a consumer of one buffer.
+__global__ void fill_value_kernel(float *p, float value, int n) {
+    for (int i = (int)threadIdx.x; i < n; i += (int)blockDim.x) p[i] = value;
+}
+__global__ void copy_values_kernel(const float *src, float *dst, int n) {
+    for (int i = (int)threadIdx.x; i < n; i += (int)blockDim.x) dst[i] = src[i];
+}
+
 __global__ void convert_kernel(const float *x, unsigned short *bf16, unsigned short *half, float *back, long long n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const __nv_bfloat16 b = __float2bfloat16_rn(x[i]);
@@ -312,12 +320,14 @@ bool error_checks() {
     int *d = nullptr;
     cudaMalloc((void **)&d, 64 * sizeof(int));
     RELORA_LAUNCH(divergent_barrier_kernel, dim3(1), dim3(64), 0, nullptr)(d);
+    cudaDeviceSynchronize();  // a kernel's failure surfaces when its stream runs, as on a GPU
     cudaError_t e = cudaGetLastError();
     record(e == cudaErrorLaunchFailure, "__syncthreads in divergent code reported", "%s", cudaGetErrorString(e));
     ok &= e == cudaErrorLaunchFailure;
     cudaDeviceReset();
     cudaMalloc((void **)&d, 64 * sizeof(int));
     RELORA_LAUNCH(shuffle_outside_mask_kernel, dim3(1), dim3(32), 0, nullptr)(d);
+    cudaDeviceSynchronize();
     e = cudaGetLastError();
     record(e == cudaErrorLaunchFailure, "shuffle from a lane outside the mask reported", "%s", cudaGetErrorString(e));
     ok &= e == cudaErrorLaunchFailure;
@@ -475,6 +485,7 @@ bool matrix_checks() {
            wrong, cudaGetErrorString(e));
     ok &= wrong == 0 && e == cudaSuccess;
     RELORA_LAUNCH(ldmatrix_kernel, dim3(1), dim3(32), 16 * 24 * sizeof(__nv_bfloat16), nullptr)(dl, 1);
+    cudaDeviceSynchronize();
     e = cudaGetLastError();
     const bool named = strstr(cudaGetErrorString(e), "not 16-byte aligned") != nullptr;
     record(e == cudaErrorLaunchFailure && named, "misaligned ldmatrix row reported", "%s", cudaGetErrorString(e));
@@ -506,6 +517,7 @@ bool async_copy_checks() {
            "%d of %d wrong (%s)", wrong, threads * 6, cudaGetErrorString(e));
     bool ok = wrong == 0 && e == cudaSuccess;
     RELORA_LAUNCH(cp_async_unwaited_kernel, dim3(1), dim3(threads), src.size() * sizeof(uint32_t), nullptr)(dsrc);
+    cudaDeviceSynchronize();
     e = cudaGetLastError();
     const bool named = strstr(cudaGetErrorString(e), "never waited") != nullptr;
     record(e == cudaErrorLaunchFailure && named, "cp.async never waited for reported", "%s", cudaGetErrorString(e));
@@ -529,6 +541,121 @@ bool async_copy_checks() {
     return ok;
 }
 
+// Streams and events are ordering constraints (cuda_emu.h). Two buffers x and y of n floats; `side` is a stream of
+// the library (non-blocking, stream_create). Read after write: the default stream writes x, `side` copies x into
+// y. Write after read: `side` copies x into y, the default stream then overwrites x. With the event between them
+// (event_record + stream_wait_event) y is right in every order; without it the deferred orders give the stale
+// value: read after write in both (the copy runs when `side` is synchronized, before the default stream's
+// fill), write after read in `deferred` (a device synchronize runs the default stream first; `reverse` runs
+// `side` first and is right by luck, which is why there are two orders). The eager order catches neither.
+bool stream_checks() {
+    const int initial = relora_emu_stream_order();
+    const int n = 300;
+    float *x = nullptr, *y = nullptr;
+    cudaMalloc((void **)&x, n * sizeof(float));
+    cudaMalloc((void **)&y, n * sizeof(float));
+    void *side = nullptr, *event = nullptr;
+    harness::api.stream_create(&side);
+    harness::api.event_create(&event);
+    cudaStream_t s = static_cast<cudaStream_t>(side);
+    auto fill = [&](float *p, float v, cudaStream_t on) { RELORA_LAUNCH(fill_value_kernel, dim3(1), dim3(64), 0, on)(p, v, n); };
+    auto copy = [&](cudaStream_t on) { RELORA_LAUNCH(copy_values_kernel, dim3(1), dim3(64), 0, on)(x, y, n); };
+    // y's values after the scenario (all n equal, else NaN).
+    auto result = [&]() {
+        const std::vector<float> h = download<float>(y, n);
+        for (float v : h) {
+            if (v != h[0]) return NAN;
+        }
+        return h[0];
+    };
+    auto read_after_write = [&](bool with_event) {
+        fill(x, 1.0f, nullptr);
+        fill(y, 0.0f, nullptr);
+        cudaDeviceSynchronize();
+        fill(x, 2.0f, nullptr);
+        if (with_event) {
+            harness::api.event_record(event, nullptr);
+            harness::api.stream_wait_event(side, event);
+        }
+        copy(s);
+        harness::api.stream_synchronize(side);
+        return result();  // 2 when ordered
+    };
+    auto write_after_read = [&](bool with_event) {
+        fill(x, 1.0f, nullptr);
+        fill(y, 0.0f, nullptr);
+        cudaDeviceSynchronize();
+        copy(s);
+        if (with_event) {
+            harness::api.event_record(event, side);
+            harness::api.stream_wait_event(nullptr, event);
+        }
+        fill(x, 3.0f, nullptr);
+        cudaDeviceSynchronize();
+        return result();  // 1 when ordered
+    };
+    bool ok = true;
+    const char *names[] = {"eager", "deferred", "reverse"};
+    for (int order : {RELORA_EMU_STREAMS_DEFERRED, RELORA_EMU_STREAMS_REVERSE, RELORA_EMU_STREAMS_EAGER}) {
+        relora_emu_set_stream_order(order);
+        char name[128];
+        const float raw = read_after_write(true), war = write_after_read(true);
+        snprintf(name, sizeof name, "streams (%s): a consumer after stream_wait_event sees the producer's data", names[order]);
+        record(raw == 2.0f && war == 1.0f, name, "read after write %g (want 2), write after read %g (want 1)", raw, war);
+        ok &= raw == 2.0f && war == 1.0f;
+        const float raw_missing = read_after_write(false), war_missing = write_after_read(false);
+        if (order == RELORA_EMU_STREAMS_EAGER) {
+            printf("note  streams (eager): without the event: read after write %g, write after read %g (not caught)\n",
+                   raw_missing, war_missing);
+            continue;
+        }
+        snprintf(name, sizeof name, "streams (%s): a missing stream_wait_event (read after write) gives stale data", names[order]);
+        record(raw_missing == 1.0f, name, "the consumer read %g (stale: 1)", raw_missing);
+        ok &= raw_missing == 1.0f;
+        if (order == RELORA_EMU_STREAMS_DEFERRED) {
+            snprintf(name, sizeof name, "streams (%s): a missing stream_wait_event (write after read) is a wrong read", names[order]);
+            record(war_missing == 3.0f, name, "the consumer read %g (overwritten: 3)", war_missing);
+            ok &= war_missing == 3.0f;
+        }
+    }
+
+    // Deferred work really waits: queued until forced, and an event synchronize runs only what it covers.
+    relora_emu_set_stream_order(RELORA_EMU_STREAMS_DEFERRED);
+    fill(x, 4.0f, s);
+    harness::api.event_record(event, side);
+    fill(x, 5.0f, s);
+    const uint64_t queued = relora_emu_pending_work();
+    cudaEventSynchronize(static_cast<cudaEvent_t>(event));
+    const uint64_t after_event = relora_emu_pending_work();
+    const float at_event = download<float>(x, 1)[0];  // the default stream's copy does not wait for `side`
+    harness::api.stream_synchronize(side);
+    const float at_end = download<float>(x, 1)[0];
+    const bool deferred_ok = queued == 2 && after_event == 1 && at_event == 4.0f && at_end == 5.0f;
+    record(deferred_ok, "streams: work runs when forced, an event synchronize runs up to the event",
+           "queued %llu, after the event %llu, x %g then %g", (unsigned long long)queued, (unsigned long long)after_event,
+           at_event, at_end);
+    ok &= deferred_ok;
+
+    // The legacy default stream orders with blocking streams (cudaStreamCreate) without any event.
+    cudaStream_t blocking = nullptr;
+    cudaStreamCreate(&blocking);
+    fill(x, 6.0f, nullptr);
+    fill(y, 0.0f, blocking);
+    copy(blocking);
+    cudaStreamSynchronize(blocking);
+    const float legacy = result();
+    record(legacy == 6.0f, "streams: a blocking stream waits for the legacy default stream", "y %g (want 6)", legacy);
+    ok &= legacy == 6.0f;
+    cudaStreamDestroy(blocking);
+
+    harness::api.event_destroy(event);
+    harness::api.stream_destroy(side);
+    cudaFree(x);
+    cudaFree(y);
+    relora_emu_set_stream_order(initial);
+    return ok;
+}
+
 }  // namespace
 
 bool run_emulation_checks() {
@@ -541,6 +668,7 @@ bool run_emulation_checks() {
     ok &= memory_checks();
     ok &= matrix_checks();
     ok &= async_copy_checks();
+    ok &= stream_checks();
     uint64_t launches = 0, blocks = 0, fibers = 0, switches = 0;
     relora_emu_counters(&launches, &blocks, &fibers, &switches);
     printf("emulation: %llu launches, %llu blocks, %llu threads run as fibers, %llu switches\n",

@@ -9,7 +9,7 @@ let exportCommand = CommandSpec(
     name: "relora export",
     summary: "export a model as a Hugging Face model directory or a GGUF file",
     synopsis: [
-        "MODEL --format hf --out DIR [--dtype float32|bfloat16] [--device cpu|cuda]",
+        "MODEL --format hf --out DIR [--dtype float32|bfloat16] [--quant nf4] [--device cpu|cuda]",
         "MODEL --format gguf --out FILE.gguf [--quant f32|f16|bf16|q8_0|q4_0] [--device cpu|cuda]",
     ],
     discussion: """
@@ -19,7 +19,9 @@ let exportCommand = CommandSpec(
         weights dequantized); the tokenizer goes along when the source has one.
 
         --format hf: a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, the run's
-        tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load.
+        tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load. With --quant nf4
+        the block linears are written in bitsandbytes' 4-bit layout (nf4, blocksize 64, no double quantization)
+        with a quantization_config, so from_pretrained loads a bitsandbytes 4-bit model.
         --format gguf: one GGUF v3 file for llama.cpp (and transformers' GGUF loader): LLaMA metadata, llama.cpp
         tensor names with q/k rows permuted to llama.cpp's rotary convention, and the tokenizer. f16/bf16 store
         2-D tensors in 16 bits; q8_0 quantizes every 2-D tensor; q4_0 the block linears (embedding and head in
@@ -32,8 +34,8 @@ let exportCommand = CommandSpec(
         .value("out", "PATH", help: "the directory (hf) or file (gguf) to write", required: true),
         .value("dtype", help: "the weights' dtype in model.safetensors (--format hf only)", default: "float32",
                choices: ["float32", "bfloat16"]),
-        .value("quant", help: "the 2-D tensors' type (--format gguf only)", default: "f32",
-               choices: GGUFWeightType.allCases.map(\.rawValue)),
+        .value("quant", help: "gguf: the 2-D tensors' type; hf: nf4 writes the block linears in bitsandbytes 4-bit",
+               default: "f32", choices: GGUFWeightType.allCases.map(\.rawValue) + ["nf4"]),
         deviceOption,
     ],
     examples: [
@@ -51,9 +53,14 @@ func runExport(_ args: [String]) throws {
         guard !a.has("dtype") else {
             throw exportCommand.usageError("--dtype is for --format hf; use --quant f32|f16|bf16|q8_0|q4_0 with gguf")
         }
+        guard a.string("quant") != "nf4" else {
+            throw exportCommand.usageError("--quant nf4 is for --format hf (bitsandbytes 4-bit); gguf takes f32|f16|bf16|q8_0|q4_0")
+        }
         try exportGGUF(source, out: out, a)
     default:
-        guard !a.has("quant") else { throw exportCommand.usageError("--quant is for --format gguf; use --dtype with hf") }
+        guard !a.has("quant") || a.string("quant") == "nf4" else {
+            throw exportCommand.usageError("--format hf takes --quant nf4 only (bitsandbytes 4-bit); the other types are for --format gguf")
+        }
         try exportHF(source, out: out, a)
     }
 }
@@ -64,11 +71,13 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let tokenizer = try source.tokenizerJSON()
     if tokenizer == nil { warning("\(source.path) has no tokenizer; the export will not include one") }
     let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
-    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", tokenizerJSON: tokenizer) { done, _ in
+    let nf4 = a.has("quant")  // only nf4 reaches here
+    try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", bitsandbytesNF4: nf4,
+                          tokenizerJSON: tokenizer) { done, _ in
         progress.update(done)
     }
     progress.finish()
-    print("exported \(source.checkpoint ?? source.path) -> \(out) (\(dtype))")
+    print("exported \(source.checkpoint ?? source.path) -> \(out) (\(dtype)\(nf4 ? ", block linears in bitsandbytes nf4" : ""))")
 }
 
 func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {

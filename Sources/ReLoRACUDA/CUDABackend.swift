@@ -125,6 +125,17 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
         ledger.freed(tensor.byteCount, tensor.tag)
     }
 
+    /// Declares that work on `stream` (not the default stream) reads or writes `tensor`: when the tensor is
+    /// released, its block's next owner waits for that work (`DeviceAllocator.recordStream`). Host tensors
+    /// (the `master` policy's pinned copies) need nothing: freeing them synchronizes the device.
+    func recordStream(_ tensor: Tensor, stream: UnsafeMutableRawPointer) {
+        var owner = tensor  // a view's block is its viewed tensor's
+        while let viewed = owner.viewedTensor { owner = viewed }
+        guard let storage = owner.storage, !owner.tag.isHost else { return }
+        lock.lock(); defer { lock.unlock() }
+        allocator.recordStream(storage, stream: stream)
+    }
+
     /// The allocator's counters: reserved and in-use bytes with their high-water marks, per-tag use at the peak.
     public var allocatorStats: AllocatorStats {
         lock.lock(); defer { lock.unlock() }

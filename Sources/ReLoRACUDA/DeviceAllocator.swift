@@ -15,6 +15,15 @@ import ReLoRACore
 /// Each live block carries the memory tag of its tensor, so the allocator can say what the device held by
 /// role at its high-water mark, beside the ledger's exact per-tensor bytes (the difference is rounding
 /// and the cache). Not thread-safe on its own: `CUDABackend` calls it under its lock.
+///
+/// Streams. Blocks are handed out for the default stream, on which the backend computes. A block that another
+/// stream also uses (the data-parallel gradient sums' stream) is declared with `recordStream`, as PyTorch's
+/// `record_stream`: its release records an event on each such stream, and the block's next allocation makes
+/// the default stream wait for those events (`stream_wait_event`, no host synchronization) before anything
+/// else is enqueued there, so the new owner's writes cannot overtake the other stream's reads and writes of
+/// the old owner. PyTorch instead keeps such a block out of the cache until a query finds its events
+/// complete; here the block is reused at once and the device orders the uses, so which block an allocation
+/// gets does not depend on timing and `CachingAllocatorModel` stays this allocator's exact policy.
 final class DeviceAllocator {
     /// The counters a plan predicts (`CachingAllocatorModel`, the same policy without memory).
     typealias Stats = AllocatorStats
@@ -26,11 +35,22 @@ final class DeviceAllocator {
     private var cache: [Int: [UnsafeMutableRawPointer]] = [:]
     private var live: [UnsafeMutableRawPointer: (bytes: Int, tag: MemoryTag)] = [:]
     private var inUseByTag: [MemoryTag: Int] = [:]
+    /// Streams other than the default one that used a live block (`recordStream`).
+    private var streamUses: [UnsafeMutableRawPointer: [UnsafeMutableRawPointer]] = [:]
+    /// A cached block's events, recorded at its release on the streams that used it.
+    private var releaseEvents: [UnsafeMutableRawPointer: [UnsafeMutableRawPointer]] = [:]
+    /// Events no block waits for (created on demand, reused: a wait captures the record it follows at the call).
+    private var idleEvents: [UnsafeMutableRawPointer] = []
     private(set) var stats = Stats()
 
     init(library: CUDALibrary, limit: Int?) {
         self.library = library
         self.limit = limit
+    }
+
+    deinit {
+        for events in releaseEvents.values { idleEvents += events }
+        for e in idleEvents { library.check(library.api.event_destroy!(e), "event_destroy") }
     }
 
     /// The policy's size classes, shared with the plan's model.
@@ -45,6 +65,10 @@ final class DeviceAllocator {
             cache[size] = free
             stats.cacheHits += 1
             block = reused
+            if let events = releaseEvents.removeValue(forKey: reused) {
+                for e in events { library.check(library.api.stream_wait_event!(nil, e), "stream_wait_event") }
+                idleEvents += events
+            }
         } else {
             block = mallocOrTrim(size)
         }
@@ -64,11 +88,29 @@ final class DeviceAllocator {
         }
         stats.inUse -= size
         inUseByTag[tag, default: 0] -= size
+        if let streams = streamUses.removeValue(forKey: block) {
+            releaseEvents[block] = streams.map { stream in
+                var event = idleEvents.popLast()
+                if event == nil { library.check(library.api.event_create!(&event), "event_create") }
+                library.check(library.api.event_record!(event, stream), "event_record")
+                return event!
+            }
+        }
         cache[size, default: []].append(block)
+    }
+
+    /// Declares that `stream` (not the default stream) uses the live `block` too: work enqueued there so far
+    /// finishes before the block's next owner's work on the default stream starts.
+    func recordStream(_ block: UnsafeMutableRawPointer, stream: UnsafeMutableRawPointer) {
+        precondition(live[block] != nil, "DeviceAllocator.recordStream: \(block) is not a live block")
+        if !(streamUses[block]?.contains(stream) ?? false) { streamUses[block, default: []].append(stream) }
     }
 
     /// Returns every cached block to the device.
     func emptyCache() {
+        // cudaFree synchronizes the device: the events' work is done.
+        for events in releaseEvents.values { idleEvents += events }
+        releaseEvents.removeAll()
         for (size, blocks) in cache {
             for b in blocks {
                 library.check(library.api.free!(b), "free")

@@ -231,6 +231,9 @@ public final class NCCLCommunicator: Communicator, DeviceCollectives, @unchecked
                        backend.makeTensor([capacity], dtype: .f32, tag: .workspace, zeroed: false))
         }
         let (flat, parts) = buffers!
+        // The gradients are read and written on the communication stream: a gradient released before the sums
+        // end leaves its block to a next owner that waits for them (the allocator's stream events).
+        if let cuda = backend as? CUDABackend, let stream { for t in tensors { cuda.recordStream(t, stream: stream) } }
         // The gradients' last writes are on the default stream.
         library.check(api.event_record!(ready, nil), "event_record")
         library.check(api.stream_wait_event!(stream, ready), "stream_wait_event")

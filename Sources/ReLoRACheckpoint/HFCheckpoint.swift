@@ -32,6 +32,7 @@ public enum HFCheckpoint {
             throw ReLoRAError.invalidFile(path: directory, reason: "no config.json in the model directory")
         }
         let configKeys = try readJSONObject(configPath)
+        try BitsAndBytes4bit.checkQuantizationConfig(configKeys, path: configPath)
         for key in ["attention_bias", "mlp_bias"] {
             if case .bool(true)? = configKeys.values[key] {
                 throw ReLoRAError.invalidFile(path: configPath, reason: "'\(key)': true is not supported (LLaMA has no biases)")
@@ -50,11 +51,25 @@ public enum HFCheckpoint {
     /// Streams every weight of `model.weights` from the directory's (possibly sharded) safetensors files,
     /// one tensor at a time. Into a model with quantized base weights, each linear is quantized as it
     /// is read, and `quantized(name, relativeError)` reports its quantization error.
+    ///
+    /// A bitsandbytes 4-bit weight (`BitsAndBytes4bit`; a directory whose config has `quantization_config`
+    /// with `quant_method: bitsandbytes`) is read with its quant state: into an nf4 model its codes are kept
+    /// byte for byte where its rows are whole 64-blocks, otherwise it is dequantized exactly and requantized
+    /// (or, into a dense model, dequantized); `log` gets one line per such weight saying which.
     public static func loadWeights(directory: String, into model: LlamaModel, warn: (String) -> Void = { _ in },
-                                   quantized: (String, Double) -> Void = { _, _ in }) throws {
+                                   quantized: (String, Double) -> Void = { _, _ in },
+                                   log: (String) -> Void = { _ in }) throws {
         let shards = try openShards(URL(fileURLWithPath: directory))
         var used = Set<String>()
+        let format = model.quant?.rawValue ?? "dense"
         for (name, slot) in model.weights.slots() {
+            if let weight = try BitsAndBytes4bit.read(name, shape: slot.shape, from: shards) {
+                let outcome = try BitsAndBytes4bit.load(weight, into: slot, backend: model.backend)
+                log(BitsAndBytes4bit.describe(weight, outcome, format: format))
+                used.insert(name)
+                used.formUnion(BitsAndBytes4bit.companions(name, in: shards.keys))
+                continue
+            }
             guard let file = shards[name] else {
                 throw ReLoRAError.invalidFile(path: directory, reason: "tensor '\(name)' is missing from the checkpoint")
             }
@@ -115,8 +130,13 @@ public enum HFCheckpoint {
     /// Written into a temporary directory and renamed into place; an existing `out` is replaced only
     /// after the new export is complete. `progress(tensorsDone, tensorsTotal)` is called as each tensor is
     /// read from the backend and converted (the bulk of the work before the one file write).
-    public static func save(model: LlamaModel, to out: String, bfloat16: Bool = false, tokenizerJSON: Data? = nil,
-                            progress: ((Int, Int) -> Void)? = nil) throws {
+    ///
+    /// `bitsandbytesNF4`: the seven block linears of every layer are written in bitsandbytes' 4-bit layout
+    /// (nf4, blocksize 64, no double quantization; `BitsAndBytes4bit.entries`) and config.json gets the
+    /// `quantization_config` transformers writes for it, so `from_pretrained` loads a bitsandbytes 4-bit
+    /// model; embedding, norms and head stay dense in the chosen dtype.
+    public static func save(model: LlamaModel, to out: String, bfloat16: Bool = false, bitsandbytesNF4: Bool = false,
+                            tokenizerJSON: Data? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
         guard model.weights.isDense else {
             throw ReLoRAError.invalidData("a Hugging Face export needs dense weights; export a checkpoint (`relora export RUN`), which dequantizes")
         }
@@ -126,16 +146,30 @@ public enum HFCheckpoint {
         try Files.createDirectory(temp)
         do {
             var config = model.config.jsonObject()
-            config["torch_dtype"] = bfloat16 ? "bfloat16" : "float32"
+            let dtype = bfloat16 ? "bfloat16" : "float32"
+            config["torch_dtype"] = dtype
             config["bos_token_id"] = NSNull()
             config["eos_token_id"] = NSNull()
+            if bitsandbytesNF4 { config["quantization_config"] = BitsAndBytes4bit.quantizationConfig(computeDType: dtype) }
             try Files.writeJSON(config, to: temp + "/config.json")
             let named = model.weights.named()
-            let entries = named.enumerated().map { i, t in
+            let linears = Set(model.weights.linears.map { $0.namePrefix + "weight" })
+            let failure = BitsAndBytes4bit.FirstError()
+            let backend = model.backend
+            let entries = named.enumerated().flatMap { i, t -> [SafetensorsEntry] in
                 defer { progress?(i + 1, named.count) }
-                return TensorIO.entry(t.0, t.1, backend: model.backend, bfloat16: bfloat16)
+                let (name, tensor) = t
+                guard bitsandbytesNF4, linears.contains(name) else {
+                    return [TensorIO.entry(name, tensor, backend: backend, bfloat16: bfloat16)]
+                }
+                return BitsAndBytes4bit.entries(name, rows: tensor.shape[0], cols: tensor.shape[1], dtype: dtype,
+                                                failure: failure) { backend.download(tensor) }
             }
-            try SafetensorsWriter.write(entries, metadata: ["format": "pt"], to: temp + "/model.safetensors")
+            do {
+                try SafetensorsWriter.write(entries, metadata: ["format": "pt"], to: temp + "/model.safetensors")
+            } catch {
+                throw failure.error ?? error
+            }
             if let tok = tokenizerJSON { try writeFileAtomically(tok, to: temp + "/tokenizer.json") }
             try replaceDirectory(at: out, with: temp)
         } catch {

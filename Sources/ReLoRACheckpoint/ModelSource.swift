@@ -17,7 +17,8 @@ public enum ModelSourceKind: String, Sendable, CaseIterable {
     case runDirectory = "run directory"
     /// One training checkpoint (`state.json`); its tokenizer is its run's.
     case checkpoint = "checkpoint directory"
-    /// `config.json` with `model.safetensors` or a sharded `model.safetensors.index.json`.
+    /// `config.json` with `model.safetensors` or a sharded `model.safetensors.index.json`, dense or in
+    /// bitsandbytes' 4-bit layout (`BitsAndBytes4bit`, read by `HFCheckpoint.loadWeights`).
     case huggingFace = "Hugging Face directory"
     /// A LLaMA GGUF file (llama.cpp's format; the tokenizer in its metadata).
     case gguf = "GGUF file"
@@ -99,7 +100,8 @@ public final class ModelSource {
     // MARK: Tensors
 
     /// The source's weights under Hugging Face names (`model.layers.0.self_attn.q_proj.weight`), each read
-    /// when asked for: a Hugging Face directory's (possibly sharded) safetensors, a GGUF file's tensors as
+    /// when asked for: a Hugging Face directory's (possibly sharded) safetensors as stored (a bitsandbytes
+    /// weight as its packed codes and quant-state companions, which `loadWeights` decodes), a GGUF file's tensors as
     /// f32 with llama.cpp's q/k row order undone, a checkpoint's model tensor file (quantized frozen weights
     /// as `<name>.<format>` blocks; a LoRA checkpoint's factors are not in it).
     public func tensors() throws -> any TensorFile {
@@ -117,13 +119,14 @@ public final class ModelSource {
     /// Streams the weights into `model`, whose config must be `config`'s architecture and whose storage may
     /// be anything (quantized frozen weights are quantized as they arrive, `quantized(name, relativeError)`).
     /// A LoRA checkpoint is refused: its weights are W + s B A, which only `loadModel` folds.
+    /// `log` gets the loaders' notes (a bitsandbytes 4-bit weight: whether its codes were kept or converted).
     public func loadWeights(into model: LlamaModel, warn: (String) -> Void = { _ in },
-                            quantized: (String, Double) -> Void = { _, _ in }) throws {
+                            quantized: (String, Double) -> Void = { _, _ in }, log: (String) -> Void = { _ in }) throws {
         switch kind {
         case .gguf:
             try LlamaGGUF.loadWeights(gguf!, into: model, warn: warn, quantized: quantized)
         case .huggingFace:
-            try HFCheckpoint.loadWeights(directory: path, into: model, warn: warn, quantized: quantized)
+            try HFCheckpoint.loadWeights(directory: path, into: model, warn: warn, quantized: quantized, log: log)
         case .checkpoint, .runDirectory:
             guard !hasLoRA else {
                 throw ReLoRAError.invalidFile(path: checkpoint!, reason: "holds LoRA factors, so its weights are W + s B A; use its merged export (`relora export --format hf`) or continue the run with --resume")

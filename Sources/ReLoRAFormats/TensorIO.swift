@@ -83,14 +83,21 @@ package enum TensorIO {
             }
             let dense = q.master ?? backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
             if q.master == nil { try load(dense, from: file, name, backend: backend) }
-            if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
-            let roundTrip = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
-            backend.dequantize(q, firstRow: 0, rowCount: q.rows, into: roundTrip)
-            let norm = backend.sumOfSquares([dense])
-            backend.axpy(-1, dense, roundTrip)
-            let error = backend.sumOfSquares([roundTrip])
-            return norm > 0 ? (error / norm).squareRoot() : 0
+            return try quantize(dense, into: q, name: name, backend: backend)
         }
+    }
+
+    /// Quantizes the f32 `[rows, cols]` values in `dense` into `q` (round to nearest) and returns the
+    /// relative error `||deq(q) - w|| / ||w||` (0 for an all-zero w). `dense` is left unchanged; it may be
+    /// `q.master`. Throws the quantizer's one-sentence error for a weight the format cannot hold.
+    package static func quantize(_ dense: Tensor, into q: QuantizedTensor, name: String, backend: Backend) throws -> Double {
+        if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
+        let roundTrip = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+        backend.dequantize(q, firstRow: 0, rowCount: q.rows, into: roundTrip)
+        let norm = backend.sumOfSquares([dense])
+        backend.axpy(-1, dense, roundTrip)
+        let error = backend.sumOfSquares([roundTrip])
+        return norm > 0 ? (error / norm).squareRoot() : 0
     }
 
     /// The safetensors entries of a weight slot: `entry`, and a quantized weight's master copy

@@ -238,7 +238,7 @@ extension MemoryPlan {
             } else {
                 lines.append(line("+ CUDA context", cuda.context,
                                   "\(estimateFor): \(formatBytes(g.localMemoryBytes)) of thread stacks (\(g.multiprocessors) SMs) + \(formatBytes(GPUProfile.contextBaseBytes)) driver and kernels"))
-                lines.append(line("+ cuBLAS", cuda.cublasWorkspace, "\(estimateFor): its default workspace (sm_\(g.computeMajor)\(g.computeMinor))"))
+                lines.append(line("+ cuBLAS", cuda.cublasWorkspace, "\(estimateFor): the default stream's workspace (sm_\(g.computeMajor)\(g.computeMinor))"))
                 if cuda.nccl > 0 { lines.append(line("+ NCCL", cuda.nccl, "\(estimateFor): its buffers for \(worldSize) ranks")) }
             }
             lines.append(line("device total", cuda.total))

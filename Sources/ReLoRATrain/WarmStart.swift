@@ -6,8 +6,9 @@ import ReLoRACheckpoint
 
 extension Trainer {
     /// Starts from any model source `ModelSource.open` accepts: a full-rank relora checkpoint (or run
-    /// directory), a Hugging Face LLaMA directory (single or sharded safetensors: continued pretraining of an
-    /// existing model) or a LLaMA GGUF file.
+    /// directory), a Hugging Face LLaMA directory (single or sharded safetensors, dense or bitsandbytes 4-bit:
+    /// continued pretraining of an existing model; a 4-bit weight's nf4 codes are kept byte for byte where they
+    /// can be, see `BitsAndBytes4bit`) or a LLaMA GGUF file.
     ///
     /// From a relora checkpoint: its weights (the LoRA run's frozen W), its step count (the schedule
     /// continues, as in the reference), and Adam's moments and step counter for the dense tensors that
@@ -19,7 +20,8 @@ extension Trainer {
         let source = try ModelSource.open(path)
         try checkSameArchitecture(source.config, model.config, source: path)
         guard let checkpoint = source.checkpoint else {
-            try source.loadWeights(into: model, warn: { log("warning: \($0)") }, quantized: quantizationLog(model, log))
+            try source.loadWeights(into: model, warn: { log("warning: \($0)") }, quantized: quantizationLog(model, log),
+                                   log: log)
             return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
         }
         let warmState = try TrainingCheckpoint.readState(checkpoint)

@@ -84,6 +84,42 @@ final class CUDABackendTests: XCTestCase {
         }
     }
 
+    /// The allocator's stream events (`recordStream`, what the data-parallel sums declare for the gradients): a
+    /// block that another stream still reads when its tensor is released is handed out again at once, and its
+    /// next owner's work on the default stream waits for that read. On the emulation's deferred stream order
+    /// the side stream's copy runs only when that stream is synchronized, after the default stream has run the
+    /// new owner's upload: without the declared use the copy reads the new owner's values (the hazard is real
+    /// in the emulation, so the first check can fail).
+    func testAReleasedBlockWaitsForAnotherStreamsUse() throws {
+        let library = try Self.emulatedBackend().library
+        let api = library.api
+        var side: UnsafeMutableRawPointer?
+        library.check(api.stream_create!(&side), "stream_create")
+        defer { library.check(api.stream_destroy!(side), "stream_destroy") }
+        let n = 1000
+        func copied(declared: Bool) -> Set<Float> {
+            let backend = CUDABackend(library: library)
+            let out = backend.makeTensor([n], dtype: .f32, tag: .workspace, zeroed: true)
+            var gradient: Tensor? = backend.makeTensor([n], dtype: .f32, tag: .gradients, zeroed: false)
+            backend.upload([Float](repeating: 1, count: n), to: gradient!)
+            backend.synchronize()
+            let block = gradient!.storage
+            library.check(api.memcpy!(out.storage, block, Int64(n * 4), RELORA_MEMCPY_DEVICE_TO_DEVICE, side), "memcpy")
+            if declared { backend.recordStream(gradient!, stream: side!) }
+            gradient = nil
+            let next = backend.makeTensor([n], dtype: .f32, tag: .gradients, zeroed: false)
+            XCTAssertEqual(next.storage, block, "the released block is reused at once")
+            backend.upload([Float](repeating: 2, count: n), to: next)
+            _ = backend.download(next)  // runs the default stream's queue
+            library.check(api.stream_synchronize!(side), "stream_synchronize")
+            return Set(backend.download(out))
+        }
+        XCTAssertEqual(copied(declared: true), [1])
+        if ProcessInfo.processInfo.environment["RELORA_EMU_STREAM_ORDER"] != "eager" {
+            XCTAssertEqual(copied(declared: false), [2], "the emulation's deferred order no longer exposes a missing stream event")
+        }
+    }
+
     /// A plan's model of the caching allocator is the allocator, to the byte: the planned code path (a new
     /// run's start, one optimizer step of two micro-batches, a restart for relora) on the emulated device
     /// measures the in-use and reserved peaks, cudaMalloc calls, cache hits and blocks per tag at the in-use

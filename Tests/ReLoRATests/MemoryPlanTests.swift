@@ -215,7 +215,7 @@ final class MemoryPlanTests: XCTestCase {
     }
 
     /// A cuda plan's device total is the allocator's reservation plus the GPU's estimates, each by its formula:
-    /// the context's thread stacks (1 KiB x SMs x resident threads per SM) + 192 MiB, cuBLAS' default workspace
+    /// the context's thread stacks (1 KiB x SMs x resident threads per SM) + 192 MiB, cuBLAS' workspace of the default stream
     /// (32 MiB from sm_90 on), NCCL's buffers with more than one rank; a budget measured after the start
     /// leaves out the context and the backend's scratch; the emulation estimates nothing; cpu plans have none.
     func testCUDAPlansAddTheAllocatorAndTheEstimates() throws {

@@ -100,7 +100,9 @@ final class NCCLTests: XCTestCase {
     /// chunks), train the same bits as two in-process ranks on the same backend (whose gradients are summed
     /// through host copies: the device sums, started block by block during the backward, add the same
     /// values in the same order), and stay within bf16's bound of the same run on the CPU (the selftest's
-    /// training bound, 3e-2 relative).
+    /// training bound, 3e-2 relative). The emulation's streams run deferred (Kernels/README.md, Streams), the
+    /// mpirun ranks' in the default order and the torchrun ranks' in the reverse one, so a missing event
+    /// between the default stream and the sums' stream changes the bits and fails this test.
     func testTrainingEqualsTheInProcessGroupOnTheSameBackend() throws {
         let d = try TrainerTests.makeByteData(hidden: 16, layers: 1)
         let library = try emulation()
@@ -117,7 +119,7 @@ final class NCCLTests: XCTestCase {
         // Chunks of 999 floats: they end inside tensors and their shares are padded (999 = 2 x 500 - 1).
         let viaTorchrun = recipe("nccl-torchrun")
         let t = try torchrunStyle(ranks: 2, ["train", try writeRecipe(viaTorchrun, to: d.dir + "/nccl-torchrun.json")],
-                                  environment: ["RELORA_COLLECTIVE_CHUNK_FLOATS": "999"])
+                                  environment: ["RELORA_COLLECTIVE_CHUNK_FLOATS": "999", "RELORA_EMU_STREAM_ORDER": "reverse"])
         for (rank, r) in t.enumerated() { XCTAssertEqual(r.status, 0, "rank \(rank): \(r.output)") }
         // After the first step each run prints its allocator's figures and its plan's: equal, the gradient sums'
         // buffers (made during the backward, enlarged for the last group) included.

@@ -172,12 +172,13 @@ public struct GPUProfile: Sendable, Equatable {
     /// on an A100, 384 MiB on an RTX 4090). Held from the first CUDA call, outside the allocator.
     public var contextBytes: Int { emulated ? 0 : Self.contextBaseBytes + localMemoryBytes }
 
-    /// cuBLAS' workspace, estimated. relora never calls cublasSetWorkspace, so its one handle (Kernels/src/
-    /// gemm.cu) allocates cuBLAS' default workspace pool with cudaMalloc, outside the allocator. The cuBLAS
-    /// documentation (cublasSetWorkspace) recommends 32 MiB on Hopper and 4 MiB elsewhere (as cited in
-    /// pytorch/pytorch#120925); PyTorch, which mirrors cuBLAS' default pool, sets 2 x 4 MiB + 8 x 16 KiB
-    /// (":4096:2:16:8", 8.125 MiB) and 32 MiB on sm_90 (pytorch/pytorch#89027). Counted: 32 MiB from sm_90 on,
-    /// 8.125 MiB before.
+    /// cuBLAS' workspace of one stream that runs GEMMs. The kernel library (Kernels/src/gemm.cu) gives each such
+    /// stream a cuBLAS handle of its own and allocates it this workspace with cudaMalloc (`cublasSetWorkspace`),
+    /// outside the allocator: the figure cuBLAS' documentation (cublasSetWorkspace) recommends on Hopper, 32 MiB
+    /// (as cited in pytorch/pytorch#120925), and before sm_90 PyTorch's mirror of cuBLAS' default pool,
+    /// 2 x 4 MiB + 8 x 16 KiB (":4096:2:16:8", 8.125 MiB; pytorch/pytorch#89027). Only the default stream runs
+    /// GEMMs (the gradient sums' stream runs copies, additions and NCCL), so a plan counts one
+    /// (`CUDAFootprint.gemmStreams`). cuBLAS' own small allocations besides it are not counted.
     public var cublasWorkspaceBytes: Int {
         if emulated { return 0 }
         return computeMajor >= 9 ? 32 << 20 : (2 * (4 << 20) + 8 * (16 << 10))
@@ -211,13 +212,15 @@ public struct CUDAFootprint: Sendable {
     public var context: Int
     public var cublasWorkspace: Int
     public var nccl: Int
+    /// Streams that run GEMMs, each with its own cuBLAS workspace: the default stream.
+    public static let gemmStreams = 1
 
     public init(allocator: AllocatorStats, afterFirstStep: AllocatorStats, gpu: GPUProfile, worldSize: Int) {
         self.allocator = allocator
         self.afterFirstStep = afterFirstStep
         self.gpu = gpu
         context = gpu.contextBytes
-        cublasWorkspace = gpu.cublasWorkspaceBytes
+        cublasWorkspace = gpu.cublasWorkspaceBytes * Self.gemmStreams
         nccl = gpu.ncclBytes(worldSize: worldSize)
     }
 
