@@ -276,7 +276,8 @@ public final class LlamaModel {
     /// floats, one download). An empty cache runs the ordinary forward over the tokens (batch 1) and keeps
     /// every layer's rotated keys and values; a non-empty one decodes the tokens one at a time, each a
     /// one-row forward whose attention reads the cache (`Backend.ropeAt`, `attentionDecode`). The logits
-    /// equal `logits(inputs: all tokens so far)`'s last row up to the blocking of the products (docs/sampling.md).
+    /// equal `logits(inputs: all tokens so far)`'s last row up to the products' summation order
+    /// (docs/checkpoints-and-export.md, "Sampling with a KV cache").
     public func logits(appending tokens: [Int32], to cache: KVCache) throws -> [Float] {
         guard !tokens.isEmpty else { throw ReLoRAError.invalidData("no tokens to append to the KV cache") }
         guard cache.count + tokens.count <= cache.capacity else {

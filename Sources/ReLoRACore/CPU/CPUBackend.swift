@@ -292,7 +292,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     /// as one OpenBLAS product (`[1, position + 1]`), the same softmax loop, then `P V` (`[1, D]`, k =
     /// position + 1). The forward's products have more rows (and k = T for `P V`, with zeros past the
     /// diagonal), which OpenBLAS may block differently, so a row can differ from the forward's in the last
-    /// bits (docs/sampling.md measures it).
+    /// bits (docs/checkpoints-and-export.md, KVCacheTests).
     public func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int,
                                 heads: Int, kvHeads: Int, headDim D: Int) {
         let keys = position + 1, group = heads / kvHeads, ks = kvHeads * D
