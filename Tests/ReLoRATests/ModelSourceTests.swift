@@ -148,6 +148,30 @@ final class ModelSourceTests: XCTestCase {
         }
     }
 
+    /// A bitsandbytes 4-bit Hugging Face directory (`BitsAndBytes4bit`) is a Hugging Face source: eval, export
+    /// (to hf and gguf, whose evaluations give the same loss: the dequantized nf4 weights exactly) and info open
+    /// it; sample refuses it for its missing tokenizer, with the one sentence.
+    func testBitsAndBytesDirectoryIsAHuggingFaceSource() throws {
+        let bnb = fixturesDirectory() + "/bnb/nf4"
+        XCTAssertEqual(try ModelSourceKind.detect(bnb), .huggingFace)
+        let dir = temporaryDirectory("bnb-source")
+        try NpyWriter.write(tokens: (0..<96).map { Int64(($0 * 5) % 64) }, dtype: .uint16, to: dir + "/t.npy")
+        func eval(_ model: String) throws -> String {
+            let r = try runRelora(["eval", "--model", model, "--data", dir + "/t.npy", "--seq-len", "16", "--json"])
+            XCTAssertEqual(r.status, 0, "eval \(model): \(r.stderr)")
+            return r.stdout
+        }
+        let loss = try eval(bnb)
+        for (format, out) in [("hf", dir + "/hf"), ("gguf", dir + "/m.gguf")] {
+            let r = try runRelora(["export", bnb, "--format", format, "--out", out])
+            XCTAssertEqual(r.status, 0, "export \(format): \(r.stderr)")
+            XCTAssertEqual(try eval(out), loss, "export \(format)")
+        }
+        XCTAssertEqual(try runRelora(["info", bnb]).status, 0)
+        let r = try runRelora(["sample", "--model", bnb, "--prompt", "x"])
+        XCTAssertEqual(r.stderr, "error: \(bnb): has no tokenizer.json to encode the prompt with\n")
+    }
+
     /// The kinds are told apart by their files; a run directory resolves to its latest checkpoint.
     func testDetectsKinds() throws {
         let f = fixturesDirectory()
