@@ -11,7 +11,7 @@
 //   ReLoRATrain                        recipe, trainer loop, AdamW, samplers, schedules, memory plan
 //   ReLoRACheckpoint                   training checkpoints, Hugging Face and GGUF model files
 //   ReLoRAModel                        LLaMA model, adapted (frozen + LoRA) linears, merge policies, eval
-//   ReLoRATokenizer                    byte-level BPE: tokenizer.json, trainer, GGUF vocabularies
+//   ReLoRATokenizer                    tokenizers: byte-level BPE, SentencePiece BPE/Unigram; trainers; GGUF vocabularies
 //   ReLoRACUDA                         CUDA backend over the dlopen'd kernel library; backend factory
 //   ReLoRAFormats                      safetensors, zstd tensor files, GGUF containers, .npy tokens
 //   ReLoRACommandLine                  the one option parser and --help text of both executables

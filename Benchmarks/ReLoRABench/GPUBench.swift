@@ -14,7 +14,8 @@ import ReLoRACommandLine
 //   2. dequantize and quantize (the merge's requantization) bandwidth vs a device-to-device copy;
 //   3. whole training steps of a config (default llama_1b): full bf16, relora dense, relora q8_0, relora
 //      q4_0: tokens/s, MFU (the trainer's model FLOPs over the device's bf16 peak), memory by tag and the
-//      allocator's peak beside the plan;
+//      allocator's peak beside the plan, then the per-op profile of --profile more steps (timing events per
+//      op category beside the roofline prediction from the device's data-sheet peaks);
 //   4. which configs fit 24 GiB by plan (relora q4_0, block checkpointing).
 // On the CPU emulation of the kernels every shape is shrunk (the fibers run ~10^6 threads/s): that checks
 // the code path only, its numbers mean nothing.
@@ -25,7 +26,9 @@ let gpuBenchCommand = CommandSpec(
         Quantized linear (dequantize + cuBLAS) against plain cuBLAS bf16 on 1b and 7b layer shapes;
         dequantize and quantize bandwidth against a device-to-device copy; whole training steps of --config
         (full bf16, relora dense, q8_0, q4_0: tokens/s, MFU, memory by tag and the allocator's peak beside the
-        plan); which configs fit 24 GiB by plan. The kernel library is found as `relora --device cuda` finds it
+        plan), each followed by a per-op profile of --profile more steps (time per op category beside its
+        roofline prediction from the device's data-sheet peaks; docs/cuda.md says how to read it); which configs
+        fit 24 GiB by plan. The kernel library is found as `relora --device cuda` finds it
         (RELORA_CUDA_LIB, libreloracuda.so next to the executable, Kernels/build/); on its CPU emulation
         (libreloracuda-emu.so) the shapes are shrunk and the numbers mean nothing (a code-path check).
         """,
@@ -34,6 +37,7 @@ let gpuBenchCommand = CommandSpec(
         .value("seq-len", "N", help: "tokens per sequence", default: "1024"),
         .value("batch", "B", help: "sequences per step", default: "4"),
         .value("steps", "S", help: "timed training steps per variant", default: "3"),
+        .value("profile", "N", help: "profiled steps per variant after the timed ones (0: no profile)", default: "2"),
         .value("json", "OUT.json", help: "also write the figures to this JSON file"),
     ],
     examples: ["RELORA_CUDA_LIB=Kernels/build/libreloracuda.so relora-bench gpu --json bench.json"])
@@ -43,6 +47,7 @@ struct GPUBenchOptions {
     var seqLen: Int
     var batch: Int
     var steps: Int
+    var profile: Int
     var json: String?
 
     init(_ a: ParsedArguments) throws {
@@ -50,6 +55,7 @@ struct GPUBenchOptions {
         seqLen = try a.int("seq-len", atLeast: 1)
         batch = try a.int("batch", atLeast: 1)
         steps = try a.int("steps", atLeast: 1)
+        profile = try a.int("profile", atLeast: 0)
         json = a.string("json")
     }
 }
@@ -196,22 +202,29 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
     ]
     for (label, mode, quant, states) in variants {
         var r = Recipe(model: configPath, trainData: dir + "/train.npy", runDir: dir + "/run-\(stepRows.count)")
-        r.seqLen = seqLen; r.microBatch = batch; r.steps = o.steps + 1; r.warmupSteps = 0
+        r.seqLen = seqLen; r.microBatch = batch; r.steps = o.steps + 1 + o.profile; r.warmupSteps = 0
         r.evalEvery = 1_000_000; r.checkpointEvery = 1_000_000; r.logEvery = 1_000_000
         r.checkpointing = .block; r.mode = mode; r.quant = quant; r.optimizerStates = states
         if mode != .full { r.loraRank = emulated ? 8 : 128; r.loraAlpha = 32; r.reloraEvery = r.steps; r.restartWarmup = 0 }  // one restart, after the timed steps
         let stepBackend = try CUDABackend.open()
         let trainer = try Trainer(recipe: r, resume: false, backend: stepBackend, log: { _ in })
-        while trainer.state.step < r.steps { _ = try trainer.trainStep() }
+        while trainer.state.step < o.steps + 1 { _ = try trainer.trainStep() }
         let times = trainer.history.dropFirst().map { $0.milliseconds / 1000 }.sorted()
         let median = times[times.count / 2]
         let mfu = trainer.history.last?.mfu
+        var profile: StepProfile?
+        if o.profile > 0 {
+            try trainer.startProfile(steps: o.profile)
+            while trainer.state.step < r.steps { _ = try trainer.trainStep() }
+            profile = trainer.profile
+        }
         let report = stepBackend.ledger.report()
         let line = String(format: "%-14@ %8.0f tokens/s  MFU %@  ledger peak %@ (plan %@)", label as NSString,
                           Double(r.tokensPerStep) / median, mfu.map { String(format: "%.1f%%", 100 * $0) } ?? "n/a",
                           formatBytes(report.peakTotal), trainer.plannedPeak.map(formatBytes) ?? "n/a")
         print(line)
         print("    " + stepBackend.memorySummary())
+        if let profile { print(profile.formatted().split(separator: "\n").map { "    " + $0 }.joined(separator: "\n")) }
         // Planned vs measured device memory: the allocator's peaks after the first step (exact by construction)
         // and the device total with the estimated context and cuBLAS workspace against cudaMemGetInfo's used.
         let planned = trainer.memoryPlan?.cuda, measured = stepBackend.allocatorStats
@@ -224,7 +237,7 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
                          "planned_context_bytes": planned?.context ?? NSNull(),
                          "planned_cublas_workspace_bytes": planned?.cublasWorkspace ?? NSNull(),
                          "allocator_in_use_peak_bytes": measured.peakInUse, "allocator_reserved_peak_bytes": measured.peakReserved,
-                         "mem_get_info_used_bytes": totalBytes - freeBytes,
+                         "mem_get_info_used_bytes": totalBytes - freeBytes, "profile": profile?.dictionary ?? NSNull(),
                          "peak_by_tag": Dictionary(uniqueKeysWithValues: report.peak.map { ($0.key.rawValue, $0.value) })])
     }
     results["training_steps"] = stepRows

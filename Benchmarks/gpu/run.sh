@@ -562,6 +562,13 @@ for r in b.get("training_steps", []):
     print(f"steps_{key}_tokens_per_s=" + num(r["tokens_per_second"]))
     print(f"steps_{key}_mfu=" + num(r.get("mfu")))
     steps.append(f"{r['variant']} {r['tokens_per_second']:.0f} tok/s" + (f" MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""))
+    p = r.get("profile")
+    if p and p.get("step_seconds"):  # the per-op profile: the three largest categories and "other", share of the step
+        cats = sorted(p["categories"].items(), key=lambda c: -c[1]["seconds"])[:3]
+        def share(c):
+            pred = c[1].get("predicted_seconds")
+            return f"{c[0]} {100 * c[1]['seconds'] / p['step_seconds']:.0f}%" + (f" ({c[1]['seconds'] / pred:.1f}x pred)" if pred else "")
+        print(f"profile_{key}=" + ", ".join(share(c) for c in cats) + f", other {100 * p['other_seconds'] / p['step_seconds']:.0f}%")
 print("summary=" + "; ".join(steps[:2]) + ("" if b.get("emulated") is False else "; emulated: numbers mean nothing"))
 PY
 }

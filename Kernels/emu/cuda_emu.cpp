@@ -14,6 +14,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <set>
@@ -215,6 +216,10 @@ struct relora_emu_stream {
 struct relora_emu_event {
     relora_emu_stream *stream = nullptr;  // null until recorded
     uint64_t position = 0;
+    bool timing = true;                   // false for cudaEventDisableTiming
+    // A timing event's latest record: the host clock (ms) when the stream ran up to it, negative until then.
+    // Shared with the queued item that sets it, which outlives a destroyed event.
+    std::shared_ptr<double> stamp;
 };
 
 namespace relora_emu {
@@ -1251,7 +1256,12 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
         std::lock_guard<std::mutex> guard(g_lock);
         return fail(cudaErrorInvalidValue, "cudaEventCreateWithFlags: unknown flags", false);
     }
-    return cudaEventCreate(event);
+    const cudaError_t e = cudaEventCreate(event);
+    if (e == cudaSuccess && (flags & cudaEventDisableTiming)) {
+        std::lock_guard<std::mutex> guard(g_lock);
+        (*event)->timing = false;
+    }
+    return e;
 }
 
 // Waits already enqueued keep the position they captured.
@@ -1262,13 +1272,21 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
     return cudaSuccess;
 }
 
-// The event captures the work enqueued on the stream so far.
+// The event captures the work enqueued on the stream so far. A timing event also enqueues an item that
+// stamps the host clock when the stream runs it: the time the work before it finished, as the queue ran it.
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!g_events.count(event) || !valid_stream(stream)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: unknown event or stream", false);
     }
     event->stream = stream_of(stream);
+    if (event->timing) {
+        event->stamp = std::make_shared<double>(-1.0);
+        enqueue(event->stream, [](void *stamp) {
+            *static_cast<double *>(stamp) =
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+        }, event->stamp);
+    }
     event->position = event->stream->enqueued;
     return cudaSuccess;
 }
@@ -1281,19 +1299,24 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
     return cudaSuccess;
 }
 
-// No time passes in the emulation: 0 ms between two events whose work has run; cudaErrorNotReady (as CUDA)
-// while either has work still queued.
+// The host time between the two records' stamps, i.e. of the work the queues ran between them (kernels run
+// on the host). As CUDA: cudaErrorNotReady while either has work still queued; an event without timing
+// (cudaEventDisableTiming) or never recorded is an invalid handle.
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
     std::lock_guard<std::mutex> guard(g_lock);
     if (!ms || !g_events.count(start) || !g_events.count(end)) {
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: unknown event", false);
     }
     for (const relora_emu_event *e : {start, end}) {
-        if (e->stream && e->stream->completed < e->position) {
+        if (!e->timing) {
+            return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event created with cudaEventDisableTiming", false);
+        }
+        if (!e->stamp) return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event that was never recorded", false);
+        if (e->stream->completed < e->position || *e->stamp < 0) {  // (a stamp after a kernel fault never runs)
             return fail(cudaErrorNotReady, "cudaEventElapsedTime: an event's work has not run yet (synchronize it first)", false);
         }
     }
-    *ms = 0.0f;
+    *ms = (float)(*end->stamp - *start->stamp);
     return cudaSuccess;
 }
 

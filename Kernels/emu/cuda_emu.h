@@ -49,7 +49,9 @@
 //   a device-wide synchronize runs the streams in creation order), `reverse` (the newest stream first, the
 //   legacy default stream last) or `eager` (every stream's work runs at the call: what a missing event
 //   cannot be caught under). Errors a kernel causes surface when its stream runs, as on a GPU: at the next
-//   synchronization, not at the launch (configuration errors are still reported at the launch).
+//   synchronization, not at the launch (configuration errors are still reported at the launch). A timing
+//   event (not cudaEventDisableTiming) stamps the host clock when its stream runs up to its record, so
+//   cudaEventElapsedTime gives the host time of the work run between two records.
 //
 // What it cannot catch is listed in Kernels/README.md.
 #ifndef RELORA_CUDA_EMU_H

@@ -216,6 +216,23 @@ relora_status relora_cuda_event_record(void *event, void *stream) {
     return check(cudaEventRecord(static_cast<cudaEvent_t>(event), relora::as_stream(stream)), "cudaEventRecord");
 }
 
+relora_status relora_cuda_event_create_timing(void **event) {
+    RELORA_REQUIRE(event, "event_create_timing", "null result pointer");
+    cudaEvent_t e = nullptr;
+    RELORA_CHECK(check(cudaEventCreateWithFlags(&e, cudaEventDefault), "cudaEventCreateWithFlags"));
+    *event = static_cast<void *>(e);
+    return RELORA_OK;
+}
+
+relora_status relora_cuda_event_elapsed(void *start, void *end, float *milliseconds) {
+    RELORA_REQUIRE(start && end, "event_elapsed", "null event");
+    RELORA_REQUIRE(milliseconds, "event_elapsed", "null result pointer");
+    RELORA_CHECK(check(cudaEventSynchronize(static_cast<cudaEvent_t>(end)), "cudaEventSynchronize"));
+    const cudaError_t e = cudaEventElapsedTime(milliseconds, static_cast<cudaEvent_t>(start), static_cast<cudaEvent_t>(end));
+    if (e != cudaSuccess) (void)cudaGetLastError();  // not sticky: the next launch must not report it
+    return check(e, "cudaEventElapsedTime");
+}
+
 relora_status relora_cuda_stream_wait_event(void *stream, void *event) {
     RELORA_REQUIRE(event, "stream_wait_event", "null event");
     return check(cudaStreamWaitEvent(relora::as_stream(stream), static_cast<cudaEvent_t>(event), 0), "cudaStreamWaitEvent");

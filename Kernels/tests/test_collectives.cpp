@@ -18,7 +18,8 @@
 //   broadcast fail after the 0.5 s timeout; a rank 0 alone, and a rank 1 whose rank 0 never listens, fail
 //   nccl_init after the timeout; a rank joining with another nranks is refused on both sides at once;
 // - argument checks (no NCCL call, the communicator stays usable), a host pointer (NCCL's own check, which
-//   aborts the communicator), nccl_version, set_device and device_properties.
+//   aborts the communicator), nccl_version, set_device and device_properties;
+// - a second stream ordered by an event, and timing events (event_elapsed).
 //
 // On a CUDA build (test_kernels_cuda): fork() after CUDA is initialised is not supported, so only the
 // in-process checks run: RELORA_NCCL_LIB=/nonexistent gives RELORA_ERR_UNAVAILABLE with its sentence (the
@@ -526,6 +527,30 @@ bool test_devices(bool emulated) {
     return ok;
 }
 
+// Timing events (the per-op profile's): the time between two records around 64 MiB of memset is positive
+// and under a minute; a timing-free event (event_create) and null arguments are refused, and the library
+// works on after the refusal.
+bool test_timing_events() {
+    const int64_t bytes = 64 << 20;
+    void *a = nullptr, *start = nullptr, *end = nullptr, *untimed = nullptr;
+    float ms = -1, untimed_ms = -1;
+    bool ok = api.malloc(&a, bytes) == RELORA_OK && api.event_create_timing(&start) == RELORA_OK &&
+              api.event_create_timing(&end) == RELORA_OK && api.event_create(&untimed) == RELORA_OK &&
+              api.event_record(start, nullptr) == RELORA_OK && api.memset(a, 1, bytes, nullptr) == RELORA_OK &&
+              api.event_record(end, nullptr) == RELORA_OK && api.event_record(untimed, nullptr) == RELORA_OK &&
+              api.event_elapsed(start, end, &ms) == RELORA_OK && ms > 0 && ms < 60e3;
+    const relora_status no_timing = api.event_elapsed(start, untimed, &untimed_ms);
+    const relora_status null_event = api.event_elapsed(nullptr, end, &ms);
+    const relora_status null_result = api.event_elapsed(start, end, nullptr);
+    ok &= no_timing != RELORA_OK && null_event == RELORA_ERR_INVALID_ARGUMENT && null_result == RELORA_ERR_INVALID_ARGUMENT;
+    ok &= api.memset(a, 0, bytes, nullptr) == RELORA_OK && api.stream_synchronize(nullptr) == RELORA_OK;
+    ok &= api.event_destroy(start) == RELORA_OK && api.event_destroy(end) == RELORA_OK && api.event_destroy(untimed) == RELORA_OK;
+    api.free(a);
+    record(ok, "timing events: event_elapsed around a memset, refusals", "%.3f ms; no timing %d, null %d %d (%s)", ms, (int)no_timing,
+           (int)null_event, (int)null_result, api.last_error());
+    return ok;
+}
+
 // A second (non-blocking) stream ordered after the default stream by an event: what the gradient sums'
 // overlap relies on. The default stream fills a with a 1 MiB pattern, records the event; the new stream
 // waits for it and copies a into b; synchronizing the new stream alone must give b == the pattern (on a
@@ -557,6 +582,7 @@ bool test_streams_and_events() {
 bool run_collectives_suite(bool emulated) {
     bool ok = test_devices(emulated);
     ok &= test_streams_and_events();
+    ok &= test_timing_events();
 #if defined(RELORA_NO_EMULATION_CHECKS)
     // The CUDA build: NCCL from RELORA_NCCL_LIB or libnccl.so.2. A path that cannot be opened gives
     // RELORA_ERR_UNAVAILABLE and its sentence (the emulation has no library to miss, so this runs here only).

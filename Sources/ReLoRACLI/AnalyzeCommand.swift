@@ -102,7 +102,7 @@ func defaultReference(runDir: String, backend: Backend) throws -> (weights: Weig
         let w = try checkpointWeights(warm, backend: backend)
         return (w.weights, w.checkpoint)
     }
-    let config = try LlamaConfig(contentsOf: recipe.model)
+    let config = try recipe.modelConfig()
     let model = LlamaModel(config: config, backend: backend)
     try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: model.backend)
     return (weightMatrices(model), "its initialisation (seed \(recipe.seed))")

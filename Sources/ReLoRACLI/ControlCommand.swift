@@ -21,7 +21,7 @@ func runControl(_ args: [String]) throws {
     guard let a = try controlCommand.parseOrPrintHelp(args) else { return }
     let recipe = try Recipe(contentsOf: a.positional[0])
     guard recipe.mode != .full else { throw controlCommand.usageError("the recipe trains full-rank; a control baseline is for lora/relora recipes") }
-    let base = try LlamaConfig(contentsOf: recipe.model)
+    let base = try recipe.modelConfig()
     let target = ControlBaseline.trainableCount(model: base, rank: recipe.loraRank, trainableScale: recipe.loraTrainableScale)
     let control = try ControlBaseline.config(matching: target, like: base)
     let out = try a.required("out")

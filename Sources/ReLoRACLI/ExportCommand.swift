@@ -69,7 +69,11 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let dtype = try a.required("dtype")
     let model = try source.loadModel(backend: try a.backend(), warn: warning)
     let tokenizer = try source.tokenizerJSON()
-    if tokenizer == nil { warning("\(source.path) has no tokenizer; the export will not include one") }
+    // A SentencePiece tokenizer.model goes along too (transformers reads it when there is no tokenizer.json).
+    let sentencePiece = source.tokenizerModel()
+    if tokenizer == nil && sentencePiece == nil {
+        warning("\(source.path) has no tokenizer.json or tokenizer.model; the export will not include one")
+    }
     let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
     let nf4 = a.has("quant")  // only nf4 reaches here
     try HFCheckpoint.save(model: model, to: out, bfloat16: dtype == "bfloat16", bitsandbytesNF4: nf4,
@@ -77,12 +81,16 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
         progress.update(done)
     }
     progress.finish()
+    if let sentencePiece { try writeFileAtomically(sentencePiece, to: out + "/tokenizer.model") }
     print("exported \(source.checkpoint ?? source.path) -> \(out) (\(dtype)\(nf4 ? ", block linears in bitsandbytes nf4" : ""))")
 }
 
 func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let weights = GGUFWeightType(rawValue: try a.required("quant"))!  // one of the declared choices
     let tokenizer = try source.tokenizer()
+    if let tokenizer, !(tokenizer is BPETokenizer) {
+        throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and the tokenizer of \(source.path) is SentencePiece style (BPE with byte fallback, or Unigram); export --format hf instead")
+    }
     if tokenizer == nil {
         warning("\(source.path) has no tokenizer; the GGUF will have no tokenizer, which llama.cpp needs to load it")
     }
@@ -98,10 +106,10 @@ func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws
     let summary: GGUFExportSummary
     if let checkpoint = source.checkpoint {
         // A checkpoint's frozen codes in the requested format are copied where its cycle is empty.
-        summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer, weights: weights, to: out,
+        summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer as? BPETokenizer, weights: weights, to: out,
                                        backend: backend, name: name, progress: report)
     } else {
-        summary = try LlamaGGUF.write(model: try source.loadModel(backend: backend, warn: warning), tokenizer: tokenizer,
+        summary = try LlamaGGUF.write(model: try source.loadModel(backend: backend, warn: warning), tokenizer: tokenizer as? BPETokenizer,
                                       weights: weights, to: out, name: name, progress: report)
     }
     progress?.finish()

@@ -49,7 +49,7 @@ func runMemory(_ args: [String]) throws {
     let device = try Device(parsing: a.string("device") ?? recipe.device)
     let budget = try a.bytes("budget")
     let gpu = try GPUProfile(key: a.string("gpu") ?? "h100")
-    let config = try LlamaConfig(contentsOf: recipe.model)
+    let config = try recipe.modelConfig()
     let plan = try MemoryPlanner.plan(recipe, config: config, device: device, budget: budget, worldSize: worldSize, gpu: gpu)
     if a.flag("json") {
         let data = try JSONSerialization.data(withJSONObject: plan.jsonObject(), options: [.sortedKeys])
@@ -77,7 +77,7 @@ func runMemory(_ args: [String]) throws {
 func checkBudget(_ recipe: Recipe, budget: Int) throws {
     let device = try Device(parsing: recipe.device)
     let launch = try LaunchEnvironment.detect()
-    let plan = try MemoryPlanner.requireFits(recipe, config: try LlamaConfig(contentsOf: recipe.model), device: device, budget: budget,
+    let plan = try MemoryPlanner.requireFits(recipe, config: try recipe.modelConfig(), device: device, budget: budget,
                                              worldSize: launch?.worldSize ?? 1, rank: launch?.rank ?? 0)
     printLine("memory plan: needs \(formatBytes(plan.need)) of the \(formatBytes(budget)) budget on \(device.rawValue)")
 }

@@ -13,9 +13,10 @@ let sampleCommand = CommandSpec(
         Generates text after the prompt and prints both, decoding with a KV cache (each new token is one
         row through the model; the window restarts from its last half when it outgrows
         max_position_embeddings). The model is any source relora opens and must carry a tokenizer: a run
-        directory or checkpoint (its run's tokenizer.json), a Hugging Face directory with tokenizer.json
-        (e.g. from `relora export`), or a GGUF file with its tokenizer in the metadata (e.g. from
-        `relora export --format gguf`). Stops at --max-tokens or at the tokenizer's <|endoftext|>.
+        directory or checkpoint (its run's tokenizer), a Hugging Face directory with tokenizer.json or a
+        SentencePiece tokenizer.model (e.g. from `relora export`), or a GGUF file with its tokenizer in the
+        metadata ('gpt2' or 'llama'), e.g. from `relora export --format gguf` or llama.cpp's converter.
+        Stops at --max-tokens or at the tokenizer's end-of-text token (<|endoftext|>, </s>).
         """,
     options: [
         .value("model", "PATH", help: modelPathHelp + "; it must carry a tokenizer", required: true),
@@ -44,7 +45,9 @@ func runSample(_ args: [String]) throws {
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.
     var pending: [UInt8] = []
-    _ = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), options: options, onToken: { id in
+    // The prompt as the model's reference tokenizer encodes a text: with its leading <s>, if it puts one.
+    let promptIds = (tokenizer.prefixId.map { [$0] } ?? []) + tokenizer.encode(prompt)
+    _ = try Generator.generate(model: model, prompt: promptIds, options: options, onToken: { id in
         guard id != tokenizer.endOfTextId else { return }
         pending += tokenizer.bytes(of: id) ?? []
         let cut = completeUTF8Prefix(pending)

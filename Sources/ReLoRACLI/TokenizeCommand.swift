@@ -11,12 +11,14 @@ let tokenizeCommand = CommandSpec(
         Encodes text into a 1-D .npy token file (uint16 when the vocabulary fits, else uint32). A PATH is a
         UTF-8 text file, a .jsonl file with one {"text": ...} object per line, or a directory (its *.txt and
         *.jsonl files, recursively, in sorted order). Each document (a text file or a JSONL line) is followed by
-        the tokenizer's <|endoftext|> token if it has one. Invalid UTF-8 is an error naming the file and byte.
+        the tokenizer's end-of-text token if it has one (<|endoftext|>, or </s> of a SentencePiece tokenizer),
+        and preceded by the BOS its reference adds, if any (<s> of Llama's tokenizer.json, or of a GGUF
+        file with add_bos_token). Invalid UTF-8 is an error naming the file and byte.
         Prints the token count, bytes per token and the unigram entropy of the result (the loss a model that
         knows only token frequencies would get).
         """,
     options: [
-        .value("tokenizer", "tokenizer.json", help: "the tokenizer (from relora tokenizer train, or a Hugging Face one)",
+        .value("tokenizer", "FILE|DIR", help: "a tokenizer.json (from relora tokenizer train, or a Hugging Face one), a SentencePiece tokenizer.model, a directory with either, or a GGUF file (its tokenizer)",
                required: true),
         .repeated("in", "PATH", help: "a text file, a .jsonl file or a directory", required: true),
         .value("out", "TOKENS.npy", help: "the token file to write", required: true),
@@ -27,7 +29,7 @@ let tokenizeCommand = CommandSpec(
 func runTokenize(_ args: [String]) throws {
     guard let a = try tokenizeCommand.parseOrPrintHelp(args) else { return }
     let inputs = a.values("in")
-    let tokenizer = try BPETokenizer(contentsOf: try a.required("tokenizer"))
+    let tokenizer = try TokenizerLoader.load(try a.required("tokenizer"))
     let out = try a.required("out")
     let files = try expandInputs(inputs)
     var tokens: [Int64] = []
@@ -53,6 +55,7 @@ func runTokenize(_ args: [String]) throws {
             // No reserveCapacity(count + ids.count) here: reserving the exact size per document defeats the
             // array's geometric growth and made tokenizing a 100 MB corpus quadratic (each document copied
             // every token before it).
+            if let bos = tokenizer.prefixId { tokens.append(Int64(bos)) }
             for id in ids { tokens.append(Int64(id)) }
             if let eot = tokenizer.endOfTextId { tokens.append(Int64(eot)) }
             documentBytes += doc.count

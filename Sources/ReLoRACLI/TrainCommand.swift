@@ -14,7 +14,7 @@ let trainCommand = CommandSpec(
     name: "relora train",
     summary: "train a model from a recipe (or --resume a run)",
     synopsis: [
-        "RECIPE.json [--set key=value ...] [--device cpu|cuda] [--budget SIZE]",
+        "RECIPE.json [--set key=value ...] [--device cpu|cuda] [--budget SIZE] [--profile N]",
         "--resume RUN_DIR [--set key=value ...] [--device cpu|cuda] [--budget SIZE]",
     ],
     discussion: """
@@ -38,10 +38,18 @@ let trainCommand = CommandSpec(
             RELORA_DEVICE_MEMORY_LIMIT=24GiB caps device memory (a smaller card on a bigger one)
             """),
         .value("budget", "SIZE", help: "refuse to start, before allocating, if the memory plan exceeds SIZE (e.g. 24GiB)"),
+        .value("profile", "N", help: """
+            time every op of the N steps after the run's first (a warm-up) and print a table per category (GEMMs by \
+            role, dequantize, attention, norms, elementwise, cross-entropy, embedding, optimizer, reductions, \
+            transfers): ops a step, measured ms and share of the step, the roofline prediction from the device's \
+            data-sheet peaks (the CPU's measured ones), achieved TFLOP/s and GB/s; the rest of the step is "other". \
+            CUDA: timing events, no synchronization inside a step; 0 = off. See docs/cuda.md
+            """, default: "0"),
     ],
     examples: [
         "relora train Configs/recipes/shakespeare_demo.json --set lr=1e-3 --set run_dir=runs/lr1e-3",
         "relora train --resume runs/shakespeare-demo",
+        "relora train Configs/recipes/shakespeare_demo.json --profile 3",
     ],
     helpWhenEmpty: true)
 
@@ -62,6 +70,7 @@ func runTrain(_ args: [String]) throws {
     let overrides = a.values("set") + (a.string("device").map { ["device=\(jsonQuoted($0))"] } ?? [])
     let resumeDir = a.string("resume")
     let budget = try a.bytes("budget")
+    let profileSteps = try a.int("profile", atLeast: 0)
     let recipe: Recipe
     switch (a.positional.first, resumeDir) {
     case (let path?, nil):
@@ -74,6 +83,7 @@ func runTrain(_ args: [String]) throws {
         throw trainCommand.usageError("missing the recipe file (or --resume RUN_DIR)")
     }
     if let budget { try checkBudget(recipe, budget: budget) }
+    if resumeDir == nil { try Trainer.checkProfileFits(profileSteps: profileSteps, done: 0, steps: recipe.steps) }
     installStopHandler()
     // One process, or every rank of a launch (docs/distributed.md): each runs this same command; on the
     // CUDA backend the ranks talk through NCCL, on the CPU through MPI.
@@ -88,6 +98,7 @@ func runTrain(_ args: [String]) throws {
             printLine("cpu threads: \(threads) per process (\(communicator.localSize) processes on this node, \(cores) cores)")
         }
         trainer.shouldStop = { stopRequested != 0 }
+        trainer.profileSteps = profileSteps
         return try trainer.run()
     }
     var line = summary.stoppedEarly

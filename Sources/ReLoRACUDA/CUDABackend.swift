@@ -26,7 +26,7 @@ import ReLoRACore
 /// by kernels only), and the ledger is thread-safe. Kernel calls from several threads go to the one default
 /// stream in the order they are made; an op whose kernels share a workspace holds `scratchLock` until they are
 /// all enqueued, so another thread's kernels cannot interleave with them on it.
-public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Sendable {
+public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, @unchecked Sendable {
     public let name: String
     public let ledger = MemoryLedger()
     /// `cudaMixed` for training; `fp32` runs every op in f32, which the selftest uses to compare whole
@@ -36,6 +36,10 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     public let library: CUDALibrary
     /// `attention_forward`/`attention_backward` take head_dim in [1, 128] (`relora_abi.h`).
     public var maxAttentionHeadDim: Int? { Device.cuda.maxAttentionHeadDim }
+
+    /// Where every op reports while a step is profiled (`OpProfiling`: timing events around its launches on
+    /// the stream), nil otherwise.
+    nonisolated(unsafe) public var profiler: OpProfiler?
 
     private let lock = NSLock()
     private let allocator: DeviceAllocator
@@ -89,6 +93,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     /// The backend on the process's kernel library (`CUDALibrary.open()`'s search), or one sentence saying
     /// what is missing.
     public static func open() throws -> CUDABackend { CUDABackend(library: try CUDALibrary.open()) }
+
+    /// Timing events on the default stream, where every op runs.
+    public func makeProfileClock() -> ProfileClock { CUDAEventClock(library: library) }
 
     // MARK: Memory
 
@@ -220,11 +227,13 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     // MARK: Transfers and fills
 
     public func upload(_ values: [Float], to tensor: Tensor) {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(values.count == tensor.count, "upload: \(values.count) values into a tensor of \(tensor.count)")
         values.withUnsafeBytes { uploadConverted($0, .f32, to: tensor) }
     }
 
     public func upload(_ values: [Int32], to tensor: Tensor) {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(values.count == tensor.count && tensor.dtype == .i32, "upload: \(values.count) ids into a \(tensor.dtype.rawValue) tensor of \(tensor.count)")
         ledger.uploaded(tensor.byteCount)
         guard tensor.count > 0 else { return }
@@ -235,6 +244,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(raw.count == tensor.count * dtype.byteSize, "upload: \(raw.count) bytes of \(dtype.rawValue) into a tensor of \(tensor.count)")
         uploadConverted(raw, dtype, to: tensor)
     }
@@ -260,6 +270,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func download(_ tensor: Tensor) -> [Float] {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         ledger.downloaded(tensor.byteCount)
         var out = [Float](repeating: 0, count: tensor.count)
         guard tensor.count > 0 else { return out }
@@ -281,6 +292,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func copy(_ src: Tensor, to dst: Tensor) {
+        let span = profiler?.begin(.elementwise, .copy(src, dst)); defer { span?.end() }
         precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
         guard src.count > 0 else { return }
         if src.dtype == dst.dtype {
@@ -292,21 +304,25 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func zero(_ tensor: Tensor) {
+        let span = profiler?.begin(.elementwise, .fill(tensor)); defer { span?.end() }
         guard tensor.byteCount > 0 else { return }
         library.check(api.memset!(tensor.storage, 0, Int64(tensor.byteCount), nil), "memset")
     }
 
     public func fill(_ tensor: Tensor, value: Float) {
+        let span = profiler?.begin(.elementwise, .fill(tensor)); defer { span?.end() }
         let t = Self.computeType(tensor, op: "fill")
         library.check(api.fill!(tensor.storage, value, Int64(tensor.count), Self.code(t), nil), "fill")
     }
 
     public func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {
+        let span = profiler?.begin(.elementwise, .fill(tensor, flopsPerElement: 2)); defer { span?.end() }
         let t = Self.computeType(tensor, op: "fillUniform")
         library.check(api.fill_uniform!(tensor.storage, Int64(tensor.count), bound, seed, stream, Self.code(t), nil), "fill_uniform")
     }
 
     public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {
+        let span = profiler?.begin(.elementwise, .fill(tensor, flopsPerElement: 8)); defer { span?.end() }
         let t = Self.computeType(tensor, op: "fillNormal")
         library.check(api.fill_normal!(tensor.storage, Int64(tensor.count), std, seed, stream, Self.code(t), nil), "fill_normal")
     }
@@ -315,6 +331,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
                        transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
+        let span = profiler?.beginGEMM(.gemm(m: m, n: n, k: k, abBytes: a.dtype.byteSize, cBytes: c.dtype.byteSize,
+                                             accumulates: beta != 0))
+        defer { span?.end() }
         precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
         let abType = Self.computeType(a, op: "matmul"), cType = Self.computeType(c, op: "matmul")
         Self.require(abType, b, op: "matmul")
@@ -325,6 +344,8 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
+        let span = profiler?.begin(.norm, .rmsnorm(forward: true, rows: rows, dim: dim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(x, op: "rmsnormForward")
         Self.require(t, weight, out, op: "rmsnormForward")
         Self.require(.f32, rstd, op: "rmsnormForward")
@@ -334,6 +355,8 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                                 dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
+        let span = profiler?.begin(.norm, .rmsnorm(forward: false, rows: rows, dim: dim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(x, op: "rmsnormBackward")
         Self.require(t, dout, weight, dx, op: "rmsnormBackward")
         Self.require(.f32, rstd, dweight, op: "rmsnormBackward")
@@ -343,6 +366,8 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
+        let span = profiler?.begin(.elementwise, .rope(count: batch * seqLen * heads * headDim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(x, op: "rope")
         guard batch > 0, seqLen > 0, heads > 0, headDim > 0 else { return }
         let table = ropeTable(seqLen: seqLen, headDim: headDim, theta: theta)
@@ -395,6 +420,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        let span = profiler?.begin(.attentionForward, .attention(forward: true, batch: batch, seqLen: seqLen, heads: heads,
+                                                                 kvHeads: kvHeads, headDim: headDim, elementBytes: q.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(q, op: "attentionForward")
         Self.require(t, k, v, out, op: "attentionForward")
         Self.require(.f32, lse, op: "attentionForward")
@@ -406,6 +434,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   dq: Tensor, dk: Tensor, dv: Tensor,
                                   batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        let span = profiler?.begin(.attentionBackward, .attention(forward: false, batch: batch, seqLen: seqLen, heads: heads,
+                                                                  kvHeads: kvHeads, headDim: headDim, elementBytes: q.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(q, op: "attentionBackward")
         Self.require(t, dout, k, v, out, dq, dk, dv, op: "attentionBackward")
         Self.require(.f32, lse, op: "attentionBackward")
@@ -417,12 +448,16 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {
+        let span = profiler?.begin(.elementwise, .swiglu(forward: true, count: count, elementBytes: gate.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(gate, op: "swigluForward")
         Self.require(t, up, out, op: "swigluForward")
         library.check(api.swiglu_forward!(gate.storage, up.storage, out.storage, Int64(count), Self.code(t), nil), "swiglu_forward")
     }
 
     public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {
+        let span = profiler?.begin(.elementwise, .swiglu(forward: false, count: count, elementBytes: gate.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(gate, op: "swigluBackward")
         Self.require(t, dout, up, dgate, dup, op: "swigluBackward")
         library.check(api.swiglu_backward!(dout.storage, gate.storage, up.storage, dgate.storage, dup.storage, Int64(count),
@@ -430,6 +465,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {
+        let span = profiler?.begin(.embedding, .embedding(forward: true, tokens: ids.count, dim: dim,
+                                                          elementBytes: table.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(table, op: "embeddingForward")
         Self.require(t, out, op: "embeddingForward")
         library.check(api.embedding_forward!(ids.storage?.assumingMemoryBound(to: Int32.self), table.storage, out.storage,
@@ -440,6 +478,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     /// The library sorts the tokens by id in a workspace (grown here to the largest batch seen) and sums each id's
     /// rows in token order: the CPU's additions.
     public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
+        let span = profiler?.begin(.embedding, .embedding(forward: false, tokens: ids.count, dim: dim,
+                                                          elementBytes: dout.dtype.byteSize))
+        defer { span?.end() }
         let t = Self.computeType(dout, op: "embeddingBackward")
         Self.require(.f32, dtable, op: "embeddingBackward")
         let needed = Int(api.embedding_backward_workspace_bytes!(Int64(ids.count)))
@@ -463,19 +504,24 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
         let t = Self.computeType(logits, op: "crossEntropy")
         Self.require(.f32, losses, op: "crossEntropy")
+        let span = profiler?.begin(.crossEntropy, .crossEntropy(rows: rows, vocab: vocab, elementBytes: logits.dtype.byteSize,
+                                                                 withGradient: gradScale != nil))
         library.check(api.cross_entropy!(logits.storage, targets.storage?.assumingMemoryBound(to: Int32.self),
                                          losses.storage?.assumingMemoryBound(to: Float.self), Int64(rows), Int64(vocab),
                                          gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(t), nil), "cross_entropy")
+        span?.end()  // the losses' download below is a transfer of its own
         return download(losses.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
     }
 
     public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+        let span = profiler?.begin(.elementwise, .dropout(count: count, elementBytes: x.dtype.byteSize)); defer { span?.end() }
         let t = Self.computeType(x, op: "dropout")
         Self.require(t, out, op: "dropout")
         library.check(api.dropout!(x.storage, out.storage, Int64(count), p, seed, stream, Self.code(t), nil), "dropout")
     }
 
     public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {
+        let span = profiler?.begin(.reduction, .dot(count: count, elementBytes: a.dtype.byteSize)); defer { span?.end() }
         let t = Self.computeType(a, op: "dotAccumulate")
         Self.require(t, b, op: "dotAccumulate")
         Self.require(.f32, out, op: "dotAccumulate")
@@ -484,16 +530,20 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {
+        let span = profiler?.begin(.elementwise, .axpy(count: count, bBytes: b.dtype.byteSize, aBytes: a.dtype.byteSize))
+        defer { span?.end() }
         let bType = Self.computeType(b, op: "axpy"), aType = Self.computeType(a, op: "axpy")
         library.check(api.axpy!(alpha, b.storage, Self.code(bType), a.storage, Self.code(aType), Int64(count), nil), "axpy")
     }
 
     public func scale(_ x: Tensor, by alpha: Float) {
+        let span = profiler?.begin(.elementwise, .scale(x)); defer { span?.end() }
         let t = Self.computeType(x, op: "scale")
         library.check(api.scale!(x.storage, alpha, Int64(x.count), Self.code(t), nil), "scale")
     }
 
     public func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) {
+        let span = profiler?.begin(.reduction, .sumOfSquares(x)); defer { span?.end() }
         precondition(index >= 0 && index < out.count, "sumOfSquares: slot \(index) of \(out.count)")
         let t = Self.computeType(x, op: "sumOfSquares")
         Self.require(.f32, out, op: "sumOfSquares")
@@ -503,6 +553,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
                       eps: Float, weightDecay: Float, step: Int) {
+        let span = profiler?.begin(.optimizer, .adamw(count: param.count)); defer { span?.end() }
         Self.require(.f32, param, grad, m, v, op: "adamw")
         library.check(api.adamw!(param.storage?.assumingMemoryBound(to: Float.self), grad.storage?.assumingMemoryBound(to: Float.self),
                                  m.storage?.assumingMemoryBound(to: Float.self), v.storage?.assumingMemoryBound(to: Float.self),
@@ -511,6 +562,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
 
     public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
                           beta2: Float, eps: Float, weightDecay: Float, step: Int) {
+        let span = profiler?.begin(.optimizer, .adamw8bit(count: param.count)); defer { span?.end() }
         let n = param.count
         checkMoments("adamw8bit", count: n, m, v, f32: param, grad)
         precondition(m.isSigned && !v.isSigned, "adamw8bit: m takes the signed map, v the unsigned one")
@@ -522,6 +574,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) {
+        let span = profiler?.begin(.optimizer, .convertMoments(count: out.count)); defer { span?.end() }
         checkMoments("dequantizeMoments", count: out.count, moments, f32: out)
         library.check(api.dequantize_8bit!(moments.codes.storage?.assumingMemoryBound(to: UInt8.self),
                                            moments.absmax.storage?.assumingMemoryBound(to: Float.self), adam8Maps.assumingMemoryBound(to: Float.self),
@@ -530,6 +583,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments) {
+        let span = profiler?.begin(.optimizer, .convertMoments(count: x.count)); defer { span?.end() }
         checkMoments("quantizeMoments", count: x.count, moments, f32: x)
         library.check(api.quantize_8bit!(x.storage?.assumingMemoryBound(to: Float.self), adam8Maps.assumingMemoryBound(to: Float.self),
                                          moments.isSigned ? 1 : 0, Int64(x.count), moments.codes.storage?.assumingMemoryBound(to: UInt8.self),
@@ -575,6 +629,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     // MARK: Quantized weights
 
     public func downloadRaw(_ tensor: Tensor) -> [UInt8] {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         ledger.downloaded(tensor.byteCount)
         let host = copyToHost(tensor)
         defer { host.deallocate() }
@@ -615,6 +670,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, @unchecked Se
     }
 
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
+        let span = profiler?.begin(.dequantize, .dequantize(rows: rowCount, cols: q.cols, blockBytes: rowCount * q.bytesPerRow,
+                                                            outBytes: out.dtype.byteSize))
+        defer { span?.end() }
         precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
         precondition(out.count >= rowCount * q.cols, "dequantize: output too small")
         guard rowCount > 0, q.cols > 0 else { return }

@@ -267,6 +267,8 @@ public enum LlamaGGUF {
             let rows = shape.count == 2 ? shape[0] : 1
             return try QuantizedMatrix(quantizing: values, rows: rows, cols: values.count / max(rows, 1),
                                        format: type.quantFormat!, name: name).bytes
+        case .q4_K, .q5_K, .q6_K:
+            throw ReLoRAError.invalidData("cannot store tensor '\(name)' as \(type.name): relora reads the K-quants but does not write them")
         }
     }
 
@@ -388,8 +390,9 @@ public enum LlamaGGUF {
         }
         let embed = file.tensor("token_embd.weight")
         let vocab = try int("vocab_size", default: embed?.shape.first ?? file.metadata["tokenizer.ggml.tokens"]?.strings?.count ?? 0)
+        let config: LlamaConfig
         do {
-            return try LlamaConfig(
+            config = try LlamaConfig(
                 hiddenSize: hidden, intermediateSize: try int("feed_forward_length"), numHiddenLayers: try int("block_count"),
                 numAttentionHeads: heads, numKeyValueHeads: try int("attention.head_count_kv", default: heads),
                 vocabSize: vocab, headDim: headDim, rmsNormEps: try double("attention.layer_norm_rms_epsilon"),
@@ -399,23 +402,74 @@ public enum LlamaGGUF {
         } catch ReLoRAError.invalidConfig(let message) {
             throw fail("invalid LLaMA metadata: \(message)")
         }
+        // Every tensor the metadata implies, with its shape, before anyone allocates a model of this size:
+        // the file's bytes then bound the allocation (a corrupt block_count or embedding_length is caught here).
+        guard config.numHiddenLayers * 9 <= file.tensors.count else {
+            throw fail("\(a).block_count \(config.numHiddenLayers) needs \(config.numHiddenLayers * 9) block tensors, but the file holds \(file.tensors.count) tensors")
+        }
+        for (hf, shape) in tensorShapes(config) {
+            let name = ggufName(hf)!
+            guard let info = file.tensor(name) else { throw fail("tensor '\(name)' is missing; the metadata's LLaMA architecture needs it") }
+            guard info.shape == shape else {
+                throw fail("tensor '\(name)' has ne \(info.dimensions), but the metadata's LLaMA architecture needs \(Array(shape.reversed()))")
+            }
+        }
+        return config
     }
 
-    /// A dense model holding the GGUF's weights: every tensor converted to f32 (f16/bf16 exactly, q8_0
-    /// and q4_0 by the reference dequantizer) and the rotary row permutation of q and k undone, so it
-    /// computes what the exported model computed. Tensors a LLaMA model does not use are reported on `warn`.
+    /// The Hugging Face name and row-major shape of every tensor of a LLaMA model with `c`: the names
+    /// `LlamaParameters.slots()` lists, computed without allocating the model.
+    static func tensorShapes(_ c: LlamaConfig) -> [(String, [Int])] {
+        var out: [(String, [Int])] = [("model.embed_tokens.weight", [c.vocabSize, c.hiddenSize])]
+        for l in 0 ..< c.numHiddenLayers {
+            out.append(("model.layers.\(l).input_layernorm.weight", [c.hiddenSize]))
+            out.append(("model.layers.\(l).post_attention_layernorm.weight", [c.hiddenSize]))
+            for kind in LinearKind.allCases {
+                let (o, i) = kind.shape(c)
+                out.append(("model.layers.\(l).\(kind.hfPath).weight", [o, i]))
+            }
+        }
+        out.append(("model.norm.weight", [c.hiddenSize]))
+        if !c.tieWordEmbeddings { out.append(("lm_head.weight", [c.vocabSize, c.hiddenSize])) }
+        return out
+    }
+
+    /// A dense model holding the GGUF's weights (`loadWeights` into a dense model): it computes what the
+    /// model that wrote the file computed. Tensors a LLaMA model does not use are reported on `warn`.
     public static func loadModel(_ file: GGUFFile, backend: Backend, warn: (String) -> Void = { _ in }) throws -> LlamaModel {
         let model = LlamaModel(config: try config(file), backend: backend)
         try loadWeights(file, into: model, warn: warn)
         return model
     }
 
-    /// Streams the GGUF's weights into `model` (its config the file's architecture; any storage: a quantized
-    /// frozen weight is quantized from the f32 values as it arrives, `quantized(name, relativeError)`), one
-    /// tensor at a time through `TensorSource`.
-    public static func loadWeights(_ file: GGUFFile, into model: LlamaModel, warn: (String) -> Void = { _ in },
-                                   quantized: (String, Double) -> Void = { _, _ in }) throws {
-        let source = TensorSource(file, config: model.config)
+    /// What `loadWeights` did with the block linears of a model whose frozen weights are quantized.
+    public struct WeightImport: Sendable {
+        /// Linears whose blocks were taken from the file byte for byte (Hugging Face names).
+        public var copied: [String] = []
+        /// Linears quantized to the model's format from another stored type, with the relative error
+        /// `||deq(q) - w|| / ||w||` against the file's (dequantized) values.
+        public var quantized: [(name: String, from: GGMLType, error: Double)] = []
+    }
+
+    /// Fills `model`'s weights from the file, one tensor at a time (a tensor's f32 values, or its blocks,
+    /// are the only host copy beyond the model). `model.config` must be the file's (`config(file)`):
+    /// names and shapes are checked, and a missing tensor or another shape is one sentence.
+    ///
+    /// Each weight slot:
+    /// - dense (embedding, norms, head, and every linear of a dense model): the file's values as f32 (f16,
+    ///   bf16 exactly; q8_0, q4_0 and the K-quants by the reference dequantizers), so a dense model from a
+    ///   quantized file holds exactly deq(codes);
+    /// - quantized, with the file's tensor in the same format (q8_0 or q4_0): the blocks byte for byte (the
+    ///   rotary permutation moves whole rows, and rows are whole blocks), no dequantize-requantize; a
+    ///   master copy (merge policy `master`) is their dequantization, so `blocks == quantize(master)`;
+    /// - quantized, stored otherwise (floats, the other block format, a K-quant): the f32 values quantized
+    ///   on the backend (round to nearest), the relative error returned in `WeightImport.quantized`.
+    /// In every case the rotary row permutation of q and k is undone (see the type's doc).
+    @discardableResult
+    public static func loadWeights(_ file: GGUFFile, into model: LlamaModel, warn: (String) -> Void = { _ in }) throws -> WeightImport {
+        let config = model.config
+        let backend = model.backend
+        var report = WeightImport()
         var used = Set<String>()
         for (hf, slot) in model.weights.slots() {
             let name = ggufName(hf)!
@@ -425,19 +479,54 @@ public enum LlamaGGUF {
             guard info.shape == slot.shape else {
                 throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' has ne \(info.dimensions), expected \(Array(slot.shape.reversed())) for this model's metadata")
             }
-            if let error = try TensorIO.load(slot, from: source, hf, backend: model.backend) { quantized(hf, error) }
             used.insert(name)
+            let rows = slot.shape[0]
+            let permuted = rotaryHeads(hf, config) != nil
+            switch slot {
+            case .quantized(let q) where info.type.quantFormat == q.format:
+                var bytes = try file.quantized(info).bytes
+                if permuted { bytes = permuteRows(bytes, rows: rows, headDim: config.headDim, toGGUF: false) }
+                bytes.withUnsafeBytes { backend.upload(raw: $0, dtype: .u8, to: q.blocks) }
+                if let master = q.master { backend.dequantize(q, firstRow: 0, rowCount: q.rows, into: master) }
+                report.copied.append(hf)
+            case .quantized(let q):
+                let dense = q.master ?? backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)
+                backend.upload(try values(file, info, rows: rows, permuted: permuted, headDim: config.headDim), to: dense)
+                let error = try TensorIO.quantize(dense, into: q, name: hf, backend: backend)
+                report.quantized.append((hf, info.type, error))
+            case .dense(let tensor):
+                backend.upload(try values(file, info, rows: rows, permuted: permuted, headDim: config.headDim), to: tensor)
+            }
         }
         let unused = file.tensors.map(\.name).filter { !used.contains($0) && $0 != "rope_freqs.weight" }
         if !unused.isEmpty {
             warn("ignored \(unused.count) tensor(s) a LLaMA model does not use: \(unused.prefix(5).joined(separator: ", "))")
         }
+        return report
     }
 
-    /// A GGUF file's LLaMA tensors under Hugging Face names, each read when asked as f32 (`GGUFFile.floats`:
-    /// f16/bf16 exact, blocks by the reference dequantizer) with q and k's rotary rows back in Hugging Face
-    /// order: the streaming tensor source of `ModelSource` and the loaders. A loader that takes quantized
-    /// blocks as they are would add `<name>.<format>` entries here (what `TensorIO.load` uploads unchanged).
+    /// A tensor's f32 values in the Hugging Face row order (`permuted`: q or k, whose rows GGUF interleaves):
+    /// one reordered copy, GGUF row r going to Hugging Face row `huggingFaceRow(r)` (`permuteRows` on floats).
+    static func values(_ file: GGUFFile, _ info: GGUFTensorInfo, rows: Int, permuted: Bool, headDim: Int) throws -> [Float] {
+        let values = try file.floats(info)
+        guard permuted else { return values }
+        precondition(rows % headDim == 0 && headDim % 2 == 0, "rotary permutation: \(rows) rows are not whole heads of \(headDim)")
+        let width = values.count / max(rows, 1)
+        var out = [Float](repeating: 0, count: values.count)
+        values.withUnsafeBufferPointer { src in
+            out.withUnsafeMutableBufferPointer { dst in
+                for r in 0..<rows {
+                    let to = huggingFaceRow(ofGGUFRow: r, headDim: headDim) * width
+                    (dst.baseAddress! + to).update(from: src.baseAddress! + r * width, count: width)
+                }
+            }
+        }
+        return out
+    }
+
+    /// A GGUF file's LLaMA tensors under Hugging Face names, each read when asked as f32 (`values`: f16/bf16
+    /// exact, blocks by the reference dequantizers) with q and k's rotary rows back in Hugging Face order:
+    /// `ModelSource.tensors()` of a GGUF file (`loadWeights` reads the file itself, to take blocks as they are).
     public final class TensorSource: TensorFile, @unchecked Sendable {  // immutable after init
         let file: GGUFFile
         let config: LlamaConfig
@@ -465,22 +554,8 @@ public enum LlamaGGUF {
 
         public func floats(_ name: String) throws -> [Float] {
             guard let info = byName[name] else { throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' is missing") }
-            let values = try file.floats(info)
-            guard LlamaGGUF.rotaryHeads(name, config) != nil else { return values }
-            // GGUF row r is Hugging Face row huggingFaceRow(r): one reordered copy (permuteRows' mapping on floats).
-            let rows = info.shape[0], d = config.headDim
-            precondition(rows % d == 0 && d % 2 == 0, "rotary permutation: \(rows) rows are not whole heads of \(d)")
-            let width = values.count / max(rows, 1)
-            var out = [Float](repeating: 0, count: values.count)
-            values.withUnsafeBufferPointer { src in
-                out.withUnsafeMutableBufferPointer { dst in
-                    for r in 0..<rows {
-                        let to = LlamaGGUF.huggingFaceRow(ofGGUFRow: r, headDim: d) * width
-                        (dst.baseAddress! + to).update(from: src.baseAddress! + r * width, count: width)
-                    }
-                }
-            }
-            return out
+            return try LlamaGGUF.values(file, info, rows: info.shape[0], permuted: LlamaGGUF.rotaryHeads(name, config) != nil,
+                                        headDim: config.headDim)
         }
 
         public func withRawBytes<R>(_ name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {

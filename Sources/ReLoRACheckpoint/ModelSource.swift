@@ -119,12 +119,17 @@ public final class ModelSource {
     /// Streams the weights into `model`, whose config must be `config`'s architecture and whose storage may
     /// be anything (quantized frozen weights are quantized as they arrive, `quantized(name, relativeError)`).
     /// A LoRA checkpoint is refused: its weights are W + s B A, which only `loadModel` folds.
-    /// `log` gets the loaders' notes (a bitsandbytes 4-bit weight: whether its codes were kept or converted).
+    /// `log` gets the loaders' notes (a bitsandbytes 4-bit weight: whether its codes were kept or converted; a
+    /// GGUF file: how many linears kept their blocks byte for byte).
     public func loadWeights(into model: LlamaModel, warn: (String) -> Void = { _ in },
                             quantized: (String, Double) -> Void = { _, _ in }, log: (String) -> Void = { _ in }) throws {
         switch kind {
         case .gguf:
-            try LlamaGGUF.loadWeights(gguf!, into: model, warn: warn, quantized: quantized)
+            let imported = try LlamaGGUF.loadWeights(gguf!, into: model, warn: warn)
+            if let format = model.quant, !imported.copied.isEmpty {
+                log("took the \(format.rawValue) blocks of \(imported.copied.count) linears from \(path) byte for byte")
+            }
+            for (name, from, error) in imported.quantized { quantized("\(name) (\(from.name) in the GGUF)", error) }
         case .huggingFace:
             try HFCheckpoint.loadWeights(directory: path, into: model, warn: warn, quantized: quantized, log: log)
         case .checkpoint, .runDirectory:
@@ -149,42 +154,51 @@ public final class ModelSource {
 
     // MARK: Tokenizer
 
-    /// The `tokenizer.json` a directory source carries (a checkpoint's is its run's), nil if none.
-    private var tokenizerFile: String? {
-        let dir: String
+    /// The directory whose tokenizer files a directory source carries (a checkpoint's is its run's); nil for GGUF.
+    private var tokenizerDirectory: String? {
         switch kind {
         case .gguf: return nil
-        case .huggingFace: dir = path
-        case .checkpoint, .runDirectory: dir = runDirectory!
+        case .huggingFace: return path
+        case .checkpoint, .runDirectory: return runDirectory
         }
-        let file = dir + "/tokenizer.json"
-        return FileManager.default.fileExists(atPath: file) ? file : nil
     }
 
-    /// The source's tokenizer: `tokenizer.json` (of the directory, or of a checkpoint's run), or a GGUF
-    /// file's metadata tokenizer; nil if it has none. Read when asked (an evaluation needs none).
-    public func tokenizer() throws -> BPETokenizer? {
+    private func tokenizerFile(_ name: String) -> String? {
+        guard let dir = tokenizerDirectory, FileManager.default.fileExists(atPath: dir + "/" + name) else { return nil }
+        return dir + "/" + name
+    }
+
+    /// The source's tokenizer (`TokenizerLoader`): the directory's (a checkpoint's run's) `tokenizer.json`, else
+    /// its SentencePiece `tokenizer.model`, or a GGUF file's metadata tokenizer; nil if it has none. Read when
+    /// asked (an evaluation needs none).
+    public func tokenizer() throws -> (any TextTokenizer)? {
         if let gguf {
             guard gguf.metadata["tokenizer.ggml.model"] != nil else { return nil }
-            return try BPETokenizer(gguf: gguf)
+            return try TokenizerLoader.load(gguf: gguf)
         }
-        return try tokenizerFile.map { try BPETokenizer(contentsOf: $0) }
+        guard tokenizerFile("tokenizer.json") != nil || tokenizerFile("tokenizer.model") != nil else { return nil }
+        return try TokenizerLoader.load(tokenizerDirectory!)
     }
 
     /// The tokenizer, or one sentence saying the source has none and what `purpose` needed it for.
-    public func requireTokenizer(for purpose: String) throws -> BPETokenizer {
+    public func requireTokenizer(for purpose: String) throws -> any TextTokenizer {
         guard let t = try tokenizer() else {
-            let where_ = kind == .gguf ? "no tokenizer in its metadata" : "no tokenizer.json"
+            let where_ = kind == .gguf ? "no tokenizer in its metadata" : "no tokenizer.json or tokenizer.model"
             throw ReLoRAError.invalidFile(path: path, reason: "has \(where_) to \(purpose)")
         }
         return t
     }
 
-    /// The tokenizer as `tokenizer.json` bytes (for a Hugging Face export): the file as it is, or a GGUF
-    /// tokenizer written out; nil if the source has none.
+    /// The tokenizer as `tokenizer.json` bytes (for a Hugging Face export): the directory's file as it is, or a
+    /// GGUF file's byte-level BPE tokenizer written out; nil if there is none in that form.
     public func tokenizerJSON() throws -> Data? {
-        if gguf != nil { return try tokenizer()?.jsonData() }
-        return try tokenizerFile.map { try Data(contentsOf: URL(fileURLWithPath: $0)) }
+        if gguf != nil { return try (tokenizer() as? BPETokenizer)?.jsonData() }
+        return try tokenizerFile("tokenizer.json").map { try Data(contentsOf: URL(fileURLWithPath: $0)) }
+    }
+
+    /// A directory source's SentencePiece `tokenizer.model` bytes (a Hugging Face export copies it), else nil.
+    public func tokenizerModel() -> Data? {
+        tokenizerFile("tokenizer.model").flatMap { FileManager.default.contents(atPath: $0) }
     }
 }
 

@@ -1,3 +1,4 @@
+import CReLoRA
 import Foundation
 import ReLoRACore
 
@@ -15,7 +16,10 @@ import ReLoRACore
 // elements (arrays of arrays are not used by llama.cpp and rejected here).
 // ne[0] is the contiguous dimension: a row-major `[rows, cols]` matrix has ne = [cols, rows], so a Hugging
 // Face linear weight `[out, in]` is ne = [in, out] with the same bytes. Block types (q8_0, q4_0) pack
-// ne[0] in blocks of 32, which must divide it; `QuantizedMatrix` holds exactly those bytes per row.
+// ne[0] in blocks of 32, which must divide it; `QuantizedMatrix` holds exactly those bytes per row. The
+// K-quants llama.cpp's quantizer writes (q4_K, q5_K, q6_K) pack it in super-blocks of 256; relora reads
+// them by dequantizing (relora_quant.h) and never writes them. Every other type (q4_1, q5_0, the IQ
+// types, ...) is refused when the file is opened, naming the type and the tensor.
 // Version 2 has the same layout (3 only added big-endian files, which start with a byte-swapped
 // version); both are read, version 3 is written.
 
@@ -110,12 +114,16 @@ public indirect enum GGUFValue: Sendable, Equatable {
     }
 }
 
-/// The tensor element types relora reads and writes (`ggml_type` numbers). Blocks run along ne[0].
+/// The tensor element types relora reads (`ggml_type` numbers). Blocks run along ne[0]. f32, f16, bf16,
+/// q8_0 and q4_0 are also written; the K-quants are only read (dequantized).
 public enum GGMLType: UInt32, Sendable, CaseIterable {
     case f32 = 0
     case f16 = 1
     case q4_0 = 2
     case q8_0 = 8
+    case q4_K = 12
+    case q5_K = 13
+    case q6_K = 14
     case bf16 = 30
 
     /// Elements per block (1 for plain floats).
@@ -123,16 +131,21 @@ public enum GGMLType: UInt32, Sendable, CaseIterable {
         switch self {
         case .f32, .f16, .bf16: return 1
         case .q4_0, .q8_0: return 32
+        case .q4_K, .q5_K, .q6_K: return Int(RELORA_QK_K)
         }
     }
 
-    /// Bytes per block: 4, 2, 2 for the floats; 18 (q4_0) and 34 (q8_0) as in ggml-common.h.
+    /// Bytes per block: 4, 2, 2 for the floats; 18 (q4_0), 34 (q8_0), 144 (q4_K), 176 (q5_K) and 210
+    /// (q6_K) as in ggml-common.h.
     public var bytesPerBlock: Int {
         switch self {
         case .f32: return 4
         case .f16, .bf16: return 2
         case .q4_0: return QuantFormat.q4_0.bytesPerBlock
         case .q8_0: return QuantFormat.q8_0.bytesPerBlock
+        case .q4_K: return MemoryLayout<block_q4_K>.stride
+        case .q5_K: return MemoryLayout<block_q5_K>.stride
+        case .q6_K: return MemoryLayout<block_q6_K>.stride
         }
     }
 
@@ -143,21 +156,38 @@ public enum GGMLType: UInt32, Sendable, CaseIterable {
         case .bf16: return "bf16"
         case .q4_0: return "q4_0"
         case .q8_0: return "q8_0"
+        case .q4_K: return "q4_K"
+        case .q5_K: return "q5_K"
+        case .q6_K: return "q6_K"
         }
     }
 
-    /// The relora block format of a quantized type.
+    /// The relora block format of a quantized type (nil for floats and K-quants).
     public var quantFormat: QuantFormat? {
         switch self {
         case .q4_0: return .q4_0
         case .q8_0: return .q8_0
-        case .f32, .f16, .bf16: return nil
+        case .f32, .f16, .bf16, .q4_K, .q5_K, .q6_K: return nil
         }
+    }
+
+    /// Whether relora writes the type (the K-quants are read only).
+    public var isWritable: Bool {
+        switch self {
+        case .q4_K, .q5_K, .q6_K: return false
+        case .f32, .f16, .bf16, .q8_0, .q4_0: return true
+        }
+    }
+
+    /// The types relora reads, for error messages: "f32, f16, bf16, q8_0, q4_0, q4_K, q5_K and q6_K".
+    public static var readableList: String {
+        let names = [GGMLType.f32, .f16, .bf16, .q8_0, .q4_0, .q4_K, .q5_K, .q6_K].map(\.name)
+        return names.dropLast().joined(separator: ", ") + " and " + names.last!
     }
 
     /// Names of other ggml types, for error messages only.
     static let otherNames: [UInt32: String] = [
-        3: "q4_1", 6: "q5_0", 7: "q5_1", 9: "q8_1", 10: "q2_K", 11: "q3_K", 12: "q4_K", 13: "q5_K", 14: "q6_K",
+        3: "q4_1", 6: "q5_0", 7: "q5_1", 9: "q8_1", 10: "q2_K", 11: "q3_K",
         15: "q8_K", 16: "iq2_xxs", 17: "iq2_xs", 18: "iq3_xxs", 19: "iq1_s", 20: "iq4_nl", 21: "iq3_s", 22: "iq2_s",
         23: "iq4_xs", 24: "i8", 25: "i16", 26: "i32", 27: "i64", 28: "f64", 29: "iq1_m", 34: "tq1_0", 35: "tq2_0",
         39: "mxfp4",
@@ -280,7 +310,7 @@ public final class GGUFFile: Sendable {  // all lets; the map is read-only
             let rawType = try reader.u32("the type of tensor \(quoted)")
             guard let type = GGMLType(rawValue: rawType) else {
                 let known = GGMLType.otherNames[rawType].map { "\($0) (ggml type \(rawType))" } ?? "ggml type \(rawType)"
-                throw invalid("tensor \(quoted) is stored as \(known); relora reads f32, f16, bf16, q8_0 and q4_0, so convert or quantize the model to one of those")
+                throw invalid("tensor \(quoted) is stored as \(known), which relora cannot read (it reads \(GGMLType.readableList)); quantize the model again with one of those types")
             }
             guard dims[0] % type.blockSize == 0 else {
                 throw invalid("tensor \(quoted) is \(type.name) but its first dimension \(dims[0]) is not a multiple of the block size \(type.blockSize)")
@@ -327,7 +357,8 @@ public final class GGUFFile: Sendable {  // all lets; the map is read-only
     }
 
     /// The tensor's values as f32 in row-major order (ne[0] fastest): f32 copied, f16 and bf16 widened
-    /// exactly, q8_0 and q4_0 dequantized by the reference dequantizer (`code * scale` in f32, as ggml).
+    /// exactly, q8_0 and q4_0 dequantized by the reference dequantizer (`code * scale` in f32, as ggml),
+    /// q4_K, q5_K and q6_K by relora_quant.h's dequantizers (bit for bit ggml's and gguf-py's).
     public func floats(_ info: GGUFTensorInfo) throws -> [Float] {
         let count = info.elementCount
         switch info.type {
@@ -343,6 +374,22 @@ public final class GGUFFile: Sendable {  // all lets; the map is read-only
             }
         case .q8_0, .q4_0:
             return try quantized(info).dequantize()
+        case .q4_K, .q5_K, .q6_K:
+            // Copied first: the C dequantizers need 2-byte aligned blocks, which a file aligned to 1 would not give.
+            let blocks = withBytes(info) { Array($0) }
+            var out = [Float](repeating: 0, count: count)
+            let status = blocks.withUnsafeBytes { raw in
+                out.withUnsafeMutableBufferPointer { y -> Int32 in
+                    guard let x = raw.baseAddress, let y = y.baseAddress else { return RELORA_QUANT_OK }
+                    switch info.type {
+                    case .q4_K: return relora_dequantize_row_q4_K(x.assumingMemoryBound(to: block_q4_K.self), y, Int64(count))
+                    case .q5_K: return relora_dequantize_row_q5_K(x.assumingMemoryBound(to: block_q5_K.self), y, Int64(count))
+                    default: return relora_dequantize_row_q6_K(x.assumingMemoryBound(to: block_q6_K.self), y, Int64(count))
+                    }
+                }
+            }
+            precondition(status == RELORA_QUANT_OK, "a K-quant tensor is whole blocks (checked on open)")
+            return out
         }
     }
 
@@ -488,6 +535,7 @@ public enum GGUFWriter {
         var offset = 0
         for t in tensors {
             guard names.insert(t.name).inserted else { throw fail("tensor name '\(t.name)' appears twice") }
+            guard t.type.isWritable else { throw fail("tensor '\(t.name)': relora does not write \(t.type.name)") }
             guard (1 ... GGUFFile.maximumDimensions).contains(t.shape.count), t.shape.allSatisfy({ $0 >= 0 }),
                   let size = t.byteCount else {
                 throw fail("tensor '\(t.name)' of shape \(t.shape) cannot be stored as \(t.type.name)")

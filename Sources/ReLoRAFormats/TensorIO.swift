@@ -87,9 +87,10 @@ package enum TensorIO {
         }
     }
 
-    /// Quantizes the f32 `[rows, cols]` values in `dense` into `q` (round to nearest) and returns the
-    /// relative error `||deq(q) - w|| / ||w||` (0 for an all-zero w). `dense` is left unchanged; it may be
-    /// `q.master`. Throws the quantizer's one-sentence error for a weight the format cannot hold.
+    /// Quantizes `dense` (f32 `[rows, cols]`: the weight's values, which under merge policy `master` is
+    /// `q.master` itself) into `q` on the backend, round to nearest, and returns the relative error
+    /// `||deq(q) - w|| / ||w||` (0 for an all-zero weight). A weight the format cannot hold (inf, NaN,
+    /// or beyond its fp16 scale) is the one-sentence `QuantizationFailure` error naming `name`.
     package static func quantize(_ dense: Tensor, into q: QuantizedTensor, name: String, backend: Backend) throws -> Double {
         if let failure = backend.quantize(dense, into: q) { throw failure.error(format: q.format, name: name) }
         let roundTrip = backend.makeTensor([q.rows, q.cols], dtype: .f32, tag: .workspace, zeroed: false)

@@ -70,6 +70,7 @@ public final class AdaptedLinear {
     /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`); a quantized W is dequantized in tiles
     /// through the context's scratch.
     func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, _ ctx: LinearContext) {
+        let gemms = ctx.backend.profiler?.attributeGEMMs(to: .gemmBase); defer { gemms?.end() }
         switch weight {
         case .dense(let w):
             ctx.backend.matmul(x, w, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta)
@@ -81,12 +82,14 @@ public final class AdaptedLinear {
     /// `y += s uT^T B^T` with the adapter's projection `uT` `[r, n]`.
     func addAdapterOutput(_ uT: Tensor, _ y: Tensor, tokens n: Int, _ b: Backend) {
         guard let ad = adapter else { return }
+        let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRAUp); defer { gemms?.end() }
         b.matmul(uT, ad.b, y, m: n, n: outFeatures, k: ad.rank, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
     }
 
     /// `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained (never for a quantized W).
     func backwardBase(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, _ ctx: LinearContext) {
         let b = ctx.backend
+        let gemms = b.profiler?.attributeGEMMs(to: .gemmBase); defer { gemms?.end() }
         switch weight {
         case .dense(let w):
             b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
@@ -102,6 +105,7 @@ public final class AdaptedLinear {
     /// needs), `dB += s dy^T uT^T`, and `ds += sum(gT * uT)` for a trained scale.
     func adapterOutputBackward(dy: Tensor, uT: Tensor, gT: Tensor, tokens n: Int, _ b: Backend) {
         guard let ad = adapter, let gradB = ad.gradB else { return }
+        let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRAUp); defer { gemms?.end() }
         b.matmul(ad.b, dy, gT, m: ad.rank, n: n, k: outFeatures, transA: true, transB: true)
         b.matmul(dy, uT, gradB, m: outFeatures, n: ad.rank, k: n, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
         if let gradScale = ad.gradScale { b.dotAccumulate(gT, uT, count: ad.rank * n, into: gradScale) }
@@ -203,6 +207,7 @@ final class AdapterGroup {
     /// `uT_i = A_i drop_i(x)^T` for every member, into `uT` `[g*r, n]` (member i's rows `i*r ..< (i+1)*r`).
     func project(_ x: Tensor, into uT: Tensor, tokens n: Int, _ ctx: LinearContext) {
         let b = ctx.backend
+        let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRADown); defer { gemms?.end() }
         if fused(ctx) {
             b.matmul(a, x, uT, m: size * rank, n: n, k: inFeatures, transB: true)
             return
@@ -221,6 +226,7 @@ final class AdapterGroup {
     func inputBackward(x: Tensor, gT: Tensor, dx: Tensor, tokens n: Int, _ ctx: LinearContext) {
         let b = ctx.backend
         guard let gradA else { return }
+        let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRADown); defer { gemms?.end() }
         if fused(ctx), let s = linears.first?.adapter?.scale {
             b.matmul(gT, x, gradA, m: size * rank, n: inFeatures, k: n, beta: 1, alphaScale: s)
             b.matmul(gT, a, dx, m: n, n: inFeatures, k: size * rank, transA: true, beta: 1, alphaScale: s)

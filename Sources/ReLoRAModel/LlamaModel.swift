@@ -238,8 +238,10 @@ public final class LlamaModel {
         let dlogits = ws.logits
 
         // Head: dW_head[V,C] += dlogits^T lnf; dlnf[N,C] = dlogits W_head.
+        let gemms = backend.profiler?.attributeGEMMs(to: .gemmHead)
         backend.matmul(dlogits, ws.lnf, grads.head, m: vocab, n: c, k: n, transA: true, beta: 1)
         backend.matmul(dlogits, weights.lmHead, ws.dln, m: n, n: c, k: vocab)
+        gemms?.end()
         backend.zero(ws.dres)
         backend.rmsnormBackward(ws.dln, x: last, weight: weights.norm, rstd: ws.rstdf, dx: ws.dres,
                                 dweight: grads.norm, rows: n, dim: c)
@@ -347,6 +349,7 @@ public final class LlamaModel {
     private func computeLogits(_ ws: Workspace) {
         backend.rmsnormForward(ws.xs[config.numHiddenLayers], weight: weights.norm, out: ws.lnf, rstd: ws.rstdf,
                                rows: ws.tokens, dim: config.hiddenSize, eps: Float(config.rmsNormEps))
+        let gemms = backend.profiler?.attributeGEMMs(to: .gemmHead); defer { gemms?.end() }
         backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: ws.tokens, n: config.vocabSize, k: config.hiddenSize, transB: true)
     }
 

@@ -144,7 +144,17 @@ extension BPETokenizer {
             }
             merges.append((ia, ib))
         }
+        // A file that asks for a BOS (LLaMA 3's, made by llama.cpp) gets it as the post-processor's leading
+        // token (`prefixId`); relora's own exports write add_bos_token false.
+        var post: TJSON = .null
+        if file.metadata["tokenizer.ggml.add_bos_token"]?.bool == true, let bos = file.metadata["tokenizer.ggml.bos_token_id"]?.integer,
+           bos >= 0, bos < tokens.count {
+            post = .object([("type", .string("TemplateProcessing")), ("single", .array([
+                .object([("SpecialToken", .object([("id", .string(tokens[bos])), ("type_id", .int(0))]))]),
+                .object([("Sequence", .object([("id", .string("A")), ("type_id", .int(0))]))]),
+            ]))])
+        }
         try self.init(modelTokens: modelTokens, merges: merges, addedTokens: added, steps: steps,
-                      ignoreMerges: ignoreMerges, postProcessor: .null, path: file.path)
+                      ignoreMerges: ignoreMerges, postProcessor: post, path: file.path)
     }
 }

@@ -84,13 +84,39 @@ public enum PeakFLOPs {
     }
 
     /// Dense bf16 tensor-core FLOP/s with fp32 accumulation (no sparsity) from the vendors' data sheets, by
-    /// device name (`cudaDeviceProp.name`). SXM parts unless the name says PCIe.
+    /// device name (`cudaDeviceProp.name`): `DevicePeaks.dataSheets`.
     public static func cudaBF16Peak(deviceName name: String) -> Double? {
-        let table: [(String, Double)] = [
-            ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-            ("L40S", 362e12), ("RTX 6000 Ada", 364e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
-            ("RTX A6000", 154.8e12), ("L4", 121e12), ("A10", 125e12),
-        ]
-        return table.first { name.contains($0.0) }?.1
+        DevicePeaks.dataSheet(deviceName: name)?.bf16TensorFLOPs
     }
+
+    /// The peaks the per-op profile predicts from: a GPU's data sheet (nil on the emulation and for a GPU
+    /// missing from the table), the CPU's measured rates (`cpuPeaks`), nil for a planning backend.
+    public static func devicePeaks(for backend: Backend) -> DevicePeaks? {
+        if let device = backend as? DeviceBackend {
+            return device.isEmulated ? nil : DevicePeaks.dataSheet(deviceName: device.deviceName)
+        }
+        return backend.name == "cpu" ? cpuPeaks : nil
+    }
+
+    /// The CPU's rates, measured once per process on first use: the sgemm peak (`cpu`) for every FLOP, and
+    /// for memory and "transfers" (host copies) the best of three single-threaded 64 MiB memcpys (read +
+    /// write: 128 MiB moved; ~0.1 s). One thread's copy rate is below what all cores stream together, so
+    /// bandwidth-bound ops may beat their prediction slightly.
+    public static let cpuPeaks: DevicePeaks = {
+        let bytes = 64 << 20
+        let a = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        let b = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        defer { a.deallocate(); b.deallocate() }
+        a.initializeMemory(as: UInt8.self, repeating: 1, count: bytes)
+        b.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        var best = Double.infinity
+        for _ in 0..<3 {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            memcpy(b, a, bytes)
+            best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+        }
+        let bandwidth = 2 * Double(bytes) / max(best, 1e-9)
+        return DevicePeaks(name: "this CPU (measured: sgemm, one thread's memcpy)", bf16TensorFLOPs: cpu, f32FLOPs: cpu,
+                           memoryBandwidth: bandwidth, hostLinkBandwidth: bandwidth)
+    }()
 }

@@ -39,12 +39,14 @@ public enum FrozenStorage: String, Sendable, CaseIterable {
 }
 
 public struct Recipe: Sendable, Equatable {
-    /// Hugging Face `config.json` of the model to train (paths are relative to the working directory).
+    /// Hugging Face `config.json` of the model to train, or a LLaMA GGUF file whose metadata is the config
+    /// (the `warm_start` file itself, typically). Paths are relative to the working directory.
     public var model: String
     /// 1-D `.npy` token files.
     public var trainData: String
     public var valData: String?
-    /// `tokenizer.json` used to make the data; copied into the run and into exports.
+    /// The tokenizer used to make the data: a `tokenizer.json`, a SentencePiece `tokenizer.model`, or a
+    /// directory with either; copied into the run (under its own name) and into exports.
     public var tokenizer: String?
     /// Where checkpoints and `metrics.jsonl` go.
     public var runDir: String
@@ -456,5 +458,12 @@ extension Recipe {
         var object: [String: Any] = [:]
         for key in Self.keyTable { if let value = key.encode(self) { object[key.name] = value } }
         return object
+    }
+}
+
+extension Recipe {
+    /// The model's architecture: `model`'s config.json, or a GGUF file's `llama.*` metadata.
+    public func modelConfig() throws -> LlamaConfig {
+        LlamaGGUF.isGGUF(model) ? try LlamaGGUF.config(GGUFFile(path: model)) : try LlamaConfig(contentsOf: model)
     }
 }

@@ -27,7 +27,7 @@ struct RunSetup {
                 "grad_accum \(given.gradAccum) counts the micro-batches of a step over all ranks and must be divisible by the \(worldSize) ranks; set grad_accum to a multiple of \(worldSize) (micro_batch is per rank)")
         }
         var recipe = given
-        config = try LlamaConfig(contentsOf: recipe.model)
+        config = try recipe.modelConfig()
         guard recipe.seqLen <= config.maxPositionEmbeddings else {
             throw ReLoRAError.invalidConfig("seq_len \(recipe.seqLen) exceeds the model's max_position_embeddings \(config.maxPositionEmbeddings)")
         }
@@ -152,11 +152,25 @@ struct RunSetup {
     func createRunDirectory() throws {
         try Files.createDirectory(recipe.runDir)
         try writeRecipe()
-        if let tok = recipe.tokenizer {
+        if var tok = recipe.tokenizer {
+            // A directory names its tokenizer.json, else its SentencePiece tokenizer.model (as transformers reads).
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: tok, isDirectory: &isDirectory), isDirectory.boolValue {
+                guard let name = ["tokenizer.json", "tokenizer.model"].first(where: { FileManager.default.fileExists(atPath: tok + "/" + $0) }) else {
+                    throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer directory has neither a tokenizer.json nor a tokenizer.model")
+                }
+                tok += "/" + name
+            }
+            // A GGUF file holds its tokenizer in its metadata; copying the whole model here is not wanted.
+            if let head = FileHandle(forReadingAtPath: tok).flatMap({ try? $0.read(upToCount: 4) }), head == Data("GGUF".utf8) {
+                throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer is a GGUF model file; name a tokenizer.json or tokenizer.model (relora tokenize reads a GGUF's tokenizer, a run keeps only those)")
+            }
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
             }
-            try writeFileAtomically(data, to: recipe.runDir + "/tokenizer.json")
+            // A SentencePiece model keeps its name: the commands that read the run look for either file.
+            let name = tok.hasSuffix(".model") ? "tokenizer.model" : "tokenizer.json"
+            try writeFileAtomically(data, to: recipe.runDir + "/" + name)
         }
     }
 }

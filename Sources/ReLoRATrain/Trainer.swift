@@ -58,6 +58,13 @@ public final class Trainer {
     /// The backend's peak FLOP/s, measured (CPU: sgemm, once per process) before the first step is timed.
     public private(set) lazy var peakFLOPs: Double? = PeakFLOPs.peak(for: model.backend)
 
+    /// `relora train --profile N`: `run` profiles op by op the N steps after its first (TrainerProfile.swift).
+    public var profileSteps = 0
+    /// The profile being taken (`startProfile`), nil when none.
+    var profiling: ProfileSession?
+    /// The per-op profile of the latest `startProfile`, once its steps ran.
+    public internal(set) var profile: StepProfile?
+
     /// Starts a new run (`resume == false`: the run directory must not hold checkpoints yet) or continues
     /// the latest checkpoint of `recipe.runDir`. `backend` defaults to the recipe's `device`. Under a
     /// `communicator` of W ranks every rank makes its own Trainer with the same recipe; `log` is called on
@@ -147,7 +154,9 @@ public final class Trainer {
         var stoppedEarly = false
         var eta = ETAEstimator(total: r.steps)  // wall time per step, evaluations and checkpoints included
         eta.record(done: state.step, at: monotonicSeconds())
+        try checkProfileFits()
         while state.step < r.steps {
+            if history.count == 1 && profileSteps > 0 { try startProfile(steps: profileSteps) }  // after a warm-up step
             let metrics = try trainStep()
             eta.record(done: state.step, at: monotonicSeconds())
             lastLoss = metrics.loss
@@ -216,6 +225,7 @@ public final class Trainer {
     public func trainStep() throws -> StepMetrics {
         let r = recipe
         let peak = peakFLOPs
+        let profiler = beginProfiledStep()
         let start = DispatchTime.now().uptimeNanoseconds
         let transfersBefore = model.backend.ledger.transferCount
         defer { lastStepTransfers = model.backend.ledger.transferCount - transfersBefore }
@@ -234,6 +244,7 @@ public final class Trainer {
         state.step += 1
         state.tokensSeen += tokensInStep
         let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        if let profiler { endProfiledStep(profiler) }
         let metrics = StepMetrics(step: state.step, loss: loss, lr: lr, gradNorm: norm,
                                   tokensPerSecond: Double(tokensInStep) / seconds, milliseconds: seconds * 1000,
                                   memoryBytes: model.backend.ledger.report().liveTotal, skipped: skipped,
@@ -289,6 +300,8 @@ public final class Trainer {
         if w > 1 {
             // What the backward did not hide: the rest of the sums, then the losses.
             let start = monotonicSeconds()
+            let span = optimizer.backend.profiler?.begin(.reduction, OpCost(flops: 0, bytes: 0))  // no link peaks: no prediction
+            defer { span?.end() }
             if let device, let groups {
                 if let overlapFailure { throw overlapFailure }
                 try device.startSum(groups.rest, on: optimizer.backend)
@@ -310,6 +323,8 @@ public final class Trainer {
             optimizer.step(lr: Float(lr))
             if optimizer.shards != nil && w > 1 {  // each rank updated its own tensors: all get every update
                 let start = monotonicSeconds()
+                let span = optimizer.backend.profiler?.begin(.reduction, OpCost(flops: 0, bytes: 0))
+                defer { span?.end() }
                 try shareUpdatedValues(optimizer, communicator)
                 communication += monotonicSeconds() - start
             }

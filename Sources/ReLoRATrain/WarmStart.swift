@@ -13,8 +13,9 @@ extension Trainer {
     /// From a relora checkpoint: its weights (the LoRA run's frozen W), its step count (the schedule
     /// continues, as in the reference), and Adam's moments and step counter for the dense tensors that
     /// stay trainable (embeddings, norms, head). From a Hugging Face directory or a GGUF file: its weights
-    /// only, streamed one tensor at a time (quantized as they arrive when the recipe's `quant` asks); the
-    /// run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
+    /// only, streamed one tensor at a time (quantized as they arrive when the recipe's `quant` asks; a GGUF
+    /// block linear stored in the run's `quant` format keeps its codes byte for byte, `LlamaGGUF.loadWeights`);
+    /// the run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
                           log: @escaping (String) -> Void) throws -> TrainingState {
         let source = try ModelSource.open(path)
@@ -54,7 +55,7 @@ extension Trainer {
         sourceRounded.ropeTheta = Double(Float(source.ropeTheta))
         guard sourceRounded == rounded else {
             throw ReLoRAError.invalidConfig(
-                "the warm start \(path) has another architecture (hidden \(source.hiddenSize), layers \(source.numHiddenLayers), vocab \(source.vocabSize)) than the recipe's model (hidden \(model.hiddenSize), layers \(model.numHiddenLayers), vocab \(model.vocabSize)); point 'model' at the warm start's config.json")
+                "the warm start \(path) has another architecture (hidden \(source.hiddenSize), layers \(source.numHiddenLayers), vocab \(source.vocabSize)) than the recipe's model (hidden \(model.hiddenSize), layers \(model.numHiddenLayers), vocab \(model.vocabSize)); point 'model' at \(LlamaGGUF.isGGUF(path) ? "the GGUF file itself" : "the warm start's config.json")")
         }
     }
 }

@@ -143,7 +143,9 @@ final class GGUFContainerTests: XCTestCase {
         add("duplicate key", "twice") { $0.pairs.append(R.pair("general.alignment", type: 4, R.u32(32))) }
         add("alignment not a power of two", "power of two") { $0.pairs = [R.pair("general.alignment", type: 4, R.u32(24))] }
         add("alignment of the wrong type", "power of two") { $0.pairs = [R.pair("general.alignment", type: 10, R.u64(32))] }
-        add("unknown tensor type", "q4_K") { $0.infos[0] = R.info("a", dims: [4, 2], type: 12, offset: 0) }
+        add("unreadable tensor type", "iq2_xxs (ggml type 16)") { $0.infos[0] = R.info("a", dims: [4, 2], type: 16, offset: 0) }
+        add("unknown tensor type", "ggml type 99") { $0.infos[0] = R.info("a", dims: [4, 2], type: 99, offset: 0) }
+        add("q4_K rows not whole super-blocks", "block size 256") { $0.infos[0] = R.info("a", dims: [32, 1], type: 12, offset: 0) }
         add("no dimensions", "dimensions") { $0.infos[0] = R.info("a", dims: [], type: 0, offset: 0) }
         add("five dimensions", "dimensions") { $0.infos[0] = R.info("a", dims: [1, 1, 1, 1, 8], type: 0, offset: 0) }
         add("dimension overflow", "overflow") { $0.infos[0] = R.info("a", dims: [1 << 40, 1 << 40], type: 0, offset: 0) }
@@ -287,6 +289,7 @@ final class GGUFModelTests: XCTestCase {
         case .f16: return v.map { FloatBits.floatFromFloat16(FloatBits.float16($0)) }
         case .bf16: return v.map { FloatBits.floatFromBFloat16(FloatBits.bfloat16($0)) }
         case .q8_0, .q4_0: return try type.quantFormat!.quantize(v, rows: shape[0], cols: shape[1]).dequantize()
+        case .q4_K, .q5_K, .q6_K: throw ReLoRAError.invalidData("relora does not export \(type.name)")
         }
     }
 

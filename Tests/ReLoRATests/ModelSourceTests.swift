@@ -114,7 +114,7 @@ final class ModelSourceTests: XCTestCase {
         // A source without a tokenizer: everything but sample.
         let r = try runRelora(["sample", "--model", s.noTokenizer, "--prompt", "x"])
         XCTAssertNotEqual(r.status, 0)
-        XCTAssertEqual(r.stderr, "error: \(s.noTokenizer): has no tokenizer.json to encode the prompt with\n")
+        XCTAssertEqual(r.stderr, "error: \(s.noTokenizer): has no tokenizer.json or tokenizer.model to encode the prompt with\n")
         XCTAssertEqual(try runRelora(["info", s.noTokenizer]).status, 0)
     }
 
@@ -169,7 +169,7 @@ final class ModelSourceTests: XCTestCase {
         }
         XCTAssertEqual(try runRelora(["info", bnb]).status, 0)
         let r = try runRelora(["sample", "--model", bnb, "--prompt", "x"])
-        XCTAssertEqual(r.stderr, "error: \(bnb): has no tokenizer.json to encode the prompt with\n")
+        XCTAssertEqual(r.stderr, "error: \(bnb): has no tokenizer.json or tokenizer.model to encode the prompt with\n")
     }
 
     /// The kinds are told apart by their files; a run directory resolves to its latest checkpoint.

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 10
+#define RELORA_ABI_VERSION 11
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -143,6 +143,14 @@ typedef struct relora_device_properties {
     X(relora_status, event_record, (void *event, void *stream))                                           \
     /* work enqueued on `stream` after this call starts after `event` completed; the host does not wait */\
     X(relora_status, stream_wait_event, (void *stream, void *event))                                      \
+    /* an event that keeps time (cudaEventDefault), for event_elapsed: the per-op profile's. Recorded and */\
+    /* destroyed with event_record and event_destroy */                                                   \
+    X(relora_status, event_create_timing, (void **event))                                                 \
+    /* *milliseconds = time from `start` to `end`, two recorded timing events (cudaEventElapsedTime, ~0.5 */\
+    /* us resolution), after waiting for `end` to complete. An event made by event_create (no timing) or */ \
+    /* never recorded fails. The emulation: the host time between the two records (kernels run at the */   \
+    /* call, so that is the work between them) */                                                           \
+    X(relora_status, event_elapsed, (void *start, void *end, float *milliseconds))                        \
     /* cudaSetDevice(ordinal) for the calling process (a rank's GPU, chosen by its local rank); later  */ \
     /* device_properties describe it. The emulation has one device: ordinal 0 only */                  \
     X(relora_status, set_device, (int32_t ordinal))                                                       \

@@ -598,4 +598,136 @@ RELORA_HD int64_t relora_changed_codes_nf4(const block_nf4 *a, const block_nf4 *
     return changed;
 }
 
+// ---- ggml K-quants (read only: GGUF files made by llama.cpp's quantizer) ---------------------------
+// relora never quantizes to these; a GGUF tensor stored in one is dequantized (warm start, eval) with the
+// arithmetic of ggml's dequantize_row_q{4,5,6}_K (ggml-quants.c), which gguf-py's numpy dequantizers
+// (gguf.quants.Q4_K/Q5_K/Q6_K.dequantize_blocks) repeat: the fp16 super-block scales widened exactly,
+// then d * sc and dmin * m (one fp32 product each), then (d * sc) * q - dmin * m as one product and one
+// subtraction (never fused), so the values equal both references bit for bit (Tests/Fixtures/
+// kquant_reference.safetensors). A super-block holds 256 weights of a row (QK_K); rows are whole blocks.
+#define RELORA_QK_K 256
+#define RELORA_K_SCALE_SIZE 12
+
+// q4_K: 8 sub-blocks of 32 weights; sub-block s has a 6-bit scale sc_s and 6-bit min m_s packed in
+// `scales` (relora_kquant_scale_min); weight = (d * sc_s) * q - (dmin * m_s), q a 4-bit code. Codes:
+// for each 64-weight group g, byte 32g + l holds weight 64g + l in its low nibble and 64g + 32 + l in
+// its high nibble.
+typedef struct {
+    relora_half d;                          // super-block scale of the sub-block scales
+    relora_half dmin;                       // super-block scale of the sub-block mins
+    uint8_t scales[RELORA_K_SCALE_SIZE];    // 8 scales and 8 mins, 6 bits each
+    uint8_t qs[RELORA_QK_K / 2];            // 4-bit codes
+} block_q4_K;
+RELORA_STATIC_ASSERT(sizeof(block_q4_K) == 2 + 2 + 12 + 128, "q4_K block must be 144 bytes (ggml layout)");
+
+// q5_K: q4_K plus a fifth bit per weight in qh: bit 2g of qh[l] is the high bit of weight 64g + l, bit
+// 2g + 1 that of weight 64g + 32 + l.
+typedef struct {
+    relora_half d;
+    relora_half dmin;
+    uint8_t scales[RELORA_K_SCALE_SIZE];
+    uint8_t qh[RELORA_QK_K / 8];            // high bits
+    uint8_t qs[RELORA_QK_K / 2];            // low 4 bits
+} block_q5_K;
+RELORA_STATIC_ASSERT(sizeof(block_q5_K) == 2 + 2 + 12 + 32 + 128, "q5_K block must be 176 bytes (ggml layout)");
+
+// q6_K: 16 sub-blocks of 16 weights with int8 scales; weight = (d * scales[s]) * (q - 32), q a 6-bit
+// code: low 4 bits in ql, high 2 bits in qh (layout in relora_dequantize_block_q6_K).
+typedef struct {
+    uint8_t ql[RELORA_QK_K / 2];            // low 4 bits
+    uint8_t qh[RELORA_QK_K / 4];            // high 2 bits
+    int8_t scales[RELORA_QK_K / 16];        // sub-block scales
+    relora_half d;                          // super-block scale
+} block_q6_K;
+RELORA_STATIC_ASSERT(sizeof(block_q6_K) == 128 + 64 + 16 + 2, "q6_K block must be 210 bytes (ggml layout)");
+
+// The 6-bit scale and min of sub-block j (0 ..< 8) of a q4_K/q5_K block (ggml's get_scale_min_k4):
+// sub-blocks 0-3 are the low 6 bits of bytes j and j + 4; sub-blocks 4-7 take their low 4 bits from
+// byte j + 4 (scale: low nibble, min: high nibble) and their top 2 bits from the top of bytes j - 4 and j.
+RELORA_HD void relora_kquant_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+RELORA_HD void relora_dequantize_block_q4_K(const block_q4_K *x, float *y) {
+    const float d = relora_fp16_to_fp32(x->d);
+    const float dmin = relora_fp16_to_fp32(x->dmin);
+    const uint8_t *q = x->qs;
+    for (int g = 0; g < RELORA_QK_K / 64; ++g) {
+        uint8_t sc, m;
+        relora_kquant_scale_min(2 * g, x->scales, &sc, &m);
+        const float d1 = RELORA_FMUL(d, (float)sc), m1 = RELORA_FMUL(dmin, (float)m);
+        relora_kquant_scale_min(2 * g + 1, x->scales, &sc, &m);
+        const float d2 = RELORA_FMUL(d, (float)sc), m2 = RELORA_FMUL(dmin, (float)m);
+        for (int l = 0; l < 32; ++l) y[64 * g + l] = RELORA_FADD(RELORA_FMUL(d1, (float)(q[l] & 0xF)), -m1);
+        for (int l = 0; l < 32; ++l) y[64 * g + 32 + l] = RELORA_FADD(RELORA_FMUL(d2, (float)(q[l] >> 4)), -m2);
+        q += 32;
+    }
+}
+
+RELORA_HD void relora_dequantize_block_q5_K(const block_q5_K *x, float *y) {
+    const float d = relora_fp16_to_fp32(x->d);
+    const float dmin = relora_fp16_to_fp32(x->dmin);
+    const uint8_t *ql = x->qs;
+    for (int g = 0; g < RELORA_QK_K / 64; ++g) {
+        uint8_t sc, m;
+        relora_kquant_scale_min(2 * g, x->scales, &sc, &m);
+        const float d1 = RELORA_FMUL(d, (float)sc), m1 = RELORA_FMUL(dmin, (float)m);
+        relora_kquant_scale_min(2 * g + 1, x->scales, &sc, &m);
+        const float d2 = RELORA_FMUL(d, (float)sc), m2 = RELORA_FMUL(dmin, (float)m);
+        const uint8_t u1 = (uint8_t)(1u << (2 * g)), u2 = (uint8_t)(2u << (2 * g));
+        for (int l = 0; l < 32; ++l) {
+            const int q = (ql[l] & 0xF) + ((x->qh[l] & u1) ? 16 : 0);
+            y[64 * g + l] = RELORA_FADD(RELORA_FMUL(d1, (float)q), -m1);
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int q = (ql[l] >> 4) + ((x->qh[l] & u2) ? 16 : 0);
+            y[64 * g + 32 + l] = RELORA_FADD(RELORA_FMUL(d2, (float)q), -m2);
+        }
+        ql += 32;
+    }
+}
+
+// Each half h (128 weights) uses ql[64h ..< 64h + 64], qh[32h ..< 32h + 32] and scales[8h ..< 8h + 8]:
+// for l in [0, 32), weights 128h + l + 32k (k = 0..3) take the low nibble of ql[l] (k = 0), of
+// ql[l + 32] (k = 1), the high nibble of ql[l] (k = 2), of ql[l + 32] (k = 3), with bits 2k, 2k + 1 of
+// qh[l] on top, and scale scales[8h + l / 16 + 2k].
+RELORA_HD void relora_dequantize_block_q6_K(const block_q6_K *x, float *y) {
+    const float d = relora_fp16_to_fp32(x->d);
+    for (int h = 0; h < 2; ++h) {
+        const uint8_t *ql = x->ql + 64 * h;
+        const uint8_t *qh = x->qh + 32 * h;
+        const int8_t *sc = x->scales + 8 * h;
+        float *yh = y + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+            const int is = l / 16;
+            const int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            yh[l] = RELORA_FMUL(RELORA_FMUL(d, (float)sc[is + 0]), (float)q1);
+            yh[l + 32] = RELORA_FMUL(RELORA_FMUL(d, (float)sc[is + 2]), (float)q2);
+            yh[l + 64] = RELORA_FMUL(RELORA_FMUL(d, (float)sc[is + 4]), (float)q3);
+            yh[l + 96] = RELORA_FMUL(RELORA_FMUL(d, (float)sc[is + 6]), (float)q4);
+        }
+    }
+}
+
+RELORA_HD int relora_dequantize_row_q4_K(const block_q4_K *x, float *y, int64_t n) {
+    RELORA_DEQUANTIZE_ROW(RELORA_QK_K, relora_dequantize_block_q4_K)
+}
+
+RELORA_HD int relora_dequantize_row_q5_K(const block_q5_K *x, float *y, int64_t n) {
+    RELORA_DEQUANTIZE_ROW(RELORA_QK_K, relora_dequantize_block_q5_K)
+}
+
+RELORA_HD int relora_dequantize_row_q6_K(const block_q6_K *x, float *y, int64_t n) {
+    RELORA_DEQUANTIZE_ROW(RELORA_QK_K, relora_dequantize_block_q6_K)
+}
+
 #endif  // RELORA_QUANT_H

@@ -24,6 +24,9 @@ public protocol Backend: AnyObject, Sendable {
     var computes: Bool { get }
     /// The largest attention `head_dim` the backend's kernels take, nil for any (the default).
     var maxAttentionHeadDim: Int? { get }
+    /// Where the ops report while a training step is profiled (`OpProfiler`; backends that can are
+    /// `OpProfiling`), nil (the default) otherwise.
+    var profiler: OpProfiler? { get }
 
     func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor
 

@@ -6,11 +6,13 @@ import Foundation
 /// see Parallel.swift). Readability first: this is the
 /// specification the CUDA kernels are checked against. Accumulations that span many terms
 /// (norms, losses) use Double.
-public final class CPUBackend: HostFileBacking, TensorStorageOwner {
+public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling {
     public let name = "cpu"
     public let ledger = MemoryLedger()
     public let precision = Precision.fp32
     public let computes = true
+    /// Where every op reports while a step is profiled (`OpProfiling`, host clock), nil otherwise.
+    nonisolated(unsafe) public var profiler: OpProfiler?
 
     public init() {
         _ = CPUThreads.processDefault  // reads RELORA_CPU_THREADS (and warns) up front
@@ -27,6 +29,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     nonisolated(unsafe) private var fileDirectory: String?
     /// Storage that is a file mapping (released with munmap), by address.
     nonisolated(unsafe) private var mapped: Set<UnsafeMutableRawPointer> = []
+
+    public func makeProfileClock() -> ProfileClock { HostProfileClock() }
 
     // MARK: Memory
 
@@ -82,24 +86,28 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     // MARK: Transfers and fills
 
     public func upload(_ values: [Float], to tensor: Tensor) {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(values.count == tensor.count, "upload: \(values.count) values into a tensor of \(tensor.count)")
         ledger.uploaded(tensor.byteCount)
         values.withUnsafeBytes { HostConversion.convert($0.baseAddress!, .f32, tensor.storage!, tensor.dtype, count: values.count) }
     }
 
     public func upload(_ values: [Int32], to tensor: Tensor) {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(values.count == tensor.count, "upload: \(values.count) ids into a tensor of \(tensor.count)")
         ledger.uploaded(tensor.byteCount)
         values.withUnsafeBufferPointer { tensor.i32.update(from: $0.baseAddress!, count: values.count) }
     }
 
     public func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(raw.count == tensor.count * dtype.byteSize, "upload: \(raw.count) bytes of \(dtype.rawValue) into a tensor of \(tensor.count)")
         ledger.uploaded(tensor.byteCount)
         if tensor.count > 0 { HostConversion.convert(raw.baseAddress!, dtype, tensor.storage!, tensor.dtype, count: tensor.count) }
     }
 
     public func download(_ tensor: Tensor) -> [Float] {
+        let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         ledger.downloaded(tensor.byteCount)
         var out = [Float](repeating: 0, count: tensor.count)
         out.withUnsafeMutableBytes { HostConversion.convert(tensor.storage!, tensor.dtype, $0.baseAddress!, .f32, count: tensor.count) }
@@ -107,20 +115,29 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func copy(_ src: Tensor, to dst: Tensor) {
+        let span = profiler?.begin(.elementwise, .copy(src, dst)); defer { span?.end() }
         precondition(src.count == dst.count, "copy: \(src.count) into \(dst.count)")
         HostConversion.convert(src.storage!, src.dtype, dst.storage!, dst.dtype, count: src.count)
     }
 
-    public func zero(_ tensor: Tensor) { tensor.hostBytes.initializeMemory(as: UInt8.self, repeating: 0) }
+    public func zero(_ tensor: Tensor) {
+        let span = profiler?.begin(.elementwise, .fill(tensor)); defer { span?.end() }
+        tensor.hostBytes.initializeMemory(as: UInt8.self, repeating: 0)
+    }
 
-    public func fill(_ tensor: Tensor, value: Float) { tensor.f32.update(repeating: value, count: tensor.count) }
+    public func fill(_ tensor: Tensor, value: Float) {
+        let span = profiler?.begin(.elementwise, .fill(tensor)); defer { span?.end() }
+        tensor.f32.update(repeating: value, count: tensor.count)
+    }
 
     public func fillUniform(_ tensor: Tensor, bound: Float, seed: UInt64, stream: UInt64) {
+        let span = profiler?.begin(.elementwise, .fill(tensor, flopsPerElement: 2)); defer { span?.end() }
         let p = tensor.f32
         for i in 0..<tensor.count { p[i] = (2 * relora_rng_uniform(seed, stream, UInt64(i)) - 1) * bound }
     }
 
     public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {
+        let span = profiler?.begin(.elementwise, .fill(tensor, flopsPerElement: 8)); defer { span?.end() }
         let p = tensor.f32
         for i in 0..<tensor.count {
             let u1 = Double(relora_rng_u64(seed, stream, UInt64(2 * i)) >> 11) * 0x1p-53
@@ -133,6 +150,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     // MARK: RMSNorm
 
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
+        let span = profiler?.begin(.norm, .rmsnorm(forward: true, rows: rows, dim: dim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         let xp = x.f32, wp = weight.f32, op = out.f32, rp = rstd.f32
         parallelChunks(rows, minPerChunk: 16) { _, range in
             for r in range {
@@ -151,6 +170,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     /// fixed by `rows`), added into dweight in block order, the columns in parallel.
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                                 dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
+        let span = profiler?.begin(.norm, .rmsnorm(forward: false, rows: rows, dim: dim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         let dyp = dout.f32, xp = x.f32, wp = weight.f32, rp = rstd.f32, dxp = dx.f32
         let blocks = ReductionBlocks(rows, minSize: 16, maxBlocks: 64)
         let partial = UnsafeMutablePointer<Float>.allocate(capacity: max(1, blocks.blockCount * dim))
@@ -195,6 +216,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
+        let span = profiler?.begin(.elementwise, .rope(count: batch * seqLen * heads * headDim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         rotate(x, rows: batch * seqLen, seqLen: seqLen, first: 0, tableLength: seqLen, heads: heads, headDim: headDim,
                theta: theta, inverse: inverse)
     }
@@ -203,6 +226,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     /// values at a position do not depend on its length (`RoPETables`), so the bits are `rope`'s.
     public func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float) {
         precondition(position >= 0 && rows >= 0, "ropeAt: negative position or rows")
+        let span = profiler?.begin(.elementwise, .rope(count: rows * heads * headDim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
         var length = 64
         while length < position + rows { length *= 2 }
         rotate(x, rows: rows, seqLen: rows, first: position, tableLength: length, heads: heads, headDim: headDim,
@@ -252,6 +277,9 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     /// dK, dV sum over a group's query heads) is computed the same way whichever thread runs it.
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
+        let span = profiler?.begin(.attentionForward, .attention(forward: true, batch: batch, seqLen: T, heads: heads,
+                                                                 kvHeads: kvHeads, headDim: D, elementBytes: q.dtype.byteSize))
+        defer { span?.end() }
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D  // row strides
         let scale = 1 / Float(D).squareRoot()
@@ -322,6 +350,9 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     public func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   dq: Tensor, dk: Tensor, dv: Tensor,
                                   batch: Int, seqLen T: Int, heads: Int, kvHeads: Int, headDim D: Int) {
+        let span = profiler?.begin(.attentionBackward, .attention(forward: false, batch: batch, seqLen: T, heads: heads,
+                                                                  kvHeads: kvHeads, headDim: D, elementBytes: q.dtype.byteSize))
+        defer { span?.end() }
         let group = heads / kvHeads
         let qs = heads * D, ks = kvHeads * D
         let scale = 1 / Float(D).squareRoot()
@@ -376,6 +407,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     // MARK: SwiGLU
 
     public func swigluForward(gate: Tensor, up: Tensor, out: Tensor, count: Int) {
+        let span = profiler?.begin(.elementwise, .swiglu(forward: true, count: count, elementBytes: gate.dtype.byteSize))
+        defer { span?.end() }
         let g = gate.f32, u = up.f32, o = out.f32
         parallelChunks(count, minPerChunk: 4096) { _, range in
             for i in range {
@@ -387,6 +420,8 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
 
     /// silu(x) = x*sig(x); silu'(x) = sig(x) * (1 + x*(1 - sig(x))).
     public func swigluBackward(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, count: Int) {
+        let span = profiler?.begin(.elementwise, .swiglu(forward: false, count: count, elementBytes: gate.dtype.byteSize))
+        defer { span?.end() }
         let dy = dout.f32, g = gate.f32, u = up.f32, dg = dgate.f32, du = dup.f32
         parallelChunks(count, minPerChunk: 4096) { _, range in
             for i in range {
@@ -402,6 +437,9 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     // MARK: Embedding
 
     public func embeddingForward(ids: Tensor, table: Tensor, out: Tensor, dim: Int) {
+        let span = profiler?.begin(.embedding, .embedding(forward: true, tokens: ids.count, dim: dim,
+                                                          elementBytes: table.dtype.byteSize))
+        defer { span?.end() }
         let tp = table.f32, op = out.f32, ip = ids.i32
         for n in 0..<ids.count {
             (op + n * dim).update(from: tp + Int(ip[n]) * dim, count: dim)
@@ -409,6 +447,9 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
+        let span = profiler?.begin(.embedding, .embedding(forward: false, tokens: ids.count, dim: dim,
+                                                          elementBytes: dout.dtype.byteSize))
+        defer { span?.end() }
         let dp = dout.f32, tp = dtable.f32, ip = ids.i32, n = ids.count
         // Sequential over tokens so repeated ids accumulate in a fixed order; parallel over columns.
         parallelChunks(dim, minPerChunk: 64) { _, cols in
@@ -423,6 +464,9 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
 
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?) -> Double {
+        let span = profiler?.begin(.crossEntropy, .crossEntropy(rows: rows, vocab: vocab, elementBytes: logits.dtype.byteSize,
+                                                                withGradient: gradScale != nil))
+        defer { span?.end() }
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
         let lp = logits.f32, lossp = losses.f32, tb = targets.i32
         ledger.downloaded(MemoryLayout<Double>.size)  // the returned sum
@@ -461,6 +505,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     // MARK: Elementwise
 
     public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+        let span = profiler?.begin(.elementwise, .dropout(count: count, elementBytes: x.dtype.byteSize)); defer { span?.end() }
         let xp = x.f32, op = out.f32
         let keep = 1 / (1 - p)
         parallelChunks(count, minPerChunk: 1 << 14) { _, r in
@@ -469,6 +514,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {
+        let span = profiler?.begin(.reduction, .dot(count: count, elementBytes: a.dtype.byteSize)); defer { span?.end() }
         precondition(count <= a.count && count <= b.count)
         let ap = a.f32, bp = b.f32
         var acc = 0.0
@@ -477,17 +523,21 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {
+        let span = profiler?.begin(.elementwise, .axpy(count: count, bBytes: b.dtype.byteSize, aBytes: a.dtype.byteSize))
+        defer { span?.end() }
         precondition(count <= a.count && count <= b.count)
         let ap = a.f32, bp = b.f32
         parallelChunks(count, minPerChunk: 1 << 15) { _, r in for i in r { ap[i] += alpha * bp[i] } }
     }
 
     public func scale(_ x: Tensor, by alpha: Float) {
+        let span = profiler?.begin(.elementwise, .scale(x)); defer { span?.end() }
         let p = x.f32
         parallelChunks(x.count, minPerChunk: 1 << 15) { _, r in for i in r { p[i] *= alpha } }
     }
 
     public func sumOfSquares(_ x: Tensor, into out: Tensor, at index: Int) {
+        let span = profiler?.begin(.reduction, .sumOfSquares(x)); defer { span?.end() }
         out.f32[index] = Float(Self.sumOfSquares(x.f32, count: x.count))
     }
 
@@ -524,6 +574,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
 
     public func adamw(param: Tensor, grad: Tensor, m: Tensor, v: Tensor, lr: Float, beta1: Float, beta2: Float,
                       eps: Float, weightDecay: Float, step: Int) {
+        let span = profiler?.begin(.optimizer, .adamw(count: param.count)); defer { span?.end() }
         precondition(param.count == grad.count && m.count == param.count && v.count == param.count)
         let p = param.f32, g = grad.f32, mp = m.f32, vp = v.f32
         let bc1 = 1 - Float(pow(Double(beta1), Double(step)))
@@ -566,6 +617,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     /// host search index (the same codes as the binary search, tested).
     public func adamw8bit(param: Tensor, grad: Tensor, m: BlockwiseMoments, v: BlockwiseMoments, lr: Float, beta1: Float,
                           beta2: Float, eps: Float, weightDecay: Float, step: Int) {
+        let span = profiler?.begin(.optimizer, .adamw8bit(count: param.count)); defer { span?.end() }
         let n = param.count
         checkMoments("adamw8bit", count: n, m, v, f32: param, grad)
         precondition(m.isSigned && !v.isSigned, "adamw8bit: m takes the signed map, v the unsigned one")
@@ -579,6 +631,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor) {
+        let span = profiler?.begin(.optimizer, .convertMoments(count: out.count)); defer { span?.end() }
         checkMoments("dequantizeMoments", count: out.count, moments, f32: out)
         let map = BlockwiseMoments.map(signed: moments.isSigned), block = Int(RELORA_ADAM8_BLOCK)
         let c = moments.codes.u8, a = moments.absmax.f32, o = out.f32
@@ -586,6 +639,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner {
     }
 
     public func quantizeMoments(_ x: Tensor, into moments: BlockwiseMoments) {
+        let span = profiler?.begin(.optimizer, .convertMoments(count: x.count)); defer { span?.end() }
         let n = x.count
         checkMoments("quantizeMoments", count: n, moments, f32: x)
         let map = BlockwiseMoments.map(signed: moments.isSigned)

@@ -84,6 +84,9 @@ extension CPUBackend {
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
         precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
         precondition(out.count >= rowCount * q.cols, "dequantize: output too small")
+        let span = profiler?.begin(.dequantize, .dequantize(rows: rowCount, cols: q.cols, blockBytes: rowCount * q.bytesPerRow,
+                                                            outBytes: out.dtype.byteSize))
+        defer { span?.end() }
         let dst = out.f32, blocks = UnsafeRawPointer(q.blocks.storage!)
         let (cols, paddedCols, bytesPerRow, format) = (q.cols, q.paddedCols, q.bytesPerRow, q.format)
         parallelChunks(rowCount, minPerChunk: 8) { _, range in
@@ -111,8 +114,11 @@ extension CPUBackend {
             let t = min(tile, q.rows - r0)
             dequantize(q, firstRow: r0, rowCount: t, into: scratch)
             // y[:, r0 ..< r0+t] = x [n, in] * tile^T [in, t] (+ beta y): the output columns of this tile.
+            // Profiled as one dequantize and one GEMM per tile.
+            let span = profiler?.beginGEMM(.gemm(m: n, n: t, k: q.cols, abBytes: 4, cBytes: 4, accumulates: beta != 0))
             Self.sgemm(x.f32, scratch.f32, y.f32 + r0, m: n, n: t, k: q.cols, lda: q.cols, ldb: q.cols, ldc: q.rows,
                        transA: false, transB: true, alpha: 1, beta: beta)
+            span?.end()
             r0 += t
         }
     }
@@ -127,8 +133,10 @@ extension CPUBackend {
             let t = min(tile, q.rows - r0)
             dequantize(q, firstRow: r0, rowCount: t, into: scratch)
             // dx += dy[:, r0 ..< r0+t] [n, t] * tile [t, in]; the first tile applies beta.
+            let span = profiler?.beginGEMM(.gemm(m: n, n: q.cols, k: t, abBytes: 4, cBytes: 4, accumulates: r0 > 0 || beta != 0))
             Self.sgemm(dy.f32 + r0, scratch.f32, dx.f32, m: n, n: q.cols, k: t, lda: q.rows, ldb: q.cols, ldc: q.cols,
                        transA: false, transB: false, alpha: 1, beta: r0 == 0 ? beta : 1)
+            span?.end()
             r0 += t
         }
     }

@@ -45,7 +45,9 @@ public struct ProtobufWriter: Sendable {
     public mutating func message(_ field: Int, _ value: ProtobufWriter) { data(field, value.bytes) }
 }
 
-/// Reads the fields of one message back (tests and `TensorBoardEventFile`). Unknown wire types are errors.
+/// Reads the fields of one message back (tests, `TensorBoardEventFile`, SentencePiece's `tokenizer.model`).
+/// Unknown wire types (groups, 6, 7), truncated fields, varints over 10 bytes and lengths past the end are
+/// `ReLoRAError.invalidData` with one sentence; hostile input never traps.
 public struct ProtobufReader {
     public enum Value: Equatable, Sendable {
         case varint(UInt64)
@@ -67,7 +69,8 @@ public struct ProtobufReader {
         func varint() throws -> UInt64 {
             var v: UInt64 = 0, shift: UInt64 = 0
             while true {
-                guard i < bytes.count, shift < 64 else { throw ReLoRAError.invalidData("truncated protobuf varint") }
+                guard i < bytes.count else { throw ReLoRAError.invalidData("truncated protobuf varint at byte \(i)") }
+                guard shift < 64 else { throw ReLoRAError.invalidData("protobuf varint longer than 10 bytes at byte \(i)") }
                 let b = bytes[i]; i += 1
                 v |= UInt64(b & 0x7F) << shift
                 if b & 0x80 == 0 { return v }
@@ -88,11 +91,15 @@ public struct ProtobufReader {
             case 0: out.append((field, .varint(try varint())))
             case 1: out.append((field, .fixed64(try fixed(8))))
             case 2:
-                let n = Int(try varint())
-                guard n >= 0, i + n <= bytes.count else { throw ReLoRAError.invalidData("truncated protobuf length-delimited field") }
+                let length = try varint()
+                // Compared as UInt64 first: a hostile length near 2^64 must not trap in Int(_:) or overflow i + n.
+                guard length <= UInt64(bytes.count - i) else {
+                    throw ReLoRAError.invalidData("protobuf field \(field) claims \(length) bytes but only \(bytes.count - i) remain")
+                }
+                let n = Int(length)
                 out.append((field, .bytes(Array(bytes[i..<(i + n)])))); i += n
             case 5: out.append((field, .fixed32(UInt32(try fixed(4)))))
-            default: throw ReLoRAError.invalidData("unsupported protobuf wire type \(key & 7)")
+            default: throw ReLoRAError.invalidData("unsupported protobuf wire type \(key & 7) (field \(field))")
             }
         }
         return out
