@@ -41,7 +41,7 @@ let cpuBenchCommand = CommandSpec(
         "swift run -c release relora-bench --config Configs/models/llama_20m.json --seq-len 256 --batch 4 --steps 5",
         "relora-bench --mode lora --json /tmp/relora_lora.json",
     ],
-    subcommands: [gpuBenchCommand, compressionBenchCommand, dataParallelBenchCommand])
+    subcommands: [gpuBenchCommand, compressionBenchCommand, dataParallelBenchCommand, sampleBenchCommand])
 
 struct CPUBenchOptions {
     var config: String

@@ -9,6 +9,7 @@ import ReLoRACommandLine
 //   relora-bench gpu [...]                             the CUDA backend's figures (GPUBench.swift)
 //   relora-bench compression CHECKPOINT [...]          zstd levels and filters on a checkpoint (CompressionBench.swift)
 //   relora-bench data-parallel [...]                   relora train at several world sizes, same threads (DataParallelBench.swift)
+//   relora-bench sample [...]                          sampling tokens/s with and without the KV cache (SampleBench.swift)
 
 // First: restart on OpenBLAS's best kernels if it fell back to weak ones (see relora_blas_core.h).
 relora_blas_ensure_best_core(CommandLine.unsafeArgv)
@@ -19,6 +20,7 @@ do {
     case "gpu": try runGPUBench(Array(argv.dropFirst()))
     case "compression": try CompressionBench.run(Array(argv.dropFirst()))
     case "data-parallel": try runDataParallelBench(Array(argv.dropFirst()))
+    case "sample": try runSampleBench(Array(argv.dropFirst()))
     default: try runCPUBench(argv)
     }
 } catch {

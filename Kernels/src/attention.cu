@@ -443,6 +443,61 @@ relora_status backward_for(const void *dout, const void *q, const void *k, const
     return backward<T, 8>(dout, q, k, v, out, lse, dq, dk, dv, sh, stream);
 }
 
+// ---- Decode: one query row over a KV cache (Backend.attentionDecode) ----------------------------------------
+// One block (kThreads threads) per query head (grid-stride), the `keys` = position + 1 cached rows of its kv head.
+// Two passes over the keys, recomputing the scores rather than storing them (no scratch, any cache length):
+// pass 1: thread t takes the keys t, t + kThreads, ... and keeps the largest scaled score, block_max gives m;
+// pass 2: per tile of kThreads keys, thread t writes p = exp(s - m) of key tile + t to shared memory, then
+// thread d (< D) adds p_j v_j[d] in key order, and every thread the row sum l in the same order; out = acc / l.
+// Each score is the sequential f32 dot over d, times scale (the same expression in both passes). Not tuned:
+// a thread reads its key's row alone (uncoalesced, served by L1/L2), which is small beside the GEMVs of a
+// decode step (their weights are read once per token).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_decode_kernel(const T *q, const T *kc, const T *vc, T *out, int64_t keys, int64_t heads, int64_t group,
+                            int64_t width, int D, float scale) {
+    __shared__ float qs[kMaxHeadDim];
+    __shared__ float p[kThreads];
+    const int t = (int)threadIdx.x;
+    for (int64_t h = blockIdx.x; h < heads; h += gridDim.x) {
+        const int64_t col = (h / group) * D;  // the kv head's columns in a cache row
+        __syncthreads();  // the previous head's readers of qs and p are done
+        if (t < D) qs[t] = to_float(q[h * D + t]);
+        __syncthreads();
+        auto score = [&](int64_t j) {
+            const T *kj = kc + j * width + col;
+            float dot = 0.0f;
+            for (int d = 0; d < D; ++d) dot = __fadd_rn(dot, __fmul_rn(qs[d], to_float(kj[d])));
+            return __fmul_rn(scale, dot);
+        };
+        float m = -INFINITY;
+        for (int64_t j = t; j < keys; j += kThreads) m = fmaxf(m, score(j));
+        m = block_max(m);
+        float acc = 0.0f, l = 0.0f;
+        for (int64_t j0 = 0; j0 < keys; j0 += kThreads) {
+            const int64_t j = j0 + t;
+            p[t] = j < keys ? expf(__fsub_rn(score(j), m)) : 0.0f;
+            __syncthreads();
+            const int64_t n = keys - j0 < kThreads ? keys - j0 : kThreads;
+            for (int64_t i = 0; i < n; ++i) {
+                l = __fadd_rn(l, p[i]);
+                if (t < D) acc = __fadd_rn(acc, __fmul_rn(p[i], to_float(vc[(j0 + i) * width + col + t])));
+            }
+            __syncthreads();
+        }
+        if (t < D) out[h * D + t] = from_float<T>(__fdiv_rn(acc, l));
+    }
+}
+
+template <typename T>
+relora_status decode(const void *q, const void *k_cache, const void *v_cache, void *out, const Shape &sh,
+                     cudaStream_t stream) {
+    RELORA_LAUNCH(attention_decode_kernel<T>, dim3(grid_for(sh.heads, 1)), dim3(kThreads), 0, stream)
+    (static_cast<const T *>(q), static_cast<const T *>(k_cache), static_cast<const T *>(v_cache), static_cast<T *>(out),
+     sh.seq, sh.heads, sh.group, sh.kv_heads * sh.D, sh.D, sh.scale);
+    return check_launch("attention_decode_kernel");
+}
+
 // Shared argument checks; *empty when there is nothing to compute.
 relora_status check_shape(const char *op, int64_t batch, int64_t seq_len, int64_t heads, int64_t kv_heads,
                           int64_t head_dim, Shape *sh, bool *empty) {
@@ -508,5 +563,22 @@ relora_status relora_cuda_attention_backward(const void *dout, const void *q, co
     case RELORA_DTYPE_BF16:
         return backward_for<__nv_bfloat16>(dout, q, k, v, out, lse, dq, dk, dv, sh, as_stream(stream));
     default: return fail(RELORA_ERR_INVALID_ARGUMENT, "attention_backward: unknown dtype %d", (int)dtype);
+    }
+}
+
+relora_status relora_cuda_attention_decode(const void *q, const void *k_cache, const void *v_cache, void *out,
+                                           int64_t position, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                           int32_t dtype, void *stream) {
+    RELORA_REQUIRE(position >= 0, "attention_decode", "negative position %lld", (long long)position);
+    Shape sh;
+    bool empty = false;
+    // The cache's rows 0 ..= position are the keys: a batch of one sequence of position + 1.
+    RELORA_CHECK(check_shape("attention_decode", 1, position + 1, heads, kv_heads, head_dim, &sh, &empty));
+    if (empty) return RELORA_OK;
+    RELORA_REQUIRE(q && k_cache && v_cache && out, "attention_decode", "null pointer");
+    switch (dtype) {
+    case RELORA_DTYPE_F32: return decode<float>(q, k_cache, v_cache, out, sh, as_stream(stream));
+    case RELORA_DTYPE_BF16: return decode<__nv_bfloat16>(q, k_cache, v_cache, out, sh, as_stream(stream));
+    default: return fail(RELORA_ERR_INVALID_ARGUMENT, "attention_decode: unknown dtype %d", (int)dtype);
     }
 }

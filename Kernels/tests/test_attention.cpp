@@ -536,6 +536,58 @@ bool test_cross_entropy_bad_target() {
     return ok;
 }
 
+// rope_at: rows at positions position + r of a table of table_len positions must be the bits the CPU's rotation
+// gives at those positions (the `rope` entry's, whose table has the same values at every position).
+bool test_rope_at(int32_t dtype, int64_t table_len, int64_t position, int64_t rows, int64_t heads, int64_t dim) {
+    const int64_t n = rows * heads * dim, half = dim / 2;
+    const std::vector<float> x = stored(uniform((size_t)n, -3.0f, 3.0f, 400 + (uint64_t)position), dtype);
+    const std::vector<float> table = rope_table(table_len, dim, 10000.0f);
+    Tensor tx(dtype, n), ttable(RELORA_DTYPE_F32, (int64_t)table.size());
+    tx.upload(x);
+    ttable.upload(table);
+    char name[128];
+    snprintf(name, sizeof name, "rope_at %s [table %lld, positions %lld + %lld rows, %lld x %lld]", dtype_name(dtype),
+             (long long)table_len, (long long)position, (long long)rows, (long long)heads, (long long)dim);
+    EXPECT_OK(name, api.rope_at(tx.buffer.ptr, (const float *)ttable.buffer.ptr, table_len, position, rows, heads, dim,
+                                dtype, nullptr));
+    std::vector<float> want(x);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t pos = position + r;
+        for (int64_t h = 0; h < heads; ++h) {
+            float *v = want.data() + r * heads * dim + h * dim;
+            for (int64_t i = 0; i < half; ++i) {
+                const float c = table[(size_t)(pos * half + i)], sn = table[(size_t)((table_len + pos) * half + i)];
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c - b * sn;
+                v[i + half] = b * c + a * sn;
+            }
+        }
+    }
+    return check_bits(name, tx.download(), stored(want, dtype));
+}
+
+// attention_decode: the query row i over cache rows 0 ..= i is row i of causal attention, so the forward's
+// double reference and its bounds apply (the decode kernel's error terms are a subset of the forward's: the
+// same D-term dots, exp and sequential T-term sums, no tile rescales). k and v of the case are the cache.
+bool test_attention_decode(int32_t dtype, const AttnShape &s) {
+    const AttnData x = attention_inputs(s, dtype, 500 + (uint64_t)s.seq);
+    const FwdRef f = reference_forward(s, x, dtype, false);
+    const int64_t width = s.heads * s.dim;
+    Tensor k(dtype, s.seq * s.kv_heads * s.dim), v(dtype, k.count), q(dtype, width), out(dtype, width);
+    k.upload(x.k);
+    v.upload(x.v);
+    bool ok = true;
+    for (int64_t i : {(int64_t)0, s.seq / 2, s.seq - 1}) {
+        const std::string name = attn_label("attention_decode", dtype, s) + " position " + std::to_string(i);
+        q.upload(std::vector<float>(x.q.begin() + i * width, x.q.begin() + (i + 1) * width));
+        EXPECT_OK(name.c_str(), api.attention_decode(q.buffer.ptr, k.buffer.ptr, v.buffer.ptr, out.buffer.ptr, i,
+                                                     s.heads, s.kv_heads, s.dim, dtype, nullptr));
+        ok &= check_bounds(name, out.download(), std::vector<double>(f.out.begin() + i * width, f.out.begin() + (i + 1) * width),
+                           std::vector<double>(f.out_bound.begin() + i * width, f.out_bound.begin() + (i + 1) * width));
+    }
+    return ok;
+}
+
 bool test_attention_arguments() {
     void *p = (void *)16;
     const relora_status a = api.attention_forward(p, p, p, p, (float *)p, 1, 4, 2, 1, 129, RELORA_DTYPE_F32, nullptr);
@@ -546,11 +598,16 @@ bool test_attention_arguments() {
     const relora_status e = api.cross_entropy(p, (const int32_t *)p, (float *)p, 2, 8, 0, 1.0f, 7, nullptr);
     const relora_status z = api.attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, 1, 8,
                                                   RELORA_DTYPE_F32, nullptr);
+    const relora_status f = api.rope_at(p, (const float *)p, 8, 7, 2, 2, 8, RELORA_DTYPE_F32, nullptr);
+    const relora_status g = api.attention_decode(p, p, p, p, -1, 2, 1, 8, RELORA_DTYPE_F32, nullptr);
+    const relora_status h = api.attention_decode(p, p, p, p, 3, 3, 2, 8, RELORA_DTYPE_F32, nullptr);
     const bool ok = a == RELORA_ERR_INVALID_ARGUMENT && b == RELORA_ERR_INVALID_ARGUMENT &&
                     c == RELORA_ERR_INVALID_ARGUMENT && d == RELORA_ERR_INVALID_ARGUMENT &&
-                    e == RELORA_ERR_INVALID_ARGUMENT && z == RELORA_OK;
+                    e == RELORA_ERR_INVALID_ARGUMENT && z == RELORA_OK && f == RELORA_ERR_INVALID_ARGUMENT &&
+                    g == RELORA_ERR_INVALID_ARGUMENT && h == RELORA_ERR_INVALID_ARGUMENT;
     record(ok, "attention/rope/cross_entropy arguments", "head_dim 129 %d, heads 3/2 %d, kv_heads 0 %d, odd rope dim %d, "
-           "dtype 7 %d, empty batch %d", a, b, c, d, e, z);
+           "dtype 7 %d, empty batch %d, rope_at past the table %d, decode position -1 %d, decode heads 3/2 %d", a, b, c, d,
+           e, z, f, g, h);
     return ok;
 }
 
@@ -562,6 +619,9 @@ bool run_attention_suite() {
         ok &= test_rope(dtype, 2, 7, 3, 16, 10000.0f, false);
         ok &= test_rope(dtype, 1, 33, 2, 64, 500000.0f, true);
         ok &= test_rope(dtype, 1, 3, 1, 2, 10000.0f, false);
+        ok &= test_rope_at(dtype, 64, 0, 1, 3, 16);
+        ok &= test_rope_at(dtype, 64, 37, 1, 2, 64);
+        ok &= test_rope_at(dtype, 64, 60, 4, 2, 8);
     }
     const int32_t f32 = RELORA_DTYPE_F32, bf16 = RELORA_DTYPE_BF16;
     ok &= test_attention_case(f32, {2, 1, 4, 2, 8});
@@ -584,6 +644,11 @@ bool run_attention_suite() {
     ok &= test_attention_case(bf16, {1, 97, 3, 3, 128});
     // The escape hatch: RELORA_ATTENTION_TENSOR_CORES=0 sends the same shapes to the CUDA-core kernels.
     ok &= test_attention_case(bf16, {1, 70, 4, 2, 64}, false, true);
+    // Decode over a KV cache: lengths below, at and past a 128-key tile; GQA 4/2, 4/1, MHA; head_dim 16 to 128.
+    ok &= test_attention_decode(f32, {1, 9, 4, 2, 16});
+    ok &= test_attention_decode(f32, {1, 200, 4, 1, 64});
+    ok &= test_attention_decode(f32, {1, 129, 2, 2, 128});
+    ok &= test_attention_decode(bf16, {1, 70, 4, 2, 64});
     ok &= test_attention_gradient(f32, {1, 5, 2, 1, 8});
     ok &= test_attention_gradient(bf16, {1, 6, 2, 1, 64});
     ok &= test_attention_gradient(bf16, {1, 5, 2, 1, 128});

@@ -23,7 +23,7 @@ let analyzeCommand = CommandSpec(
         """,
     positionals: .oneOrMore("RUN_DIR"),
     options: [
-        .value("against", "CHECKPOINT|RUN_DIR", help: "the reference weights for every run"),
+        .value("against", "MODEL", help: "the reference weights for every run: any model source (run or checkpoint directory, Hugging Face directory, GGUF file)"),
         .value("threshold", "X", help: "count the singular values below X", default: "0.1"),
         .value("kind", "KIND", help: "the matrices the SVG draws", default: "q_proj", choices: UpdateSpectrum.kindOrder),
         .value("out", "DIR", help: "where to write spectra.json and spectra.svg (default: the first run's directory)"),
@@ -50,7 +50,12 @@ func runAnalyze(_ args: [String]) throws {
     }
     var reports: [UpdateSpectrumReport] = []
     for (i, run) in runs.enumerated() {
-        let (final, checkpoint, runDir) = try checkpointWeights(run, backend: backend)
+        let (final, checkpoint, history) = try checkpointWeights(run, backend: backend)
+        // Without --against the reference comes from the run's recipe: only a run has one.
+        guard against != nil || history != nil else {
+            throw ReLoRAError.invalidFile(path: run, reason: "is not a run (a run directory or one of its checkpoints), so it has no recipe to take the reference weights from; give --against MODEL")
+        }
+        let runDir = history ?? run
         let reference = try against ?? defaultReference(runDir: runDir, backend: backend)
         let label = labels?[i] ?? URL(fileURLWithPath: runDir).lastPathComponent
         standardError("analyze: \(label): \(checkpoint) against \(reference.source)")
@@ -78,17 +83,11 @@ func runAnalyze(_ args: [String]) throws {
 
 typealias WeightMatrices = [String: ([Int], [Float])]
 
-/// HF name -> (shape, values) of every weight of a checkpoint (or a run's latest), LoRA cycle merged.
-/// A Hugging Face model directory counts as its own checkpoint and run directory.
-func checkpointWeights(_ path: String, backend: Backend) throws -> (weights: WeightMatrices, checkpoint: String, runDir: String) {
-    if HFCheckpoint.isModelDirectory(path) {
-        return (weightMatrices(try HFCheckpoint.load(directory: path, backend: backend)), path, path)
-    }
-    if LlamaGGUF.isGGUF(path) {  // a warm start from a GGUF file: its dequantized weights
-        return (weightMatrices(try LlamaGGUF.loadModel(GGUFFile(path: path), backend: backend)), path, path)
-    }
-    let (checkpoint, runDir) = try TrainingCheckpoint.resolve(path)
-    return (weightMatrices(try TrainingCheckpoint.loadModel(checkpoint, backend: backend)), checkpoint, runDir)
+/// HF name -> (shape, values) of every weight of any model source (`ModelSource`; a checkpoint's LoRA cycle
+/// merged), what it resolved to, and its run directory (nil for a source that is not a run's).
+func checkpointWeights(_ path: String, backend: Backend) throws -> (weights: WeightMatrices, checkpoint: String, runDir: String?) {
+    let source = try openModel(path)
+    return (weightMatrices(try source.loadModel(backend: backend, warn: warning)), source.checkpoint ?? path, source.runDirectory)
 }
 
 func weightMatrices(_ model: LlamaModel) -> WeightMatrices {

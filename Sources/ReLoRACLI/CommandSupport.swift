@@ -1,5 +1,6 @@
 import Foundation
 import ReLoRACore
+import ReLoRACheckpoint
 import ReLoRACUDA
 import ReLoRACommandLine
 
@@ -47,3 +48,15 @@ func expandInputs(_ paths: [String]) throws -> [String] {
     }
     return files
 }
+
+/// What every command that takes a model says it accepts (`ModelSource`: the one opener).
+let modelPathHelp = """
+    a run directory (its latest checkpoint), a checkpoint directory, a Hugging Face directory (config.json + \
+    model.safetensors or a sharded index) or a LLaMA GGUF file (f32, f16, bf16, q8_0, q4_0 tensors; dequantized to f32)
+    """
+
+/// Opens any model source (`ModelSource.open`: the same kinds and sentences for every command).
+func openModel(_ path: String) throws -> ModelSource { try ModelSource.open(path) }
+
+/// The `warn` of the model loaders: a line on stderr.
+func warning(_ message: String) { standardError("warning: \(message)") }

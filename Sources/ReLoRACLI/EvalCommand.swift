@@ -15,10 +15,7 @@ let evalCommand = CommandSpec(
         LlamaForCausalLM(input_ids=window, labels=window).loss averaged over windows.
         """,
     options: [
-        .value("model", "DIR|FILE.gguf", help: """
-            a Hugging Face model directory (config.json + model.safetensors or a sharded index), or a LLaMA \
-            GGUF file (f32, f16, bf16, q8_0, q4_0 tensors; dequantized to f32)
-            """, required: true),
+        .value("model", "PATH", help: modelPathHelp, required: true),
         .value("data", "TOKENS.npy", help: "a .npy file: 1-D little-endian uint16, uint32, int32 or int64 token ids",
                required: true),
         .value("seq-len", "N", help: "window length in tokens (at most the model's max_position_embeddings)", required: true),
@@ -34,7 +31,7 @@ func runEval(_ args: [String]) throws {
     let json = a.flag("json")
     let seqLen = try a.int("seq-len")
     let batch = try a.int("batch")
-    let model = try loadModel(try a.required("model"), try a.backend())
+    let model = try openModel(try a.required("model")).loadModel(backend: try a.backend(), warn: warning)
     let tokens = try TokenArray(npyPath: try a.required("data"))
     let start = Date()
     let progress = json ? nil : ProgressReporter("eval", total: tokens.count / max(1, seqLen), unit: .count("windows"))
@@ -50,12 +47,4 @@ func runEval(_ args: [String]) throws {
         print(String(format: "loss %.6f  perplexity %.4f  tokens %d  windows %d  (%.1f s)", result.loss,
                      result.perplexity, result.tokens, result.windows, Date().timeIntervalSince(start)))
     }
-}
-
-/// A Hugging Face directory or a GGUF file (told apart by the file's magic).
-func loadModel(_ path: String, _ backend: Backend) throws -> LlamaModel {
-    if LlamaGGUF.isGGUF(path) {
-        return try LlamaGGUF.loadModel(try GGUFFile(path: path), backend: backend, warn: { standardError("warning: \($0)") })
-    }
-    return try HFCheckpoint.load(directory: path, backend: backend, warn: { standardError("warning: \($0)") })
 }

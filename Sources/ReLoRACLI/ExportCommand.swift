@@ -7,14 +7,16 @@ import ReLoRACommandLine
 
 let exportCommand = CommandSpec(
     name: "relora export",
-    summary: "export a checkpoint as a Hugging Face model directory or a GGUF file",
+    summary: "export a model as a Hugging Face model directory or a GGUF file",
     synopsis: [
-        "CHECKPOINT|RUN_DIR --format hf --out DIR [--dtype float32|bfloat16] [--quant nf4] [--device cpu|cuda]",
-        "CHECKPOINT|RUN_DIR --format gguf --out FILE.gguf [--quant f32|f16|bf16|q8_0|q4_0] [--device cpu|cuda]",
+        "MODEL --format hf --out DIR [--dtype float32|bfloat16] [--quant nf4] [--device cpu|cuda]",
+        "MODEL --format gguf --out FILE.gguf [--quant f32|f16|bf16|q8_0|q4_0] [--device cpu|cuda]",
     ],
     discussion: """
-        Exports the trained model (a LoRA run's current cycle merged in; quantized frozen weights dequantized).
-        A RUN_DIR exports its latest checkpoint.
+        Exports a model: MODEL is any source relora opens, a run directory (its latest checkpoint), a
+        checkpoint directory, a Hugging Face directory or a LLaMA GGUF file (so it also converts between the
+        two). A checkpoint's model is the trained one (a LoRA run's current cycle merged in; quantized frozen
+        weights dequantized); the tokenizer goes along when the source has one.
 
         --format hf: a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, the run's
         tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load. With --quant nf4
@@ -26,7 +28,7 @@ let exportCommand = CommandSpec(
         q8_0). Norms stay f32; rows that are not whole 32-weight blocks stay f16. A run whose frozen weights are
         in the same format has its codes copied, not requantized, where the current cycle's update is zero.
         """,
-    positionals: .one("CHECKPOINT|RUN_DIR"),
+    positionals: .one("MODEL"),
     options: [
         .value("format", help: "hf: a Hugging Face directory; gguf: one llama.cpp file", default: "hf", choices: ["hf", "gguf"]),
         .value("out", "PATH", help: "the directory (hf) or file (gguf) to write", required: true),
@@ -45,7 +47,7 @@ let exportCommand = CommandSpec(
 func runExport(_ args: [String]) throws {
     guard let a = try exportCommand.parseOrPrintHelp(args) else { return }
     let out = try a.required("out")
-    let (checkpoint, runDir) = try TrainingCheckpoint.resolve(a.positional[0])
+    let source = try openModel(a.positional[0])
     switch a.string("format") {
     case "gguf":
         guard !a.has("dtype") else {
@@ -54,23 +56,23 @@ func runExport(_ args: [String]) throws {
         guard a.string("quant") != "nf4" else {
             throw exportCommand.usageError("--quant nf4 is for --format hf (bitsandbytes 4-bit); gguf takes f32|f16|bf16|q8_0|q4_0")
         }
-        try exportGGUF(checkpoint: checkpoint, runDir: runDir, out: out, a)
+        try exportGGUF(source, out: out, a)
     default:
         guard !a.has("quant") || a.string("quant") == "nf4" else {
             throw exportCommand.usageError("--format hf takes --quant nf4 only (bitsandbytes 4-bit); the other types are for --format gguf")
         }
-        try exportHF(checkpoint: checkpoint, runDir: runDir, out: out, a)
+        try exportHF(source, out: out, a)
     }
 }
 
-func exportHF(checkpoint: String, runDir: String, out: String, _ a: ParsedArguments) throws {
+func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let dtype = try a.required("dtype")
-    let model = try TrainingCheckpoint.loadModel(checkpoint, backend: try a.backend())
-    let tokenizer = FileManager.default.contents(atPath: runDir + "/tokenizer.json")
+    let model = try source.loadModel(backend: try a.backend(), warn: warning)
+    let tokenizer = try source.tokenizerJSON()
     // A SentencePiece tokenizer.model goes along too (transformers reads it when there is no tokenizer.json).
-    let sentencePiece = FileManager.default.contents(atPath: runDir + "/tokenizer.model")
+    let sentencePiece = source.tokenizerModel()
     if tokenizer == nil && sentencePiece == nil {
-        standardError("warning: \(runDir) has no tokenizer.json or tokenizer.model; the export will not include one")
+        warning("\(source.path) has no tokenizer.json or tokenizer.model; the export will not include one")
     }
     let progress = ProgressReporter("export", total: model.weights.named().count, unit: .count("tensors"))
     let nf4 = a.has("quant")  // only nf4 reaches here
@@ -80,32 +82,36 @@ func exportHF(checkpoint: String, runDir: String, out: String, _ a: ParsedArgume
     }
     progress.finish()
     if let sentencePiece { try writeFileAtomically(sentencePiece, to: out + "/tokenizer.model") }
-    print("exported \(checkpoint) -> \(out) (\(dtype)\(nf4 ? ", block linears in bitsandbytes nf4" : ""))")
+    print("exported \(source.checkpoint ?? source.path) -> \(out) (\(dtype)\(nf4 ? ", block linears in bitsandbytes nf4" : ""))")
 }
 
-func exportGGUF(checkpoint: String, runDir: String, out: String, _ a: ParsedArguments) throws {
+func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let weights = GGUFWeightType(rawValue: try a.required("quant"))!  // one of the declared choices
-    let tokenizerPath = runDir + "/tokenizer.json"
-    var tokenizer: BPETokenizer?
-    if FileManager.default.fileExists(atPath: tokenizerPath) {
-        guard let byteLevel = try TokenizerLoader.load(tokenizerPath) as? BPETokenizer else {
-            throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(tokenizerPath) is SentencePiece style (BPE with byte fallback, or Unigram); export --format hf instead")
-        }
-        tokenizer = byteLevel
-    } else if FileManager.default.fileExists(atPath: runDir + "/tokenizer.model") {
-        throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and \(runDir)'s tokenizer is a SentencePiece tokenizer.model; export --format hf instead")
-    } else {
-        standardError("warning: \(runDir) has no tokenizer.json; the GGUF will have no tokenizer, which llama.cpp needs to load it")
+    let tokenizer = try source.tokenizer()
+    if let tokenizer, !(tokenizer is BPETokenizer) {
+        throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and the tokenizer of \(source.path) is SentencePiece style (BPE with byte fallback, or Unigram); export --format hf instead")
+    }
+    if tokenizer == nil {
+        warning("\(source.path) has no tokenizer; the GGUF will have no tokenizer, which llama.cpp needs to load it")
     }
     // The exporter reports (done, total) per tensor, total = the loaded model's parameter list
     // (`LlamaParameters.named()`); the reporter starts with the first report.
     var progress: ProgressReporter?
-    let name = URL(fileURLWithPath: runDir).lastPathComponent
-    let summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer, weights: weights, to: out,
-                                       backend: try a.backend(), name: name) { done, total in
+    let report: (Int, Int) -> Void = { done, total in
         if progress == nil { progress = ProgressReporter("export", total: total, unit: .count("tensors")) }
         progress?.update(done)
     }
+    let name = URL(fileURLWithPath: source.runDirectory ?? source.path).deletingPathExtension().lastPathComponent
+    let backend = try a.backend()
+    let summary: GGUFExportSummary
+    if let checkpoint = source.checkpoint {
+        // A checkpoint's frozen codes in the requested format are copied where its cycle is empty.
+        summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer as? BPETokenizer, weights: weights, to: out,
+                                       backend: backend, name: name, progress: report)
+    } else {
+        summary = try LlamaGGUF.write(model: try source.loadModel(backend: backend, warn: warning), tokenizer: tokenizer as? BPETokenizer,
+                                      weights: weights, to: out, name: name, progress: report)
+    }
     progress?.finish()
-    print("exported \(checkpoint) -> \(out) (\(summary.description))")
+    print("exported \(source.checkpoint ?? source.path) -> \(out) (\(summary.description))")
 }

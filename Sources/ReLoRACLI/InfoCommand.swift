@@ -2,18 +2,21 @@ import CReLoRA
 import Foundation
 import ReLoRACore
 import ReLoRAModel
+import ReLoRACheckpoint
 import ReLoRACommandLine
 
 let infoCommand = CommandSpec(
     name: "relora info",
     summary: "a model config's sizes and parameter count, and the BLAS kernels in use",
     discussion: """
-        Prints the architecture and parameter count of a Hugging Face LLaMA config, then a line naming the
+        Prints the architecture and parameter count of a model (a config.json file, or any model source:
+        a run directory, a checkpoint directory, a Hugging Face directory or a LLaMA GGUF file, of which only
+        the config and headers are read) and which kind of source it is, then a line naming the
         OpenBLAS kernels (its "core") this process runs and the best ones the CPU supports. Without a config
         only that line is printed. relora restarts itself with OPENBLAS_CORETYPE set when OpenBLAS picked
         kernels weaker than the CPU supports, unless OPENBLAS_CORETYPE is already set.
         """,
-    positionals: .optional("CONFIG.json|MODEL_DIR"),
+    positionals: .optional("CONFIG.json|MODEL"),
     options: [
         .flag("blas-core", help: """
             print only the core name relora runs OpenBLAS with, for other programs, e.g.
@@ -35,12 +38,15 @@ func runInfo(_ args: [String]) throws {
         print(String(cString: core))
         return
     }
-    guard var path = a.positional.first else { print(blasLine()); return }
-    var isDir: ObjCBool = false
-    if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
-        path = URL(fileURLWithPath: path).appendingPathComponent("config.json").path
+    guard let path = a.positional.first else { print(blasLine()); return }
+    let c: LlamaConfig
+    if path.hasSuffix(".json") && !LlamaGGUF.isGGUF(path) {
+        c = try LlamaConfig(contentsOf: path)
+    } else {
+        let source = try openModel(path)
+        c = source.config
+        print(source.description)
     }
-    let c = try LlamaConfig(contentsOf: path)
     print("""
         hidden \(c.hiddenSize)  intermediate \(c.intermediateSize)  layers \(c.numHiddenLayers)  \
         heads \(c.numAttentionHeads) (kv \(c.numKeyValueHeads), head_dim \(c.headDim))  vocab \(c.vocabSize)

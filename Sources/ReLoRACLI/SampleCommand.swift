@@ -10,14 +10,16 @@ let sampleCommand = CommandSpec(
     name: "relora sample",
     summary: "generate text from a model",
     discussion: """
-        Generates text after the prompt and prints both. DIR is a Hugging Face directory with tokenizer.json
-        or a SentencePiece tokenizer.model (e.g. from `relora export`), a checkpoint directory, or a run
-        directory (its latest checkpoint and its tokenizer); FILE.gguf a LLaMA GGUF file with its tokenizer in
-        the metadata ('gpt2' or 'llama'), e.g. from `relora export --format gguf` or llama.cpp's converter.
+        Generates text after the prompt and prints both, decoding with a KV cache (each new token is one
+        row through the model; the window restarts from its last half when it outgrows
+        max_position_embeddings). The model is any source relora opens and must carry a tokenizer: a run
+        directory or checkpoint (its run's tokenizer), a Hugging Face directory with tokenizer.json or a
+        SentencePiece tokenizer.model (e.g. from `relora export`), or a GGUF file with its tokenizer in the
+        metadata ('gpt2' or 'llama'), e.g. from `relora export --format gguf` or llama.cpp's converter.
         Stops at --max-tokens or at the tokenizer's end-of-text token (<|endoftext|>, </s>).
         """,
     options: [
-        .value("model", "DIR|FILE.gguf", help: "the model and its tokenizer", required: true),
+        .value("model", "PATH", help: modelPathHelp + "; it must carry a tokenizer", required: true),
         .value("prompt", "TEXT", help: "the text to continue", required: true),
         .value("max-tokens", "N", help: "at most this many new tokens", default: "200"),
         .value("temperature", "T", help: "softmax temperature, >= 0; 0 = greedy", default: "0.8"),
@@ -36,38 +38,16 @@ func runSample(_ args: [String]) throws {
     options.seed = UInt64(max(0, try a.int("seed")))
     options.temperature = try a.double("temperature", atLeast: 0)
     let prompt = try a.required("prompt")
-    let dir = try a.required("model")
-    let backend = try a.backend()
-    let model: LlamaModel
-    let tokenizer: any TextTokenizer
-    if LlamaGGUF.isGGUF(dir) {
-        let file = try GGUFFile(path: dir)
-        model = try LlamaGGUF.loadModel(file, backend: backend, warn: { standardError("warning: \($0)") })
-        tokenizer = try TokenizerLoader.load(gguf: file)
-    } else {
-        let tokenizerDir: String
-        let hasTokenizer = { (d: String) in ["tokenizer.json", "tokenizer.model"].contains { FileManager.default.fileExists(atPath: d + "/" + $0) } }
-        if FileManager.default.fileExists(atPath: dir + "/config.json") && hasTokenizer(dir)
-            && !FileManager.default.fileExists(atPath: dir + "/state.json") {
-            model = try HFCheckpoint.load(directory: dir, backend: backend)
-            tokenizerDir = dir
-        } else {
-            let (checkpoint, runDir) = try TrainingCheckpoint.resolve(dir)
-            model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)
-            tokenizerDir = runDir
-        }
-        guard hasTokenizer(tokenizerDir) else {
-            throw ReLoRAError.invalidFile(path: dir, reason: "has no tokenizer.json or tokenizer.model to encode the prompt with")
-        }
-        tokenizer = try TokenizerLoader.load(tokenizerDir)
-    }
+    let source = try openModel(try a.required("model"))
+    let tokenizer = try source.requireTokenizer(for: "encode the prompt with")
+    let model = try source.loadModel(backend: try a.backend(), warn: warning)
     options.stopToken = tokenizer.endOfTextId
     FileHandle.standardOutput.write(Data(prompt.utf8))
     // Stream bytes as they come, holding back an incomplete UTF-8 sequence at the end.
     var pending: [UInt8] = []
     // The prompt as the model's reference tokenizer encodes a text: with its leading <s>, if it puts one.
     let promptIds = (tokenizer.prefixId.map { [$0] } ?? []) + tokenizer.encode(prompt)
-    _ = try Generator.generate(model: model, prompt: promptIds, options: options) { id in
+    _ = try Generator.generate(model: model, prompt: promptIds, options: options, onToken: { id in
         guard id != tokenizer.endOfTextId else { return }
         pending += tokenizer.bytes(of: id) ?? []
         let cut = completeUTF8Prefix(pending)
@@ -75,7 +55,7 @@ func runSample(_ args: [String]) throws {
             FileHandle.standardOutput.write(Data(pending[..<cut]))
             pending.removeFirst(cut)
         }
-    }
+    })
     FileHandle.standardOutput.write(Data(String(decoding: pending, as: UTF8.self).utf8) + Data("\n".utf8))
 }
 

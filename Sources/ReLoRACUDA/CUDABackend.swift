@@ -375,6 +375,29 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
                                 Int64(heads), Int64(headDim), inverse ? 1 : 0, Self.code(t), nil), "rope")
     }
 
+    /// The table of the smallest power of two of positions (at least 64) holding the rows, as the CPU picks
+    /// it: a table's values at a position do not depend on its length, so the bits are `rope`'s.
+    public func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float) {
+        let t = Self.computeType(x, op: "ropeAt")
+        guard rows > 0, heads > 0, headDim > 0 else { return }
+        var length = 64
+        while length < position + rows { length *= 2 }
+        let table = ropeTable(seqLen: length, headDim: headDim, theta: theta)
+        library.check(api.rope_at!(x.storage, table.assumingMemoryBound(to: Float.self), Int64(length), Int64(position),
+                                   Int64(rows), Int64(heads), Int64(headDim), Self.code(t), nil), "rope_at")
+    }
+
+    public func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int,
+                                heads: Int, kvHeads: Int, headDim: Int) {
+        let t = Self.computeType(q, op: "attentionDecode")
+        Self.require(t, kCache, vCache, out, op: "attentionDecode")
+        precondition(kCache.count >= (position + 1) * kvHeads * headDim && vCache.count == kCache.count,
+                     "attentionDecode: the caches hold fewer than \(position + 1) rows")
+        library.check(api.attention_decode!(q.storage, kCache.storage, vCache.storage, out.storage, Int64(position),
+                                            Int64(heads), Int64(kvHeads), Int64(headDim), Self.code(t), nil),
+                      "attention_decode")
+    }
+
     /// The device copy of `RoPETables.make(...)` for this shape, cos then sin (`[2, seqLen, headDim / 2]`): the
     /// CPU's own values, uploaded once (the upload synchronizes, so the host arrays can go).
     private func ropeTable(seqLen: Int, headDim: Int, theta: Float) -> UnsafeMutableRawPointer {

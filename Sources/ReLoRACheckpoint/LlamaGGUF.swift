@@ -505,12 +505,62 @@ public enum LlamaGGUF {
         return report
     }
 
-    /// A tensor's f32 values in the Hugging Face row order (`permuted`: q or k, whose rows GGUF interleaves).
+    /// A tensor's f32 values in the Hugging Face row order (`permuted`: q or k, whose rows GGUF interleaves):
+    /// one reordered copy, GGUF row r going to Hugging Face row `huggingFaceRow(r)` (`permuteRows` on floats).
     static func values(_ file: GGUFFile, _ info: GGUFTensorInfo, rows: Int, permuted: Bool, headDim: Int) throws -> [Float] {
         let values = try file.floats(info)
         guard permuted else { return values }
-        let raw = values.withUnsafeBytes { Array($0) }
-        return permuteRows(raw, rows: rows, headDim: headDim, toGGUF: false).withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        precondition(rows % headDim == 0 && headDim % 2 == 0, "rotary permutation: \(rows) rows are not whole heads of \(headDim)")
+        let width = values.count / max(rows, 1)
+        var out = [Float](repeating: 0, count: values.count)
+        values.withUnsafeBufferPointer { src in
+            out.withUnsafeMutableBufferPointer { dst in
+                for r in 0..<rows {
+                    let to = huggingFaceRow(ofGGUFRow: r, headDim: headDim) * width
+                    (dst.baseAddress! + to).update(from: src.baseAddress! + r * width, count: width)
+                }
+            }
+        }
+        return out
+    }
+
+    /// A GGUF file's LLaMA tensors under Hugging Face names, each read when asked as f32 (`values`: f16/bf16
+    /// exact, blocks by the reference dequantizers) with q and k's rotary rows back in Hugging Face order:
+    /// `ModelSource.tensors()` of a GGUF file (`loadWeights` reads the file itself, to take blocks as they are).
+    public final class TensorSource: TensorFile, @unchecked Sendable {  // immutable after init
+        let file: GGUFFile
+        let config: LlamaConfig
+        /// Hugging Face name -> the GGUF tensor.
+        let byName: [String: GGUFTensorInfo]
+        public var path: String { file.path }
+        public var metadata: [String: String] { [:] }
+        public let tensorNames: [String]
+
+        init(_ file: GGUFFile, config: LlamaConfig) {
+            self.file = file
+            self.config = config
+            var names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+            for i in 0..<config.numHiddenLayers {
+                names += ["model.layers.\(i).input_layernorm.weight", "model.layers.\(i).post_attention_layernorm.weight"]
+                names += LinearKind.allCases.map { "model.layers.\(i).\($0.hfPath).weight" }
+            }
+            var map: [String: GGUFTensorInfo] = [:]
+            for hf in names { if let g = LlamaGGUF.ggufName(hf), let info = file.tensor(g) { map[hf] = info } }
+            byName = map
+            tensorNames = map.keys.sorted()
+        }
+
+        public func header(_ name: String) -> TensorHeader? { byName[name].map { TensorHeader(dtype: .F32, shape: $0.shape) } }
+
+        public func floats(_ name: String) throws -> [Float] {
+            guard let info = byName[name] else { throw ReLoRAError.invalidFile(path: file.path, reason: "tensor '\(name)' is missing") }
+            return try LlamaGGUF.values(file, info, rows: info.shape[0], permuted: LlamaGGUF.rotaryHeads(name, config) != nil,
+                                        headDim: config.headDim)
+        }
+
+        public func withRawBytes<R>(_ name: String, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+            try floats(name).withUnsafeBytes(body)
+        }
     }
 
     /// Whether `path` is a file that starts with the GGUF magic (for commands that take a model path).

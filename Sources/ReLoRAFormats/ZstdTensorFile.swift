@@ -41,6 +41,11 @@ public struct TensorHeader: Sendable, Equatable {
 
     public var elementCount: Int { shape.reduce(1, *) }
     public var byteCount: Int { elementCount * dtype.byteSize }
+
+    public init(dtype: SafetensorsDType, shape: [Int]) {
+        self.dtype = dtype
+        self.shape = shape
+    }
 }
 
 /// A file of named tensors read one at a time: a safetensors file or a zstd tensor file.

@@ -3,9 +3,14 @@ import Foundation
 import ReLoRACore
 import ReLoRAFormats
 
-/// Autoregressive sampling. No KV cache yet: every new token re-runs the forward over the context
-/// (at most `max_position_embeddings` tokens, older ones dropped), which is fine for the small models
-/// this runs on today and keeps one code path for training and generation.
+/// Autoregressive sampling, with a KV cache by default: the prompt runs as one forward that keeps every
+/// layer's keys and values, then each new token is a one-row forward reading them (`LlamaModel.logits(appending:to:)`),
+/// so a token costs O(parameters + context) instead of a forward over the whole context.
+///
+/// The model sees at most `max_position_embeddings` tokens: when the context outgrows that, the window
+/// restarts from its last `max(1, max_position_embeddings / 2)` tokens (with the cache: one prefill of them),
+/// so the cost of a restart is spread over the next half window of tokens. `useCache: false` recomputes the
+/// forward over the window for every token, with the same windows: the reference the cache is tested against.
 public enum Generator {
     public struct Options: Sendable {
         public var maxTokens = 200
@@ -16,25 +21,50 @@ public enum Generator {
         public var seed: UInt64 = 0
         /// Stop early when this token is produced.
         public var stopToken: Int32?
+        /// Decode with a KV cache (false: a full forward over the window for every token).
+        public var useCache = true
         public init() {}
     }
 
-    /// Returns only the generated ids (not the prompt). `onToken` sees each id as it is produced.
+    /// Returns only the generated ids (not the prompt). `onToken` sees each id as it is produced;
+    /// `onLogits` the next-token logits `[V]` each id was drawn from (tests).
     public static func generate(model: LlamaModel, prompt: [Int32], options: Options,
+                                onLogits: (([Float]) -> Void)? = nil,
                                 onToken: ((Int32) -> Void)? = nil) throws -> [Int32] {
         guard !prompt.isEmpty else { throw ReLoRAError.usage("the prompt encodes to no tokens; give a non-empty --prompt") }
         guard options.temperature >= 0, options.topK >= 0, options.maxTokens >= 0 else {
             throw ReLoRAError.usage("temperature, top-k and max-tokens must be non-negative")
         }
-        let vocab = model.config.vocabSize
+        let vocab = model.config.vocabSize, maxPositions = model.config.maxPositionEmbeddings
+        // As many positions as the run can fill (the context stays within max positions): a short sample of a
+        // large model does not hold a cache of max_position_embeddings rows per layer.
+        let cache = options.useCache && options.maxTokens > 0
+            ? KVCache(model: model, capacity: min(maxPositions, prompt.count + options.maxTokens)) : nil
         var context = prompt
+        var start = 0  // the window is context[start...]
         var out: [Int32] = []
         for i in 0..<options.maxTokens {
-            let window = Array(context.suffix(model.config.maxPositionEmbeddings))
-            let logits = try model.logits(inputs: window, batch: 1, seqLen: window.count)
-            let last = Array(logits[((window.count - 1) * vocab)..<(window.count * vocab)])
+            var restarted = i == 0
+            if context.count - start > maxPositions {
+                start = context.count - max(1, maxPositions / 2)
+                restarted = true
+            }
+            let logits: [Float]
+            if let cache {
+                if restarted {
+                    cache.reset()
+                    logits = try model.logits(appending: Array(context[start...]), to: cache)
+                } else {
+                    logits = try model.logits(appending: [context[context.count - 1]], to: cache)
+                }
+            } else {
+                let window = Array(context[start...])
+                let all = try model.logits(inputs: window, batch: 1, seqLen: window.count)
+                logits = Array(all[((window.count - 1) * vocab)..<(window.count * vocab)])
+            }
+            onLogits?(logits)
             let u = Double(relora_rng_u64(options.seed, 0x5A4D_504C, UInt64(i)) >> 11) * 0x1p-53
-            let next = Int32(pick(last, temperature: options.temperature, topK: options.topK, uniform: u))
+            let next = Int32(pick(logits, temperature: options.temperature, topK: options.topK, uniform: u))
             out.append(next)
             onToken?(next)
             if next == options.stopToken { break }

@@ -272,6 +272,42 @@ public final class LlamaModel {
         return backend.download(ws.logits)
     }
 
+    // MARK: Decoding with a KV cache
+
+    /// Feeds `tokens` after what `cache` holds and returns the logits `[V]` of the last of them (host
+    /// floats, one download). An empty cache runs the ordinary forward over the tokens (batch 1) and keeps
+    /// every layer's rotated keys and values; a non-empty one decodes the tokens one at a time, each a
+    /// one-row forward whose attention reads the cache (`Backend.ropeAt`, `attentionDecode`). The logits
+    /// equal `logits(inputs: all tokens so far)`'s last row up to the products' summation order
+    /// (docs/checkpoints-and-export.md, "Sampling with a KV cache").
+    public func logits(appending tokens: [Int32], to cache: KVCache) throws -> [Float] {
+        guard !tokens.isEmpty else { throw ReLoRAError.invalidData("no tokens to append to the KV cache") }
+        guard cache.count + tokens.count <= cache.capacity else {
+            throw ReLoRAError.invalidData(
+                "the KV cache holds \(cache.count) of \(cache.capacity) positions; \(tokens.count) more do not fit")
+        }
+        let none = [Int32](repeating: -1, count: tokens.count)
+        if cache.count == 0 {
+            try validate(inputs: tokens, targets: none, batch: 1, seqLen: tokens.count)
+            let ws = prepareWorkspace(batch: 1, seqLen: tokens.count, training: false)
+            backend.upload(tokens, to: ws.ids)
+            forward(ws, attention: .fill(cache))
+            cache.count = tokens.count
+            computeLogits(ws)
+            let v = config.vocabSize
+            return backend.download(ws.logits.view(offset: (tokens.count - 1) * v, shape: [v]))
+        }
+        try validate(inputs: tokens, targets: none, batch: 1, seqLen: 1)
+        let ws = prepareWorkspace(batch: 1, seqLen: 1, training: false)
+        for token in tokens {
+            backend.upload([token], to: ws.ids)
+            forward(ws, attention: .decode(cache, position: cache.count))
+            cache.count += 1
+        }
+        computeLogits(ws)
+        return backend.download(ws.logits)
+    }
+
     // MARK: Validation
 
     /// Refuses a model `backend`'s kernels cannot run (a head_dim past the CUDA attention kernels'), before
@@ -317,29 +353,54 @@ public final class LlamaModel {
         backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: ws.tokens, n: config.vocabSize, k: config.hiddenSize, transB: true)
     }
 
-    private func forward(_ ws: Workspace) {
+    /// How a forward's attention sees the sequence: causal over the workspace's tokens (training,
+    /// evaluation), the same while keeping every layer's keys and values in a cache (the first call of a
+    /// decode), or one token at `position` reading the cache (`ws` of one token).
+    enum AttentionMode {
+        case causal
+        case fill(KVCache)
+        case decode(KVCache, position: Int)
+    }
+
+    private func forward(_ ws: Workspace, attention: AttentionMode = .causal) {
         backend.embeddingForward(ids: ws.ids, table: weights.embed, out: ws.xs[0], dim: config.hiddenSize)
         for layer in 0..<config.numHiddenLayers {
             let acts = checkpointing == .block || !ws.training ? ws.blocks[0] : ws.blocks[layer]
-            blockForward(layer, input: ws.xs[layer], output: ws.xs[layer + 1], acts, ws)
+            blockForward(layer, input: ws.xs[layer], output: ws.xs[layer + 1], acts, ws, attention: attention)
         }
     }
 
     /// One pre-norm block: `res2 = x + o(attn(rope(q(ln1 x)), rope(k(ln1 x)), v(ln1 x)))`,
     /// `out = res2 + down(silu(gate(ln2 res2)) * up(ln2 res2))`. `output == nil` recomputes the
     /// saved activations only (checkpointed backward).
-    private func blockForward(_ layer: Int, input x: Tensor, output: Tensor?, _ a: BlockActivations, _ ws: Workspace) {
+    private func blockForward(_ layer: Int, input x: Tensor, output: Tensor?, _ a: BlockActivations, _ ws: Workspace,
+                              attention: AttentionMode = .causal) {
         let w = weights.blocks[layer]
         let n = ws.tokens, c = config.hiddenSize
         let eps = Float(config.rmsNormEps), theta = Float(config.ropeTheta)
+        let heads = config.numAttentionHeads, kvHeads = config.numKeyValueHeads, d = config.headDim
         backend.rmsnormForward(x, weight: w.attnNorm, out: a.ln1, rstd: a.rstd1, rows: n, dim: c, eps: eps)
         groupForward(layer, [.q, .k, .v], x: a.ln1, outputs: [a.q, a.k, a.v], beta: 0, a, ws)
-        backend.rope(a.q, batch: ws.batch, seqLen: ws.seqLen, heads: config.numAttentionHeads,
-                     headDim: config.headDim, theta: theta, inverse: false)
-        backend.rope(a.k, batch: ws.batch, seqLen: ws.seqLen, heads: config.numKeyValueHeads,
-                     headDim: config.headDim, theta: theta, inverse: false)
-        backend.attentionForward(q: a.q, k: a.k, v: a.v, out: a.attn, lse: a.lse, batch: ws.batch, seqLen: ws.seqLen,
-                                 heads: config.numAttentionHeads, kvHeads: config.numKeyValueHeads, headDim: config.headDim)
+        switch attention {
+        case .causal, .fill:
+            backend.rope(a.q, batch: ws.batch, seqLen: ws.seqLen, heads: heads, headDim: d, theta: theta, inverse: false)
+            backend.rope(a.k, batch: ws.batch, seqLen: ws.seqLen, heads: kvHeads, headDim: d, theta: theta, inverse: false)
+            if case .fill(let cache) = attention {
+                let width = config.keyValueWidth
+                backend.copy(a.k, to: cache.keys[layer].view(offset: 0, shape: [n, width]))
+                backend.copy(a.v, to: cache.values[layer].view(offset: 0, shape: [n, width]))
+            }
+            backend.attentionForward(q: a.q, k: a.k, v: a.v, out: a.attn, lse: a.lse, batch: ws.batch, seqLen: ws.seqLen,
+                                     heads: heads, kvHeads: kvHeads, headDim: d)
+        case .decode(let cache, let position):
+            backend.ropeAt(a.q, rows: 1, position: position, heads: heads, headDim: d, theta: theta)
+            backend.ropeAt(a.k, rows: 1, position: position, heads: kvHeads, headDim: d, theta: theta)
+            let width = config.keyValueWidth
+            backend.copy(a.k, to: cache.keys[layer].view(offset: position * width, shape: [1, width]))
+            backend.copy(a.v, to: cache.values[layer].view(offset: position * width, shape: [1, width]))
+            backend.attentionDecode(q: a.q, kCache: cache.keys[layer], vCache: cache.values[layer], out: a.attn,
+                                    position: position, heads: heads, kvHeads: kvHeads, headDim: d)
+        }
         backend.copy(x, to: a.res2)
         groupForward(layer, [.o], x: a.attn, outputs: [a.res2], beta: 1, a, ws)
         backend.rmsnormForward(a.res2, weight: w.mlpNorm, out: a.ln2, rstd: a.rstd2, rows: n, dim: c, eps: eps)
@@ -438,6 +499,34 @@ public final class LlamaModel {
         workspace = ws
         return ws
     }
+}
+
+/// The rotated keys and values of every layer for the positions decoded so far (`LlamaModel.logits(appending:to:)`).
+/// Each layer holds `[capacity, kvHeads * headDim]` keys and values in the activation dtype (tag `.activations`):
+/// `2 * L * capacity * kvHeads * headDim` elements in all.
+public final class KVCache {
+    public let capacity: Int
+    /// Positions filled (the next token's position).
+    public internal(set) var count = 0
+    let keys: [Tensor], values: [Tensor]
+
+    /// A cache for `capacity` positions (default and most: the model's `max_position_embeddings`).
+    public init(model: LlamaModel, capacity: Int? = nil) {
+        let cfg = model.config
+        let rows = min(capacity ?? cfg.maxPositionEmbeddings, cfg.maxPositionEmbeddings)
+        self.capacity = rows
+        let dtype = model.backend.precision.activations
+        func make() -> [Tensor] {
+            (0..<cfg.numHiddenLayers).map { _ in
+                model.backend.makeTensor([rows, cfg.keyValueWidth], dtype: dtype, tag: .activations, zeroed: false)
+            }
+        }
+        keys = make()
+        values = make()
+    }
+
+    /// Forgets every position (the tensors stay allocated).
+    public func reset() { count = 0 }
 }
 
 /// One block's forward values that its backward reads. Rows are tokens.

@@ -156,6 +156,19 @@ extension ConformanceSuite {
                 expect(inverse ? "rope inverse" : "rope", shape + " theta 1e4", dtype, got: backend.download(x),
                        want: ref.value, magnitude: ref.magnitude, tolerance: tolerance(acc: 6 + 2 * maxAngle, io: 1, dtype))
             }
+            // ropeAt (the KV-cache decode step): rows p ..< p + r of one sequence, rotated at their positions,
+            // are the forward's rows (same reference, same bound).
+            let (seqRef, seqAngle) = NaiveReference.rope(Array(xs.prefix(seqLen * heads * headDim)), batch: 1, seqLen: seqLen,
+                                                         heads: heads, headDim: headDim, theta: Double(theta), inverse: false)
+            let width = heads * headDim
+            for (p, r) in [(0, 1), (seqLen - 1, 1), (4, 3)] {
+                let (x, _) = tensor([r, width], dtype, Array(xs[(p * width)..<((p + r) * width)]))
+                backend.ropeAt(x, rows: r, position: p, heads: heads, headDim: headDim, theta: theta)
+                expect("ropeAt", "\(r) rows at \(p), heads \(heads) dim \(headDim)", dtype, got: backend.download(x),
+                       want: Array(seqRef.value[(p * width)..<((p + r) * width)]),
+                       magnitude: Array(seqRef.magnitude[(p * width)..<((p + r) * width)]),
+                       tolerance: tolerance(acc: 6 + 2 * seqAngle, io: 1, dtype))
+            }
             // The inverse undoes the forward (the rotation is orthogonal): twice the bound above.
             let (x, xv) = tensor([batch * seqLen, heads * headDim], dtype, xs)
             backend.rope(x, batch: batch, seqLen: seqLen, heads: heads, headDim: headDim, theta: theta, inverse: false)
@@ -239,6 +252,20 @@ extension ConformanceSuite {
                magnitude: ref.out.magnitude, tolerance: tol.out)
         expect("attentionForward lse", s.description + " causal", dtype, got: gotLse, want: ref.lse,
                magnitude: zip(ref.scoreMagnitude, ref.lse).map { 1 + $0 + abs($1) }, tolerance: tol.lse)
+
+        // attentionDecode (the KV-cache decode step): query row i of the first sequence over rows 0 ... i of
+        // its k and v (the cache) is the forward's row i, within the forward's bound.
+        for i in Set([0, s.seqLen / 2, s.seqLen - 1]).sorted() {
+            let (qi, _) = tensor([1, qw], dtype, Array(qs[(i * qw)..<((i + 1) * qw)]))
+            let (kc, _) = tensor([s.seqLen, kw], dtype, Array(ks.prefix(s.seqLen * kw)))
+            let (vc, _) = tensor([s.seqLen, kw], dtype, Array(vs.prefix(s.seqLen * kw)))
+            let oi = output([1, qw], dtype)
+            backend.attentionDecode(q: qi, kCache: kc, vCache: vc, out: oi, position: i, heads: s.heads, kvHeads: s.kvHeads,
+                                    headDim: s.headDim)
+            expect("attentionDecode out", s.description + " position \(i)", dtype, got: backend.download(oi),
+                   want: Array(ref.out.value[(i * qw)..<((i + 1) * qw)]),
+                   magnitude: Array(ref.out.magnitude[(i * qw)..<((i + 1) * qw)]), tolerance: tol.out)
+        }
 
         // Causality: changing the last position's keys and values must leave every earlier row's output
         // and lse bit-identical, and change the last row (else the check proves nothing).

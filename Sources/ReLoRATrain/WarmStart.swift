@@ -5,53 +5,31 @@ import ReLoRAModel
 import ReLoRACheckpoint
 
 extension Trainer {
-    /// Starts from a full-rank relora checkpoint (or run directory), a Hugging Face LLaMA directory
-    /// (single or sharded safetensors, dense or bitsandbytes 4-bit: a 4-bit weight's nf4 codes are kept byte
-    /// for byte where they can be, see `BitsAndBytes4bit`) or a LLaMA GGUF file (continued pretraining of an
-    /// existing model).
+    /// Starts from any model source `ModelSource.open` accepts: a full-rank relora checkpoint (or run
+    /// directory), a Hugging Face LLaMA directory (single or sharded safetensors, dense or bitsandbytes 4-bit:
+    /// continued pretraining of an existing model; a 4-bit weight's nf4 codes are kept byte for byte where they
+    /// can be, see `BitsAndBytes4bit`) or a LLaMA GGUF file.
     ///
     /// From a relora checkpoint: its weights (the LoRA run's frozen W), its step count (the schedule
     /// continues, as in the reference), and Adam's moments and step counter for the dense tensors that
-    /// stay trainable (embeddings, norms, head). From a Hugging Face directory: its weights only; the
-    /// run starts at step 0 with fresh optimizer state. From a GGUF file: the same, and a block linear
-    /// stored in the run's `quant` format keeps its codes byte for byte (`LlamaGGUF.loadWeights`); one
-    /// stored otherwise is quantized, its error logged. LoRA factors start fresh with zero moments.
+    /// stay trainable (embeddings, norms, head). From a Hugging Face directory or a GGUF file: its weights
+    /// only, streamed one tensor at a time (quantized as they arrive when the recipe's `quant` asks; a GGUF
+    /// block linear stored in the run's `quant` format keeps its codes byte for byte, `LlamaGGUF.loadWeights`);
+    /// the run starts at step 0 with fresh optimizer state. LoRA factors start fresh with zero moments.
     static func warmStart(from path: String, model: LlamaModel, optimizer: AdamW, seed: UInt64,
                           log: @escaping (String) -> Void) throws -> TrainingState {
-        if LlamaGGUF.isGGUF(path) {
-            let file = try GGUFFile(path: path)
-            try checkSameArchitecture(try LlamaGGUF.config(file), model.config, source: path)
-            let imported = try LlamaGGUF.loadWeights(file, into: model, warn: { log("warning: \($0)") })
-            if let format = model.quant, !imported.copied.isEmpty {
-                log("took the \(format.rawValue) blocks of \(imported.copied.count) linears from \(path) byte for byte")
-            }
-            let report = quantizationLog(model, log)
-            for (name, from, error) in imported.quantized { report("\(name) (\(from.name) in the GGUF)", error) }
+        let source = try ModelSource.open(path)
+        try checkSameArchitecture(source.config, model.config, source: path)
+        guard let checkpoint = source.checkpoint else {
+            try source.loadWeights(into: model, warn: { log("warning: \($0)") }, quantized: quantizationLog(model, log),
+                                   log: log)
             return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
         }
-        // A training checkpoint (it has state.json) also holds config.json and, in format 1 or when a tensor
-        // file is stored uncompressed, model.safetensors: check for it first, or its step, optimizer state
-        // and data position would be dropped as if it were a Hugging Face export.
-        let isTrainingCheckpoint = FileManager.default.fileExists(atPath: path + "/state.json")
-        if !isTrainingCheckpoint && HFCheckpoint.isModelDirectory(path) {
-            let config = try HFCheckpoint.readConfig(directory: path)
-            try checkSameArchitecture(config, model.config, source: path)
-            try HFCheckpoint.loadWeights(directory: path, into: model, warn: { log("warning: \($0)") },
-                                         quantized: quantizationLog(model, log), log: log)
-            return TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: seed)
-        }
-        let checkpoint = try TrainingCheckpoint.resolve(path).checkpoint
         let warmState = try TrainingCheckpoint.readState(checkpoint)
-        let config = try LlamaConfig(contentsOf: checkpoint + "/config.json")
-        try checkSameArchitecture(config, model.config, source: checkpoint)
         guard !TrainingCheckpoint.hasLoRA(checkpoint, version: warmState.formatVersion) else {
-            throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint or a Hugging Face model directory; \(checkpoint) holds LoRA factors (continue it with --resume, or export it with `relora export --format hf` and warm-start from the export)")
+            throw ReLoRAError.invalidConfig("warm_start must be a full-rank checkpoint, a Hugging Face directory or a GGUF file; \(checkpoint) holds LoRA factors (continue it with --resume, or export it with `relora export --format hf` and warm-start from the export)")
         }
-        let weights = try TrainingCheckpoint.openTensors(checkpoint, "model", version: warmState.formatVersion)
-        let report = quantizationLog(model, log)
-        for (name, slot) in model.weights.slots() {
-            if let error = try TensorIO.load(slot, from: weights, name, backend: model.backend) { report(name, error) }
-        }
+        try source.loadWeights(into: model, warn: { log("warning: \($0)") }, quantized: quantizationLog(model, log))
         let moments = try TrainingCheckpoint.openTensors(checkpoint, "optimizer", version: warmState.formatVersion)
         for (i, p) in optimizer.parameters.enumerated() where !p.isLoRA && optimizer.owns(i) {
             try TrainingCheckpoint.loadMoments(optimizer.checkpointEntry(i), from: moments, backend: model.backend)
@@ -67,8 +45,15 @@ extension Trainer {
         return { name, error in log(String(format: "quantized %@ to %@: relative error %.3e", name, format, error)) }
     }
 
+    /// The architectures agree; a GGUF file stores rms_norm_eps and rope theta as f32, so those compare at f32.
     static func checkSameArchitecture(_ source: LlamaConfig, _ model: LlamaConfig, source path: String) throws {
-        guard source == model else {
+        var rounded = model
+        rounded.rmsNormEps = Double(Float(model.rmsNormEps))
+        rounded.ropeTheta = Double(Float(model.ropeTheta))
+        var sourceRounded = source
+        sourceRounded.rmsNormEps = Double(Float(source.rmsNormEps))
+        sourceRounded.ropeTheta = Double(Float(source.ropeTheta))
+        guard sourceRounded == rounded else {
             throw ReLoRAError.invalidConfig(
                 "the warm start \(path) has another architecture (hidden \(source.hiddenSize), layers \(source.numHiddenLayers), vocab \(source.vocabSize)) than the recipe's model (hidden \(model.hiddenSize), layers \(model.numHiddenLayers), vocab \(model.vocabSize)); point 'model' at \(LlamaGGUF.isGGUF(path) ? "the GGUF file itself" : "the warm start's config.json")")
         }

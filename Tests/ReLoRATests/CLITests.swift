@@ -78,7 +78,7 @@ final class CLITests: XCTestCase {
         let cases: [([String], String)] = [
             (["eval", "--model", "\(f)/tiny_llama", "--data", "\(f)/eval_tokens.npy", "--seq-len", "65"], "max_position_embeddings"),
             (["eval", "--model", "\(f)/tiny_llama", "--data", notNpy, "--seq-len", "4"], "tokens.npy"),
-            (["eval", "--model", "\(dir)/missing", "--data", notNpy, "--seq-len", "4"], "not a directory"),
+            (["eval", "--model", "\(dir)/missing", "--data", notNpy, "--seq-len", "4"], "no such file or directory; a model is"),
             (["eval", "--model", "\(f)/tiny_llama", "--seq-len", "4"], "--data"),
             (["eval", "--model", "\(f)/tiny_llama", "--data", notNpy, "--seq-len", "four"], "integer"),
             (["eval", "--modle", "x"], "unknown option --modle"),

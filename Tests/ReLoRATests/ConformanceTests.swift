@@ -251,6 +251,18 @@ final class NarrowStorageBackend: ForwardingToCPU, @unchecked Sendable {
         inner.rope(w, batch: batch, seqLen: seqLen, heads: heads, headDim: headDim, theta: theta, inverse: inverse)
         narrow(w, into: x)
     }
+    func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float) {
+        let w = wide(x)
+        inner.ropeAt(w, rows: rows, position: position, heads: heads, headDim: headDim, theta: theta)
+        narrow(w, into: x)
+    }
+    func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int, heads: Int, kvHeads: Int,
+                         headDim: Int) {
+        let wo = wide(out)
+        inner.attentionDecode(q: wide(q), kCache: wide(kCache), vCache: wide(vCache), out: wo, position: position,
+                              heads: heads, kvHeads: kvHeads, headDim: headDim)
+        narrow(wo, into: out)
+    }
     func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, batch: Int, seqLen: Int, heads: Int,
                           kvHeads: Int, headDim: Int) {
         let wo = wide(out), wl = wide(lse)

@@ -49,6 +49,14 @@ extension ForwardingToCPU {
     func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
         inner.rope(x, batch: batch, seqLen: seqLen, heads: heads, headDim: headDim, theta: theta, inverse: inverse)
     }
+    func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float) {
+        inner.ropeAt(x, rows: rows, position: position, heads: heads, headDim: headDim, theta: theta)
+    }
+    func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int, heads: Int, kvHeads: Int,
+                         headDim: Int) {
+        inner.attentionDecode(q: q, kCache: kCache, vCache: vCache, out: out, position: position, heads: heads,
+                              kvHeads: kvHeads, headDim: headDim)
+    }
     func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, batch: Int, seqLen: Int, heads: Int,
                           kvHeads: Int, headDim: Int) {
         inner.attentionForward(q: q, k: k, v: v, out: out, lse: lse, batch: batch, seqLen: seqLen, heads: heads,

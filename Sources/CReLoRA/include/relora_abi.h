@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 11
+#define RELORA_ABI_VERSION 12
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -267,6 +267,18 @@ typedef struct relora_device_properties {
     /* (the caller builds it once per (seq_len, head_dim, theta): RoPETables in ReLoRACore) */         \
     X(relora_status, rope, (void *x, const float *table, int64_t batch, int64_t seq_len, int64_t heads,   \
                             int64_t head_dim, int32_t inverse, int32_t dtype, void *stream))              \
+    /* The forward rotation of `rows` consecutive positions: row r of x [rows, heads * head_dim] at     */\
+    /* position `position + r` (the decode step of a KV cache). table: the rope table of table_len        */\
+    /* positions (f32 [2, table_len, head_dim/2]; position + rows <= table_len). Row r's result is bit    */\
+    /* for bit the `rope` entry's result for a row at that position.                                      */\
+    X(relora_status, rope_at, (void *x, const float *table, int64_t table_len, int64_t position,         \
+                               int64_t rows, int64_t heads, int64_t head_dim, int32_t dtype, void *stream))\
+    /* One query row at `position` over a KV cache: q, out [heads * head_dim]; k_cache, v_cache          */\
+    /* [capacity, kv_heads * head_dim] (dtype), rows 0 ..= position read (the new key at `position`      */\
+    /* already written). Grouped-query heads and scale as attention_forward; head_dim in [1, 128]. */   \
+    X(relora_status, attention_decode, (const void *q, const void *k_cache, const void *v_cache, void *out,\
+                                        int64_t position, int64_t heads, int64_t kv_heads, int64_t head_dim,\
+                                        int32_t dtype, void *stream))                                       \
     /* Causal grouped-query attention, scale 1/sqrt(head_dim): q, out [N, heads*head_dim], k, v */       \
     /* [N, kv_heads*head_dim] (dtype); lse f32 [batch, heads, seq_len] saved for the backward; */        \
     /* head_dim in [1, 128] and heads % kv_heads == 0, else RELORA_ERR_INVALID_ARGUMENT */               \

@@ -77,6 +77,15 @@ public protocol Backend: AnyObject, Sendable {
     /// no `T x T` matrix is kept between forward and backward).
     func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                           batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int)
+    /// The forward rotation of `rope` for `rows` consecutive positions starting at `position`: row r of
+    /// x `[rows, heads * headDim]` rotated as a token at position `position + r` (the decode step of a KV
+    /// cache). Each row's result has the bits `rope` gives a row at that position.
+    func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float)
+    /// One query row at `position` attending to rows `0 ... position` of a KV cache (causal attention's row
+    /// `position`; the new key and value already written at `position`): q, out `[heads * headDim]`; kCache,
+    /// vCache `[capacity, kvHeads * headDim]`, capacity > position. Heads and scale as `attentionForward`.
+    func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int,
+                         heads: Int, kvHeads: Int, headDim: Int)
     /// Backward of `attentionForward`. Overwrites dq, dk, dv.
     func attentionBackward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            dq: Tensor, dk: Tensor, dv: Tensor,

@@ -84,6 +84,12 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         allocator.allocate(max(2 * seqLen * (headDim / 2) * MemoryLayout<Float>.size, 1), tag: .workspace)
     }
 
+    public func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float) {}
+    public func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int,
+                                heads: Int, kvHeads: Int, headDim: Int) {
+        if target == .cpu { _ = makeTensor([heads, position + 1], tag: .workspace, zeroed: false) }
+    }
+
     public func attentionForward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                  batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int) {
         if target == .cpu {

@@ -218,16 +218,35 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling 
     public func rope(_ x: Tensor, batch: Int, seqLen: Int, heads: Int, headDim: Int, theta: Float, inverse: Bool) {
         let span = profiler?.begin(.elementwise, .rope(count: batch * seqLen * heads * headDim, elementBytes: x.dtype.byteSize))
         defer { span?.end() }
-        let (cosT, sinT) = ropeTables(seqLen: seqLen, headDim: headDim, theta: theta)
+        rotate(x, rows: batch * seqLen, seqLen: seqLen, first: 0, tableLength: seqLen, heads: heads, headDim: headDim,
+               theta: theta, inverse: inverse)
+    }
+
+    /// The table of the smallest power of two of positions (at least 64) that holds the rows: a table's
+    /// values at a position do not depend on its length (`RoPETables`), so the bits are `rope`'s.
+    public func ropeAt(_ x: Tensor, rows: Int, position: Int, heads: Int, headDim: Int, theta: Float) {
+        precondition(position >= 0 && rows >= 0, "ropeAt: negative position or rows")
+        let span = profiler?.begin(.elementwise, .rope(count: rows * heads * headDim, elementBytes: x.dtype.byteSize))
+        defer { span?.end() }
+        var length = 64
+        while length < position + rows { length *= 2 }
+        rotate(x, rows: rows, seqLen: rows, first: position, tableLength: length, heads: heads, headDim: headDim,
+               theta: theta, inverse: false)
+    }
+
+    /// Row n of x at position `first + n % seqLen`, rotated with the table of `tableLength` positions.
+    private func rotate(_ x: Tensor, rows: Int, seqLen: Int, first: Int, tableLength: Int, heads: Int, headDim: Int,
+                        theta: Float, inverse: Bool) {
+        let (cosT, sinT) = ropeTables(seqLen: tableLength, headDim: headDim, theta: theta)
         let half = headDim / 2, width = heads * headDim
         let sign: Float = inverse ? -1 : 1
         let xp = x.f32
         cosT.withUnsafeBufferPointer { cp in
             sinT.withUnsafeBufferPointer { sp in
                 let cb = cp.baseAddress!, sb = sp.baseAddress!
-                parallelChunks(batch * seqLen, minPerChunk: 8) { _, range in
+                parallelChunks(rows, minPerChunk: 8) { _, range in
                     for n in range {
-                        let pos = n % seqLen
+                        let pos = first + n % seqLen
                         let cr = cb + pos * half, sr = sb + pos * half
                         for h in 0..<heads {
                             let v = xp + n * width + h * headDim
@@ -294,6 +313,35 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling 
                 Self.sgemmOneThread(scores, vh, oh, m: T, n: D, k: T, lda: T, ldb: ks, ldc: qs,
                                     transA: false, transB: false, alpha: 1, beta: 0)
             }
+        }
+    }
+
+    /// Row `position` of `attentionForward`'s computation, per query head: the scores of keys `0 ... position`
+    /// as one OpenBLAS product (`[1, position + 1]`), the same softmax loop, then `P V` (`[1, D]`, k =
+    /// position + 1). The forward's products have more rows (and k = T for `P V`, with zeros past the
+    /// diagonal), which OpenBLAS may block differently, so a row can differ from the forward's in the last
+    /// bits (docs/checkpoints-and-export.md, KVCacheTests).
+    public func attentionDecode(q: Tensor, kCache: Tensor, vCache: Tensor, out: Tensor, position: Int,
+                                heads: Int, kvHeads: Int, headDim D: Int) {
+        let keys = position + 1, group = heads / kvHeads, ks = kvHeads * D
+        precondition(position >= 0 && kCache.count >= keys * ks && vCache.count >= keys * ks && q.count >= heads * D
+                     && out.count >= heads * D, "attentionDecode: operand too small")
+        let scale = 1 / Float(D).squareRoot()
+        let scoresTensor = makeTensor([heads, keys], tag: .workspace, zeroed: false)
+        let qp = q.f32, kp = kCache.f32, vp = vCache.f32, op = out.f32, sp = scoresTensor.f32
+        parallelTasks(heads, workers: min(heads, 8)) { h, _ in
+            let row = sp + h * keys
+            let kh = kp + (h / group) * D, vh = vp + (h / group) * D
+            Self.sgemmOneThread(qp + h * D, kh, row, m: 1, n: keys, k: D, lda: heads * D, ldb: ks, ldc: keys,
+                                transA: false, transB: true, alpha: scale, beta: 0)
+            var mx = -Float.infinity
+            for j in 0..<keys { mx = max(mx, row[j]) }
+            var sum: Float = 0
+            for j in 0..<keys { let e = expf(row[j] - mx); row[j] = e; sum += e }
+            let inv = 1 / sum
+            for j in 0..<keys { row[j] *= inv }
+            Self.sgemmOneThread(row, vh, op + h * D, m: 1, n: D, k: keys, lda: keys, ldb: ks, ldc: heads * D,
+                                transA: false, transB: false, alpha: 1, beta: 0)
         }
     }
 

@@ -36,6 +36,19 @@ extension CPUBackend {
         func run(_ t: Int) {
             let i0 = t / tileCols * tile.rows, j0 = t % tileCols * tile.cols
             let rows = min(tile.rows, m - i0), cols = min(tile.cols, n - j0)
+            if m == 1 {
+                // One row (the decode step of a KV cache): a GEMV per tile of columns. OpenBLAS 0.3.21's sgemm
+                // packs B for m = 1 as for any m, so a weight-bound product would read and write W twice more.
+                let incx = Int32(transA ? lda : 1)
+                if transB {  // c[j] = sum_k a[k] B[j, k]: B's rows j0 ..< j0 + cols times a
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(cols), Int32(k), alpha, b + j0 * ldb, Int32(ldb), a, incx,
+                                beta, c + j0, 1)
+                } else {  // c[j] = sum_k a[k] B[k, j]: B's columns j0 ..< j0 + cols transposed times a
+                    cblas_sgemv(CblasRowMajor, CblasTrans, Int32(k), Int32(cols), alpha, b + j0, Int32(ldb), a, incx,
+                                beta, c + j0, 1)
+                }
+                return
+            }
             // Rows i0..<i0+rows of op(A): A's rows (or columns, stored transposed); likewise B's columns.
             cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
                         Int32(rows), Int32(cols), Int32(k), alpha, a + (transA ? i0 : i0 * lda), Int32(lda),
