@@ -531,7 +531,7 @@ using namespace relora;
 relora_status relora_cuda_attention_forward(const void *q, const void *k, const void *v, void *out, float *lse,
                                             int64_t batch, int64_t seq_len, int64_t heads, int64_t kv_heads,
                                             int64_t head_dim, int32_t dtype, void *stream) {
-    Shape sh;
+    Shape sh{};  // value-initialised: g++ cannot see that check_shape fills it on every path that returns OK
     bool empty = false;
     RELORA_CHECK(check_shape("attention_forward", batch, seq_len, heads, kv_heads, head_dim, &sh, &empty));
     if (empty) return RELORA_OK;
@@ -549,7 +549,7 @@ relora_status relora_cuda_attention_backward(const void *dout, const void *q, co
                                              const void *out, const float *lse, void *dq, void *dk, void *dv,
                                              int64_t batch, int64_t seq_len, int64_t heads, int64_t kv_heads,
                                              int64_t head_dim, int32_t dtype, void *stream) {
-    Shape sh;
+    Shape sh{};  // value-initialised: g++ cannot see that check_shape fills it on every path that returns OK
     bool empty = false;
     RELORA_CHECK(check_shape("attention_backward", batch, seq_len, heads, kv_heads, head_dim, &sh, &empty));
     if (empty) return RELORA_OK;
@@ -570,7 +570,7 @@ relora_status relora_cuda_attention_decode(const void *q, const void *k_cache, c
                                            int64_t position, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                            int32_t dtype, void *stream) {
     RELORA_REQUIRE(position >= 0, "attention_decode", "negative position %lld", (long long)position);
-    Shape sh;
+    Shape sh{};  // value-initialised: g++ cannot see that check_shape fills it on every path that returns OK
     bool empty = false;
     // The cache's rows 0 ..= position are the keys: a batch of one sequence of position + 1.
     RELORA_CHECK(check_shape("attention_decode", 1, position + 1, heads, kv_heads, head_dim, &sh, &empty));
