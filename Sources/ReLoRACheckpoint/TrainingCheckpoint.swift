@@ -53,8 +53,13 @@ public struct CheckpointMoments {
         public let m: Tensor
         public let v: Tensor
         public let eightBit: (m: BlockwiseMoments, v: BlockwiseMoments)?
-        public init(name: String, m: Tensor, v: Tensor, eightBit: (m: BlockwiseMoments, v: BlockwiseMoments)?) {
-            self.name = name; self.m = m; self.v = v; self.eightBit = eightBit
+        /// The f32 master copy the update runs on when the working tensor is narrower (bf16 training), else
+        /// nil. The model file holds the working values, so without it a resume would continue from the
+        /// master rounded to bf16.
+        public let master: Tensor?
+        public init(name: String, m: Tensor, v: Tensor, eightBit: (m: BlockwiseMoments, v: BlockwiseMoments)?,
+                    master: Tensor? = nil) {
+            self.name = name; self.m = m; self.v = v; self.eightBit = eightBit; self.master = master
         }
     }
 
@@ -335,7 +340,11 @@ public enum TrainingCheckpoint {
 
     /// Loads weights (and, if given, optimizer moments) of a verified checkpoint into existing tensors.
     /// The caller continues its optimizer's step count from the returned state's `optimizerStep`.
-    public static func load(_ path: String, into model: LlamaModel, moments: CheckpointMoments?) throws -> TrainingState {
+    /// `restoredMaster` is called with the name of every tensor whose f32 master copy the checkpoint held
+    /// (checkpoints written before master copies were stored hold none: the caller derives those from the
+    /// working values, as before).
+    public static func load(_ path: String, into model: LlamaModel, moments: CheckpointMoments?,
+                            restoredMaster: (String) -> Void = { _ in }) throws -> TrainingState {
         let state = try readState(path)
         let config = try LlamaConfig(contentsOf: path + "/config.json")
         guard config == model.config else {
@@ -345,7 +354,9 @@ public enum TrainingCheckpoint {
         model.merges = state.loraMerges ?? 0
         if let moments {
             let file = try openTensors(path, "optimizer", version: state.formatVersion)
-            for entry in moments.entries { try loadMoments(entry, from: file, backend: model.backend) }
+            for entry in moments.entries where try loadMoments(entry, from: file, backend: model.backend) {
+                restoredMaster(entry.name)
+            }
         }
         return state
     }
@@ -354,8 +365,10 @@ public enum TrainingCheckpoint {
     /// parameter's shape; 8-bit moments as their codes (U8, the parameter's shape) with the block scales
     /// beside them (`m.<name>.absmax`, F32 `[ceil(n / 256)]`), never expanded.
     package static func momentEntries(_ entry: CheckpointMoments.Entry, backend: Backend) -> [SafetensorsEntry] {
-        let tensors = entry.eightBit.map { [$0.m.codes, $0.m.absmax, $0.v.codes, $0.v.absmax] } ?? [entry.m, entry.v]
-        let layout = momentLayout(name: entry.name, shape: entry.m.shape, eightBit: entry.eightBit != nil)
+        let tensors = (entry.eightBit.map { [$0.m.codes, $0.m.absmax, $0.v.codes, $0.v.absmax] } ?? [entry.m, entry.v])
+            + (entry.master.map { [$0] } ?? [])
+        let layout = momentLayout(name: entry.name, shape: entry.m.shape, eightBit: entry.eightBit != nil,
+                                  master: entry.master != nil)
         return zip(layout, tensors).map { part, tensor in
             part.dtype == .U8 ? SafetensorsEntry(name: part.name, dtype: .U8, shape: part.shape) { backend.downloadRaw(tensor) }
                 : TensorIO.entry(part.name, tensor, backend: backend)
@@ -364,19 +377,30 @@ public enum TrainingCheckpoint {
 
     /// The `optimizer` tensor-file entries of one tensor's moments (`momentEntries`), without their bytes:
     /// f32 moments `m.<name>`, `v.<name>` (F32, `shape`); 8-bit ones `m.<name>` (U8, `shape`),
-    /// `m.<name>.absmax` (F32 `[ceil(n / 256)]`), then the same for v. A process that does not hold a
-    /// tensor's moments (a sharded optimizer) names them with it.
-    public static func momentLayout(name: String, shape: [Int], eightBit: Bool) -> [(name: String, dtype: SafetensorsDType, shape: [Int])] {
-        guard eightBit else { return [("m." + name, .F32, shape), ("v." + name, .F32, shape)] }
+    /// `m.<name>.absmax` (F32 `[ceil(n / 256)]`), then the same for v; then, with `master`, the f32 master
+    /// copy `master.<name>` (F32, `shape`). A process that does not hold a tensor's moments (a sharded
+    /// optimizer) names them with it.
+    public static func momentLayout(name: String, shape: [Int], eightBit: Bool,
+                                    master: Bool = false) -> [(name: String, dtype: SafetensorsDType, shape: [Int])] {
         let blocks = [BlockwiseMoments.blocks(shape.reduce(1, *))]
-        return ["m.", "v."].flatMap { prefix in [(prefix + name, .U8, shape), (prefix + name + ".absmax", .F32, blocks)] }
+        let moments: [(name: String, dtype: SafetensorsDType, shape: [Int])] = eightBit
+            ? ["m.", "v."].flatMap { prefix in [(prefix + name, .U8, shape), (prefix + name + ".absmax", .F32, blocks)] }
+            : [("m." + name, .F32, shape), ("v." + name, .F32, shape)]
+        return moments + (master ? [("master." + name, .F32, shape)] : [])
     }
 
     /// Loads one tensor's moments from an `optimizer` tensor file, converting where the file and the
     /// optimizer store them differently (a run resumed or warm-started with another `optimizer_states`):
     /// 8-bit moments are dequantized into f32 ones, f32 moments quantized into 8-bit ones (on the host).
-    public static func loadMoments(_ entry: CheckpointMoments.Entry, from file: any TensorFile, backend: Backend) throws {
+    /// Returns whether the entry's master copy was restored (the file holds `master.<name>`).
+    @discardableResult
+    public static func loadMoments(_ entry: CheckpointMoments.Entry, from file: any TensorFile, backend: Backend) throws -> Bool {
         let name = entry.name
+        var restored = false
+        if let master = entry.master, file.header("master." + name) != nil {
+            try TensorIO.load(master, from: file, "master." + name, backend: backend)
+            restored = true
+        }
         for (prefix, isSigned) in [("m.", true), ("v.", false)] {
             let key = prefix + name, stored8 = file.header(key)?.dtype == .U8
             let target = isSigned ? entry.m : entry.v
@@ -415,6 +439,7 @@ public enum TrainingCheckpoint {
                 backend.upload(BlockwiseMoments.dequantize(codes: codes, absmax: absmax, isSigned: isSigned), to: target)
             }
         }
+        return restored
     }
 
     /// The `model` tensor file (and `lora` for a model with adapters) into the model's tensors.

@@ -129,7 +129,8 @@ extension Trainer {
     static func momentLayout(_ optimizer: AdamW, _ i: Int) -> [(name: String, dtype: SafetensorsDType, shape: [Int])] {
         let p = optimizer.parameters[i]
         return TrainingCheckpoint.momentLayout(name: p.name, shape: p.value.shape,
-                                               eightBit: AdamW.keepsEightBit(count: p.value.count, states: optimizer.states))
+                                               eightBit: AdamW.keepsEightBit(count: p.value.count, states: optimizer.states),
+                                               master: optimizer.backend.precision.needsMaster(p.value.dtype))
     }
 
     /// Rank 0's moments for a save of a sharded optimizer: its own tensors' as they are; every other

@@ -87,7 +87,8 @@ public final class Trainer {
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
         model.dropoutKey.keying = state.dropoutKeys
-        optimizer.refreshMasterCopies()
+        let restored = optimizer.restoredMasters
+        optimizer.refreshMasterCopies { !restored.contains($0.name) }
         if communicator.rank == 0 {
             if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
             metrics = try MetricsLog(runDir: recipe.runDir, resumeStep: setup.resumePoint == nil ? nil : state.step)
@@ -109,7 +110,8 @@ public final class Trainer {
                               log: @escaping (String) -> Void) throws -> TrainingState {
         let recipe = setup.recipe
         if let path = setup.resumePoint {
-            let state = try TrainingCheckpoint.load(path, into: model, moments: optimizer.checkpointMoments)
+            let state = try TrainingCheckpoint.load(path, into: model, moments: optimizer.checkpointMoments,
+                                                    restoredMaster: { optimizer.restoredMasters.insert($0) })
             optimizer.stepCount = state.optimizerStep
             guard state.seed == recipe.seed else {
                 throw ReLoRAError.invalidData("the checkpoint was made with seed \(state.seed) but the recipe says \(recipe.seed)")

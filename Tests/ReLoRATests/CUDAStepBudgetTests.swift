@@ -139,18 +139,24 @@ final class CUDAStepBudgetTests: XCTestCase {
     /// a restart, clipping on every step, f32 and 8-bit moments. In `precision: fp32` (the selftest's): with
     /// `cudaMixed` a resume is not bit-exact, before the multi-tensor ops as after, because checkpoints keep the
     /// bf16 working copies and not the optimizer's f32 master copies (`refreshMasterCopies` rounds them).
+    /// f32, and bf16 with its f32 master copies (kept in the checkpoint's optimizer file: before they were,
+    /// a bf16 resume continued from masters rounded to bf16 and its losses differed from the straight run's).
     func testResumeOnTheDeviceIsBitExact() throws {
+        for precision in [Precision.fp32, .cudaMixed] { try checkResumeIsBitExact(precision) }
+    }
+
+    private func checkResumeIsBitExact(_ precision: Precision) throws {
         let library = try CUDABackendTests.emulatedBackend().library
         let d = try TrainerTests.makeByteData(hidden: 32, layers: 1)  // the embedding and head keep 8-bit moments
         func recipe(_ run: String) -> Recipe {
-            TrainerTests.recipe(d, run: run) {
+            TrainerTests.recipe(d, run: run + (precision == .fp32 ? "-fp32" : "-mixed")) {
                 $0.seqLen = 16; $0.microBatch = 2
                 $0.mode = .relora; $0.loraRank = 4; $0.loraAlpha = 8; $0.reloraEvery = 3; $0.restartWarmup = 1
                 $0.steps = 6; $0.checkpointEvery = 2; $0.valData = nil; $0.device = "cuda"; $0.gradClip = 1e-3
                 $0.optimizerStates = .int8
             }
         }
-        func backend() -> CUDABackend { CUDABackend(library: library, precision: .fp32) }
+        func backend() -> CUDABackend { CUDABackend(library: library, precision: precision) }
         let straight = try Trainer(recipe: recipe("straight"), resume: false, backend: backend(), log: { _ in })
         _ = try straight.run()
         XCTAssertTrue(straight.optimizer.eightBit.contains { $0 != nil } && straight.optimizer.eightBit.contains { $0 == nil })
@@ -160,7 +166,7 @@ final class CUDAStepBudgetTests: XCTestCase {
         let second = try Trainer(recipe: recipe("resumed"), resume: true, backend: backend(), log: { _ in })
         _ = try second.run()
         let history = first.history + second.history
-        XCTAssertEqual(history.map(\.loss.bitPattern), straight.history.map(\.loss.bitPattern), "\(history.map(\.loss)) vs \(straight.history.map(\.loss))")
+        XCTAssertEqual(history.map(\.loss.bitPattern), straight.history.map(\.loss.bitPattern), "\(precision): \(history.map(\.loss)) vs \(straight.history.map(\.loss))")
         XCTAssertEqual(history.map(\.gradNorm.bitPattern), straight.history.map(\.gradNorm.bitPattern))
         XCTAssertTrue(straight.history.allSatisfy { $0.gradNorm > 1e-3 }, "every step clips")
         func state(_ t: Trainer) -> [[UInt8]] {
