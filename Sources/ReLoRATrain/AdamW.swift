@@ -36,9 +36,6 @@ public final class AdamW {
     /// First and second moments: f32 values, or the codes of `eightBit[i]`; nil for a tensor another rank owns.
     public let m: [Tensor?]
     public let v: [Tensor?]
-    /// Names of the parameters whose master copies a resume restored from the checkpoint (the others'
-    /// are derived from their working values by `refreshMasterCopies`).
-    public var restoredMasters: Set<String> = []
     /// The 8-bit moments of parameter i (codes `m[i]`, `v[i]` and their block scales), nil where f32 (or not owned).
     public let eightBit: [(m: BlockwiseMoments, v: BlockwiseMoments)?]
     /// Which rank keeps each tensor's state, and this rank; nil when every rank keeps every tensor's.

@@ -87,8 +87,6 @@ public final class Trainer {
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)
         model.dropoutKey.keying = state.dropoutKeys
-        let restored = optimizer.restoredMasters
-        optimizer.refreshMasterCopies { !restored.contains($0.name) }
         if communicator.rank == 0 {
             if setup.resumePoint == nil { try setup.createRunDirectory() } else { try setup.writeRecipe() }
             metrics = try MetricsLog(runDir: recipe.runDir, resumeStep: setup.resumePoint == nil ? nil : state.step)
@@ -105,13 +103,16 @@ public final class Trainer {
     }
 
     /// The state a run starts from, with the model's and optimizer's tensors set: the checkpoint a resume
-    /// continues; else the recipe's warm start or a random initialisation, then fresh LoRA factors.
+    /// continues; else the recipe's warm start or a random initialisation, then fresh LoRA factors. The
+    /// optimizer's f32 master copies come from the checkpoint where it holds them, else from the working values.
     static func startingState(_ setup: RunSetup, model: LlamaModel, optimizer: AdamW,
                               log: @escaping (String) -> Void) throws -> TrainingState {
         let recipe = setup.recipe
         if let path = setup.resumePoint {
+            var restored = Set<String>()
             let state = try TrainingCheckpoint.load(path, into: model, moments: optimizer.checkpointMoments,
-                                                    restoredMaster: { optimizer.restoredMasters.insert($0) })
+                                                    restoredMaster: { restored.insert($0) })
+            optimizer.refreshMasterCopies { !restored.contains($0.name) }
             optimizer.stepCount = state.optimizerStep
             guard state.seed == recipe.seed else {
                 throw ReLoRAError.invalidData("the checkpoint was made with seed \(state.seed) but the recipe says \(recipe.seed)")
@@ -134,6 +135,7 @@ public final class Trainer {
             state = TrainingState(step: 0, optimizerStep: 0, skippedSteps: 0, tokensSeen: 0, seed: recipe.seed)
         }
         model.initializeLoRA(seed: recipe.seed)
+        optimizer.refreshMasterCopies()
         if model.loraConfig != nil { state.loraMerges = 0 }
         state.sampler = recipe.sampler!.stateName
         return state
