@@ -151,14 +151,14 @@ uint32_t f32_bits(float x) {
 }
 
 // A leading dimension cuBLAS accepts when a dimension is 0 (it requires ld >= max(1, rows)).
-int ld(int rows) { return rows > 1 ? rows : 1; }
+int64_t ld(int64_t rows) { return rows > 1 ? rows : 1; }
 
 cudaDataType data_type(int32_t dtype) { return dtype == RELORA_DTYPE_F32 ? CUDA_R_32F : CUDA_R_16BF; }
 
 // One cublasGemmEx on `stream` (the lock held; g is the stream's handle). c_type is the type of c as cuBLAS sees it.
 relora_status gemm_locked(StreamGemm *g, bool trans_a, bool trans_b, int m, int n, int k, float alpha,
                           const float *alpha_scale, const void *a, const void *b, cudaDataType ab_type, float beta,
-                          void *c, cudaDataType c_type, cudaStream_t stream) {
+                          void *c, cudaDataType c_type, int lda, int ldb, int ldc, cudaStream_t stream) {
     cublasHandle_t h = g->handle;
     const void *alpha_p = &alpha, *beta_p = &beta;
     if (alpha_scale) {
@@ -181,10 +181,10 @@ relora_status gemm_locked(StreamGemm *g, bool trans_a, bool trans_b, int m, int 
     } else {
         RELORA_CHECK(cublas_check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode"));
     }
-    // Column-major: c^T [n, m] = op(b)^T [n, k] op(a)^T [k, m].
+    // Column-major: c^T [n, m] = op(b)^T [n, k] op(a)^T [k, m]; a row-major row stride is cuBLAS' leading dimension.
     const cublasStatus_t s = cublasGemmEx(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n,
-                                          m, k, alpha_p, b, ab_type, ld(trans_b ? k : n), a, ab_type, ld(trans_a ? m : k),
-                                          beta_p, c, c_type, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                                          m, k, alpha_p, b, ab_type, ldb, a, ab_type, lda, beta_p, c, c_type, ldc,
+                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     RELORA_CHECK(cublas_check(s, "cublasGemmEx"));
     return check_launch("cublasGemmEx");
 }
@@ -196,7 +196,7 @@ using namespace relora;
 
 relora_status relora_cuda_gemm(int32_t trans_a, int32_t trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                                const float *alpha_scale, const void *a, const void *b, int32_t ab_dtype, float beta,
-                               void *c, int32_t c_dtype, void *stream) {
+                               void *c, int32_t c_dtype, int64_t lda, int64_t ldb, int64_t ldc, void *stream) {
     RELORA_REQUIRE(m >= 0 && n >= 0 && k >= 0, "gemm", "negative shape m=%lld n=%lld k=%lld", (long long)m,
                    (long long)n, (long long)k);
     RELORA_REQUIRE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "gemm", "a dimension above 2^31 - 1 (m=%lld n=%lld k=%lld)",
@@ -205,6 +205,15 @@ relora_status relora_cuda_gemm(int32_t trans_a, int32_t trans_b, int64_t m, int6
                    (int)ab_dtype);
     RELORA_REQUIRE(c_dtype == RELORA_DTYPE_F32 || c_dtype == RELORA_DTYPE_BF16, "gemm", "unknown output dtype %d",
                    (int)c_dtype);
+    // Row strides: 0 = packed; cuBLAS needs each >= max(1, stored row length).
+    const int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
+    RELORA_REQUIRE((lda == 0 || lda >= a_cols) && (ldb == 0 || ldb >= b_cols) && (ldc == 0 || ldc >= n), "gemm",
+                   "a row stride below its row length (lda=%lld ldb=%lld ldc=%lld for m=%lld n=%lld k=%lld)", (long long)lda,
+                   (long long)ldb, (long long)ldc, (long long)m, (long long)n, (long long)k);
+    lda = ld(lda ? lda : a_cols);
+    ldb = ld(ldb ? ldb : b_cols);
+    ldc = ld(ldc ? ldc : n);
+    RELORA_REQUIRE(lda <= INT_MAX && ldb <= INT_MAX && ldc <= INT_MAX, "gemm", "a row stride above 2^31 - 1");
     if (m == 0 || n == 0) return RELORA_OK;
     RELORA_REQUIRE(c && ((a && b) || k == 0), "gemm", "null pointer");
     const cudaStream_t s = as_stream(stream);
@@ -213,16 +222,17 @@ relora_status relora_cuda_gemm(int32_t trans_a, int32_t trans_b, int64_t m, int6
     RELORA_CHECK(handle_locked(s, &h));
     if (!(ab_dtype == RELORA_DTYPE_F32 && c_dtype == RELORA_DTYPE_BF16)) {
         return gemm_locked(h, trans_a != 0, trans_b != 0, (int)m, (int)n, (int)k, alpha, alpha_scale, a, b,
-                           data_type(ab_dtype), beta, c, data_type(c_dtype), s);
+                           data_type(ab_dtype), beta, c, data_type(c_dtype), (int)lda, (int)ldb, (int)ldc, s);
     }
-    // f32 inputs, bf16 output: through a temporary f32 c.
+    // f32 inputs, bf16 output: through a temporary f32 c (packed c only).
+    RELORA_REQUIRE(ldc == n, "gemm", "f32 inputs with a bf16 c of row stride %lld != n %lld", (long long)ldc, (long long)n);
     float *tmp = nullptr;
     RELORA_CHECK(check(cudaMalloc((void **)&tmp, (size_t)(m * n) * sizeof(float)), "gemm: temporary f32 output"));
     relora_status status = RELORA_OK;
     if (beta != 0.0f) status = relora_cuda_convert(c, RELORA_DTYPE_BF16, tmp, RELORA_DTYPE_F32, m * n, stream);
     if (status == RELORA_OK) {
         status = gemm_locked(h, trans_a != 0, trans_b != 0, (int)m, (int)n, (int)k, alpha, alpha_scale, a, b,
-                             CUDA_R_32F, beta, tmp, CUDA_R_32F, s);
+                             CUDA_R_32F, beta, tmp, CUDA_R_32F, (int)lda, (int)ldb, (int)ldc, s);
     }
     if (status == RELORA_OK) status = relora_cuda_convert(tmp, RELORA_DTYPE_F32, c, RELORA_DTYPE_BF16, m * n, stream);
     const relora_status synced = check(cudaStreamSynchronize(s), "gemm: synchronizing before freeing the temporary");

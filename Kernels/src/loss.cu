@@ -29,10 +29,10 @@ bool g_armed = false;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    cross_entropy_kernel(T *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab, int with_grad,
-                         float grad_scale) {
+    cross_entropy_kernel(T *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab, int64_t ld,
+                         int with_grad, float grad_scale) {
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        T *row = logits + r * vocab;
+        T *row = logits + r * ld;
         const int32_t target = targets[r];
         if (target < 0) {
             if (threadIdx.x == 0) losses[r] = 0.0f;
@@ -71,11 +71,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-relora_status launch(void *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab, int with_grad,
-                     float grad_scale, cudaStream_t stream) {
+relora_status launch(void *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab, int64_t ld,
+                     int with_grad, float grad_scale, cudaStream_t stream) {
     __atomic_store_n(&g_armed, true, __ATOMIC_SEQ_CST);
     RELORA_LAUNCH(cross_entropy_kernel<T>, dim3(grid_for(rows, 1)), dim3(kThreads), 0, stream)
-    (static_cast<T *>(logits), targets, losses, rows, vocab, with_grad, grad_scale);
+    (static_cast<T *>(logits), targets, losses, rows, vocab, ld, with_grad, grad_scale);
     return check_launch("cross_entropy_kernel");
 }
 
@@ -103,17 +103,19 @@ relora_status take_cross_entropy_failure() {
 using namespace relora;
 
 relora_status relora_cuda_cross_entropy(void *logits, const int32_t *targets, float *losses, int64_t rows, int64_t vocab,
-                                        int32_t with_grad, float grad_scale, int32_t dtype, void *stream) {
+                                        int64_t ld, int32_t with_grad, float grad_scale, int32_t dtype, void *stream) {
     RELORA_REQUIRE(rows >= 0 && vocab >= 0, "cross_entropy", "negative shape [%lld, %lld]", (long long)rows,
                    (long long)vocab);
     if (rows == 0) return RELORA_OK;
     RELORA_REQUIRE(vocab > 0, "cross_entropy", "vocab 0 with %lld rows", (long long)rows);
     RELORA_REQUIRE(logits && targets && losses, "cross_entropy", "null pointer");
+    RELORA_REQUIRE(ld == 0 || ld >= vocab, "cross_entropy", "row stride %lld < vocab %lld", (long long)ld, (long long)vocab);
+    if (ld == 0) ld = vocab;
     switch (dtype) {
     case RELORA_DTYPE_F32:
-        return launch<float>(logits, targets, losses, rows, vocab, with_grad != 0, grad_scale, as_stream(stream));
+        return launch<float>(logits, targets, losses, rows, vocab, ld, with_grad != 0, grad_scale, as_stream(stream));
     case RELORA_DTYPE_BF16:
-        return launch<__nv_bfloat16>(logits, targets, losses, rows, vocab, with_grad != 0, grad_scale, as_stream(stream));
+        return launch<__nv_bfloat16>(logits, targets, losses, rows, vocab, ld, with_grad != 0, grad_scale, as_stream(stream));
     default: return fail(RELORA_ERR_INVALID_ARGUMENT, "cross_entropy: unknown dtype %d", (int)dtype);
     }
 }

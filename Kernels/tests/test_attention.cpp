@@ -450,7 +450,8 @@ bool test_attention_gradient(int32_t dtype, const AttnShape &s) {
 // magnitudes: |err| <= (V/256 + 11) u + u max|x - m| + 4u (|m| + |log sum| + |x_t|).
 // grad_j = exp(x_j - m) * (scale / sum) - scale [j = t]: relative to the softmax term
 // (V/256 + 11) u + u |x_j - m| + u max|x - m| + 3u, plus u |grad_j| for the subtraction; bf16 adds ub |grad_j|.
-bool test_cross_entropy(int32_t dtype, int64_t rows, int64_t vocab, bool with_grad) {
+// pad > 0: rows stored vocab + pad apart, the padding NaN (read, it would poison the row) and left as it was.
+bool test_cross_entropy(int32_t dtype, int64_t rows, int64_t vocab, bool with_grad, int64_t pad = 0) {
     const float grad_scale = 0.25f;
     std::vector<float> logits = stored(uniform((size_t)(rows * vocab), -6.0f, 6.0f, 400 + (uint64_t)vocab), dtype);
     std::vector<int32_t> targets((size_t)rows);
@@ -461,16 +462,29 @@ bool test_cross_entropy(int32_t dtype, int64_t rows, int64_t vocab, bool with_gr
         for (int64_t j = 0; j < vocab; ++j) logits[(size_t)(2 * vocab + j)] += 1000.0f;
         logits = stored(logits, dtype);
     }
-    Tensor tl(dtype, rows * vocab), tloss(RELORA_DTYPE_F32, rows);
+    const int64_t ld = vocab + pad;
+    std::vector<float> stored_logits((size_t)(rows * ld), NAN);
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(logits.begin() + r * vocab, vocab, stored_logits.begin() + r * ld);
+    Tensor tl(dtype, rows * ld), tloss(RELORA_DTYPE_F32, rows);
     Buffer tt(rows * 4);
-    tl.upload(logits);
+    tl.upload(stored_logits);
     tt.upload(targets.data(), rows * 4);
     char name[128];
-    snprintf(name, sizeof name, "cross_entropy%s %s [%lld, %lld]", with_grad ? "+grad" : "", dtype_name(dtype),
-             (long long)rows, (long long)vocab);
+    snprintf(name, sizeof name, "cross_entropy%s %s [%lld, %lld]%s", with_grad ? "+grad" : "", dtype_name(dtype),
+             (long long)rows, (long long)vocab, pad ? " padded rows" : "");
     EXPECT_OK(name, api.cross_entropy(tl.buffer.ptr, (const int32_t *)tt.ptr, (float *)tloss.buffer.ptr, rows, vocab,
-                                      with_grad ? 1 : 0, grad_scale, dtype, nullptr));
-    const std::vector<float> losses = tloss.download(), grads = tl.download();
+                                      pad ? ld : 0, with_grad ? 1 : 0, grad_scale, dtype, nullptr));
+    const std::vector<float> losses = tloss.download(), stored_grads = tl.download();
+    std::vector<float> grads((size_t)(rows * vocab));
+    bool pad_kept = true;
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < ld; ++j) {
+            const float v = stored_grads[(size_t)(r * ld + j)];
+            if (j < vocab) grads[(size_t)(r * vocab + j)] = v;
+            else pad_kept &= std::isnan(v);
+        }
+    }
+    if (pad) record(pad_kept, (std::string(name) + ": padding untouched").c_str(), "%s", pad_kept ? "" : "written");
     std::vector<double> rl((size_t)rows), bl((size_t)rows), rg(logits.size()), bg(logits.size());
     const double V = (double)vocab;
     for (int64_t r = 0; r < rows; ++r) {
@@ -509,7 +523,7 @@ bool test_cross_entropy(int32_t dtype, int64_t rows, int64_t vocab, bool with_gr
     }
     bool ok = check_bounds(std::string(name) + " loss", losses, rl, bl);
     ok &= check_bounds(std::string(name) + (with_grad ? " grad" : " logits kept"), grads, rg, bg);
-    return ok;
+    return ok && pad_kept;
 }
 
 // A target >= vocab: NaN loss for that row, and the next synchronize reports it once.
@@ -522,7 +536,7 @@ bool test_cross_entropy_bad_target() {
     tl.upload(logits);
     tt.upload(targets, sizeof targets);
     const char *name = "cross_entropy target >= vocab";
-    EXPECT_OK(name, api.cross_entropy(tl.buffer.ptr, (const int32_t *)tt.ptr, (float *)tloss.buffer.ptr, rows, vocab, 1,
+    EXPECT_OK(name, api.cross_entropy(tl.buffer.ptr, (const int32_t *)tt.ptr, (float *)tloss.buffer.ptr, rows, vocab, 0, 1,
                                       1.0f, RELORA_DTYPE_F32, nullptr));
     const relora_status first = api.stream_synchronize(nullptr);
     const std::string message = api.last_error();
@@ -595,7 +609,8 @@ bool test_attention_arguments() {
     const relora_status c = api.attention_backward(p, p, p, p, p, (const float *)p, p, p, p, 1, 4, 2, 0, 8,
                                                    RELORA_DTYPE_F32, nullptr);
     const relora_status d = api.rope(p, (const float *)p, 1, 4, 2, 7, 0, RELORA_DTYPE_F32, nullptr);
-    const relora_status e = api.cross_entropy(p, (const int32_t *)p, (float *)p, 2, 8, 0, 1.0f, 7, nullptr);
+    const relora_status e = api.cross_entropy(p, (const int32_t *)p, (float *)p, 2, 8, 0, 0, 1.0f, 7, nullptr);
+    const relora_status e2 = api.cross_entropy(p, (const int32_t *)p, (float *)p, 2, 8, 7, 0, 1.0f, RELORA_DTYPE_F32, nullptr);
     const relora_status z = api.attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 2, 1, 8,
                                                   RELORA_DTYPE_F32, nullptr);
     const relora_status f = api.rope_at(p, (const float *)p, 8, 7, 2, 2, 8, RELORA_DTYPE_F32, nullptr);
@@ -603,7 +618,7 @@ bool test_attention_arguments() {
     const relora_status h = api.attention_decode(p, p, p, p, 3, 3, 2, 8, RELORA_DTYPE_F32, nullptr);
     const bool ok = a == RELORA_ERR_INVALID_ARGUMENT && b == RELORA_ERR_INVALID_ARGUMENT &&
                     c == RELORA_ERR_INVALID_ARGUMENT && d == RELORA_ERR_INVALID_ARGUMENT &&
-                    e == RELORA_ERR_INVALID_ARGUMENT && z == RELORA_OK && f == RELORA_ERR_INVALID_ARGUMENT &&
+                    e == RELORA_ERR_INVALID_ARGUMENT && e2 == RELORA_ERR_INVALID_ARGUMENT && z == RELORA_OK && f == RELORA_ERR_INVALID_ARGUMENT &&
                     g == RELORA_ERR_INVALID_ARGUMENT && h == RELORA_ERR_INVALID_ARGUMENT;
     record(ok, "attention/rope/cross_entropy arguments", "head_dim 129 %d, heads 3/2 %d, kv_heads 0 %d, odd rope dim %d, "
            "dtype 7 %d, empty batch %d, rope_at past the table %d, decode position -1 %d, decode heads 3/2 %d", a, b, c, d,
@@ -657,6 +672,8 @@ bool run_attention_suite() {
         ok &= test_cross_entropy(dtype, 5, 37, true);
         ok &= test_cross_entropy(dtype, 4, 1000, true);
         ok &= test_cross_entropy(dtype, 4, 1000, false);
+        ok &= test_cross_entropy(dtype, 5, 37, true, 11);
+        ok &= test_cross_entropy(dtype, 4, 1000, false, 8);
     }
     ok &= test_cross_entropy_bad_target();
     ok &= test_attention_arguments();

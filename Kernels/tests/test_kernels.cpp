@@ -622,20 +622,29 @@ bool test_embedding(int32_t dtype, int64_t tokens, int64_t dim, int64_t vocab, b
 }
 
 // ---- Dropout --------------------------------------------------------------------------------------------------
-bool test_dropout(int32_t dtype, int64_t n, float p, bool in_place) {
+// cols > 0: the n elements are rows of `cols` stored `cols + pad` apart; element i keeps counter i and the
+// padding (here 7.5) comes back as it was.
+bool test_dropout(int32_t dtype, int64_t n, float p, bool in_place, int64_t cols = 0, int64_t pad = 0) {
     const uint64_t seed = 1234, stream = 0x44524F50ull;
+    const int64_t row = cols ? cols : n, ld = row + pad, rows = (n + row - 1) / row, stored_n = rows * ld;
     const std::vector<float> x = stored(uniform((size_t)n, -3.0f, 3.0f, 40), dtype);
-    Tensor tx(dtype, n), tout(dtype, n);
-    tx.upload(x);
+    const float fill = 7.5f;
+    std::vector<float> xs((size_t)stored_n, fill);
+    for (int64_t i = 0; i < n; ++i) xs[(size_t)(i / row * ld + i % row)] = x[(size_t)i];
+    Tensor tx(dtype, stored_n), tout(dtype, stored_n);
+    tx.upload(xs);
+    tout.upload(std::vector<float>((size_t)stored_n, fill));
     Tensor &dst = in_place ? tx : tout;
-    char name[96];
-    snprintf(name, sizeof name, "dropout %s n=%lld p=%.2f%s", dtype_name(dtype), (long long)n, (double)p,
-             in_place ? " in place" : "");
-    EXPECT_OK(name, api.dropout(tx.buffer.ptr, dst.buffer.ptr, n, p, seed, stream, dtype, nullptr));
+    char name[128];
+    snprintf(name, sizeof name, "dropout %s n=%lld p=%.2f%s%s", dtype_name(dtype), (long long)n, (double)p,
+             in_place ? " in place" : "", pad ? " padded rows" : "");
+    EXPECT_OK(name, api.dropout(tx.buffer.ptr, dst.buffer.ptr, n, cols, cols ? ld : 0, p, seed, stream, dtype, nullptr));
     // Bit for bit: the mask is relora_rng.h's, the kept value x * keep one f32 product (then bf16 rounding).
     const float keep = 1.0f / (1.0f - p);
-    std::vector<float> want((size_t)n);
-    for (size_t i = 0; i < (size_t)n; ++i) want[i] = relora_rng_uniform(seed, stream, i) >= p ? x[i] * keep : 0.0f;
+    std::vector<float> want((size_t)stored_n, fill);
+    for (int64_t i = 0; i < n; ++i) {
+        want[(size_t)(i / row * ld + i % row)] = relora_rng_uniform(seed, stream, (uint64_t)i) >= p ? x[(size_t)i] * keep : 0.0f;
+    }
     return check_bits(name, dst.download(), stored(want, dtype));
 }
 
@@ -1178,7 +1187,7 @@ bool test_invalid_arguments() {
     bool ok = true;
     const relora_status a = api.dequantize(99, (void *)16, 1, 1, (void *)16, RELORA_DTYPE_F32, nullptr);
     const relora_status b = api.rmsnorm_forward((void *)16, (void *)16, (void *)16, (float *)16, 1, 1, 1e-5f, 7, nullptr);
-    const relora_status c = api.dropout((void *)16, (void *)16, 1, 1.0f, 0, 0, RELORA_DTYPE_F32, nullptr);
+    const relora_status c = api.dropout((void *)16, (void *)16, 1, 0, 0, 1.0f, 0, 0, RELORA_DTYPE_F32, nullptr);
     const relora_status d = api.swiglu_forward(nullptr, nullptr, nullptr, -1, RELORA_DTYPE_F32, nullptr);
     const relora_status e = api.adamw(nullptr, nullptr, nullptr, nullptr, nullptr, 4, 1, 0.9f, 0.99f, 1e-8f, 0, 0, nullptr);
     ok = a == RELORA_ERR_INVALID_ARGUMENT && b == RELORA_ERR_INVALID_ARGUMENT && c == RELORA_ERR_INVALID_ARGUMENT &&
@@ -1234,6 +1243,8 @@ bool run_kernel_suite() {
         ok &= test_dropout(dtype, 4099, 0.1f, false);
         ok &= test_dropout(dtype, 1001, 0.5f, true);
         ok &= test_dropout(dtype, 33, 0.0f, false);
+        ok &= test_dropout(dtype, 5 * 37, 0.3f, false, 37, 11);
+        ok &= test_dropout(dtype, 4 * 37 + 5, 0.3f, true, 37, 3);
         ok &= test_reductions(dtype, 0);
         ok &= test_reductions(dtype, 1);
         ok &= test_reductions(dtype, 1000);

@@ -34,12 +34,15 @@ bool g_emulated = true;
 // at most u of the magnitudes involved: bound = (k + 3) * u * (|alpha s| sum |a||b| + |beta c|). cuBLAS'
 // blocked / split-K orders have the same bound (each element's sum still has depth <= k).
 // bf16 output: the f32 result rounded once more: + ub * (|ref| + f32 bound).
+// pad > 0: every operand's rows are stored `pad` elements longer than they are (the model's padded
+// activations): a and b hold NaN there (read, they would poison the result) and c's padding must come back
+// unchanged.
 bool test_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int32_t ab_dtype, int32_t c_dtype, float alpha,
-               float beta, bool with_scale) {
-    char name[160];
-    snprintf(name, sizeof name, "gemm %s%s %s->%s m=%lld n=%lld k=%lld alpha=%g beta=%g%s", ta ? "T" : "N", tb ? "T" : "N",
+               float beta, bool with_scale, int64_t pad = 0) {
+    char name[176];
+    snprintf(name, sizeof name, "gemm %s%s %s->%s m=%lld n=%lld k=%lld alpha=%g beta=%g%s%s", ta ? "T" : "N", tb ? "T" : "N",
              dtype_name(ab_dtype), dtype_name(c_dtype), (long long)m, (long long)n, (long long)k, (double)alpha,
-             (double)beta, with_scale ? " scaled" : "");
+             (double)beta, with_scale ? " scaled" : "", pad ? " padded rows" : "");
     const uint64_t salt = (uint64_t)(m * 1000003 + n * 1009 + k + (ta ? 7 : 0) + (tb ? 13 : 0));
     const std::vector<float> a = stored(uniform((size_t)(m * k), -1.0f, 1.0f, 900 + salt), ab_dtype);
     const std::vector<float> b = stored(uniform((size_t)(k * n), -1.0f, 1.0f, 901 + salt), ab_dtype);
@@ -47,14 +50,34 @@ bool test_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int32_t ab_dty
     if (beta == 0.0f) std::fill(c0.begin(), c0.end(), NAN);  // must not leak into the result
     const float scale = 0.625f;
     const float as = with_scale ? alpha * scale : alpha;
-    Tensor da(ab_dtype, m * k), db(ab_dtype, k * n), dc(c_dtype, m * n), ds(RELORA_DTYPE_F32, 1);
-    da.upload(a);
-    db.upload(b);
-    dc.upload(c0);
+    // Stored row-major [rows, cols] with row stride cols + pad, the padding filled with `fill`.
+    auto padded = [pad](const std::vector<float> &x, int64_t rows, int64_t cols, float fill) {
+        std::vector<float> out((size_t)(rows * (cols + pad)), fill);
+        for (int64_t r = 0; r < rows; ++r) std::copy_n(x.begin() + r * cols, cols, out.begin() + r * (cols + pad));
+        return out;
+    };
+    const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+    const float c_fill = 12.5f;  // exact in bf16
+    Tensor da(ab_dtype, a_rows * (a_cols + pad)), db(ab_dtype, b_rows * (b_cols + pad)), dc(c_dtype, m * (n + pad)),
+        ds(RELORA_DTYPE_F32, 1);
+    da.upload(padded(a, a_rows, a_cols, NAN));
+    db.upload(padded(b, b_rows, b_cols, NAN));
+    dc.upload(padded(c0, m, n, c_fill));
     ds.upload({scale});
+    const int64_t lda = pad ? a_cols + pad : 0, ldb = pad ? b_cols + pad : 0, ldc = pad ? n + pad : 0;
     EXPECT_OK(name, api.gemm(ta, tb, m, n, k, alpha, with_scale ? (const float *)ds.buffer.ptr : nullptr, da.buffer.ptr,
-                             db.buffer.ptr, ab_dtype, beta, dc.buffer.ptr, c_dtype, nullptr));
-    const std::vector<float> got = dc.download();
+                             db.buffer.ptr, ab_dtype, beta, dc.buffer.ptr, c_dtype, lda, ldb, ldc, nullptr));
+    const std::vector<float> stored_c = dc.download();
+    std::vector<float> got((size_t)(m * n));
+    bool pad_kept = true;
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n + pad; ++j) {
+            const float v = stored_c[(size_t)(i * (n + pad) + j)];
+            if (j < n) got[(size_t)(i * n + j)] = v;
+            else pad_kept &= v == c_fill;
+        }
+    }
+    if (pad) record(pad_kept, (std::string(name) + ": c's padding untouched").c_str(), "%s", pad_kept ? "" : "written");
     std::vector<double> ref((size_t)(m * n)), bound((size_t)(m * n));
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < n; ++j) {
@@ -72,7 +95,7 @@ bool test_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int32_t ab_dty
             bound[(size_t)(i * n + j)] = e + 1e-30;
         }
     }
-    return check_bounds(name, got, ref, bound);
+    return check_bounds(name, got, ref, bound) && pad_kept;
 }
 
 bool test_gemms() {
@@ -110,15 +133,27 @@ bool test_gemms() {
                (unsigned long long)(l1 - l0), (unsigned long long)(l2 - l1));
         ok &= launches;
     }
+    // Padded rows, every transpose and dtype pair (the model's MLP and logits on CUDA).
+    for (int t = 0; t < 4; ++t) {
+        ok &= test_gemm(t & 1, t >> 1, 13, 21, 9, RELORA_DTYPE_BF16, RELORA_DTYPE_BF16, 1.0f, 1.0f, true, 11);
+        ok &= test_gemm(t & 1, t >> 1, 21, 9, 13, RELORA_DTYPE_F32, RELORA_DTYPE_F32, 1.0f, 0.0f, false, 3);
+        ok &= test_gemm(t & 1, t >> 1, 9, 13, 21, RELORA_DTYPE_BF16, RELORA_DTYPE_F32, -0.75f, 0.5f, false, 16);
+    }
     // k = 0: c = beta * c (and beta = 0: zeros, whatever c held).
     ok &= test_gemm(false, false, 7, 5, 0, RELORA_DTYPE_F32, RELORA_DTYPE_F32, 1.0f, 0.5f, false);
     ok &= test_gemm(false, true, 7, 5, 0, RELORA_DTYPE_BF16, RELORA_DTYPE_F32, 1.0f, 0.0f, true);
     // Argument checks.
+    void *p = (void *)64;
     const bool rejected = api.gemm(0, 0, -1, 2, 2, 1.0f, nullptr, nullptr, nullptr, RELORA_DTYPE_F32, 0.0f, nullptr,
-                                   RELORA_DTYPE_F32, nullptr) == RELORA_ERR_INVALID_ARGUMENT &&
+                                   RELORA_DTYPE_F32, 0, 0, 0, nullptr) == RELORA_ERR_INVALID_ARGUMENT &&
                           api.gemm(0, 0, 2, 2, 2, 1.0f, nullptr, nullptr, nullptr, RELORA_DTYPE_F16, 0.0f, nullptr,
-                                   RELORA_DTYPE_F32, nullptr) == RELORA_ERR_INVALID_ARGUMENT;
-    record(rejected, "gemm rejects a negative size and an f16 input", "%s", rejected ? "" : api.last_error());
+                                   RELORA_DTYPE_F32, 0, 0, 0, nullptr) == RELORA_ERR_INVALID_ARGUMENT &&
+                          api.gemm(0, 1, 4, 3, 5, 1.0f, nullptr, p, p, RELORA_DTYPE_F32, 0.0f, p, RELORA_DTYPE_F32, 5, 4, 3,
+                                   nullptr) == RELORA_ERR_INVALID_ARGUMENT &&
+                          api.gemm(0, 0, 4, 3, 5, 1.0f, nullptr, p, p, RELORA_DTYPE_F32, 0.0f, p, RELORA_DTYPE_F32, 5, 3, 2,
+                                   nullptr) == RELORA_ERR_INVALID_ARGUMENT;
+    record(rejected, "gemm rejects a negative size, an f16 input and a row stride below its row length", "%s",
+           rejected ? "" : api.last_error());
     return ok && rejected;
 }
 

@@ -36,6 +36,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     public let library: CUDALibrary
     /// `attention_forward`/`attention_backward` take head_dim in [1, 128] (`relora_abi.h`).
     public var maxAttentionHeadDim: Int? { Device.cuda.maxAttentionHeadDim }
+    public var rowPadding: RowPadding { Device.cuda.rowPadding }
 
     /// Where every op reports while a step is profiled (`OpProfiling`: timing events around its launches on
     /// the stream), nil otherwise.
@@ -330,17 +331,18 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     // MARK: Dense math
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int) {
         let span = profiler?.beginGEMM(.gemm(m: m, n: n, k: k, abBytes: a.dtype.byteSize, cBytes: c.dtype.byteSize,
                                              accumulates: beta != 0))
         defer { span?.end() }
-        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+        let ld = StoredMatrix.gemmStrides(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, lda: lda, ldb: ldb, ldc: ldc)
         let abType = Self.computeType(a, op: "matmul"), cType = Self.computeType(c, op: "matmul")
         Self.require(abType, b, op: "matmul")
         Self.require(.f32, alphaScale, op: "matmul")
         library.check(api.gemm!(transA ? 1 : 0, transB ? 1 : 0, Int64(m), Int64(n), Int64(k), alpha,
                                 alphaScale?.storage?.assumingMemoryBound(to: Float.self), a.storage, b.storage,
-                                Self.code(abType), beta, c.storage, Self.code(cType), nil), "gemm")
+                                Self.code(abType), beta, c.storage, Self.code(cType), Int64(ld.a), Int64(ld.b), Int64(ld.c), nil),
+                      "gemm")
     }
 
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
@@ -500,24 +502,28 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     /// The per-row losses stay on the device; their sum comes back by downloading them (`rows` floats: one
     /// transfer, summed in Double in row order on the host).
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
-                             gradScale: Float?) -> Double {
+                             gradScale: Float?, ld: Int) -> Double {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
+        let stride = StoredMatrix.stride(ld, cols: vocab, "crossEntropy")
+        precondition(logits.count >= StoredMatrix.span(rows: rows, cols: vocab, ld: stride), "crossEntropy: logits too small")
         let t = Self.computeType(logits, op: "crossEntropy")
         Self.require(.f32, losses, op: "crossEntropy")
         let span = profiler?.begin(.crossEntropy, .crossEntropy(rows: rows, vocab: vocab, elementBytes: logits.dtype.byteSize,
                                                                  withGradient: gradScale != nil))
         library.check(api.cross_entropy!(logits.storage, targets.storage?.assumingMemoryBound(to: Int32.self),
                                          losses.storage?.assumingMemoryBound(to: Float.self), Int64(rows), Int64(vocab),
-                                         gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(t), nil), "cross_entropy")
+                                         Int64(stride), gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(t), nil), "cross_entropy")
         span?.end()  // the losses' download below is a transfer of its own
         return download(losses.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
     }
 
-    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {
         let span = profiler?.begin(.elementwise, .dropout(count: count, elementBytes: x.dtype.byteSize)); defer { span?.end() }
         let t = Self.computeType(x, op: "dropout")
         Self.require(t, out, op: "dropout")
-        library.check(api.dropout!(x.storage, out.storage, Int64(count), p, seed, stream, Self.code(t), nil), "dropout")
+        let rows = StoredMatrix.elementRows(count: count, cols: cols, ld: ld, x, out, op: "dropout")
+        library.check(api.dropout!(x.storage, out.storage, Int64(count), Int64(rows.cols), Int64(rows.ld), p, seed, stream,
+                                   Self.code(t), nil), "dropout")
     }
 
     public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {
@@ -670,35 +676,49 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     }
 
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {
-        let span = profiler?.begin(.dequantize, .dequantize(rows: rowCount, cols: q.cols, blockBytes: rowCount * q.bytesPerRow,
+        precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
+        dequantize(q, firstRow: firstRow, rowCount: rowCount, cols: q.cols, into: out)
+    }
+
+    /// Rows of `q` dequantized as rows of `cols` elements, `q.cols <= cols <= q.paddedCols`: the columns past
+    /// `q.cols` are the row's block padding decoded (zeros).
+    private func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, cols: Int, into out: Tensor) {
+        let span = profiler?.begin(.dequantize, .dequantize(rows: rowCount, cols: cols, blockBytes: rowCount * q.bytesPerRow,
                                                             outBytes: out.dtype.byteSize))
         defer { span?.end() }
-        precondition(firstRow >= 0 && rowCount >= 0 && firstRow + rowCount <= q.rows, "dequantize: rows out of range")
-        precondition(out.count >= rowCount * q.cols, "dequantize: output too small")
-        guard rowCount > 0, q.cols > 0 else { return }
+        precondition(out.count >= rowCount * cols, "dequantize: output too small")
+        guard rowCount > 0, cols > 0 else { return }
         let t = Self.computeType(out, op: "dequantize")
-        library.check(api.dequantize!(Self.format(q.format), q.blocks.storage! + firstRow * q.bytesPerRow, Int64(rowCount), Int64(q.cols),
+        library.check(api.dequantize!(Self.format(q.format), q.blocks.storage! + firstRow * q.bytesPerRow, Int64(rowCount), Int64(cols),
                                       out.storage, Self.code(t), nil), "dequantize")
     }
 
-    /// The whole layer: cuBLAS runs one GEMM over the weight dequantized right before it.
-    public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { [rows, cols] }
+    /// The whole layer in padded rows (`RowPadding`): cuBLAS runs one GEMM over the weight dequantized right
+    /// before it.
+    public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { [rows, rowPadding.stride(cols)] }
 
-    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                                ldx: Int, ldy: Int) {
         let w = dequantizedWeight(q, scratch)
-        matmul(x, w, y, m: n, n: q.rows, k: q.cols, transA: false, transB: true, alpha: 1, beta: beta, alphaScale: nil)
+        matmul(x, w, y, m: n, n: q.rows, k: q.cols, transB: true, beta: beta, lda: ldx, ldb: w.shape[1], ldc: ldy)
     }
 
-    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                                     lddy: Int, lddx: Int) {
         let w = dequantizedWeight(q, scratch)
-        matmul(dy, w, dx, m: n, n: q.cols, k: q.rows, transA: false, transB: false, alpha: 1, beta: beta, alphaScale: nil)
+        matmul(dy, w, dx, m: n, n: q.cols, k: q.rows, beta: beta, lda: lddy, ldb: w.shape[1], ldc: lddx)
     }
 
-    /// W `[rows, cols]` dequantized into the first `rows * cols` elements of `scratch`, as a view.
+    /// W `[rows, cols]` dequantized into the first `rows * stride` elements of `scratch`, as a view
+    /// `[rows, stride]`: rows padded as activations are (`RowPadding`), so cuBLAS reads aligned rows. The
+    /// padding columns are the row's block padding decoded (zeros: every format's blocks are multiples of 16
+    /// wide, so `stride <= q.paddedCols`); the products read only the `cols` logical ones.
     private func dequantizedWeight(_ q: QuantizedTensor, _ scratch: Tensor) -> Tensor {
-        precondition(scratch.count >= q.rows * q.cols, "quantizedLinear: scratch of \(scratch.count) for [\(q.rows), \(q.cols)]")
-        let w = scratch.view(offset: 0, shape: [q.rows, q.cols])
-        dequantize(q, firstRow: 0, rowCount: q.rows, into: w)
+        let stride = rowPadding.stride(q.cols)
+        precondition(stride <= q.paddedCols || q.rows == 0, "quantizedLinear: block rows of \(q.paddedCols) < stride \(stride)")
+        precondition(scratch.count >= q.rows * stride, "quantizedLinear: scratch of \(scratch.count) for [\(q.rows), \(stride)]")
+        let w = scratch.view(offset: 0, shape: [q.rows, stride])
+        dequantize(q, firstRow: 0, rowCount: q.rows, cols: stride, into: w)
         return w
     }
 }

@@ -67,47 +67,50 @@ public final class AdaptedLinear {
 
     // MARK: Forward and backward
 
-    /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`); a quantized W is dequantized in tiles
-    /// through the context's scratch.
-    func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, _ ctx: LinearContext) {
+    /// `y = x W^T + beta * y` (x: `[n, in]` rows `ldx` apart, y: `[n, out]` rows `ldy` apart; 0 = packed);
+    /// a quantized W is dequantized through the context's scratch.
+    func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, ldx: Int = 0, ldy: Int = 0, _ ctx: LinearContext) {
         let gemms = ctx.backend.profiler?.attributeGEMMs(to: .gemmBase); defer { gemms?.end() }
         switch weight {
         case .dense(let w):
-            ctx.backend.matmul(x, w, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta)
+            ctx.backend.matmul(x, w, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta, lda: ldx, ldc: ldy)
         case .quantized(let q):
-            ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!)
+            ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!, ldx: ldx, ldy: ldy)
         }
     }
 
-    /// `y += s uT^T B^T` with the adapter's projection `uT` `[r, n]`.
-    func addAdapterOutput(_ uT: Tensor, _ y: Tensor, tokens n: Int, _ b: Backend) {
+    /// `y += s uT^T B^T` with the adapter's projection `uT` `[r, n]` (y's rows `ldy` apart).
+    func addAdapterOutput(_ uT: Tensor, _ y: Tensor, tokens n: Int, ldy: Int = 0, _ b: Backend) {
         guard let ad = adapter else { return }
         let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRAUp); defer { gemms?.end() }
-        b.matmul(uT, ad.b, y, m: n, n: outFeatures, k: ad.rank, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
+        b.matmul(uT, ad.b, y, m: n, n: outFeatures, k: ad.rank, transA: true, transB: true, beta: 1, alphaScale: ad.scale, ldc: ldy)
     }
 
-    /// `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained (never for a quantized W).
-    func backwardBase(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, _ ctx: LinearContext) {
+    /// `dx = dy W + dxBeta * dx`, and `dW += dy^T x` when W is trained (never for a quantized W). `ldIn`:
+    /// the row stride of x and dx, `ldOut` of dy (0 = packed).
+    func backwardBase(dy: Tensor, x: Tensor, dx: Tensor, dxBeta: Float, tokens n: Int, ldIn: Int = 0, ldOut: Int = 0,
+                      _ ctx: LinearContext) {
         let b = ctx.backend
         let gemms = b.profiler?.attributeGEMMs(to: .gemmBase); defer { gemms?.end() }
         switch weight {
         case .dense(let w):
-            b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
+            b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta, lda: ldOut, ldc: ldIn)
         case .quantized(let q):
-            b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantScratch!)
+            b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantScratch!, lddy: ldOut, lddx: ldIn)
         }
         if let weightGrad {
-            b.matmul(dy, x, weightGrad, m: outFeatures, n: inFeatures, k: n, transA: true, beta: 1)
+            b.matmul(dy, x, weightGrad, m: outFeatures, n: inFeatures, k: n, transA: true, beta: 1, lda: ldOut, ldb: ldIn)
         }
     }
 
     /// The adapter's output side of the backward: `gT = B^T dy^T` `[r, n]` (what the group's input side
-    /// needs), `dB += s dy^T uT^T`, and `ds += sum(gT * uT)` for a trained scale.
-    func adapterOutputBackward(dy: Tensor, uT: Tensor, gT: Tensor, tokens n: Int, _ b: Backend) {
+    /// needs), `dB += s dy^T uT^T`, and `ds += sum(gT * uT)` for a trained scale (dy's rows `lddy` apart).
+    func adapterOutputBackward(dy: Tensor, uT: Tensor, gT: Tensor, tokens n: Int, lddy: Int = 0, _ b: Backend) {
         guard let ad = adapter, let gradB = ad.gradB else { return }
         let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRAUp); defer { gemms?.end() }
-        b.matmul(ad.b, dy, gT, m: ad.rank, n: n, k: outFeatures, transA: true, transB: true)
-        b.matmul(dy, uT, gradB, m: outFeatures, n: ad.rank, k: n, transA: true, transB: true, beta: 1, alphaScale: ad.scale)
+        b.matmul(ad.b, dy, gT, m: ad.rank, n: n, k: outFeatures, transA: true, transB: true, ldb: lddy)
+        b.matmul(dy, uT, gradB, m: outFeatures, n: ad.rank, k: n, transA: true, transB: true, beta: 1, alphaScale: ad.scale,
+                 lda: lddy)
         if let gradScale = ad.gradScale { b.dotAccumulate(gT, uT, count: ad.rank * n, into: gradScale) }
     }
 
@@ -204,17 +207,19 @@ final class AdapterGroup {
         ctx.dropout == 0 && !(linears.first?.adapter?.trainableScale ?? true)
     }
 
-    /// `uT_i = A_i drop_i(x)^T` for every member, into `uT` `[g*r, n]` (member i's rows `i*r ..< (i+1)*r`).
-    func project(_ x: Tensor, into uT: Tensor, tokens n: Int, _ ctx: LinearContext) {
+    /// `uT_i = A_i drop_i(x)^T` for every member, into `uT` `[g*r, n]` (member i's rows `i*r ..< (i+1)*r`);
+    /// x's rows `ldx` apart (0 = packed).
+    func project(_ x: Tensor, into uT: Tensor, tokens n: Int, ldx: Int = 0, _ ctx: LinearContext) {
         let b = ctx.backend
         let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRADown); defer { gemms?.end() }
         if fused(ctx) {
-            b.matmul(a, x, uT, m: size * rank, n: n, k: inFeatures, transB: true)
+            b.matmul(a, x, uT, m: size * rank, n: n, k: inFeatures, transB: true, ldb: ldx)
             return
         }
         for (i, l) in linears.enumerated() {
             guard let ad = l.adapter else { continue }
-            b.matmul(ad.a, ctx.adapterInput(x, l, tokens: n), member(uT, i, n), m: rank, n: n, k: inFeatures, transB: true)
+            b.matmul(ad.a, ctx.adapterInput(x, l, tokens: n, ld: ldx), member(uT, i, n), m: rank, n: n, k: inFeatures,
+                     transB: true, ldb: ldx)
         }
     }
 
@@ -222,28 +227,35 @@ final class AdapterGroup {
     func member(_ t: Tensor, _ i: Int, _ n: Int) -> Tensor { t.view(offset: i * rank * n, shape: [rank, n]) }
 
     /// The input side of the adapters' backward, given `gT` `[g*r, n]` (each member's `B^T dy^T`):
-    /// `dA_i += s gT_i drop_i(x)`, `dx += drop_i'(s gT_i^T A_i)` summed over members.
-    func inputBackward(x: Tensor, gT: Tensor, dx: Tensor, tokens n: Int, _ ctx: LinearContext) {
+    /// `dA_i += s gT_i drop_i(x)`, `dx += drop_i'(s gT_i^T A_i)` summed over members. x and dx have rows
+    /// `ldx` apart (0 = packed).
+    func inputBackward(x: Tensor, gT: Tensor, dx: Tensor, tokens n: Int, ldx: Int = 0, _ ctx: LinearContext) {
         let b = ctx.backend
         guard let gradA else { return }
         let gemms = b.profiler?.attributeGEMMs(to: .gemmLoRADown); defer { gemms?.end() }
         if fused(ctx), let s = linears.first?.adapter?.scale {
-            b.matmul(gT, x, gradA, m: size * rank, n: inFeatures, k: n, beta: 1, alphaScale: s)
-            b.matmul(gT, a, dx, m: n, n: inFeatures, k: size * rank, transA: true, beta: 1, alphaScale: s)
+            b.matmul(gT, x, gradA, m: size * rank, n: inFeatures, k: n, beta: 1, alphaScale: s, ldb: ldx)
+            b.matmul(gT, a, dx, m: n, n: inFeatures, k: size * rank, transA: true, beta: 1, alphaScale: s, ldc: ldx)
             return
         }
+        let stride = ldx == 0 ? inFeatures : ldx
         for (i, l) in linears.enumerated() {
             guard let ad = l.adapter, let dA = ad.gradA else { continue }
             let gi = member(gT, i, n)
-            b.matmul(gi, ctx.adapterInput(x, l, tokens: n), dA, m: rank, n: inFeatures, k: n, beta: 1, alphaScale: ad.scale)
+            b.matmul(gi, ctx.adapterInput(x, l, tokens: n, ld: ldx), dA, m: rank, n: inFeatures, k: n, beta: 1,
+                     alphaScale: ad.scale, ldb: ldx)
             if ctx.dropout > 0, let scratch = ctx.loraX {
-                // The adapter saw drop(x): its input gradient goes through the same mask.
-                b.matmul(gi, ad.a, scratch, m: n, n: inFeatures, k: rank, transA: true, alphaScale: ad.scale)
-                b.dropout(scratch, scratch, count: n * inFeatures, p: ctx.dropout, seed: ctx.dropoutSeed,
-                          stream: ctx.dropoutStream(l.layer, l.kind))
-                b.axpy(1, scratch, dx, count: n * inFeatures)
+                // The adapter saw drop(x): its input gradient goes through the same mask, then joins dx over
+                // whole rows. Padded rows: the scratch's padding (written by other linears' packed uses) is
+                // zeroed first, so that dx's stays zero.
+                let rows = scratch.view(offset: 0, shape: [n * stride])
+                if stride != inFeatures { b.zero(rows) }
+                b.matmul(gi, ad.a, rows, m: n, n: inFeatures, k: rank, transA: true, alphaScale: ad.scale, ldc: ldx)
+                b.dropout(rows, rows, count: n * inFeatures, p: ctx.dropout, seed: ctx.dropoutSeed,
+                          stream: ctx.dropoutStream(l.layer, l.kind), cols: inFeatures, ld: ldx)
+                b.axpy(1, rows, dx, count: n * stride)
             } else {
-                b.matmul(gi, ad.a, dx, m: n, n: inFeatures, k: rank, transA: true, beta: 1, alphaScale: ad.scale)
+                b.matmul(gi, ad.a, dx, m: n, n: inFeatures, k: rank, transA: true, beta: 1, alphaScale: ad.scale, ldc: ldx)
             }
         }
     }
@@ -266,11 +278,12 @@ struct LinearContext {
 
     func dropoutStream(_ layer: Int, _ kind: LinearKind) -> UInt64 { dropoutKey.stream(layer: layer, kind: kind) }
 
-    /// The adapter's input: `x`, or its dropout for `linear` (into `loraX`) while training with dropout.
-    func adapterInput(_ x: Tensor, _ linear: AdaptedLinear, tokens n: Int) -> Tensor {
+    /// The adapter's input: `x`, or its dropout for `linear` (into `loraX`, rows `ld` apart as x's) while
+    /// training with dropout.
+    func adapterInput(_ x: Tensor, _ linear: AdaptedLinear, tokens n: Int, ld: Int = 0) -> Tensor {
         guard dropout > 0, let scratch = loraX else { return x }
         backend.dropout(x, scratch, count: n * linear.inFeatures, p: dropout, seed: dropoutSeed,
-                        stream: dropoutStream(linear.layer, linear.kind))
+                        stream: dropoutStream(linear.layer, linear.kind), cols: linear.inFeatures, ld: ld)
         return scratch
     }
 }

@@ -60,7 +60,7 @@ public final class LlamaModel {
     /// last to 0): that block's gradients are final for this micro-batch, so a data-parallel run can start
     /// summing them while the blocks below compute. nil: nothing is called.
     public var afterBlockBackward: ((_ layer: Int) -> Void)?
-    private var workspace: Workspace?
+    private(set) var workspace: Workspace?
 
     /// The storage format of the frozen base weights (nil = dense).
     public let quant: QuantFormat?
@@ -211,7 +211,7 @@ public final class LlamaModel {
         forward(ws)
         computeLogits(ws)
         let sum = backend.crossEntropy(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: ws.tokens,
-                                       vocab: config.vocabSize, gradScale: nil)
+                                       vocab: config.vocabSize, gradScale: nil, ld: ws.vocabStride)
         return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })
     }
 
@@ -234,13 +234,13 @@ public final class LlamaModel {
         computeLogits(ws)
         // Fused: logits become dL/dlogits in place.
         let sum = backend.crossEntropy(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: n, vocab: vocab,
-                                       gradScale: gradScale)
+                                       gradScale: gradScale, ld: ws.vocabStride)
         let dlogits = ws.logits
 
         // Head: dW_head[V,C] += dlogits^T lnf; dlnf[N,C] = dlogits W_head.
         let gemms = backend.profiler?.attributeGEMMs(to: .gemmHead)
-        backend.matmul(dlogits, ws.lnf, grads.head, m: vocab, n: c, k: n, transA: true, beta: 1)
-        backend.matmul(dlogits, weights.lmHead, ws.dln, m: n, n: c, k: vocab)
+        backend.matmul(dlogits, ws.lnf, grads.head, m: vocab, n: c, k: n, transA: true, beta: 1, lda: ws.vocabStride)
+        backend.matmul(dlogits, weights.lmHead, ws.dln, m: n, n: c, k: vocab, lda: ws.vocabStride)
         gemms?.end()
         backend.zero(ws.dres)
         backend.rmsnormBackward(ws.dln, x: last, weight: weights.norm, rstd: ws.rstdf, dx: ws.dres,
@@ -269,7 +269,15 @@ public final class LlamaModel {
         backend.upload(inputs, to: ws.ids)
         forward(ws)
         computeLogits(ws)
-        return backend.download(ws.logits)
+        return downloadLogits(ws, rows: 0..<ws.tokens)
+    }
+
+    /// Rows `rows` of the logits as host floats `[rows.count, V]` (one download; the padding dropped).
+    private func downloadLogits(_ ws: Workspace, rows: Range<Int>) -> [Float] {
+        let v = config.vocabSize, stride = ws.vocabStride
+        let stored = backend.download(ws.logits.view(offset: rows.lowerBound * stride, shape: [rows.count * stride]))
+        guard stride != v else { return stored }
+        return (0..<rows.count).flatMap { stored[$0 * stride ..< $0 * stride + v] }
     }
 
     // MARK: Decoding with a KV cache
@@ -294,8 +302,7 @@ public final class LlamaModel {
             forward(ws, attention: .fill(cache))
             cache.count = tokens.count
             computeLogits(ws)
-            let v = config.vocabSize
-            return backend.download(ws.logits.view(offset: (tokens.count - 1) * v, shape: [v]))
+            return downloadLogits(ws, rows: tokens.count - 1 ..< tokens.count)
         }
         try validate(inputs: tokens, targets: none, batch: 1, seqLen: 1)
         let ws = prepareWorkspace(batch: 1, seqLen: 1, training: false)
@@ -305,7 +312,7 @@ public final class LlamaModel {
             cache.count += 1
         }
         computeLogits(ws)
-        return backend.download(ws.logits)
+        return downloadLogits(ws, rows: 0..<1)
     }
 
     // MARK: Validation
@@ -350,7 +357,8 @@ public final class LlamaModel {
         backend.rmsnormForward(ws.xs[config.numHiddenLayers], weight: weights.norm, out: ws.lnf, rstd: ws.rstdf,
                                rows: ws.tokens, dim: config.hiddenSize, eps: Float(config.rmsNormEps))
         let gemms = backend.profiler?.attributeGEMMs(to: .gemmHead); defer { gemms?.end() }
-        backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: ws.tokens, n: config.vocabSize, k: config.hiddenSize, transB: true)
+        backend.matmul(ws.lnf, weights.lmHead, ws.logits, m: ws.tokens, n: config.vocabSize, k: config.hiddenSize, transB: true,
+                       ldc: ws.vocabStride)
     }
 
     /// How a forward's attention sees the sequence: causal over the workspace's tokens (training,
@@ -404,47 +412,54 @@ public final class LlamaModel {
         backend.copy(x, to: a.res2)
         groupForward(layer, [.o], x: a.attn, outputs: [a.res2], beta: 1, a, ws)
         backend.rmsnormForward(a.res2, weight: w.mlpNorm, out: a.ln2, rstd: a.rstd2, rows: n, dim: c, eps: eps)
-        groupForward(layer, [.gate, .up], x: a.ln2, outputs: [a.gate, a.up], beta: 0, a, ws)
-        backend.swigluForward(gate: a.gate, up: a.up, out: a.h, count: n * config.intermediateSize)
+        let fs = ws.mlpStride
+        groupForward(layer, [.gate, .up], x: a.ln2, outputs: [a.gate, a.up], beta: 0, a, ws, ldOut: fs)
+        // Whole padded rows: the padding columns are zeros in and zeros out (`Workspace.mlpStride`).
+        backend.swigluForward(gate: a.gate, up: a.up, out: a.h, count: n * fs)
         if let out = output {
             backend.copy(a.res2, to: out)
-            groupForward(layer, [.down], x: a.h, outputs: [out], beta: 1, a, ws)
+            groupForward(layer, [.down], x: a.h, outputs: [out], beta: 1, a, ws, ldIn: fs)
         } else if let group = w.group(.down), let uT = a.loraUT {
             // Checkpointed recompute: the block output is not needed, but the down adapter's projection is.
-            group.project(a.h, into: a.groupRows(uT, first: .down, size: 1, tokens: n), tokens: n, context(ws))
+            group.project(a.h, into: a.groupRows(uT, first: .down, size: 1, tokens: n), tokens: n, ldx: fs, context(ws))
         }
     }
 
     /// `y_i = x W_i^T + beta * y_i` for the linears `kinds` (one adapter group: they read the same x),
     /// then, with adapters, the group's projection `uT = A drop(x)^T` (saved) and `y_i += s uT_i^T B_i^T`.
+    /// `ldIn`, `ldOut`: the row strides of x and of the y_i (0 = packed; `Workspace.mlpStride`).
     private func groupForward(_ layer: Int, _ kinds: [LinearKind], x: Tensor, outputs: [Tensor], beta: Float,
-                              _ a: BlockActivations, _ ws: Workspace) {
+                              _ a: BlockActivations, _ ws: Workspace, ldIn: Int = 0, ldOut: Int = 0) {
         let block = weights.blocks[layer], n = ws.tokens
         let ctx = context(ws)
-        for (kind, y) in zip(kinds, outputs) { block.linear(kind).forwardBase(x, y, beta: beta, tokens: n, ctx) }
+        for (kind, y) in zip(kinds, outputs) {
+            block.linear(kind).forwardBase(x, y, beta: beta, tokens: n, ldx: ldIn, ldy: ldOut, ctx)
+        }
         guard let group = block.group(kinds[0]), let uTAll = a.loraUT else { return }
         let uT = a.groupRows(uTAll, first: kinds[0], size: kinds.count, tokens: n)
-        group.project(x, into: uT, tokens: n, ctx)
+        group.project(x, into: uT, tokens: n, ldx: ldIn, ctx)
         for (i, (kind, y)) in zip(kinds, outputs).enumerated() {
-            block.linear(kind).addAdapterOutput(group.member(uT, i, n), y, tokens: n, backend)
+            block.linear(kind).addAdapterOutput(group.member(uT, i, n), y, tokens: n, ldy: ldOut, backend)
         }
     }
 
     /// Backward of `groupForward`: `dx = sum_i dy_i W_i + dxBeta * dx` (and dW_i when trained), then the
     /// adapters: each member's `gT_i = B_i^T dy_i^T`, dB_i, ds_i, and the group's dA and input gradient.
+    /// `ldIn`: the row stride of x and dx, `ldOut` of the dy_i (as `groupForward`'s).
     private func groupBackward(_ layer: Int, _ kinds: [LinearKind], dys: [Tensor], x: Tensor, dx: Tensor, dxBeta: Float,
-                               _ a: BlockActivations, _ ws: Workspace) {
+                               _ a: BlockActivations, _ ws: Workspace, ldIn: Int = 0, ldOut: Int = 0) {
         let block = weights.blocks[layer], n = ws.tokens, ctx = context(ws)
         for (i, (kind, dy)) in zip(kinds, dys).enumerated() {
-            block.linear(kind).backwardBase(dy: dy, x: x, dx: dx, dxBeta: i == 0 ? dxBeta : 1, tokens: n, ctx)
+            block.linear(kind).backwardBase(dy: dy, x: x, dx: dx, dxBeta: i == 0 ? dxBeta : 1, tokens: n, ldIn: ldIn, ldOut: ldOut, ctx)
         }
         guard let group = block.group(kinds[0]), let uTAll = a.loraUT, let gTAll = ws.gT else { return }
         let uT = a.groupRows(uTAll, first: kinds[0], size: kinds.count, tokens: n)
         let gT = gTAll.view(offset: 0, shape: [kinds.count * group.rank, n])
         for (i, (kind, dy)) in zip(kinds, dys).enumerated() {
-            block.linear(kind).adapterOutputBackward(dy: dy, uT: group.member(uT, i, n), gT: group.member(gT, i, n), tokens: n, backend)
+            block.linear(kind).adapterOutputBackward(dy: dy, uT: group.member(uT, i, n), gT: group.member(gT, i, n), tokens: n,
+                                                     lddy: ldOut, backend)
         }
-        group.inputBackward(x: x, gT: gT, dx: dx, tokens: n, ctx)
+        group.inputBackward(x: x, gT: gT, dx: dx, tokens: n, ldx: ldIn, ctx)
     }
 
     private func context(_ ws: Workspace) -> LinearContext {
@@ -461,14 +476,14 @@ public final class LlamaModel {
     private func blockBackward(_ layer: Int, input x: Tensor, _ a: BlockActivations, _ ws: Workspace,
                                _ grads: DenseGradients) {
         let w = weights.blocks[layer]
-        let n = ws.tokens, c = config.hiddenSize, f = config.intermediateSize
+        let n = ws.tokens, c = config.hiddenSize, fs = ws.mlpStride
         let theta = Float(config.ropeTheta)
         let dres: Tensor = ws.dres
 
-        // MLP: out = res2 + down(h), h = silu(gate) * up.
-        groupBackward(layer, [.down], dys: [dres], x: a.h, dx: ws.dh, dxBeta: 0, a, ws)
-        backend.swigluBackward(dout: ws.dh, gate: a.gate, up: a.up, dgate: ws.dgate, dup: ws.dup, count: n * f)
-        groupBackward(layer, [.gate, .up], dys: [ws.dgate, ws.dup], x: a.ln2, dx: ws.dln, dxBeta: 0, a, ws)
+        // MLP: out = res2 + down(h), h = silu(gate) * up (rows of stride fs; the padding stays zero).
+        groupBackward(layer, [.down], dys: [dres], x: a.h, dx: ws.dh, dxBeta: 0, a, ws, ldIn: fs)
+        backend.swigluBackward(dout: ws.dh, gate: a.gate, up: a.up, dgate: ws.dgate, dup: ws.dup, count: n * fs)
+        groupBackward(layer, [.gate, .up], dys: [ws.dgate, ws.dup], x: a.ln2, dx: ws.dln, dxBeta: 0, a, ws, ldOut: fs)
         // dres becomes dL/d(res2): the residual path plus the MLP norm's input gradient.
         backend.rmsnormBackward(ws.dln, x: a.res2, weight: w.mlpNorm, rstd: a.rstd2, dx: dres, dweight: grads.mlpNorm[layer],
                                 rows: n, dim: c)
@@ -537,10 +552,14 @@ final class BlockActivations {
     let loraUT: Tensor?
     let loraRank: Int
 
-    init(_ cfg: LlamaConfig, _ backend: Backend, batch: Int, seqLen: Int, loraRank: Int?) {
-        let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
+    /// `mlpStride`: the row stride of gate, up and h (`Workspace.mlpStride`; zeroed when it pads).
+    init(_ cfg: LlamaConfig, _ backend: Backend, batch: Int, seqLen: Int, loraRank: Int?, mlpStride: Int) {
+        let n = batch * seqLen, c = cfg.hiddenSize, fs = mlpStride
         let dtype = backend.precision.activations
         func t(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .activations, zeroed: false) }
+        func padded(_ shape: [Int]) -> Tensor {
+            backend.makeTensor(shape, dtype: dtype, tag: .activations, zeroed: fs != cfg.intermediateSize)
+        }
         // Per-row statistics the backward reads (RMSNorm's 1/rms, attention's log-sum-exp) stay f32 on
         // every backend: they are small, and a bf16 rstd or lse would cost the backward 8 bits.
         func stat(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: .f32, tag: .activations, zeroed: false) }
@@ -548,7 +567,7 @@ final class BlockActivations {
         q = t([n, cfg.queryWidth]); k = t([n, cfg.keyValueWidth]); v = t([n, cfg.keyValueWidth])
         attn = t([n, cfg.queryWidth]); lse = stat([batch, cfg.numAttentionHeads, seqLen])
         res2 = t([n, c]); ln2 = t([n, c]); rstd2 = stat([n])
-        gate = t([n, f]); up = t([n, f]); h = t([n, f])
+        gate = padded([n, fs]); up = padded([n, fs]); h = padded([n, fs])
         loraUT = loraRank.map { t([LinearKind.allCases.count * $0, n]) }
         self.loraRank = loraRank ?? 0
     }
@@ -572,6 +591,12 @@ final class Workspace {
     /// Where quantized base weights are dequantized (models with quantized weights): large enough for
     /// the backend's scratch of the largest linear (`Backend.dequantizeScratchShape`).
     let dequantScratch: Tensor?
+    /// Row strides of the `[N, F]` MLP activations (gate, up, h and their gradients) and of the `[N, V]`
+    /// logits: `Backend.rowPadding`'s (F and V themselves on the CPU). Padded MLP rows are allocated zeroed
+    /// and only their logical columns are ever written (products through row strides; SwiGLU maps the
+    /// zero padding to zero), so the padding stays zero and SwiGLU can run over whole rows. The logits'
+    /// padding is never read.
+    let mlpStride: Int, vocabStride: Int
     let lnf, rstdf, logits, losses: Tensor
     // Backward scratch (allocated only for training).
     let dres, dln, dq, dk, dv, dattn, dh, dgate, dup: Tensor!
@@ -582,13 +607,20 @@ final class Workspace {
     init(config cfg: LlamaConfig, backend: Backend, batch: Int, seqLen: Int, training: Bool, savedBlocks: Int,
          lora: LoRAConfig?, quant: QuantFormat?) {
         self.batch = batch; self.seqLen = seqLen; self.training = training
-        let n = batch * seqLen, c = cfg.hiddenSize, f = cfg.intermediateSize
+        let n = batch * seqLen, c = cfg.hiddenSize
         tokens = n
+        mlpStride = backend.rowPadding.stride(cfg.intermediateSize)
+        vocabStride = backend.rowPadding.stride(cfg.vocabSize)
+        let fs = mlpStride, pads = mlpStride != cfg.intermediateSize
         let dtype = backend.precision.activations
         func act(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .activations, zeroed: false) }
-        func scratch(_ shape: [Int]) -> Tensor { backend.makeTensor(shape, dtype: dtype, tag: .workspace, zeroed: false) }
+        func scratch(_ shape: [Int], zeroed: Bool = false) -> Tensor {
+            backend.makeTensor(shape, dtype: dtype, tag: .workspace, zeroed: zeroed)
+        }
         xs = (0...cfg.numHiddenLayers).map { _ in act([n, c]) }
-        blocks = (0..<savedBlocks).map { _ in BlockActivations(cfg, backend, batch: batch, seqLen: seqLen, loraRank: lora?.rank) }
+        blocks = (0..<savedBlocks).map { _ in
+            BlockActivations(cfg, backend, batch: batch, seqLen: seqLen, loraRank: lora?.rank, mlpStride: fs)
+        }
         dequantScratch = quant.map { _ in
             let elements = LinearKind.allCases.map { kind -> Int in
                 let (out, inF) = kind.shape(cfg)
@@ -600,14 +632,14 @@ final class Workspace {
         targets = backend.makeTensor([n], dtype: .i32, tag: .activations, zeroed: false)
         // rstd and per-token losses in f32 (see BlockActivations); logits in the activation dtype.
         lnf = act([n, c]); rstdf = backend.makeTensor([n], dtype: .f32, tag: .activations, zeroed: false)
-        logits = act([n, cfg.vocabSize]); losses = backend.makeTensor([n], dtype: .f32, tag: .activations, zeroed: false)
+        logits = act([n, vocabStride]); losses = backend.makeTensor([n], dtype: .f32, tag: .activations, zeroed: false)
         if training {
             dres = scratch([n, c]); dln = scratch([n, c])
             dq = scratch([n, cfg.queryWidth]); dk = scratch([n, cfg.keyValueWidth]); dv = scratch([n, cfg.keyValueWidth])
             dattn = scratch([n, cfg.queryWidth])
-            dh = scratch([n, f]); dgate = scratch([n, f]); dup = scratch([n, f])
+            dh = scratch([n, fs], zeroed: pads); dgate = scratch([n, fs], zeroed: pads); dup = scratch([n, fs], zeroed: pads)
             gT = lora.map { scratch([3 * $0.rank, n]) }
-            loraX = lora.flatMap { $0.dropout > 0 ? scratch([n, max(c, f, cfg.queryWidth)]) : nil }
+            loraX = lora.flatMap { $0.dropout > 0 ? scratch([n, max(c, fs, cfg.queryWidth)]) : nil }
         } else {
             dres = nil; dln = nil; dq = nil; dk = nil; dv = nil; dattn = nil; dh = nil; dgate = nil; dup = nil
             gT = nil; loraX = nil

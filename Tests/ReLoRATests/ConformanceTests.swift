@@ -150,9 +150,9 @@ final class FaultyBackend: ForwardingToCPU, @unchecked Sendable {
         inner.fillNormal(tensor, std: fault == .normalStd ? std * 1.001 : std, seed: seed, stream: stream)
     }
     func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int, transA: Bool, transB: Bool, alpha: Float,
-                beta: Float, alphaScale: Tensor?) {
+                beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int) {
         inner.matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB,
-                     alpha: fault == .matmulScale ? alpha * 1.001 : alpha, beta: beta, alphaScale: alphaScale)
+                     alpha: fault == .matmulScale ? alpha * 1.001 : alpha, beta: beta, alphaScale: alphaScale, lda: lda, ldb: ldb, ldc: ldc)
     }
     func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor, dweight: Tensor, rows: Int, dim: Int) {
         if fault == .rmsnormOverwrites { inner.zero(dx) }
@@ -173,13 +173,13 @@ final class FaultyBackend: ForwardingToCPU, @unchecked Sendable {
         // dgate := dup = dout * silu(g): silu' replaced by silu and the up factor dropped.
         if fault == .swigluDerivative { inner.copy(dup, to: dgate) }
     }
-    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?) -> Double {
-        let sum = inner.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale)
+    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?, ld: Int) -> Double {
+        let sum = inner.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: ld)
         if fault == .crossEntropyGrad, gradScale != nil { inner.scale(logits, by: 1.001) }
         return sum
     }
-    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
-        inner.dropout(x, out, count: count, p: p, seed: seed, stream: fault == .dropoutStream ? stream + 1 : stream)
+    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {
+        inner.dropout(x, out, count: count, p: p, seed: seed, stream: fault == .dropoutStream ? stream + 1 : stream, cols: cols, ld: ld)
     }
     func prune(_ tensor: Tensor, _ rule: PruneRule, seed: UInt64, stream: UInt64) -> Int {
         if fault == .pruneThreshold, case .magnitude(let ratio) = rule, ratio > 0, ratio < 1 {
@@ -229,10 +229,10 @@ final class NarrowStorageBackend: ForwardingToCPU, @unchecked Sendable {
         let w = wide(tensor); inner.fillNormal(w, std: std, seed: seed, stream: stream); narrow(w, into: tensor)
     }
     func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int, transA: Bool, transB: Bool, alpha: Float,
-                beta: Float, alphaScale: Tensor?) {
+                beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int) {
         let wc = wide(c)
         inner.matmul(wide(a), wide(b), wc, m: m, n: n, k: k, transA: transA, transB: transB, alpha: alpha, beta: beta,
-                     alphaScale: alphaScale.map(wide))
+                     alphaScale: alphaScale.map(wide), lda: lda, ldb: ldb, ldc: ldc)
         narrow(wc, into: c)
     }
     func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
@@ -298,15 +298,15 @@ final class NarrowStorageBackend: ForwardingToCPU, @unchecked Sendable {
         inner.embeddingBackward(ids: ids, dout: wide(dout), dtable: wt, dim: dim)
         narrow(wt, into: dtable)
     }
-    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?) -> Double {
+    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?, ld: Int) -> Double {
         let wl = wide(logits), wloss = wide(losses)
-        let sum = inner.crossEntropy(logits: wl, targets: targets, losses: wloss, rows: rows, vocab: vocab, gradScale: gradScale)
+        let sum = inner.crossEntropy(logits: wl, targets: targets, losses: wloss, rows: rows, vocab: vocab, gradScale: gradScale, ld: ld)
         narrow(wl, into: logits); narrow(wloss, into: losses)
         return sum
     }
-    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {
         let wx = wide(x), wo = out === x ? wx : wide(out)
-        inner.dropout(wx, wo, count: count, p: p, seed: seed, stream: stream)
+        inner.dropout(wx, wo, count: count, p: p, seed: seed, stream: stream, cols: cols, ld: ld)
         narrow(wo, into: out)
     }
     func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {

@@ -19,6 +19,7 @@ extension ForwardingToCPU {
     var ledger: MemoryLedger { inner.ledger }
     var precision: Precision { inner.precision }
     var computes: Bool { true }
+    var rowPadding: RowPadding { inner.rowPadding }
 
     func makeTensor(_ shape: [Int], dtype: DType, tag: MemoryTag, zeroed: Bool) -> Tensor {
         inner.makeTensor(shape, dtype: dtype, tag: tag, zeroed: zeroed)
@@ -37,8 +38,9 @@ extension ForwardingToCPU {
         inner.fillNormal(tensor, std: std, seed: seed, stream: stream)
     }
     func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int, transA: Bool, transB: Bool, alpha: Float,
-                beta: Float, alphaScale: Tensor?) {
-        inner.matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: alpha, beta: beta, alphaScale: alphaScale)
+                beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int) {
+        inner.matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: alpha, beta: beta, alphaScale: alphaScale,
+                     lda: lda, ldb: ldb, ldc: ldc)
     }
     func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {
         inner.rmsnormForward(x, weight: weight, out: out, rstd: rstd, rows: rows, dim: dim, eps: eps)
@@ -79,11 +81,11 @@ extension ForwardingToCPU {
     func embeddingBackward(ids: Tensor, dout: Tensor, dtable: Tensor, dim: Int) {
         inner.embeddingBackward(ids: ids, dout: dout, dtable: dtable, dim: dim)
     }
-    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?) -> Double {
-        inner.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale)
+    func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?, ld: Int) -> Double {
+        inner.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: ld)
     }
-    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
-        inner.dropout(x, out, count: count, p: p, seed: seed, stream: stream)
+    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {
+        inner.dropout(x, out, count: count, p: p, seed: seed, stream: stream, cols: cols, ld: ld)
     }
     func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) { inner.dotAccumulate(a, b, count: count, into: out) }
     func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) { inner.axpy(alpha, b, a, count: count) }
@@ -118,10 +120,11 @@ extension ForwardingToCPU {
         inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
     }
     func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { inner.dequantizeScratchShape(rows: rows, cols: cols) }
-    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
-        inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch)
+    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor, ldx: Int, ldy: Int) {
+        inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch, ldx: ldx, ldy: ldy)
     }
-    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
-        inner.quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch)
+    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                              lddy: Int, lddx: Int) {
+        inner.quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch, lddy: lddy, lddx: lddx)
     }
 }

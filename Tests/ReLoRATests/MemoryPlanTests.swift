@@ -139,11 +139,15 @@ final class MemoryPlanTests: XCTestCase {
         XCTAssertEqual(try plan(.lora, .none).peak(.frozenWeights), linears * 4)
         XCTAssertEqual(try plan(.lora, .none, .cuda).peak(.frozenWeights), linears * 2, "bf16 frozen weights on CUDA")
         // Activations halve except what stays 32-bit: the i32 ids and targets (2 x N x 4 bytes) and the f32
-        // per-row statistics (each block's two rstd [N] and lse [N x heads]; the final rstd and the losses [N]).
+        // per-row statistics (each block's two rstd [N] and lse [N x heads]; the final rstd and the losses [N]),
+        // and CUDA's row padding (`RowPadding`: each block's gate, up and h [N, F], and the logits [N, V]).
         let n = 4 * 32
         let idsBytes = 2 * n * 4
         let statsBytes = (config.numHiddenLayers * (2 + config.numAttentionHeads) + 2) * n * 4
-        XCTAssertEqual(try plan(.full, .none, .cuda).peak(.activations) * 2 - idsBytes - statsBytes,
+        let f = config.intermediateSize, v = config.vocabSize, pad = RowPadding.cuda
+        let paddingBytes = (3 * config.numHiddenLayers * (pad.stride(f) - f) + (pad.stride(v) - v)) * n * 2
+        XCTAssertGreaterThan(paddingBytes, 0, "the test config's F or V is padded")
+        XCTAssertEqual(try plan(.full, .none, .cuda).peak(.activations) * 2 - idsBytes - statsBytes - 2 * paddingBytes,
                        try plan(.full, .none).peak(.activations))
         XCTAssertGreaterThan(try plan(.full, .none, .cuda).peak(.masterWeights), 0)
         XCTAssertEqual(try plan(.full, .none).peak(.masterWeights), 0)

@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define RELORA_ABI_VERSION 12
+#define RELORA_ABI_VERSION 13
 
 typedef enum relora_status {
     RELORA_OK = 0,
@@ -232,9 +232,12 @@ typedef struct relora_device_properties {
     /* s = *alpha_scale (a device f32 scalar) or 1 when NULL; op(a) = a^T when trans_a (a stored [k,m]),*/\
     /* op(b) = b^T when trans_b (b stored [n,k]). a and b: ab_dtype (F32: computed in f32, no TF32; */   \
     /* BF16: bf16 inputs, f32 accumulation); c: F32 or BF16 (rounded once). beta == 0 ignores c. */     \
+    /* lda, ldb, ldc: each operand's row stride as stored (>= its stored row length; 0 = packed): the   */\
+    /* model's padded activation rows (RowPadding), which keep cuBLAS on its aligned kernels.           */\
     X(relora_status, gemm, (int32_t trans_a, int32_t trans_b, int64_t m, int64_t n, int64_t k, float alpha,\
                             const float *alpha_scale, const void *a, const void *b, int32_t ab_dtype,     \
-                            float beta, void *c, int32_t c_dtype, void *stream))                          \
+                            float beta, void *c, int32_t c_dtype, int64_t lda, int64_t ldb, int64_t ldc,  \
+                            void *stream))                                                                \
     /* ---- Layers ---- */                                                                               \
     /* x, out, weight: dtype; rstd: f32 [rows] */                                                        \
     X(relora_status, rmsnorm_forward, (const void *x, const void *weight, void *out, float *rstd,         \
@@ -294,13 +297,15 @@ typedef struct relora_device_properties {
     /* [rows] (0 where target < 0); with_grad: logits = grad_scale * (softmax - onehot) (zero rows */   \
     /* where target < 0). A target >= vocab is RELORA_ERR_INVALID_ARGUMENT at the next synchronize */    \
     /* (of any stream; reported once, naming the lowest such row), and that row's loss and gradient */    \
-    /* row are NaN. */                                                                                   \
+    /* row are NaN. ld: the row stride of logits (>= vocab, 0 = vocab); padding is not touched. */      \
     X(relora_status, cross_entropy, (void *logits, const int32_t *targets, float *losses, int64_t rows,   \
-                                     int64_t vocab, int32_t with_grad, float grad_scale, int32_t dtype,   \
-                                     void *stream))                                                       \
-    /* inverted dropout, mask from relora_rng_uniform(seed, stream_id, i) >= p; out may equal x */       \
-    X(relora_status, dropout, (const void *x, void *out, int64_t count, float p, uint64_t seed,           \
-                               uint64_t stream_id, int32_t dtype, void *stream))                          \
+                                     int64_t vocab, int64_t ld, int32_t with_grad, float grad_scale,      \
+                                     int32_t dtype, void *stream))                                        \
+    /* inverted dropout, mask from relora_rng_uniform(seed, stream_id, i) >= p; out may equal x. The    */\
+    /* count elements are rows of cols stored ld apart (0, 0: packed); element i (row i / cols, column  */\
+    /* i % cols) draws counter i, so a padded matrix gets the packed one's mask; padding is untouched.  */\
+    X(relora_status, dropout, (const void *x, void *out, int64_t count, int64_t cols, int64_t ld, float p,\
+                               uint64_t seed, uint64_t stream_id, int32_t dtype, void *stream))           \
     /* ---- Optimizer and reductions ---- */                                                            \
     /* AdamW on f32 param/grad/m/v (PyTorch semantics, 1-based step); writes param_bf16 (NULL: none) */   \
     X(relora_status, adamw, (float *param, const float *grad, float *m, float *v, void *param_bf16,       \

@@ -24,6 +24,9 @@ public protocol Backend: AnyObject, Sendable {
     var computes: Bool { get }
     /// The largest attention `head_dim` the backend's kernels take, nil for any (the default).
     var maxAttentionHeadDim: Int? { get }
+    /// How the model pads the rows of the activations its products read and write (`RowPadding`): none
+    /// on the CPU, multiples of 16 elements on CUDA.
+    var rowPadding: RowPadding { get }
     /// Where the ops report while a training step is profiled (`OpProfiler`; backends that can are
     /// `OpProfiling`), nil (the default) otherwise.
     var profiler: OpProfiler? { get }
@@ -55,8 +58,10 @@ public protocol Backend: AnyObject, Sendable {
     /// `c[m,n] = alpha * s * op(a)[m,k] * op(b)[k,n] + beta * c`, where `s = alphaScale[0]` if given
     /// (a scalar that stays on the device, e.g. a trained LoRA scale), else 1. `op(a) = a^T` when
     /// `transA` (then `a` is stored `[k, m]`), likewise for `b` (stored `[n, k]` when `transB`).
+    /// `lda`, `ldb`, `ldc`: each operand's row stride as stored (elements from one stored row to the
+    /// next, at least the stored row length), 0 for packed rows (`RowPadding`: padded activations).
     func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?)
+                transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int)
 
     /// `out = x / sqrt(mean(x^2) + eps) * weight` per row; saves `rstd[row] = 1/sqrt(mean(x^2)+eps)`.
     /// x, out: `[rows, dim]`; weight: `[dim]`; rstd: `[rows]`.
@@ -106,13 +111,16 @@ public protocol Backend: AnyObject, Sendable {
     /// with a target, in Double (one transfer). If `gradScale` is given, overwrites `logits` with
     /// `gradScale * (softmax - onehot)` (zero rows where the target is negative): the gradient of
     /// `gradScale * sum(losses)`.
+    /// `ld`: the logits' row stride (0 = `vocab`); the padding columns are neither read nor written.
     func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
-                      gradScale: Float?) -> Double
+                      gradScale: Float?, ld: Int) -> Double
 
     /// Inverted dropout: `out[i] = x[i] / (1 - p)` where `uniform(seed, stream, i) >= p`, else 0, over
     /// the first `count` elements. The mask is a pure function of (seed, stream, i) (counter-based RNG,
     /// `relora_rng.h`), so a backward pass regenerates it instead of storing it. `out` may be `x`.
-    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64)
+    /// `cols`/`ld` (0 = packed): the elements are rows of `cols` stored `ld` apart, element `i` at row
+    /// `i / cols`, column `i % cols`, so a padded matrix draws the packed one's mask; padding is untouched.
+    func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int)
 
     /// Accumulates `out[0] += sum_i a[i] * b[i]` over the first `count` elements (sum in Double).
     func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor)
@@ -189,10 +197,13 @@ public protocol Backend: AnyObject, Sendable {
     func dequantizeScratchShape(rows: Int, cols: Int) -> [Int]
     /// `y = x deq(W)^T + beta * y` for `W = q` `[out, in]`, x `[n, in]`, y `[n, out]`, dequantizing
     /// through `scratch` (at least `dequantizeScratchShape` elements); the whole dense W never exists.
-    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor)
+    /// `ldx`, `ldy`: row strides of x and y as `matmul`'s (0 = packed).
+    func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                         ldx: Int, ldy: Int)
     /// `dx = dy deq(W) + beta * dx` (the input gradient through a frozen quantized W), dy `[n, out]`,
-    /// dx `[n, in]`, through `scratch`.
-    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor)
+    /// dx `[n, in]`, through `scratch`; `lddy`, `lddx` as `matmul`'s strides.
+    func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                              lddy: Int, lddx: Int)
 }
 
 /// Which entries `Backend.prune` zeroes (ReLoRA's optimizer reset).
@@ -247,6 +258,7 @@ public struct Precision: Sendable, Equatable, Codable {
 
 extension Backend {
     public var maxAttentionHeadDim: Int? { nil }
+    public var rowPadding: RowPadding { .none }
 
     /// What every backend's `pruneMoments` does before its select: counts the returned count's transfer,
     /// checks the shapes and settles the cases that need no select (nothing to zero: 0; every position:
@@ -287,8 +299,26 @@ extension Backend {
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
                        transA: Bool = false, transB: Bool = false, alpha: Float = 1, beta: Float = 0,
-                       alphaScale: Tensor? = nil) {
-        matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: alpha, beta: beta, alphaScale: alphaScale)
+                       alphaScale: Tensor? = nil, lda: Int = 0, ldb: Int = 0, ldc: Int = 0) {
+        matmul(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, alpha: alpha, beta: beta, alphaScale: alphaScale,
+               lda: lda, ldb: ldb, ldc: ldc)
+    }
+
+    public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                             gradScale: Float?) -> Double {
+        crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: 0)
+    }
+
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+        dropout(x, out, count: count, p: p, seed: seed, stream: stream, cols: 0, ld: 0)
+    }
+
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch, ldx: 0, ldy: 0)
+    }
+
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+        quantizedLinearInput(dy, q, dx, tokens: n, beta: beta, scratch: scratch, lddy: 0, lddx: 0)
     }
 
     /// Squared L2 norms of `tensors`, computed on the backend and read back in one transfer; summed in Double.

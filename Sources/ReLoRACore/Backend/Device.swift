@@ -21,6 +21,15 @@ public enum Device: String, Sendable, CaseIterable {
         case .cuda: return 128
         }
     }
+
+    /// How the model pads activation rows on the device (`RowPadding`; `Backend.rowPadding` of the CUDA
+    /// backend and of a plan for it).
+    public var rowPadding: RowPadding {
+        switch self {
+        case .cpu: return .none
+        case .cuda: return .cuda
+        }
+    }
 }
 
 // MARK: Capabilities

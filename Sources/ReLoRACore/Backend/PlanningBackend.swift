@@ -23,6 +23,7 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public let computes = false
     public var name: String { "plan:\(target.rawValue)" }
     public var maxAttentionHeadDim: Int? { target.maxAttentionHeadDim }
+    public var rowPadding: RowPadding { target.rowPadding }
 
     /// The CUDA backend's scratch made on first use: rope tables (by shape) and the embedding sort's workspace.
     private let lock = NSLock()
@@ -70,8 +71,8 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func fillNormal(_ tensor: Tensor, std: Float, seed: UInt64, stream: UInt64) {}
 
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
-        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int) {
+        _ = StoredMatrix.gemmStrides(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, lda: lda, ldb: ldb, ldc: ldc)
     }
     public func rmsnormForward(_ x: Tensor, weight: Tensor, out: Tensor, rstd: Tensor, rows: Int, dim: Int, eps: Float) {}
     public func rmsnormBackward(_ dout: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
@@ -132,11 +133,11 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         return 4 * align256(tokens * 4) + align256(256 * ((tokens + 255) / 256) * 4)
     }
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
-                             gradScale: Float?) -> Double {
+                             gradScale: Float?, ld: Int) -> Double {
         ledger.downloaded(MemoryLayout<Double>.size)
         return 0
     }
-    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {}
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {}
     public func dotAccumulate(_ a: Tensor, _ b: Tensor, count: Int, into out: Tensor) {}
     public func axpy(_ alpha: Float, _ b: Tensor, _ a: Tensor, count: Int) {}
     public func scale(_ x: Tensor, by alpha: Float) {}
@@ -193,11 +194,13 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     }
     public func countChangedCodes(old: Tensor, new: QuantizedTensor, into out: Tensor, at index: Int) {}
     public func dequantize(_ q: QuantizedTensor, firstRow: Int, rowCount: Int, into out: Tensor) {}
-    /// CPU: the CPU backend's row tiles. CUDA: the whole layer, dequantized right before its GEMMs
-    /// (one reused buffer, then cuBLAS).
+    /// CPU: the CPU backend's row tiles. CUDA: the whole layer in padded rows, dequantized right before its
+    /// GEMMs (one reused buffer, then cuBLAS).
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] {
-        target == .cpu ? [CPUBackend.tileRows(rows: rows, cols: cols), cols] : [rows, cols]
+        target == .cpu ? [CPUBackend.tileRows(rows: rows, cols: cols), cols] : [rows, rowPadding.stride(cols)]
     }
-    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {}
-    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {}
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                                ldx: Int, ldy: Int) {}
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                                     lddy: Int, lddx: Int) {}
 }

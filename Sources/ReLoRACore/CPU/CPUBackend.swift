@@ -14,7 +14,11 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling 
     /// Where every op reports while a step is profiled (`OpProfiling`, host clock), nil otherwise.
     nonisolated(unsafe) public var profiler: OpProfiler?
 
-    public init() {
+    /// Packed rows, the CPU's own layout; tests ask for `.cuda`'s to run the model's padded layout here.
+    public let rowPadding: RowPadding
+
+    public init(rowPadding: RowPadding = .none) {
+        self.rowPadding = rowPadding
         _ = CPUThreads.processDefault  // reads RELORA_CPU_THREADS (and warns) up front
         _ = CPUThreads.pinOpenBLAS
     }
@@ -463,16 +467,18 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling 
     // MARK: Cross-entropy
 
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
-                             gradScale: Float?) -> Double {
+                             gradScale: Float?, ld: Int) -> Double {
         let span = profiler?.begin(.crossEntropy, .crossEntropy(rows: rows, vocab: vocab, elementBytes: logits.dtype.byteSize,
                                                                 withGradient: gradScale != nil))
         defer { span?.end() }
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
+        let stride = StoredMatrix.stride(ld, cols: vocab, "crossEntropy")
+        precondition(logits.count >= StoredMatrix.span(rows: rows, cols: vocab, ld: stride), "crossEntropy: logits too small")
         let lp = logits.f32, lossp = losses.f32, tb = targets.i32
         ledger.downloaded(MemoryLayout<Double>.size)  // the returned sum
         parallelChunks(rows, minPerChunk: 4) { _, range in
             for r in range {
-                let row = lp + r * vocab
+                let row = lp + r * stride
                 let target = Int(tb[r])
                 if target < 0 {
                     lossp[r] = 0
@@ -504,12 +510,16 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling 
 
     // MARK: Elementwise
 
-    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64) {
+    public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {
         let span = profiler?.begin(.elementwise, .dropout(count: count, elementBytes: x.dtype.byteSize)); defer { span?.end() }
+        let (rowLength, stride) = StoredMatrix.elementRows(count: count, cols: cols, ld: ld, x, out, op: "dropout")
         let xp = x.f32, op = out.f32
         let keep = 1 / (1 - p)
         parallelChunks(count, minPerChunk: 1 << 14) { _, r in
-            for i in r { op[i] = relora_rng_uniform(seed, stream, UInt64(i)) >= p ? xp[i] * keep : 0 }
+            for i in r {
+                let at = i / rowLength * stride + i % rowLength
+                op[at] = relora_rng_uniform(seed, stream, UInt64(i)) >= p ? xp[at] * keep : 0
+            }
         }
     }
 

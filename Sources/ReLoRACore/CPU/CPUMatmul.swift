@@ -14,12 +14,12 @@ import Dispatch
 /// same whichever thread runs it; OpenBLAS is held to one thread for the process (`CPUThreads.pinOpenBLAS`).
 extension CPUBackend {
     public func matmul(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int,
-                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?) {
-        precondition(a.count >= m * k && b.count >= k * n && c.count >= m * n, "matmul: operand too small")
+                       transA: Bool, transB: Bool, alpha: Float, beta: Float, alphaScale: Tensor?, lda: Int, ldb: Int, ldc: Int) {
+        let ld = StoredMatrix.gemmStrides(a, b, c, m: m, n: n, k: k, transA: transA, transB: transB, lda: lda, ldb: ldb, ldc: ldc)
         let span = profiler?.beginGEMM(.gemm(m: m, n: n, k: k, abBytes: a.dtype.byteSize, cBytes: c.dtype.byteSize, accumulates: beta != 0))
         defer { span?.end() }
         let s = alphaScale.map { alpha * $0.f32[0] } ?? alpha
-        Self.sgemm(a.f32, b.f32, c.f32, m: m, n: n, k: k, lda: transA ? m : k, ldb: transB ? k : n, ldc: n,
+        Self.sgemm(a.f32, b.f32, c.f32, m: m, n: n, k: k, lda: ld.a, ldb: ld.b, ldc: ld.c,
                    transA: transA, transB: transB, alpha: s, beta: beta)
     }
 

@@ -105,10 +105,13 @@ extension CPUBackend {
         }
     }
 
-    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+    public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                                ldx: Int, ldy: Int) {
         let tile = Self.tileRows(rows: q.rows, cols: q.cols)
         precondition(scratch.count >= tile * q.cols, "quantizedLinear: scratch of \(scratch.count) < \(tile * q.cols)")
-        precondition(x.count >= n * q.cols && y.count >= n * q.rows, "quantizedLinear: operand too small")
+        let ldx = StoredMatrix.stride(ldx, cols: q.cols, "quantizedLinear"), ldy = StoredMatrix.stride(ldy, cols: q.rows, "quantizedLinear")
+        precondition(x.count >= StoredMatrix.span(rows: n, cols: q.cols, ld: ldx) && y.count >= StoredMatrix.span(rows: n, cols: q.rows, ld: ldy),
+                     "quantizedLinear: operand too small")
         var r0 = 0
         while r0 < q.rows {
             let t = min(tile, q.rows - r0)
@@ -116,25 +119,32 @@ extension CPUBackend {
             // y[:, r0 ..< r0+t] = x [n, in] * tile^T [in, t] (+ beta y): the output columns of this tile.
             // Profiled as one dequantize and one GEMM per tile.
             let span = profiler?.beginGEMM(.gemm(m: n, n: t, k: q.cols, abBytes: 4, cBytes: 4, accumulates: beta != 0))
-            Self.sgemm(x.f32, scratch.f32, y.f32 + r0, m: n, n: t, k: q.cols, lda: q.cols, ldb: q.cols, ldc: q.rows,
+            Self.sgemm(x.f32, scratch.f32, y.f32 + r0, m: n, n: t, k: q.cols, lda: ldx, ldb: q.cols, ldc: ldy,
                        transA: false, transB: true, alpha: 1, beta: beta)
             span?.end()
             r0 += t
         }
     }
 
-    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
+    public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
+                                     lddy: Int, lddx: Int) {
         let tile = Self.tileRows(rows: q.rows, cols: q.cols)
         precondition(scratch.count >= tile * q.cols, "quantizedLinearInput: scratch of \(scratch.count) < \(tile * q.cols)")
-        precondition(dy.count >= n * q.rows && dx.count >= n * q.cols, "quantizedLinearInput: operand too small")
-        if q.rows == 0 { scale(dx, by: beta); return }
+        let lddy = StoredMatrix.stride(lddy, cols: q.rows, "quantizedLinearInput")
+        let lddx = StoredMatrix.stride(lddx, cols: q.cols, "quantizedLinearInput")
+        precondition(dy.count >= StoredMatrix.span(rows: n, cols: q.rows, ld: lddy) && dx.count >= StoredMatrix.span(rows: n, cols: q.cols, ld: lddx),
+                     "quantizedLinearInput: operand too small")
+        if q.rows == 0 {
+            precondition(lddx == q.cols, "quantizedLinearInput: an empty W with a padded dx")
+            scale(dx, by: beta); return
+        }
         var r0 = 0
         while r0 < q.rows {
             let t = min(tile, q.rows - r0)
             dequantize(q, firstRow: r0, rowCount: t, into: scratch)
             // dx += dy[:, r0 ..< r0+t] [n, t] * tile [t, in]; the first tile applies beta.
             let span = profiler?.beginGEMM(.gemm(m: n, n: q.cols, k: t, abBytes: 4, cBytes: 4, accumulates: r0 > 0 || beta != 0))
-            Self.sgemm(dy.f32 + r0, scratch.f32, dx.f32, m: n, n: q.cols, k: t, lda: q.rows, ldb: q.cols, ldc: q.cols,
+            Self.sgemm(dy.f32 + r0, scratch.f32, dx.f32, m: n, n: q.cols, k: t, lda: lddy, ldb: q.cols, ldc: lddx,
                        transA: false, transB: false, alpha: 1, beta: r0 == 0 ? beta : 1)
             span?.end()
             r0 += t
