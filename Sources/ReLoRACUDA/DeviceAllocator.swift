@@ -6,10 +6,11 @@ import ReLoRACore
 /// again, so a training step (which frees and reallocates the same shapes every micro-batch) never calls
 /// cudaMalloc after the first one. Sizes round up to 512 bytes below 1 MiB and to 2 MiB above, so
 /// nearby sizes share blocks and fragmentation stays bounded; a block is reused only for the same rounded
-/// size. `CachingAllocatorModel` (ReLoRACore) is this policy without memory, which plans run: a change here
-/// must be made there too (`CUDABackendTests` compares the two after a training step). When cudaMalloc
-/// fails the cache is returned to the device and the call retried once (the model assumes memory to
-/// spare and never trims); if that fails too the process stops with one sentence
+/// size. `CachingAllocatorModel` (ReLoRACore) is this policy without memory, which plans run; this allocator
+/// keeps its counters in one (`accounting`), told of every block it hands out, takes back and frees, so the
+/// two cannot count differently (`CUDABackendTests` also compares a plan's model with this allocator after a
+/// training step). When cudaMalloc fails the cache is returned to the device and the call retried once (a
+/// plan assumes memory to spare and never trims); if that fails too the process stops with one sentence
 /// (`ResourceExhaustion`: a training step cannot continue without the tensor, and nothing here can throw).
 ///
 /// Each live block carries the memory tag of its tensor, so the allocator can say what the device held by
@@ -34,14 +35,15 @@ final class DeviceAllocator {
     let limit: Int?
     private var cache: [Int: [UnsafeMutableRawPointer]] = [:]
     private var live: [UnsafeMutableRawPointer: (bytes: Int, tag: MemoryTag)] = [:]
-    private var inUseByTag: [MemoryTag: Int] = [:]
+    /// The counters: the policy's model, mirroring `cache` block for block.
+    private let accounting = CachingAllocatorModel()
     /// Streams other than the default one that used a live block (`recordStream`).
     private var streamUses: [UnsafeMutableRawPointer: [UnsafeMutableRawPointer]] = [:]
     /// A cached block's events, recorded at its release on the streams that used it.
     private var releaseEvents: [UnsafeMutableRawPointer: [UnsafeMutableRawPointer]] = [:]
     /// Events no block waits for (created on demand, reused: a wait captures the record it follows at the call).
     private var idleEvents: [UnsafeMutableRawPointer] = []
-    private(set) var stats = Stats()
+    var stats: Stats { accounting.stats }
 
     init(library: CUDALibrary, limit: Int?) {
         self.library = library
@@ -63,7 +65,6 @@ final class DeviceAllocator {
         let block: UnsafeMutableRawPointer
         if var free = cache[size], let reused = free.popLast() {
             cache[size] = free
-            stats.cacheHits += 1
             block = reused
             if let events = releaseEvents.removeValue(forKey: reused) {
                 for e in events { library.check(library.api.stream_wait_event!(nil, e), "stream_wait_event") }
@@ -73,12 +74,7 @@ final class DeviceAllocator {
             block = mallocOrTrim(size)
         }
         live[block] = (size, tag)
-        stats.inUse += size
-        inUseByTag[tag, default: 0] += size
-        if stats.inUse > stats.peakInUse {
-            stats.peakInUse = stats.inUse
-            stats.inUseAtPeakByTag = inUseByTag
-        }
+        accounting.allocate(size, tag: tag)  // a cache hit there exactly when `cache` had the block here
         return block
     }
 
@@ -86,8 +82,7 @@ final class DeviceAllocator {
         guard let (size, tag) = live.removeValue(forKey: block) else {
             preconditionFailure("DeviceAllocator.release: \(block) is not a live block")
         }
-        stats.inUse -= size
-        inUseByTag[tag, default: 0] -= size
+        accounting.release(size, tag: tag)
         if let streams = streamUses.removeValue(forKey: block) {
             releaseEvents[block] = streams.map { stream in
                 var event = idleEvents.popLast()
@@ -111,18 +106,14 @@ final class DeviceAllocator {
         // cudaFree synchronizes the device: the events' work is done.
         for events in releaseEvents.values { idleEvents += events }
         releaseEvents.removeAll()
-        for (size, blocks) in cache {
-            for b in blocks {
-                library.check(library.api.free!(b), "free")
-                stats.reserved -= size
-            }
-        }
+        for b in cache.values.joined() { library.check(library.api.free!(b), "free") }
         cache.removeAll()
+        accounting.emptyCache()
     }
 
     private func mallocOrTrim(_ size: Int) -> UnsafeMutableRawPointer {
         var ptr: UnsafeMutableRawPointer?
-        let overCap = { self.limit.map { self.stats.reserved + size > $0 } ?? false }
+        let overCap = { self.limit.map { self.accounting.stats.reserved + size > $0 } ?? false }
         var status = overCap() ? RELORA_ERR_OUT_OF_MEMORY : library.api.malloc!(&ptr, Int64(size))
         if status == RELORA_ERR_OUT_OF_MEMORY && !cache.isEmpty {
             emptyCache()
@@ -130,11 +121,9 @@ final class DeviceAllocator {
         }
         if status != RELORA_OK || ptr == nil {
             let message = overCap() ? "over the RELORA_DEVICE_MEMORY_LIMIT cap of \(formatBytes(limit!))" : library.lastError
+            let stats = accounting.stats
             ResourceExhaustion.stop("cuda: out of device memory allocating \(formatBytes(size)) (\(formatBytes(stats.inUse)) in use, \(formatBytes(stats.reserved)) reserved): \(message); plan the run with `relora memory --device cuda` and apply its suggestion (block checkpointing, a smaller micro_batch, a quantized base); " + ResourceExhaustion.resumeAdvice)
         }
-        stats.mallocCalls += 1
-        stats.reserved += size
-        stats.peakReserved = max(stats.peakReserved, stats.reserved)
         return ptr!
     }
 }

@@ -184,6 +184,30 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertTrue(text.contains("planned: allocator peak \(formatBytes(first.peakInUse)) in use, \(formatBytes(first.peakReserved)) reserved"), text)
     }
 
+    /// A cudaMalloc the cap refuses returns the cache to the device and retries: the allocator's counters (its
+    /// `CachingAllocatorModel`) drop the freed blocks from the reservation, and the model trimmed the same way
+    /// gives the same counters.
+    func testAnAllocationOverTheCapTrimsTheCacheAndCountsIt() throws {
+        let library = try Self.emulatedBackend().library
+        let mib = 1 << 20
+        let allocator = DeviceAllocator(library: library, limit: 4 * mib)
+        let model = CachingAllocatorModel()
+        let small = allocator.allocate(2 * mib, tag: .activations); model.allocate(2 * mib, tag: .activations)
+        allocator.release(small); model.release(2 * mib, tag: .activations)
+        XCTAssertEqual(allocator.stats.reserved, 2 * mib, "the released block stays cached")
+        // 3 MiB rounds to 4 MiB: 2 + 4 over the 4 MiB cap, so the cached 2 MiB go back first.
+        let large = allocator.allocate(3 * mib, tag: .gradients)
+        model.emptyCache(); model.allocate(3 * mib, tag: .gradients)
+        XCTAssertEqual(allocator.stats.reserved, 4 * mib)
+        XCTAssertEqual(allocator.stats.peakReserved, 4 * mib)
+        XCTAssertEqual(allocator.stats.mallocCalls, 2)
+        XCTAssertEqual(allocator.stats.cacheHits, 0)
+        XCTAssertEqual(allocator.stats, model.stats)
+        allocator.release(large)
+        allocator.emptyCache()
+        XCTAssertEqual(allocator.stats.reserved, 0)
+    }
+
     func testNoLibraryIsOneSentence() {
         XCTAssertThrowsError(try CUDALibrary.load(path: "/nonexistent/libreloracuda.so")) { error in
             let text = "\(error)"

@@ -93,6 +93,13 @@ public final class CachingAllocatorModel: @unchecked Sendable {  // every var is
         cachedBlocks[size, default: 0] += 1
     }
 
+    /// Returns every cached block to the device (the CUDA allocator's retry after a failed cudaMalloc).
+    public func emptyCache() {
+        lock.lock(); defer { lock.unlock() }
+        counters.reserved -= cachedBlocks.reduce(0) { $0 + $1.key * $1.value }
+        cachedBlocks.removeAll()
+    }
+
     public var stats: AllocatorStats {
         lock.lock(); defer { lock.unlock() }
         return counters
