@@ -82,6 +82,21 @@ final class CUDABackendTests: XCTestCase {
             XCTAssertEqual(ShardedOptimizerTests.checkpointTensors(d.dir + "/emu-true", step: step),
                            ShardedOptimizerTests.checkpointTensors(d.dir + "/emu-false", step: step), "step \(step)")
         }
+        // The sharded run resumed from step 4 (each rank restores its own tensors' moments and master copies
+        // from the checkpoint that rank 0 wrote) trains steps 5 and 6 with the uninterrupted run's bits.
+        let checkpoints = d.dir + "/emu-true/checkpoints"
+        try FileManager.default.removeItem(atPath: checkpoints + "/" + TrainingCheckpoint.name(step: 6))
+        try Data((TrainingCheckpoint.name(step: 4) + "\n").utf8).write(to: URL(fileURLWithPath: checkpoints + "/latest"))
+        let resumed = try InProcessGroup.run(ranks: 2) { c -> ([Double], UInt64) in
+            let t = try Trainer(recipe: ShardedOptimizerTests.recipe(d, run: "emu-true", sharded: true), resume: true,
+                                backend: CUDABackend(library: library), communicator: c, log: { _ in })
+            _ = try t.run()
+            return (t.history.map(\.loss), t.weightsHash())
+        }
+        XCTAssertEqual(resumed[0].0.map(\.bitPattern), sharded.losses.suffix(2).map(\.bitPattern), "sharded bf16 resume")
+        XCTAssertEqual(resumed.map(\.1), sharded.hashes, "sharded bf16 resume")
+        XCTAssertEqual(ShardedOptimizerTests.checkpointTensors(d.dir + "/emu-true", step: 6),
+                       ShardedOptimizerTests.checkpointTensors(d.dir + "/emu-false", step: 6), "step 6 after the resume")
     }
 
     /// The allocator's stream events (`recordStream`, what the data-parallel sums declare for the gradients): a
