@@ -53,6 +53,10 @@ final class GGUFImportTests: XCTestCase {
     /// model within the bound the fixture derives from the file's rounding error (make_gguf_fixture.py:
     /// 6 sigma of the first-order term plus the measured Taylor remainder; never more than the
     /// Cauchy-Schwarz bound 1.25 B1).
+    /// relora's loss against transformers' on the same file: both sum the same f32 values in other orders.
+    /// Four ulps of a loss near 4.7 (an ulp is 4.8e-7); measured: at most 1e-7 on these files.
+    static let f32Rounding = 2e-6
+
     func testLossOnLlamaCppFilesEqualsTransformersWithinTheRoundingBound() throws {
         let tokens = try TokenArray(npyPath: dir + "/tokens.npy")
         for name in ["tiny_f16.gguf", "tiny_q8_0.gguf", "tiny_q4_0.gguf", "tiny_k_q4_K_M.gguf"] {
@@ -67,7 +71,7 @@ final class GGUFImportTests: XCTestCase {
             let tolerance = try XCTUnwrap(want["tolerance"] as? Double)
             let b1 = try XCTUnwrap(want["first_order_bound"] as? Double)
             XCTAssertLessThanOrEqual(tolerance, 1.25 * b1 + 2e-5, name)
-            XCTAssertEqual(loss, viaTransformers, accuracy: 2e-5, name)
+            XCTAssertEqual(loss, viaTransformers, accuracy: Self.f32Rounding, name)
             XCTAssertEqual(loss, original, accuracy: tolerance, name)
             print(String(format: "%@: relora %.7f, transformers on the file %.7f, on the original %.7f (allowed +-%.2e; Cauchy-Schwarz %.2e); types %@",
                          name, loss, viaTransformers, original, tolerance, 1.25 * b1, Set(types.values).sorted().joined(separator: " ")))
@@ -127,7 +131,7 @@ final class GGUFImportTests: XCTestCase {
                 XCTAssertEqual(t.model.weights.embed.toArray(), embed, label)
                 // The warm-started quantized model (B = 0) computes what transformers computes on the file.
                 let loss = try Evaluator.evaluate(model: t.model, tokens: try TokenArray(npyPath: dir + "/tokens.npy"), seqLen: 16, batch: 10).loss
-                XCTAssertEqual(loss, try XCTUnwrap(try expected(name)["loss_transformers_gguf"] as? Double), accuracy: 2e-5, label)
+                XCTAssertEqual(loss, try XCTUnwrap(try expected(name)["loss_transformers_gguf"] as? Double), accuracy: Self.f32Rounding, label)
 
                 for _ in 0 ..< 3 { _ = try t.trainStep() }
                 // s B A of every linear, as the merge forms it, on the same backend.
@@ -199,7 +203,7 @@ final class GGUFImportTests: XCTestCase {
         let eval = try runRelora(["eval", "--model", dir + "/tiny_k_q4_K_M.gguf", "--data", dir + "/tokens.npy", "--seq-len", "16", "--json"])
         XCTAssertEqual(eval.status, 0, eval.stderr)
         let loss = try XCTUnwrap((try JSONSerialization.jsonObject(with: Data(eval.stdout.utf8)) as? [String: Any])?["loss"] as? Double, eval.stdout)
-        XCTAssertEqual(loss, try XCTUnwrap(try expected("tiny_k_q4_K_M.gguf")["loss_transformers_gguf"] as? Double), accuracy: 2e-5)
+        XCTAssertEqual(loss, try XCTUnwrap(try expected("tiny_k_q4_K_M.gguf")["loss_transformers_gguf"] as? Double), accuracy: Self.f32Rounding)
     }
 
     /// Refusals, one sentence each: an IQ tensor names the type and the tensor; a recipe whose model is
