@@ -684,6 +684,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     /// The whole layer: cuBLAS runs one GEMM over the weight dequantized right before it.
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { [rows, cols] }
 
+    /// `dequantizedWeight` writes all of deq(W) into the scratch and nothing else writes it.
+    public var dequantizesWholeWeight: Bool { true }
+
     public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor) {
         let w = dequantizedWeight(q, scratch)
         matmul(x, w, y, m: n, n: q.rows, k: q.cols, transA: false, transB: true, alpha: 1, beta: beta, alphaScale: nil)

@@ -68,14 +68,19 @@ public final class AdaptedLinear {
     // MARK: Forward and backward
 
     /// `y = x W^T + beta * y` (x: `[n, in]`, y: `[n, out]`); a quantized W is dequantized in tiles
-    /// through the context's scratch.
+    /// through the context's scratch (or whole into its slot of the context's `DequantizedBlock`).
     func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, _ ctx: LinearContext) {
         let gemms = ctx.backend.profiler?.attributeGEMMs(to: .gemmBase); defer { gemms?.end() }
         switch weight {
         case .dense(let w):
             ctx.backend.matmul(x, w, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta)
         case .quantized(let q):
-            ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!)
+            if let cache = ctx.dequantCache {
+                ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: cache.slot(kind))
+                cache.wrote(layer: layer, kind)
+            } else {
+                ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!)
+            }
         }
     }
 
@@ -94,7 +99,13 @@ public final class AdaptedLinear {
         case .dense(let w):
             b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
         case .quantized(let q):
-            b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantScratch!)
+            if let cache = ctx.dequantCache, cache.holds(layer: layer, kind) {
+                // deq(W) is in the slot since this block's recompute: the GEMM `quantizedLinearInput` runs after
+                // dequantizing, on the same values (`Backend.dequantizesWholeWeight`).
+                b.matmul(dy, cache.slot(kind), dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta)
+            } else {
+                b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantCache?.slot(kind) ?? ctx.dequantScratch!)
+            }
         }
         if let weightGrad {
             b.matmul(dy, x, weightGrad, m: outFeatures, n: inFeatures, k: n, transA: true, beta: 1)
@@ -259,8 +270,12 @@ struct LinearContext {
     let dropoutKey: DropoutKey
     /// `gT = B^T dy^T` of a group, `[3r, N]` (training with adapters).
     let gT: Tensor?
-    /// Where quantized weights are dequantized, tile by tile (models with quantized weights).
+    /// Where quantized weights are dequantized, tile by tile (models with quantized weights), unless
+    /// `dequantCache` is set.
     let dequantScratch: Tensor?
+    /// A slot per linear instead of the shared scratch, which keeps a block's weights from its recompute to its
+    /// backward (training with block checkpointing, `LlamaModel.reusesDequantizedWeights`); nil otherwise.
+    let dequantCache: DequantizedBlock?
     /// The dropped-out adapter input / its gradient `[N, max(in)]` (training with dropout).
     let loraX: Tensor?
 
