@@ -192,6 +192,38 @@ final class CUDABackendTests: XCTestCase {
         XCTAssertTrue(text.contains("planned: allocator peak \(formatBytes(first.peakInUse)) in use, \(formatBytes(first.peakReserved)) reserved"), text)
     }
 
+    /// `reuse_dequantized: auto` on a device whose free memory (capped with RELORA_DEVICE_MEMORY_LIMIT) fits the
+    /// plan without the dequantized-block cache but not the plan with it: the run builds its model without the
+    /// cache, says so, and trains within the cap (the allocator's reservation is the leaner plan's).
+    func testAutoLeavesTheCacheOutWhenOnlyThatFitsTheDevice() throws {
+        try KernelEmulationTests.buildEmulation()
+        let library = try CUDALibrary.load(path: KernelEmulationTests.emulatedLibrary)
+        let d = try TrainerTests.makeByteData(hidden: 64, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        let r = TrainerTests.recipe(d, run: "auto-cap") {
+            $0.mode = .lora; $0.quant = .q4_0; $0.checkpointing = .block; $0.loraRank = 4; $0.loraAlpha = 8
+            $0.device = "cuda"; $0.valData = nil; $0.steps = 2; $0.warmupSteps = 0; $0.checkpointEvery = 100
+        }
+        var off = r
+        off.reuseDequantized = false
+        let gpu = CUDABackend(library: library).gpu
+        let kept = try XCTUnwrap(MemoryPlanner.plan(r, config: config, device: .cuda, gpu: gpu).cuda)
+        let plain = try XCTUnwrap(MemoryPlanner.plan(off, config: config, device: .cuda, gpu: gpu).cuda)
+        XCTAssertGreaterThan(kept.total, plain.total)
+        setenv("RELORA_DEVICE_MEMORY_LIMIT", "\(plain.total + (kept.total - plain.total) / 2)", 1)
+        defer { unsetenv("RELORA_DEVICE_MEMORY_LIMIT") }
+        let backend = CUDABackend(library: library)
+        var lines: [String] = []
+        let trainer = try Trainer(recipe: r, resume: false, backend: backend, log: { lines.append($0) })
+        // (A model with the cache would exceed the cap in its step, which ends the process: stop here instead.)
+        guard trainer.model.dequantizedCacheBytes == 0 else { return XCTFail("the run kept the cache the device cannot hold") }
+        XCTAssertEqual(trainer.memoryPlan?.dequantizedCacheLeftOut, DequantizedBlock.bytes(config, backend: backend))
+        XCTAssertTrue(lines.contains { $0.hasPrefix("reuse_dequantized auto: off") }, "\(lines)")
+        _ = try trainer.trainStep()
+        _ = try trainer.trainStep()
+        XCTAssertEqual(backend.allocatorStats.peakReserved, plain.allocator.peakReserved)
+    }
+
     func testNoLibraryIsOneSentence() {
         XCTAssertThrowsError(try CUDALibrary.load(path: "/nonexistent/libreloracuda.so")) { error in
             let text = "\(error)"

@@ -98,8 +98,10 @@ final class CUDAStepBudgetTests: XCTestCase {
                     $0.seqLen = 16; $0.microBatch = 2; $0.gradAccum = micro
                     $0.loraRank = 4; $0.loraAlpha = 8; $0.reloraEvery = 2; $0.restartWarmup = 0
                 }
-                let trainer = try Trainer(recipe: r, resume: false, backend: CUDABackend(library: library), log: { _ in })
+                var lines: [String] = []
+                let trainer = try Trainer(recipe: r, resume: false, backend: CUDABackend(library: library), log: { lines.append($0) })
                 XCTAssertEqual(trainer.model.dequantizedCacheBytes > 0, reuse, "\(quant)")
+                XCTAssertEqual(lines.contains { $0.hasPrefix("reuse_dequantized: each block's dequantized weights are kept") }, reuse, "\(lines)")
                 XCTAssertEqual(trainer.memoryPlan?.reusesDequantizedWeights, reuse, "\(quant)")
                 _ = try trainer.trainStep()
                 try trainer.restart()

@@ -301,6 +301,12 @@ final class MemoryPlanTests: XCTestCase {
         let tight = try MemoryPlanner.plan(q, config: config, device: .cuda, budget: plain.need - 1)
         XCTAssertFalse(tight.fits)
         XCTAssertEqual(tight.dequantizedCache, kept.dequantizedCache)
+
+        // On the CPU a forced true changes nothing, and the log says so.
+        var lines: [String] = []
+        let trainer = try Trainer(recipe: on, resume: false, log: { lines.append($0) })
+        XCTAssertEqual(trainer.model.dequantizedCacheBytes, 0)
+        XCTAssertTrue(lines.contains { $0.hasPrefix("note: reuse_dequantized has no effect") }, "\(lines)")
     }
 
     func testCUDAIsRefusedWithOneSentence() throws {
