@@ -85,7 +85,7 @@ final class CUDAStepBudgetTests: XCTestCase {
     /// dequantized twice only), and every other launch is the same (the backward's GEMM runs either way). Losses,
     /// gradient norms, LoRA factors and quantized weights are the same bits over steps around a ReLoRA restart
     /// (which requantizes every weight: the slots are filled anew by each block's recompute, so nothing stale is
-    /// read), for q4_0 and nf4.
+    /// read), for q4_0 and nf4. The measured step (after the restart) calls no cudaMalloc.
     func testReusedDequantizedWeightsSaveLaunchesAndChangeNoBit() throws {
         let library = try CUDABackendTests.emulatedBackend().library
         let layers = 2, micro = 2
@@ -108,8 +108,9 @@ final class CUDAStepBudgetTests: XCTestCase {
                 let dequantizes = try XCTUnwrap(library.emulatedLaunches(named: "dequantize_kernel"))
                 let start = try XCTUnwrap(library.emulationCounters())
                 _ = try trainer.trainStep()
-                let counted = (try XCTUnwrap(library.emulatedLaunches(named: "dequantize_kernel")) - dequantizes,
-                               try XCTUnwrap(library.emulationCounters()).since(start).launches)
+                let since = try XCTUnwrap(library.emulationCounters()).since(start)
+                let counted = (try XCTUnwrap(library.emulatedLaunches(named: "dequantize_kernel")) - dequantizes, since.launches)
+                XCTAssertEqual(since.mallocs, 0, "\(quant) reuse \(reuse): the cache was allocated by the first step")
                 _ = try trainer.trainStep()
                 return (trainer, counted.0, counted.1)
             }
