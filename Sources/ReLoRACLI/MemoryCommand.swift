@@ -22,7 +22,9 @@ let memoryCommand = CommandSpec(
         copies; f32 gradients, master copies and Adam states), then adds what the process holds besides its
         tensors: the caching allocator's rounding and cache (modelled exactly) and estimates of the CUDA
         context, cuBLAS' workspace and, with several processes, NCCL's buffers, for the GPU --gpu names. The
-        budget is checked against that device total. The data files need not exist.
+        budget is checked against that device total. With quantized weights under block checkpointing on cuda
+        the workspace holds the dequantized-weight cache (reuse_dequantized; auto leaves it out when only the
+        plan without it fits SIZE, and says so). The data files need not exist.
         With --world-size N it plans each of N data-parallel processes: the same for all unless the recipe
         has shard_optimizer, when each keeps the optimizer state of its share of the tensors; the table is
         then that of the rank with the largest peak, followed by every rank's optimizer state and peak.
@@ -73,11 +75,16 @@ func runMemory(_ args: [String]) throws {
 /// Refuses (before anything is allocated) a run whose plan exceeds `budget`, naming a change that fits: the
 /// plan of this process, which under a launcher is one rank of several (its share of a sharded optimizer).
 /// On cuda the budget is the whole card's, so the plan's estimates (for `GPUProfile.planningDefault`: no
-/// device is open yet) count in full.
-func checkBudget(_ recipe: Recipe, budget: Int) throws {
+/// device is open yet) count in full. Returns the plan.
+@discardableResult
+func checkBudget(_ recipe: Recipe, budget: Int) throws -> MemoryPlan {
     let device = try Device(parsing: recipe.device)
     let launch = try LaunchEnvironment.detect()
     let plan = try MemoryPlanner.requireFits(recipe, config: try recipe.modelConfig(), device: device, budget: budget,
                                              worldSize: launch?.worldSize ?? 1, rank: launch?.rank ?? 0)
     printLine("memory plan: needs \(formatBytes(plan.need)) of the \(formatBytes(budget)) budget on \(device.rawValue)")
+    if plan.dequantizedCacheLeftOut > 0 {
+        printLine("reuse_dequantized auto: off, its \(formatBytes(plan.dequantizedCacheLeftOut)) cache does not fit the budget")
+    }
+    return plan
 }

@@ -71,7 +71,7 @@ func runTrain(_ args: [String]) throws {
     let resumeDir = a.string("resume")
     let budget = try a.bytes("budget")
     let profileSteps = try a.int("profile", atLeast: 0)
-    let recipe: Recipe
+    var recipe: Recipe
     switch (a.positional.first, resumeDir) {
     case (let path?, nil):
         recipe = try Recipe(contentsOf: path, overrides: overrides)
@@ -82,7 +82,9 @@ func runTrain(_ args: [String]) throws {
     case (nil, nil):
         throw trainCommand.usageError("missing the recipe file (or --resume RUN_DIR)")
     }
-    if let budget { try checkBudget(recipe, budget: budget) }
+    // A budget only the plan without the dequantized-weight cache fits settles `reuse_dequantized: auto` to false
+    // for this run (its recipe.json then says so, and a resume stays within the budget too).
+    if let budget, try checkBudget(recipe, budget: budget).dequantizedCacheLeftOut > 0 { recipe.reuseDequantized = false }
     if resumeDir == nil { try Trainer.checkProfileFits(profileSteps: profileSteps, done: 0, steps: recipe.steps) }
     installStopHandler()
     // One process, or every rank of a launch (docs/distributed.md): each runs this same command; on the

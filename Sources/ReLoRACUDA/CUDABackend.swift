@@ -697,6 +697,9 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     /// before it.
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { [rows, rowPadding.stride(cols)] }
 
+    /// `dequantizedWeight` writes all of deq(W) into the scratch and nothing else writes it.
+    public var dequantizesWholeWeight: Bool { true }
+
     public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
                                 ldx: Int, ldy: Int) {
         let w = dequantizedWeight(q, scratch)

@@ -120,6 +120,15 @@ public final class CUDALibrary: @unchecked Sendable {
         return c
     }
 
+    /// The emulation's launches since it was loaded of the kernels whose name contains `substring`
+    /// (`relora_emu_launches_named`; e.g. "dequantize_kernel": the frozen weights' dequantizations). nil for a CUDA
+    /// build.
+    public func emulatedLaunches(named substring: String) -> UInt64? {
+        typealias Named = @convention(c) (UnsafePointer<CChar>?) -> UInt64
+        guard emulated, let handle = api.handle, let named = dlsym(handle, "relora_emu_launches_named") else { return nil }
+        return substring.withCString { unsafeBitCast(named, to: Named.self)($0) }
+    }
+
     /// Ends the process when a kernel call failed (no step can recover from it half way; the last checkpoint
     /// on disk is intact). Out of memory (pinned host memory for master copies, cuBLAS's workspace, a CUDA
     /// call that could not allocate) is what a recipe can cause: one sentence and exit status 3

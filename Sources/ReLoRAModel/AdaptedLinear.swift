@@ -68,14 +68,20 @@ public final class AdaptedLinear {
     // MARK: Forward and backward
 
     /// `y = x W^T + beta * y` (x: `[n, in]` rows `ldx` apart, y: `[n, out]` rows `ldy` apart; 0 = packed);
-    /// a quantized W is dequantized through the context's scratch.
+    /// a quantized W is dequantized through the context's scratch (or whole into its slot of the context's
+    /// `DequantizedBlock`).
     func forwardBase(_ x: Tensor, _ y: Tensor, beta: Float, tokens n: Int, ldx: Int = 0, ldy: Int = 0, _ ctx: LinearContext) {
         let gemms = ctx.backend.profiler?.attributeGEMMs(to: .gemmBase); defer { gemms?.end() }
         switch weight {
         case .dense(let w):
             ctx.backend.matmul(x, w, y, m: n, n: outFeatures, k: inFeatures, transB: true, beta: beta, lda: ldx, ldc: ldy)
         case .quantized(let q):
-            ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!, ldx: ldx, ldy: ldy)
+            if let cache = ctx.dequantCache {
+                ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: cache.slot(kind), ldx: ldx, ldy: ldy)
+                cache.wrote(layer: layer, kind)
+            } else {
+                ctx.backend.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: ctx.dequantScratch!, ldx: ldx, ldy: ldy)
+            }
         }
     }
 
@@ -96,7 +102,15 @@ public final class AdaptedLinear {
         case .dense(let w):
             b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta, lda: ldOut, ldc: ldIn)
         case .quantized(let q):
-            b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantScratch!, lddy: ldOut, lddx: ldIn)
+            if let cache = ctx.dequantCache, cache.holds(layer: layer, kind) {
+                // deq(W) is in the slot since this block's recompute: the GEMM `quantizedLinearInput` runs after
+                // dequantizing, on the same values (`Backend.dequantizesWholeWeight`), rows as the backend's scratch.
+                let w = cache.slot(kind)
+                b.matmul(dy, w, dx, m: n, n: inFeatures, k: outFeatures, beta: dxBeta, lda: ldOut, ldb: w.shape[1], ldc: ldIn)
+            } else {
+                b.quantizedLinearInput(dy, q, dx, tokens: n, beta: dxBeta, scratch: ctx.dequantCache?.slot(kind) ?? ctx.dequantScratch!,
+                                       lddy: ldOut, lddx: ldIn)
+            }
         }
         if let weightGrad {
             b.matmul(dy, x, weightGrad, m: outFeatures, n: inFeatures, k: n, transA: true, beta: 1, lda: ldOut, ldb: ldIn)
@@ -271,8 +285,12 @@ struct LinearContext {
     let dropoutKey: DropoutKey
     /// `gT = B^T dy^T` of a group, `[3r, N]` (training with adapters).
     let gT: Tensor?
-    /// Where quantized weights are dequantized, tile by tile (models with quantized weights).
+    /// Where quantized weights are dequantized, tile by tile (models with quantized weights), unless
+    /// `dequantCache` is set.
     let dequantScratch: Tensor?
+    /// A slot per linear instead of the shared scratch, which keeps a block's weights from its recompute to its
+    /// backward (training with block checkpointing, `LlamaModel.reusesDequantizedWeights`); nil otherwise.
+    let dequantCache: DequantizedBlock?
     /// The dropped-out adapter input / its gradient `[N, max(in)]` (training with dropout).
     let loraX: Tensor?
 

@@ -48,6 +48,13 @@ public final class LlamaModel {
     public var checkpointing: GradientCheckpointing {
         didSet { if oldValue != checkpointing { workspace = nil } }
     }
+    /// Whether training keeps each block's dequantized weights from its recompute to its backward
+    /// (`DequantizedBlock`): where it applies (`dequantizedCacheBytes` > 0), each quantized linear but the down
+    /// projection is dequantized twice per micro-batch instead of three times, for the cache's memory. Same bits
+    /// either way.
+    public var reusesDequantizedWeights: Bool {
+        didSet { if oldValue != reusesDequantizedWeights { workspace = nil } }
+    }
     /// The LoRA settings, or nil for full-rank training. With adapters the block linears are frozen
     /// (tag `.frozenWeights`, no gradient, no optimizer state).
     public private(set) var loraConfig: LoRAConfig?
@@ -68,12 +75,14 @@ public final class LlamaModel {
     /// `quant` stores the frozen block linears of a LoRA model in a block format (needs `lora`), with an
     /// f32 master copy each in host memory if `masterCopies` (merge policy `master`).
     public init(config: LlamaConfig, backend: Backend, checkpointing: GradientCheckpointing = .none,
-                lora: LoRAConfig? = nil, quant: QuantFormat? = nil, masterCopies: Bool = false) {
+                lora: LoRAConfig? = nil, quant: QuantFormat? = nil, masterCopies: Bool = false,
+                reusesDequantizedWeights: Bool = true) {
         precondition(quant == nil || lora != nil, "quantized base weights are frozen: they need LoRA")
         precondition(!masterCopies || quant != nil, "master copies are for quantized base weights")
         self.config = config
         self.backend = backend
         self.checkpointing = checkpointing
+        self.reusesDequantizedWeights = reusesDequantizedWeights
         self.loraConfig = lora
         self.quant = quant
         self.weights = LlamaParameters(config: config, lora: lora, quant: quant, masterCopies: masterCopies, backend: backend)
@@ -81,6 +90,14 @@ public final class LlamaModel {
 
     /// Whether the block linears get gradients (full-rank training) or are frozen (LoRA).
     public var linearsTrainable: Bool { loraConfig == nil }
+
+    /// The bytes of the `DequantizedBlock` a training workspace holds (tag `.workspace`, in place of the shared
+    /// dequantization scratch), or 0 where none is kept: it needs `reusesDequantizedWeights`, quantized weights,
+    /// block checkpointing (without it nothing is recomputed) and a backend that dequantizes whole weights.
+    public var dequantizedCacheBytes: Int {
+        guard reusesDequantizedWeights, quant != nil, checkpointing == .block, backend.dequantizesWholeWeight else { return 0 }
+        return DequantizedBlock.bytes(config, backend: backend)
+    }
 
     /// The adapter of one linear (LoRA models).
     public func adapter(_ layer: Int, _ kind: LinearKind) -> LoRAAdapter? { weights.blocks[layer].linear(kind).adapter }
@@ -250,11 +267,13 @@ public final class LlamaModel {
             let acts: BlockActivations
             if checkpointing == .block {
                 acts = ws.blocks[0]
+                ws.dequantCache?.keep(layer)  // the recompute's dequantized weights serve this block's backward
                 blockForward(layer, input: ws.xs[layer], output: nil, acts, ws)
             } else {
                 acts = ws.blocks[layer]
             }
             blockBackward(layer, input: ws.xs[layer], acts, ws, grads)
+            ws.dequantCache?.forget()
             afterBlockBackward?(layer)
         }
         backend.embeddingBackward(ids: ws.ids, dout: ws.dres, dtable: grads.embed, dim: c)
@@ -465,7 +484,7 @@ public final class LlamaModel {
     private func context(_ ws: Workspace) -> LinearContext {
         LinearContext(backend: backend, dropout: ws.training ? Float(loraConfig?.dropout ?? 0) : 0,
                       dropoutSeed: dropoutSeed, dropoutKey: dropoutKey, gT: ws.gT, dequantScratch: ws.dequantScratch,
-                      loraX: ws.loraX)
+                      dequantCache: ws.dequantCache, loraX: ws.loraX)
     }
 
     // MARK: Backward
@@ -510,7 +529,7 @@ public final class LlamaModel {
         workspace = nil  // free the old buffers before allocating the new ones
         let ws = Workspace(config: config, backend: backend, batch: batch, seqLen: seqLen, training: training,
                            savedBlocks: training && checkpointing == .none ? config.numHiddenLayers : 1,
-                           lora: loraConfig, quant: quant)
+                           lora: loraConfig, quant: quant, dequantizedBlock: training && dequantizedCacheBytes > 0)
         workspace = ws
         return ws
     }
@@ -589,7 +608,8 @@ final class Workspace {
     /// i32 token ids and targets `[N]`, uploaded once per batch.
     let ids, targets: Tensor
     /// Where quantized base weights are dequantized (models with quantized weights): large enough for
-    /// the backend's scratch of the largest linear (`Backend.dequantizeScratchShape`).
+    /// the backend's scratch of the largest linear (`Backend.dequantizeScratchShape`). nil when
+    /// `dequantCache` takes its place.
     let dequantScratch: Tensor?
     /// Row strides of the `[N, F]` MLP activations (gate, up, h and their gradients) and of the `[N, V]`
     /// logits: `Backend.rowPadding`'s (F and V themselves on the CPU). Padded MLP rows are allocated zeroed
@@ -597,6 +617,9 @@ final class Workspace {
     /// zero padding to zero), so the padding stays zero and SwiGLU can run over whole rows. The logits'
     /// padding is never read.
     let mlpStride: Int, vocabStride: Int
+    /// A slot per linear of one block (`DequantizedBlock`), kept from a block's recompute to its backward
+    /// (training workspaces of `LlamaModel.dequantizedCacheBytes` > 0).
+    let dequantCache: DequantizedBlock?
     let lnf, rstdf, logits, losses: Tensor
     // Backward scratch (allocated only for training).
     let dres, dln, dq, dk, dv, dattn, dh, dgate, dup: Tensor!
@@ -605,7 +628,7 @@ final class Workspace {
     let gT, loraX: Tensor?
 
     init(config cfg: LlamaConfig, backend: Backend, batch: Int, seqLen: Int, training: Bool, savedBlocks: Int,
-         lora: LoRAConfig?, quant: QuantFormat?) {
+         lora: LoRAConfig?, quant: QuantFormat?, dequantizedBlock: Bool) {
         self.batch = batch; self.seqLen = seqLen; self.training = training
         let n = batch * seqLen, c = cfg.hiddenSize
         tokens = n
@@ -621,7 +644,10 @@ final class Workspace {
         blocks = (0..<savedBlocks).map { _ in
             BlockActivations(cfg, backend, batch: batch, seqLen: seqLen, loraRank: lora?.rank, mlpStride: fs)
         }
-        dequantScratch = quant.map { _ in
+        let cache = quant != nil && dequantizedBlock ? DequantizedBlock(cfg, backend: backend) : nil
+        dequantCache = cache
+        dequantScratch = quant.flatMap { _ in
+            guard cache == nil else { return nil }
             let elements = LinearKind.allCases.map { kind -> Int in
                 let (out, inF) = kind.shape(cfg)
                 return backend.dequantizeScratchShape(rows: out, cols: inF).reduce(1, *)

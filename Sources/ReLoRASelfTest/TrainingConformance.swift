@@ -28,16 +28,18 @@ public enum TrainingConformance {
         public var quant: FrozenStorage
         public var mergePolicy: MergePolicyKind?
         public var optimizerStates: OptimizerStates = .f32
+        public var checkpointing: GradientCheckpointing = .none
     }
 
     /// full-rank; relora over q4_0 with a restart (rtn merge, magnitude reset) after step 3; relora over
-    /// nf4 with stochastic merges and LoRA dropout; relora over q8_0 merging into f32 master copies (pinned
+    /// nf4 with stochastic merges and LoRA dropout under block checkpointing (on a device, its backward reuses
+    /// the recompute's dequantized weights: `reuse_dequantized`); relora over q8_0 merging into f32 master copies (pinned
     /// host memory on a GPU); full-rank with 8-bit Adam moments (every matrix of this model has >= 4096
     /// entries, so the block linears and the embeddings take the 8-bit update).
     public static let cases: [Case] = [
         Case(name: "full", mode: .full, quant: .none, mergePolicy: nil),
         Case(name: "relora q4_0 rtn", mode: .relora, quant: .q4_0, mergePolicy: .rtn),
-        Case(name: "relora nf4 stochastic", mode: .relora, quant: .nf4, mergePolicy: .stochastic),
+        Case(name: "relora nf4 stochastic block", mode: .relora, quant: .nf4, mergePolicy: .stochastic, checkpointing: .block),
         Case(name: "relora q8_0 master", mode: .relora, quant: .q8_0, mergePolicy: .master),
         Case(name: "full int8 moments", mode: .full, quant: .none, mergePolicy: nil, optimizerStates: .int8),
     ]
@@ -109,6 +111,7 @@ public enum TrainingConformance {
         r.quant = c.quant
         r.mergePolicy = c.mergePolicy
         r.optimizerStates = c.optimizerStates
+        r.checkpointing = c.checkpointing
         if c.mode != .full {
             r.loraRank = 8; r.loraAlpha = 16; r.loraDropout = c.mergePolicy == .stochastic ? 0.1 : 0
         }

@@ -35,6 +35,15 @@ public struct MemoryPlan: Sendable {
     public var sharded = false
     /// Every rank's plan, in rank order, when the ranks differ (sharded); else empty.
     public var ranks: [RankPlan] = []
+    /// The cache of one block's dequantized weights the planned run keeps from a block's recompute to its
+    /// backward (`LlamaModel.dequantizedCacheBytes`, in `workspace`, in place of the shared dequantization
+    /// scratch), 0 for none.
+    public var dequantizedCache = 0
+    /// When `reuse_dequantized: auto` left that cache out because the plan with it did not fit `budget` and the
+    /// plan without does: the cache's bytes (the run then goes without it); else 0.
+    public var dequantizedCacheLeftOut = 0
+    /// Whether the planned run keeps the dequantized weights: what a run of this plan builds its model with.
+    public var reusesDequantizedWeights: Bool { dequantizedCache > 0 }
 
     /// One rank's part in a sharded plan.
     public struct RankPlan: Sendable {
@@ -54,6 +63,10 @@ public enum MemoryPlanner {
     /// checkpointing) and, for `relora`, one restart (merge with the recipe's policy, whose workspace and
     /// master copies it counts, + optimizer reset).
     ///
+    /// `reuse_dequantized: auto` (the default) is settled here: the plan keeps the dequantized-weight cache
+    /// where it applies, unless a `budget` is given that the plan fits only without it, and then it is the
+    /// plan without (`dequantizedCacheLeftOut` says so). A run builds its model as its plan says.
+    ///
     /// For rank `rank` of `worldSize` data-parallel ranks (each holds the whole model; with `shard_optimizer`
     /// only its share of the optimizer state; on cuda with more than one rank, the gradient sums' buffers
     /// too); rank nil: every rank is planned and the plan is that of the rank with the largest need (the lowest
@@ -65,16 +78,33 @@ public enum MemoryPlanner {
                             worldSize: Int = 1, rank: Int? = nil, gpu: GPUProfile = .planningDefault,
                             budgetAfterStart: Bool = false) throws -> MemoryPlan {
         precondition(worldSize >= 1 && (rank.map { (0..<worldSize).contains($0) } ?? true), "rank \(rank ?? -1) of \(worldSize)")
+        let planned = try planAsGiven(recipe, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank,
+                                      gpu: gpu, budgetAfterStart: budgetAfterStart)
+        guard !planned.fits, recipe.reuseDequantized == nil, planned.dequantizedCache > 0 else { return planned }
+        var without = recipe
+        without.reuseDequantized = false
+        var lean = try planAsGiven(without, config: config, device: device, budget: budget, worldSize: worldSize, rank: rank,
+                                   gpu: gpu, budgetAfterStart: budgetAfterStart)
+        guard lean.fits else { return planned }
+        lean.dequantizedCacheLeftOut = planned.dequantizedCache
+        return lean
+    }
+
+    /// `plan` with `reuse_dequantized: auto` taken as true.
+    private static func planAsGiven(_ recipe: Recipe, config: LlamaConfig, device: Device, budget: Int?, worldSize: Int,
+                                    rank: Int?, gpu: GPUProfile, budgetAfterStart: Bool) throws -> MemoryPlan {
         let sharded = recipe.shardOptimizer && worldSize > 1
         // The NCCL engine's device sums, with its chunk size (RELORA_COLLECTIVE_CHUNK_FLOATS, as a run reads it).
         let chunkFloats = try device == .cuda && worldSize > 1 ? NCCLCommunicator.chunkFloats(ProcessInfo.processInfo.environment) : 0
+        var dequantizedCache = 0
         func planRank(_ r: Int) throws -> MemoryPlan.RankPlan {
             let backend = PlanningBackend(target: device)
             try LlamaModel.checkSupported(config, on: backend)  // a plan for a run the device cannot make is an error
             let collectives: Communicator = chunkFloats > 0 ? PlannedCollectives(worldSize: worldSize, chunkFloats: chunkFloats) : SingleProcess()
             var afterFirstStep: AllocatorStats?
-            let optimizer = try run(recipe, config: config, on: backend, rank: r, worldSize: worldSize, communicator: collectives,
-                                    afterFirstStep: { afterFirstStep = backend.allocator?.stats })
+            let (model, optimizer) = try run(recipe, config: config, on: backend, rank: r, worldSize: worldSize, communicator: collectives,
+                                             afterFirstStep: { afterFirstStep = backend.allocator?.stats })
+            dequantizedCache = model.dequantizedCacheBytes
             return MemoryPlan.RankPlan(rank: r, tensors: optimizer.parameters.indices.filter(optimizer.owns).count,
                                        report: backend.ledger.report(),
                                        cuda: backend.allocator.map {
@@ -88,6 +118,7 @@ public enum MemoryPlanner {
             plan.sharded = sharded
             plan.rank = one.rank
             plan.ranks = ranks
+            plan.dequantizedCache = dequantizedCache
             return plan
         }
         guard sharded else { return made(try planRank(0)) }
@@ -121,11 +152,11 @@ public enum MemoryPlanner {
     /// plan = measured), as rank `rank` of `worldSize` builds it (its share of a sharded optimizer's state):
     /// a new run's start (the model and optimizer built, the weights and LoRA factors initialised, whose
     /// quantized weights pass through f32 temporaries), one optimizer step, then `afterFirstStep`, then a
-    /// restart for relora. Returns the optimizer. The step's collectives go through `communicator`: on cuda
+    /// restart for relora. Returns the model and the optimizer. The step's collectives go through `communicator`: on cuda
     /// `PlannedCollectives` (the NCCL engine's device buffers); host collectives allocate nothing on the device.
     @discardableResult
     static func run(_ recipe: Recipe, config: LlamaConfig, on backend: Backend, rank: Int = 0, worldSize: Int = 1,
-                    communicator: Communicator = SingleProcess(), afterFirstStep: () -> Void = {}) throws -> AdamW {
+                    communicator: Communicator = SingleProcess(), afterFirstStep: () -> Void = {}) throws -> (model: LlamaModel, optimizer: AdamW) {
         try recipe.loraConfig?.validate(for: config)
         let (model, optimizer) = TrainingModel.build(recipe, config: config, backend: backend, rank: rank, worldSize: worldSize)
         try model.weights.initializeRandom(seed: recipe.seed, std: Float(recipe.initStd), backend: backend)  // as Trainer.startingState
@@ -140,11 +171,12 @@ public enum MemoryPlanner {
             try model.mergeAdapters(policy: recipe.effectiveMergePolicy.policy, seed: recipe.seed)
             _ = try Trainer.resetAfterMerge(optimizer, recipe: recipe, restart: 0)
         }
-        return optimizer
+        return (model, optimizer)
     }
 
     /// The first of a few standard changes whose plan fits `budget`, as `--set` overrides with the planned
-    /// need; nil if none does. In order: those that leave the arithmetic alone (block checkpointing, smaller
+    /// need; nil if none does. In order: those that leave the arithmetic alone (`reuse_dequantized` false where
+    /// the recipe asks for true, block checkpointing, smaller
     /// micro-batches at the same tokens per step), then those that store something in fewer bits (8-bit
     /// Adam moments; q8_0, then q4_0 frozen weights), then a smaller LoRA rank. `worldSize`, `rank`, `gpu`
     /// and `budgetAfterStart` as for `plan`.
@@ -157,6 +189,7 @@ public enum MemoryPlanner {
             edit(&r)
             candidates.append(r)
         }
+        if recipe.reuseDequantized == true { add { $0.reuseDequantized = false } }  // (auto drops the cache itself)
         add { $0.checkpointing = .block }
         var mb = recipe.microBatch / 2
         while mb >= 1 {
@@ -202,6 +235,7 @@ public enum MemoryPlanner {
     /// The `--set` overrides that turn `recipe` into `changed`, over the keys a suggestion edits.
     static func overrides(from recipe: Recipe, to changed: Recipe) -> String {
         var sets: [String] = []
+        if changed.reuseDequantized != recipe.reuseDequantized { sets.append("reuse_dequantized=\(changed.reuseDequantized.map { "\($0)" } ?? "auto")") }
         if changed.checkpointing != recipe.checkpointing { sets.append("checkpointing=\(changed.checkpointing.rawValue)") }
         if changed.microBatch != recipe.microBatch { sets.append("micro_batch=\(changed.microBatch)") }
         if changed.gradAccum != recipe.gradAccum { sets.append("grad_accum=\(changed.gradAccum)") }
@@ -225,6 +259,12 @@ extension MemoryPlan {
         var lines = [title]
         for tag in MemoryTag.allCases where report.peak(tag) > 0 && !tag.isHost {
             lines.append(line(tag.rawValue, report.peak(tag)))
+            guard tag == .workspace else { continue }
+            if dequantizedCache > 0 {
+                lines.append(line("  of which", dequantizedCache, "one block's dequantized weights, kept from its recompute to its backward (reuse_dequantized)"))
+            } else if dequantizedCacheLeftOut > 0 {
+                lines.append("  (reuse_dequantized auto: off, its \(formatBytes(dequantizedCacheLeftOut)) cache of one block's dequantized weights does not fit the budget)")
+            }
         }
         lines.append(line("peak total", report.peakTotal, cuda == nil ? "" : "the tensors"))
         if let cuda {
@@ -292,7 +332,8 @@ extension MemoryPlan {
         var o: [String: Any] = ["device": device.rawValue, "peak_bytes_by_tag": peaks(report), "peak_total_bytes": report.peakTotal,
                                 "device_total_bytes": cuda?.total ?? report.peakTotal,
                                 "host_peak_total_bytes": report.hostPeakTotal, "world_size": worldSize, "rank": rank,
-                                "shard_optimizer": sharded]
+                                "shard_optimizer": sharded, "dequantized_cache_bytes": dequantizedCache]
+        if dequantizedCacheLeftOut > 0 { o["dequantized_cache_left_out_bytes"] = dequantizedCacheLeftOut }
         if let cuda { o["cuda"] = footprint(cuda) }
         if let budget { o["budget_bytes"] = budget; o["fits"] = fits; o["need_bytes"] = need }
         if !ranks.isEmpty {

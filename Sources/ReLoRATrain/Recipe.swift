@@ -116,6 +116,14 @@ public struct Recipe: Sendable, Equatable {
     /// How `relora` restarts merge into the frozen weights (`MergePolicyKind`); nil: the default, `exact`
     /// for dense weights and `rtn` for quantized ones (`effectiveMergePolicy`).
     public var mergePolicy: MergePolicyKind?
+    /// Whether training with quantized weights under block checkpointing keeps each block's dequantized weights
+    /// from its recompute to its backward (`reuse_dequantized`: true, false, or "auto", the default, as nil):
+    /// one dequantization fewer per micro-batch for six of a block's seven linears, for a cache of one block's
+    /// weights in the compute dtype (`DequantizedBlock`; 75 MiB more than the shared scratch for the 1b config
+    /// in bf16). Only where the backend dequantizes whole weights (cuda); the results are the same bits either
+    /// way. Auto keeps them unless the memory plan fits its budget only without (`MemoryPlanner.plan`), as the
+    /// memory-for-speed choice it is; true keeps them whatever the plan says.
+    public var reuseDequantized: Bool?
     /// Where `merge_policy: master` keeps its f32 copies on the CPU: `ram` (default) or `file` (memory-mapped).
     /// Other policies keep no copies and ignore it (the trainer says so in its log).
     public var masterCopies: MasterCopyStorage = .ram
@@ -327,6 +335,14 @@ extension Recipe {
         .choice("quant", \.quant, when: loraModes),
         .optionalChoice("merge_policy", \.mergePolicy, when: reloraMode),
         .choice("master_copies", \.masterCopies, when: reloraMode),
+        // true, false or "auto" (or null: auto, the default); written only when set.
+        RecipeKey(name: "reuse_dequantized", decode: { keys, recipe in
+            switch keys.values["reuse_dequantized"] {
+            case nil, .null?, .string("auto")?: recipe.reuseDequantized = nil
+            case .bool(let b)?: recipe.reuseDequantized = b
+            case let other?: throw ReLoRAError.invalidConfig("'reuse_dequantized' must be true, false or \"auto\", got \(other.summary)")
+            }
+        }, encode: { loraModes($0) ? $0.reuseDequantized : nil }),
         .optional("relora_every", \.reloraEvery, read: { try $0.optionalInt($1) }, when: reloraMode),
         .int("restart_warmup", \.restartWarmup, when: reloraMode),
         .choice("optimizer_reset", \.optimizerReset, when: reloraMode),

@@ -120,6 +120,9 @@ struct RunSetup {
             }
         }
         try LlamaModel.checkSupported(config, on: backend)
+        if recipe.reuseDequantized == true, recipe.quant == .none || recipe.checkpointing != .block || !backend.dequantizesWholeWeight {
+            log("note: reuse_dequantized has no effect: it needs quantized weights (quant), checkpointing 'block' and a device whose quantized linears dequantize whole weights (cuda)")
+        }
         guard let device = backend as? DeviceBackend else { return nil }
         let free = device.deviceMemory().free
         let plan = try MemoryPlanner.requireFits(recipe, config: config, device: device.device, budget: free,
@@ -127,6 +130,11 @@ struct RunSetup {
                                                  gpu: device.gpu, budgetAfterStart: true)
         log("memory plan: needs \(formatBytes(plan.need)) of \(formatBytes(free)) free on \(device.deviceName) "
             + "(tensors' peak \(formatBytes(plan.report.peakTotal)); allocator's blocks and estimated overheads included)")
+        if plan.dequantizedCache > 0 {
+            log("reuse_dequantized: each block's dequantized weights are kept from its recompute to its backward (a \(formatBytes(plan.dequantizedCache)) cache)")
+        } else if plan.dequantizedCacheLeftOut > 0 {
+            log("reuse_dequantized auto: off, its \(formatBytes(plan.dequantizedCacheLeftOut)) cache does not fit; the backward dequantizes each weight again")
+        }
         return plan
     }
 
@@ -193,7 +201,8 @@ enum TrainingModel {
     static func build(_ recipe: Recipe, config: LlamaConfig, backend: Backend, rank: Int = 0,
                       worldSize: Int = 1) -> (model: LlamaModel, optimizer: AdamW) {
         let model = LlamaModel(config: config, backend: backend, checkpointing: recipe.checkpointing, lora: recipe.loraConfig,
-                               quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies)
+                               quant: recipe.quant.format, masterCopies: recipe.keepsMasterCopies,
+                               reusesDequantizedWeights: recipe.reuseDequantized ?? true)
         model.dropoutSeed = recipe.seed
         model.enableGradients()
         let parameters = model.trainableParameters()

@@ -82,7 +82,9 @@ public final class Trainer {
         valTokens = setup.valTokens
         schedule = recipe.schedule
         memoryPlan = try setup.prepare(backend, rank: communicator.rank, log: log)
-        (model, optimizer) = TrainingModel.build(recipe, config: setup.config, backend: backend, rank: communicator.rank,
+        var built = recipe  // with reuse_dequantized as the plan settled it (`MemoryPlanner.plan`)
+        if let plan = memoryPlan { built.reuseDequantized = plan.reusesDequantizedWeights }
+        (model, optimizer) = TrainingModel.build(built, config: setup.config, backend: backend, rank: communicator.rank,
                                                  worldSize: communicator.worldSize)
         stepFLOPs = ModelFLOPs.perStep(config: setup.config, recipe: recipe)
         state = try Self.startingState(setup, model: model, optimizer: optimizer, log: log)

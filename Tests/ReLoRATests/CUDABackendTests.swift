@@ -139,7 +139,9 @@ final class CUDABackendTests: XCTestCase {
     /// run's start, one optimizer step of two micro-batches, a restart for relora) on the emulated device
     /// measures the in-use and reserved peaks, cudaMalloc calls, cache hits and blocks per tag at the in-use
     /// peak that the plan for cuda predicts, for full-rank and ReLoRA runs, dense and q4_0 weights, either
-    /// checkpointing setting, f32 and 8-bit moments. The rounding shows: the allocator holds more than the
+    /// checkpointing setting, f32 and 8-bit moments, and with quantized weights under block checkpointing with
+    /// the dequantized-block cache (`reuse_dequantized` auto, as the Trainer's run below) and without it (false).
+    /// The rounding shows: the allocator holds more than the
     /// tensors' bytes. A Trainer measures after its first step what the plan says after the first step, and
     /// after its first restart the whole plan's peaks; its log prints both.
     func testPlannedAllocatorEqualsTheAllocator() throws {
@@ -147,20 +149,22 @@ final class CUDABackendTests: XCTestCase {
         let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
         let config = try LlamaConfig(contentsOf: d.model)
         func recipe(_ mode: TrainingMode, _ quant: FrozenStorage, _ checkpointing: GradientCheckpointing,
-                    _ states: OptimizerStates) -> Recipe {
-            TrainerTests.recipe(d, run: "alloc-\(mode)-\(quant)-\(checkpointing)-\(states)") {
+                    _ states: OptimizerStates, reuse: Bool? = nil) -> Recipe {
+            TrainerTests.recipe(d, run: "alloc-\(mode)-\(quant)-\(checkpointing)-\(states)-\(reuse.map { "\($0)" } ?? "auto")") {
                 $0.mode = mode; $0.quant = quant; $0.checkpointing = checkpointing; $0.optimizerStates = states
+                $0.reuseDequantized = reuse
                 $0.valData = nil; $0.device = "cuda"; $0.steps = 2; $0.warmupSteps = 0; $0.checkpointEvery = 100
                 if mode != .full { $0.loraRank = 4; $0.loraAlpha = 8 }
                 if mode == .relora { $0.reloraEvery = 1; $0.restartWarmup = 0 }
             }
         }
-        let cases: [(TrainingMode, FrozenStorage, GradientCheckpointing, OptimizerStates)] = [
-            (.full, .none, .none, .f32), (.full, .none, .block, .int8), (.relora, .none, .block, .f32), (.relora, .q4_0, .none, .int8),
+        let cases: [(TrainingMode, FrozenStorage, GradientCheckpointing, OptimizerStates, Bool?)] = [
+            (.full, .none, .none, .f32, nil), (.full, .none, .block, .int8, nil), (.relora, .none, .block, .f32, nil),
+            (.relora, .q4_0, .none, .int8, nil), (.lora, .q8_0, .block, .int8, nil), (.lora, .q8_0, .block, .int8, false),
         ]
-        for (mode, quant, checkpointing, states) in cases {
-            let label = "\(mode) \(quant) \(checkpointing) \(states)"
-            let r = recipe(mode, quant, checkpointing, states)
+        for (mode, quant, checkpointing, states, reuse) in cases {
+            let label = "\(mode) \(quant) \(checkpointing) \(states) reuse \(reuse.map { "\($0)" } ?? "auto")"
+            let r = recipe(mode, quant, checkpointing, states, reuse: reuse)
             let backend = CUDABackend(library: library)
             try MemoryPlanner.run(r, config: config, on: backend)
             let plan = try MemoryPlanner.plan(r, config: config, device: .cuda, gpu: backend.gpu)
@@ -170,6 +174,9 @@ final class CUDABackendTests: XCTestCase {
             XCTAssertEqual(ended(cuda.allocator), ended(backend.allocatorStats), label)
             XCTAssertGreaterThan(cuda.allocator.peakInUse, plan.report.peakTotal + CachingAllocatorModel.persistentScratchBytes, label)
             XCTAssertEqual(cuda.estimated, 0, "\(label): the emulation has no context, cuBLAS workspace or NCCL buffers")
+            // The cache: one block's seven weights in bf16 (rows padded as the device's scratch), where the plan keeps it.
+            let block = LinearKind.allCases.reduce(0) { $0 + $1.shape(config).out * RowPadding.cuda.stride($1.shape(config).in) } * 2
+            XCTAssertEqual(plan.dequantizedCache, quant != .none && checkpointing == .block && reuse != false ? block : 0, label)
         }
 
         let r = recipe(.relora, .q4_0, .block, .f32)
@@ -177,6 +184,7 @@ final class CUDABackendTests: XCTestCase {
         var lines: [String] = []
         let trainer = try Trainer(recipe: r, resume: false, backend: backend, log: { lines.append($0) })
         let planned = try XCTUnwrap(trainer.memoryPlan?.cuda)
+        XCTAssertGreaterThan(trainer.model.dequantizedCacheBytes, 0, "auto keeps the cache where it fits")
         _ = try trainer.trainStep()
         XCTAssertEqual(backend.allocatorStats, planned.afterFirstStep, "after the first step")
         _ = try trainer.trainStep()
@@ -221,6 +229,38 @@ final class CUDABackendTests: XCTestCase {
         allocator.release(large)
         allocator.emptyCache()
         XCTAssertEqual(allocator.stats.reserved, 0)
+    }
+
+    /// `reuse_dequantized: auto` on a device whose free memory (capped with RELORA_DEVICE_MEMORY_LIMIT) fits the
+    /// plan without the dequantized-block cache but not the plan with it: the run builds its model without the
+    /// cache, says so, and trains within the cap (the allocator's reservation is the leaner plan's).
+    func testAutoLeavesTheCacheOutWhenOnlyThatFitsTheDevice() throws {
+        try KernelEmulationTests.buildEmulation()
+        let library = try CUDALibrary.load(path: KernelEmulationTests.emulatedLibrary)
+        let d = try TrainerTests.makeByteData(hidden: 64, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        let r = TrainerTests.recipe(d, run: "auto-cap") {
+            $0.mode = .lora; $0.quant = .q4_0; $0.checkpointing = .block; $0.loraRank = 4; $0.loraAlpha = 8
+            $0.device = "cuda"; $0.valData = nil; $0.steps = 2; $0.warmupSteps = 0; $0.checkpointEvery = 100
+        }
+        var off = r
+        off.reuseDequantized = false
+        let gpu = CUDABackend(library: library).gpu
+        let kept = try XCTUnwrap(MemoryPlanner.plan(r, config: config, device: .cuda, gpu: gpu).cuda)
+        let plain = try XCTUnwrap(MemoryPlanner.plan(off, config: config, device: .cuda, gpu: gpu).cuda)
+        XCTAssertGreaterThan(kept.total, plain.total)
+        setenv("RELORA_DEVICE_MEMORY_LIMIT", "\(plain.total + (kept.total - plain.total) / 2)", 1)
+        defer { unsetenv("RELORA_DEVICE_MEMORY_LIMIT") }
+        let backend = CUDABackend(library: library)
+        var lines: [String] = []
+        let trainer = try Trainer(recipe: r, resume: false, backend: backend, log: { lines.append($0) })
+        // (A model with the cache would exceed the cap in its step, which ends the process: stop here instead.)
+        guard trainer.model.dequantizedCacheBytes == 0 else { return XCTFail("the run kept the cache the device cannot hold") }
+        XCTAssertEqual(trainer.memoryPlan?.dequantizedCacheLeftOut, DequantizedBlock.bytes(config, backend: backend))
+        XCTAssertTrue(lines.contains { $0.hasPrefix("reuse_dequantized auto: off") }, "\(lines)")
+        _ = try trainer.trainStep()
+        _ = try trainer.trainStep()
+        XCTAssertEqual(backend.allocatorStats.peakReserved, plain.allocator.peakReserved)
     }
 
     func testNoLibraryIsOneSentence() {

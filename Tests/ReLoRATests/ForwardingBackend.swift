@@ -120,6 +120,7 @@ extension ForwardingToCPU {
         inner.dequantize(q, firstRow: firstRow, rowCount: rowCount, into: out)
     }
     func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] { inner.dequantizeScratchShape(rows: rows, cols: cols) }
+    var dequantizesWholeWeight: Bool { inner.dequantizesWholeWeight }
     func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor, ldx: Int, ldy: Int) {
         inner.quantizedLinear(x, q, y, tokens: n, beta: beta, scratch: scratch, ldx: ldx, ldy: ldy)
     }

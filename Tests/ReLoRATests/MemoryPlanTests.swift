@@ -262,6 +262,58 @@ final class MemoryPlanTests: XCTestCase {
         XCTAssertGreaterThan(two.report.peak(.workspace), one.report.peak(.workspace))
     }
 
+    /// The dequantized-block cache in a cuda plan (`reuse_dequantized`): one block's seven weights in bf16 (in
+    /// the device's padded rows, `RowPadding`), in
+    /// `workspace` in place of the shared scratch of the largest linear; none on cpu (whose scratch is a tile), nor
+    /// without quantized weights or block checkpointing. `auto` keeps it unless only the plan without it fits the
+    /// budget, and then plans without (and says so); `true` keeps it and the suggestion names `false`.
+    func testCUDAPlansCountTheDequantizedBlockCache() throws {
+        let d = try TrainerTests.makeByteData(hidden: 32, layers: 2)
+        let config = try LlamaConfig(contentsOf: d.model)
+        let weights = LinearKind.allCases.map { $0.shape(config).out * RowPadding.cuda.stride($0.shape(config).in) }
+        let q = recipe(d, .relora, .block, quant: .q4_0)
+        XCTAssertNil(q.reuseDequantized, "auto is the default")
+        let kept = try MemoryPlanner.plan(q, config: config, device: .cuda)
+        XCTAssertEqual(kept.dequantizedCache, 2 * weights.reduce(0, +))
+        XCTAssertTrue(kept.formatted(title: "plan").contains("of which"), kept.formatted(title: "plan"))
+        XCTAssertEqual(kept.jsonObject()["dequantized_cache_bytes"] as? Int, kept.dequantizedCache)
+        var off = q
+        off.reuseDequantized = false
+        let plain = try MemoryPlanner.plan(off, config: config, device: .cuda)
+        XCTAssertEqual(plain.dequantizedCache, 0)
+        // The tensors: the cache in place of the scratch of the largest linear, all through the run.
+        XCTAssertEqual(kept.report.peakTotal - plain.report.peakTotal, kept.dequantizedCache - 2 * weights.max()!)
+        XCTAssertGreaterThan(kept.need, plain.need)
+        for r in [q, recipe(d, .relora, .none, quant: .q4_0), recipe(d, .relora, .block)] where r != q {
+            XCTAssertEqual(try MemoryPlanner.plan(r, config: config, device: .cuda).dequantizedCache, 0, "\(r.quant) \(r.checkpointing)")
+        }
+        XCTAssertEqual(try MemoryPlanner.plan(q, config: config, device: .cpu).dequantizedCache, 0, "the CPU dequantizes tiles")
+
+        // A budget only the plan without the cache fits: auto goes without, true does not fit and names false.
+        let between = plain.need + (kept.need - plain.need) / 2
+        let auto = try MemoryPlanner.plan(q, config: config, device: .cuda, budget: between)
+        XCTAssertTrue(auto.fits)
+        XCTAssertFalse(auto.reusesDequantizedWeights)
+        XCTAssertEqual(auto.dequantizedCacheLeftOut, kept.dequantizedCache)
+        XCTAssertEqual(auto.need, plain.need)
+        XCTAssertTrue(auto.formatted(title: "plan").contains("reuse_dequantized auto: off"), auto.formatted(title: "plan"))
+        var on = q
+        on.reuseDequantized = true
+        XCTAssertFalse(try MemoryPlanner.plan(on, config: config, device: .cuda, budget: between).fits)
+        let fix = MemoryPlanner.suggestion(for: on, config: config, device: .cuda, budget: between)
+        XCTAssertEqual(fix, "--set reuse_dequantized=false (planned peak \(formatBytes(plain.need)))")
+        // A budget neither fits: auto keeps the cache in the plan it refuses.
+        let tight = try MemoryPlanner.plan(q, config: config, device: .cuda, budget: plain.need - 1)
+        XCTAssertFalse(tight.fits)
+        XCTAssertEqual(tight.dequantizedCache, kept.dequantizedCache)
+
+        // On the CPU a forced true changes nothing, and the log says so.
+        var lines: [String] = []
+        let trainer = try Trainer(recipe: on, resume: false, log: { lines.append($0) })
+        XCTAssertEqual(trainer.model.dequantizedCacheBytes, 0)
+        XCTAssertTrue(lines.contains { $0.hasPrefix("note: reuse_dequantized has no effect") }, "\(lines)")
+    }
+
     func testCUDAIsRefusedWithOneSentence() throws {
         let d = try TrainerTests.makeByteData()
         var r = recipe(d, .full, .none)

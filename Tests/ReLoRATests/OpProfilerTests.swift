@@ -138,8 +138,11 @@ final class OpProfilerTests: XCTestCase {
     /// The counts a step of `micro` micro-batches of the byte model (`layers` blocks; q, k, v / o / gate, up /
     /// down adapter groups, fused: no dropout, fixed scale) runs, with `recompute` = 1 under block
     /// checkpointing (the block forward again, less its down projection, whose output is not needed) and 0
-    /// without; a full-rank model's base GEMMs include the weights' gradients.
-    static func expectedCounts(layers L: Int, micro µ: Int, recompute: Int, lora: Bool, quantized: Bool) -> [OpCategory: Int] {
+    /// without; a full-rank model's base GEMMs include the weights' gradients. With `reusesDequantized` (cuda under
+    /// block checkpointing, `DequantizedBlock`) the input gradients of the six recomputed linears GEMM on what the
+    /// recompute dequantized: 6 dequantizations fewer per block and micro-batch.
+    static func expectedCounts(layers L: Int, micro µ: Int, recompute: Int, lora: Bool, quantized: Bool,
+                               reusesDequantized: Bool = false) -> [OpCategory: Int] {
         let perLayer = 7 + 6 * recompute + 7 + (lora ? 0 : 7)  // base W: forward, recompute, input gradient, dW if trained
         var counts: [OpCategory: Int] = [
             .attentionForward: L * µ * (1 + recompute), .attentionBackward: L * µ,
@@ -151,7 +154,9 @@ final class OpProfilerTests: XCTestCase {
             counts[.gemmLoRADown] = L * µ * (4 * (1 + recompute) + 2 * 4)  // x A^T per group (recomputed too); dA, dx
             counts[.gemmLoRAUp] = L * µ * (7 + 6 * recompute + 2 * 7)      // u B^T; g = dy B and dB per linear
         }
-        if quantized { counts[.dequantize] = counts[.gemmBase] }  // one tile of rows per linear at these sizes
+        if quantized {  // one tile of rows per linear at these sizes
+            counts[.dequantize] = counts[.gemmBase]! - (reusesDequantized ? L * µ * 6 * recompute : 0)
+        }
         return counts
     }
 
@@ -304,7 +309,9 @@ final class OpProfilerTests: XCTestCase {
         XCTAssertEqual(CUDAEventClock.records - before, 2 * ops + 2)
         XCTAssertNil(profile.peaks, "no data sheet for the emulation")
         XCTAssertTrue(profile.deviceName.contains("emulated"), profile.deviceName)
-        check(profile, Self.expectedCounts(layers: 2, micro: r.gradAccum, recompute: 1, lora: true, quantized: true), "cuda")
+        XCTAssertGreaterThan(trainer.model.dequantizedCacheBytes, 0)
+        check(profile, Self.expectedCounts(layers: 2, micro: r.gradAccum, recompute: 1, lora: true, quantized: true, reusesDequantized: true),
+              "cuda")
         XCTAssertTrue(profile.formatted().contains("no peaks for this device: no predictions"))
     }
 }

@@ -72,6 +72,7 @@ final class RecipeTests: XCTestCase {
         "jagged_schedule": ["jagged_schedule": .bool(false)],
         "warm_start": ["warm_start": .string("runs/full")],
         "shard_optimizer": ["shard_optimizer": .bool(true)],
+        "reuse_dequantized": ["reuse_dequantized": .bool(false)],
     ]
     /// Keys with no valid value that changes the recipe: `description` is not stored.
     static let noOtherValue: Set<String> = ["description"]
@@ -128,8 +129,8 @@ final class RecipeTests: XCTestCase {
         let reloraKeys: Set = ["relora_every", "restart_warmup", "optimizer_reset", "optimizer_reset_ratio", "jagged_schedule", "master_copies"]
         let optionalKeys: Set = ["val_data", "tokenizer", "warm_start", "sampler", "merge_policy"]
         let inputOnly: Set = ["tokens_per_step", "token_budget", "description"]
-        // Flags written only when true (the recipes of runs without them stay as they were).
-        let onlyWhenSet: Set = ["shard_optimizer"]
+        // Flags written only when set (the recipes of runs without them stay as they were).
+        let onlyWhenSet: Set = ["shard_optimizer", "reuse_dequantized"]
         let always = Recipe.knownKeys.subtracting(loraKeys).subtracting(reloraKeys).subtracting(optionalKeys).subtracting(inputOnly)
             .subtracting(onlyWhenSet)
         var full = Self.base
@@ -158,6 +159,26 @@ final class RecipeTests: XCTestCase {
             keys[key] = .string("bogus")
             XCTAssertThrowsError(try Recipe(keys: keys)) {
                 XCTAssertEqual("\($0)".contains("'\(key)' must be \(allowed), got 'bogus'"), true, "\($0)")
+            }
+        }
+    }
+
+    /// `reuse_dequantized` is true, false or "auto" (null and absent: auto, stored as nothing); anything else is
+    /// one sentence naming the three.
+    func testReuseDequantizedIsTrueFalseOrAuto() throws {
+        for (value, expected) in [(JSONValue.bool(true), true), (.bool(false), false), (.string("auto"), nil), (.null, nil)] as [(JSONValue, Bool?)] {
+            var keys = Self.base
+            keys["reuse_dequantized"] = value
+            let r = try Recipe(keys: keys)
+            XCTAssertEqual(r.reuseDequantized, expected, value.summary)
+            XCTAssertEqual(try stored(r)["reuse_dequantized"], expected.map { .bool($0) }, value.summary)
+        }
+        XCTAssertNil(try Recipe(keys: Self.base).reuseDequantized)
+        for bad in [JSONValue.string("yes"), .number(1)] {
+            var keys = Self.base
+            keys["reuse_dequantized"] = bad
+            XCTAssertThrowsError(try Recipe(keys: keys)) {
+                XCTAssertTrue("\($0)".contains("'reuse_dequantized' must be true, false or \"auto\", got \(bad.summary)"), "\($0)")
             }
         }
     }

@@ -195,6 +195,13 @@ public protocol Backend: AnyObject, Sendable {
     /// The scratch a `quantizedLinear*` call on a `[rows, cols]` weight needs (what the model allocates
     /// once, tagged `.workspace`, for its largest linear): the CPU dequantizes bounded tiles of rows.
     func dequantizeScratchShape(rows: Int, cols: Int) -> [Int]
+    /// Whether `quantizedLinear` and `quantizedLinearInput` dequantize the whole weight at once and leave it in
+    /// `scratch`: on return (in stream order) the first `rows * cols` elements of `scratch` hold deq(W) `[rows,
+    /// cols]` row-major, in `scratch`'s dtype, so a caller that keeps `scratch` untouched can run a later
+    /// `matmul` against it instead of dequantizing again (the model's recompute-to-backward reuse,
+    /// `LlamaModel.reusesDequantizedWeights`). Default false: the CPU backend dequantizes tiles of rows, so its
+    /// scratch holds only the last tile.
+    var dequantizesWholeWeight: Bool { get }
     /// `y = x deq(W)^T + beta * y` for `W = q` `[out, in]`, x `[n, in]`, y `[n, out]`, dequantizing
     /// through `scratch` (at least `dequantizeScratchShape` elements); the whole dense W never exists.
     /// `ldx`, `ldy`: row strides of x and y as `matmul`'s (0 = packed).
@@ -259,6 +266,7 @@ public struct Precision: Sendable, Equatable, Codable {
 extension Backend {
     public var maxAttentionHeadDim: Int? { nil }
     public var rowPadding: RowPadding { .none }
+    public var dequantizesWholeWeight: Bool { false }
 
     /// What every backend's `pruneMoments` does before its select: counts the returned count's transfer,
     /// checks the shapes and settles the cases that need no select (nothing to zero: 0; every position:

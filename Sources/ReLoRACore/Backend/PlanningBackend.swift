@@ -199,6 +199,8 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
     public func dequantizeScratchShape(rows: Int, cols: Int) -> [Int] {
         target == .cpu ? [CPUBackend.tileRows(rows: rows, cols: cols), cols] : [rows, rowPadding.stride(cols)]
     }
+    /// As the target's backend: so a plan for cuda holds the model's dequantized-block cache where a run does.
+    public var dequantizesWholeWeight: Bool { target == .cuda }
     public func quantizedLinear(_ x: Tensor, _ q: QuantizedTensor, _ y: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
                                 ldx: Int, ldy: Int) {}
     public func quantizedLinearInput(_ dy: Tensor, _ q: QuantizedTensor, _ dx: Tensor, tokens n: Int, beta: Float, scratch: Tensor,
