@@ -9,10 +9,11 @@ import ReLoRACore
 /// - an upload's bytes are copied into a region of the **upload ring** and the region is not written again until
 ///   its copy ran. Each region records an event after its copy; the host waits on that event
 ///   (`event_synchronize`) only when it would overwrite a region still in flight and the ring is at its limit
-///   (`ringLimit`): below the limit the ring grows instead. Copies enqueued before the last completed
-///   `synchronize` of the default stream are known to have run without asking the device (the sync generations
-///   below), so a training step, which synchronizes once at its end (the gradient norm), starts every step on
-///   an empty ring: the first step sizes it to one step's uploads and the later ones neither allocate nor wait.
+///   (`ringLimit`): below the limit the ring grows instead (doubling, from `ringMinimum`). Copies enqueued
+///   before the last completed synchronize of the default stream are known to have run without asking the
+///   device (the sync generations below), so a training step, which synchronizes once at its end (the gradient
+///   norm), starts on an empty ring: the first step sizes it to one step's uploads (2 G regions of the
+///   micro-batch's ids or targets, 256-byte aligned) and the later ones neither allocate nor wait.
 /// - a read-back owns a **slot** (pinned, from a pool) until its reader drops it; the reader waits for the
 ///   slot's event only if no synchronization covered the copy since (`ReadBack.bytes`).
 /// Growth never frees memory a copy may still use: replaced rings and too-small slots are freed after the next
@@ -25,10 +26,12 @@ import ReLoRACore
 /// Thread-safe: every member is used under `lock` (the backend's ops may come from several threads).
 final class PinnedStaging: @unchecked Sendable {
     /// The upload ring's largest size (bytes): beyond it, uploads wait for the oldest region instead of growing
-    /// the ring. 64 MiB holds the ids and targets of a step of 8 Mi tokens.
-    static let ringLimit = 64 << 20
-    /// The smallest ring, and the alignment of every region (a copy engine's friendly granularity).
-    static let ringMinimum = 64 << 10, alignment = 256
+    /// the ring. The default, 64 MiB, holds the ids and targets of a step of 8 Mi tokens.
+    let ringLimit: Int
+    /// The smallest ring (default 64 KiB).
+    let ringMinimum: Int
+    /// The alignment of every region (a copy engine's friendly granularity).
+    static let alignment = 256
 
     private let library: CUDALibrary
     private var api: relora_cuda_api { library.api }
@@ -59,7 +62,10 @@ final class PinnedStaging: @unchecked Sendable {
     /// Host waits on an event (a region or a slot still in flight), for the tests' "in steady state never".
     private(set) var eventWaits = 0
 
-    init(library: CUDALibrary) { self.library = library }
+    /// Smaller `ringLimit` and `ringMinimum` than the defaults are for the tests of the waits.
+    init(library: CUDALibrary, ringLimit: Int = 64 << 20, ringMinimum: Int = 64 << 10) {
+        self.library = library; self.ringLimit = ringLimit; self.ringMinimum = ringMinimum
+    }
 
     deinit {
         for f in flights + retiredFlights { _ = api.event_destroy!(f.event) }
@@ -137,8 +143,8 @@ final class PinnedStaging: @unchecked Sendable {
             } else if need <= capacity {
                 return 0
             }
-            if capacity < max(need, Self.ringLimit) {
-                grow(to: max(need, min(max(2 * capacity, Self.ringMinimum), max(need, Self.ringLimit))))
+            if capacity < max(need, ringLimit) {
+                grow(to: max(need, min(max(2 * capacity, ringMinimum), ringLimit)))
                 continue
             }
             let oldest = flights.removeFirst()

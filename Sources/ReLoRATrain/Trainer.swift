@@ -306,7 +306,8 @@ public final class Trainer {
         model.afterBlockBackward = nil
         var lossSum = 0.0, communication = 0.0
         if w > 1 {
-            // What the backward did not hide: the rest of the sums.
+            // What the backward did not hide: the rest of the sums, then the losses (the sums waited for the backward,
+            // hence for the losses' copies enqueued before it).
             let start = monotonicSeconds()
             let span = optimizer.backend.profiler?.begin(.reduction, OpCost(flops: 0, bytes: 0))  // no link peaks: no prediction
             defer { span?.end() }
@@ -317,18 +318,12 @@ public final class Trainer {
             } else {
                 try sumGradients(optimizer, communicator)
             }
-            communication = monotonicSeconds() - start
-        }
-        // The norm's read-back waits for the device: the losses' copies, enqueued before it, have run after it.
-        let norm = optimizer.gradientNorm(clip: r.gradClip)  // the clip factor stays with the optimizer (on the device)
-        if w > 1 {
-            let start = monotonicSeconds()
-            let span = optimizer.backend.profiler?.begin(.reduction, OpCost(flops: 0, bytes: 0))
-            defer { span?.end() }
             let all = try communicator.allGather(losses.map(\.value))  // all[q][i] is micro-batch q + i W
             for micro in 0..<r.gradAccum { lossSum += all[micro % w][micro / w] }
-            communication += monotonicSeconds() - start
-        } else {
+            communication = monotonicSeconds() - start
+        }
+        let norm = optimizer.gradientNorm(clip: r.gradClip)  // the clip factor stays with the optimizer (on the device)
+        if w == 1 {  // after the norm's read-back, the step's one wait: the losses' copies, enqueued before it, have run
             for l in losses { lossSum += l.value }
         }
         let loss = lossSum / Double(tokensInStep)
