@@ -1168,12 +1168,14 @@ bool test_multi_tensor_optimizer() {
         EXPECT_OK("zero_multi synchronize", api.stream_synchronize(nullptr));
         for (uint8_t x : bytes) zeroed &= x == 0;
     }
-    record(zeroed, "zero_multi zeroes every entry of the norm table (f32 and bf16)", "");
+    record(zeroed, "zero_multi zeroes every entry of the norm table (f32 and bf16)", "%lld tensors, %lld units", (long long)tensors,
+           (long long)norm_units);
     ok &= zeroed;
-    // Arguments: a step of 0 and a null table with units are refused; no tensors is a no-op.
+    // zero_multi's arguments: fewer units than tensors is refused; no tensors is a no-op.
     const relora_status zm = api.zero_multi(nullptr, 2, 1, nullptr), zm0 = api.zero_multi(nullptr, 0, 0, nullptr);
     ok &= zm == RELORA_ERR_INVALID_ARGUMENT && zm0 == RELORA_OK;
     record(zm == RELORA_ERR_INVALID_ARGUMENT && zm0 == RELORA_OK, "zero_multi arguments", "units < tensors %d, empty %d", zm, zm0);
+    // Arguments: a step of 0 and a null table with units are refused; no tensors is a no-op.
     const relora_status a = api.adamw_multi(nullptr, 1, 1, nullptr, lr, beta1, beta2, eps, wd, 1, nullptr);
     const relora_status b = api.adamw_8bit_multi((const relora_adam_entry *)be8_table.ptr, 1, 1, nullptr, (const float *)bmaps.ptr,
                                                  lr, beta1, beta2, eps, wd, 0, nullptr);

@@ -10,10 +10,11 @@ import ReLoRACore
 /// training steps on this backend without a GPU.
 ///
 /// Every call goes to the default stream in program order; host reads (`download`, the values ops
-/// return) synchronize, except the two transfers a training step makes per micro-batch: the token uploads and
-/// the deferred loss (`crossEntropyDeferred`) go through pinned staging memory (`PinnedStaging`) and do not. A failed kernel call ends the process with the library's message (see
-/// `CUDALibrary.check`): user input is validated before it reaches a kernel, so what remains is running
-/// out of memory (one sentence, exit status 3) or a device fault (a trap).
+/// return) synchronize, except the transfers a training step makes per micro-batch: the token uploads and the
+/// deferred loss (`crossEntropyDeferred`) go through pinned staging memory (`PinnedStaging`) and do not. A
+/// failed kernel call ends the process with the library's message (see `CUDALibrary.check`): user input is
+/// validated before it reaches a kernel, so what remains is running out of memory (one sentence, exit status 3)
+/// or a device fault (a trap).
 ///
 /// Dtypes: each op takes the combination its kernel takes, as the model calls it: compute tensors in one
 /// dtype, f32 or bf16 (f16 is storage only: `copy` converts it), and f32 where the kernels keep f32 (norms'
