@@ -16,8 +16,9 @@ import ReLoRACore
 ///   micro-batch's ids or targets, 256-byte aligned) and the later ones neither allocate nor wait.
 /// - a read-back owns a **slot** (pinned, from a pool) until its reader drops it; the reader waits for the
 ///   slot's event only if no synchronization covered the copy since (`ReadBack.bytes`).
-/// Growth never frees memory a copy may still use: replaced rings and too-small slots are freed after the next
-/// synchronize of the default stream (`endSync`), when the device is idle anyway (`host_free` synchronizes).
+/// Growth never frees memory a copy may still use: replaced rings and too-small slots are freed after a
+/// synchronize of the default stream that covers their last copy (`endSync`), when the device is idle anyway
+/// (`host_free` synchronizes).
 ///
 /// The generations: `started` counts synchronizations begun, and a copy is stamped with it when enqueued; a
 /// synchronize that began at generation g and returned covers every copy stamped g or lower (`covered = g + 1`).
@@ -50,9 +51,10 @@ final class PinnedStaging: @unchecked Sendable {
     /// Oldest first; their regions follow one another in the ring's order (wrapping at most once).
     private var flights: [Flight] = []
     private var freeEvents: [UnsafeMutableRawPointer] = []
-    /// Pinned memory to free after the next synchronize (replaced rings, too-small slots), and the flights of
-    /// replaced rings whose events go back to the pool then.
-    private var retired: [UnsafeMutableRawPointer] = []
+    /// Pinned memory to free once a synchronize covered it (replaced rings, too-small slots), stamped with the
+    /// generation at its retirement (no copy into it was enqueued later), and the flights of replaced rings,
+    /// whose events go back to the pool then.
+    private var retired: [(pointer: UnsafeMutableRawPointer, stamp: UInt64)] = []
     private var retiredFlights: [Flight] = []
 
     /// Read-back slots not in use, each with its own event.
@@ -71,7 +73,7 @@ final class PinnedStaging: @unchecked Sendable {
         for f in flights + retiredFlights { _ = api.event_destroy!(f.event) }
         for e in freeEvents { _ = api.event_destroy!(e) }
         for s in freeSlots { _ = api.event_destroy!(s.event); _ = api.host_free!(s.pointer) }
-        for p in retired { _ = api.host_free!(p) }
+        for r in retired { _ = api.host_free!(r.pointer) }
         if let ring { _ = api.host_free!(ring) }
     }
 
@@ -84,17 +86,16 @@ final class PinnedStaging: @unchecked Sendable {
         return started - 1
     }
 
-    /// After it returned: every copy stamped `generation` or lower ran; the retired memory is freed.
+    /// After it returned: every copy stamped `generation` or lower ran; the retired memory those were the last
+    /// copies of is freed (the device is idle, so `host_free`'s own synchronization costs nothing).
     func endSync(_ generation: UInt64) {
         lock.lock(); defer { lock.unlock() }
         covered = max(covered, generation + 1)
         retireCompleted()
-        guard !retired.isEmpty || !retiredFlights.isEmpty, covered == started else { return }
-        // No copy was enqueued since this synchronize began: nothing queued can touch the retired memory.
-        for f in retiredFlights { freeEvents.append(f.event) }
-        retiredFlights.removeAll()
-        for p in retired { library.check(api.host_free!(p), "host_free") }
-        retired.removeAll()
+        for f in retiredFlights where isCovered(f.stamp) { freeEvents.append(f.event) }
+        retiredFlights.removeAll { isCovered($0.stamp) }
+        for r in retired where isCovered(r.stamp) { library.check(api.host_free!(r.pointer), "host_free") }
+        retired.removeAll { isCovered($0.stamp) }
     }
 
     private func isCovered(_ stamp: UInt64) -> Bool { stamp < covered }
@@ -155,12 +156,12 @@ final class PinnedStaging: @unchecked Sendable {
         }
     }
 
-    /// A new, empty ring of `bytes`; the old one (and its flights' events) retire until the next synchronize.
+    /// A new, empty ring of `bytes`; the old one and its flights' events retire until a synchronize covers them.
     private func grow(to bytes: Int) {
         var pointer: UnsafeMutableRawPointer?
         library.check(api.host_alloc!(&pointer, Int64(bytes)), "host_alloc")
         hostAllocations += 1
-        if let ring { retired.append(ring) }
+        if let ring { retired.append((ring, started)) }
         retiredFlights += flights
         flights.removeAll()
         ring = pointer
@@ -230,8 +231,8 @@ final class PinnedStaging: @unchecked Sendable {
             return freeSlots.remove(at: i)
         }
         if let small = freeSlots.popLast() {
-            retired.append(small.pointer)
-            freeEvents.append(small.event)
+            retired.append((small.pointer, started))
+            retiredFlights.append(Flight(start: 0, end: 0, stamp: started, event: small.event))
         }
         var pointer: UnsafeMutableRawPointer?
         library.check(api.host_alloc!(&pointer, Int64(bytes)), "host_alloc")
