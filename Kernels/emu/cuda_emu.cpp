@@ -421,6 +421,8 @@ bool g_barriers = true;
 uint64_t g_launches = 0, g_blocks = 0, g_fibers_started = 0, g_switches = 0;
 // relora_emu_host_counters: calls that make the host wait for the device, and successful cudaMalloc calls.
 uint64_t g_host_waits = 0, g_mallocs = 0;
+// relora_emu_command_counters: memsets and copies enqueued (device work that is not a kernel launch).
+uint64_t g_memsets = 0, g_copies = 0;
 
 size_t stack_bytes() {
     static size_t bytes = 0;
@@ -944,6 +946,12 @@ void relora_emu_host_counters(uint64_t *synchronizations, uint64_t *mallocs) {
     if (mallocs) *mallocs = g_mallocs;
 }
 
+void relora_emu_command_counters(uint64_t *memsets, uint64_t *copies) {
+    std::lock_guard<std::mutex> guard(g_lock);
+    if (memsets) *memsets = g_memsets;
+    if (copies) *copies = g_copies;
+}
+
 // ---- Runtime API ----
 namespace {
 // cudaMalloc and cudaHostAlloc: guarded memory; only device allocations count against the device's limit.
@@ -1059,6 +1067,7 @@ bool pageable(const void *p) { return !is_device_pointer(p); }
 // behaviour for both); between device and pinned memory it is queued.
 cudaError_t copy_locked(void *dst, const void *src, size_t bytes, cudaStream_t stream) {
     relora_emu_stream *s = stream_of(stream);
+    ++g_copies;
     if (pageable(dst)) {
         drain(s, s->enqueued);
         RELORA_EMU_STICKY_CHECK();
@@ -1122,6 +1131,7 @@ cudaError_t cudaMemsetAsync(void *ptr, int value, size_t bytes, cudaStream_t str
     if (bytes == 0) return cudaSuccess;
     const cudaError_t e = check_device_range(ptr, bytes, "cudaMemset");
     if (e != cudaSuccess) return e;
+    ++g_memsets;
     enqueue(stream_of(stream), run_memset, std::shared_ptr<void>(new MemsetWork{ptr, value, bytes}, [](void *m) {
                 delete static_cast<MemsetWork *>(m);
             }));

@@ -246,6 +246,10 @@ RELORA_EMU_API void relora_emu_counters(uint64_t *launches, uint64_t *blocks, ui
 // (not cudaHostAlloc). CUDALibrary.emulationCounters reads them (with relora_emu_counters' launches) for the
 // tests that bound a training step's launches, synchronizations and allocations.
 RELORA_EMU_API void relora_emu_host_counters(uint64_t *synchronizations, uint64_t *mallocs);
+// Counters since load: memsets (cudaMemsetAsync of at least one byte) and copies (cudaMemcpyAsync and the
+// blocking cudaMemcpy of at least one byte): device work that is not a kernel launch. The step-budget tests
+// count zeroing and transfers with them.
+RELORA_EMU_API void relora_emu_command_counters(uint64_t *memsets, uint64_t *copies);
 
 // ---- Launch -------------------------------------------------------------------------------------------
 namespace relora_emu {

@@ -102,10 +102,43 @@ __global__ void __launch_bounds__(32)
     *clip_factor = clip > 0.0 && root > clip ? __double2float_rn(__ddiv_rn(clip, root)) : 1.0f;
 }
 
+// ---- zero_multi: every gradient of a group zeroed in one launch ------------------------------------------------
+// The norm table's units again: unit u of entry e zeroes the grid-stride elements norm_partial_kernel's unit u
+// reads (coalesced: consecutive threads, consecutive elements), so the table and its prefix sums serve both
+// (the entry's `x` is const for the norm; the gradients it points at are the caller's to write).
+template <typename T>
+__device__ __forceinline__ void zero_strided(void *x, int64_t count, int64_t start, int64_t stride) {
+    T *p = static_cast<T *>(x);
+    const T zero = from_float<T>(0.0f);
+    for (int64_t i = start; i < count; i += stride) p[i] = zero;
+}
+
+__global__ void __launch_bounds__(kThreads) zero_multi_kernel(const relora_norm_entry *entries, int64_t tensors, int64_t units) {
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+        const relora_norm_entry e = entries[find_entry(entries, tensors, u)];
+        const int64_t start = (u - e.first_unit) * blockDim.x + threadIdx.x, stride = (int64_t)e.blocks * blockDim.x;
+        void *x = const_cast<void *>(e.x);
+        if (e.dtype == RELORA_DTYPE_BF16) {
+            zero_strided<__nv_bfloat16>(x, e.count, start, stride);
+        } else {
+            zero_strided<float>(x, e.count, start, stride);
+        }
+    }
+}
+
 }  // namespace
 }  // namespace relora
 
 using namespace relora;
+
+relora_status relora_cuda_zero_multi(const relora_norm_entry *entries, int64_t tensors, int64_t total_units, void *stream) {
+    RELORA_REQUIRE(tensors >= 0 && total_units >= tensors, "zero_multi", "%lld tensors in %lld units", (long long)tensors,
+                   (long long)total_units);
+    if (tensors == 0) return RELORA_OK;
+    RELORA_REQUIRE(entries, "zero_multi", "null table");
+    RELORA_LAUNCH(zero_multi_kernel, dim3(grid_for(total_units, 1)), dim3(kThreads), 0, as_stream(stream))(entries, tensors, total_units);
+    return check_launch("zero_multi_kernel");
+}
 
 relora_status relora_cuda_sum_of_squares(const void *x, int64_t count, int32_t dtype, float *out, int64_t index,
                                          void *workspace, void *stream) {

@@ -218,6 +218,17 @@ relora_status relora_cuda_event_record(void *event, void *stream) {
     return check(cudaEventRecord(static_cast<cudaEvent_t>(event), relora::as_stream(stream)), "cudaEventRecord");
 }
 
+namespace relora {
+relora_status take_cross_entropy_failure();  // loss.cu: a target >= vocab since the last check
+}
+
+// Only the wait: the cross-entropy failure word is read at the next stream synchronize (reading it here would
+// be a blocking copy, i.e. a wait for the whole device, not just up to the event).
+relora_status relora_cuda_event_synchronize(void *event) {
+    RELORA_REQUIRE(event, "event_synchronize", "null event");
+    return check(cudaEventSynchronize(static_cast<cudaEvent_t>(event)), "cudaEventSynchronize");
+}
+
 relora_status relora_cuda_event_create_timing(void **event) {
     RELORA_REQUIRE(event, "event_create_timing", "null result pointer");
     cudaEvent_t e = nullptr;
@@ -238,10 +249,6 @@ relora_status relora_cuda_event_elapsed(void *start, void *end, float *milliseco
 relora_status relora_cuda_stream_wait_event(void *stream, void *event) {
     RELORA_REQUIRE(event, "stream_wait_event", "null event");
     return check(cudaStreamWaitEvent(relora::as_stream(stream), static_cast<cudaEvent_t>(event), 0), "cudaStreamWaitEvent");
-}
-
-namespace relora {
-relora_status take_cross_entropy_failure();  // loss.cu: a target >= vocab since the last check
 }
 
 // Kernel failures recorded in device words (not CUDA errors) surface here, after the stream is idle.

@@ -438,10 +438,13 @@ bool memory_checks() {
 
 // relora_emu_host_counters: cudaMalloc counts (a failed one and cudaHostAlloc do not); the synchronizes and the
 // blocking cudaMemcpy count as host waits, cudaMemcpyAsync, memsets and launches do not.
+// relora_emu_command_counters: the memset and both copies (the blocking one too), not a zero-byte memset.
 bool host_counter_checks() {
     uint64_t syncs0 = 0, mallocs0 = 0, syncs1 = 0, mallocs1 = 0, launches0 = 0, launches1 = 0;
+    uint64_t memsets0 = 0, copies0 = 0, memsets1 = 0, copies1 = 0;
     relora_emu_host_counters(&syncs0, &mallocs0);
     relora_emu_counters(&launches0, nullptr, nullptr, nullptr);
+    relora_emu_command_counters(&memsets0, &copies0);
     float *p = nullptr, *q = nullptr, *h = nullptr, host[2] = {0, 0};
     cudaMalloc((void **)&p, 8);
     cudaMalloc((void **)&q, (size_t)1 << 50);  // fails: more than the device has
@@ -453,15 +456,20 @@ bool host_counter_checks() {
     cudaStreamSynchronize(nullptr);                                  // 1
     cudaDeviceSynchronize();                                         // 2
     cudaMemcpy(host, p, 8, cudaMemcpyDeviceToHost);                  // 3
+    cudaMemsetAsync(p, 0, 0, nullptr);                               // 0 bytes: not a memset
     relora_emu_host_counters(&syncs1, &mallocs1);
     relora_emu_counters(&launches1, nullptr, nullptr, nullptr);
+    relora_emu_command_counters(&memsets1, &copies1);
     cudaFree(p);
     cudaFreeHost(h);
     const bool ok = mallocs1 - mallocs0 == 1 && syncs1 - syncs0 == 3 && launches1 - launches0 == 1;
     record(ok, "host counters: cudaMalloc calls and host waits", "%llu mallocs (want 1), %llu waits (want 3), %llu launches (want 1)",
            (unsigned long long)(mallocs1 - mallocs0), (unsigned long long)(syncs1 - syncs0),
            (unsigned long long)(launches1 - launches0));
-    return ok;
+    const bool commands = memsets1 - memsets0 == 1 && copies1 - copies0 == 2;
+    record(commands, "command counters: memsets and copies", "%llu memsets (want 1), %llu copies (want 2)",
+           (unsigned long long)(memsets1 - memsets0), (unsigned long long)(copies1 - copies0));
+    return ok && commands;
 }
 
 // mma.sync m16n8k16 against the PTX ISA's fragment formulas (mma_layout_kernel), 2 warps with different

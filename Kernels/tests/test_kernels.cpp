@@ -967,7 +967,7 @@ bool test_reduction_determinism() {
     return same;
 }
 
-// ---- Multi-tensor optimizer ops (gradient_norm, adamw_multi, adamw_8bit_multi) -----------------------------------
+// ---- Multi-tensor optimizer ops (gradient_norm, adamw_multi, adamw_8bit_multi, zero_multi) -----------------------------------
 // One table for tensors of awkward sizes (1; 300; 9000 = 3 chunks; 5000 and 70000 with 8-bit moments, the latter
 // 274 blocks so the unit loop wraps; a bf16 gradient no update reads), three steps (clip, no clip, clip). The
 // references are scalar: sum_of_squares per tensor (itself checked against double sums above) for the squares,
@@ -1166,6 +1166,24 @@ bool test_multi_tensor_optimizer() {
             }
         }
     }
+    // zero_multi over the norm's table: every gradient (f32) and the bf16 one, all bits 0 (memset's), nothing
+    // around them written (the emulation's guard bytes are checked when the buffers are freed).
+    EXPECT_OK("zero_multi", api.zero_multi((const relora_norm_entry *)bnorm_table.ptr, tensors, norm_units, nullptr));
+    bool zeroed = true;
+    for (int64_t i = 0; i < tensors; ++i) {
+        const relora_norm_entry &e = norm_table[(size_t)i];
+        std::vector<uint8_t> bytes((size_t)(e.count * (e.dtype == RELORA_DTYPE_BF16 ? 2 : 4)), 0xAB);
+        EXPECT_OK("zero_multi download", api.memcpy(bytes.data(), e.x, (int64_t)bytes.size(), RELORA_MEMCPY_DEVICE_TO_HOST, nullptr));
+        EXPECT_OK("zero_multi synchronize", api.stream_synchronize(nullptr));
+        for (uint8_t x : bytes) zeroed &= x == 0;
+    }
+    record(zeroed, "zero_multi zeroes every entry of the norm table (f32 and bf16)", "%lld tensors, %lld units", (long long)tensors,
+           (long long)norm_units);
+    ok &= zeroed;
+    // zero_multi's arguments: fewer units than tensors is refused; no tensors is a no-op.
+    const relora_status zm = api.zero_multi(nullptr, 2, 1, nullptr), zm0 = api.zero_multi(nullptr, 0, 0, nullptr);
+    ok &= zm == RELORA_ERR_INVALID_ARGUMENT && zm0 == RELORA_OK;
+    record(zm == RELORA_ERR_INVALID_ARGUMENT && zm0 == RELORA_OK, "zero_multi arguments", "units < tensors %d, empty %d", zm, zm0);
     // Arguments: a step of 0 and a null table with units are refused; no tensors is a no-op.
     const relora_status a = api.adamw_multi(nullptr, 1, 1, nullptr, lr, beta1, beta2, eps, wd, 1, nullptr);
     const relora_status b = api.adamw_8bit_multi((const relora_adam_entry *)be8_table.ptr, 1, 1, nullptr, (const float *)bmaps.ptr,

@@ -31,12 +31,14 @@ HOT = [
     "dropout_kernel",
     "adamw_kernel",
     "adamw8_kernel",
-    # the optimizer step over every trained tensor (gradient_norm, adamw_multi, adamw_8bit_multi)
+    # the optimizer step over every trained tensor (gradient_norm, adamw_multi, adamw_8bit_multi) and the
+    # gradients' zeroing before it (zero_multi)
     "norm_partial_kernel",
     "norm_final_kernel",
     "norm_total_kernel",
     "adamw_multi_kernel",
     "adamw8_multi_kernel",
+    "zero_multi_kernel",
     # the 8-bit moments' quantizer and dequantizer (checkpoints, conversions): small, held to no spills too
     "quantize8_kernel",
     "dequantize8_kernel",

@@ -2,7 +2,8 @@ import CReLoRA
 import Foundation
 import ReLoRACore
 
-/// The optimizer step in a fixed number of launches, whatever the number of trained tensors: `gradient_norm`
+/// The optimizer step in a fixed number of launches, whatever the number of trained tensors (and the zeroing of the
+/// gradients before the step's micro-batches: `zero_multi`, one launch): `gradient_norm`
 /// (three kernels: per-(tensor, block) partial sums, per-tensor squares, the total with its square root and the
 /// clip factor), then `adamw_multi` and `adamw_8bit_multi` (one kernel each, skipped when no tensor keeps
 /// moments of that kind), which scale the gradients by the device-side clip factor, update, and write the bf16
@@ -37,6 +38,19 @@ extension CUDABackend {
         sync()
         group.pendingClip = .device
         return norm
+    }
+
+    /// Every gradient of the group zeroed by one `zero_multi` launch over the norm's table (the gradients' pointers,
+    /// sizes and dtypes, already on the device for `gradient_norm`), instead of a memset per tensor. Why a table and
+    /// not one contiguous gradient arena zeroed by a single memset: the gradients are separate allocations made by
+    /// the model (tagged, planned and freed each on its own, viewed by the data-parallel sums and the checkpoints);
+    /// an arena would change how all of them are allocated, while the table exists already and is the group's.
+    public func zeroGradients(_ group: OptimizerGroup) {
+        guard !group.gradients.isEmpty else { return }
+        let span = profiler?.begin(.elementwise, .total(group.gradients.map { .fill($0) })); defer { span?.end() }
+        let t = tables(group), l = t.layout
+        library.check(api.zero_multi!(t.at(l.normTable, relora_norm_entry.self), Int64(group.gradients.count), Int64(l.normUnits), nil),
+                      "zero_multi")
     }
 
     public func adamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float, weightDecay: Float, step: Int) {

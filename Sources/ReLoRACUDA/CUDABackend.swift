@@ -10,9 +10,11 @@ import ReLoRACore
 /// training steps on this backend without a GPU.
 ///
 /// Every call goes to the default stream in program order; host reads (`download`, the values ops
-/// return) synchronize. A failed kernel call ends the process with the library's message (see
-/// `CUDALibrary.check`): user input is validated before it reaches a kernel, so what remains is running
-/// out of memory (one sentence, exit status 3) or a device fault (a trap).
+/// return) synchronize, except the transfers a training step makes per micro-batch: the token uploads and the
+/// deferred loss (`crossEntropyDeferred`) go through pinned staging memory (`PinnedStaging`) and do not. A
+/// failed kernel call ends the process with the library's message (see `CUDALibrary.check`): user input is
+/// validated before it reaches a kernel, so what remains is running out of memory (one sentence, exit status 3)
+/// or a device fault (a trap).
 ///
 /// Dtypes: each op takes the combination its kernel takes, as the model calls it: compute tensors in one
 /// dtype, f32 or bf16 (f16 is storage only: `copy` converts it), and f32 where the kernels keep f32 (norms'
@@ -60,6 +62,8 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     private let scratchLock = NSLock()
     nonisolated(unsafe) private var embeddingWorkspace: (pointer: UnsafeMutableRawPointer, bytes: Int)?
     nonisolated(unsafe) private var ropeTables: [String: UnsafeMutableRawPointer] = [:]
+    /// Pinned host memory of the token uploads and the deferred losses (thread-safe on its own).
+    let staging: PinnedStaging
 
     var api: relora_cuda_api { library.api }
 
@@ -69,6 +73,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
         name = library.emulated ? "cuda-emulated" : "cuda"
         let limit = ProcessInfo.processInfo.environment["RELORA_DEVICE_MEMORY_LIMIT"].flatMap { try? parseBytes($0) }
         allocator = DeviceAllocator(library: library, limit: limit)
+        staging = PinnedStaging(library: library)
         // In `CachingAllocatorModel.persistentScratch`'s order and sizes, which plans reserve the same way.
         let scratch = CachingAllocatorModel.persistentScratch
         reduceWorkspace = allocator.allocate(scratch[0], tag: .workspace)
@@ -192,7 +197,12 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
 
     // MARK: Helpers
 
-    func sync() { library.check(api.stream_synchronize!(nil), "stream_synchronize") }
+    /// Waits for the default stream; the staging then knows every copy enqueued before ran.
+    func sync() {
+        let generation = staging.beginSync()
+        library.check(api.stream_synchronize!(nil), "stream_synchronize")
+        staging.endSync(generation)
+    }
 
     /// Checks that `tensors` are in `dtype`, the one the kernel of `op` takes for them (see the type's comment).
     static func require(_ dtype: DType, _ tensors: Tensor?..., op: StaticString) {
@@ -233,15 +243,19 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
         values.withUnsafeBytes { uploadConverted($0, .f32, to: tensor) }
     }
 
+    /// Token ids and targets, once per micro-batch: through the pinned staging ring, an asynchronous copy the
+    /// host does not wait for (the ring holds the values until it ran). Into a host tensor: written at once.
     public func upload(_ values: [Int32], to tensor: Tensor) {
         let span = profiler?.begin(.transfer, .transfer(bytes: tensor.byteCount)); defer { span?.end() }
         precondition(values.count == tensor.count && tensor.dtype == .i32, "upload: \(values.count) ids into a \(tensor.dtype.rawValue) tensor of \(tensor.count)")
         ledger.uploaded(tensor.byteCount)
         guard tensor.count > 0 else { return }
-        values.withUnsafeBytes {
-            library.check(api.memcpy!(tensor.storage, $0.baseAddress, Int64(tensor.byteCount), RELORA_MEMCPY_HOST_TO_DEVICE, nil), "memcpy")
+        if tensor.tag.isHost {
+            sync()  // queued kernels may still read it
+            values.withUnsafeBytes { tensor.storage!.copyMemory(from: $0.baseAddress!, byteCount: tensor.byteCount) }
+            return
         }
-        sync()  // the host array may go away when this returns
+        values.withUnsafeBytes { staging.upload($0, to: tensor.storage!) }
     }
 
     public func upload(raw: UnsafeRawBufferPointer, dtype: DType, to tensor: Tensor) {
@@ -503,18 +517,40 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
     /// transfer, summed in Double in row order on the host).
     public func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                              gradScale: Float?, ld: Int) -> Double {
+        launchCrossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: ld)
+        return download(losses.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
+    }
+
+    /// The same kernel; the `rows` losses go to a pinned staging slot by an asynchronous copy behind it, and the
+    /// returned value sums them as `crossEntropy` does (Double, row order: the same bits) when it is read, after
+    /// waiting for the copy only if no synchronize covered it since (the trainer reads after the gradient norm's).
+    public func crossEntropyDeferred(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                                     gradScale: Float?, ld: Int) -> DeferredSum {
+        launchCrossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: ld)
+        let bytes = rows * MemoryLayout<Float>.size
+        let span = profiler?.begin(.transfer, .transfer(bytes: bytes)); defer { span?.end() }
+        ledger.downloaded(bytes)
+        let copy = staging.readBack(losses.storage.map { UnsafeRawPointer($0) }, count: bytes)
+        return DeferredSum {
+            let values = copy.bytes.assumingMemoryBound(to: Float.self)
+            return values.reduce(0.0) { $0 + Double($1) }
+        }
+    }
+
+    private func launchCrossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int, gradScale: Float?,
+                                    ld: Int) {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
+        precondition(losses.count >= rows, "crossEntropy: \(losses.count) losses for \(rows) rows")
         let stride = StoredMatrix.stride(ld, cols: vocab, "crossEntropy")
         precondition(logits.count >= StoredMatrix.span(rows: rows, cols: vocab, ld: stride), "crossEntropy: logits too small")
         let t = Self.computeType(logits, op: "crossEntropy")
         Self.require(.f32, losses, op: "crossEntropy")
         let span = profiler?.begin(.crossEntropy, .crossEntropy(rows: rows, vocab: vocab, elementBytes: logits.dtype.byteSize,
                                                                  withGradient: gradScale != nil))
+        defer { span?.end() }  // the losses' transfer is one of its own
         library.check(api.cross_entropy!(logits.storage, targets.storage?.assumingMemoryBound(to: Int32.self),
                                          losses.storage?.assumingMemoryBound(to: Float.self), Int64(rows), Int64(vocab),
                                          Int64(stride), gradScale == nil ? 0 : 1, gradScale ?? 0, Self.code(t), nil), "cross_entropy")
-        span?.end()  // the losses' download below is a transfer of its own
-        return download(losses.view(offset: 0, shape: [rows])).reduce(0.0) { $0 + Double($1) }
     }
 
     public func dropout(_ x: Tensor, _ out: Tensor, count: Int, p: Float, seed: UInt64, stream: UInt64, cols: Int, ld: Int) {

@@ -96,27 +96,29 @@ public final class CUDALibrary: @unchecked Sendable {
 
     /// The emulation's counters since it was loaded (process-wide): kernel launches (`relora_emu_counters`), calls
     /// that make the host wait for the device (stream, device and event synchronizes, blocking copies) and
-    /// cudaMalloc calls (`relora_emu_host_counters`). nil for a CUDA build. Tests bound a training step's work
-    /// with them.
+    /// cudaMalloc calls (`relora_emu_host_counters`), memsets and copies enqueued (`relora_emu_command_counters`).
+    /// nil for a CUDA build. Tests bound a training step's work with them.
     public struct EmulationCounters: Sendable, Equatable {
-        public var launches: UInt64 = 0, synchronizations: UInt64 = 0, mallocs: UInt64 = 0
+        public var launches: UInt64 = 0, synchronizations: UInt64 = 0, mallocs: UInt64 = 0, memsets: UInt64 = 0, copies: UInt64 = 0
 
         /// What happened between `earlier` and these counters.
         public func since(_ earlier: EmulationCounters) -> EmulationCounters {
             EmulationCounters(launches: launches - earlier.launches, synchronizations: synchronizations - earlier.synchronizations,
-                              mallocs: mallocs - earlier.mallocs)
+                              mallocs: mallocs - earlier.mallocs, memsets: memsets - earlier.memsets, copies: copies - earlier.copies)
         }
     }
 
     public func emulationCounters() -> EmulationCounters? {
         typealias Launches = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?,
                                              UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
-        typealias Host = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
+        typealias Pair = @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt64>?) -> Void
         guard emulated, let handle = api.handle, let launches = dlsym(handle, "relora_emu_counters"),
-              let host = dlsym(handle, "relora_emu_host_counters") else { return nil }
+              let host = dlsym(handle, "relora_emu_host_counters"), let commands = dlsym(handle, "relora_emu_command_counters")
+        else { return nil }
         var c = EmulationCounters()
         unsafeBitCast(launches, to: Launches.self)(&c.launches, nil, nil, nil)
-        unsafeBitCast(host, to: Host.self)(&c.synchronizations, &c.mallocs)
+        unsafeBitCast(host, to: Pair.self)(&c.synchronizations, &c.mallocs)
+        unsafeBitCast(commands, to: Pair.self)(&c.memsets, &c.copies)
         return c
     }
 

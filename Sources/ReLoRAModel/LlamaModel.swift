@@ -21,6 +21,14 @@ public struct LossSum: Sendable, Equatable {
     public init(sum: Double, tokens: Int) { self.sum = sum; self.tokens = tokens }
 }
 
+/// `LossSum` whose sum the host reads later (`LlamaModel.enqueueForwardBackward`): `resolved` is the
+/// `LossSum` `forwardBackward` returns, bit for bit.
+public struct PendingLossSum: Sendable {
+    public let sum: DeferredSum
+    public let tokens: Int
+    public var resolved: LossSum { LossSum(sum: sum.value, tokens: tokens) }
+}
+
 /// A trained tensor with its gradient, as the optimizer sees it.
 public struct TrainableParameter {
     /// Hugging Face name (`model.layers.0.mlp.down_proj.weight`, `...q_proj.lora_A`).
@@ -239,6 +247,14 @@ public final class LlamaModel {
     @discardableResult
     public func forwardBackward(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int,
                                 gradScale: Float) throws -> LossSum {
+        try enqueueForwardBackward(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen, gradScale: gradScale).resolved
+    }
+
+    /// `forwardBackward` whose loss sum the host reads later (`Backend.crossEntropyDeferred`): on a device
+    /// nothing in it waits for the device, so a step's micro-batches queue one after another and their losses
+    /// come back with the step's one synchronization.
+    public func enqueueForwardBackward(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int,
+                                       gradScale: Float) throws -> PendingLossSum {
         guard let grads = gradients else { preconditionFailure("forwardBackward before enableGradients()") }
         try validate(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: true)
@@ -250,8 +266,8 @@ public final class LlamaModel {
         forward(ws)
         computeLogits(ws)
         // Fused: logits become dL/dlogits in place.
-        let sum = backend.crossEntropy(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: n, vocab: vocab,
-                                       gradScale: gradScale, ld: ws.vocabStride)
+        let sum = backend.crossEntropyDeferred(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: n, vocab: vocab,
+                                               gradScale: gradScale, ld: ws.vocabStride)
         let dlogits = ws.logits
 
         // Head: dW_head[V,C] += dlogits^T lnf; dlnf[N,C] = dlogits W_head.
@@ -277,7 +293,7 @@ public final class LlamaModel {
             afterBlockBackward?(layer)
         }
         backend.embeddingBackward(ids: ws.ids, dout: ws.dres, dtable: grads.embed, dim: c)
-        return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })
+        return PendingLossSum(sum: sum, tokens: targets.count { $0 >= 0 })
     }
 
     /// Logits `[batch * seqLen, V]` for every position (tests, sampling).

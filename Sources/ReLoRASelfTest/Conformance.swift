@@ -22,7 +22,7 @@ public enum ConformanceGroup: String, CaseIterable, Sendable, Codable {
     /// axpy, scale.
     case elementwise
     /// adamw, adamw8bit, the 8-bit moments' quantizer, and the multi-tensor step (`gradientNorm(_:clip:)`,
-    /// `adamwStep`) against the per-tensor ops.
+    /// `adamwStep`, `zeroGradients`) against the per-tensor ops.
     case adamw
     /// prune (magnitude, random, all) and pruneMoments (one mask for Adam's m and v).
     case prune

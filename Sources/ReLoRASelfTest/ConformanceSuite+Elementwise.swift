@@ -158,7 +158,8 @@ extension ConformanceSuite {
     /// against the same backend's per-tensor ops (`loopingGradientNorm`, `loopingAdamwStep`), bit for bit: the norm
     /// (Double), parameters, clipped gradients, f32 and 8-bit moments and bf16 working copies, three steps
     /// (clipping, not, clipping) over tensors of 1, 300 (no working copy, no decay), 1100 (8-bit) and 9000
-    /// entries, and a gradient no update reads. The norm also against Double sums of the squares.
+    /// entries, and a gradient no update reads. The norm also against Double sums of the squares. Then
+    /// `zeroGradients(group)` against `zero` per tensor.
     func checkOptimizerStep() {
         let sizes = [1, 300, 1100, 9000], other = 5000
         let shape = sizes.map(String.init).joined(separator: "+") + "+\(other)"
@@ -211,6 +212,12 @@ extension ConformanceSuite {
             backend.loopingAdamwStep(looping, lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.1, step: step)
             expectBytes("adamwStep(group) state", "\(shape) \(label)", "mixed", got: state(multi), want: state(looping))
         }
+        // The next step's start: every gradient zeroed (a device's one launch over the group), as `zero` per tensor.
+        backend.zeroGradients(multi)
+        backend.loopingZeroGradients(looping)
+        let zeroed = multi.gradients.flatMap { backend.downloadRaw($0) }
+        expectBytes("zeroGradients(group)", shape, "f32", got: zeroed, want: looping.gradients.flatMap { backend.downloadRaw($0) })
+        expectBytes("zeroGradients(group) zeros", shape, "f32", got: zeroed, want: [UInt8](repeating: 0, count: zeroed.count))
     }
 
     /// AdamW with blockwise 8-bit moments (`relora_adam8.h`): three steps from zero states on 3 blocks and a

@@ -449,6 +449,15 @@ extension ConformanceSuite {
             // softmax: exp and the normalizer as above, the scale, the - 1 of the target class: V + 10.
             expect("crossEntropy dlogits (gradScale 0.37)", shape, dtype, got: backend.download(glogits), want: ref.grad.value,
                    magnitude: ref.grad.magnitude, tolerance: tolerance(acc: Double(vocab + 10), io: 2, dtype))
+            // The deferred sum (a training step's, read after the step's synchronize): the same bits and gradient.
+            let (dlogits, _) = tensor([rows, vocab], dtype, logitValues)
+            let deferred = backend.crossEntropyDeferred(logits: dlogits, targets: targets, losses: output([rows], .f32), rows: rows,
+                                                        vocab: vocab, gradScale: gradScale)
+            let deferredSum = deferred.value
+            record("crossEntropyDeferred sum bits", shape, dtype.rawValue, maxError: deferredSum.bitPattern == sum2.bitPattern ? 0 : .infinity,
+                   bound: 0, passed: deferredSum.bitPattern == sum2.bitPattern, note: "\(deferredSum) vs \(sum2)")
+            expectBytes("crossEntropyDeferred dlogits", shape, dtype.rawValue, got: backend.downloadRaw(dlogits),
+                        want: backend.downloadRaw(glogits))
         }
         // Finite differences of gradScale * sum(losses): fresh logits for every evaluation.
         let (x, _) = tensor([rows, vocab], .f32, logitValues)

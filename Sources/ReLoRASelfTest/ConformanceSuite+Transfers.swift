@@ -179,6 +179,9 @@ extension ConformanceSuite {
         count("crossEntropy", uploads: 0, downloads: 1) {
             _ = backend.crossEntropy(logits: logits, targets: targets, losses: losses, rows: 3, vocab: 5, gradScale: 1)
         }
+        count("crossEntropyDeferred, read", uploads: 0, downloads: 1) {
+            _ = backend.crossEntropyDeferred(logits: logits, targets: targets, losses: losses, rows: 3, vocab: 5, gradScale: 1).value
+        }
         count("prune", uploads: 0, downloads: 1) { _ = backend.prune(b, .all, seed: 0, stream: 0) }
         count("pruneMoments", uploads: 0, downloads: 1) { _ = backend.pruneMoments(m: a, v: b, ratio: 0.5, eps: 1e-8) }
         count("sumOfSquares([a, b, losses])", uploads: 0, downloads: 1) { _ = backend.sumOfSquares([a, b, losses]) }

@@ -122,6 +122,12 @@ public final class AdamW {
         for p in parameters where which(p) { if let master = p.master { backend.copy(p.value, to: master) } }
     }
 
+    /// Zeroes every trained tensor's gradient, the start of a step (`Backend.zeroGradients`: on a device one launch
+    /// for all of them; the model's `zeroGradients` zeroes the same tensors one by one).
+    public func zeroGradients() {
+        backend.zeroGradients(group)
+    }
+
     /// Global L2 norm of all gradients (`Backend.gradientNorm(_:clip:)`: one scalar read back), deciding the clip
     /// factor the next `step` applies to the gradients it reads: `clip / norm` when `clip > 0` and the norm
     /// exceeds it, else none. A non-finite norm is the caller's to act on (skip the step).

@@ -273,11 +273,15 @@ public final class Trainer {
     /// scaled by the step's global token count, so the summed gradients are the mean over the step's tokens
     /// for any W. The loss is the sum of the per-micro-batch losses in micro-batch order, gathered from the
     /// ranks: the same bits for any W.
+    ///
+    /// Host waits on a device (single process): none until the gradient norm, whose read-back is the step's one
+    /// synchronization; the micro-batches' token uploads and losses travel through pinned staging memory
+    /// (`enqueueForwardBackward`), and their losses are read after the norm, when their copies have run.
     static func optimizerStep(model: LlamaModel, optimizer: AdamW, recipe r: Recipe, step: Int, lr: Double,
                               communicator: Communicator = SingleProcess(),
                               batch: (Int) -> ([Int32], [Int32])) throws
         -> (loss: Double, norm: Double, skipped: Bool, communicationSeconds: Double) {
-        model.zeroGradients()
+        optimizer.zeroGradients()  // the model's trained gradients, in one launch on a device
         let tokensInStep = r.tokensPerStep
         let w = communicator.worldSize, mine = Array(stride(from: communicator.rank, to: r.gradAccum, by: w))
         // On a device engine each block's gradients start their sum as soon as the block's backward of this
@@ -286,7 +290,7 @@ public final class Trainer {
         let groups = device.map { _ in GradientGroups(optimizer.parameters, layers: model.config.numHiddenLayers) }
         var overlapFailure: Error?
         defer { model.afterBlockBackward = nil }
-        var losses: [Double] = []
+        var losses: [DeferredSum] = []
         for (i, micro) in mine.enumerated() {
             let (inputs, targets) = batch(micro)
             model.dropoutKey.step = step
@@ -297,14 +301,15 @@ public final class Trainer {
                     do { try device.startSum(groups.blocks[layer], on: optimizer.backend) } catch { overlapFailure = error }
                 }
             }
-            let l = try model.forwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
-                                              gradScale: 1 / Float(tokensInStep))
+            let l = try model.enqueueForwardBackward(inputs: inputs, targets: targets, batch: r.microBatch, seqLen: r.seqLen,
+                                                     gradScale: 1 / Float(tokensInStep))
             losses.append(l.sum)
         }
         model.afterBlockBackward = nil
         var lossSum = 0.0, communication = 0.0
         if w > 1 {
-            // What the backward did not hide: the rest of the sums, then the losses.
+            // What the backward did not hide: the rest of the sums, then the losses (the sums waited for the backward,
+            // hence for the losses' copies enqueued before it).
             let start = monotonicSeconds()
             let span = optimizer.backend.profiler?.begin(.reduction, OpCost(flops: 0, bytes: 0))  // no link peaks: no prediction
             defer { span?.end() }
@@ -315,14 +320,15 @@ public final class Trainer {
             } else {
                 try sumGradients(optimizer, communicator)
             }
-            let all = try communicator.allGather(losses)  // all[q][i] is micro-batch q + i W
+            let all = try communicator.allGather(losses.map(\.value))  // all[q][i] is micro-batch q + i W
             for micro in 0..<r.gradAccum { lossSum += all[micro % w][micro / w] }
             communication = monotonicSeconds() - start
-        } else {
-            for l in losses { lossSum += l }
+        }
+        let norm = optimizer.gradientNorm(clip: r.gradClip)  // the clip factor stays with the optimizer (on the device)
+        if w == 1 {  // after the norm's read-back, the step's one wait: the losses' copies, enqueued before it, have run
+            for l in losses { lossSum += l.value }
         }
         let loss = lossSum / Double(tokensInStep)
-        let norm = optimizer.gradientNorm(clip: r.gradClip)  // the clip factor stays with the optimizer (on the device)
         let skipped = !loss.isFinite || !norm.isFinite
         if !skipped {
             optimizer.step(lr: Float(lr))

@@ -6,52 +6,70 @@ import XCTest
 @testable import ReLoRATrain
 
 /// What a training step costs the device beyond its math, counted by the kernel emulation
-/// (`CUDALibrary.emulationCounters`: launches, host synchronizations, cudaMalloc calls), for two models that
-/// differ only in their number of layers, hence of trained tensors:
+/// (`CUDALibrary.emulationCounters`: launches, host synchronizations, cudaMalloc calls, memsets and copies) and
+/// by the backend's pinned staging (`PinnedStaging`: host allocations, event waits), for two models that differ
+/// only in their number of layers, hence of trained tensors, and for 2 and 4 micro-batches a step (G):
 /// - the optimizer phase (`gradientNorm` with clipping on, then `step`) launches the same number of kernels
 ///   for both: 3 for the norm, 1 per kind of moments kept (f32, 8-bit), so at most 5;
-/// - it synchronizes once (the norm read back), and a whole step of G micro-batches 3 G + 1 times: per
-///   micro-batch the two token uploads and the loss read back (`LlamaModel.forwardBackward`), then the norm;
+/// - zeroing the gradients (`AdamW.zeroGradients`, the start of a step) is one launch and no memset for both;
+/// - a whole step synchronizes once, whatever G: the norm's read-back. Its other transfers (per micro-batch the
+///   ids and targets up and the losses down) are asynchronous copies through pinned staging; the losses are
+///   read after the norm, when their copies have run, and no upload waits for a staging region (no event wait);
+/// - its memsets do not grow with the trained tensors either (one a micro-batch: the residual's gradient);
 /// - after the first step and the first restart (which meet every shape the run has), neither steps nor
-///   restarts call cudaMalloc: the caching allocator and the ops' scratch cover them.
-/// The per-tensor optimizer (before the multi-tensor kernels) failed the first bound: it launched
-/// 2 (norm) + 1 (scale) + 1 (adamw) + 1 (bf16 copy) kernels per trained tensor.
+///   restarts call cudaMalloc nor allocate pinned staging memory: the caching allocator, the ops' scratch and
+///   the staging cover them.
+/// Before: the per-tensor optimizer launched 2 (norm) + 1 (scale) + 1 (adamw) + 1 (bf16 copy) kernels per trained
+/// tensor; a step synchronized 3 G + 1 times (each token upload and each loss read-back waited) and zeroed the
+/// gradients with a memset per trained tensor (`LlamaModel.zeroGradients`), so the step's memsets grew with them.
 final class CUDAStepBudgetTests: XCTestCase {
     struct Measured {
         var tensors = 0
         var optimizer = CUDALibrary.EmulationCounters()
+        var zeroing = CUDALibrary.EmulationCounters()
         var step = CUDALibrary.EmulationCounters()
         var laterMallocs: UInt64 = 0
+        var laterStagingAllocations = 0, stagingWaits = 0
     }
 
-    func measure(library: CUDALibrary, layers: Int, mode: TrainingMode, states: OptimizerStates, hidden: Int) throws -> Measured {
+    func measure(library: CUDALibrary, layers: Int, mode: TrainingMode, states: OptimizerStates, hidden: Int,
+                 gradAccum: Int = 2) throws -> Measured {
         let d = try TrainerTests.makeByteData(hidden: hidden, layers: layers)
-        let r = TrainerTests.recipe(d, run: "budget-\(mode)-\(states)-\(layers)") {
+        let r = TrainerTests.recipe(d, run: "budget-\(mode)-\(states)-\(layers)-\(gradAccum)") {
             $0.mode = mode; $0.optimizerStates = states; $0.device = "cuda"; $0.valData = nil
             $0.steps = 6; $0.warmupSteps = 0; $0.checkpointEvery = 100; $0.seqLen = 16; $0.microBatch = 2
+            $0.gradAccum = gradAccum
             $0.gradClip = 1e-3  // every step clips: the device-side factor is exercised
             if mode != .full { $0.loraRank = 4; $0.loraAlpha = 8 }
             if mode == .relora { $0.reloraEvery = 3; $0.restartWarmup = 0 }
         }
-        let trainer = try Trainer(recipe: r, resume: false, backend: CUDABackend(library: library), log: { _ in })
+        let backend = CUDABackend(library: library)
+        let trainer = try Trainer(recipe: r, resume: false, backend: backend, log: { _ in })
         func counters() throws -> CUDALibrary.EmulationCounters { try XCTUnwrap(library.emulationCounters()) }
         var m = Measured(tensors: trainer.optimizer.parameters.count)
         _ = try trainer.trainStep()
         if mode == .relora { try trainer.restart() }
         let start = try counters()
+        let (allocations, waits) = (backend.staging.hostAllocations, backend.staging.eventWaits)
         let metrics = try trainer.trainStep()
         m.step = try counters().since(start)
         XCTAssertFalse(metrics.skipped)
         XCTAssertGreaterThan(metrics.gradNorm, r.gradClip, "the step clips")
-        let before = try counters()
+        var before = try counters()
         // The step's gradients again (as the step left them: clipped), clipped at half their norm.
         let norm = trainer.optimizer.gradientNorm(clip: r.gradClip / 2)
         trainer.optimizer.step(lr: 1e-4)
         m.optimizer = try counters().since(before)
         XCTAssertGreaterThan(norm, r.gradClip / 2, "the phase clips")
+        before = try counters()
+        trainer.optimizer.zeroGradients()
+        m.zeroing = try counters().since(before)
+        XCTAssertEqual(trainer.optimizer.gradientNorm(), 0, "every gradient zeroed")
         if mode == .relora { try trainer.restart() }
         _ = try trainer.trainStep()
         m.laterMallocs = try counters().since(start).mallocs
+        m.laterStagingAllocations = backend.staging.hostAllocations - allocations
+        m.stagingWaits = backend.staging.eventWaits - waits
         return m
     }
 
@@ -66,15 +84,29 @@ final class CUDAStepBudgetTests: XCTestCase {
             let large = try measure(library: library, layers: 4, mode: mode, states: states, hidden: hidden)
             XCTAssertLessThan(small.tensors, large.tensors, label)
             XCTAssertEqual(small.optimizer.launches, large.optimizer.launches, label)
+            XCTAssertEqual(small.zeroing, large.zeroing, label)
             for m in [small, large] {
+                print("step budget, \(label), \(m.tensors) tensors: step \(m.step); zeroing \(m.zeroing); optimizer \(m.optimizer)")
                 XCTAssertEqual(m.optimizer.launches, launches, "\(label), \(m.tensors) tensors: 3 norm kernels + 1 per kind of moments")
                 XCTAssertEqual(m.optimizer.synchronizations, 1, "\(label): the norm is the one value read back")
                 XCTAssertEqual(m.optimizer.mallocs, 0, label)
-                XCTAssertEqual(m.step.synchronizations, 3 * 2 + 1, "\(label): 2 micro-batches of 2 uploads and a loss, then the norm")
+                XCTAssertEqual(m.zeroing.launches, 1, "\(label), \(m.tensors) tensors: one zero_multi for every gradient")
+                XCTAssertEqual(m.zeroing.memsets + m.zeroing.synchronizations + m.zeroing.copies, 0, label)
+                XCTAssertEqual(m.step.synchronizations, 1, "\(label): 2 micro-batches, the norm the step's one host wait")
+                XCTAssertEqual(m.step.memsets, 2, "\(label): the step's only memsets zero the residual's gradient, one a micro-batch")
                 XCTAssertEqual(m.step.mallocs, 0, label)
                 XCTAssertEqual(m.laterMallocs, 0, "\(label): steps and restarts after the first allocate nothing")
+                XCTAssertEqual(m.laterStagingAllocations, 0, "\(label): the first step sized the pinned staging")
+                XCTAssertEqual(m.stagingWaits, 0, "\(label): no upload waited for a staging region, no loss for its copy")
             }
+            XCTAssertEqual(small.step.memsets, large.step.memsets, "\(label): no memset per trained tensor")
         }
+        // G = 4 micro-batches: still one host wait a step.
+        let four = try measure(library: library, layers: 2, mode: .relora, states: .f32, hidden: 32, gradAccum: 4)
+        print("step budget, relora f32, G = 4: step \(four.step)")
+        XCTAssertEqual(four.step.synchronizations, 1, "4 micro-batches, the norm the step's one host wait")
+        XCTAssertEqual(four.step.memsets, 4)
+        XCTAssertEqual(four.laterStagingAllocations + four.stagingWaits, 0)
     }
 
     /// Keeping each block's dequantized weights from its recompute to its backward (`reuse_dequantized`,

@@ -82,11 +82,11 @@ static inline int64_t relora_reduce_blocks(int64_t count) {
     return g < 1 ? 1 : (g > RELORA_REDUCE_MAX_BLOCKS ? RELORA_REDUCE_MAX_BLOCKS : g);
 }
 
-// Multi-tensor optimizer ops (gradient_norm, adamw_multi, adamw_8bit_multi): a table of these in device
+// Multi-tensor optimizer ops (gradient_norm, zero_multi, adamw_multi, adamw_8bit_multi): a table of these in device
 // memory, one entry per tensor, which the caller uploads once and reuses every step (the pointers stay
 // valid while the tensors live). Each op splits its tensors into work units, and `first_unit` is the number
 // of units of the entries before (a prefix sum; the kernels find a unit's tensor by binary search over it):
-// gradient_norm's units are relora_reduce_blocks(count) per tensor, adamw_multi's RELORA_ADAM_CHUNK
+// gradient_norm's and zero_multi's units are relora_reduce_blocks(count) per tensor, adamw_multi's RELORA_ADAM_CHUNK
 // elements (the last one partial; none for count 0), adamw_8bit_multi's the 256-element absmax blocks.
 #define RELORA_ADAM_CHUNK 4096
 typedef struct relora_norm_entry {
@@ -184,6 +184,9 @@ typedef struct relora_device_properties {
     X(relora_status, event_record, (void *event, void *stream))                                           \
     /* work enqueued on `stream` after this call starts after `event` completed; the host does not wait */\
     X(relora_status, stream_wait_event, (void *stream, void *event))                                      \
+    /* the host waits until `event` completed (cudaEventSynchronize; never recorded: returns at once); */   \
+    /* kernel failure words are not read (the next stream_synchronize reports them) */                      \
+    X(relora_status, event_synchronize, (void *event))                                                    \
     /* an event that keeps time (cudaEventDefault), for event_elapsed: the per-op profile's. Recorded and */\
     /* destroyed with event_record and event_destroy */                                                   \
     X(relora_status, event_create_timing, (void **event))                                                 \
@@ -339,6 +342,10 @@ typedef struct relora_device_properties {
     X(relora_status, gradient_norm, (const relora_norm_entry *entries, int64_t tensors, int64_t total_units,\
                                      double *partials, float *squares, double clip, double *norm,         \
                                      float *clip_factor, void *stream))                                   \
+    /* zeroes every entry's x[count] (+0.0 in its dtype, memset's bits) in one launch: unit u of entry e */ \
+    /* zeroes the elements gradient_norm's unit u reads (Backend.zeroGradients: every gradient of a group) */\
+    X(relora_status, zero_multi, (const relora_norm_entry *entries, int64_t tensors, int64_t total_units,  \
+                                  void *stream))                                                          \
     /* adamw on every entry (f32 moments): grad *= *clip_factor (stored; NULL or 1: untouched), then */     \
     /* the adamw update (weight decay where entry.decay), then working = bf16(param) where set. */           \
     /* Bit-exact with scale, adamw and convert per tensor. */                                                \

@@ -114,6 +114,13 @@ public protocol Backend: AnyObject, Sendable {
     /// `ld`: the logits' row stride (0 = `vocab`); the padding columns are neither read nor written.
     func crossEntropy(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
                       gradScale: Float?, ld: Int) -> Double
+    /// `crossEntropy` whose sum (the same Double, bit for bit) the host reads later, through the returned
+    /// `DeferredSum`: a training step's micro-batches then do not wait for one another's loss. One transfer,
+    /// as `crossEntropy`. `losses` may be overwritten once this returns (the sum no longer depends on it).
+    /// Every backend's default is `crossEntropy` itself, the value known at once; a device enqueues the
+    /// losses' copy to the host and returns.
+    func crossEntropyDeferred(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                              gradScale: Float?, ld: Int) -> DeferredSum
 
     /// Inverted dropout: `out[i] = x[i] / (1 - p)` where `uniform(seed, stream, i) >= p`, else 0, over
     /// the first `count` elements. The mask is a pure function of (seed, stream, i) (counter-based RNG,
@@ -156,6 +163,9 @@ public protocol Backend: AnyObject, Sendable {
     /// copy written from the f32 values (`copy`). The bits of those per-tensor ops in any order
     /// (`loopingAdamwStep`, the default); a device runs a fixed number of launches for all tensors.
     func adamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float, weightDecay: Float, step: Int)
+    /// Zeroes every tensor of `group.gradients` (`zero`'s bits): the start of an optimizer step. The default is
+    /// `zero` tensor by tensor (`loopingZeroGradients`); a device runs a fixed number of launches for all tensors.
+    func zeroGradients(_ group: OptimizerGroup)
 
     /// `out` (f32, same count) = the values of 8-bit moments.
     func dequantizeMoments(_ moments: BlockwiseMoments, into out: Tensor)
@@ -335,6 +345,16 @@ extension Backend {
         let out = makeTensor([tensors.count], dtype: .f32, tag: .workspace, zeroed: false)
         for (i, t) in tensors.enumerated() { sumOfSquares(t, into: out, at: i) }
         return download(out).reduce(0.0) { $0 + Double($1) }
+    }
+
+    public func crossEntropyDeferred(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                                     gradScale: Float?, ld: Int) -> DeferredSum {
+        DeferredSum(crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: ld))
+    }
+
+    public func crossEntropyDeferred(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                                     gradScale: Float?) -> DeferredSum {
+        crossEntropyDeferred(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab, gradScale: gradScale, ld: 0)
     }
 
     /// Round-to-nearest quantization (the formats' reference quantizers).

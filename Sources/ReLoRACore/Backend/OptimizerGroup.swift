@@ -125,6 +125,13 @@ extension Backend {
         }
     }
 
+    /// `zeroGradients` as per-tensor ops: `zero` on each gradient.
+    public func loopingZeroGradients(_ group: OptimizerGroup) {
+        for g in group.gradients { zero(g) }
+    }
+
+    public func zeroGradients(_ group: OptimizerGroup) { loopingZeroGradients(group) }
+
     public func gradientNorm(_ group: OptimizerGroup, clip: Double) -> Double { loopingGradientNorm(group, clip: clip) }
 
     public func adamwStep(_ group: OptimizerGroup, lr: Float, beta1: Float, beta2: Float, eps: Float, weightDecay: Float,

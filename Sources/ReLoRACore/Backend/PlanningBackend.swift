@@ -166,6 +166,13 @@ public final class PlanningBackend: Backend, TensorStorageOwner {
         if !group.updates.isEmpty { reserveTables(group) }
     }
 
+    /// On cuda, as CUDABackend: the group's device buffer at its first use (one launch over its table); on cpu,
+    /// the per-tensor zeroes.
+    public func zeroGradients(_ group: OptimizerGroup) {
+        guard target == .cuda, !group.gradients.isEmpty else { return loopingZeroGradients(group) }
+        reserveTables(group)
+    }
+
     private func reserveTables(_ group: OptimizerGroup) {
         guard group.prepared == nil else { return }
         let bytes = group.deviceLayout.bytes
