@@ -172,6 +172,37 @@ final class SentencePieceTests: XCTestCase {
         assertInvalidFile(try TokenizerLoader.load(temporaryDirectory()), mentions: "neither a tokenizer.json nor a SentencePiece tokenizer.model")
     }
 
+    /// Kinds relora does not implement, in files the reference libraries wrote (`Tests/Fixtures/make_refused_fixture.py`:
+    /// `tokenizers` for the tokenizer.json files, `gguf` for T5's GGUF tokenizer): the loader refuses each with one
+    /// sentence naming the kind, and `relora tokenize` exits with status 2 (relora's error, not a crash) with that sentence.
+    func testReferenceWrittenKindsAreRefused() throws {
+        let dir = fixturesDirectory() + "/refused"
+        let cases: [(file: String, names: String)] = [
+            ("wordlevel.json", "model type 'WordLevel' is not supported"),
+            ("bert_normalizer.json", "normalizer 'BertNormalizer' is not supported"),
+            ("digits_metaspace.json", "pre-tokenizer 'Digits' is not supported"),   // read as SentencePiece style
+            ("digits_bytelevel.json", "pre-tokenizer 'Digits' is not supported"),   // read as byte-level BPE
+            ("t5.gguf", "the tokenizer is 't5' (tokenizer.ggml.model)"),
+        ]
+        let work = temporaryDirectory()
+        try "Hello world 2024.".write(toFile: work + "/in.txt", atomically: true, encoding: .utf8)
+        for (file, names) in cases {
+            assertInvalidFile(try TokenizerLoader.load(dir + "/" + file), mentions: names, file)
+            let r = try runReloraProcess(["tokenize", "--tokenizer", dir + "/" + file, "--in", work + "/in.txt", "--out", work + "/out.npy"])
+            XCTAssertEqual(r.reason, .exit, "\(file): relora must exit, not crash")
+            XCTAssertEqual(r.status, 2, "\(file): exit status 2 is relora's for a refused input: \(r.stderr)")
+            let lines = r.stderr.split(separator: "\n")
+            XCTAssertEqual(lines.count, 1, "\(file): one sentence, got \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("error: ") && r.stderr.contains(names), "\(file): \(r.stderr)")
+            XCTAssertFalse(FileManager.default.fileExists(atPath: work + "/out.npy"), "\(file): no output after a refusal")
+        }
+        // The files are what the libraries write: with the unsupported part taken out, each loads and encodes.
+        let root = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/bert_normalizer.json"))) as? [String: Any])
+        var plain = root
+        plain["normalizer"] = NSNull()
+        XCTAssertFalse(try loadJSON(try JSONSerialization.data(withJSONObject: plain)).encode("hello world").isEmpty)
+    }
+
     // MARK: Hostile tokenizer.model files
 
     /// Mutated `tokenizer.model` protobufs are refused with one sentence or load into a tokenizer that
