@@ -13,6 +13,19 @@ import ReLoRAFormats
 /// | `tokenizer.ggml.merges` | `"a b"` per merge, in rank order |
 /// | `tokenizer.ggml.bos_token_id`, `eos_token_id` | the end-of-text token (GPT-2's convention: one token separates documents), if the tokenizer has one |
 /// | `tokenizer.ggml.add_bos_token`, `add_eos_token` | false: relora trains without a BOS prefix, and llama.cpp's `llama-bpe` would otherwise add one |
+/// Extends a GGUF vocabulary to a model's `vocabSize` ids (an embedding padded past the tokenizer, e.g. to a
+/// multiple of 64): `[PAD<id>]` tokens of type unused (5), as llama.cpp's converter pads; a name already in
+/// `seen` (the vocabulary) is bracketed again until it is new, since llama.cpp needs every token string once.
+func padGGUFVocabulary(_ tokens: inout [String], _ types: inout [Int32], seen: inout Set<String>, to vocabSize: Int) {
+    for id in tokens.count ..< max(vocabSize, tokens.count) {
+        var pad = "[PAD\(id)]"
+        while seen.contains(pad) { pad = "[" + pad + "]" }
+        seen.insert(pad)
+        tokens.append(pad)
+        types.append(BPETokenizer.tokenUnused)
+    }
+}
+
 extension BPETokenizer {
     static let tokenNormal: Int32 = 1, tokenControl: Int32 = 3, tokenUserDefined: Int32 = 4, tokenUnused: Int32 = 5
     static let tokenUnknown: Int32 = 2, tokenByte: Int32 = 6
@@ -58,13 +71,7 @@ extension BPETokenizer {
             tokens.append(token)
             types.append(type)
         }
-        for id in self.vocabSize ..< vocabSize {
-            var pad = "[PAD\(id)]"
-            while seen.contains(pad) { pad = "[" + pad + "]" }
-            seen.insert(pad)
-            tokens.append(pad)
-            types.append(Self.tokenUnused)
-        }
+        padGGUFVocabulary(&tokens, &types, seen: &seen, to: vocabSize)
         var merged: [String] = []
         merged.reserveCapacity(merges.count)
         for (a, b) in merges {

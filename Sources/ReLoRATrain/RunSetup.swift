@@ -1,6 +1,7 @@
 import Foundation
 import ReLoRACore
 import ReLoRAFormats
+import ReLoRATokenizer
 import ReLoRAModel
 import ReLoRACheckpoint
 
@@ -9,7 +10,8 @@ import ReLoRACheckpoint
 /// The guards that keep a new run away from existing checkpoints live here, so a refused run leaves its
 /// run directory exactly as it found it.
 struct RunSetup {
-    /// The recipe as given, with `sampler` resolved (see `Recipe.sampler`).
+    /// The recipe as given, with `sampler` resolved (see `Recipe.sampler`) and, for a new run that names no
+    /// `tokenizer`, its warm start's tokenizer (`warmStartTokenizer`).
     let recipe: Recipe
     let config: LlamaConfig
     let sampler: TrainingSampler
@@ -45,6 +47,7 @@ struct RunSetup {
             resumePoint = nil
         }
         recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: resumePoint)
+        if !resume, let tok = try Self.warmStartTokenizer(recipe) { recipe.tokenizer = tok }
         switch recipe.sampler! {
         case .random: sampler = .random(try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed))
         case .epoch:
@@ -147,23 +150,25 @@ struct RunSetup {
         host.hostFileDirectory = recipe.runDir
     }
 
-    /// A new run's files: the run directory, `recipe.json` (the resolved recipe) and a copy of the
-    /// tokenizer the recipe names (so the run directory alone can sample and export).
+    /// A new run's files: the run directory, `recipe.json` (the resolved recipe) and the tokenizer the recipe
+    /// names (so the run directory alone can sample, tokenize and export): a `tokenizer.json` or
+    /// `tokenizer.model` copied under its own name, a GGUF model's tokenizer as a vocabulary-only
+    /// `tokenizer.gguf` (`TokenizerLoader.writeVocabularyOnly`: its `tokenizer.*` metadata, no tensors).
     func createRunDirectory() throws {
         try Files.createDirectory(recipe.runDir)
         try writeRecipe()
         if var tok = recipe.tokenizer {
-            // A directory names its tokenizer.json, else its SentencePiece tokenizer.model (as transformers reads).
             var isDirectory: ObjCBool = false
             if FileManager.default.fileExists(atPath: tok, isDirectory: &isDirectory), isDirectory.boolValue {
-                guard let name = ["tokenizer.json", "tokenizer.model"].first(where: { FileManager.default.fileExists(atPath: tok + "/" + $0) }) else {
+                guard let file = TokenizerLoader.file(in: tok) else {
                     throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer directory has neither a tokenizer.json nor a tokenizer.model")
                 }
-                tok += "/" + name
+                tok = file
             }
-            // A GGUF file holds its tokenizer in its metadata; copying the whole model here is not wanted.
-            if let head = FileHandle(forReadingAtPath: tok).flatMap({ try? $0.read(upToCount: 4) }), head == Data("GGUF".utf8) {
-                throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer is a GGUF model file; name a tokenizer.json or tokenizer.model (relora tokenize reads a GGUF's tokenizer, a run keeps only those)")
+            // A GGUF model holds its tokenizer in its metadata; the run keeps that alone, not the model.
+            if LlamaGGUF.isGGUF(tok) {
+                try TokenizerLoader.writeVocabularyOnly(from: try GGUFFile(path: tok), to: recipe.runDir + "/tokenizer.gguf")
+                return
             }
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
@@ -172,6 +177,15 @@ struct RunSetup {
             let name = tok.hasSuffix(".model") ? "tokenizer.model" : "tokenizer.json"
             try writeFileAtomically(data, to: recipe.runDir + "/" + name)
         }
+    }
+
+    /// The tokenizer a run keeps when its recipe names none: its warm start's (`ModelSource.tokenizerPath`: a
+    /// Hugging Face directory's tokenizer.json or tokenizer.model, a GGUF file's metadata tokenizer, a relora
+    /// run's tokenizer), since a warm start's data must be tokenized with it anyway; nil without a warm start
+    /// or when it has none.
+    static func warmStartTokenizer(_ recipe: Recipe) throws -> String? {
+        guard recipe.tokenizer == nil, let warm = recipe.warmStart else { return nil }
+        return try ModelSource.open(warm).tokenizerPath
     }
 }
 

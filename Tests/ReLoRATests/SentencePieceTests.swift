@@ -411,9 +411,51 @@ final class SentencePieceTests: XCTestCase {
         recipe.tokenizer = dir
         recipe.runDir = dir + "/run2"
         assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "neither a tokenizer.json nor a tokenizer.model")
+        // A GGUF file's tokenizer: the run keeps its tokenizer metadata as a tensor-free tokenizer.gguf, which
+        // reads back into the same tokenizer (every id of the fixture strings, the BOS and EOS).
         recipe.tokenizer = Self.directory + "/spm_bpe.gguf"
         recipe.runDir = dir + "/run3"
-        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "is a GGUF model file")
+        try RunSetup(recipe: recipe, resume: false).createRunDirectory()
+        let kept = try GGUFFile(path: dir + "/run3/tokenizer.gguf")
+        XCTAssertTrue(kept.tensors.isEmpty)
+        let source = try GGUFFile(path: Self.directory + "/spm_bpe.gguf")
+        XCTAssertEqual(kept.metadataKeys, source.metadataKeys.filter { $0 == "general.architecture" || $0.hasPrefix("tokenizer.") })
+        for key in kept.metadataKeys { XCTAssertEqual(kept.metadata[key], source.metadata[key], key) }
+        let fromRun = try TokenizerLoader.load(dir + "/run3"), direct = try load("spm_bpe_gguf")
+        let strings = try XCTUnwrap(try expected()["strings"] as? [String])
+        let want = try XCTUnwrap((try expected()["spm_bpe_gguf"] as? [String: Any])?["ids"] as? [[Int]])
+        XCTAssertEqual(strings.map { fromRun.encode($0).map(Int.init) }, want, "the run's tokenizer gives sentencepiece's ids")
+        XCTAssertEqual(strings.map { fromRun.encode($0) }, strings.map { direct.encode($0) })
+        XCTAssertEqual(fromRun.prefixId, 1)
+        XCTAssertEqual(fromRun.endOfTextId, 2)
+        // A GGUF file without a tokenizer, or with one relora does not read, is refused when the run is set up.
+        recipe.tokenizer = fixturesDirectory() + "/refused/t5.gguf"
+        recipe.runDir = dir + "/run4"
+        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "'t5'")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/run4/tokenizer.gguf"))
+    }
+
+    /// A recipe that names no tokenizer takes its warm start's: a Hugging Face directory's tokenizer.model
+    /// here (a GGUF file's in `GGUFImportTests.testCommandsOnARunWarmStartedFromGGUF`), resolved into the
+    /// recipe and kept in the run; one that names a tokenizer keeps it, and a warm start without one leaves none.
+    func testWarmStartTokenizerIsTheRunsWhenTheRecipeNamesNone() throws {
+        let dir = temporaryDirectory()
+        let hf = dir + "/hf"
+        try FileManager.default.copyItem(atPath: fixturesDirectory() + "/tiny_llama", toPath: hf)
+        try NpyWriter.write(tokens: (0..<300).map { Int64($0 % 64) }, dtype: .uint16, to: dir + "/train.npy")
+        var recipe = Recipe(model: hf + "/config.json", trainData: dir + "/train.npy", runDir: dir + "/run0")
+        recipe.seqLen = 16
+        recipe.warmStart = hf
+        XCTAssertNil(try RunSetup(recipe: recipe, resume: false).recipe.tokenizer, "the fixture has no tokenizer")
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: hf + "/tokenizer.model")
+        recipe.runDir = dir + "/run1"
+        let setup = try RunSetup(recipe: recipe, resume: false)
+        XCTAssertEqual(setup.recipe.tokenizer, hf + "/tokenizer.model")
+        try setup.createRunDirectory()
+        XCTAssertEqual(FileManager.default.contents(atPath: dir + "/run1/tokenizer.model"), FileManager.default.contents(atPath: hf + "/tokenizer.model"))
+        recipe.tokenizer = Self.directory + "/llama2_legacy.json"
+        recipe.runDir = dir + "/run2"
+        XCTAssertEqual(try RunSetup(recipe: recipe, resume: false).recipe.tokenizer, Self.directory + "/llama2_legacy.json")
     }
 
     func testTokenizerTrainUnigramCommand() throws {
