@@ -72,7 +72,7 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let model = try source.loadModel(backend: try a.backend(), warn: warning)
     let tokenizer = try source.tokenizerJSON()
     // A SentencePiece tokenizer.model goes along too (transformers reads it when there is no tokenizer.json).
-    let sentencePiece = source.tokenizerModel()
+    let sentencePiece = try source.tokenizerModel()
     if tokenizer == nil && sentencePiece == nil {
         warning("\(source.path) has no tokenizer.json or tokenizer.model; the export will not include one")
     }

@@ -201,9 +201,13 @@ public final class ModelSource {
         return try (tokenizer() as? BPETokenizer)?.jsonData()
     }
 
-    /// A directory source's SentencePiece `tokenizer.model` bytes (a Hugging Face export copies it), else nil.
-    public func tokenizerModel() -> Data? {
-        tokenizerFile("tokenizer.model").flatMap { FileManager.default.contents(atPath: $0) }
+    /// The SentencePiece `tokenizer.model` bytes a Hugging Face export carries: a directory source's file as it
+    /// is, or a GGUF tokenizer (a GGUF file's, a run's `tokenizer.gguf`) that is SentencePiece written out
+    /// (`SentencePieceTokenizer.modelProto`); else nil.
+    public func tokenizerModel() throws -> Data? {
+        if let file = tokenizerFile("tokenizer.model") { return FileManager.default.contents(atPath: file) }
+        guard gguf != nil || tokenizerFile("tokenizer.gguf") != nil, let sp = try tokenizer() as? SentencePieceTokenizer else { return nil }
+        return Data(try sp.modelProto())
     }
 }
 

@@ -218,3 +218,46 @@ extension SentencePieceTokenizer {
         try self.init(config, path: file.path)
     }
 }
+
+extension SentencePieceTokenizer {
+    /// This tokenizer as a SentencePiece `tokenizer.model` (`ModelProto`), for a Hugging Face export of a model
+    /// whose tokenizer came from GGUF metadata (a GGUF file, a run's `tokenizer.gguf`): the pieces with their
+    /// scores and types; `trainer_spec` with `model_type` (BPE 2 or UNIGRAM 1), `byte_fallback`, the
+    /// unk/bos/eos/pad ids (-1 for none) and `unk_surface`; `normalizer_spec` named `identity` with
+    /// `add_dummy_prefix`, `remove_extra_whitespaces` and `escape_whitespaces`. `init(modelProto:)` and
+    /// `sentencepiece` read it back into the same segmentation (`make_sentencepiece_gguf_export.py`,
+    /// `SentencePieceGGUFExportTests`). A tokenizer.json's rules and a charsmap have no such form: one sentence.
+    public func modelProto() throws -> [UInt8] {
+        guard rules == .sentencePiece else {
+            throw ReLoRAError.unsupported("a SentencePiece-style tokenizer.json has no tokenizer.model form (its rules are the tokenizers library's)")
+        }
+        guard normalizer.charsMap == nil else {
+            throw ReLoRAError.unsupported("this tokenizer's normalization charsmap is not kept in a form a tokenizer.model can hold")
+        }
+        var proto = ProtobufWriter()
+        for (id, piece) in pieces.enumerated() {
+            var p = ProtobufWriter()
+            p.string(1, piece)
+            p.float(2, Float(scores[id]))
+            p.int64(3, Int64(types[id].rawValue))
+            proto.message(1, p)
+        }
+        var trainer = ProtobufWriter()
+        switch model {
+        case .unigram: trainer.int64(3, 1)
+        case .bpeByScore: trainer.int64(3, 2)
+        case .bpeByRank: throw ReLoRAError.unsupported("a BPE merged by rank has no tokenizer.model form")  // only with tokenizers' rules
+        }
+        trainer.int64(35, byteIds.isEmpty ? 0 : 1)
+        for (field, id) in [(40, unkId), (41, beginOfTextId), (42, endOfTextId), (43, padId)] { trainer.int64(field, Int64(id ?? -1)) }
+        trainer.string(44, String(decoding: unkSurface, as: UTF8.self))
+        proto.message(2, trainer)
+        var spec = ProtobufWriter()
+        spec.string(1, "identity")
+        spec.int64(3, normalizer.addDummyPrefix ? 1 : 0)
+        spec.int64(4, normalizer.removeExtraWhitespaces ? 1 : 0)
+        spec.int64(5, normalizer.escapeWhitespaces ? 1 : 0)
+        proto.message(3, spec)
+        return proto.bytes
+    }
+}

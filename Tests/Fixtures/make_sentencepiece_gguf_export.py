@@ -14,11 +14,13 @@
 3. llama.cpp (llama-cpp-python) loads the whole file (n_vocab 416), and with vocab_only tokenizes the strings of
    sentencepiece/expected.json shorter than 300 characters (add_bos False, special False); each must
    equal sentencepiece's ids on spm_bpe.model.
-4. llama.cpp ignores tokenizer.ggml.remove_extra_whitespaces for this tokenizer type: a copy of the
+4. `relora export model.gguf --format hf` writes the GGUF's tokenizer as a tokenizer.model; sentencepiece
+   loads it (416 pieces) and gives the same ids.
+5. llama.cpp ignores tokenizer.ggml.remove_extra_whitespaces for this tokenizer type: a copy of the
    exported tokenizer with the key true and one with it false tokenize "  hello   world  " alike.
 
 Writes sentencepiece/gguf_export_expected.json: the strings, sentencepiece's ids (= llama.cpp's on the
-export, checked here), the exported metadata summary, and the two ids lists of step 4. Versions used:
+export, checked here), the exported metadata summary, and the two ids lists of step 5. Versions used:
 transformers 5.24.0, sentencepiece 0.2.3, gguf 0.19.0, llama-cpp-python 0.3.36.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile
@@ -121,6 +123,14 @@ def main():
         for i in bad:
             print(f"  {strings[i]!r}: sentencepiece {want[i]} llama.cpp {got[i]}")
         ok &= not bad
+
+        # Back to Hugging Face: the GGUF's tokenizer written as a tokenizer.model, which sentencepiece reads.
+        back = os.path.join(tmp, "back")
+        subprocess.run([args.relora, "export", out, "--format", "hf", "--dtype", "float32", "--out", back], check=True)
+        sp_back = spm.SentencePieceProcessor(model_file=os.path.join(back, "tokenizer.model"))
+        same = [sp_back.encode(s) for s in strings] == want
+        print(f"sentencepiece on the tokenizer.model of `relora export model.gguf --format hf`: {'same ids' if same else 'DIFFERENT ids'}")
+        ok &= same and sp_back.get_piece_size() == VOCAB
 
         full = llama_cpp.Llama(model_path=out, n_ctx=64, verbose=False, n_threads=2)  # the weights load too
         print(f"llama.cpp loads the whole export: n_vocab {full.n_vocab()}")

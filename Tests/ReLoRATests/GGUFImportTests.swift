@@ -219,6 +219,18 @@ final class GGUFImportTests: XCTestCase {
         let sample = try runRelora(["sample", "--model", r.runDir, "--prompt", "the", "--max-tokens", "4", "--seed", "1"])
         XCTAssertEqual(sample.status, 0, sample.stderr)
         XCTAssertTrue(sample.stdout.hasPrefix("the"), sample.stdout)
+        // Exported back to GGUF, the run carries the file's tokenizer: the converter's tokens, scores and types,
+        // its BOS added as before, and the same ids.
+        let export = try runRelora(["export", r.runDir, "--format", "gguf", "--quant", "q4_0", "--out", d.dir + "/again.gguf"])
+        XCTAssertEqual(export.status, 0, export.stderr)
+        let again = try GGUFFile(path: d.dir + "/again.gguf"), source = try GGUFFile(path: gguf)
+        for key in ["model", "tokens", "scores", "token_type", "bos_token_id", "eos_token_id"] {
+            XCTAssertEqual(again.metadata["tokenizer.ggml.\(key)"], source.metadata["tokenizer.ggml.\(key)"], key)
+        }
+        XCTAssertEqual(again.metadata["tokenizer.ggml.add_bos_token"], .bool(true))
+        let reread = try TokenizerLoader.load(gguf: again)
+        XCTAssertEqual(reread.encode(text), direct.encode(text))
+        XCTAssertEqual(reread.prefixId, direct.prefixId)
         let analyze = try runRelora(["analyze", r.runDir])
         XCTAssertEqual(analyze.status, 0, analyze.stderr)
         XCTAssertTrue((analyze.stdout + analyze.stderr).contains("against \(dir)/tiny_q4_0.gguf"), analyze.stdout + analyze.stderr)

@@ -85,6 +85,20 @@ final class SentencePieceGGUFExportTests: XCTestCase {
         XCTAssertEqual(strings.map { tok.encode($0).map(Int.init) }, ids)
         let direct = try TokenizerLoader.load(Self.directory + "/spm_bpe.model")
         XCTAssertEqual(strings.map { tok.decode(tok.encode($0)) }, strings.map { direct.decode(direct.encode($0)) })
+
+        // Back to Hugging Face: the GGUF's tokenizer becomes a tokenizer.model (sentencepiece reads it into the
+        // same ids, per the script) with the pieces, scores and types of the original.
+        let back = try runRelora(["export", dir + "/m.gguf", "--format", "hf", "--out", dir + "/back"])
+        XCTAssertEqual(back.status, 0, back.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/back/tokenizer.json"))
+        let exported = try XCTUnwrap(try TokenizerLoader.load(dir + "/back") as? SentencePieceTokenizer)
+        let original = try XCTUnwrap(direct as? SentencePieceTokenizer)
+        XCTAssertEqual(Array(exported.pieces[..<400]), original.pieces)
+        XCTAssertEqual(Array(exported.scores[..<400]), original.scores)
+        XCTAssertEqual(Array(exported.types[..<400]), original.types)
+        XCTAssertEqual([exported.unkId, exported.beginOfTextId, exported.endOfTextId], [original.unkId, original.beginOfTextId, original.endOfTextId])
+        XCTAssertEqual(strings.map { exported.encode($0).map(Int.init) }, ids)
+        XCTAssertEqual(strings.map { exported.decode(exported.encode($0)) }, strings.map { direct.decode(direct.encode($0)) })
     }
 
     /// llama.cpp's SPM tokenizer ignores `remove_extra_whitespaces`; so does relora's reader.
