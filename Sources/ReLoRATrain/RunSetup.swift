@@ -20,6 +20,8 @@ struct RunSetup {
     let resumePoint: String?
     /// The run's ranks.
     let worldSize: Int
+    /// Lines for the run's log about what the setup chose (the warm start's tokenizer, or why it was not kept).
+    let notes: [String]
 
     init(recipe given: Recipe, resume: Bool, worldSize: Int = 1) throws {
         self.worldSize = worldSize
@@ -47,7 +49,12 @@ struct RunSetup {
             resumePoint = nil
         }
         recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: resumePoint)
-        if !resume, let tok = try Self.warmStartTokenizer(recipe) { recipe.tokenizer = tok }
+        var notes: [String] = []
+        if !resume, let (tok, note) = try Self.warmStartTokenizer(recipe) {
+            recipe.tokenizer = tok
+            notes.append(note)
+        }
+        self.notes = notes
         switch recipe.sampler! {
         case .random: sampler = .random(try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed))
         case .epoch:
@@ -181,11 +188,20 @@ struct RunSetup {
 
     /// The tokenizer a run keeps when its recipe names none: its warm start's (`ModelSource.tokenizerPath`: a
     /// Hugging Face directory's tokenizer.json or tokenizer.model, a GGUF file's metadata tokenizer, a relora
-    /// run's tokenizer), since a warm start's data must be tokenized with it anyway; nil without a warm start
-    /// or when it has none.
-    static func warmStartTokenizer(_ recipe: Recipe) throws -> String? {
+    /// run's tokenizer), since a warm start's data must be tokenized with it anyway, and a line saying so; nil
+    /// without a warm start or when it has none. A tokenizer relora cannot read (a GGUF `gpt2` with another
+    /// pre-tokenizer, ...) is not kept, and the line says why: the run trains without one, as it did before a
+    /// warm start's tokenizer was kept, rather than being refused for a tokenizer nobody named.
+    static func warmStartTokenizer(_ recipe: Recipe) throws -> (path: String?, note: String)? {
         guard recipe.tokenizer == nil, let warm = recipe.warmStart else { return nil }
-        return try ModelSource.open(warm).tokenizerPath
+        let source = try ModelSource.open(warm)
+        guard let path = source.tokenizerPath else { return nil }
+        do {
+            _ = try source.tokenizer()
+        } catch {
+            return (nil, "warning: the run does not keep the warm start's tokenizer (\(error)); name a tokenizer in the recipe for `relora sample` and exports to have one")
+        }
+        return (path, "tokenizer: the warm start's (\(path)), kept in the run")
     }
 }
 

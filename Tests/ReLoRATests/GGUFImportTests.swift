@@ -200,6 +200,7 @@ final class GGUFImportTests: XCTestCase {
         XCTAssertTrue((train.stdout + train.stderr).contains("took the q4_0 blocks of 14 linears from \(dir)/tiny_q4_0.gguf byte for byte"), train.stdout + train.stderr)
 
         // The tokenizer: the file's tokenizer metadata without its tensors, named in the resolved recipe.
+        XCTAssertTrue((train.stdout + train.stderr).contains("tokenizer: the warm start's (\(gguf)), kept in the run"), train.stdout + train.stderr)
         let kept = try GGUFFile(path: r.runDir + "/tokenizer.gguf")
         XCTAssertTrue(kept.tensors.isEmpty)
         XCTAssertLessThan(try XCTUnwrap(FileManager.default.attributesOfItem(atPath: r.runDir + "/tokenizer.gguf")[.size] as? Int), 4096)

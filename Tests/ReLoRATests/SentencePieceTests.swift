@@ -451,8 +451,18 @@ final class SentencePieceTests: XCTestCase {
         recipe.runDir = dir + "/run1"
         let setup = try RunSetup(recipe: recipe, resume: false)
         XCTAssertEqual(setup.recipe.tokenizer, hf + "/tokenizer.model")
+        XCTAssertEqual(setup.notes, ["tokenizer: the warm start's (\(hf)/tokenizer.model), kept in the run"])
         try setup.createRunDirectory()
         XCTAssertEqual(FileManager.default.contents(atPath: dir + "/run1/tokenizer.model"), FileManager.default.contents(atPath: hf + "/tokenizer.model"))
+        // A warm start's tokenizer relora cannot read is not kept, with a warning; the run is not refused for it.
+        try FileManager.default.copyItem(atPath: fixturesDirectory() + "/refused/wordlevel.json", toPath: hf + "/tokenizer.json")
+        recipe.runDir = dir + "/run3"
+        let unreadable = try RunSetup(recipe: recipe, resume: false)
+        XCTAssertNil(unreadable.recipe.tokenizer)
+        XCTAssertEqual(unreadable.notes.count, 1)
+        XCTAssertTrue(unreadable.notes[0].hasPrefix("warning: the run does not keep the warm start's tokenizer") && unreadable.notes[0].contains("WordLevel"), unreadable.notes[0])
+        try unreadable.createRunDirectory()
+        XCTAssertNil(TokenizerLoader.file(in: dir + "/run3"))
         recipe.tokenizer = Self.directory + "/llama2_legacy.json"
         recipe.runDir = dir + "/run2"
         XCTAssertEqual(try RunSetup(recipe: recipe, resume: false).recipe.tokenizer, Self.directory + "/llama2_legacy.json")
