@@ -19,7 +19,8 @@ let exportCommand = CommandSpec(
         weights dequantized); the tokenizer goes along when the source has one.
 
         --format hf: a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, the run's
-        tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load. With --quant nf4
+        tokenizer.json or tokenizer.model; a GGUF tokenizer written as one of them) that transformers'
+        LlamaForCausalLM / AutoTokenizer.from_pretrained load. With --quant nf4
         the block linears are written in bitsandbytes' 4-bit layout (nf4, blocksize 64, no double quantization)
         with a quantization_config, so from_pretrained loads a bitsandbytes 4-bit model.
         --format gguf: one GGUF v3 file for llama.cpp (and transformers' GGUF loader): LLaMA metadata, llama.cpp

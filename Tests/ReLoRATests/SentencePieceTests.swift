@@ -433,6 +433,10 @@ final class SentencePieceTests: XCTestCase {
         recipe.runDir = dir + "/run4"
         assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "'t5'")
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/run4/tokenizer.gguf"))
+        try GGUFWriter.write(metadata: [("general.architecture", .string("llama"))], tensors: [], to: dir + "/bare.gguf")
+        recipe.tokenizer = dir + "/bare.gguf"
+        recipe.runDir = dir + "/run5"
+        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "has no tokenizer in its metadata")
     }
 
     /// A recipe that names no tokenizer takes its warm start's: a Hugging Face directory's tokenizer.model
