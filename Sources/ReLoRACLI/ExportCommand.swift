@@ -19,11 +19,14 @@ let exportCommand = CommandSpec(
         weights dequantized); the tokenizer goes along when the source has one.
 
         --format hf: a Hugging Face directory (config.json, model.safetensors with LLaMA tensor names, the run's
-        tokenizer.json) that transformers' LlamaForCausalLM / AutoTokenizer.from_pretrained load. With --quant nf4
+        tokenizer.json or tokenizer.model; a GGUF tokenizer written as one of them) that transformers'
+        LlamaForCausalLM / AutoTokenizer.from_pretrained load. With --quant nf4
         the block linears are written in bitsandbytes' 4-bit layout (nf4, blocksize 64, no double quantization)
         with a quantization_config, so from_pretrained loads a bitsandbytes 4-bit model.
         --format gguf: one GGUF v3 file for llama.cpp (and transformers' GGUF loader): LLaMA metadata, llama.cpp
-        tensor names with q/k rows permuted to llama.cpp's rotary convention, and the tokenizer. f16/bf16 store
+        tensor names with q/k rows permuted to llama.cpp's rotary convention, and the tokenizer (byte-level BPE
+        as llama.cpp's gpt2, SentencePiece BPE from a tokenizer.model or GGUF as its llama; others are refused
+        with the reason). f16/bf16 store
         2-D tensors in 16 bits; q8_0 quantizes every 2-D tensor; q4_0 the block linears (embedding and head in
         q8_0). Norms stay f32; rows that are not whole 32-weight blocks stay f16. A run whose frozen weights are
         in the same format has its codes copied, not requantized, where the current cycle's update is zero.
@@ -70,7 +73,7 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let model = try source.loadModel(backend: try a.backend(), warn: warning)
     let tokenizer = try source.tokenizerJSON()
     // A SentencePiece tokenizer.model goes along too (transformers reads it when there is no tokenizer.json).
-    let sentencePiece = source.tokenizerModel()
+    let sentencePiece = try source.tokenizerModel()
     if tokenizer == nil && sentencePiece == nil {
         warning("\(source.path) has no tokenizer.json or tokenizer.model; the export will not include one")
     }
@@ -88,9 +91,8 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
 func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let weights = GGUFWeightType(rawValue: try a.required("quant"))!  // one of the declared choices
     let tokenizer = try source.tokenizer()
-    if let tokenizer, !(tokenizer is BPETokenizer) {
-        throw ReLoRAError.unsupported("GGUF export writes byte-level BPE tokenizers only, and the tokenizer of \(source.path) is SentencePiece style (BPE with byte fallback, or Unigram); export --format hf instead")
-    }
+    // A tokenizer llama.cpp would read differently is refused here, before the model is loaded.
+    _ = try tokenizer?.ggufMetadata(vocabSize: source.config.vocabSize)
     if tokenizer == nil {
         warning("\(source.path) has no tokenizer; the GGUF will have no tokenizer, which llama.cpp needs to load it")
     }
@@ -106,10 +108,10 @@ func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws
     let summary: GGUFExportSummary
     if let checkpoint = source.checkpoint {
         // A checkpoint's frozen codes in the requested format are copied where its cycle is empty.
-        summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer as? BPETokenizer, weights: weights, to: out,
+        summary = try LlamaGGUF.export(checkpoint: checkpoint, tokenizer: tokenizer, weights: weights, to: out,
                                        backend: backend, name: name, progress: report)
     } else {
-        summary = try LlamaGGUF.write(model: try source.loadModel(backend: backend, warn: warning), tokenizer: tokenizer as? BPETokenizer,
+        summary = try LlamaGGUF.write(model: try source.loadModel(backend: backend, warn: warning), tokenizer: tokenizer,
                                       weights: weights, to: out, name: name, progress: report)
     }
     progress?.finish()

@@ -18,7 +18,7 @@ let tokenizeCommand = CommandSpec(
         knows only token frequencies would get).
         """,
     options: [
-        .value("tokenizer", "FILE|DIR", help: "a tokenizer.json (from relora tokenizer train, or a Hugging Face one), a SentencePiece tokenizer.model, a directory with either, or a GGUF file (its tokenizer)",
+        .value("tokenizer", "FILE|DIR", help: "a tokenizer.json (from relora tokenizer train, or a Hugging Face one), a SentencePiece tokenizer.model, a directory with either (or a run directory: its tokenizer), or a GGUF file (its tokenizer)",
                required: true),
         .repeated("in", "PATH", help: "a text file, a .jsonl file or a directory", required: true),
         .value("out", "TOKENS.npy", help: "the token file to write", required: true),

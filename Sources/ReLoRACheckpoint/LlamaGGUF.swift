@@ -186,10 +186,11 @@ public enum LlamaGGUF {
     /// `storedCodes` (HF name -> blocks in the `weights` format) are written as they are, row-permuted
     /// where the rotary convention needs it, instead of quantizing the model's values: the export of a
     /// quantized checkpoint whose current cycle is empty (see `export(checkpoint:...)`). `tokenizer`
-    /// goes into the `tokenizer.ggml.*` metadata (padded to the model's vocabulary); without one llama.cpp
+    /// goes into the `tokenizer.ggml.*` metadata (`TextTokenizer.ggufMetadata`: byte-level BPE as `gpt2`,
+    /// SentencePiece BPE as `llama`, padded to the model's vocabulary); without one llama.cpp
     /// cannot load the file, but readers of the weights (transformers, `relora eval`) can.
     @discardableResult
-    public static func write(model: LlamaModel, tokenizer: BPETokenizer?, weights: GGUFWeightType, to path: String,
+    public static func write(model: LlamaModel, tokenizer: (any TextTokenizer)?, weights: GGUFWeightType, to path: String,
                              name: String? = nil, storedCodes: [String: QuantizedMatrix] = [:],
                              progress: ((Int, Int) -> Void)? = nil) throws -> GGUFExportSummary {
         guard model.weights.isDense, model.loraConfig == nil else {
@@ -312,7 +313,7 @@ public enum LlamaGGUF {
     /// merged weight equal to deq(codes), and since `quantize(dequantize(q)) == q` its codes are the
     /// answer: they are copied byte for byte. A linear with B != 0 has moved off the quantization grid;
     /// its merged weight is requantized (round to nearest) and the summary says so.
-    public static func export(checkpoint: String, tokenizer: BPETokenizer?, weights: GGUFWeightType, to path: String,
+    public static func export(checkpoint: String, tokenizer: (any TextTokenizer)?, weights: GGUFWeightType, to path: String,
                               backend: Backend, name: String? = nil,
                               progress: ((Int, Int) -> Void)? = nil) throws -> GGUFExportSummary {
         let model = try TrainingCheckpoint.loadModel(checkpoint, backend: backend)

@@ -168,16 +168,19 @@ public final class ModelSource {
         return dir + "/" + name
     }
 
-    /// The source's tokenizer (`TokenizerLoader`): the directory's (a checkpoint's run's) `tokenizer.json`, else
-    /// its SentencePiece `tokenizer.model`, or a GGUF file's metadata tokenizer; nil if it has none. Read when
-    /// asked (an evaluation needs none).
+    /// Where the source's tokenizer is, for `TokenizerLoader.load` and for a run that keeps it: the directory's
+    /// (a checkpoint's run's) first of `TokenizerLoader.fileNames`, or the GGUF file itself when its metadata
+    /// has a tokenizer; nil if it has none.
+    public var tokenizerPath: String? {
+        if let gguf { return gguf.metadata["tokenizer.ggml.model"] != nil ? path : nil }
+        return tokenizerDirectory.flatMap { TokenizerLoader.file(in: $0) }
+    }
+
+    /// The source's tokenizer (`TokenizerLoader`, from `tokenizerPath`); nil if it has none. Read when asked
+    /// (an evaluation needs none).
     public func tokenizer() throws -> (any TextTokenizer)? {
-        if let gguf {
-            guard gguf.metadata["tokenizer.ggml.model"] != nil else { return nil }
-            return try TokenizerLoader.load(gguf: gguf)
-        }
-        guard tokenizerFile("tokenizer.json") != nil || tokenizerFile("tokenizer.model") != nil else { return nil }
-        return try TokenizerLoader.load(tokenizerDirectory!)
+        if let gguf { return tokenizerPath == nil ? nil : try TokenizerLoader.load(gguf: gguf) }
+        return try tokenizerPath.map { try TokenizerLoader.load($0) }
     }
 
     /// The tokenizer, or one sentence saying the source has none and what `purpose` needed it for.
@@ -190,15 +193,21 @@ public final class ModelSource {
     }
 
     /// The tokenizer as `tokenizer.json` bytes (for a Hugging Face export): the directory's file as it is, or a
-    /// GGUF file's byte-level BPE tokenizer written out; nil if there is none in that form.
+    /// GGUF tokenizer (a GGUF file's, a run's `tokenizer.gguf`) that is byte-level BPE written out; nil if there
+    /// is none in that form.
     public func tokenizerJSON() throws -> Data? {
-        if gguf != nil { return try (tokenizer() as? BPETokenizer)?.jsonData() }
-        return try tokenizerFile("tokenizer.json").map { try Data(contentsOf: URL(fileURLWithPath: $0)) }
+        if let file = tokenizerFile("tokenizer.json") { return try Data(contentsOf: URL(fileURLWithPath: file)) }
+        guard gguf != nil || tokenizerFile("tokenizer.gguf") != nil else { return nil }
+        return try (tokenizer() as? BPETokenizer)?.jsonData()
     }
 
-    /// A directory source's SentencePiece `tokenizer.model` bytes (a Hugging Face export copies it), else nil.
-    public func tokenizerModel() -> Data? {
-        tokenizerFile("tokenizer.model").flatMap { FileManager.default.contents(atPath: $0) }
+    /// The SentencePiece `tokenizer.model` bytes a Hugging Face export carries: a directory source's file as it
+    /// is, or a GGUF tokenizer (a GGUF file's, a run's `tokenizer.gguf`) that is SentencePiece written out
+    /// (`SentencePieceTokenizer.modelProto`); else nil.
+    public func tokenizerModel() throws -> Data? {
+        if let file = tokenizerFile("tokenizer.model") { return FileManager.default.contents(atPath: file) }
+        guard gguf != nil || tokenizerFile("tokenizer.gguf") != nil, let sp = try tokenizer() as? SentencePieceTokenizer else { return nil }
+        return Data(try sp.modelProto())
     }
 }
 

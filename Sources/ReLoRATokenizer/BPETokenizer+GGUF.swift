@@ -2,6 +2,19 @@ import Foundation
 import ReLoRACore
 import ReLoRAFormats
 
+/// Extends a GGUF vocabulary to a model's `vocabSize` ids (an embedding padded past the tokenizer, e.g. to a
+/// multiple of 64): `[PAD<id>]` tokens of type unused (5), as llama.cpp's converter pads; a name already in
+/// `seen` (the vocabulary) is bracketed again until it is new, since llama.cpp needs every token string once.
+func padGGUFVocabulary(_ tokens: inout [String], _ types: inout [Int32], seen: inout Set<String>, to vocabSize: Int) {
+    for id in tokens.count ..< max(vocabSize, tokens.count) {
+        var pad = "[PAD\(id)]"
+        while seen.contains(pad) { pad = "[" + pad + "]" }
+        seen.insert(pad)
+        tokens.append(pad)
+        types.append(BPETokenizer.tokenUnused)
+    }
+}
+
 /// Byte-level BPE tokenizers in GGUF metadata, as llama.cpp reads them (`tokenizer.ggml.model = "gpt2"`).
 ///
 /// | key | value |
@@ -11,8 +24,8 @@ import ReLoRAFormats
 /// | `tokenizer.ggml.tokens` | one string per id, the model's whole vocabulary: vocabulary keys in the byte-level alphabet (`"Ġthe"`), added tokens by content, and `[PAD<id>]` for ids past the tokenizer up to the model's vocab_size |
 /// | `tokenizer.ggml.token_type` | i32 per id: 1 normal, 3 control (special added token), 4 user-defined (other added token), 5 unused (padding) |
 /// | `tokenizer.ggml.merges` | `"a b"` per merge, in rank order |
-/// | `tokenizer.ggml.bos_token_id`, `eos_token_id` | the end-of-text token (GPT-2's convention: one token separates documents), if the tokenizer has one |
-/// | `tokenizer.ggml.add_bos_token`, `add_eos_token` | false: relora trains without a BOS prefix, and llama.cpp's `llama-bpe` would otherwise add one |
+/// | `tokenizer.ggml.bos_token_id`, `eos_token_id` | the end-of-text token (GPT-2's convention: one token separates documents), if the tokenizer has one; the BOS is the token relora puts before each document instead, if it puts one (`prefixId`) |
+/// | `tokenizer.ggml.add_bos_token`, `add_eos_token` | whether relora puts a BOS before each document (false for its own tokenizers, which train without one, true for a LLaMA 3 `tokenizer.json` or a GGUF tokenizer that adds one; llama.cpp's `llama-bpe` would otherwise add one), and false |
 extension BPETokenizer {
     static let tokenNormal: Int32 = 1, tokenControl: Int32 = 3, tokenUserDefined: Int32 = 4, tokenUnused: Int32 = 5
     static let tokenUnknown: Int32 = 2, tokenByte: Int32 = 6
@@ -58,13 +71,7 @@ extension BPETokenizer {
             tokens.append(token)
             types.append(type)
         }
-        for id in self.vocabSize ..< vocabSize {
-            var pad = "[PAD\(id)]"
-            while seen.contains(pad) { pad = "[" + pad + "]" }
-            seen.insert(pad)
-            tokens.append(pad)
-            types.append(Self.tokenUnused)
-        }
+        padGGUFVocabulary(&tokens, &types, seen: &seen, to: vocabSize)
         var merged: [String] = []
         merged.reserveCapacity(merges.count)
         for (a, b) in merges {
@@ -81,11 +88,11 @@ extension BPETokenizer {
             ("tokenizer.ggml.token_type", .array(.int32, types.map { .int32($0) })),
             ("tokenizer.ggml.merges", .array(.string, merged.map { .string($0) })),
         ]
-        if let eot = endOfTextId {
-            m.append(("tokenizer.ggml.bos_token_id", .uint32(UInt32(eot))))
-            m.append(("tokenizer.ggml.eos_token_id", .uint32(UInt32(eot))))
-        }
-        m.append(("tokenizer.ggml.add_bos_token", .bool(false)))
+        // The BOS is the token relora put before each document (`prefixId`: LLaMA 3's <|begin_of_text|>, a
+        // GGUF's own BOS), and then llama.cpp adds it too; else the end-of-text token, not added.
+        if let bos = prefixId ?? endOfTextId { m.append(("tokenizer.ggml.bos_token_id", .uint32(UInt32(bos)))) }
+        if let eot = endOfTextId { m.append(("tokenizer.ggml.eos_token_id", .uint32(UInt32(eot)))) }
+        m.append(("tokenizer.ggml.add_bos_token", .bool(prefixId != nil)))
         m.append(("tokenizer.ggml.add_eos_token", .bool(false)))
         return m
     }
@@ -145,7 +152,7 @@ extension BPETokenizer {
             merges.append((ia, ib))
         }
         // A file that asks for a BOS (LLaMA 3's, made by llama.cpp) gets it as the post-processor's leading
-        // token (`prefixId`); relora's own exports write add_bos_token false.
+        // token (`prefixId`); relora's own exports write add_bos_token as their prefixId says.
         var post: TJSON = .null
         if file.metadata["tokenizer.ggml.add_bos_token"]?.bool == true, let bos = file.metadata["tokenizer.ggml.bos_token_id"]?.integer,
            bos >= 0, bos < tokens.count {

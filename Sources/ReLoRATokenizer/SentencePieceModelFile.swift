@@ -9,7 +9,7 @@ import ReLoRAFormats
 /// |---|---|---|
 /// | ModelProto | 1 `pieces` (repeated SentencePiece) | the vocabulary, id = position |
 /// | SentencePiece | 1 `piece` string, 2 `score` float, 3 `type` enum | NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6 (default NORMAL) |
-/// | ModelProto | 2 `trainer_spec` | 3 `model_type` (UNIGRAM 1 default, BPE 2; WORD 3 and CHAR 4 refused), 35 `byte_fallback`, 24 `treat_whitespace_as_suffix` (refused when true), 42 `eos_id`, 41 `bos_id`, 44 `unk_surface` |
+/// | ModelProto | 2 `trainer_spec` | 3 `model_type` (UNIGRAM 1 default, BPE 2; WORD 3 and CHAR 4 refused), 35 `byte_fallback`, 24 `treat_whitespace_as_suffix` (refused when true), 42 `eos_id`, 41 `bos_id`, 43 `pad_id` (for a GGUF export), 44 `unk_surface` |
 /// | ModelProto | 3 `normalizer_spec` | 1 `name`, 2 `precompiled_charsmap`, 3 `add_dummy_prefix` (default true), 4 `remove_extra_whitespaces` (default true), 5 `escape_whitespaces` (default true) |
 /// | ModelProto | 5 `denormalizer_spec` | refused when it has a charsmap |
 ///
@@ -44,7 +44,7 @@ extension SentencePieceTokenizer {
         guard !bytes.isEmpty else { throw fail("the file is empty, not a SentencePiece model") }
         var pieces: [String] = [], scores: [Double] = [], types: [PieceType] = []
         var modelType: UInt64 = 1, byteFallback = false, whitespaceSuffix = false
-        var eosId: Int32 = 2, bosId: Int32 = 1
+        var eosId: Int32 = 2, bosId: Int32 = 1, padId: Int32 = -1
         var unkSurface = " \u{2047} "
         var normalizerName = "", charsMap: [UInt8] = []
         var addDummyPrefix = true, removeExtra = true, escape = true
@@ -79,6 +79,7 @@ extension SentencePieceTokenizer {
                     case 24: whitespaceSuffix = try bool(v, "trainer_spec.treat_whitespace_as_suffix")
                     case 41: bosId = try int32(v, "trainer_spec.bos_id")
                     case 42: eosId = try int32(v, "trainer_spec.eos_id")
+                    case 43: padId = try int32(v, "trainer_spec.pad_id")
                     case 44: unkSurface = try text(v, "trainer_spec.unk_surface")
                     default: continue
                     }
@@ -145,6 +146,7 @@ extension SentencePieceTokenizer {
         config.unkSurface = unkSurface
         config.eosId = validId(eosId)
         config.bosId = validId(bosId)
+        config.padId = validId(padId)
         try self.init(config, path: path)
     }
 
@@ -159,9 +161,13 @@ extension SentencePieceTokenizer {
 
     /// SentencePiece tokenizers in GGUF metadata (`tokenizer.ggml.model = "llama"`), as llama.cpp's
     /// converter writes them from a `tokenizer.model`: `tokens`, `scores` (f32) and `token_type`
-    /// (SentencePiece's type numbers), `bos/eos/unknown_token_id`, `add_bos_token` (default true: the
-    /// BOS is `prefixId`), `add_space_prefix` (default true) and `remove_extra_whitespaces` (default false). llama.cpp tokenizes these as SentencePiece BPE (merge by
-    /// score, byte fallback when BYTE tokens exist, no charsmap), whatever model the original was; so does relora.
+    /// (SentencePiece's type numbers), `bos/eos/unknown/padding_token_id`, `add_bos_token` (default true: the
+    /// BOS is `prefixId`) and `add_space_prefix` (default true). llama.cpp tokenizes these as SentencePiece BPE
+    /// (merge by score, byte fallback when BYTE tokens exist, no charsmap), whatever model the original was;
+    /// so does relora. `tokenizer.ggml.remove_extra_whitespaces` is ignored, as llama.cpp's SPM tokenizer
+    /// ignores it (it reads the key for T5's Unigram only): llama-cpp-python 0.3.36 gives the same ids for
+    /// "  hello   world  " with the key true and false (`Tests/Fixtures/make_sentencepiece_gguf_export.py`
+    /// records them, `SentencePieceGGUFExportTests` checks relora against them).
     public convenience init(gguf file: GGUFFile) throws {
         func fail(_ reason: String) -> ReLoRAError { .invalidFile(path: file.path, reason: reason) }
         let m = file.metadata
@@ -203,11 +209,55 @@ extension SentencePieceTokenizer {
                             byteFallback: byteFallback, unkId: unkId)
         config.normalizer = SPMNormalizer(charsMap: nil, userDefined: userDefined,
                                           addDummyPrefix: m["tokenizer.ggml.add_space_prefix"]?.bool ?? true,
-                                          removeExtraWhitespaces: m["tokenizer.ggml.remove_extra_whitespaces"]?.bool ?? false,
+                                          removeExtraWhitespaces: false,
                                           escapeWhitespaces: true)
         config.eosId = try id("tokenizer.ggml.eos_token_id")
         config.bosId = try id("tokenizer.ggml.bos_token_id")
+        config.padId = try id("tokenizer.ggml.padding_token_id")
         if m["tokenizer.ggml.add_bos_token"]?.bool ?? true { config.prefixTokenId = config.bosId }
         try self.init(config, path: file.path)
+    }
+}
+
+extension SentencePieceTokenizer {
+    /// This tokenizer as a SentencePiece `tokenizer.model` (`ModelProto`), for a Hugging Face export of a model
+    /// whose tokenizer came from GGUF metadata (a GGUF file, a run's `tokenizer.gguf`): the pieces with their
+    /// scores and types; `trainer_spec` with `model_type` (BPE 2 or UNIGRAM 1), `byte_fallback`, the
+    /// unk/bos/eos/pad ids (-1 for none) and `unk_surface`; `normalizer_spec` named `identity` with
+    /// `add_dummy_prefix`, `remove_extra_whitespaces` and `escape_whitespaces`. `init(modelProto:)` and
+    /// `sentencepiece` read it back into the same segmentation (`make_sentencepiece_gguf_export.py`,
+    /// `SentencePieceGGUFExportTests`). A tokenizer.json's rules and a charsmap have no such form: one sentence.
+    public func modelProto() throws -> [UInt8] {
+        guard rules == .sentencePiece else {
+            throw ReLoRAError.unsupported("a SentencePiece-style tokenizer.json has no tokenizer.model form (its rules are the tokenizers library's)")
+        }
+        guard normalizer.charsMap == nil else {
+            throw ReLoRAError.unsupported("this tokenizer's normalization charsmap is not kept in a form a tokenizer.model can hold")
+        }
+        var proto = ProtobufWriter()
+        for (id, piece) in pieces.enumerated() {
+            var p = ProtobufWriter()
+            p.string(1, piece)
+            p.float(2, Float(scores[id]))
+            p.int64(3, Int64(types[id].rawValue))
+            proto.message(1, p)
+        }
+        var trainer = ProtobufWriter()
+        switch model {
+        case .unigram: trainer.int64(3, 1)
+        case .bpeByScore: trainer.int64(3, 2)
+        case .bpeByRank: throw ReLoRAError.unsupported("a BPE merged by rank has no tokenizer.model form")  // only with tokenizers' rules
+        }
+        trainer.int64(35, byteIds.isEmpty ? 0 : 1)
+        for (field, id) in [(40, unkId), (41, beginOfTextId), (42, endOfTextId), (43, padId)] { trainer.int64(field, Int64(id ?? -1)) }
+        trainer.string(44, String(decoding: unkSurface, as: UTF8.self))
+        proto.message(2, trainer)
+        var spec = ProtobufWriter()
+        spec.string(1, "identity")
+        spec.int64(3, normalizer.addDummyPrefix ? 1 : 0)
+        spec.int64(4, normalizer.removeExtraWhitespaces ? 1 : 0)
+        spec.int64(5, normalizer.escapeWhitespaces ? 1 : 0)
+        proto.message(3, spec)
+        return proto.bytes
     }
 }

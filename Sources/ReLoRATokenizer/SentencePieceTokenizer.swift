@@ -75,6 +75,8 @@ public final class SentencePieceTokenizer: TextTokenizer {
     /// The beginning-of-sequence piece, if the tokenizer has one (never added by `encode`).
     public let beginOfTextId: Int32?
     public let prefixId: Int32?
+    /// The padding piece: SentencePiece's `pad_id` (default -1: none), GGUF's `padding_token_id`; kept for a GGUF export.
+    public let padId: Int32?
 
     struct Config {
         var rules: Rules
@@ -93,6 +95,7 @@ public final class SentencePieceTokenizer: TextTokenizer {
         var decoders: [DecoderStep]? = nil
         var eosId: Int32? = nil
         var bosId: Int32? = nil
+        var padId: Int32? = nil
         /// The content of the token put before a text (`TextTokenizer.prefixId`), if any.
         var prefixToken: String? = nil
         /// Or its id (GGUF).
@@ -174,6 +177,7 @@ public final class SentencePieceTokenizer: TextTokenizer {
         }
         endOfTextId = c.eosId ?? named(["</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "<|im_end|>"])
         beginOfTextId = c.bosId ?? named(["<s>", "<bos>", "<|begin_of_text|>"])
+        padId = c.padId
         if let t = c.prefixToken {
             guard let id = named([t]) else { throw fail("the post-processor puts \(quoted(t)) first, which is not a token") }
             prefixId = id

@@ -24,6 +24,11 @@ public protocol TextTokenizer: AnyObject, Sendable {
     /// The bytes one token contributes to running text, for streaming output (`sample`): a token in the
     /// middle of a text (a SentencePiece "▁" is a space there; control tokens are empty).
     func bytes(of id: Int32) -> [UInt8]?
+    /// The `tokenizer.ggml.*` entries of a GGUF export for a model of `vocabSize` ids (at least the
+    /// tokenizer's; the rest padded), written so that llama.cpp tokenizes as this tokenizer does: byte-level
+    /// BPE as `gpt2`, SentencePiece BPE as `llama`. A tokenizer llama.cpp would tokenize otherwise throws one
+    /// sentence saying why.
+    func ggufMetadata(vocabSize: Int) throws -> [(String, GGUFValue)]
 }
 
 extension BPETokenizer: TextTokenizer {
@@ -47,9 +52,19 @@ func leadingSpecialToken(_ post: TJSON) -> String? {
 
 /// Opens a tokenizer from what the ecosystem ships, choosing the reader from the contents.
 public enum TokenizerLoader {
-    /// `path` is a `tokenizer.json`, a SentencePiece `tokenizer.model`, a directory holding either
-    /// (`tokenizer.json` preferred, as `transformers` does), or a GGUF file (its metadata's tokenizer, so data
-    /// for continuing a GGUF model is tokenized as llama.cpp would). A `tokenizer.json` whose model is BPE with a
+    /// The tokenizer files a directory may hold, in the order they are preferred: a Hugging Face
+    /// `tokenizer.json` (as `transformers` prefers it), a SentencePiece `tokenizer.model`, and the
+    /// vocabulary-only `tokenizer.gguf` a run keeps of a GGUF model's tokenizer (`writeVocabularyOnly`).
+    public static let fileNames = ["tokenizer.json", "tokenizer.model", "tokenizer.gguf"]
+
+    /// The first of `fileNames` in `directory`, as a path; nil if it holds none.
+    public static func file(in directory: String) -> String? {
+        fileNames.lazy.map { directory + "/" + $0 }.first { FileManager.default.fileExists(atPath: $0) }
+    }
+
+    /// `path` is a `tokenizer.json`, a SentencePiece `tokenizer.model`, a directory holding one of
+    /// `fileNames` (the first present), or a GGUF file (its metadata's tokenizer, so data for continuing a GGUF
+    /// model is tokenized as llama.cpp would). A `tokenizer.json` whose model is BPE with a
     /// `ByteLevel` pre-tokenizer or decoder is byte-level BPE; every other one is read as SentencePiece style.
     public static func load(_ path: String) throws -> any TextTokenizer {
         var isDirectory: ObjCBool = false
@@ -57,10 +72,8 @@ public enum TokenizerLoader {
             throw ReLoRAError.invalidFile(path: path, reason: "no such file or directory (expected a tokenizer.json, a tokenizer.model or a directory with one)")
         }
         if isDirectory.boolValue {
-            for name in ["tokenizer.json", "tokenizer.model"] where FileManager.default.fileExists(atPath: path + "/" + name) {
-                return try load(path + "/" + name)
-            }
-            throw ReLoRAError.invalidFile(path: path, reason: "the directory has neither a tokenizer.json nor a SentencePiece tokenizer.model")
+            if let file = file(in: path) { return try load(file) }
+            throw ReLoRAError.invalidFile(path: path, reason: "the directory has neither a tokenizer.json nor a SentencePiece tokenizer.model (nor a run's tokenizer.gguf)")
         }
         let data: Data
         do {
@@ -93,6 +106,20 @@ public enum TokenizerLoader {
         case let other:
             throw ReLoRAError.invalidFile(path: file.path, reason: "the tokenizer is \(other.map { "'\($0)'" } ?? "missing") (tokenizer.ggml.model); relora reads 'llama' (SentencePiece) and 'gpt2' (byte-level BPE) tokenizers")
         }
+    }
+
+    /// Writes the tokenizer of the GGUF model `file` alone to `path`: a GGUF with no tensors holding its
+    /// `general.architecture` and every `tokenizer.*` entry as they are (llama.cpp's own vocabulary files,
+    /// `models/ggml-vocab-*.gguf`, have this form, and llama.cpp loads them with `vocab_only`), so a run keeps
+    /// a GGUF model's tokenizer in kilobytes, and every reader of it (`load`, a GGUF export) sees exactly the
+    /// source's tokenizer. The tokenizer must load (an unsupported one is refused here, with its sentence).
+    public static func writeVocabularyOnly(from file: GGUFFile, to path: String) throws {
+        guard file.metadata["tokenizer.ggml.model"] != nil else {
+            throw ReLoRAError.invalidFile(path: file.path, reason: "has no tokenizer in its metadata (no tokenizer.ggml.model)")
+        }
+        _ = try load(gguf: file)
+        let keys = file.metadataKeys.filter { $0 == "general.architecture" || $0.hasPrefix("tokenizer.") }
+        try GGUFWriter.write(metadata: keys.map { ($0, file.metadata[$0]!) }, tensors: [], to: path)
     }
 
     static func isByteLevelBPE(_ root: TJSON) -> Bool {

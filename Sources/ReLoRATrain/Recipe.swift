@@ -45,8 +45,10 @@ public struct Recipe: Sendable, Equatable {
     /// 1-D `.npy` token files.
     public var trainData: String
     public var valData: String?
-    /// The tokenizer used to make the data: a `tokenizer.json`, a SentencePiece `tokenizer.model`, or a
-    /// directory with either; copied into the run (under its own name) and into exports.
+    /// The tokenizer used to make the data: a `tokenizer.json`, a SentencePiece `tokenizer.model`, a
+    /// directory with either, or a GGUF model (its metadata's tokenizer); kept in the run (under its own name;
+    /// a GGUF's as a vocabulary-only `tokenizer.gguf`) and written into exports. Absent, a new run takes its
+    /// `warm_start`'s tokenizer, if that has one (resolved into the run's `recipe.json`).
     public var tokenizer: String?
     /// Where checkpoints and `metrics.jsonl` go.
     public var runDir: String

@@ -1,6 +1,7 @@
 import Foundation
 import ReLoRACore
 import ReLoRAFormats
+import ReLoRATokenizer
 import ReLoRAModel
 import ReLoRACheckpoint
 
@@ -9,7 +10,8 @@ import ReLoRACheckpoint
 /// The guards that keep a new run away from existing checkpoints live here, so a refused run leaves its
 /// run directory exactly as it found it.
 struct RunSetup {
-    /// The recipe as given, with `sampler` resolved (see `Recipe.sampler`).
+    /// The recipe as given, with `sampler` resolved (see `Recipe.sampler`) and, for a new run that names no
+    /// `tokenizer`, its warm start's tokenizer (`warmStartTokenizer`).
     let recipe: Recipe
     let config: LlamaConfig
     let sampler: TrainingSampler
@@ -18,6 +20,8 @@ struct RunSetup {
     let resumePoint: String?
     /// The run's ranks.
     let worldSize: Int
+    /// Lines for the run's log about what the setup chose (the warm start's tokenizer, or why it was not kept).
+    let notes: [String]
 
     init(recipe given: Recipe, resume: Bool, worldSize: Int = 1) throws {
         self.worldSize = worldSize
@@ -45,6 +49,12 @@ struct RunSetup {
             resumePoint = nil
         }
         recipe.sampler = try Self.resolveSampler(recipe, train: train, resumingFrom: resumePoint)
+        var notes: [String] = []
+        if !resume, let (tok, note) = try Self.warmStartTokenizer(recipe) {
+            recipe.tokenizer = tok
+            notes.append(note)
+        }
+        self.notes = notes
         switch recipe.sampler! {
         case .random: sampler = .random(try WindowSampler(tokens: train, seqLen: recipe.seqLen, seed: recipe.seed))
         case .epoch:
@@ -155,23 +165,25 @@ struct RunSetup {
         host.hostFileDirectory = recipe.runDir
     }
 
-    /// A new run's files: the run directory, `recipe.json` (the resolved recipe) and a copy of the
-    /// tokenizer the recipe names (so the run directory alone can sample and export).
+    /// A new run's files: the run directory, `recipe.json` (the resolved recipe) and the tokenizer the recipe
+    /// names (so the run directory alone can sample, tokenize and export): a `tokenizer.json` or
+    /// `tokenizer.model` copied under its own name, a GGUF model's tokenizer as a vocabulary-only
+    /// `tokenizer.gguf` (`TokenizerLoader.writeVocabularyOnly`: its `tokenizer.*` metadata, no tensors).
     func createRunDirectory() throws {
         try Files.createDirectory(recipe.runDir)
         try writeRecipe()
         if var tok = recipe.tokenizer {
-            // A directory names its tokenizer.json, else its SentencePiece tokenizer.model (as transformers reads).
             var isDirectory: ObjCBool = false
             if FileManager.default.fileExists(atPath: tok, isDirectory: &isDirectory), isDirectory.boolValue {
-                guard let name = ["tokenizer.json", "tokenizer.model"].first(where: { FileManager.default.fileExists(atPath: tok + "/" + $0) }) else {
+                guard let file = TokenizerLoader.file(in: tok) else {
                     throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer directory has neither a tokenizer.json nor a tokenizer.model")
                 }
-                tok += "/" + name
+                tok = file
             }
-            // A GGUF file holds its tokenizer in its metadata; copying the whole model here is not wanted.
-            if let head = FileHandle(forReadingAtPath: tok).flatMap({ try? $0.read(upToCount: 4) }), head == Data("GGUF".utf8) {
-                throw ReLoRAError.invalidFile(path: tok, reason: "the recipe's tokenizer is a GGUF model file; name a tokenizer.json or tokenizer.model (relora tokenize reads a GGUF's tokenizer, a run keeps only those)")
+            // A GGUF model holds its tokenizer in its metadata; the run keeps that alone, not the model.
+            if LlamaGGUF.isGGUF(tok) {
+                try TokenizerLoader.writeVocabularyOnly(from: try GGUFFile(path: tok), to: recipe.runDir + "/tokenizer.gguf")
+                return
             }
             guard let data = FileManager.default.contents(atPath: tok) else {
                 throw ReLoRAError.invalidFile(path: tok, reason: "cannot read the tokenizer named by the recipe")
@@ -180,6 +192,24 @@ struct RunSetup {
             let name = tok.hasSuffix(".model") ? "tokenizer.model" : "tokenizer.json"
             try writeFileAtomically(data, to: recipe.runDir + "/" + name)
         }
+    }
+
+    /// The tokenizer a run keeps when its recipe names none: its warm start's (`ModelSource.tokenizerPath`: a
+    /// Hugging Face directory's tokenizer.json or tokenizer.model, a GGUF file's metadata tokenizer, a relora
+    /// run's tokenizer), since a warm start's data must be tokenized with it anyway, and a line saying so; nil
+    /// without a warm start or when it has none. A tokenizer relora cannot read (a GGUF `gpt2` with another
+    /// pre-tokenizer, ...) is not kept, and the line says why: the run trains without one, as it did before a
+    /// warm start's tokenizer was kept, rather than being refused for a tokenizer nobody named.
+    static func warmStartTokenizer(_ recipe: Recipe) throws -> (path: String?, note: String)? {
+        guard recipe.tokenizer == nil, let warm = recipe.warmStart else { return nil }
+        let source = try ModelSource.open(warm)
+        guard let path = source.tokenizerPath else { return nil }
+        do {
+            _ = try source.tokenizer()
+        } catch {
+            return (nil, "warning: the run does not keep the warm start's tokenizer (\(error)); name a tokenizer in the recipe for `relora sample` and exports to have one")
+        }
+        return (path, "tokenizer: the warm start's (\(path)), kept in the run")
     }
 }
 

@@ -73,6 +73,7 @@ public final class Trainer {
                 log: @escaping (String) -> Void) throws {
         let log = communicator.rank == 0 ? log : { _ in }
         let setup = try RunSetup(recipe: recipe, resume: resume, worldSize: communicator.worldSize)
+        setup.notes.forEach(log)
         let recipe = setup.recipe
         let backend = try backend ?? BackendFactory.make(Device(parsing: recipe.device))
         self.recipe = recipe

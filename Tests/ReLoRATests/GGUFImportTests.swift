@@ -5,6 +5,7 @@ import XCTest
 @testable import ReLoRAModel
 @testable import ReLoRACheckpoint
 @testable import ReLoRATrain
+@testable import ReLoRATokenizer
 
 /// GGUF files made by llama.cpp itself (`Tests/Fixtures/gguf`, written by `make_gguf_fixture.py` with
 /// llama.cpp's `convert_hf_to_gguf.py` and `llama_model_quantize`): K-quant dequantization against gguf-py,
@@ -187,16 +188,54 @@ final class GGUFImportTests: XCTestCase {
     }
 
     /// The commands around a run warm-started from a GGUF file: `relora train` with `model` and
-    /// `warm_start` naming the file logs the codes it kept; `relora analyze` measures the update against
-    /// the file's weights; `relora eval` reads the K-quant file.
+    /// `warm_start` naming the file (and no `tokenizer`) logs the codes it kept and keeps the file's
+    /// tokenizer as the run's `tokenizer.gguf`, so `relora tokenize` with the run directory gives the ids
+    /// of the GGUF file itself and `relora sample` on the run works; `relora analyze` measures the update
+    /// against the file's weights; `relora eval` reads the K-quant file.
     func testCommandsOnARunWarmStartedFromGGUF() throws {
         let d = try TrainerTests.makeByteData()
-        var r = recipe(d, "cli", file: dir + "/tiny_q4_0.gguf", quant: .q4_0)
+        let gguf = dir + "/tiny_q4_0.gguf"
+        var r = recipe(d, "cli", file: gguf, quant: .q4_0)
         r.steps = 4; r.reloraEvery = 2; r.checkpointEvery = 4
+        XCTAssertNil(r.tokenizer)
         try Files.writeJSON(r.jsonObject(), to: d.dir + "/recipe.json")
         let train = try runRelora(["train", d.dir + "/recipe.json"])
         XCTAssertEqual(train.status, 0, train.stderr)
         XCTAssertTrue((train.stdout + train.stderr).contains("took the q4_0 blocks of 14 linears from \(dir)/tiny_q4_0.gguf byte for byte"), train.stdout + train.stderr)
+
+        // The tokenizer: the file's tokenizer metadata without its tensors, named in the resolved recipe.
+        XCTAssertTrue((train.stdout + train.stderr).contains("tokenizer: the warm start's (\(gguf)), kept in the run"), train.stdout + train.stderr)
+        let kept = try GGUFFile(path: r.runDir + "/tokenizer.gguf")
+        XCTAssertTrue(kept.tensors.isEmpty)
+        XCTAssertLessThan(try XCTUnwrap(FileManager.default.attributesOfItem(atPath: r.runDir + "/tokenizer.gguf")[.size] as? Int), 4096)
+        let resolved = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: r.runDir + "/recipe.json"))) as? [String: Any])
+        XCTAssertEqual(resolved["tokenizer"] as? String, gguf)
+        let text = "the theatre: a cold wet stack of shade, sworn twice.\n  xyz"
+        try text.write(toFile: d.dir + "/sample.txt", atomically: true, encoding: .utf8)
+        for (source, out) in [(r.runDir, "run.npy"), (gguf, "file.npy")] {
+            let t = try runRelora(["tokenize", "--tokenizer", source, "--in", d.dir + "/sample.txt", "--out", d.dir + "/" + out])
+            XCTAssertEqual(t.status, 0, t.stderr)
+        }
+        let viaRun = try TokenArray(npyPath: d.dir + "/run.npy"), viaFile = try TokenArray(npyPath: d.dir + "/file.npy")
+        XCTAssertEqual((0..<viaRun.count).map { viaRun[$0] }, (0..<viaFile.count).map { viaFile[$0] })
+        let direct = try TokenizerLoader.load(gguf: try GGUFFile(path: gguf))
+        XCTAssertEqual((0..<viaRun.count).map { Int32(viaRun[$0]) }, [1] + direct.encode(text) + [2], "<s>, the ids, </s>, as from the file")
+        XCTAssertGreaterThan(Set(direct.encode(text)).count, 10, "the sample exercises the vocabulary")
+        let sample = try runRelora(["sample", "--model", r.runDir, "--prompt", "the", "--max-tokens", "4", "--seed", "1"])
+        XCTAssertEqual(sample.status, 0, sample.stderr)
+        XCTAssertTrue(sample.stdout.hasPrefix("the"), sample.stdout)
+        // Exported back to GGUF, the run carries the file's tokenizer: the converter's tokens, scores and types,
+        // its BOS added as before, and the same ids.
+        let export = try runRelora(["export", r.runDir, "--format", "gguf", "--quant", "q4_0", "--out", d.dir + "/again.gguf"])
+        XCTAssertEqual(export.status, 0, export.stderr)
+        let again = try GGUFFile(path: d.dir + "/again.gguf"), source = try GGUFFile(path: gguf)
+        for key in ["model", "tokens", "scores", "token_type", "bos_token_id", "eos_token_id"] {
+            XCTAssertEqual(again.metadata["tokenizer.ggml.\(key)"], source.metadata["tokenizer.ggml.\(key)"], key)
+        }
+        XCTAssertEqual(again.metadata["tokenizer.ggml.add_bos_token"], .bool(true))
+        let reread = try TokenizerLoader.load(gguf: again)
+        XCTAssertEqual(reread.encode(text), direct.encode(text))
+        XCTAssertEqual(reread.prefixId, direct.prefixId)
         let analyze = try runRelora(["analyze", r.runDir])
         XCTAssertEqual(analyze.status, 0, analyze.stderr)
         XCTAssertTrue((analyze.stdout + analyze.stderr).contains("against \(dir)/tiny_q4_0.gguf"), analyze.stdout + analyze.stderr)

@@ -452,6 +452,21 @@ final class GGUFModelTests: XCTestCase {
                 XCTAssertEqual(back.encode(text), original.encode(text), "\(style): \(text.debugDescription)")
             }
         }
+        // A tokenizer that puts a BOS before each document (here a GGUF asking for one, as LLaMA 3's do)
+        // exports that BOS with add_bos_token true, so llama.cpp prompts as the data was made.
+        let llama3 = try BPETokenizer(contentsOf: fixtures + "/llama3_style.json")
+        let bosId = try XCTUnwrap(llama3.endOfTextId)
+        let asked = try llama3.ggufMetadata(vocabSize: llama3.vocabSize).map { key, value in
+            key == "tokenizer.ggml.add_bos_token" ? (key, GGUFValue.bool(true)) : (key, value)
+        }
+        let bosPath = temporaryDirectory() + "/bos.gguf"
+        try GGUFWriter.write(metadata: asked, tensors: [], to: bosPath)
+        let withBOS = try BPETokenizer(gguf: try GGUFFile(path: bosPath))
+        XCTAssertEqual(withBOS.prefixId, bosId)
+        let exported = Dictionary(try withBOS.ggufMetadata(vocabSize: withBOS.vocabSize), uniquingKeysWith: { a, _ in a })
+        XCTAssertEqual(exported["tokenizer.ggml.add_bos_token"], .bool(true))
+        XCTAssertEqual(exported["tokenizer.ggml.bos_token_id"], .uint32(UInt32(bosId)))
+
         // A pre-tokenization llama.cpp has no name for is refused at export.
         var json = try String(contentsOfFile: fixtures + "/gpt2_style.json", encoding: .utf8)
         json = json.replacingOccurrences(of: "\"add_prefix_space\": false", with: "\"add_prefix_space\": true")

@@ -172,6 +172,37 @@ final class SentencePieceTests: XCTestCase {
         assertInvalidFile(try TokenizerLoader.load(temporaryDirectory()), mentions: "neither a tokenizer.json nor a SentencePiece tokenizer.model")
     }
 
+    /// Kinds relora does not implement, in files the reference libraries wrote (`Tests/Fixtures/make_refused_fixture.py`:
+    /// `tokenizers` for the tokenizer.json files, `gguf` for T5's GGUF tokenizer): the loader refuses each with one
+    /// sentence naming the kind, and `relora tokenize` exits with status 2 (relora's error, not a crash) with that sentence.
+    func testReferenceWrittenKindsAreRefused() throws {
+        let dir = fixturesDirectory() + "/refused"
+        let cases: [(file: String, names: String)] = [
+            ("wordlevel.json", "model type 'WordLevel' is not supported"),
+            ("bert_normalizer.json", "normalizer 'BertNormalizer' is not supported"),
+            ("digits_metaspace.json", "pre-tokenizer 'Digits' is not supported"),   // read as SentencePiece style
+            ("digits_bytelevel.json", "pre-tokenizer 'Digits' is not supported"),   // read as byte-level BPE
+            ("t5.gguf", "the tokenizer is 't5' (tokenizer.ggml.model)"),
+        ]
+        let work = temporaryDirectory()
+        try "Hello world 2024.".write(toFile: work + "/in.txt", atomically: true, encoding: .utf8)
+        for (file, names) in cases {
+            assertInvalidFile(try TokenizerLoader.load(dir + "/" + file), mentions: names, file)
+            let r = try runReloraProcess(["tokenize", "--tokenizer", dir + "/" + file, "--in", work + "/in.txt", "--out", work + "/out.npy"])
+            XCTAssertEqual(r.reason, .exit, "\(file): relora must exit, not crash")
+            XCTAssertEqual(r.status, 2, "\(file): exit status 2 is relora's for a refused input: \(r.stderr)")
+            let lines = r.stderr.split(separator: "\n")
+            XCTAssertEqual(lines.count, 1, "\(file): one sentence, got \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("error: ") && r.stderr.contains(names), "\(file): \(r.stderr)")
+            XCTAssertFalse(FileManager.default.fileExists(atPath: work + "/out.npy"), "\(file): no output after a refusal")
+        }
+        // The files are what the libraries write: with the unsupported part taken out, each loads and encodes.
+        let root = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/bert_normalizer.json"))) as? [String: Any])
+        var plain = root
+        plain["normalizer"] = NSNull()
+        XCTAssertFalse(try loadJSON(try JSONSerialization.data(withJSONObject: plain)).encode("hello world").isEmpty)
+    }
+
     // MARK: Hostile tokenizer.model files
 
     /// Mutated `tokenizer.model` protobufs are refused with one sentence or load into a tokenizer that
@@ -380,9 +411,65 @@ final class SentencePieceTests: XCTestCase {
         recipe.tokenizer = dir
         recipe.runDir = dir + "/run2"
         assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "neither a tokenizer.json nor a tokenizer.model")
+        // A GGUF file's tokenizer: the run keeps its tokenizer metadata as a tensor-free tokenizer.gguf, which
+        // reads back into the same tokenizer (every id of the fixture strings, the BOS and EOS).
         recipe.tokenizer = Self.directory + "/spm_bpe.gguf"
         recipe.runDir = dir + "/run3"
-        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "is a GGUF model file")
+        try RunSetup(recipe: recipe, resume: false).createRunDirectory()
+        let kept = try GGUFFile(path: dir + "/run3/tokenizer.gguf")
+        XCTAssertTrue(kept.tensors.isEmpty)
+        let source = try GGUFFile(path: Self.directory + "/spm_bpe.gguf")
+        XCTAssertEqual(kept.metadataKeys, source.metadataKeys.filter { $0 == "general.architecture" || $0.hasPrefix("tokenizer.") })
+        for key in kept.metadataKeys { XCTAssertEqual(kept.metadata[key], source.metadata[key], key) }
+        let fromRun = try TokenizerLoader.load(dir + "/run3"), direct = try load("spm_bpe_gguf")
+        let strings = try XCTUnwrap(try expected()["strings"] as? [String])
+        let want = try XCTUnwrap((try expected()["spm_bpe_gguf"] as? [String: Any])?["ids"] as? [[Int]])
+        XCTAssertEqual(strings.map { fromRun.encode($0).map(Int.init) }, want, "the run's tokenizer gives sentencepiece's ids")
+        XCTAssertEqual(strings.map { fromRun.encode($0) }, strings.map { direct.encode($0) })
+        XCTAssertEqual(fromRun.prefixId, 1)
+        XCTAssertEqual(fromRun.endOfTextId, 2)
+        // A GGUF file without a tokenizer, or with one relora does not read, is refused when the run is set up.
+        recipe.tokenizer = fixturesDirectory() + "/refused/t5.gguf"
+        recipe.runDir = dir + "/run4"
+        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "'t5'")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/run4/tokenizer.gguf"))
+        try GGUFWriter.write(metadata: [("general.architecture", .string("llama"))], tensors: [], to: dir + "/bare.gguf")
+        recipe.tokenizer = dir + "/bare.gguf"
+        recipe.runDir = dir + "/run5"
+        assertInvalidFile(try RunSetup(recipe: recipe, resume: false).createRunDirectory(), mentions: "has no tokenizer in its metadata")
+    }
+
+    /// A recipe that names no tokenizer takes its warm start's: a Hugging Face directory's tokenizer.model
+    /// here (a GGUF file's in `GGUFImportTests.testCommandsOnARunWarmStartedFromGGUF`), resolved into the
+    /// recipe and kept in the run; one that names a tokenizer keeps it, and a warm start without one leaves none.
+    func testWarmStartTokenizerIsTheRunsWhenTheRecipeNamesNone() throws {
+        let dir = temporaryDirectory()
+        let hf = dir + "/hf"
+        try FileManager.default.copyItem(atPath: fixturesDirectory() + "/tiny_llama", toPath: hf)
+        try NpyWriter.write(tokens: (0..<300).map { Int64($0 % 64) }, dtype: .uint16, to: dir + "/train.npy")
+        var recipe = Recipe(model: hf + "/config.json", trainData: dir + "/train.npy", runDir: dir + "/run0")
+        recipe.seqLen = 16
+        recipe.warmStart = hf
+        XCTAssertNil(try RunSetup(recipe: recipe, resume: false).recipe.tokenizer, "the fixture has no tokenizer")
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: hf + "/tokenizer.model")
+        recipe.runDir = dir + "/run1"
+        let setup = try RunSetup(recipe: recipe, resume: false)
+        XCTAssertEqual(setup.recipe.tokenizer, hf + "/tokenizer.model")
+        XCTAssertEqual(setup.notes, ["tokenizer: the warm start's (\(hf)/tokenizer.model), kept in the run"])
+        try setup.createRunDirectory()
+        XCTAssertEqual(FileManager.default.contents(atPath: dir + "/run1/tokenizer.model"), FileManager.default.contents(atPath: hf + "/tokenizer.model"))
+        // A warm start's tokenizer relora cannot read is not kept, with a warning; the run is not refused for it.
+        try FileManager.default.copyItem(atPath: fixturesDirectory() + "/refused/wordlevel.json", toPath: hf + "/tokenizer.json")
+        recipe.runDir = dir + "/run3"
+        let unreadable = try RunSetup(recipe: recipe, resume: false)
+        XCTAssertNil(unreadable.recipe.tokenizer)
+        XCTAssertEqual(unreadable.notes.count, 1)
+        XCTAssertTrue(unreadable.notes[0].hasPrefix("warning: the run does not keep the warm start's tokenizer") && unreadable.notes[0].contains("WordLevel"), unreadable.notes[0])
+        try unreadable.createRunDirectory()
+        XCTAssertNil(TokenizerLoader.file(in: dir + "/run3"))
+        recipe.tokenizer = Self.directory + "/llama2_legacy.json"
+        recipe.runDir = dir + "/run2"
+        XCTAssertEqual(try RunSetup(recipe: recipe, resume: false).recipe.tokenizer, Self.directory + "/llama2_legacy.json")
     }
 
     func testTokenizerTrainUnigramCommand() throws {
