@@ -10,7 +10,8 @@ import ReLoRACommandLine
 // `relora-bench gpu`: the CUDA backend's figures, each against a baseline measured
 // in the same run on the same device.
 //   1. quantized linear (dequantize into the bf16 scratch + cuBLAS) vs plain cuBLAS bf16 on the same shapes:
-//      1b and 7b layer shapes, M = 4096, 8192, 16384 tokens, forward and input gradient;
+//      1b and 7b layer shapes, M = 4096, 8192, 16384 tokens, forward and input gradient; then the 1b products
+//      whose leading dimension is 5461 or 32100 with packed rows vs the model's padded rows (`RowPadding`);
 //   2. dequantize and quantize (the merge's requantization) bandwidth vs a device-to-device copy;
 //   3. whole training steps of a config (default llama_1b): full bf16, relora dense, relora q8_0, relora
 //      q4_0: tokens/s, MFU (the trainer's model FLOPs over the device's bf16 peak), memory by tag and the
@@ -23,7 +24,8 @@ let gpuBenchCommand = CommandSpec(
     name: "relora-bench gpu",
     summary: "the CUDA backend's figures, each against a baseline measured in the same run",
     discussion: """
-        Quantized linear (dequantize + cuBLAS) against plain cuBLAS bf16 on 1b and 7b layer shapes;
+        Quantized linear (dequantize + cuBLAS) against plain cuBLAS bf16 on 1b and 7b layer shapes; the 1b
+        products with 5461- or 32100-wide rows, packed against the model's padded rows;
         dequantize and quantize bandwidth against a device-to-device copy; whole training steps of --config
         (full bf16, relora dense, q8_0, q4_0: tokens/s, MFU, memory by tag and the allocator's peak beside the
         plan), each followed by a per-op profile of --profile more steps (time per op category beside its
@@ -134,6 +136,47 @@ func runGPUBench(_ o: GPUBenchOptions) throws {
         }
     }
     results["quantized_linear"] = gemmRows
+
+    // 1b. The same bf16 GEMMs with the model's padded rows (`RowPadding`) against packed ones: the products
+    // whose leading dimension is the 1b config's intermediate size (5461) or vocabulary (32100).
+    print("\n1b. bf16 GEMMs with packed rows vs the model's padded rows (RowPadding), TFLOP/s (padded / packed)")
+    let padding = backend.rowPadding
+    let m = emulated ? 64 : 8192
+    // (label, m, n, k, transB, a's stored columns, b's, c's): a row-major product as Backend.matmul takes it.
+    let padCases: [(String, Int, Int, Int, Bool, Int, Int, Int)] = emulated
+        ? [("tiny up fwd y[M,90]", m, 90, 64, true, 64, 64, 90), ("tiny down fwd x[M,90]", m, 64, 90, true, 90, 90, 64)]
+        : [("1b up fwd y[M,5461]", m, 5461, 2048, true, 2048, 2048, 5461),
+           ("1b down fwd x[M,5461] W[2048,5461]", m, 2048, 5461, true, 5461, 5461, 2048),
+           ("1b down dX dX[M,5461]", m, 5461, 2048, false, 2048, 5461, 5461),
+           ("1b up dX dY[M,5461]", m, 2048, 5461, false, 5461, 2048, 2048),
+           ("1b lm_head logits[M,32100]", m, 32100, 2048, true, 2048, 2048, 32100),
+           ("1b lm_head dX dlogits[M,32100]", m, 2048, 32100, false, 32100, 2048, 2048)]
+    var padRows: [[String: Any]] = []
+    for (label, m, n, k, transB, aCols, bCols, cCols) in padCases {
+        let aRows = m, bRows = transB ? n : k
+        func operands(_ stride: (Int) -> Int) -> (Tensor, Tensor, Tensor, Int, Int, Int) {
+            let (la, lb, lc) = (stride(aCols), stride(bCols), stride(cCols))
+            let a = backend.makeTensor([aRows, la], dtype: .bf16, tag: .activations, zeroed: true)
+            let b = backend.makeTensor([bRows, lb], dtype: .bf16, tag: .frozenWeights, zeroed: true)
+            let c = backend.makeTensor([m, lc], dtype: .bf16, tag: .activations, zeroed: false)
+            backend.fillUniform(a, bound: 1, seed: 5, stream: 1)
+            backend.fillUniform(b, bound: 0.05, seed: 5, stream: 2)
+            return (a, b, c, la, lb, lc)
+        }
+        let flops = 2.0 * Double(m) * Double(n) * Double(k)
+        let packed = operands { $0 }, padded = operands { padding.stride($0) }
+        let tPacked = time(reps) {
+            backend.matmul(packed.0, packed.1, packed.2, m: m, n: n, k: k, transB: transB, lda: packed.3, ldb: packed.4, ldc: packed.5)
+        }
+        let tPadded = time(reps) {
+            backend.matmul(padded.0, padded.1, padded.2, m: m, n: n, k: k, transB: transB, lda: padded.3, ldb: padded.4, ldc: padded.5)
+        }
+        print(String(format: "%-36@ M %5d  packed %6.1f  padded %6.1f  (%4.2fx)", label as NSString, m, flops / tPacked / 1e12,
+                     flops / tPadded / 1e12, tPacked / tPadded))
+        padRows.append(["shape": label, "m": m, "n": n, "k": k, "packed_tflops": flops / tPacked / 1e12,
+                        "padded_tflops": flops / tPadded / 1e12, "speedup": tPacked / tPadded])
+    }
+    results["padded_rows"] = padRows
 
     // 2. Dequantize / quantize bandwidth vs a device-to-device copy of the bf16 weight.
     print("\n2. dequantize and quantize (merge) bandwidth, GB/s (ratio to a bf16 device copy of the same weight)")

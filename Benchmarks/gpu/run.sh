@@ -554,6 +554,9 @@ rows = b.get("quantized_linear", [])
 if rows:
     print("plain_fwd_tflops_max=" + num(max(r["plain_fwd_tflops"] for r in rows)))
     print("q4_0_fwd_ratio_min=" + num(min(r.get("q4_0_fwd_ratio", 0) for r in rows)))
+padded = b.get("padded_rows", [])
+if padded:  # the model's padded rows against packed ones, per product (time packed / time padded)
+    print("padded_rows_speedup=" + ", ".join(f"{r['shape']} {r['speedup']:.2f}x" for r in padded))
 for r in b.get("bandwidth", []):
     print(f"dequantize_{r['format']}_gbs=" + num(r["dequantize_gbs"]))
 steps = []
