@@ -33,8 +33,19 @@ public enum Evaluator {
         }
         // Token ids are checked batch by batch by `LlamaModel.loss` (only the windows evaluated are read);
         // a whole-file scan here would reread the validation file at every periodic evaluation.
+        // One batch in flight: a batch's loss is read after the next batch is queued, so a device never waits
+        // for the host between batches; the sums are added in batch order as before (the same bits).
         var total = 0.0, predicted = 0
         var start = 0
+        var inFlight: (loss: PendingLossSum, windowsDone: Int)?
+        func settle() {
+            guard let (loss, done) = inFlight else { return }
+            let result = loss.resolved
+            total += result.sum
+            predicted += result.tokens
+            inFlight = nil
+            progress?(done, windows)
+        }
         while start < windows {
             let b = min(batch, windows - start)
             var inputs = [Int32](), targets = [Int32]()
@@ -45,12 +56,12 @@ public enum Evaluator {
                 targets += window.dropFirst()
                 targets.append(-1)
             }
-            let result = try model.loss(inputs: inputs, targets: targets, batch: b, seqLen: seqLen)
-            total += result.sum
-            predicted += result.tokens
+            let next = try model.enqueueLoss(inputs: inputs, targets: targets, batch: b, seqLen: seqLen)
+            settle()
             start += b
-            progress?(start, windows)
+            inFlight = (next, start)
         }
+        settle()
         return EvalResult(loss: total / Double(predicted), tokens: predicted, windows: windows)
     }
 }

@@ -229,15 +229,21 @@ public final class LlamaModel {
     /// Forward only: the summed next-token loss over positions whose target is >= 0.
     /// `inputs`, `targets`: `[batch * seqLen]` token ids, row-major by sequence.
     public func loss(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int) throws -> LossSum {
+        try enqueueLoss(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen).resolved
+    }
+
+    /// `loss` whose sum the host reads later (`Backend.crossEntropyDeferred`): on a device nothing in it waits
+    /// for the device, so an evaluation can queue its next batch before reading this one's loss.
+    public func enqueueLoss(inputs: [Int32], targets: [Int32], batch: Int, seqLen: Int) throws -> PendingLossSum {
         try validate(inputs: inputs, targets: targets, batch: batch, seqLen: seqLen)
         let ws = prepareWorkspace(batch: batch, seqLen: seqLen, training: false)
         backend.upload(inputs, to: ws.ids)
         backend.upload(targets, to: ws.targets)
         forward(ws)
         computeLogits(ws)
-        let sum = backend.crossEntropy(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: ws.tokens,
-                                       vocab: config.vocabSize, gradScale: nil, ld: ws.vocabStride)
-        return LossSum(sum: sum, tokens: targets.count { $0 >= 0 })
+        let sum = backend.crossEntropyDeferred(logits: ws.logits, targets: ws.targets, losses: ws.losses, rows: ws.tokens,
+                                               vocab: config.vocabSize, gradScale: nil, ld: ws.vocabStride)
+        return PendingLossSum(sum: sum, tokens: targets.count { $0 >= 0 })
     }
 
     /// Forward and backward. Accumulates into the gradients the gradient of

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import ReLoRACore
 @testable import ReLoRACUDA
+@testable import ReLoRAFormats
 @testable import ReLoRAModel
 @testable import ReLoRATrain
 
@@ -71,6 +72,69 @@ final class CUDAStepBudgetTests: XCTestCase {
         m.laterStagingAllocations = backend.staging.hostAllocations - allocations
         m.stagingWaits = backend.staging.eventWaits - waits
         return m
+    }
+
+    /// An evaluation keeps one batch in flight (`Evaluator`, `LlamaModel.enqueueLoss`): its K batches wait for
+    /// the device once each, at the previous batch's loss, and never for a token upload; the mean is the one
+    /// the batches' immediate losses give, bit for bit.
+    func testEvaluationWaitsOnceABatchAndKeepsTheLossBits() throws {
+        let library = try CUDABackendTests.emulatedBackend().library
+        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 72, numHiddenLayers: 2, numAttentionHeads: 4,
+                                     numKeyValueHeads: 2, vocabSize: 256, maxPositionEmbeddings: 64)
+        let model = LlamaModel(config: config, backend: CUDABackend(library: library))
+        try model.weights.initializeRandom(seed: 3, std: 0.05, backend: model.backend)
+        let seqLen = 16, batch = 2, windows = 9  // 5 batches, the last of one window
+        var rng = TestRNG(17)
+        let values = (0..<(windows * seqLen)).map { _ in Int64(rng.int(config.vocabSize)) }
+        let path = temporaryDirectory() + "/eval.npy"
+        try NpyWriter.write(tokens: values, dtype: .uint16, to: path)
+        let tokens = try TokenArray(npyPath: path)
+        _ = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch)  // sizes the staging and the cache
+        let before = try XCTUnwrap(library.emulationCounters())
+        let result = try Evaluator.evaluate(model: model, tokens: tokens, seqLen: seqLen, batch: batch)
+        let counted = try XCTUnwrap(library.emulationCounters()).since(before)
+        XCTAssertLessThanOrEqual(counted.synchronizations, 5, "one wait a batch at most")
+        XCTAssertEqual(counted.mallocs, 0)
+        var total = 0.0, predicted = 0
+        for start in stride(from: 0, to: windows, by: batch) {
+            let b = min(batch, windows - start)
+            var inputs: [Int32] = [], targets: [Int32] = []
+            for w in start..<(start + b) {
+                let window = tokens.window(w * seqLen, seqLen)
+                inputs += window; targets += window.dropFirst(); targets.append(-1)
+            }
+            let l = try model.loss(inputs: inputs, targets: targets, batch: b, seqLen: seqLen)
+            total += l.sum; predicted += l.tokens
+        }
+        XCTAssertEqual(result.tokens, predicted)
+        XCTAssertEqual(result.loss.bitPattern, (total / Double(predicted)).bitPattern)
+    }
+
+    /// The order behind the one wait a batch: a batch's loss is read only after the next batch's forward was
+    /// queued (a backend that records when each deferred loss is made and read).
+    func testEvaluationQueuesTheNextBatchBeforeReadingALoss() throws {
+        final class Recording: ForwardingToCPU, @unchecked Sendable {
+            let inner = CPUBackend()
+            var name: String { "recording-cpu" }
+            var events: [String] = []
+            func crossEntropyDeferred(logits: Tensor, targets: Tensor, losses: Tensor, rows: Int, vocab: Int,
+                                      gradScale: Float?, ld: Int) -> DeferredSum {
+                let sum = inner.crossEntropy(logits: logits, targets: targets, losses: losses, rows: rows, vocab: vocab,
+                                             gradScale: gradScale, ld: ld)
+                let index = events.count { $0.hasPrefix("queued") }
+                events.append("queued \(index)")
+                return DeferredSum(reading: { [self] in events.append("read \(index)"); return sum })
+            }
+        }
+        let backend = Recording()
+        let config = try LlamaConfig(hiddenSize: 16, intermediateSize: 24, numHiddenLayers: 1, numAttentionHeads: 2,
+                                     numKeyValueHeads: 1, vocabSize: 64, maxPositionEmbeddings: 16)
+        let model = LlamaModel(config: config, backend: backend)
+        try model.weights.initializeRandom(seed: 3, std: 0.05, backend: backend)
+        let path = temporaryDirectory() + "/eval.npy"
+        try NpyWriter.write(tokens: (0..<(5 * 8)).map { Int64($0 % 64) }, dtype: .uint16, to: path)
+        _ = try Evaluator.evaluate(model: model, tokens: try TokenArray(npyPath: path), seqLen: 8, batch: 2)
+        XCTAssertEqual(backend.events, ["queued 0", "queued 1", "read 0", "queued 2", "read 1", "read 2"])
     }
 
     func testOptimizerLaunchesAndSynchronizationsDoNotGrowWithTheTrainedTensors() throws {
