@@ -90,7 +90,8 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
 
 func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let weights = GGUFWeightType(rawValue: try a.required("quant"))!  // one of the declared choices
-    let tokenizer = try source.tokenizer()
+    // A SentencePiece-style tokenizer.json is written from the tokenizer.model beside it, if it tokenizes alike.
+    let tokenizer = try source.ggufTokenizer()
     // A tokenizer llama.cpp would read differently is refused here, before the model is loaded.
     _ = try tokenizer?.ggufMetadata(vocabSize: source.config.vocabSize)
     if tokenizer == nil {
