@@ -25,7 +25,8 @@ let exportCommand = CommandSpec(
         with a quantization_config, so from_pretrained loads a bitsandbytes 4-bit model.
         --format gguf: one GGUF v3 file for llama.cpp (and transformers' GGUF loader): LLaMA metadata, llama.cpp
         tensor names with q/k rows permuted to llama.cpp's rotary convention, and the tokenizer (byte-level BPE
-        as llama.cpp's gpt2, SentencePiece BPE from a tokenizer.model or GGUF as its llama; others are refused
+        as llama.cpp's gpt2, SentencePiece BPE from a tokenizer.model or GGUF as its llama, a SentencePiece-style
+        tokenizer.json from the tokenizer.model beside it if the two give the same ids; others are refused
         with the reason). f16/bf16 store
         2-D tensors in 16 bits; q8_0 quantizes every 2-D tensor; q4_0 the block linears (embedding and head in
         q8_0). Norms stay f32; rows that are not whole 32-weight blocks stay f16. A run whose frozen weights are
@@ -90,7 +91,8 @@ func exportHF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
 
 func exportGGUF(_ source: ModelSource, out: String, _ a: ParsedArguments) throws {
     let weights = GGUFWeightType(rawValue: try a.required("quant"))!  // one of the declared choices
-    let tokenizer = try source.tokenizer()
+    // A SentencePiece-style tokenizer.json is written from the tokenizer.model beside it, if it tokenizes alike.
+    let tokenizer = try source.ggufTokenizer()
     // A tokenizer llama.cpp would read differently is refused here, before the model is loaded.
     _ = try tokenizer?.ggufMetadata(vocabSize: source.config.vocabSize)
     if tokenizer == nil {

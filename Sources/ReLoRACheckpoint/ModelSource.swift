@@ -183,6 +183,16 @@ public final class ModelSource {
         return try tokenizerPath.map { try TokenizerLoader.load($0) }
     }
 
+    /// The tokenizer a GGUF export writes: `tokenizer()`, or, when that is a SentencePiece-style tokenizer.json
+    /// with a `tokenizer.model` beside it (a Hugging Face Llama directory, or a run that kept both), a
+    /// `GGUFStandInTokenizer` writing the `.model`'s pieces after checking that the two tokenize alike
+    /// (one sentence if they do not); nil if the source has none.
+    public func ggufTokenizer() throws -> (any TextTokenizer)? {
+        guard let primary = try tokenizer() else { return nil }
+        guard tokenizerPath?.hasSuffix("/tokenizer.json") == true else { return primary }
+        return try GGUFStandInTokenizer.forGGUF(primary, tokenizerModel: tokenizerFile("tokenizer.model"))
+    }
+
     /// The tokenizer, or one sentence saying the source has none and what `purpose` needed it for.
     public func requireTokenizer(for purpose: String) throws -> any TextTokenizer {
         guard let t = try tokenizer() else {

@@ -167,7 +167,8 @@ struct RunSetup {
 
     /// A new run's files: the run directory, `recipe.json` (the resolved recipe) and the tokenizer the recipe
     /// names (so the run directory alone can sample, tokenize and export): a `tokenizer.json` or
-    /// `tokenizer.model` copied under its own name, a GGUF model's tokenizer as a vocabulary-only
+    /// `tokenizer.model` copied under its own name (a `tokenizer.json` with a `tokenizer.model` beside it brings
+    /// both), a GGUF model's tokenizer as a vocabulary-only
     /// `tokenizer.gguf` (`TokenizerLoader.writeVocabularyOnly`: its `tokenizer.*` metadata, no tensors).
     func createRunDirectory() throws {
         try Files.createDirectory(recipe.runDir)
@@ -191,6 +192,16 @@ struct RunSetup {
             // A SentencePiece model keeps its name: the commands that read the run look for either file.
             let name = tok.hasSuffix(".model") ? "tokenizer.model" : "tokenizer.json"
             try writeFileAtomically(data, to: recipe.runDir + "/" + name)
+            // A Hugging Face directory's tokenizer.json with a tokenizer.model beside it (Llama 2's pair): the run
+            // keeps the .model too, which a GGUF export writes in the tokenizer.json's stead (llama.cpp has the
+            // .model's rules) once it has checked that the two tokenize alike. Training reads tokenizer.json.
+            let sibling = (tok as NSString).deletingLastPathComponent + "/tokenizer.model"
+            if (tok as NSString).lastPathComponent == "tokenizer.json", FileManager.default.fileExists(atPath: sibling) {
+                guard let model = FileManager.default.contents(atPath: sibling) else {
+                    throw ReLoRAError.invalidFile(path: sibling, reason: "cannot read the tokenizer.model beside the tokenizer.json")
+                }
+                try writeFileAtomically(model, to: recipe.runDir + "/tokenizer.model")
+            }
         }
     }
 

@@ -5,6 +5,7 @@ import XCTest
 @testable import ReLoRAModel
 @testable import ReLoRACheckpoint
 @testable import ReLoRATokenizer
+@testable import ReLoRATrain
 
 /// GGUF export of SentencePiece tokenizers (`llama` tokenizer metadata), against the references:
 /// `Tests/Fixtures/make_sentencepiece_gguf_export.py` exported a model with `sentencepiece/spm_bpe.model`
@@ -159,6 +160,103 @@ final class SentencePieceGGUFExportTests: XCTestCase {
         XCTAssertEqual(r.status, 2, r.stderr)
         XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
         XCTAssertTrue(r.stderr.contains("Unigram"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/m.gguf"))
+    }
+
+    /// A Hugging Face directory with both a SentencePiece-style tokenizer.json (`converted_bpe.json`:
+    /// transformers' converter of spm_bpe.model) and its `tokenizer.model`, as Llama 2's: a run warm-started
+    /// from it keeps both (training reads tokenizer.json), and `relora export --format gguf` of the run writes
+    /// the .model's pieces, whose ids read back are sentencepiece's (the 50 fixture strings, as llama.cpp's).
+    func testWarmStartKeepsTheTokenizerModelBesideTheJSONAndGGUFExportWritesIt() throws {
+        let dir = temporaryDirectory()
+        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 64, numHiddenLayers: 1, numAttentionHeads: 2,
+                                     numKeyValueHeads: 2, vocabSize: 416, rmsNormEps: 1e-6, ropeTheta: 10000,
+                                     maxPositionEmbeddings: 64, tieWordEmbeddings: false)
+        let model = LlamaModel(config: config, backend: CPUBackend())
+        try model.weights.initializeRandom(seed: 3, std: 0.1, backend: model.backend)
+        try HFCheckpoint.save(model: model, to: dir + "/hf")
+        try FileManager.default.copyItem(atPath: Self.directory + "/converted_bpe.json", toPath: dir + "/hf/tokenizer.json")
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: dir + "/hf/tokenizer.model")
+        try NpyWriter.write(tokens: (0..<600).map { Int64($0 % 400) }, dtype: .uint16, to: dir + "/train.npy")
+        var recipe = Recipe(model: dir + "/hf/config.json", trainData: dir + "/train.npy", runDir: dir + "/run")
+        recipe.warmStart = dir + "/hf"
+        recipe.seqLen = 16
+        recipe.steps = 2
+        recipe.warmupSteps = 1
+        try Files.writeJSON(recipe.jsonObject(), to: dir + "/recipe.json")
+        let train = try runRelora(["train", dir + "/recipe.json"])
+        XCTAssertEqual(train.status, 0, train.stderr)
+        for name in ["tokenizer.json", "tokenizer.model"] {
+            XCTAssertEqual(FileManager.default.contents(atPath: dir + "/run/" + name), FileManager.default.contents(atPath: dir + "/hf/" + name), name)
+        }
+        let runTokenizer = try TokenizerLoader.load(dir + "/run")
+        XCTAssertFalse(try XCTUnwrap(runTokenizer as? SentencePieceTokenizer).rules == .sentencePiece, "training reads the tokenizer.json")
+
+        let r = try runRelora(["export", dir + "/run", "--format", "gguf", "--quant", "f32", "--out", dir + "/m.gguf"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let file = try GGUFFile(path: dir + "/m.gguf")
+        XCTAssertEqual(file.metadata["tokenizer.ggml.model"], .string("llama"))
+        let tok = try TokenizerLoader.load(gguf: file)
+        XCTAssertEqual(tok.vocabSize, 416)
+        XCTAssertNil(tok.prefixId, "converted_bpe.json puts no BOS first, so add_bos_token false")
+        let f = try fixture()
+        let strings = try XCTUnwrap(f["strings"] as? [String]), ids = try XCTUnwrap(f["ids"] as? [[Int]])
+        XCTAssertEqual(strings.map { tok.encode($0).map(Int.init) }, ids)
+        XCTAssertEqual(strings.map { runTokenizer.encode($0).map(Int.init) }, ids, "the training tokenizer gives the same ids")
+        // A recipe `tokenizer` naming the directory brings both files too.
+        var named = Recipe(model: dir + "/hf/config.json", trainData: dir + "/train.npy", tokenizer: dir + "/hf", runDir: dir + "/run2")
+        named.seqLen = 16
+        try RunSetup(recipe: named, resume: false).createRunDirectory()
+        XCTAssertEqual(FileManager.default.contents(atPath: dir + "/run2/tokenizer.model"), FileManager.default.contents(atPath: dir + "/hf/tokenizer.model"))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir + "/run2/tokenizer.json"))
+    }
+
+    /// A tokenizer.model that tokenizes otherwise than the tokenizer.json beside it (spm_bpe_edited.model,
+    /// whose pieces' scores differ, or spm_unigram.model with other pieces) makes the GGUF export refuse with
+    /// one sentence, before writing anything; the tokenizer.json's BOS must be the model's too.
+    func testATokenizerModelThatDisagreesWithTheJSONIsRefused() throws {
+        let json = try XCTUnwrap(try TokenizerLoader.load(Self.directory + "/converted_bpe.json") as? SentencePieceTokenizer)
+        for name in ["spm_bpe_edited.model", "spm_unigram.model"] {
+            let path = Self.directory + "/" + name
+            XCTAssertThrowsError(try GGUFStandInTokenizer(json: json, model: try SentencePieceTokenizer(modelFile: path), modelPath: path), name) { error in
+                guard case ReLoRAError.invalidData(let m) = error else { return XCTFail("unexpected \(error)") }
+                XCTAssertTrue(m.contains("would tokenize differently from the training data"), m)
+                XCTAssertFalse(m.contains("\n"), m)
+            }
+        }
+        // The matching pair is accepted, and its metadata is the .model's.
+        let model = try SentencePieceTokenizer(modelFile: Self.directory + "/spm_bpe.model")
+        let standIn = try GGUFStandInTokenizer(json: json, model: model, modelPath: "m")
+        XCTAssertEqual(metadata(try standIn.ggufMetadata(vocabSize: 416)), metadata(try model.ggufMetadata(vocabSize: 416)))
+        // A tokenizer.json whose post-processor puts <s> first (Llama 2's): the training data has the BOS before
+        // each document, so the GGUF says add_bos_token, with the .model's pieces otherwise.
+        var root = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Self.directory + "/converted_bpe.json"))) as? [String: Any])
+        root["post_processor"] = ["type": "TemplateProcessing",
+                                  "single": [["SpecialToken": ["id": "<s>", "type_id": 0]], ["Sequence": ["id": "A", "type_id": 0]]],
+                                  "pair": [["Sequence": ["id": "A", "type_id": 0]]],
+                                  "special_tokens": ["<s>": ["id": "<s>", "ids": [1], "tokens": ["<s>"]]]] as [String: Any]
+        let bosPath = temporaryDirectory() + "/tokenizer.json"
+        try JSONSerialization.data(withJSONObject: root).write(to: URL(fileURLWithPath: bosPath))
+        let withBOS = try XCTUnwrap(try TokenizerLoader.load(bosPath) as? SentencePieceTokenizer)
+        XCTAssertEqual(withBOS.prefixId, 1)
+        let bosMetadata = metadata(try GGUFStandInTokenizer(json: withBOS, model: model, modelPath: "m").ggufMetadata(vocabSize: 416))
+        XCTAssertEqual(bosMetadata["tokenizer.ggml.add_bos_token"], .bool(true))
+        XCTAssertEqual(bosMetadata["tokenizer.ggml.tokens"], metadata(try model.ggufMetadata(vocabSize: 416))["tokenizer.ggml.tokens"])
+
+        let dir = temporaryDirectory()
+        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 64, numHiddenLayers: 1, numAttentionHeads: 2,
+                                     numKeyValueHeads: 2, vocabSize: 416, rmsNormEps: 1e-6, ropeTheta: 10000,
+                                     maxPositionEmbeddings: 64, tieWordEmbeddings: false)
+        let m = LlamaModel(config: config, backend: CPUBackend())
+        try m.weights.initializeRandom(seed: 3, std: 0.1, backend: m.backend)
+        try HFCheckpoint.save(model: m, to: dir + "/hf")
+        try FileManager.default.copyItem(atPath: Self.directory + "/converted_bpe.json", toPath: dir + "/hf/tokenizer.json")
+        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe_edited.model", toPath: dir + "/hf/tokenizer.model")
+        let r = try runReloraProcess(["export", dir + "/hf", "--format", "gguf", "--quant", "f32", "--out", dir + "/m.gguf"])
+        XCTAssertEqual(r.reason, .exit)
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("tokenize differently from the training data"), r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/m.gguf"))
     }
 }
