@@ -183,14 +183,7 @@ extension ConformanceSuite {
         }
         let (multi, multiGrads) = group(), (looping, loopingGrads) = group()
         func state(_ g: OptimizerGroup) -> [UInt8] {
-            g.updates.flatMap { u -> [UInt8] in
-                var t = [u.param, u.grad] + (u.working.map { [$0] } ?? [])
-                switch u.moments {
-                case .f32(let m, let v): t += [m, v]
-                case .eightBit(let m, let v): t += [m.codes, m.absmax, v.codes, v.absmax]
-                }
-                return t.flatMap { backend.downloadRaw($0) }
-            }
+            g.updates.flatMap { $0.tensors.flatMap { backend.downloadRaw($0) } }
         }
         for (step, clip) in [(1, 0.5), (2, 0.0), (3, 0.2)] {
             var squares: [Double] = []

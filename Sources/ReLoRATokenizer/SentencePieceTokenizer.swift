@@ -273,49 +273,26 @@ public final class SentencePieceTokenizer: TextTokenizer {
     /// equal scores keep the path found first (the earlier start). Returns (start, end, id) spans in order.
     func viterbiSentencePiece(_ s: [UInt8]) -> [(Int, Int, Int32)] {
         let maxScore = maxNormalScore
-        let unkScore = minNormalScore - 10
-        let n = s.count
-        var best = [Float](repeating: 0, count: n + 1)
-        var from = [Int](repeating: -1, count: n + 1)
-        var ids = [Int32](repeating: -1, count: n + 1)
-        var start = 0
-        while start < n {
-            let here = best[start]
-            let mblen = min(Self.charLength(s[start]), n - start)
-            var single = false
-            trie.prefixes(s, from: start) { end, id in
-                let t = types[Int(id)]
-                if t == .unused { return }
-                let length = end - start
-                let score: Float = t == .userDefined ? Float(Double(Float(length) * maxScore) - 0.1) : Float(scores[Int(id)])
-                let candidate = score + here
-                if from[end] == -1 || candidate > best[end] {
-                    best[end] = candidate
-                    from[end] = start
-                    ids[end] = id
-                }
-                if length == mblen { single = true }
-            }
-            if !single {
-                let end = start + mblen
-                let candidate = unkScore + here
-                if from[end] == -1 || candidate > best[end] {
-                    best[end] = candidate
-                    from[end] = start
-                    ids[end] = unkId ?? -1
-                }
-            }
-            start += mblen
+        return viterbi(s, unkScore: Float(minNormalScore - 10)) { id, length in
+            let t = types[Int(id)]
+            if t == .unused { return nil }
+            return t == .userDefined ? Float(Double(Float(length) * maxScore) - 0.1) : Float(scores[Int(id)])
         }
-        return backtrack(from, ids, n)
     }
 
     /// `tokenizers`' `Unigram::encode_optimized`: the same lattice in float64 over every vocabulary entry,
     /// unknown characters `min_score - 10` with min over the whole vocabulary.
     func viterbiTokenizers(_ s: [UInt8]) -> [(Int, Int, Int32)] {
-        let unkScore = minScore - 10
+        viterbi(s, unkScore: minScore - 10) { id, _ in scores[Int(id)] }
+    }
+
+    /// The lattice both Viterbis walk, with path scores summed in `S`: each vocabulary prefix at a character
+    /// start scores `score(id, byte length)` (nil: not a candidate); a character no candidate covers whole is
+    /// one unknown piece of `unkScore`; equal scores keep the path found first (the earlier start).
+    @inline(__always)
+    private func viterbi<S: BinaryFloatingPoint>(_ s: [UInt8], unkScore: S, score: (Int32, Int) -> S?) -> [(Int, Int, Int32)] {
         let n = s.count
-        var best = [Double](repeating: 0, count: n + 1)
+        var best = [S](repeating: 0, count: n + 1)
         var from = [Int](repeating: -1, count: n + 1)
         var ids = [Int32](repeating: -1, count: n + 1)
         var start = 0
@@ -324,7 +301,8 @@ public final class SentencePieceTokenizer: TextTokenizer {
             let mblen = min(Self.charLength(s[start]), n - start)
             var single = false
             trie.prefixes(s, from: start) { end, id in
-                let candidate = scores[Int(id)] + here
+                guard let score = score(id, end - start) else { return }
+                let candidate = score + here
                 if from[end] == -1 || candidate > best[end] {
                     best[end] = candidate
                     from[end] = start

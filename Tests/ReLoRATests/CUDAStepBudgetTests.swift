@@ -250,14 +250,7 @@ final class CUDAStepBudgetTests: XCTestCase {
         }
         let multi = group(), looping = group()
         func state(_ g: OptimizerGroup) -> [[UInt8]] {
-            g.updates.flatMap { u -> [[UInt8]] in
-                var t = [u.param, u.grad] + (u.working.map { [$0] } ?? [])
-                switch u.moments {
-                case .f32(let m, let v): t += [m, v]
-                case .eightBit(let m, let v): t += [m.codes, m.absmax, v.codes, v.absmax]
-                }
-                return t.map { backend.downloadRaw($0) }
-            }
+            g.updates.flatMap { $0.tensors.map { backend.downloadRaw($0) } }
         }
         for (step, clip) in [(1, 0.05), (2, 0.0), (3, 0.02)] {
             for (i, u) in multi.updates.enumerated() {

@@ -22,6 +22,26 @@ final class SentencePieceGGUFExportTests: XCTestCase {
         return try XCTUnwrap(try JSONSerialization.jsonObject(with: data) as? [String: Any])
     }
 
+    /// The fixture's 50 strings and the ids llama.cpp gives them.
+    func fixtureIDs() throws -> (strings: [String], ids: [[Int]]) {
+        let f = try fixture()
+        return (try XCTUnwrap(f["strings"] as? [String]), try XCTUnwrap(f["ids"] as? [[Int]]))
+    }
+
+    /// A Hugging Face directory `dir/hf` holding a random model of the fixture's vocabulary (416) and the given
+    /// fixture files under the given names (`[fixture name: name in the directory]`).
+    func makeHFDirectory(_ dir: String, tokenizerFiles: [String: String]) throws {
+        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 64, numHiddenLayers: 1, numAttentionHeads: 2,
+                                     numKeyValueHeads: 2, vocabSize: 416, rmsNormEps: 1e-6, ropeTheta: 10000,
+                                     maxPositionEmbeddings: 64, tieWordEmbeddings: false)
+        let model = LlamaModel(config: config, backend: CPUBackend())
+        try model.weights.initializeRandom(seed: 3, std: 0.1, backend: model.backend)
+        try HFCheckpoint.save(model: model, to: dir + "/hf")
+        for (fixture, name) in tokenizerFiles {
+            try FileManager.default.copyItem(atPath: Self.directory + "/" + fixture, toPath: dir + "/hf/" + name)
+        }
+    }
+
     func metadata(_ entries: [(String, GGUFValue)]) -> [String: GGUFValue] {
         Dictionary(entries, uniquingKeysWith: { a, _ in a })
     }
@@ -64,13 +84,7 @@ final class SentencePieceGGUFExportTests: XCTestCase {
     /// sentencepiece's (50 strings: whitespace runs, digits, byte fallback, unknown scripts, `▁`, `<s>` as text).
     func testExportedTokenizerGivesLlamaCppsIds() throws {
         let dir = temporaryDirectory()
-        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 64, numHiddenLayers: 1, numAttentionHeads: 2,
-                                     numKeyValueHeads: 2, vocabSize: 416, rmsNormEps: 1e-6, ropeTheta: 10000,
-                                     maxPositionEmbeddings: 64, tieWordEmbeddings: false)
-        let model = LlamaModel(config: config, backend: CPUBackend())
-        try model.weights.initializeRandom(seed: 3, std: 0.1, backend: model.backend)
-        try HFCheckpoint.save(model: model, to: dir + "/hf")
-        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: dir + "/hf/tokenizer.model")
+        try makeHFDirectory(dir, tokenizerFiles: ["spm_bpe.model": "tokenizer.model"])
         let r = try runRelora(["export", dir + "/hf", "--format", "gguf", "--quant", "f32", "--out", dir + "/m.gguf"])
         XCTAssertEqual(r.status, 0, r.stderr)
         let file = try GGUFFile(path: dir + "/m.gguf")
@@ -80,8 +94,7 @@ final class SentencePieceGGUFExportTests: XCTestCase {
         XCTAssertEqual(tok.vocabSize, 416)
         XCTAssertNil(tok.prefixId, "add_bos_token false")
         XCTAssertEqual(tok.endOfTextId, 2)
-        let f = try fixture()
-        let strings = try XCTUnwrap(f["strings"] as? [String]), ids = try XCTUnwrap(f["ids"] as? [[Int]])
+        let (strings, ids) = try fixtureIDs()
         XCTAssertEqual(strings.count, 50)
         XCTAssertEqual(strings.map { tok.encode($0).map(Int.init) }, ids)
         let direct = try TokenizerLoader.load(Self.directory + "/spm_bpe.model")
@@ -169,14 +182,7 @@ final class SentencePieceGGUFExportTests: XCTestCase {
     /// the .model's pieces, whose ids read back are sentencepiece's (the 50 fixture strings, as llama.cpp's).
     func testWarmStartKeepsTheTokenizerModelBesideTheJSONAndGGUFExportWritesIt() throws {
         let dir = temporaryDirectory()
-        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 64, numHiddenLayers: 1, numAttentionHeads: 2,
-                                     numKeyValueHeads: 2, vocabSize: 416, rmsNormEps: 1e-6, ropeTheta: 10000,
-                                     maxPositionEmbeddings: 64, tieWordEmbeddings: false)
-        let model = LlamaModel(config: config, backend: CPUBackend())
-        try model.weights.initializeRandom(seed: 3, std: 0.1, backend: model.backend)
-        try HFCheckpoint.save(model: model, to: dir + "/hf")
-        try FileManager.default.copyItem(atPath: Self.directory + "/converted_bpe.json", toPath: dir + "/hf/tokenizer.json")
-        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe.model", toPath: dir + "/hf/tokenizer.model")
+        try makeHFDirectory(dir, tokenizerFiles: ["converted_bpe.json": "tokenizer.json", "spm_bpe.model": "tokenizer.model"])
         try NpyWriter.write(tokens: (0..<600).map { Int64($0 % 400) }, dtype: .uint16, to: dir + "/train.npy")
         var recipe = Recipe(model: dir + "/hf/config.json", trainData: dir + "/train.npy", runDir: dir + "/run")
         recipe.warmStart = dir + "/hf"
@@ -199,8 +205,7 @@ final class SentencePieceGGUFExportTests: XCTestCase {
         let tok = try TokenizerLoader.load(gguf: file)
         XCTAssertEqual(tok.vocabSize, 416)
         XCTAssertNil(tok.prefixId, "converted_bpe.json puts no BOS first, so add_bos_token false")
-        let f = try fixture()
-        let strings = try XCTUnwrap(f["strings"] as? [String]), ids = try XCTUnwrap(f["ids"] as? [[Int]])
+        let (strings, ids) = try fixtureIDs()
         XCTAssertEqual(strings.map { tok.encode($0).map(Int.init) }, ids)
         XCTAssertEqual(strings.map { runTokenizer.encode($0).map(Int.init) }, ids, "the training tokenizer gives the same ids")
         // A recipe `tokenizer` naming the directory brings both files too.
@@ -244,14 +249,7 @@ final class SentencePieceGGUFExportTests: XCTestCase {
         XCTAssertEqual(bosMetadata["tokenizer.ggml.tokens"], metadata(try model.ggufMetadata(vocabSize: 416))["tokenizer.ggml.tokens"])
 
         let dir = temporaryDirectory()
-        let config = try LlamaConfig(hiddenSize: 32, intermediateSize: 64, numHiddenLayers: 1, numAttentionHeads: 2,
-                                     numKeyValueHeads: 2, vocabSize: 416, rmsNormEps: 1e-6, ropeTheta: 10000,
-                                     maxPositionEmbeddings: 64, tieWordEmbeddings: false)
-        let m = LlamaModel(config: config, backend: CPUBackend())
-        try m.weights.initializeRandom(seed: 3, std: 0.1, backend: m.backend)
-        try HFCheckpoint.save(model: m, to: dir + "/hf")
-        try FileManager.default.copyItem(atPath: Self.directory + "/converted_bpe.json", toPath: dir + "/hf/tokenizer.json")
-        try FileManager.default.copyItem(atPath: Self.directory + "/spm_bpe_edited.model", toPath: dir + "/hf/tokenizer.model")
+        try makeHFDirectory(dir, tokenizerFiles: ["converted_bpe.json": "tokenizer.json", "spm_bpe_edited.model": "tokenizer.model"])
         let r = try runReloraProcess(["export", dir + "/hf", "--format", "gguf", "--quant", "f32", "--out", dir + "/m.gguf"])
         XCTAssertEqual(r.reason, .exit)
         XCTAssertNotEqual(r.status, 0)

@@ -654,16 +654,26 @@ RELORA_HD void relora_kquant_scale_min(int j, const uint8_t *q, uint8_t *sc, uin
     }
 }
 
+// The scales and mins of 64-weight group g of a q4_K/q5_K block (its sub-blocks 2g and 2g + 1), times the
+// super-block's d and dmin: weight w of sub-block 2g is d1 * q - m1, of sub-block 2g + 1 d2 * q - m2.
+RELORA_HD void relora_kquant_group_scales(int g, const uint8_t *scales, float d, float dmin, float *d1, float *m1,
+                                          float *d2, float *m2) {
+    uint8_t sc, m;
+    relora_kquant_scale_min(2 * g, scales, &sc, &m);
+    *d1 = RELORA_FMUL(d, (float)sc);
+    *m1 = RELORA_FMUL(dmin, (float)m);
+    relora_kquant_scale_min(2 * g + 1, scales, &sc, &m);
+    *d2 = RELORA_FMUL(d, (float)sc);
+    *m2 = RELORA_FMUL(dmin, (float)m);
+}
+
 RELORA_HD void relora_dequantize_block_q4_K(const block_q4_K *x, float *y) {
     const float d = relora_fp16_to_fp32(x->d);
     const float dmin = relora_fp16_to_fp32(x->dmin);
     const uint8_t *q = x->qs;
     for (int g = 0; g < RELORA_QK_K / 64; ++g) {
-        uint8_t sc, m;
-        relora_kquant_scale_min(2 * g, x->scales, &sc, &m);
-        const float d1 = RELORA_FMUL(d, (float)sc), m1 = RELORA_FMUL(dmin, (float)m);
-        relora_kquant_scale_min(2 * g + 1, x->scales, &sc, &m);
-        const float d2 = RELORA_FMUL(d, (float)sc), m2 = RELORA_FMUL(dmin, (float)m);
+        float d1, m1, d2, m2;
+        relora_kquant_group_scales(g, x->scales, d, dmin, &d1, &m1, &d2, &m2);
         for (int l = 0; l < 32; ++l) y[64 * g + l] = RELORA_FADD(RELORA_FMUL(d1, (float)(q[l] & 0xF)), -m1);
         for (int l = 0; l < 32; ++l) y[64 * g + 32 + l] = RELORA_FADD(RELORA_FMUL(d2, (float)(q[l] >> 4)), -m2);
         q += 32;
@@ -675,11 +685,8 @@ RELORA_HD void relora_dequantize_block_q5_K(const block_q5_K *x, float *y) {
     const float dmin = relora_fp16_to_fp32(x->dmin);
     const uint8_t *ql = x->qs;
     for (int g = 0; g < RELORA_QK_K / 64; ++g) {
-        uint8_t sc, m;
-        relora_kquant_scale_min(2 * g, x->scales, &sc, &m);
-        const float d1 = RELORA_FMUL(d, (float)sc), m1 = RELORA_FMUL(dmin, (float)m);
-        relora_kquant_scale_min(2 * g + 1, x->scales, &sc, &m);
-        const float d2 = RELORA_FMUL(d, (float)sc), m2 = RELORA_FMUL(dmin, (float)m);
+        float d1, m1, d2, m2;
+        relora_kquant_group_scales(g, x->scales, d, dmin, &d1, &m1, &d2, &m2);
         const uint8_t u1 = (uint8_t)(1u << (2 * g)), u2 = (uint8_t)(2u << (2 * g));
         for (int l = 0; l < 32; ++l) {
             const int q = (ql[l] & 0xF) + ((x->qh[l] & u1) ? 16 : 0);

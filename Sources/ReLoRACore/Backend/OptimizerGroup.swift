@@ -29,6 +29,17 @@ public final class OptimizerGroup {
         public init(param: Tensor, grad: Tensor, moments: Moments, working: Tensor?, decay: Bool) {
             self.param = param; self.grad = grad; self.moments = moments; self.working = working; self.decay = decay
         }
+
+        /// Every tensor the update reads or writes: param, grad, the working copy, the moments (8-bit: codes
+        /// and scales).
+        public var tensors: [Tensor] {
+            var t = [param, grad] + (working.map { [$0] } ?? [])
+            switch moments {
+            case .f32(let m, let v): t += [m, v]
+            case .eightBit(let m, let v): t += [m.codes, m.absmax, v.codes, v.absmax]
+            }
+            return t
+        }
     }
 
     /// Every gradient whose norm decides the clipping and the non-finite skip (all trained tensors, also those
