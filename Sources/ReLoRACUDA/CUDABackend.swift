@@ -541,8 +541,7 @@ public final class CUDABackend: DeviceBackend, TensorStorageOwner, OpProfiling, 
                                     ld: Int) {
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
         precondition(losses.count >= rows, "crossEntropy: \(losses.count) losses for \(rows) rows")
-        let stride = StoredMatrix.stride(ld, cols: vocab, "crossEntropy")
-        precondition(logits.count >= StoredMatrix.span(rows: rows, cols: vocab, ld: stride), "crossEntropy: logits too small")
+        let stride = StoredMatrix.stride(of: logits, rows: rows, cols: vocab, ld: ld, "crossEntropy")
         let t = Self.computeType(logits, op: "crossEntropy")
         Self.require(.f32, losses, op: "crossEntropy")
         let span = profiler?.begin(.crossEntropy, .crossEntropy(rows: rows, vocab: vocab, elementBytes: logits.dtype.byteSize,

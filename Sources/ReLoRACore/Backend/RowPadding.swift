@@ -39,6 +39,14 @@ package enum StoredMatrix {
         return ld == 0 ? cols : ld
     }
 
+    /// The row stride `ld` means for `tensor` holding `rows` rows of `cols` (0 = packed), after checking that
+    /// the tensor holds them: what an op with one strided operand checks.
+    package static func stride(of tensor: Tensor, rows: Int, cols: Int, ld: Int, _ op: StaticString) -> Int {
+        let s = stride(ld, cols: cols, op)
+        precondition(tensor.count >= span(rows: rows, cols: cols, ld: s), "\(op): a [\(rows), \(cols)] operand of row stride \(s) is outside its tensor of \(tensor.count)")
+        return s
+    }
+
     /// The elements the matrix spans: `(rows - 1) * ld + cols` (0 when empty).
     package static func span(rows: Int, cols: Int, ld: Int) -> Int {
         rows == 0 || cols == 0 ? 0 : (rows - 1) * ld + cols
@@ -60,9 +68,7 @@ package enum StoredMatrix {
     package static func gemmStrides(_ a: Tensor, _ b: Tensor, _ c: Tensor, m: Int, n: Int, k: Int, transA: Bool, transB: Bool,
                                     lda: Int, ldb: Int, ldc: Int) -> (a: Int, b: Int, c: Int) {
         let (aRows, aCols) = transA ? (k, m) : (m, k), (bRows, bCols) = transB ? (n, k) : (k, n)
-        let sa = stride(lda, cols: aCols, "matmul"), sb = stride(ldb, cols: bCols, "matmul"), sc = stride(ldc, cols: n, "matmul")
-        precondition(a.count >= span(rows: aRows, cols: aCols, ld: sa) && b.count >= span(rows: bRows, cols: bCols, ld: sb)
-                     && c.count >= span(rows: m, cols: n, ld: sc), "matmul: operand too small")
-        return (sa, sb, sc)
+        return (stride(of: a, rows: aRows, cols: aCols, ld: lda, "matmul"), stride(of: b, rows: bRows, cols: bCols, ld: ldb, "matmul"),
+                stride(of: c, rows: m, cols: n, ld: ldc, "matmul"))
     }
 }

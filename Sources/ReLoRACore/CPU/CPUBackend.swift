@@ -472,8 +472,7 @@ public final class CPUBackend: HostFileBacking, TensorStorageOwner, OpProfiling 
                                                                 withGradient: gradScale != nil))
         defer { span?.end() }
         precondition(targets.count == rows, "crossEntropy: \(targets.count) targets for \(rows) rows")
-        let stride = StoredMatrix.stride(ld, cols: vocab, "crossEntropy")
-        precondition(logits.count >= StoredMatrix.span(rows: rows, cols: vocab, ld: stride), "crossEntropy: logits too small")
+        let stride = StoredMatrix.stride(of: logits, rows: rows, cols: vocab, ld: ld, "crossEntropy")
         let lp = logits.f32, lossp = losses.f32, tb = targets.i32
         ledger.downloaded(MemoryLayout<Double>.size)  // the returned sum
         parallelChunks(rows, minPerChunk: 4) { _, range in

@@ -109,9 +109,8 @@ extension CPUBackend {
                                 ldx: Int, ldy: Int) {
         let tile = Self.tileRows(rows: q.rows, cols: q.cols)
         precondition(scratch.count >= tile * q.cols, "quantizedLinear: scratch of \(scratch.count) < \(tile * q.cols)")
-        let ldx = StoredMatrix.stride(ldx, cols: q.cols, "quantizedLinear"), ldy = StoredMatrix.stride(ldy, cols: q.rows, "quantizedLinear")
-        precondition(x.count >= StoredMatrix.span(rows: n, cols: q.cols, ld: ldx) && y.count >= StoredMatrix.span(rows: n, cols: q.rows, ld: ldy),
-                     "quantizedLinear: operand too small")
+        let ldx = StoredMatrix.stride(of: x, rows: n, cols: q.cols, ld: ldx, "quantizedLinear")
+        let ldy = StoredMatrix.stride(of: y, rows: n, cols: q.rows, ld: ldy, "quantizedLinear")
         var r0 = 0
         while r0 < q.rows {
             let t = min(tile, q.rows - r0)
@@ -130,10 +129,8 @@ extension CPUBackend {
                                      lddy: Int, lddx: Int) {
         let tile = Self.tileRows(rows: q.rows, cols: q.cols)
         precondition(scratch.count >= tile * q.cols, "quantizedLinearInput: scratch of \(scratch.count) < \(tile * q.cols)")
-        let lddy = StoredMatrix.stride(lddy, cols: q.rows, "quantizedLinearInput")
-        let lddx = StoredMatrix.stride(lddx, cols: q.cols, "quantizedLinearInput")
-        precondition(dy.count >= StoredMatrix.span(rows: n, cols: q.rows, ld: lddy) && dx.count >= StoredMatrix.span(rows: n, cols: q.cols, ld: lddx),
-                     "quantizedLinearInput: operand too small")
+        let lddy = StoredMatrix.stride(of: dy, rows: n, cols: q.rows, ld: lddy, "quantizedLinearInput")
+        let lddx = StoredMatrix.stride(of: dx, rows: n, cols: q.cols, ld: lddx, "quantizedLinearInput")
         if q.rows == 0 { scale(dx, by: beta); return }
         var r0 = 0
         while r0 < q.rows {
