@@ -490,7 +490,7 @@ struct BPEScratch {
     var prev: [Int32] = []
     var next: [Int32] = []
     var alive: [Bool] = []
-    var heap: [UInt64] = []
+    var heap = BinaryHeap<UInt64>()
 
     mutating func reset(_ n: Int) {
         if ids.count < n {
@@ -501,37 +501,10 @@ struct BPEScratch {
         } else {
             for k in 0..<n { alive[k] = true }
         }
-        heap.removeAll(keepingCapacity: true)
+        heap.removeAll()
     }
 
-    mutating func push(_ v: UInt64) {
-        heap.append(v)
-        var k = heap.count - 1
-        while k > 0 {
-            let parent = (k - 1) / 2
-            if heap[parent] <= v { break }
-            heap[k] = heap[parent]
-            k = parent
-        }
-        heap[k] = v
-    }
+    mutating func push(_ v: UInt64) { heap.push(v, before: <) }
 
-    mutating func pop() -> UInt64? {
-        guard let last = heap.popLast() else { return nil }
-        guard !heap.isEmpty else { return last }
-        let top = heap[0]
-        let n = heap.count
-        var k = 0
-        while true {
-            let l = 2 * k + 1
-            if l >= n { break }
-            let r = l + 1
-            let c = r < n && heap[r] < heap[l] ? r : l
-            if heap[c] >= last { break }
-            heap[k] = heap[c]
-            k = c
-        }
-        heap[k] = last
-        return top
-    }
+    mutating func pop() -> UInt64? { heap.pop(before: <) }
 }

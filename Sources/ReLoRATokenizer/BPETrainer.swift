@@ -268,7 +268,7 @@ struct WordCounter {
 
 /// Max-heap of (count, pair) ordered by count, then by the pair's bytes ascending (the trainer's tie-break).
 struct PairHeap {
-    var items: [(count: Int, pair: UInt64)] = []
+    private var heap = BinaryHeap<(count: Int, pair: UInt64)>()
 
     @inline(__always)
     static func before(_ x: (count: Int, pair: UInt64), _ y: (count: Int, pair: UInt64), _ tokens: [[UInt8]]) -> Bool {
@@ -280,34 +280,10 @@ struct PairHeap {
     }
 
     mutating func push(count: Int, pair: UInt64, _ tokens: [[UInt8]]) {
-        let v = (count: count, pair: pair)
-        items.append(v)
-        var k = items.count - 1
-        while k > 0 {
-            let parent = (k - 1) / 2
-            if !PairHeap.before(v, items[parent], tokens) { break }
-            items[k] = items[parent]
-            k = parent
-        }
-        items[k] = v
+        heap.push((count: count, pair: pair)) { PairHeap.before($0, $1, tokens) }
     }
 
     mutating func pop(_ tokens: [[UInt8]]) -> (Int, UInt64)? {
-        guard let last = items.popLast() else { return nil }
-        guard !items.isEmpty else { return (last.count, last.pair) }
-        let top = items[0]
-        let n = items.count
-        var k = 0
-        while true {
-            let l = 2 * k + 1
-            if l >= n { break }
-            let r = l + 1
-            let c = r < n && PairHeap.before(items[r], items[l], tokens) ? r : l
-            if !PairHeap.before(items[c], last, tokens) { break }
-            items[k] = items[c]
-            k = c
-        }
-        items[k] = last
-        return (top.count, top.pair)
+        heap.pop { PairHeap.before($0, $1, tokens) }.map { ($0.count, $0.pair) }
     }
 }

@@ -689,26 +689,40 @@ struct PieceTrie: Sendable {
 /// Max-heap of candidate merges for `bpeByScore`: highest score first, then the smallest left index.
 struct ScoreHeap {
     struct Entry { var score: Float; var left: Int; var right: Int; var size: Int }
-    var items: [Entry] = []
+    private var heap = BinaryHeap<Entry>()
 
     @inline(__always) static func before(_ a: Entry, _ b: Entry) -> Bool {
         a.score > b.score || (a.score == b.score && a.left < b.left)
     }
 
     mutating func push(score: Float, left: Int, right: Int, size: Int) {
-        let v = Entry(score: score, left: left, right: right, size: size)
+        heap.push(Entry(score: score, left: left, right: right, size: size), before: Self.before)
+    }
+
+    mutating func pop() -> Entry? { heap.pop(before: Self.before) }
+}
+
+/// A binary heap whose top is the element `before` puts first. `before` is passed to each call, so an order may
+/// read state outside the elements (the BPE trainer's token bytes); it must be the same order for every call.
+struct BinaryHeap<Element> {
+    private(set) var items: [Element] = []
+
+    /// Empties the heap, keeping its storage for the next use.
+    mutating func removeAll() { items.removeAll(keepingCapacity: true) }
+
+    mutating func push(_ v: Element, before: (Element, Element) -> Bool) {
         items.append(v)
         var k = items.count - 1
         while k > 0 {
             let parent = (k - 1) / 2
-            if !Self.before(v, items[parent]) { break }
+            if !before(v, items[parent]) { break }
             items[k] = items[parent]
             k = parent
         }
         items[k] = v
     }
 
-    mutating func pop() -> Entry? {
+    mutating func pop(before: (Element, Element) -> Bool) -> Element? {
         guard let last = items.popLast() else { return nil }
         guard !items.isEmpty else { return last }
         let top = items[0]
@@ -718,8 +732,8 @@ struct ScoreHeap {
             let l = 2 * k + 1
             if l >= n { break }
             let r = l + 1
-            let c = r < n && Self.before(items[r], items[l]) ? r : l
-            if !Self.before(items[c], last) { break }
+            let c = r < n && before(items[r], items[l]) ? r : l
+            if !before(items[c], last) { break }
             items[k] = items[c]
             k = c
         }
